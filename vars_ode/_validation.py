@@ -1,0 +1,61 @@
+"""Argument checks shared by the public functions.
+
+Every check raises ``ValueError`` naming the argument and what was expected, so that a
+user sees at once which argument to fix.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, value, *, min_dim: int = 0) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {value.dtype}"
+        )
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def as_lam(lam, *, like: torch.Tensor, name: str = "lam") -> torch.Tensor:
+    """Return ``lam`` as a tensor of ``like``'s dtype and device; reject negative values."""
+    if isinstance(lam, torch.Tensor):
+        if lam.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float or a floating-point tensor, got dtype {lam.dtype}")
+        lam_t = lam.to(dtype=like.dtype, device=like.device)
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        lam_t = torch.tensor(float(lam), dtype=like.dtype, device=like.device)
+    else:
+        raise ValueError(f"{name} must be a non-negative float or tensor, got {type(lam).__name__}")
+    finite = torch.isfinite(lam_t)
+    if bool(((lam_t < 0) & finite).any()):
+        raise ValueError(f"{name} must be non-negative, got a minimum of {lam_t[finite].min().item():g}")
+    return lam_t
+
+
+def check_positive(name: str, value, *, allow_none: bool = False, integer: bool = False):
+    if value is None and allow_none:
+        return value
+    kind = "integer" if integer else "number"
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok:
+        raise ValueError(f"{name} must be a positive {kind}" + (" or None" if allow_none else "") + f", got {value!r}")
+    return value

@@ -1,0 +1,144 @@
+"""Elementary operations of sparse reconstruction.
+
+Conventions
+-----------
+The paper writes the LASSO of a VARS layer in two ways that differ by a factor of two:
+Eq. 10 (main text) penalises ``lam * ||u||_1`` and thresholds at ``lam / 2`` in the dynamics;
+Eq. 16, 22 and 24 (appendix) penalise ``2 lam * ||u||_1`` and threshold at ``lam``. vars_ode
+follows Eq. 10 by default (``convention="eq10"``); ``convention="eq22"`` gives the other one
+everywhere a ``lam`` is accepted. :func:`penalty_weight` turns a ``lam`` into the weight on the
+L1 norm under either convention.
+
+Shapes: a dictionary ``P`` is ``(..., d, m)`` (``m`` atoms of dimension ``d``), a signal ``x`` is
+``(..., d)`` and a code is ``(..., m)``; leading dimensions broadcast.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validation import as_lam, check_choice, check_tensor
+
+CONVENTIONS = ("eq10", "eq22")
+LIPSCHITZ_METHODS = ("eigvalsh", "power", "official")
+
+
+def penalty_weight(lam, convention: str = "eq10"):
+    """Weight on ``||code||_1`` for a given ``lam``: ``lam`` (Eq. 10) or ``2 lam`` (Eq. 22/24)."""
+    check_choice("convention", convention, CONVENTIONS)
+    return lam if convention == "eq10" else 2 * lam
+
+
+def soft_threshold(x: torch.Tensor, threshold) -> torch.Tensor:
+    """``sign(x) * max(|x| - threshold, 0)``, element-wise (the paper's ``S_lambda`` and ``g``).
+
+    ``threshold`` is a float or a tensor broadcastable to ``x``; it must be non-negative.
+    Differentiable in both arguments.
+    """
+    check_tensor("x", x)
+    if isinstance(threshold, torch.Tensor):
+        check_tensor("threshold", threshold)
+    thr = as_lam(threshold, like=x, name="threshold") if not isinstance(threshold, torch.Tensor) else threshold
+    return _soft(x, thr)
+
+
+def _soft(x: torch.Tensor, thr) -> torch.Tensor:
+    # sign(x) * relu(|x| - thr) without validation, for hot loops.
+    return torch.sign(x) * torch.relu(x.abs() - thr)
+
+
+def lasso_objective(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, convention: str = "eq10") -> torch.Tensor:
+    """``0.5 ||P code - x||^2 + w ||code||_1`` per problem, with ``w = penalty_weight(lam, convention)``.
+
+    Arguments:
+        P: ``(..., d, m)`` dictionary.
+        code: ``(..., m)``.
+        x: ``(..., d)`` signal.
+        lam: float or tensor broadcastable to the leading dimensions.
+
+    Returns:
+        ``(...)`` objective values (Eq. 10, or Eq. 22 with ``convention="eq22"``).
+    """
+    check_tensor("P", P, min_dim=2)
+    check_tensor("code", code, min_dim=1)
+    check_tensor("x", x, min_dim=1)
+    if P.shape[-1] != code.shape[-1]:
+        raise ValueError(f"code must have P.shape[-1] = {P.shape[-1]} entries in its last dimension, got {code.shape[-1]}")
+    if P.shape[-2] != x.shape[-1]:
+        raise ValueError(f"x must have P.shape[-2] = {P.shape[-2]} entries in its last dimension, got {x.shape[-1]}")
+    w = penalty_weight(as_lam(lam, like=code), convention)
+    resid = (P @ code.unsqueeze(-1)).squeeze(-1) - x
+    return 0.5 * resid.pow(2).sum(-1) + w * code.abs().sum(-1)
+
+
+def gram(P: torch.Tensor, x: torch.Tensor | None = None):
+    """``K = P^T P`` and, when ``x`` is given, ``b = P^T x``: all a solver needs."""
+    check_tensor("P", P, min_dim=2)
+    K = P.transpose(-1, -2) @ P
+    if x is None:
+        return K
+    check_tensor("x", x, min_dim=1)
+    b = (P.transpose(-1, -2) @ x.unsqueeze(-1)).squeeze(-1)
+    return K, b
+
+
+def kkt_residual_gram(K: torch.Tensor, B: torch.Tensor, code: torch.Tensor, weight) -> torch.Tensor:
+    """Optimality residual in Gram form; columns of ``B`` and ``code`` are problems.
+
+    ``K``: ``(..., m, m)``; ``B``, ``code``: ``(..., m, k)``; ``weight`` broadcastable to
+    ``(..., 1, k)``. Returns ``(..., k)``: the infinity norm of the minimum-norm subgradient of
+    ``0.5 u^T K u - u^T b + weight ||u||_1``, zero exactly at a minimiser.
+    """
+    grad = K @ code - B
+    active = code != 0
+    on = (grad + weight * torch.sign(code)).abs()
+    off = torch.relu(grad.abs() - weight)
+    return torch.where(active, on, off).amax(dim=-2)
+
+
+def kkt_residual(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, convention: str = "eq10") -> torch.Tensor:
+    """KKT residual of ``code`` for the LASSO of :func:`lasso_objective`, per problem ``(...)``.
+
+    It is the largest violation of the optimality conditions ``-(P^T(P u - x))_i = w sign(u_i)`` where
+    ``u_i != 0`` and ``|(P^T(P u - x))_i| <= w`` where ``u_i = 0``.
+    """
+    check_tensor("P", P, min_dim=2)
+    check_tensor("code", code, min_dim=1)
+    check_tensor("x", x, min_dim=1)
+    w = penalty_weight(as_lam(lam, like=code), convention)
+    K, b = gram(P, x)
+    if isinstance(w, torch.Tensor):
+        w = w.unsqueeze(-1).unsqueeze(-1)
+    return kkt_residual_gram(K, b.unsqueeze(-1), code.unsqueeze(-1), w).squeeze(-1)
+
+
+def lipschitz_constant(K: torch.Tensor, method: str = "eigvalsh", *, iters: int = 50, v0: torch.Tensor | None = None) -> torch.Tensor:
+    """Lipschitz constant of the gradient of ``0.5 ||P u - x||^2``: the largest eigenvalue of ``K = P^T P``.
+
+    Arguments:
+        K: ``(..., m, m)`` symmetric positive semi-definite Gram matrix.
+        method: ``"eigvalsh"`` (exact), ``"power"`` (``iters`` steps of power iteration, a lower
+            bound that converges to the exact value) or ``"official"`` (the official VARS code's
+            upper bound: the largest absolute row sum of ``K``, plus one).
+        v0: optional ``(..., m)`` starting vector for the power iteration.
+
+    Returns:
+        ``(...)`` tensor.
+    """
+    check_tensor("K", K, min_dim=2)
+    check_choice("method", method, LIPSCHITZ_METHODS)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"K must be square in its last two dimensions, got shape {tuple(K.shape)}")
+    if method == "eigvalsh":
+        work = K if K.dtype in (torch.float32, torch.float64) else K.float()
+        return torch.linalg.eigvalsh(work)[..., -1].to(K.dtype)
+    if method == "official":
+        return K.abs().sum(-1).amax(-1) + 1
+    m = K.shape[-1]
+    if v0 is None:
+        v = torch.ones(K.shape[:-1], dtype=K.dtype, device=K.device) / m**0.5
+    else:
+        v = v0.expand(K.shape[:-1]).clone()
+    for _ in range(iters):
+        v = (K @ v.unsqueeze(-1)).squeeze(-1)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(K.dtype).tiny)
+    return ((K @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)

@@ -1,0 +1,224 @@
+"""``solve`` and ``solve_gram``: one entry point for every solver and gradient mode."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from .._validation import FLOAT_DTYPES, as_lam, check_choice, check_tensor
+from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, ImplicitLasso
+from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_residual_gram, lipschitz_constant, penalty_weight
+from . import iterative, ode
+from ._types import Solution, SolverStats, Status
+
+#: Every valid solver name, mapped to ``(function, unit of SolverStats.iterations)``. A new solver
+#: is one function with the signature of :func:`vars_ode.solvers.iterative.ista` and a line here.
+SOLVERS = {
+    "ista": (iterative.ista, "iterations"),
+    "fista": (iterative.fista, "iterations"),
+    **{name: (partial(ode.ode_solve, method=name), "function evaluations") for name in ode.ODE_METHODS},
+}
+ODE_SOLVERS = tuple(ode.ODE_METHODS)
+INITS = ("zeros", "encode")
+
+
+def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: float = 1e-6,
+          max_iter: int = 10_000, grad: str = "unroll", convention: str = "eq10",
+          lipschitz: str = "eigvalsh", init="zeros", implicit_solve: str = "direct", **options) -> Solution:
+    """Solve ``min_u 0.5 ||P u - x||^2 + w ||u||_1`` (Eq. 10; ``w = lam``, or ``2 lam`` under
+    ``convention="eq22"``) for every problem, with any solver in :data:`SOLVERS`.
+
+    Arguments:
+        P: ``(..., d, m)`` dictionary; x: ``(..., d)`` signals. Leading dimensions broadcast (one
+            dictionary for many signals is the fast path).
+        lam: non-negative float or tensor broadcastable to the leading dimensions.
+        solver: ``"ista"``, ``"fista"`` or a torchdiffeq method (``"dopri5"``, ``"rk4"``, ...), which
+            integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady state.
+        tol: KKT residual at which a problem counts as converged and is frozen; ``0`` runs the whole
+            budget (no early stop, no host synchronisation in ista / fista).
+        max_iter: iterations for ista / fista; function evaluations for ODE solvers (checked between
+            integration windows).
+        grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
+        lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
+            float or a tensor broadcastable to ``P``'s leading dimensions).
+        init: ``"zeros"``, ``"encode"`` (``P^T x``, the paper's initialisation) or a ``(..., m)`` tensor.
+        implicit_solve: ``"direct"`` (dense solve per problem) or ``"cg"`` (conjugate gradients).
+        options: solver options: ``check_every`` (ista / fista), ``restart`` (fista); ``rtol``,
+            ``atol``, ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
+            ``t_end`` (fixed horizon) for ODE solvers; ``trace=[]`` collects the residual history.
+
+    Returns:
+        :class:`Solution` with ``code (..., m)``, ``reconstruction (..., d)``, ``output (..., d)`` and
+        ``stats`` (:class:`SolverStats`, each field of the leading shape). Problems that do not converge
+        come back with ``converged`` False and status ``max_iter``; problems with non-finite inputs with
+        status ``nonfinite`` and a ``nan`` code, leaving the others untouched.
+    """
+    check_tensor("P", P, min_dim=2)
+    check_tensor("x", x, min_dim=1)
+    if P.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"P must be float32 or float64 for solve (cast half precision up first), got {P.dtype}")
+    if x.dtype != P.dtype:
+        raise ValueError(f"x must have the same dtype as P ({P.dtype}), got {x.dtype}")
+    d, m = P.shape[-2:]
+    if x.shape[-1] != d:
+        raise ValueError(f"x must have P.shape[-2] = {d} entries in its last dimension, got shape {tuple(x.shape)}")
+    lam_t = as_lam(lam, like=x)
+    try:
+        lead = torch.broadcast_shapes(P.shape[:-2], x.shape[:-1], lam_t.shape)
+    except RuntimeError:
+        raise ValueError(f"leading dimensions must broadcast: P {tuple(P.shape[:-2])}, x {tuple(x.shape[:-1])}, "
+                         f"lam {tuple(lam_t.shape)}") from None
+    check_choice("init", init if isinstance(init, str) else "tensor", INITS + ("tensor",))
+    w = penalty_weight(lam_t, convention)
+    xs = x.expand(*lead, d)
+    if P.dim() == 2:
+        # one dictionary, many signals: all problems are columns of one Gram system
+        n = math.prod(lead)
+        X = xs.reshape(n, d)
+        K = P.transpose(-1, -2) @ P
+        B = P.transpose(-1, -2) @ X.transpose(0, 1)
+        W = w.expand(lead).reshape(1, n)
+        xn2 = X.pow(2).sum(-1).reshape(1, n)
+        to_cols = lambda t: t.expand(*lead, m).reshape(n, m).transpose(0, 1)  # noqa: E731
+        from_cols = lambda t: t.transpose(0, 1).reshape(*lead, t.shape[0])  # noqa: E731
+        from_stat = lambda t: t.reshape(lead)  # noqa: E731
+    else:
+        K = P.transpose(-1, -2) @ P
+        B = P.transpose(-1, -2) @ xs.unsqueeze(-1)
+        W = w.expand(lead).unsqueeze(-1).unsqueeze(-1)
+        xn2 = xs.pow(2).sum(-1).unsqueeze(-1).unsqueeze(-1)
+        to_cols = lambda t: t.expand(*lead, m).unsqueeze(-1)  # noqa: E731
+        from_cols = lambda t: t.squeeze(-1)  # noqa: E731
+        from_stat = lambda t: t.reshape(lead)  # noqa: E731
+    if isinstance(init, torch.Tensor):
+        check_tensor("init", init, min_dim=1)
+        if init.shape[-1] != m:
+            raise ValueError(f"init must have P.shape[-1] = {m} entries in its last dimension, got shape {tuple(init.shape)}")
+        init_cols = to_cols(init.to(x.dtype))
+    else:
+        init_cols = init
+    L = options.pop("L", None)
+    if L is not None and P.dim() > 2 and isinstance(L, torch.Tensor) and L.dim() > 0:
+        L = L.unsqueeze(-1).unsqueeze(-1)
+    sol = _solve_gram(K, B, W, solver=solver, tol=tol, max_iter=max_iter, grad=grad, lipschitz=lipschitz,
+                      init=init_cols, xnorm2=xn2, implicit_solve=implicit_solve, L=L, **options)
+    code = from_cols(sol.code)
+    recon = (P @ code.unsqueeze(-1)).squeeze(-1)
+    stats = sol.stats.map(lambda t: from_stat(t))
+    return Solution(code=code, reconstruction=recon, output=recon + xs, stats=stats)
+
+
+def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, tol: float = 1e-6,
+               max_iter: int = 10_000, grad: str = "unroll", convention: str = "eq10",
+               lipschitz: str = "eigvalsh", init="zeros", xnorm2=None, implicit_solve: str = "direct",
+               L=None, **options) -> Solution:
+    """Gram-form entry: solve ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` for every column ``b`` of ``B``.
+
+    Arguments:
+        K: ``(..., m, m)`` Gram matrix ``P^T P``.
+        B: ``(..., m, k)`` right-hand sides ``P^T X``, one problem per column; leading dimensions
+            broadcast with ``K``'s.
+        lam: float or tensor broadcastable to ``(..., 1, k)``.
+        xnorm2: optional ``||x||^2`` per problem, broadcastable to ``(..., 1, k)``, so that
+            ``stats.objective`` is the LASSO objective itself.
+        L: optional Lipschitz constant(s), broadcastable to ``(..., 1, 1)``; computed with
+            ``lipschitz`` when omitted.
+        Other arguments as in :func:`solve`; ``init`` may be a ``(..., m, k)`` tensor.
+
+    Returns:
+        :class:`Solution` with ``code (..., m, k)`` and per-problem statistics of shape ``(..., k)``.
+        The number of signals' dimensions (tokens, in a layer) never enters the iteration.
+    """
+    check_tensor("K", K, min_dim=2)
+    check_tensor("B", B, min_dim=2)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"K must be square in its last two dimensions, got shape {tuple(K.shape)}")
+    if B.shape[-2] != K.shape[-1]:
+        raise ValueError(f"B must have K.shape[-1] = {K.shape[-1]} rows, got shape {tuple(B.shape)}")
+    lam_t = as_lam(lam, like=B)
+    W = penalty_weight(lam_t, convention)
+    if W.dim() > 0 and (W.dim() < 2 or W.shape[-2] != 1):
+        W = W.unsqueeze(-2)
+    if xnorm2 is not None and isinstance(xnorm2, torch.Tensor) and xnorm2.dim() > 0 and (xnorm2.dim() < 2 or xnorm2.shape[-2] != 1):
+        xnorm2 = xnorm2.unsqueeze(-2)
+    if L is not None and isinstance(L, torch.Tensor) and L.dim() > 0:
+        L = L.unsqueeze(-1).unsqueeze(-1)
+    return _solve_gram(K, B, W, solver=solver, tol=tol, max_iter=max_iter, grad=grad, lipschitz=lipschitz,
+                       init=init, xnorm2=xnorm2, implicit_solve=implicit_solve, L=L, **options)
+
+
+def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2, implicit_solve, L, **options):
+    check_choice("solver", solver, SOLVERS)
+    check_choice("grad", grad, GRAD_MODES)
+    check_choice("lipschitz", lipschitz, LIPSCHITZ_METHODS)
+    check_choice("implicit_solve", implicit_solve, IMPLICIT_SOLVES)
+    if "convention" in options:
+        check_choice("convention", options.pop("convention"), CONVENTIONS)
+    if grad == "adjoint" and solver not in ODE_SOLVERS:
+        raise ValueError(f"grad='adjoint' needs an ODE solver (one of {list(ODE_SOLVERS)}), got solver={solver!r}; "
+                         "use grad='unroll' or 'implicit' with ista / fista")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if K.dtype != B.dtype or K.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"K and B must share a floating dtype, got {K.dtype} and {B.dtype}")
+    fn, unit = SOLVERS[solver]
+    if solver in ODE_SOLVERS:
+        options["grad"] = grad
+
+    # Problems with non-finite inputs are replaced by harmless ones and reported, so they
+    # cannot disturb the others (adaptive ODE step control sees the whole batch).
+    W = torch.as_tensor(W, dtype=B.dtype, device=B.device)
+    finite_K = torch.isfinite(K).all(-1, keepdim=True).all(-2, keepdim=True)
+    finite = torch.isfinite(B).all(-2, keepdim=True) & finite_K & torch.isfinite(W)
+    all_finite = bool(finite.all())
+    if not all_finite:
+        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+        K = torch.where(finite_K, K, eye)
+        B = torch.where(finite, B, torch.zeros((), dtype=B.dtype, device=B.device))
+        W = torch.where(torch.isfinite(W), W, torch.zeros((), dtype=B.dtype, device=B.device))
+    cols = torch.broadcast_shapes(K.shape[:-2], B.shape[:-2], W.shape[:-2]) + (1, B.shape[-1])
+    Wf = W.expand(cols)
+    Bf = B.expand(cols[:-2] + B.shape[-2:])
+    if L is None:
+        L = lipschitz_constant(K.detach(), lipschitz).unsqueeze(-1).unsqueeze(-1)
+    L = torch.as_tensor(L, dtype=B.dtype, device=B.device).detach()
+    L = L.clamp_min(torch.finfo(B.dtype).tiny) if L.dim() else L
+    L = torch.where(torch.isfinite(L), L, torch.ones((), dtype=L.dtype, device=L.device))
+
+    if isinstance(init, str):
+        u0 = torch.zeros_like(Bf) if init == "zeros" else Bf.detach().clone()
+    else:
+        u0 = torch.where(finite, init.expand(Bf.shape), torch.zeros((), dtype=B.dtype, device=B.device))
+        u0 = u0.detach()
+
+    if grad == "implicit":
+        with torch.no_grad():
+            code, iters = fn(K.detach(), Bf.detach(), Wf.detach(), L, u0, tol=tol, max_iter=max_iter, **options)
+        code = ImplicitLasso.apply(K, Bf, Wf, code, implicit_solve)
+    else:
+        code, iters = fn(K, Bf, Wf, L, u0, tol=tol, max_iter=max_iter, **options)
+
+    with torch.no_grad():
+        cd = code.detach()
+        residual = kkt_residual_gram(K.detach(), Bf.detach(), cd, Wf.detach())
+        quad = 0.5 * (cd * (K.detach() @ cd)).sum(-2) - (cd * Bf.detach()).sum(-2)
+        l1 = (Wf.detach() * cd.abs()).sum(-2)
+        const = torch.full_like(quad, math.nan) if xnorm2 is None else 0.5 * torch.as_tensor(
+            xnorm2, dtype=B.dtype, device=B.device).expand(cols).squeeze(-2)
+        objective = quad + l1 + const
+        nnz = (cd != 0).sum(-2)
+        ok = finite.squeeze(-2) & torch.isfinite(residual)
+        converged = ok & (residual <= tol)
+        status = torch.full(converged.shape, int(Status.MAX_ITER), dtype=torch.long, device=B.device)
+        status = torch.where(converged, torch.full_like(status, int(Status.CONVERGED)), status)
+        status = torch.where(ok, status, torch.full_like(status, int(Status.NONFINITE)))
+    if not all_finite:
+        code = torch.where(finite, code, torch.full((), math.nan, dtype=code.dtype, device=code.device))
+        residual = torch.where(finite.squeeze(-2), residual, torch.full_like(residual, math.nan))
+    stats = SolverStats(iterations=iters.squeeze(-2).expand(converged.shape), residual=residual, objective=objective,
+                        nnz=nnz, converged=converged, status=status, solver=solver, unit=unit,
+                        trace=options.get("trace") or [])
+    return Solution(code=code, reconstruction=None, output=None, stats=stats)

@@ -1,0 +1,82 @@
+"""Result types shared by every solver."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+
+class Status(IntEnum):
+    """Per-problem outcome of a solve, stored in :attr:`SolverStats.status`."""
+
+    CONVERGED = 0  #: KKT residual at or below ``tol``
+    MAX_ITER = 1  #: the iteration / evaluation budget (or the fixed horizon) ran out first
+    NONFINITE = 2  #: the problem's inputs, or its iterates, were not finite
+
+
+@dataclass
+class SolverStats:
+    """Per-problem statistics of one solve; every tensor has the problems' leading shape.
+
+    Attributes:
+        iterations: ISTA / FISTA iterations, or vector-field evaluations for ODE solvers
+            (see ``unit``), spent on each problem.
+        residual: KKT residual of the returned code (:func:`vars_ode.kkt_residual`).
+        objective: LASSO objective of the returned code (``nan`` when the constant
+            ``0.5 ||x||^2`` was not supplied to a Gram-form solve, which then reports it without it).
+        nnz: number of non-zero entries of the code.
+        converged: ``residual <= tol``.
+        status: :class:`Status` codes as an integer tensor.
+        solver, unit: the solver's name and what ``iterations`` counts.
+        trace: optional list of ``(iteration, max residual over active problems)`` pairs.
+    """
+
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    objective: torch.Tensor
+    nnz: torch.Tensor
+    converged: torch.Tensor
+    status: torch.Tensor
+    solver: str
+    unit: str
+    trace: list = field(default_factory=list)
+
+    def status_names(self):
+        """The status of each problem as strings (``"converged"``, ``"max_iter"``, ``"nonfinite"``)."""
+        names = {s.value: s.name.lower() for s in Status}
+        flat = [names[int(v)] for v in self.status.reshape(-1).tolist()]
+        if self.status.dim() == 0:
+            return flat[0]
+        import numpy as np
+
+        return np.array(flat, dtype=object).reshape(tuple(self.status.shape)).tolist()
+
+    def map(self, fn) -> "SolverStats":
+        """Apply ``fn`` to every tensor field (reshape, index, move to a device)."""
+        kw = {k: fn(getattr(self, k)) for k in ("iterations", "residual", "objective", "nnz", "converged", "status")}
+        return SolverStats(**kw, solver=self.solver, unit=self.unit, trace=self.trace)
+
+    def summary(self) -> str:
+        it = self.iterations.float()
+        return (f"{self.solver}: {self.unit} mean {it.mean().item():.1f} max {int(self.iterations.max())}, "
+                f"residual max {self.residual.max().item():.2e}, converged {int(self.converged.sum())}/{self.converged.numel()}")
+
+
+@dataclass
+class Solution:
+    """What :func:`vars_ode.solve` returns.
+
+    Attributes:
+        code: ``(..., m)`` the sparse code ``u*`` (Eq. 10).
+        reconstruction: ``(..., d)`` ``P u*``.
+        output: ``(..., d)`` ``z* = P u* + x`` (Eq. 11).
+        stats: :class:`SolverStats`.
+
+    For :func:`vars_ode.solve_gram`, ``code`` is ``(..., m, k)`` and the other two are ``None``.
+    """
+
+    code: torch.Tensor
+    reconstruction: torch.Tensor | None
+    output: torch.Tensor | None
+    stats: SolverStats

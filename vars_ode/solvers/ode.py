@@ -1,0 +1,95 @@
+"""torchdiffeq solvers on the coupled z/u dynamics (Eq. 8-9), in Gram form.
+
+The problem is first rescaled by its Lipschitz constant ``L`` (``K -> K/L``, ``B -> B/L``,
+``w -> w/L``): the minimiser is unchanged, the spectrum of ``K`` is bounded by one and the flow is
+no longer stiff. In these units one unit of time is close to one ISTA iteration.
+
+Two modes:
+
+* steady state (default): integrate window after window (lengths ``window``, doubling up to
+  ``max_window``); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
+  field is multiplied by zero, so adaptive step control ignores them). Stops when all are frozen,
+  when ``max_iter`` function evaluations have been spent, or at time ``t_max``.
+* fixed horizon (``t_end=T``): one integration over ``[0, T]`` with no host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.odeint import SOLVERS as _TDE_SOLVERS
+
+from ..dynamics import GramVARSDynamics
+from ..ops import _soft, kkt_residual_gram
+
+#: torchdiffeq methods that take a fixed step (``options={"step_size": ...}``).
+FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+ODE_METHODS = tuple(_TDE_SOLVERS)
+DEFAULT_STEP_SIZE = 0.25
+ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
+
+ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_end",
+               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace")
+
+
+def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
+              options=None, window=4.0, max_window=256.0, t_max=math.inf, t_end=None,
+              alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None, **unused):
+    """Returns ``(code, evaluations)``; ``evaluations`` is ``(..., 1, k)``."""
+    if unused:
+        raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
+    scale = 1.0 / L
+    Ks, Bs, ws = K * scale, B * scale, w * scale
+    thr = ws / (alpha * beta)
+    if rtol is None:
+        rtol = min(1e-3, max(tol * 1e-2, 1e-10)) if tol > 0 else 1e-3
+    if atol is None:
+        atol = rtol * 1e-2
+    options = dict(options or {})
+    if method in FIXED_STEP:
+        options.setdefault("step_size", 0.1 if method == "explicit_adams" else DEFAULT_STEP_SIZE)
+    if method in ADAMS:
+        # torchdiffeq's default order (12) has a tiny stability region: it diverges here
+        options.setdefault("max_order", 4)
+    if method == "scipy_solver":
+        options.setdefault("solver", "LSODA")
+    f = GramVARSDynamics(Ks, Bs, thr, alpha, beta, gamma)
+    state = f.initial_state(init)
+
+    def integrate(state, t0, t1):
+        ts = torch.tensor([t0, t1], dtype=B.dtype, device=B.device)
+        kw = dict(rtol=rtol, atol=atol, method=method, options=options)
+        if grad == "adjoint":
+            params = tuple(p for p in (Ks, Bs, thr) if isinstance(p, torch.Tensor) and p.requires_grad)
+            sol = odeint_adjoint(f, state, ts, adjoint_params=params,
+                                 adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
+        else:
+            sol = odeint(f, state, ts, **kw)
+        return sol[0][-1], sol[1][-1]
+
+    cols = B.shape[:-2] + (1, B.shape[-1])
+    if t_end is not None:
+        state = integrate(state, 0.0, float(t_end))
+        evals = torch.full(cols, f.nfe, dtype=torch.long, device=B.device)
+        return _soft(state[1], thr), evals
+
+    active = torch.ones(cols, dtype=torch.bool, device=B.device)
+    evals = torch.zeros(cols, dtype=torch.long, device=B.device)
+    t, span = 0.0, float(window)
+    code = _soft(state[1], thr)
+    while True:
+        r = kkt_residual_gram(K, B, code, w).unsqueeze(-2)
+        active = active & (r > tol) & torch.isfinite(r)
+        if trace is not None:
+            trace.append((f.nfe, float(r.amax())))
+        if not bool(active.any()) or f.nfe >= max_iter or t >= t_max:
+            break
+        f.active = active.to(B.dtype)
+        before = f.nfe
+        t1 = min(t + span, t_max)
+        state = integrate(state, t, t1)
+        evals = evals + (f.nfe - before) * active
+        code = _soft(state[1], thr)
+        t, span = t1, min(span * 2, max_window)
+    return code, evals
