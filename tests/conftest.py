@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("vars", deadline=None, max_examples=12, derandomize=False,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vars"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_problem(seed: int, d: int, m: int, dtype=torch.float64, batch=()):
+    """A random, well-posed LASSO instance: P with unit-variance columns scaled by 1/sqrt(d)."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(d, m, generator=g, dtype=torch.float64) / d**0.5
+    x = torch.randn(*batch, d, generator=g, dtype=torch.float64)
+    return P.to(dtype), x.to(dtype)
+
+
+@pytest.fixture
+def problem():
+    return make_problem(0, 20, 12)

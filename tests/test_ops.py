@@ -1,0 +1,78 @@
+"""Elementary operations against brute-force float64 references."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vars_ode as vo
+from sklearn.linear_model import Lasso
+from conftest import make_problem
+
+
+@given(st.integers(0, 10_000), st.floats(0, 2))
+def test_soft_threshold_is_the_prox_of_the_l1_norm(seed, thr):
+    # prox_{thr |.|}(v) = argmin_u 0.5 (u - v)^2 + thr |u|, checked on a dense grid
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(7, generator=g, dtype=torch.float64) * 3
+    grid = torch.linspace(-12, 12, 240001, dtype=torch.float64)
+    obj = 0.5 * (grid[None] - v[:, None]) ** 2 + thr * grid.abs()[None]
+    brute = grid[obj.argmin(1)]
+    assert torch.allclose(vo.soft_threshold(v, thr), brute, atol=2e-4)
+
+
+def test_lasso_objective_matches_numpy_and_conventions(problem):
+    P, x = problem
+    u = torch.randn(P.shape[1], dtype=torch.float64)
+    Pn, xn, un = P.numpy(), x.numpy(), u.numpy()
+    ref = 0.5 * np.sum((Pn @ un - xn) ** 2) + 0.3 * np.sum(np.abs(un))
+    assert abs(vo.lasso_objective(P, u, x, 0.3).item() - ref) < 1e-12
+    ref22 = 0.5 * np.sum((Pn @ un - xn) ** 2) + 0.6 * np.sum(np.abs(un))
+    assert abs(vo.lasso_objective(P, u, x, 0.3, convention="eq22").item() - ref22) < 1e-12
+
+
+def test_lasso_objective_broadcasts_over_leading_dims():
+    P, x = make_problem(1, 10, 6, batch=(4, 3))
+    u = torch.randn(4, 3, 6, dtype=torch.float64)
+    lam = torch.rand(4, 3, dtype=torch.float64)
+    out = vo.lasso_objective(P, u, x, lam)
+    assert out.shape == (4, 3)
+    for i in range(4):
+        for j in range(3):
+            assert torch.allclose(out[i, j], vo.lasso_objective(P, u[i, j], x[i, j], float(lam[i, j])))
+
+
+@pytest.mark.parametrize("method", ["eigvalsh", "power", "official"])
+def test_lipschitz_constants(method):
+    P, _ = make_problem(2, 30, 16, batch=())
+    K = P.T @ P
+    exact = np.linalg.svd(P.numpy(), compute_uv=False)[0] ** 2
+    L = vo.lipschitz_constant(K, method, iters=500).item()
+    if method == "official":
+        assert L >= exact  # an upper bound (Gershgorin, plus one)
+        assert abs(L - (np.abs(K.numpy()).sum(1).max() + 1)) < 1e-12
+    else:
+        assert abs(L - exact) < 1e-8 * exact
+
+
+def test_kkt_residual_is_zero_at_the_scikit_learn_solution():
+    P, x = make_problem(3, 25, 10)
+    ref = Lasso(alpha=0.1 / 25, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(P.numpy(), x.numpy()).coef_
+    r = vo.kkt_residual(P, torch.from_numpy(ref), x, 0.1)
+    assert r.item() < 1e-7
+    # and clearly non-zero elsewhere
+    assert vo.kkt_residual(P, torch.from_numpy(ref) + 0.05, x, 0.1).item() > 1e-3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda P, x: vo.lasso_objective(P, torch.zeros(3, dtype=torch.float64), x, 0.1), "code"),
+    (lambda P, x: vo.lasso_objective(P, torch.zeros(12, dtype=torch.float64), x[:5], 0.1), "x"),
+    (lambda P, x: vo.lasso_objective(P, torch.zeros(12, dtype=torch.float64), x, -0.1), "lam"),
+    (lambda P, x: vo.soft_threshold(torch.arange(3), 0.1), "x"),
+    (lambda P, x: vo.lipschitz_constant(P.T @ P, "svd"), "method"),
+    (lambda P, x: vo.penalty_weight(0.1, "eq11"), "convention"),
+])
+def test_bad_input_names_the_argument(problem, bad, match):
+    P, x = problem
+    with pytest.raises(ValueError, match=match):
+        bad(P, x)

@@ -1,0 +1,169 @@
+"""Every solver reaches the LASSO minimiser computed independently by scikit-learn."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.linear_model import Lasso
+
+import vars_ode as vo
+from conftest import make_problem
+
+
+def sklearn_lasso(P, x, lam):
+    d = P.shape[-2]
+    model = Lasso(alpha=lam / d, fit_intercept=False, tol=1e-14, max_iter=10**6, selection="cyclic")
+    return torch.from_numpy(model.fit(P.numpy(), x.numpy()).coef_)
+
+
+problems = st.tuples(st.integers(0, 10**6), st.integers(12, 30), st.integers(4, 12), st.floats(0.02, 0.5))
+
+
+@pytest.mark.parametrize("solver", ["ista", "fista", "dopri5"])
+@given(problems)
+def test_solver_matches_scikit_learn(solver, case):
+    seed, d, m, lam = case
+    P, x = make_problem(seed, d, m)
+    ref = sklearn_lasso(P, x, lam)
+    sol = vo.solve(P, x, lam, solver, tol=1e-10, max_iter=200_000)
+    assert bool(sol.stats.converged), sol.stats.summary()
+    assert (sol.code - ref).abs().max().item() < 1e-5
+    # KKT conditions, checked independently of the solver's own residual
+    g = P.T @ (P @ sol.code - x)
+    on = sol.code != 0
+    assert torch.allclose(g[on], -lam * torch.sign(sol.code[on]), atol=1e-8)
+    assert bool((g[~on].abs() <= lam + 1e-8).all())
+    assert torch.allclose(sol.output, P @ sol.code + x)
+    assert torch.allclose(sol.stats.objective, vo.lasso_objective(P, sol.code, x, lam))
+
+
+@pytest.mark.parametrize("solver", sorted(set(vo.SOLVERS) - {"ista", "fista", "dopri5"}))
+def test_every_registered_solver_reaches_the_minimiser(solver):
+    P, x = make_problem(7, 16, 8)
+    ref = sklearn_lasso(P, x, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sol = vo.solve(P, x, 0.1, solver, tol=1e-7, max_iter=100_000)
+    assert bool(sol.stats.converged), sol.stats.summary()
+    assert (sol.code - ref).abs().max().item() < 1e-5
+
+
+def test_batched_problems_match_one_by_one_and_lam_broadcasts():
+    P, X = make_problem(11, 15, 8, batch=(3, 4))
+    lam = torch.linspace(0.05, 0.4, 4, dtype=torch.float64)  # broadcasts over the last batch dim
+    sol = vo.solve(P, X, lam, "fista", tol=1e-10)
+    assert sol.code.shape == (3, 4, 8) and sol.stats.converged.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            ref = sklearn_lasso(P, X[i, j], float(lam[j]))
+            assert (sol.code[i, j] - ref).abs().max() < 1e-6
+
+
+def test_batched_dictionaries():
+    g = torch.Generator().manual_seed(5)
+    P = torch.randn(3, 14, 6, generator=g, dtype=torch.float64) / 14**0.5
+    x = torch.randn(3, 14, generator=g, dtype=torch.float64)
+    sol = vo.solve(P, x, 0.1, "ista", tol=1e-10)
+    for i in range(3):
+        assert (sol.code[i] - sklearn_lasso(P[i], x[i], 0.1)).abs().max() < 1e-6
+
+
+def test_gram_form_equals_signal_form():
+    P, X = make_problem(12, 18, 9, batch=(5,))
+    K, B = P.T @ P, P.T @ X.T
+    a = vo.solve(P, X, 0.2, "fista", tol=1e-11)
+    b = vo.solve_gram(K, B, 0.2, "fista", tol=1e-11, xnorm2=X.pow(2).sum(-1))
+    assert b.code.shape == (9, 5)
+    assert torch.allclose(a.code, b.code.T, atol=1e-9)
+    assert torch.allclose(a.stats.objective, b.stats.objective, atol=1e-9)
+
+
+def test_eq22_convention_doubles_the_weight():
+    P, x = make_problem(13, 20, 10)
+    a = vo.solve(P, x, 0.1, "fista", convention="eq22", tol=1e-11)
+    b = vo.solve(P, x, 0.2, "fista", tol=1e-11)
+    assert torch.allclose(a.code, b.code, atol=1e-9)
+
+
+def test_paper_initialisation_reaches_the_same_minimiser():
+    P, x = make_problem(14, 20, 10)
+    a = vo.solve(P, x, 0.1, "ista", init="encode", tol=1e-10)
+    b = vo.solve(P, x, 0.1, "ista", init=torch.zeros(10, dtype=torch.float64), tol=1e-10)
+    assert torch.allclose(a.code, b.code, atol=1e-8)
+
+
+@pytest.mark.parametrize("lipschitz", ["power", "official"])
+def test_lipschitz_choices_converge(lipschitz):
+    P, x = make_problem(15, 20, 10)
+    sol = vo.solve(P, x, 0.1, "ista", lipschitz=lipschitz, tol=1e-10, max_iter=100_000)
+    assert (sol.code - sklearn_lasso(P, x, 0.1)).abs().max() < 1e-6
+
+
+@given(st.integers(0, 10**6))
+@settings(max_examples=6)
+def test_float32_agrees_with_float64(seed):
+    P, x = make_problem(seed, 24, 10)
+    ref = vo.solve(P, x, 0.1, "fista", tol=1e-12).code
+    for solver in ("ista", "fista", "dopri5"):
+        sol = vo.solve(P.float(), x.float(), 0.1, solver, tol=1e-5, max_iter=50_000)
+        assert sol.code.dtype == torch.float32
+        scale = ref.abs().max().item() + 1
+        assert (sol.code.double() - ref).abs().max().item() < 1e-4 * scale, solver
+
+
+def test_not_converging_is_reported_not_raised():
+    P, x = make_problem(16, 20, 10, batch=(3,))
+    sol = vo.solve(P, x, 0.05, "ista", tol=1e-12, max_iter=3)
+    assert not bool(sol.stats.converged.any())
+    assert sol.stats.status_names() == ["max_iter"] * 3
+    assert bool((sol.stats.iterations == 3).all())
+
+
+@pytest.mark.parametrize("solver", ["ista", "fista", "dopri5"])
+def test_nonfinite_problems_are_isolated(solver):
+    P, X = make_problem(17, 16, 8, batch=(4,))
+    clean = vo.solve(P, X, 0.1, solver, tol=1e-9)
+    X2 = X.clone()
+    X2[1, 3] = float("nan")
+    X2[2, 0] = float("inf")
+    sol = vo.solve(P, X2, 0.1, solver, tol=1e-9)
+    assert sol.stats.status_names() == ["converged", "nonfinite", "nonfinite", "converged"]
+    assert torch.isnan(sol.code[1]).all() and torch.isnan(sol.code[2]).all()
+    assert torch.allclose(sol.code[[0, 3]], clean.code[[0, 3]], atol=1e-7)
+
+
+def test_fixed_budget_runs_exactly_max_iter_steps_of_eq12():
+    P, x = make_problem(18, 20, 10)
+    L = torch.linalg.eigvalsh(P.T @ P)[-1]
+    u = torch.zeros(10, dtype=torch.float64)
+    for _ in range(5):
+        u = vo.soft_threshold(u - (P.T @ (P @ u - x)) / L, 0.1 / L)
+    sol = vo.solve(P, x, 0.1, "ista", tol=0, max_iter=5)
+    assert torch.allclose(sol.code, u, atol=1e-13)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda P, x: vo.solve(P, x, -1.0), "lam"),
+    (lambda P, x: vo.solve(P, x[:3], 0.1), "x"),
+    (lambda P, x: vo.solve(P, x, 0.1, "newton"), "solver"),
+    (lambda P, x: vo.solve(P, x, 0.1, grad="backprop"), "grad"),
+    (lambda P, x: vo.solve(P, x, 0.1, "ista", grad="adjoint"), "adjoint"),
+    (lambda P, x: vo.solve(P.int(), x, 0.1), "P"),
+    (lambda P, x: vo.solve(P, x.float(), 0.1), "x"),
+    (lambda P, x: vo.solve(P, x, 0.1, max_iter=0), "max_iter"),
+    (lambda P, x: vo.solve(P, x, 0.1, tol=-1), "tol"),
+    (lambda P, x: vo.solve(P, x, 0.1, init="random"), "init"),
+    (lambda P, x: vo.solve(P, x, 0.1, "ista", restart=True), "restart"),
+    (lambda P, x: vo.solve(torch.randn(2, 20, 12, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64), 0.1), "broadcast"),
+])
+def test_bad_input(problem, call, match):
+    P, x = problem
+    with pytest.raises(ValueError, match=match):
+        call(P, x)
+
+
+def test_solvers_registry_lists_every_torchdiffeq_method():
+    from torchdiffeq._impl.odeint import SOLVERS as TDE
+    assert {"ista", "fista"} | set(TDE) == set(vo.SOLVERS)
