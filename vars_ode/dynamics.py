@@ -39,9 +39,11 @@ class _Dynamics(nn.Module):
             raise ValueError(f"x must have P's dtype {P.dtype}, got {x.dtype}")
         if P.shape[-2] != x.shape[-1]:
             raise ValueError(f"x must have P.shape[-2] = {P.shape[-2]} entries in its last dimension, got shape {tuple(x.shape)}")
-        for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        for name, v in (("alpha", alpha), ("beta", beta)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"{name} must be a positive float, got {v!r}")
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
+            raise ValueError(f"gamma must be a non-negative float (0: no inhibition, Eq. 6-7), got {gamma!r}")
         self.register_buffer("P", P)
         self.register_buffer("x", x)
         lam_t = as_lam(lam, like=x)
@@ -101,10 +103,15 @@ class VARSDynamics(_Dynamics):
                  convention: str = "eq10", threshold=None):
         super().__init__(P, x, lam, alpha, beta, gamma, convention, threshold)
 
-    def initial_state(self):
-        """``(z0, u0) = (x / alpha, 0)``: the layer's feed-forward output before any recurrence."""
+    def initial_state(self, encode: bool = False):
+        """``(z0, u0) = (x / alpha, 0)``: the layer's feed-forward output before any recurrence.
+
+        With ``encode=True``, ``u0 = P^T z0`` (the encoding of the input, the paper's initialisation).
+        """
         lead = torch.broadcast_shapes(self.P.shape[:-2], self.x.shape[:-1], self.weight.shape)
         z0 = (self.x / self.alpha).expand(*lead, self.P.shape[-2]).clone()
+        if encode:
+            return z0, _mv(self.P.transpose(-1, -2), z0)
         u0 = torch.zeros(*lead, self.P.shape[-1], dtype=self.x.dtype, device=self.x.device)
         return z0, u0
 
@@ -124,7 +131,7 @@ class VARSDynamics(_Dynamics):
 
             E_H = alpha/2 ||z||^2 - z^T (P a + x) + gamma/2 a^T (K - I) a + beta/2 ||a||^2 + beta theta ||a||_1
 
-        with ``a = g(u)``. Minimised over ``z`` it equals ``lasso_energy - ||x||^2 / 2`` when
+        with ``a = g(u)``. Minimised over ``z`` it equals ``lasso_energy - ||x||^2`` when
         ``alpha = 1, beta = gamma = 2``. Returns ``(...)``.
         """
         z = state[0]

@@ -7,7 +7,7 @@ no longer stiff. In these units one unit of time is close to one ISTA iteration.
 Two modes:
 
 * steady state (default): integrate window after window (lengths ``window``, doubling up to
-  ``max_window``); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
+  ``max_window``, default 32); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
   field is multiplied by zero, so adaptive step control ignores them). Stops when all are frozen,
   when ``max_iter`` function evaluations have been spent, or at time ``t_max``.
 * fixed horizon (``t_end=T``): one integration over ``[0, T]`` with no host synchronisation.
@@ -35,7 +35,7 @@ ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_en
 
 
 def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
-              options=None, window=4.0, max_window=256.0, t_max=math.inf, t_end=None,
+              options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
               alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None, **unused):
     """Returns ``(code, evaluations)``; ``evaluations`` is ``(..., 1, k)``."""
     if unused:
