@@ -17,6 +17,7 @@ from ._types import Solution, SolverStats, Status
 SOLVERS = {
     "ista": (iterative.ista, "iterations"),
     "fista": (iterative.fista, "iterations"),
+    "active_set": (iterative.active_set, "iterations"),
     **{name: (partial(ode.ode_solve, method=name), "function evaluations") for name in ode.ODE_METHODS},
 }
 ODE_SOLVERS = tuple(ode.ODE_METHODS)
