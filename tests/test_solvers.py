@@ -166,4 +166,14 @@ def test_bad_input(problem, call, match):
 
 def test_solvers_registry_lists_every_torchdiffeq_method():
     from torchdiffeq._impl.odeint import SOLVERS as TDE
-    assert {"ista", "fista"} | set(TDE) == set(vo.SOLVERS)
+    assert {"ista", "fista", "active_set"} | set(TDE) == set(vo.SOLVERS)
+
+
+def test_active_set_reaches_machine_precision_on_many_problems():
+    P, X = make_problem(21, 40, 24, batch=(30,))
+    sol = vo.solve(P, X, 0.1, "active_set", tol=1e-12)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    for i in range(0, 30, 7):
+        assert (sol.code[i] - sklearn_lasso(P, X[i], 0.1)).abs().max() < 1e-7
+    with pytest.raises(ValueError, match="tol"):
+        vo.solve(P, X, 0.1, "active_set", tol=0)
