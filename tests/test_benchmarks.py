@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end at toy sizes (their numbers are not asserted: speed is
+measured in benchmarks/, never in tests), and their correctness gates work."""
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_script_cpu_path(capsys, tmp_path):
+    gpu = load("gpu")
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| VARS-D layer fp32 |" in out and "NO |" not in out
+    assert (tmp_path / "r.json").exists()
+
+
+def test_gpu_script_refuses_to_time_when_a_check_fails(monkeypatch, capsys):
+    gpu = load("gpu")
+    monkeypatch.setattr(gpu, "check_correctness", lambda device, quick: (False, []))
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1"]) == 1
+
+
+def test_lasso_and_solver_benchmarks_run(capsys):
+    load("lasso_cpu").main(["--problems", "6", "--d", "20", "--m", "12", "--repeats", "1"])
+    load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5"])
+    out = capsys.readouterr().out
+    assert out.count("| vars_ode") == 3 and "| 0.0001 | dopri5 |" in out
