@@ -17,3 +17,16 @@ __all__ = [
     "VARSDynamics", "gram", "kkt_residual", "kkt_residual_gram", "lasso_objective", "lca_field",
     "lipschitz_constant", "penalty_weight", "soft_threshold", "solve", "solve_gram",
 ]
+
+# dictionaries and the attention layer
+from .dictionaries import (Atoms, DynamicDictionary, StaticDictionary, UnionDictionary,  # noqa: E402
+                           kkt_residual_operator, solve_operator)
+from .layer import DICTIONARIES, LayerStats, VARSLayer, attention_maps, replace_attention  # noqa: E402
+
+__all__ += ["Atoms", "DICTIONARIES", "DynamicDictionary", "LayerStats", "StaticDictionary", "UnionDictionary",
+            "VARSLayer", "attention_maps", "kkt_residual_operator", "replace_attention", "solve_operator"]
+
+# host models; importing them registers the timm entrypoints vars_deit_tiny, vars_rvt_tiny, vars_gfnet_tiny
+from .models import ATTENTIONS, PerformerAttention, load_official_checkpoint  # noqa: E402
+
+__all__ += ["ATTENTIONS", "PerformerAttention", "load_official_checkpoint"]

@@ -1,0 +1,62 @@
+"""CPU speed of VARSLayer against timm's Attention, forward + backward, measured in one process.
+
+DeiT-Ti width: dim 192, 3 heads, batch 16, 197 tokens (14 x 14 grid + CLS), fp32. Prints the median of
+``--repeats`` runs per layer and its ratio to timm's ``Attention`` (fused SDPA where torch offers it).
+
+    python benchmarks/layer_cpu.py [--repeats 10] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from timm.layers import Attention
+
+from vars_ode import VARSLayer
+
+
+def time_fwd_bwd(layer, x, repeats, warmup=2):
+    times = []
+    for i in range(warmup + repeats):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        layer(x).sum().backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=197)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", default="d,sd", help="comma-separated VARS dictionaries to time (s, d, sd)")
+    ap.add_argument("--kernel-size", type=int, default=None, help="static template size (default: the layer's)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.dim, requires_grad=True)
+    layers = {"timm Attention": Attention(args.dim, num_heads=args.heads, qkv_bias=True)}
+    for d in args.layers.split(","):
+        extra = {} if args.kernel_size is None else {"kernel_size": args.kernel_size}
+        layers[f"VARS-{d.upper()} ista 3"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
+                                                       qkv_bias=True, **extra)
+    print(f"CPU fwd+bwd, fp32, dim {args.dim}, {args.heads} heads, batch {args.batch}, {args.tokens} tokens, "
+          f"{args.threads} threads, median of {args.repeats}")
+    base = None
+    print(f"{'layer':<22}{'ms':>10}{'ratio':>10}")
+    for name, layer in layers.items():
+        ms = 1e3 * time_fwd_bwd(layer, x, args.repeats)
+        base = base or ms
+        print(f"{name:<22}{ms:>10.1f}{ms / base:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Dictionaries: adjoints, Gram matrices and Lipschitz bounds against float64 brute force, and the
+operator-form solver against scikit-learn's Lasso and the core Gram-form solver."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vars_ode import solve_gram
+from vars_ode.dictionaries import (DynamicDictionary, StaticDictionary, UnionDictionary, draw_features,
+                                   kkt_residual_operator, positive_random_features, solve_operator)
+
+D64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def static_dense(atoms, h, dh, r, H, W, N):
+    # a code with batch 1 holding one-hot entries; column j of channel c is decode(e_{c, j})
+    m = r * H * W
+    P = torch.zeros(h, dh, N, m, dtype=D64)
+    for c in range(h * dh):
+        hh, jj = divmod(c, dh)
+        for j in range(m):
+            e = torch.zeros(1, h, dh, m, dtype=D64)
+            e[0, hh, jj, j] = 1
+            P[hh, jj, :, j] = atoms.decode((e.reshape(1, h, dh, r, H, W),))[0, hh, :, jj]
+    return P
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@given(H=st.integers(2, 6), W=st.integers(2, 6), k=st.sampled_from([1, 3, 5]), p=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_static_adjoint(padding, H, W, k, p, seed):
+    torch.manual_seed(seed)
+    h, dh, r = 2, 3, 2
+    sd = StaticDictionary(h * dh, h, atoms_per_channel=r, kernel_size=k, padding=padding).double()
+    atoms = sd.bind((H, W), p)
+    x = torch.randn(2, h, p + H * W, dh, dtype=D64)
+    u = torch.randn(2, h, dh, r, H, W, dtype=D64)
+    lhs = (atoms.encode(x)[0] * u).sum()
+    rhs = (x * atoms.decode((u,))).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-12, atol=1e-10)
+    # prefix tokens: atoms are zero there and encode ignores them
+    assert atoms.decode((u,))[:, :, :p].abs().max() == 0 if p else True
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_static_lipschitz_bound(padding):
+    torch.manual_seed(1)
+    h, dh, r, H, W = 1, 2, 3, 5, 4
+    sd = StaticDictionary(h * dh, h, atoms_per_channel=r, kernel_size=3, padding=padding).double()
+    atoms = sd.bind((H, W), 0)
+    P = static_dense(atoms, h, dh, r, H, W, H * W)
+    top = torch.linalg.eigvalsh(P.transpose(-1, -2) @ P)[..., -1]
+    L = atoms.lipschitz().reshape(h, dh)
+    if padding == "circular":
+        torch.testing.assert_close(L, top, rtol=1e-10, atol=1e-10)
+    else:
+        assert (L >= top * (1 - 1e-10)).all()
+        assert (L <= 4 * top).all()  # and not absurdly loose
+
+
+def test_static_templates_normalised_and_translation_atoms():
+    torch.manual_seed(2)
+    sd = StaticDictionary(2, 1, atoms_per_channel=2, kernel_size=3, padding="circular").double()
+    atoms = sd.bind((5, 5), 0)
+    P = static_dense(atoms, 1, 2, 2, 5, 5, 25)
+    # with circular padding every atom is a translated template of unit norm
+    torch.testing.assert_close(P.norm(dim=-2), torch.ones(1, 2, 50, dtype=D64))
+
+
+def test_dynamic_gram_matches_brute_force():
+    torch.manual_seed(3)
+    B, h, N, dh, m = 2, 2, 9, 4, 8
+    dyn = DynamicDictionary(h, dh, m, dtype=D64)
+    q = torch.randn(B, h, N, dh, dtype=D64) * 3
+    atoms = dyn.bind(q)
+    # independent Phi: exp(w^T q_hat - 1/2) / sqrt(m), columns normalised over tokens
+    phi = torch.zeros(B, h, N, m, dtype=D64)
+    for b in range(B):
+        for hh in range(h):
+            for i in range(N):
+                qh = q[b, hh, i] / q[b, hh, i].norm()
+                for j in range(m):
+                    phi[b, hh, i, j] = math.exp(float(dyn.rand_matrix[hh, :, j] @ qh) - 0.5) / math.sqrt(m)
+    phi = phi / phi.norm(dim=-2, keepdim=True)
+    torch.testing.assert_close(atoms.phi, phi, rtol=1e-12, atol=1e-14)
+    K = torch.einsum("bhni,bhnj->bhij", phi, phi)
+    torch.testing.assert_close(atoms.gram(), K, rtol=1e-12, atol=1e-13)
+    v = torch.randn(B, h, N, dh, dtype=D64)
+    u = torch.randn(B, h, m, dh, dtype=D64)
+    assert torch.allclose((atoms.encode(v)[0] * u).sum(), (v * atoms.decode((u,))).sum(), rtol=1e-12)
+    torch.testing.assert_close(atoms.gram_apply((u,))[0], atoms.encode(atoms.decode((u,)))[0])
+    top = torch.linalg.eigvalsh(K)[..., -1]
+    L = atoms.lipschitz().squeeze(-1)
+    assert (L <= top * (1 + 1e-9)).all() and (L >= 0.5 * top).all()  # power iteration: ISTA-safe (< 2/L)
+
+
+def test_feature_stabilisation_is_exact():
+    torch.manual_seed(4)
+    q = torch.randn(2, 3, 11, 5, dtype=D64) * 10
+    w = draw_features(3, 5, 10, dtype=D64)
+    a = positive_random_features(q, w, stabilize=True)
+    b = positive_random_features(q, w, stabilize=False)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert (a > 0).all()
+
+
+def test_orthogonal_features_and_redraw():
+    w = draw_features(2, 4, 8, orthogonal=True, generator=torch.Generator().manual_seed(0), dtype=D64)
+    for blk in (w[..., :4], w[..., 4:]):
+        G = blk.transpose(-1, -2) @ blk
+        off = G - torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
+        assert off.abs().max() < 1e-10
+    dyn = DynamicDictionary(2, 4, 8, orthogonal=True)
+    before = dyn.rand_matrix.clone()
+    dyn.redraw_features(torch.Generator().manual_seed(1))
+    assert not torch.equal(before, dyn.rand_matrix)
+    again = DynamicDictionary(2, 4, 8, orthogonal=True)
+    again.redraw_features(torch.Generator().manual_seed(1))
+    assert torch.equal(again.rand_matrix, dyn.rand_matrix)
+    assert "rand_matrix" in dyn.state_dict() and not list(dyn.parameters())
+
+
+def test_union_adjoint_and_lipschitz():
+    torch.manual_seed(5)
+    h, dh, m, r, H, W, p = 1, 2, 4, 2, 3, 3, 1
+    N = p + H * W
+    un = UnionDictionary(DynamicDictionary(h, dh, m, lipschitz="eigvalsh", dtype=D64),
+                         StaticDictionary(h * dh, h, atoms_per_channel=r, kernel_size=3).double())
+    q = torch.randn(1, h, N, dh, dtype=D64)
+    atoms = un.bind(q, (H, W), p)
+    x = torch.randn(1, h, N, dh, dtype=D64)
+    u = (torch.randn(1, h, m, dh, dtype=D64), torch.randn(1, h, dh, r, H, W, dtype=D64))
+    enc = atoms.encode(x)
+    lhs = sum((e * c).sum() for e, c in zip(enc, u))
+    assert torch.allclose(lhs, (x * atoms.decode(u)).sum(), rtol=1e-12)
+    # dense union dictionary of channel c: [Phi_head, static atoms of c]
+    Ps = static_dense(atoms.static, h, dh, r, H, W, N)  # (h, dh, N, rHW)
+    for j in range(dh):
+        P = torch.cat([atoms.dynamic.phi[0, 0], Ps[0, j]], -1)
+        top = torch.linalg.eigvalsh(P.T @ P)[-1]
+        assert atoms.lipschitz()[0, 0, j] >= top * (1 - 1e-10)
+
+
+def test_operator_solver_matches_sklearn_lasso():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    torch.manual_seed(6)
+    h, dh, r, H, W = 1, 2, 2, 4, 4
+    sd = StaticDictionary(h * dh, h, atoms_per_channel=r, kernel_size=3).double()
+    atoms = sd.bind((H, W), 0)
+    x = torch.randn(1, h, H * W, dh, dtype=D64)
+    lam = 0.1
+    code, _ = solve_operator(atoms, atoms.encode(x), lam, "fista", steps=None, tol=1e-10, max_iter=200_000)
+    P = static_dense(atoms, h, dh, r, H, W, H * W)
+    for j in range(dh):
+        model = sklearn.Lasso(alpha=lam / (H * W), fit_intercept=False, tol=1e-14, max_iter=1_000_000)
+        model.fit(P[0, j].numpy(), x[0, 0, :, j].numpy())
+        ref = torch.from_numpy(model.coef_)
+        torch.testing.assert_close(code[0][0, 0, j].reshape(-1), ref, atol=1e-6, rtol=0)
+    assert kkt_residual_operator(atoms, code, atoms.encode(x), lam).max() <= 1e-10
+
+
+@pytest.mark.parametrize("solver", ["ista", "fista", "rk4"])
+def test_operator_form_equals_core_gram_form(solver):
+    torch.manual_seed(7)
+    dyn = DynamicDictionary(2, 3, 6, lipschitz="eigvalsh", dtype=D64)
+    q, v = torch.randn(2, 2, 7, 3, dtype=D64), torch.randn(2, 2, 7, 3, dtype=D64)
+    atoms = dyn.bind(q)
+    B = atoms.encode(v)
+    code, _ = solve_operator(atoms, B, 0.05, solver, steps=4)
+    opts = {"t_end": 4} if solver == "rk4" else {}
+    ref = solve_gram(atoms.gram(), B[0], 0.05, solver, tol=0.0, max_iter=4, **opts).code
+    torch.testing.assert_close(code[0], ref, rtol=1e-9, atol=1e-11)
+
+
+def test_operator_ode_reaches_the_lasso_equilibrium():
+    torch.manual_seed(8)
+    un = UnionDictionary(DynamicDictionary(1, 2, 4, dtype=D64),
+                         StaticDictionary(2, 1, atoms_per_channel=1, kernel_size=3).double())
+    atoms = un.bind(torch.randn(1, 1, 10, 2, dtype=D64), (3, 3), 1)
+    B = atoms.encode(torch.randn(1, 1, 10, 2, dtype=D64))
+    ref, _ = solve_operator(atoms, B, 0.2, "fista", steps=None, tol=1e-9, max_iter=100_000)
+    code, nfe = solve_operator(atoms, B, 0.2, "dopri5", steps=None, tol=1e-3, max_iter=50_000)
+    assert kkt_residual_operator(atoms, code, B, 0.2).max() <= 1e-3
+    for c, r in zip(code, ref):  # K is ill-conditioned: a KKT residual of 1e-3 leaves ~1e-2 in the code
+        torch.testing.assert_close(c, r, atol=2e-2, rtol=0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kernel_size"):
+        StaticDictionary(4, 1, kernel_size=4)
+    with pytest.raises(ValueError, match="padding"):
+        StaticDictionary(4, 1, padding="reflect")
+    with pytest.raises(ValueError, match="lipschitz"):
+        DynamicDictionary(1, 4, 8, lipschitz="svd")
+    dyn = DynamicDictionary(1, 2, 4)
+    atoms = dyn.bind(torch.randn(1, 1, 5, 2))
+    with pytest.raises(ValueError, match="solver"):
+        solve_operator(atoms, atoms.encode(torch.randn(1, 1, 5, 2)), 0.1, "newton")
+    with pytest.raises(ValueError, match="adjoint"):
+        solve_operator(atoms, atoms.encode(torch.randn(1, 1, 5, 2)), 0.1, "ista", grad="adjoint")

@@ -1,0 +1,408 @@
+"""VARSLayer: shapes and gradients for every dictionary x solver, the self-attention special case,
+the official numerics and parameter names, timm integration, symmetry properties and argument checks.
+
+References are computed independently in the tests (float64 brute force), never hard-coded."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vars_ode
+from vars_ode.layer import VARSLayer, attention_maps, replace_attention
+
+D64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+DICTS = ["s", "d", "sd"]
+
+
+def tokens(B=2, p=1, side=3, C=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, p + side * side, C, generator=g, dtype=torch.float64).to(dtype)
+
+
+def identity_proj(layer):
+    with torch.no_grad():
+        layer.proj.weight.copy_(torch.eye(layer.dim))
+        layer.proj.bias.zero_()
+
+
+def split_qv(layer, x):
+    """q and v of the layer, (B, h, N, dh), from its qkv weights (independent of its forward)."""
+    B, N, C = x.shape
+    h, dh = layer.num_heads, layer.head_dim
+    qv = x @ layer.qkv.weight.T
+    if layer.qkv.bias is not None:
+        qv = qv + layer.qkv.bias
+    q = qv[..., :C].reshape(B, N, h, dh).transpose(1, 2)
+    v = qv[..., C:].reshape(B, N, h, dh).transpose(1, 2)
+    return q, v
+
+
+def features(q, W):
+    """Positive random features written out: exp(w^T q_hat - 1/2) / sqrt(m), columns normalised."""
+    m = W.shape[-1]
+    qh = q / q.norm(dim=-1, keepdim=True)
+    phi = torch.exp(torch.einsum("bhnd,hdm->bhnm", qh, W) - 0.5) / math.sqrt(m)
+    return phi / phi.norm(dim=-2, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dictionary", DICTS)
+@pytest.mark.parametrize("solver", ["ista", "fista", "dopri5", "rk4"])
+def test_shapes_and_gradients(dictionary, solver):
+    torch.manual_seed(0)
+    layer = VARSLayer(8, 2, dictionary=dictionary, solver=solver, steps=2, kernel_size=3, atoms_per_channel=2)
+    x = tokens().requires_grad_()
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if dictionary != "d":
+        assert layer.dictionary.static.kernel.grad.abs().sum() > 0 if dictionary == "sd" else \
+            layer.dictionary.kernel.grad.abs().sum() > 0
+    stats = layer.last_stats
+    assert stats.solver == solver and int(stats.iterations) > 0
+    assert torch.isfinite(stats.residual).all() and 0 <= float(stats.sparsity) <= 1
+
+
+@pytest.mark.parametrize("dictionary", DICTS)
+def test_float64_and_bf16_autocast(dictionary):
+    torch.manual_seed(1)
+    layer = VARSLayer(8, 2, dictionary=dictionary, kernel_size=3, atoms_per_channel=2)
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    y32 = layer(x)
+    assert (y.float() - y32).abs().max() < 0.1 * y32.abs().max() + 0.05  # bf16 only rounds the projections
+    y64 = layer.double()(x.double())
+    assert y64.dtype == D64 and torch.isfinite(y64).all()
+
+
+@pytest.mark.parametrize("dictionary", ["s", "sd"])
+def test_static_dictionary_at_a_second_resolution(dictionary):
+    torch.manual_seed(2)
+    layer = VARSLayer(8, 2, dictionary=dictionary, kernel_size=3, atoms_per_channel=2)
+    for side in (3, 5):  # train-like and eval-like grids, one CLS token
+        x = tokens(side=side)
+        y = layer(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    layer.num_prefix_tokens = 0
+    y = layer(tokens(p=0, side=4))
+    assert torch.isfinite(y).all()
+    layer.grid_size = (2, 8)  # non-square grid, set explicitly
+    assert torch.isfinite(layer(tokens(p=0, side=4))).all()
+    with pytest.raises(ValueError, match="grid"):
+        layer.grid_size = None
+        layer(torch.randn(1, 15, 8))
+
+
+@pytest.mark.parametrize("dictionary", ["s", "sd"])
+def test_circular_shift_equivariance(dictionary):
+    # with circular templates and no prefix token, the whole layer commutes with circular shifts of the grid
+    torch.manual_seed(3)
+    layer = VARSLayer(8, 2, dictionary=dictionary, padding="circular", kernel_size=3, atoms_per_channel=2,
+                      num_prefix_tokens=0, lam=0.05, steps=4).double()
+    x = tokens(p=0, side=5, dtype=D64)
+    shift = lambda t: t.reshape(2, 5, 5, 8).roll((2, 1), (1, 2)).reshape(2, 25, 8)  # noqa: E731
+    torch.testing.assert_close(layer(shift(x)), shift(layer(x)), rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_layer_is_permutation_equivariant():
+    torch.manual_seed(4)
+    layer = VARSLayer(8, 2, dictionary="d", solver="fista", steps=5).double()
+    x = tokens(dtype=D64)
+    perm = torch.randperm(x.shape[1])
+    torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["euler", "ista"])
+def test_self_attention_special_case(how):
+    """Paper Sec. 3.4: one Euler step of Eq. 15 from Z = X, without sparsity, is Performer attention
+    Phi Phi^T V + V (here with the normalisation 1/L of the rescaled dynamics)."""
+    torch.manual_seed(5)
+    kw = dict(solver="euler", steps=1, solver_options={"options": {"step_size": 1.0}}) if how == "euler" else \
+        dict(solver="ista", steps=1)
+    layer = VARSLayer(8, 2, dictionary="d", lam=0.0, lipschitz="eigvalsh", qkv_bias=True, **kw).double()
+    identity_proj(layer)
+    x = tokens(dtype=D64)
+    q, v = split_qv(layer, x)
+    phi = features(q, layer.dictionary.rand_matrix)
+    K = phi.transpose(-1, -2) @ phi
+    L = torch.linalg.eigvalsh(K)[..., -1][..., None, None]
+    expected = (phi @ (phi.transpose(-1, -2) @ v)) / L + v
+    expected = expected.transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_more_steps_lower_residual_and_equilibrium():
+    torch.manual_seed(6)
+    x = tokens(dtype=D64)
+    res = {}
+    for steps in (2, 50):
+        layer = VARSLayer(8, 2, dictionary="d", solver="fista", steps=steps).double()
+        torch.manual_seed(6)
+        layer.load_state_dict(VARSLayer(8, 2, dictionary="d").double().state_dict())
+        layer(x)
+        res[steps] = layer.last_stats.residual.mean()
+    assert res[50] < res[2]
+    layer.set_solver("fista", steps=None, tol=1e-7)
+    layer.max_iter = 200_000
+    layer(x)
+    assert layer.last_stats.residual.max() <= 1e-7
+
+
+def test_implicit_gradient_matches_converged_unroll():
+    torch.manual_seed(7)
+    layer = VARSLayer(4, 1, dictionary="d", solver="fista", steps=None, tol=1e-11, max_iter=500_000,
+                      grad="implicit", lam=0.05).double()
+    x = torch.randn(1, 5, 4, dtype=D64, requires_grad=True)
+    w = torch.randn(1, 5, 4, dtype=D64)
+    (layer(x) * w).sum().backward()
+    g_imp = x.grad.clone()
+    x.grad = None
+    layer.set_solver(grad="unroll", steps=None, tol=1e-11)
+    (layer(x) * w).sum().backward()
+    torch.testing.assert_close(g_imp, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_record_mode_matches_and_maps_are_reconstructions():
+    torch.manual_seed(8)
+    for dictionary in DICTS:
+        layer = VARSLayer(8, 2, dictionary=dictionary, residual="none", kernel_size=3, atoms_per_channel=2).double()
+        identity_proj(layer)
+        x = tokens(dtype=D64)
+        y = layer(x)
+        maps = attention_maps(nn.Sequential(layer), x)["0"]
+        assert maps.shape == (2, 3, x.shape[1])
+        assert not layer.record_maps  # restored
+        torch.testing.assert_close(maps[:, -1], y.abs().mean(-1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer(x), y)
+    # an ODE solver records one map per unit of time
+    layer = VARSLayer(8, 2, dictionary="d", solver="rk4", steps=3).double()
+    assert attention_maps(nn.Sequential(layer), tokens(dtype=D64))["0"].shape == (2, 3, 10)
+
+
+def test_solver_swap_after_training():
+    torch.manual_seed(9)
+    x, target = tokens(B=4, C=8), tokens(B=4, C=8, seed=1)
+    for train, evaluate in (("ista", "dopri5"), ("dopri5", "ista")):
+        layer = VARSLayer(8, 2, dictionary="sd", solver=train, steps=3, kernel_size=3, atoms_per_channel=2)
+        opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+        for _ in range(4):
+            opt.zero_grad()
+            loss = (layer(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            before = layer(x)
+            after = layer.set_solver(evaluate, steps=3)(x)
+        assert torch.isfinite(after).all()
+        rel = float((after - before).norm() / before.norm())
+        print(f"trained with {train}, evaluated with {evaluate}: relative output change {rel:.3f}")
+        assert rel < 1.0
+
+
+@pytest.mark.parametrize("dictionary", DICTS)
+def test_timm_create_model(dictionary):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(10)
+    attn = VARSLayer.configure(dictionary=dictionary, solver="dopri5" if dictionary == "d" else "ista",
+                               kernel_size=3)
+    model = timm.create_model("deit_tiny_patch16_224", attn_layer=attn, pretrained=False, img_size=48, depth=1,
+                              num_classes=5)
+    assert isinstance(model.blocks[0].attn, VARSLayer) and model.blocks[0].attn.dictionary_kind == dictionary
+    logits = model(torch.randn(2, 3, 48, 48))
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_configure_and_replace_attention():
+    timm = pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="bogus"):
+        VARSLayer.configure(bogus=1)
+    sub = VARSLayer.configure(dictionary="d").configure(steps=2)
+    layer = sub(8, num_heads=2)
+    assert issubclass(sub, VARSLayer) and layer.steps == 2 and layer.dictionary_kind == "d"
+    assert sub(8, num_heads=2, steps=4).steps == 4  # explicit arguments win
+    torch.manual_seed(11)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=3,
+                              qkv_bias=True)
+    old = model.blocks[1].attn
+    C = old.qkv.in_features
+    replace_attention(model, dictionary="sd", kernel_size=3)
+    new = model.blocks[1].attn
+    assert isinstance(new, VARSLayer) and new.num_prefix_tokens == 1 and new.num_heads == old.num_heads
+    torch.testing.assert_close(new.qkv.weight, torch.cat([old.qkv.weight[:C], old.qkv.weight[2 * C:]]))
+    torch.testing.assert_close(new.qkv.bias, torch.cat([old.qkv.bias[:C], old.qkv.bias[2 * C:]]))
+    torch.testing.assert_close(new.proj.weight, old.proj.weight)
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+def official_state_dict(C, h, m, kind, image_size, qkv_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=D64)  # noqa: E731
+    mm = 2 * m if kind == "sd" else m
+    sd = {"qkv.weight": r(2 * C, C) / C ** 0.5, "proj.weight": r(C, C) / C ** 0.5, "proj.bias": r(C) * 0.1,
+          "rand_matrix": r(h, C // h, m), "L": torch.full((h,), 25.0, dtype=D64),
+          "learned_k": torch.eye(mm, dtype=D64) + 0.05 * r(mm, mm), "learned_lam": 1 + 0.1 * r(1),
+          "learned_L": 1 + 0.1 * r(1).abs()}
+    if qkv_bias:
+        sd["qkv.bias"] = r(2 * C) * 0.1
+    if kind == "sd":
+        sd["kernel"] = r(1, h, image_size ** 2, m)
+    return sd
+
+
+def official_reference(sd, x, h, lam, steps, kind):
+    """The official VARS_D / VARS_SD forward, written out from its description (FACTS.md, section 2)."""
+    B, N, C = x.shape
+    dh = C // h
+    qv = x @ sd["qkv.weight"].T + (sd["qkv.bias"] if "qkv.bias" in sd else 0)
+    qv = qv.reshape(B, N, 2, h, dh).permute(2, 0, 3, 1, 4)
+    q, v = qv[0], qv[1]
+    m = sd["rand_matrix"].shape[-1]
+    qh = q / q.norm(dim=-1, keepdim=True)
+    phi = torch.exp(torch.einsum("bhnd,hdm->bhnm", qh, sd["rand_matrix"]) - 0.5) / m ** 0.5
+    if kind == "sd":
+        phi = torch.cat([phi, sd["kernel"].expand(B, -1, -1, -1)], -1)
+    phi = phi / phi.norm(dim=-2, keepdim=True)
+    K = phi.transpose(-1, -2) @ phi
+    b = phi.transpose(-1, -2) @ v
+    L = (K.abs().sum(-1).max(-1).values + 1)[..., None, None] / sd["learned_L"]
+    lam = sd["learned_lam"] * lam
+    Kw = sd["learned_k"] @ K @ sd["learned_k"]
+    gelu = lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))  # noqa: E731
+    g = lambda t, thr: torch.sign(t) * gelu(t.abs() - thr)  # noqa: E731
+    u = g(b, lam)
+    for _ in range(steps):
+        u = g(u - (Kw @ u - b) / L, lam / L)
+    out = (phi @ u).transpose(1, 2).reshape(B, N, C)
+    return out @ sd["proj.weight"].T + sd["proj.bias"]
+
+
+@pytest.mark.parametrize("kind", ["d", "sd"])
+def test_official_state_dict_and_numerics(kind):
+    C, h, side = 8, 2, 3
+    layer = VARSLayer(C, h, dictionary=kind, compat="official", qkv_bias=True, image_size=side).double()
+    assert layer.steps == 5 and layer.residual == "none"
+    sd = official_state_dict(C, h, 2 * C // h, kind, side, True, seed=12)
+    layer.load_state_dict(sd, strict=True)
+    assert not layer.rand_matrix.requires_grad and layer.learned_k.requires_grad
+    x = tokens(p=0, side=side, C=C, dtype=D64)
+    torch.testing.assert_close(layer(x), official_reference(sd, x, h, 0.3, 5, kind), rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(layer.last_stats.residual).all()
+    bad = dict(sd, learned_k=torch.eye(3, dtype=D64))
+    with pytest.raises(RuntimeError, match="learned_k"):
+        layer.load_state_dict(bad, strict=True)
+    missing = {k: t for k, t in sd.items() if k != "rand_matrix"}
+    with pytest.raises(RuntimeError, match="rand_matrix"):
+        layer.load_state_dict(missing, strict=True)
+    maps = attention_maps(nn.Sequential(layer), x)["0"]
+    assert maps.shape == (2, 5, x.shape[1])
+    torch.testing.assert_close(maps[:, -1], ((layer(x) - sd["proj.bias"]) @ torch.linalg.inv(sd["proj.weight"]).T)
+                               .reshape(2, x.shape[1], h, C // h).abs().mean((2, 3)))
+    if kind == "sd":
+        with pytest.raises(ValueError, match="image_size"):
+            layer(tokens(p=0, side=4, C=C, dtype=D64))
+
+
+def test_redraw_features_changes_the_dictionary():
+    torch.manual_seed(13)
+    for compat in ("paper", "official"):
+        layer = VARSLayer(8, 2, dictionary="d", compat=compat)
+        x = tokens()
+        y0 = layer(x)
+        layer.redraw_features(torch.Generator().manual_seed(3))
+        assert not torch.allclose(layer(x), y0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dictionary="xyz"), "dictionary"),
+    (dict(solver="newton"), "solver"),
+    (dict(lam=-0.1), "lam"),
+    (dict(num_heads=3), "num_heads"),
+    (dict(grad="magic"), "grad"),
+    (dict(grad="adjoint", solver="ista"), "adjoint"),
+    (dict(grad="implicit", dictionary="sd"), "implicit"),
+    (dict(compat="official", dictionary="s"), "compat"),
+    (dict(compat="official", solver="fista"), "solver"),
+    (dict(steps=0), "steps"),
+    (dict(attn_head_dim=3), "attn_head_dim"),
+    (dict(residual="both"), "residual"),
+    (dict(num_prefix_tokens=-1), "num_prefix_tokens"),
+    (dict(padding="reflect", dictionary="s"), "padding"),
+    (dict(compat="modern"), "compat"),
+    (dict(rope=True), "rope"),
+    (dict(dictionary="d", grad="implicit", steps=None, tol=-1.0), "tol"),
+])
+def test_bad_arguments(kwargs, match):
+    kw = dict(num_heads=2)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        VARSLayer(8, **kw)
+
+
+def test_bad_forward_arguments():
+    layer = VARSLayer(8, 2, dictionary="d")
+    x = tokens()
+    with pytest.raises(ValueError, match="attn_mask"):
+        layer(x, attn_mask=torch.zeros(10, 10))
+    with pytest.raises(ValueError, match="is_causal"):
+        layer(x, is_causal=True)
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.randn(2, 10, 6))
+    with pytest.raises(ValueError, match="solver"):
+        layer.set_solver("newton")
+
+
+def test_public_exports():
+    for name in ("VARSLayer", "replace_attention", "attention_maps", "StaticDictionary", "DynamicDictionary",
+                 "UnionDictionary"):
+        assert hasattr(vars_ode, name), name
+
+
+@pytest.mark.parametrize("dictionary", ["d", "sd"])
+def test_adjoint_gradient_matches_unrolled_ode(dictionary):
+    torch.manual_seed(14)
+    # the field has kinks (the soft threshold): the adjoint converges to the unrolled gradient with the tolerance
+    opts = {"rtol": 1e-7, "atol": 1e-9}
+    layer = VARSLayer(4, 1, dictionary=dictionary, solver="dopri5", steps=2.0, grad="adjoint", kernel_size=3,
+                      atoms_per_channel=1, solver_options=opts).double()
+    x = tokens(B=1, side=2, C=4, dtype=D64).requires_grad_()
+    (layer(x) ** 2).sum().backward()
+    g_adj = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    x.grad = None
+    layer.set_solver(grad="unroll")
+    (layer(x) ** 2).sum().backward()
+    g_unr = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(g_adj, g_unr):
+        torch.testing.assert_close(a, b, rtol=5e-3, atol=2e-3 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("dictionary", DICTS)
+def test_timm_style_options(dictionary):
+    torch.manual_seed(15)
+    layer = VARSLayer(8, 2, dictionary=dictionary, qk_norm=True, scale_norm=True, gated=True, dim_out=6,
+                      attn_drop=0.5, proj_drop=0.1, qkv_bias=True, proj_bias=False, norm_layer=nn.LayerNorm,
+                      kernel_size=3)
+    layer.train()
+    y = layer(tokens())
+    assert y.shape == (2, 10, 6) and torch.isfinite(y).all() and layer.proj.bias is None
+    y.sum().backward()
+    assert layer.gate.weight.grad is not None and isinstance(layer.norm, nn.LayerNorm)
+    assert isinstance(layer.q_norm, nn.LayerNorm) == (dictionary != "s")

@@ -1,0 +1,606 @@
+"""``VARSLayer``: VARS attention as a drop-in replacement for timm's ``Attention``.
+
+For an input ``x`` of shape ``(B, N, C)`` (``h`` heads of ``dh = C / h`` channels) the layer
+
+1. projects the queries ``q`` and values ``v`` (``qkv``: ``C -> 2C``; keys are tied to the queries, as
+   in the official code; the static-only dictionary needs no queries and has ``v``: ``C -> C``);
+2. binds its dictionary ``P`` to this input (static templates on the token grid, random features
+   ``Phi(q)`` of the queries, or both; see :mod:`vars_ode.dictionaries`);
+3. solves, for every channel ``mu`` of every head, the sparse reconstruction of the value
+   (paper Eq. 10 / 16; L1 weight ``lam`` under the default ``convention="eq10"``)::
+
+       u*^mu = argmin_u 0.5 ||P u - v^mu||^2 + lam ||u||_1
+
+   approximately, with any solver of :data:`vars_ode.SOLVERS` on the problem rescaled by its
+   Lipschitz constant ``L``: ``steps`` ISTA / FISTA iterations, or an ODE solve of Eq. 8-9 over a
+   horizon of ``steps`` (time units of about one ISTA step each), or (``steps=None``) to a KKT
+   residual of ``tol``. The trained layer is a few-step approximation, not the equilibrium;
+4. decodes ``P u*`` and outputs ``proj(P u* + v)`` (``residual="value"``, the paper's Eq. 17 with the
+   value as ``X``) or ``proj(P u*)`` (``residual="none"``, the official code: there the "+ X" of
+   Eq. 17 is the transformer block's own skip connection ``x + attn(norm(x))``).
+
+The dynamic dictionary is solved in Gram form (``K = Phi^T Phi``: ``(B, h, m, m)``, ``B = Phi^T V``:
+``(B, h, m, dh)``) with the core solvers, so the token count enters only the two products that
+form them; the static and union dictionaries are solved in operator form
+(:func:`vars_ode.dictionaries.solve_operator`). Fixed budgets (``steps`` given) never synchronise
+with the host, except inside torchdiffeq's adaptive step control. Under autocast (bf16 / fp16) the
+sparse coding runs in float32 and only the projections follow autocast.
+
+Prefix tokens (CLS, distillation, register tokens; ``num_prefix_tokens``, ``"auto"`` infers it from
+a square grid) are not on the token grid. The dynamic atoms cover them like any token. The static
+atoms are zero on them, so for ``dictionary="s"`` a prefix token would receive nothing from the
+image; it receives instead the mean of the reconstruction over the grid tokens (a global-pool
+read-out, documented choice). For ``"sd"`` the dynamic atoms reconstruct them.
+
+``compat="official"`` reproduces the official code's ``VARS_D`` / ``VARS_SD`` attention modules
+(github bfshi/VARS, ``vars_block.py``) including its parameter names and shapes, so their
+``state_dict`` loads with ``strict=True``:
+
+* ``qkv.weight`` ``(2C, C)`` (``qkv.bias`` with ``qkv_bias``), ``proj.weight`` ``(C, C)``, ``proj.bias`` ``(C,)``;
+* ``rand_matrix`` ``(h, dh, m)``: a frozen Gaussian matrix stored as a parameter (``requires_grad=False``);
+* ``L`` ``(h,)``: an unused parameter of the official module (initialised to 25), kept for loading;
+* ``learned_k`` ``(m', m')`` (``m' = m``, or ``2m`` for ``"sd"``): the matrix ``W`` (init identity) turning
+  ``K`` into ``W K W``; ``learned_lam`` ``(1,)`` and ``learned_L`` ``(1,)`` (init 1);
+* ``"sd"`` only: ``kernel`` ``(1, h, image_size**2, m)``, the learned static atoms at a fixed resolution
+  (``N`` must equal ``image_size**2``: no prefix tokens, no other resolution).
+
+Its numerics: features ``exp(w^T q^ - 1/2) / sqrt(m)`` of L2-normalised queries, concatenated with
+``kernel`` for ``"sd"``, columns normalised over tokens; ``L = max row L1 norm of K + 1`` (detached),
+divided by ``learned_L``; ``lam`` times ``learned_lam``; initial code ``g(P^T v, lam)``; ``steps`` (default
+5) steps ``u <- g(u - (W K W u - P^T v) / L, lam / L)`` with ``g(x, t) = sign(x) GELU(|x| - t)``; output
+``proj(P u)``. The official VARS-S is a whole block (BatchNorm, MLP, FFT templates), not an attention
+module, so ``compat="official"`` accepts ``"d"`` and ``"sd"`` only.
+
+Self-attention as a special case (paper Sec. 3.4): with ``dictionary="d"``, ``lam=0``, ``init="zeros"`` and one
+Euler step of size one (``solver="euler", steps=1, solver_options={"options": {"step_size": 1.0}}``, or one ISTA
+step), the layer computes ``proj(Phi Phi^T V / L + V)``: Performer-style linear attention with keys tied to
+queries, normalised by ``L``, the largest eigenvalue of ``Phi^T Phi`` (the rescaling that makes one unit of
+time one ISTA step; the paper's Eq. 14 leaves the normalisation out).
+
+:func:`replace_attention` swaps timm ``Attention`` modules for VARS layers in a built model and
+:func:`attention_maps` records the per-iteration maps of every VARS layer (paper Figs. 3, 5, 7). While
+recording, every dictionary is solved in operator form (:func:`vars_ode.dictionaries.solve_operator`,
+the same iterates as the Gram-form path, with unrolled gradients), so that each iterate can be decoded.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import check_choice
+from .dictionaries import (DynamicDictionary, StaticDictionary, UnionDictionary, kkt_residual_operator,
+                           solve_operator)
+from .gradients import ImplicitLasso
+from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
+from .solvers import ODE_SOLVERS, SOLVERS
+
+#: accepted names of the three dictionaries
+DICTIONARIES = {
+    "s": "s", "static": "s", "vars_s": "s", "vars-s": "s",
+    "d": "d", "dynamic": "d", "vars_d": "d", "vars-d": "d",
+    "sd": "sd", "union": "sd", "static+dynamic": "sd", "vars_sd": "sd", "vars-sd": "sd",
+}
+COMPATS = ("paper", "official")
+RESIDUALS = ("value", "none")
+LAYER_GRAD_MODES = ("unroll", "implicit", "adjoint")
+_DEFAULT = "default"
+
+
+class LayerStats:
+    """Statistics of a layer's last forward pass; tensor fields are computed on first access, detached.
+
+    Attributes:
+        solver, unit: solver name and what ``iterations`` counts (iterations or function evaluations).
+        iterations: 0-dim (or per problem) long tensor.
+        residual: KKT residual per problem ``(B, h, dh)`` (the LASSO the solver targets; for
+            ``compat="official"`` the effective problem with ``W K W`` and the learned ``lam``).
+        nnz: non-zero code entries per problem ``(B, h, dh)``.
+        sparsity: fraction of code entries exactly zero (0-dim).
+    """
+
+    def __init__(self, solver, unit, iterations, code, residual_fn, reduce_fn):
+        self.solver, self.unit, self.iterations = solver, unit, iterations
+        self._code, self._residual_fn, self._reduce_fn = code, residual_fn, reduce_fn
+        self._residual = None
+
+    @property
+    def residual(self) -> torch.Tensor:
+        if self._residual is None:
+            with torch.no_grad():
+                self._residual = self._residual_fn()
+        return self._residual
+
+    @property
+    def nnz(self) -> torch.Tensor:
+        return sum(self._reduce_fn(i, (c != 0).to(torch.float32)) for i, c in enumerate(self._code)).long()
+
+    @property
+    def sparsity(self) -> torch.Tensor:
+        zeros = sum((c == 0).sum() for c in self._code)
+        return zeros.float() / sum(c.numel() for c in self._code)
+
+    def summary(self) -> str:
+        return (f"{self.solver}: {int(self.iterations.max())} {self.unit}, KKT residual max "
+                f"{float(self.residual.max()):.3g}, sparsity {float(self.sparsity):.3f}")
+
+    def __repr__(self):
+        return f"LayerStats(solver={self.solver!r}, unit={self.unit!r}, iterations={self.iterations})"
+
+
+class VARSLayer(nn.Module):
+    """VARS attention (Shi et al., ICML 2022): ``(B, N, C) -> (B, N, C)``, a drop-in for timm's ``Attention``.
+
+    Arguments:
+        dim: ``C``, the token width; num_heads: ``h`` (``dim`` must be divisible by it).
+        dictionary: ``"s"`` (static, VARS-S), ``"d"`` (dynamic, VARS-D) or ``"sd"`` (union, VARS-SD);
+            aliases ``"static"``, ``"dynamic"``, ``"union"``, ``"vars_s"``, ...
+        solver: any name in :data:`vars_ode.SOLVERS` (``"ista"``, ``"fista"``, ``"dopri5"``, ``"rk4"``, ...).
+        steps: ISTA / FISTA iterations, or the ODE horizon in the same units; ``None`` solves to a KKT
+            residual of ``tol`` (default 1e-4) within ``max_iter``. Default 3 (paper), 5 for ``compat="official"``.
+        lam: L1 weight (non-negative; ``convention`` as in :mod:`vars_ode.ops`).
+        grad: ``"unroll"``, ``"implicit"`` (dictionary ``"d"``) or ``"adjoint"`` (ODE solvers).
+        compat: ``"paper"`` or ``"official"`` (see the module docstring).
+        qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, device, dtype:
+            as timm's ``Attention``. ``qk_norm`` normalises the queries (keys are tied to them);
+            ``attn_drop`` is dropout on the sparse code (there are no attention weights).
+        attn_head_dim, dim_out, gated: as timm's ``Attention`` (``attn_head_dim`` must be ``dim // num_heads``).
+        rand_feat_dim_ratio: ``m = rand_feat_dim_ratio * head_dim`` random features per head.
+        orthogonal_features: orthogonal random features (FAVOR+).
+        atoms_per_channel, kernel_size, padding: the static templates (see :class:`StaticDictionary`).
+        num_prefix_tokens: int or ``"auto"`` (``N - floor(sqrt(N))**2``); grid_size: ``(H, W)`` or ``None`` (square).
+        residual: ``"value"`` (paper default) or ``"none"`` (official default).
+        init: initial code ``"zeros"`` or ``"encode"`` (``P^T v``); ignored by ``compat="official"``.
+        lipschitz: ``"power"``, ``"eigvalsh"`` or ``"official"`` for the dynamic ``L``.
+        tol, max_iter: for ``steps=None``.
+        solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``).
+        image_size: token grid side of the official ``"sd"`` kernel.
+        record_maps: record per-iteration attention maps in ``last_maps`` (see :func:`attention_maps`).
+
+    After a forward pass, ``last_stats`` (:class:`LayerStats`) describes the solve.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, dictionary: str = "sd", solver: str = "ista", steps=_DEFAULT,
+                 lam: float = 0.3, grad: str = "unroll", compat: str = "paper", qkv_bias: bool = False,
+                 qk_norm: bool = False, scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, norm_layer=None, device=None, dtype=None, rand_feat_dim_ratio=2,
+                 tol: float | None = None, max_iter: int = 10_000, num_prefix_tokens="auto", grid_size=None,
+                 residual: str = _DEFAULT, init: str = "zeros", lipschitz: str = "power", convention: str = "eq10",
+                 orthogonal_features: bool = False, atoms_per_channel: int = 5, kernel_size: int = 5,
+                 padding: str = "zeros", image_size: int = 14, solver_options: dict | None = None,
+                 record_maps: bool = False, attn_head_dim: int | None = None, dim_out: int | None = None,
+                 gated: bool = False, **unknown):
+        super().__init__()
+        if unknown:
+            valid = sorted(set(inspect.signature(VARSLayer.__init__).parameters) - {"self", "unknown"})
+            raise ValueError(f"unknown VARSLayer argument(s) {sorted(unknown)}; valid arguments: {valid}")
+        dd = dict(device=device, dtype=dtype)
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = dim // num_heads
+        if attn_head_dim is not None and attn_head_dim != head_dim:
+            raise ValueError(f"attn_head_dim must be None or dim // num_heads = {head_dim} for VARSLayer, got {attn_head_dim}")
+        key = dictionary.lower() if isinstance(dictionary, str) else dictionary
+        if key not in DICTIONARIES:
+            raise ValueError(f"dictionary must be one of {sorted(set(DICTIONARIES))}, got {dictionary!r}")
+        self.dictionary_kind = DICTIONARIES[key]
+        check_choice("compat", compat, COMPATS)
+        check_choice("init", init, ("zeros", "encode"))
+        check_choice("lipschitz", lipschitz, ("power", "eigvalsh", "official"))
+        check_choice("convention", convention, CONVENTIONS)
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0 or not math.isfinite(lam):
+            raise ValueError(f"lam must be a non-negative finite float, got {lam!r}")
+        if steps == _DEFAULT:
+            steps = 5 if compat == "official" else 3
+        self.compat = compat
+        steps, tol = self._check_solver(solver, steps, tol, grad)
+        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        if not (isinstance(rand_feat_dim_ratio, (int, float)) and not isinstance(rand_feat_dim_ratio, bool)
+                and rand_feat_dim_ratio > 0 and round(rand_feat_dim_ratio * head_dim) >= 1):
+            raise ValueError(f"rand_feat_dim_ratio must be a positive number, got {rand_feat_dim_ratio!r}")
+        if num_prefix_tokens != "auto" and not (isinstance(num_prefix_tokens, int) and num_prefix_tokens >= 0):
+            raise ValueError(f"num_prefix_tokens must be a non-negative integer or 'auto', got {num_prefix_tokens!r}")
+        if grid_size is not None:
+            grid_size = _check_grid(grid_size)
+        for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        if residual == _DEFAULT:
+            residual = "none" if compat == "official" else "value"
+        check_choice("residual", residual, RESIDUALS)
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+        if compat == "official" and self.dictionary_kind == "s":
+            raise ValueError("compat='official' supports dictionary 'd' or 'sd': the official VARS-S is a whole "
+                             "block (BatchNorm, MLP, FFT templates); use dictionary='s' with compat='paper'")
+        norm_layer = norm_layer or nn.LayerNorm
+
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.num_features = int(round(rand_feat_dim_ratio * head_dim))
+        self.solver, self.steps, self.tol, self.lam, self.grad = solver, steps, tol, float(lam), grad
+        self.max_iter, self.init, self.lipschitz, self.convention = max_iter, init, lipschitz, convention
+        self.num_prefix_tokens, self.grid_size, self.residual = num_prefix_tokens, grid_size, residual
+        self.solver_options = dict(solver_options or {})
+        self.record_maps = record_maps
+        self.last_stats: LayerStats | None = None
+        self.last_maps: torch.Tensor | None = None
+        uses_q = self.dictionary_kind != "s"
+
+        if uses_q:
+            self.qkv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
+        else:
+            self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(head_dim, **dd) if (qk_norm and uses_q) else nn.Identity()
+        self.gate = nn.Linear(dim, dim, bias=qkv_bias, **dd) if gated else None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim_out or dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+        if compat == "official":
+            m = self.num_features
+            mm = 2 * m if self.dictionary_kind == "sd" else m
+            fdt = dtype or torch.float32
+            self.rand_matrix = nn.Parameter(torch.randn(num_heads, head_dim, m, device=device, dtype=fdt), requires_grad=False)
+            if self.dictionary_kind == "sd":
+                self.image_size = image_size
+                self.kernel = nn.Parameter(torch.randn(1, num_heads, image_size ** 2, m, device=device, dtype=fdt))
+            self.L = nn.Parameter(torch.full((num_heads,), 25.0, device=device, dtype=fdt), requires_grad=False)
+            self.learned_k = nn.Parameter(torch.eye(mm, device=device, dtype=fdt))
+            self.learned_lam = nn.Parameter(torch.ones(1, device=device, dtype=fdt))
+            self.learned_L = nn.Parameter(torch.ones(1, device=device, dtype=fdt))
+            self.dictionary = None
+        else:
+            if uses_q:
+                dyn = DynamicDictionary(num_heads, head_dim, self.num_features, orthogonal=orthogonal_features,
+                                        lipschitz=lipschitz, device=device, dtype=dtype)
+            if self.dictionary_kind != "d":
+                st = StaticDictionary(dim, num_heads, atoms_per_channel=atoms_per_channel, kernel_size=kernel_size,
+                                      padding=padding, **dd)
+            self.dictionary = {"d": lambda: dyn, "s": lambda: st, "sd": lambda: UnionDictionary(dyn, st)}[
+                self.dictionary_kind]()
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, **defaults):
+        """A subclass of this layer whose constructor defaults are ``defaults``.
+
+        timm checks ``issubclass(attn_layer, ...)``, so a ``functools.partial`` cannot be passed as
+        ``attn_layer``; this can::
+
+            timm.create_model("deit_tiny_patch16_224", attn_layer=VARSLayer.configure(dictionary="d"))
+
+        Keyword arguments given at construction still override ``defaults``.
+        """
+        valid = set(inspect.signature(VARSLayer.__init__).parameters) - {"self", "dim", "unknown"}
+        bad = sorted(set(defaults) - valid)
+        if bad:
+            raise ValueError(f"unknown VARSLayer argument(s) {bad}; valid arguments: {sorted(valid)}")
+        merged = {**getattr(cls, "_configured_defaults", {}), **defaults}
+        base = cls
+
+        def __init__(self, dim, *args, **kwargs):
+            base.__init__(self, dim, *args, **{**merged, **kwargs})
+
+        desc = ", ".join(f"{k}={v!r}" for k, v in merged.items())
+        return type(f"{cls.__name__}Configured", (cls,), {
+            "__init__": __init__, "_configured_defaults": merged, "__module__": cls.__module__,
+            "__doc__": f"{cls.__name__} with defaults {desc}.",
+        })
+
+    def set_solver(self, solver: str | None = None, *, steps=_DEFAULT, tol=_DEFAULT, grad: str | None = None,
+                   solver_options: dict | None = None) -> "VARSLayer":
+        """Swap the solver of a built (e.g. trained) layer, with the constructor's checks; returns ``self``.
+
+        Only the arguments given change. A layer trained with ``"ista"`` can be evaluated with ``"dopri5"``
+        over the same horizon (or to its equilibrium with ``steps=None``).
+        """
+        solver = self.solver if solver is None else solver
+        grad = self.grad if grad is None else grad
+        steps = self.steps if steps == _DEFAULT else steps
+        tol = self.tol if tol == _DEFAULT else tol
+        steps, tol = self._check_solver(solver, steps, tol, grad)
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+        self.solver, self.steps, self.tol, self.grad = solver, steps, tol, grad
+        if solver_options is not None:
+            self.solver_options = dict(solver_options)
+        return self
+
+    def _check_solver(self, solver, steps, tol, grad):
+        # shared by __init__ and set_solver; returns (steps, tol) with tol's default resolved
+        check_choice("solver", solver, SOLVERS)
+        check_choice("grad", grad, LAYER_GRAD_MODES)
+        if steps is not None:
+            ok = (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0) or (
+                solver in ODE_SOLVERS and isinstance(steps, float) and steps > 0)
+            if not ok:
+                raise ValueError(f"steps must be a positive integer (a positive float for ODE solvers) or None, got {steps!r}")
+        if tol is None:
+            tol = 1e-4 if steps is None else 0.0
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
+            raise ValueError(f"tol must be a non-negative float or None, got {tol!r}")
+        if grad == "adjoint" and solver not in ODE_SOLVERS:
+            raise ValueError(f"grad='adjoint' needs an ODE solver (one of {list(ODE_SOLVERS)}), got solver={solver!r}")
+        if grad == "implicit" and self.dictionary_kind != "d":
+            raise ValueError(f"grad='implicit' is implemented for dictionary 'd' only, got dictionary "
+                             f"{self.dictionary_kind!r}; use grad='unroll' (or 'adjoint' with an ODE solver)")
+        if self.compat == "official":
+            if solver != "ista" or grad != "unroll":
+                raise ValueError(f"compat='official' runs the official unrolled ISTA loop: solver must be 'ista' and grad "
+                                 f"'unroll', got solver={solver!r}, grad={grad!r}")
+            if steps is None:
+                raise ValueError("steps=None (solve to equilibrium) is not available with compat='official'")
+        return steps, float(tol)
+
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Draw new random features (dynamic and union dictionaries)."""
+        if self.compat == "official":
+            with torch.no_grad():
+                self.rand_matrix.copy_(torch.randn(self.rand_matrix.shape, generator=generator,
+                                                   dtype=torch.float64).to(self.rand_matrix))
+        elif hasattr(self.dictionary, "redraw_features"):
+            self.dictionary.redraw_features(generator)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, num_heads={self.num_heads}, dictionary={self.dictionary_kind!r}, solver={self.solver!r}, "
+                f"steps={self.steps}, lam={self.lam}, grad={self.grad!r}, compat={self.compat!r}, residual={self.residual!r}")
+
+    # ------------------------------------------------------------------------------------------
+    def _grid(self, N: int):
+        p = self.num_prefix_tokens
+        if self.grid_size is not None:
+            H, W = self.grid_size
+            if p == "auto":
+                p = N - H * W
+            if p < 0 or N - p != H * W:
+                raise ValueError(f"grid_size {self.grid_size} and num_prefix_tokens {self.num_prefix_tokens} do not "
+                                 f"match N = {N} tokens")
+            return (H, W), p
+        if p == "auto":
+            s = math.isqrt(N)
+            return (s, s), N - s * s
+        s = math.isqrt(max(N - p, 0))
+        if N - p <= 0 or s * s != N - p:
+            raise ValueError(f"cannot infer a square token grid from N = {N} tokens with num_prefix_tokens = {p}; "
+                             "set grid_size=(H, W) on the layer")
+        return (s, s), p
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``x``: ``(B, N, C)`` -> ``(B, N, dim_out)``. ``attn_mask`` must be ``None`` and ``is_causal`` False
+        (a sparse reconstruction has no pairwise scores to mask)."""
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported by VARSLayer (it has no pairwise attention scores); pass None")
+        if is_causal:
+            raise ValueError("is_causal=True is not supported by VARSLayer")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        B, N, C = x.shape
+        h, dh = self.num_heads, self.head_dim
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.dictionary_kind == "s":
+            q = None
+            v = self.v(x).reshape(B, N, h, dh).transpose(1, 2)
+        else:
+            qv = self.qkv(x).reshape(B, N, 2, h, dh).permute(2, 0, 3, 1, 4)
+            q, v = self.q_norm(qv[0]), qv[1]
+        out_dtype = v.dtype
+        dev_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
+        work = torch.float32 if (v.dtype in (torch.float16, torch.bfloat16) or autocast_on) and v.dtype != torch.float64 else v.dtype
+        with torch.autocast(device_type=dev_type, enabled=False) if autocast_on else _nullcontext():
+            q = q.to(work) if q is not None else None
+            v = v.to(work)
+            if self.compat == "official":
+                recon = self._sparse_official(q, v)
+            else:
+                recon = self._sparse_paper(q, v, N)
+            out = recon + v if self.residual == "value" else recon
+        out = out.to(out_dtype).transpose(1, 2).reshape(B, N, C)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        out = self.proj(out)
+        return self.proj_drop(out)
+
+    # ------------------------------------------------------------------------------------------
+    def _sparse_paper(self, q, v, N):
+        kind = self.dictionary_kind
+        weight = penalty_weight(self.lam, self.convention)
+        if kind == "d":
+            atoms = self.dictionary.bind(q)
+        else:
+            grid, p = self._grid(N)
+            if kind == "s":
+                atoms = self.dictionary.bind(grid, p, dtype=v.dtype)
+            else:
+                atoms = self.dictionary.bind(q, grid, p, dtype=v.dtype)
+        Bc = atoms.encode(v)
+        record = [] if self.record_maps else None
+        opts = dict(self.solver_options)
+        is_ode = self.solver in ODE_SOLVERS
+        unit = "function evaluations" if is_ode else "iterations"
+
+        if kind == "d" and record is None:
+            K = atoms.gram()
+            Bm = Bc[0]
+            L = lipschitz_constant(K.detach(), self.lipschitz, iters=atoms.power_iters)[..., None, None]
+            u0 = Bm if self.init == "encode" else torch.zeros_like(Bm)
+            fn = SOLVERS[self.solver][0]
+            if is_ode:
+                opts["grad"] = "unroll" if self.grad == "implicit" else self.grad
+                if self.steps is not None:
+                    opts["t_end"] = self.steps
+            budget = dict(tol=self.tol, max_iter=self.max_iter) if self.steps is None else dict(
+                tol=0.0, max_iter=self.steps if not is_ode else self.max_iter)
+            if self.grad == "implicit":
+                with torch.no_grad():
+                    code, iters = fn(K.detach(), Bm.detach(), weight, L, u0.detach(), **budget, **opts)
+                code = ImplicitLasso.apply(K, Bm, Bm.new_full((1, 1, 1, Bm.shape[-1]), weight), code)
+            else:
+                code, iters = fn(K, Bm, weight, L, u0, **budget, **opts)
+            code = (code,)
+            Kd, Bd = K.detach(), Bm.detach()
+            self.last_stats = LayerStats(self.solver, unit, iters.amax(), (code[0].detach(),),
+                                         lambda: kkt_residual_gram(Kd, Bd, code[0].detach(), weight),
+                                         atoms.reduce)
+        else:
+            init = Bc if self.init == "encode" else "zeros"
+            code, iters = solve_operator(atoms, Bc, weight, self.solver, steps=self.steps, tol=self.tol,
+                                         max_iter=self.max_iter, grad="unroll" if self.grad == "implicit" else self.grad,
+                                         init=init, options=opts, record=record)
+            cd, Bd = tuple(c.detach() for c in code), tuple(b.detach() for b in Bc)
+            self.last_stats = LayerStats(self.solver, unit, iters, cd,
+                                         lambda: kkt_residual_operator(atoms, cd, Bd, weight), atoms.reduce)
+        code = tuple(self.attn_drop(c) for c in code)
+        recon = self._prefix_readout(atoms.decode(code), N)
+        if record is not None:
+            with torch.no_grad():
+                maps = [self._prefix_readout(atoms.decode(c), N).abs().mean((1, 3)) for c in record]
+                self.last_maps = torch.stack(maps, 1) if maps else None
+        return recon
+
+    def _prefix_readout(self, recon, N):
+        if self.dictionary_kind != "s":
+            return recon
+        _, p = self._grid(N)
+        if p == 0:
+            return recon
+        mean = recon[:, :, p:].mean(-2, keepdim=True)
+        return torch.cat([mean.expand(-1, -1, p, -1), recon[:, :, p:]], dim=-2)
+
+    # ------------------------------------------------------------------------------------------
+    def _sparse_official(self, q, v):
+        B, h, N, dh = v.shape
+        m = self.num_features
+        qn = F.normalize(q, dim=-1)
+        phi = torch.exp(qn @ self.rand_matrix.to(q.dtype) - qn.norm(dim=-1, keepdim=True) ** 2 / 2) / m ** 0.5
+        if self.dictionary_kind == "sd":
+            if N != self.kernel.shape[2]:
+                raise ValueError(f"compat='official' with dictionary 'sd' has a fixed-resolution kernel of "
+                                 f"{self.kernel.shape[2]} tokens (image_size={self.image_size}), got N = {N}")
+            phi = torch.cat([phi, self.kernel.to(q.dtype).expand(B, -1, -1, -1)], dim=-1)
+        phi = F.normalize(phi, p=2, dim=-2)
+        K = phi.transpose(-1, -2) @ phi
+        Bm = phi.transpose(-1, -2) @ v
+        L = K.abs().sum(-1).amax(-1).detach()[..., None, None] + 1
+        lam = self.learned_lam.to(q.dtype) * self.lam
+        L = L / self.learned_L.to(q.dtype)
+        Wk = self.learned_k.to(q.dtype)
+        Kw = Wk @ K @ Wk
+        gelu_thr = lambda t, thr: torch.sign(t) * F.gelu(t.abs() - thr)  # noqa: E731
+        u = gelu_thr(Bm, lam)
+        record = [u.detach()] if self.record_maps else None
+        for _ in range(self.steps):
+            u = u - (Kw @ u - Bm) / L
+            u = gelu_thr(u, lam / L)
+            if record is not None:
+                record.append(u.detach())
+        Kd, Bd, ud, lamd = Kw.detach(), Bm.detach(), u.detach(), lam.detach()
+        self.last_stats = LayerStats("ista", "iterations", torch.tensor(self.steps), (ud,),
+                                     lambda: kkt_residual_gram(Kd, Bd, ud, lamd), lambda i, t, op="sum": t.sum(-2))
+        u = self.attn_drop(u)
+        if record is not None:
+            with torch.no_grad():
+                self.last_maps = torch.stack([(phi @ c).abs().mean((1, 3)) for c in record[1:]], 1)
+        return phi @ u
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_grid(grid_size):
+    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in grid_size)):
+        raise ValueError(f"grid_size must be a pair of positive integers (H, W) or None, got {grid_size!r}")
+    return tuple(grid_size)
+
+
+def replace_attention(model: nn.Module, **layer_kwargs) -> nn.Module:
+    """Swap every timm ``Attention`` in ``model`` for a :class:`VARSLayer` of the same width and heads.
+
+    The query and value rows of timm's ``qkv`` (rows ``0:C`` and ``2C:3C``), ``proj``, ``q_norm`` and
+    ``norm`` are copied where the shapes allow; the key rows are dropped (keys are tied to queries).
+    ``num_prefix_tokens`` defaults to the model's own. Returns ``model`` (modified in place).
+    """
+    from timm.layers import Attention
+
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Attention)]
+    if "num_prefix_tokens" not in layer_kwargs and hasattr(model, "num_prefix_tokens"):
+        layer_kwargs["num_prefix_tokens"] = int(model.num_prefix_tokens)
+    for name, old in targets:
+        C = old.qkv.in_features
+        if old.attn_dim != C:
+            raise ValueError(f"{name}: attention width {old.attn_dim} differs from the model width {C}; "
+                             "VARSLayer needs attn_head_dim = dim // num_heads")
+        w = old.qkv.weight
+        kw = dict(num_heads=old.num_heads, qkv_bias=old.qkv.bias is not None,
+                  qk_norm=not isinstance(old.q_norm, nn.Identity), scale_norm=not isinstance(old.norm, nn.Identity),
+                  proj_bias=old.proj.bias is not None, dim_out=old.proj.out_features,
+                  attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p, device=w.device, dtype=w.dtype)
+        if kw["qk_norm"] or kw["scale_norm"]:
+            kw["norm_layer"] = type(old.q_norm if kw["qk_norm"] else old.norm)
+        kw.update(layer_kwargs)
+        new = VARSLayer(C, **kw)
+        with torch.no_grad():
+            if hasattr(new, "qkv"):
+                new.qkv.weight.copy_(torch.cat([w[:C], w[2 * C:]]))
+                if new.qkv.bias is not None and old.qkv.bias is not None:
+                    new.qkv.bias.copy_(torch.cat([old.qkv.bias[:C], old.qkv.bias[2 * C:]]))
+            else:
+                new.v.weight.copy_(w[2 * C:])
+                if new.v.bias is not None and old.qkv.bias is not None:
+                    new.v.bias.copy_(old.qkv.bias[2 * C:])
+            _copy_matching(new.proj, old.proj)
+            _copy_matching(new.q_norm, old.q_norm)
+            _copy_matching(new.norm, old.norm)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def _copy_matching(dst: nn.Module, src: nn.Module):
+    sd, dd = src.state_dict(), dst.state_dict()
+    for k, t in sd.items():
+        if k in dd and dd[k].shape == t.shape:
+            dd[k].copy_(t)
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, images: torch.Tensor) -> dict:
+    """Per block and per solver iteration, the attention map of every :class:`VARSLayer` in ``model``.
+
+    Runs ``model(images)`` once with recording switched on (and restores the flags). The map of an
+    iterate ``u_t`` is ``mean over heads and channels of |P u_t|`` at each token, i.e. how strongly
+    the current sparse reconstruction uses each token (paper Figs. 3, 5, 7).
+
+    Returns:
+        ``{module name: tensor (B, T, N)}`` with ``T`` the recorded iterations (ISTA / FISTA
+        iterations, or unit time steps of an ODE solve; for ``compat="official"`` the code after each
+        of its steps) and ``N`` all tokens, prefix tokens first (drop them and reshape to the grid to plot).
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, VARSLayer)}
+    if not layers:
+        raise ValueError("model contains no VARSLayer")
+    flags = {name: m.record_maps for name, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.record_maps, m.last_maps = True, None
+        model(images)
+        return {name: m.last_maps for name, m in layers.items() if m.last_maps is not None}
+    finally:
+        for name, m in layers.items():
+            m.record_maps = flags[name]
