@@ -4,7 +4,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("vars", deadline=None, max_examples=12, derandomize=False,
+# "vars" (default) draws the same examples on every run, so CI is reproducible; "explore" draws
+# new ones each run and more of them: HYPOTHESIS_PROFILE=explore python -m pytest
+settings.register_profile("vars", deadline=None, max_examples=12, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, max_examples=60, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vars"))
 

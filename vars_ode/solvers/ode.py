@@ -45,9 +45,10 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
     thr = ws / (alpha * beta)
     if rtol is None:
         # Near a steady state an explicit adaptive method runs at its stability limit and its
-        # iterates wander by about the tolerance, so the tolerance follows `tol` (measured: too
-        # loose stalls above tol, much tighter only costs evaluations; fehlberg2 needs tighter).
-        rtol = min(1e-3, max(tol * RTOL_FACTOR.get(method, 1.0), 1e-12)) if tol > 0 else 1e-3
+        # iterates wander by about the tolerance, so the tolerance follows `tol` (measured: rtol = tol
+        # stalls just above tol, rtol = tol / 10 converges, much tighter only costs evaluations;
+        # fehlberg2 needs tol / 100).
+        rtol = min(1e-3, max(tol * RTOL_FACTOR.get(method, 0.1), 1e-12)) if tol > 0 else 1e-3
     if atol is None:
         atol = rtol * 1e-2
     options = dict(options or {})
