@@ -31,4 +31,4 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("lasso_cpu").main(["--problems", "6", "--d", "20", "--m", "12", "--repeats", "1"])
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5"])
     out = capsys.readouterr().out
-    assert out.count("| vars_ode") == 3 and "| 0.0001 | dopri5 |" in out
+    assert out.count("| vars_ode") == 4 and "| 0.0001 | dopri5 |" in out

@@ -18,26 +18,60 @@ def _residual_from_grad(grad, u, w):
     return torch.where(u != 0, on, off).amax(dim=-2, keepdim=True)
 
 
+def _soft_fast(v, thr):
+    # sign(v) * max(|v| - thr, 0) as v - clamp(v, -thr, thr): two element-wise kernels
+    return v - torch.clamp(v, -thr, thr) if isinstance(thr, torch.Tensor) and thr.dim() else _soft(v, thr)
+
+
+class _Freezer:
+    """Per-problem stopping without masking every iteration: at each check, problems whose
+    residual is at or below ``tol`` keep the iterate of that moment; the batch iterates on (a
+    converged problem only moves within its tolerance) until all have stopped or the budget ends."""
+
+    def __init__(self, like, tol, check_every, trace):
+        self.tol, self.check_every, self.trace = tol, max(1, int(check_every)), trace
+        shape = like.shape[:-2] + (1, like.shape[-1])
+        self.done = torch.zeros(shape, dtype=torch.bool, device=like.device)
+        self.iters = torch.zeros(shape, dtype=torch.long, device=like.device)
+        self.kept = like
+
+    def check(self, it, u, grad, w) -> bool:
+        """True when every problem has stopped."""
+        if self.tol <= 0 or it % self.check_every:
+            return False
+        r = _residual_from_grad(grad, u, w)
+        new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
+        self.kept = torch.where(new, u, self.kept)
+        self.iters = torch.where(new, torch.full_like(self.iters, it), self.iters)
+        self.done = self.done | new
+        if self.trace is not None:
+            self.trace.append((it, float(torch.where(self.done, torch.zeros_like(r), r).amax())))
+        return bool(self.done.all())
+
+    def result(self, u, it):
+        if self.tol <= 0:
+            return u, torch.full_like(self.iters, it)
+        iters = torch.where(self.done, self.iters, torch.full_like(self.iters, it))
+        return torch.where(self.done, self.kept, u), iters
+
+
 def ista(K, B, w, L, init, *, tol, max_iter, check_every=1, trace=None, **unused):
-    """Eq. 12: ``u <- S_{w/L}(u - (K u - B) / L)``. Returns ``(code, iterations)``."""
+    """Eq. 12: ``u <- S_{w/L}(u - (K u - B) / L)``. Returns ``(code, iterations)``.
+
+    With ``tol > 0`` the KKT residual is checked every ``check_every`` iterations (it costs a few
+    element-wise operations; the product ``K u`` is shared with the step)."""
     _reject(unused, "ista", ("check_every",))
     u = init
     step = 1.0 / L
-    active = torch.ones(B.shape[:-2] + (1, B.shape[-1]), dtype=torch.bool, device=B.device)
-    iters = torch.zeros(active.shape, dtype=torch.long, device=B.device)
-    for it in range(max_iter):
+    thr = w * step
+    fr = _Freezer(B, tol, check_every, trace)
+    it = 0
+    for it in range(max_iter + 1):
         grad = K @ u - B
-        if tol > 0 and it % check_every == 0:
-            r = _residual_from_grad(grad, u, w)
-            active = active & (r > tol) & torch.isfinite(r)
-            if trace is not None:
-                trace.append((it, float(r.amax())))
-            if not bool(active.any()):
-                break
-        u_next = _soft(u - step * grad, w * step)
-        u = torch.where(active, u_next, u) if tol > 0 else u_next
-        iters = iters + active
-    return u, iters
+        if fr.check(it, u, grad, w) or it == max_iter:
+            break
+        u = _soft_fast(u - step * grad, thr)
+    return fr.result(u, it)
 
 
 def fista(K, B, w, L, init, *, tol, max_iter, check_every=1, restart=True, trace=None, **unused):
@@ -46,38 +80,29 @@ def fista(K, B, w, L, init, *, tol, max_iter, check_every=1, restart=True, trace
     _reject(unused, "fista", ("check_every", "restart"))
     u = init
     step = 1.0 / L
+    thr = w * step
     Ku = K @ u
     y, Ky = u, Ku
     t = torch.ones(B.shape[:-2] + (1, B.shape[-1]), dtype=B.dtype, device=B.device)
-    active = torch.ones(t.shape, dtype=torch.bool, device=B.device)
-    iters = torch.zeros(t.shape, dtype=torch.long, device=B.device)
-    for it in range(max_iter):
-        if tol > 0 and it % check_every == 0:
-            r = _residual_from_grad(Ku - B, u, w)
-            active = active & (r > tol) & torch.isfinite(r)
-            if trace is not None:
-                trace.append((it, float(r.amax())))
-            if not bool(active.any()):
-                break
-        u_next = _soft(y - step * (Ky - B), w * step)
+    fr = _Freezer(B, tol, check_every, trace)
+    it = 0
+    for it in range(max_iter + 1):
+        if fr.check(it, u, Ku - B, w) or it == max_iter:
+            break
+        u_next = _soft_fast(y - step * (Ky - B), thr)
         Ku_next = K @ u_next
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
         beta = (t - 1) / t_next
+        diff = u_next - u
         if restart:
             # restart the momentum where it points uphill: (y - u_next) . (u_next - u) > 0
-            bad = ((y - u_next) * (u_next - u)).sum(-2, keepdim=True) > 0
+            bad = ((y - u_next) * diff).sum(-2, keepdim=True) > 0
             beta = torch.where(bad, torch.zeros_like(beta), beta)
             t_next = torch.where(bad, torch.ones_like(t_next), t_next)
-        y_next = u_next + beta * (u_next - u)
-        Ky_next = Ku_next + beta * (Ku_next - Ku)
-        if tol > 0:
-            u, Ku = torch.where(active, u_next, u), torch.where(active, Ku_next, Ku)
-            y, Ky = torch.where(active, y_next, y), torch.where(active, Ky_next, Ky)
-            t = torch.where(active, t_next, t)
-        else:
-            u, Ku, y, Ky, t = u_next, Ku_next, y_next, Ky_next, t_next
-        iters = iters + active
-    return u, iters
+        y = u_next + beta * diff
+        Ky = Ku_next + beta * (Ku_next - Ku)
+        u, Ku, t = u_next, Ku_next, t_next
+    return fr.result(u, it)
 
 
 def _reject(unused, solver, known):
@@ -85,12 +110,12 @@ def _reject(unused, solver, known):
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {solver!r}; valid options: {sorted(known)}")
 
 
-def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=16, trace=None, **unused):
+def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, **unused):
     """FISTA with Newton polishing on the active set, for solutions to machine precision.
 
     Chunks of FISTA iterations (``first_chunk``, then doubling) alternate with a polish step: on
-    the current support ``S`` with signs ``s``, solve ``K_SS u_S = b_S - w s_S`` (one batched dense
-    solve, a different support per problem). A problem takes the polished point when its KKT
+    the current support ``S`` with signs ``s``, solve ``K_SS u_S = b_S - w s_S`` (a batched Cholesky
+    solve, one support per unfinished problem). A problem takes the polished point when its KKT
     residual is at or below ``tol``, which happens as soon as FISTA has found the support and signs;
     the others continue with FISTA. ``max_iter`` bounds the FISTA iterations; polish steps count
     as one iteration each. Returns ``(code, iterations)``.
@@ -98,8 +123,6 @@ def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=16, trace=None, *
     _reject(unused, "active_set", ("first_chunk",))
     if tol <= 0:
         raise ValueError("tol must be positive for solver 'active_set' (it stops on the KKT residual)")
-    m = K.shape[-1]
-    eye = torch.eye(m, dtype=K.dtype, device=K.device)
     u = init
     iters = torch.zeros(B.shape[:-2] + (1, B.shape[-1]), dtype=torch.long, device=B.device)
     spent, chunk = 0, int(first_chunk)
@@ -114,19 +137,31 @@ def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=16, trace=None, *
             trace.append((spent, float(r.amax())))
         if not bool(todo.any()):
             break
-        # Newton step on the support of every unfinished problem (batched over columns)
-        D = (u != 0).to(K.dtype)
-        Dt = D.transpose(-1, -2).unsqueeze(-1)  # (..., k, m, 1)
-        M = Dt * K.unsqueeze(-3) * Dt.transpose(-1, -2) + (1 - Dt) * eye
-        rhs = (D * (B - w * torch.sign(u))).transpose(-1, -2).unsqueeze(-1)
-        sol, info = torch.linalg.solve_ex(M, rhs)
-        cand = D * sol.squeeze(-1).transpose(-1, -2)
-        ok_solve = (info == 0).unsqueeze(-2)
+        cand = _polish(K, B, w, u)
         rc = _residual_from_grad(K @ cand - B, cand, w)
-        take = todo & ok_solve & (rc <= tol) & torch.isfinite(rc)
+        take = todo & (rc <= tol)
         u = torch.where(take, cand, u)
         iters = iters + todo
         if not bool((todo & ~take).any()):
             break
         chunk *= 2
     return u, iters
+
+
+def _polish(K, B, w, u):
+    """Solve ``K_SS v_S = b_S - w sign(u_S)`` on each column's support ``S``; ``v`` is zero off ``S``.
+
+    The system of a column is ``D K D + (I - D)`` with ``D`` its support mask: symmetric positive
+    definite when ``K_SS`` is, so a batched Cholesky factorisation serves every column at once.
+    Columns whose factorisation fails come back unchanged.
+    """
+    m = K.shape[-1]
+    D = (u != 0).to(K.dtype)
+    Dt = D.transpose(-1, -2)  # (..., k, m)
+    M = K.unsqueeze(-3) * Dt.unsqueeze(-1) * Dt.unsqueeze(-2)
+    M.diagonal(dim1=-2, dim2=-1).add_(1 - Dt)
+    rhs = (D * (B - w * torch.sign(u))).transpose(-1, -2).unsqueeze(-1)
+    C, info = torch.linalg.cholesky_ex(M)
+    sol = torch.cholesky_solve(rhs, C).squeeze(-1).transpose(-1, -2)
+    ok = (info == 0).unsqueeze(-2)
+    return torch.where(ok & torch.isfinite(sol), D * sol, u)
