@@ -31,7 +31,6 @@ of (seed, epoch, rank) only.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import math
@@ -47,6 +46,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from vars_ode.robustness.cli import parse_kwargs  # noqa: E402
 from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError,  # noqa: E402
                                  NormalizedModel, TensorImageDataset, autocast, check_image_folder,
                                  check_train_val_root, create_model, evaluate, fashion_mnist_c, fgsm_attack,
@@ -142,16 +142,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, k, v)
     if args.input_size is None:
         args.input_size = DEFAULT_INPUT_SIZE[args.data_set]
-    kw = {}
-    for item in args.model_kwargs:
-        if "=" not in item:
-            raise ValueError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            kw[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            kw[k] = v
-    args.model_kwargs_dict = kw
+    args.model_kwargs_dict = parse_kwargs(args.model_kwargs)
     if args.ce_baseline is None:
         args.ce_baseline = "alexnet" if args.data_set == "imagenet" else "none"
     return args

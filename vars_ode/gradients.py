@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import support_system
+
 GRAD_MODES = ("unroll", "implicit", "adjoint")
 IMPLICIT_SOLVES = ("direct", "cg")
 
@@ -66,10 +68,7 @@ class ImplicitLasso(torch.autograd.Function):
         if ctx.method == "cg":
             V = _cg(K, D, rhs, ctx.cg_iters, tol=torch.finfo(G.dtype).eps * float(rhs.abs().max().clamp_min(1)))
         else:
-            m = K.shape[-1]
-            eye = torch.eye(m, dtype=K.dtype, device=K.device)
-            Dt = D.transpose(-1, -2).unsqueeze(-1)  # (..., k, m, 1)
-            M = Dt * K.unsqueeze(-3) * Dt.transpose(-1, -2) + (1 - Dt) * eye
+            M = support_system(K, D)
             r = rhs.transpose(-1, -2).unsqueeze(-1)
             sol, info = torch.linalg.solve_ex(M, r)
             if bool((info != 0).any()):

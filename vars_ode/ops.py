@@ -142,3 +142,15 @@ def lipschitz_constant(K: torch.Tensor, method: str = "eigvalsh", *, iters: int 
         v = (K @ v.unsqueeze(-1)).squeeze(-1)
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(K.dtype).tiny)
     return ((K @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)
+
+
+def support_system(K: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``D_j K D_j + (I - D_j)`` for every column ``j`` of a support mask: the linear system of the
+    LASSO restricted to each problem's active set (identity off it).
+
+    ``K``: ``(..., m, m)``; ``mask``: ``(..., m, k)`` (non-zero where active). Returns ``(..., k, m, m)``.
+    """
+    Dt = mask.to(K.dtype).transpose(-1, -2)  # (..., k, m)
+    M = K.unsqueeze(-3) * Dt.unsqueeze(-1) * Dt.unsqueeze(-2)
+    M.diagonal(dim1=-2, dim2=-1).add_(1 - Dt)
+    return M

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import _soft
+from ..ops import _soft, support_system
 
 
 def _residual_from_grad(grad, u, w):
@@ -155,11 +155,8 @@ def _polish(K, B, w, u):
     definite when ``K_SS`` is, so a batched Cholesky factorisation serves every column at once.
     Columns whose factorisation fails come back unchanged.
     """
-    m = K.shape[-1]
     D = (u != 0).to(K.dtype)
-    Dt = D.transpose(-1, -2)  # (..., k, m)
-    M = K.unsqueeze(-3) * Dt.unsqueeze(-1) * Dt.unsqueeze(-2)
-    M.diagonal(dim1=-2, dim2=-1).add_(1 - Dt)
+    M = support_system(K, D)
     rhs = (D * (B - w * torch.sign(u))).transpose(-1, -2).unsqueeze(-1)
     C, info = torch.linalg.cholesky_ex(M)
     sol = torch.cholesky_solve(rhs, C).squeeze(-1).transpose(-1, -2)
