@@ -229,6 +229,22 @@ def test_timm_create_model(dictionary):
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("solver", sorted(__import__("vars_ode").SOLVERS))
+def test_timm_create_model_with_every_solver(solver):
+    import timm
+    torch.manual_seed(12)
+    for dictionary in DICTS:
+        if solver == "active_set" and dictionary != "d":
+            with pytest.raises(ValueError, match="active_set"):
+                VARSLayer(16, 2, dictionary=dictionary, solver=solver, steps=2)(torch.randn(1, 5, 16))
+            continue
+        attn = VARSLayer.configure(dictionary=dictionary, solver=solver, steps=2, kernel_size=3)
+        model = timm.create_model("deit_tiny_patch16_224", attn_layer=attn, pretrained=False, img_size=32,
+                                  depth=1, num_classes=3)
+        logits = model(torch.randn(2, 3, 32, 32))
+        assert logits.shape == (2, 3) and torch.isfinite(logits).all(), (solver, dictionary)
+
+
 def test_configure_and_replace_attention():
     timm = pytest.importorskip("timm")
     with pytest.raises(ValueError, match="bogus"):

@@ -528,6 +528,9 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
 
     check_choice("solver", solver, SOLVERS)
     check_choice("grad", grad, OPERATOR_GRAD_MODES)
+    if solver == "active_set":
+        raise ValueError("solver 'active_set' needs the Gram matrix, which the static and union dictionaries "
+                         "never form (they run in operator form); use 'ista', 'fista' or an ODE solver")
     is_ode = solver not in ("ista", "fista")
     if grad == "adjoint" and not is_ode:
         raise ValueError(f"grad='adjoint' needs an ODE solver, got solver={solver!r}")
@@ -602,6 +605,8 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         ode_opts.setdefault("step_size", 0.1 if solver == "explicit_adams" else DEFAULT_STEP_SIZE)
     if solver in ADAMS:
         ode_opts.setdefault("max_order", 4)
+    if solver == "scipy_solver":
+        ode_opts.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory
     thr = _tmap(lambda w, Li: w / Li / (alpha * beta_), ws, Ls)
     kw = dict(rtol=rtol, atol=atol, method=solver, options=ode_opts)
 

@@ -118,11 +118,17 @@ def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, *
     solve, one support per unfinished problem). A problem takes the polished point when its KKT
     residual is at or below ``tol``, which happens as soon as FISTA has found the support and signs;
     the others continue with FISTA. ``max_iter`` bounds the FISTA iterations; polish steps count
-    as one iteration each. Returns ``(code, iterations)``.
+    as one iteration each. With ``tol = 0``: ``max_iter`` FISTA iterations and one polish step.
+    Returns ``(code, iterations)``.
     """
     _reject(unused, "active_set", ("first_chunk",))
     if tol <= 0:
-        raise ValueError("tol must be positive for solver 'active_set' (it stops on the KKT residual)")
+        # fixed budget (an attention layer's `steps`): FISTA, then one Newton step on the support
+        # found, kept where it lowers the KKT residual; no host synchronisation
+        u, iters = fista(K, B, w, L, init, tol=0, max_iter=max_iter)
+        cand = _polish(K, B, w, u)
+        better = _residual_from_grad(K @ cand - B, cand, w) < _residual_from_grad(K @ u - B, u, w)
+        return torch.where(better, cand, u), iters + 1
     u = init
     iters = torch.zeros(B.shape[:-2] + (1, B.shape[-1]), dtype=torch.long, device=B.device)
     spent, chunk = 0, int(first_chunk)

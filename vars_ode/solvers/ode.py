@@ -58,7 +58,7 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
         # torchdiffeq's default order (12) has a tiny stability region: it diverges here
         options.setdefault("max_order", 4)
     if method == "scipy_solver":
-        options.setdefault("solver", "LSODA")
+        options.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory for a layer
     f = GramVARSDynamics(Ks, Bs, thr, alpha, beta, gamma)
     state = f.initial_state(init)
 
