@@ -154,7 +154,7 @@ def test_union_adjoint_and_lipschitz():
 
 
 def test_operator_solver_matches_sklearn_lasso():
-    sklearn = pytest.importorskip("sklearn.linear_model")
+    import sklearn.linear_model as sklearn
     torch.manual_seed(6)
     h, dh, r, H, W = 1, 2, 2, 4, 4
     sd = StaticDictionary(h * dh, h, atoms_per_channel=r, kernel_size=3).double()

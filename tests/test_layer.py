@@ -218,7 +218,7 @@ def test_solver_swap_after_training():
 
 @pytest.mark.parametrize("dictionary", DICTS)
 def test_timm_create_model(dictionary):
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(10)
     attn = VARSLayer.configure(dictionary=dictionary, solver="dopri5" if dictionary == "d" else "ista",
                                kernel_size=3)
@@ -246,7 +246,7 @@ def test_timm_create_model_with_every_solver(solver):
 
 
 def test_configure_and_replace_attention():
-    timm = pytest.importorskip("timm")
+    import timm
     with pytest.raises(ValueError, match="bogus"):
         VARSLayer.configure(bogus=1)
     sub = VARSLayer.configure(dictionary="d").configure(steps=2)

@@ -1,20 +1,17 @@
 """Host models: timm registration, every host x attention, Table 2 parameter counts, Performer against
 the official quadratic formula, and official-checkpoint loading."""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-timm = pytest.importorskip("timm")
+import timm  # noqa: E402
 
 import vars_ode  # noqa: E402  (registers the entrypoints)
 from vars_ode.models import (ATTENTIONS, MODEL_NAMES, ConvEmbedding, ConvPatchEmbed, PerformerAttention,  # noqa: E402
                              load_official_checkpoint)
 
-HAS_LAYER = os.path.exists(os.path.join(os.path.dirname(vars_ode.__file__), "layer.py"))
-needs_layer = pytest.mark.skipif(not HAS_LAYER, reason="vars_ode/layer.py (VARSLayer) not present")
 
 HOST_ATTENTIONS = [(name, att) for name in MODEL_NAMES
                    for att in ATTENTIONS + (("gfnet",) if name == "vars_gfnet_tiny" else ())]
@@ -42,10 +39,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _requires_layer(att):
-    return att.startswith("vars_")
-
-
 def test_entrypoints_registered_with_timm():
     names = set(timm.list_models("vars_*"))
     assert set(MODEL_NAMES) <= names
@@ -56,8 +49,6 @@ def test_entrypoints_registered_with_timm():
 
 @pytest.mark.parametrize("name,attention", HOST_ATTENTIONS)
 def test_every_host_and_attention_builds_and_trains(name, attention):
-    if _requires_layer(attention) and not HAS_LAYER:
-        pytest.skip("VARSLayer not present")
     torch.manual_seed(0)
     model = timm.create_model(name, attention=attention, num_classes=5, img_size=32, in_chans=2, **SHALLOW[name])
     assert model.pretrained_cfg["architecture"] == name
@@ -80,14 +71,11 @@ def _count(name, attention, **kw):
 
 @pytest.mark.parametrize("name,attention", sorted(TABLE2_PARAMS))
 def test_parameter_counts_match_table2(name, attention):
-    if _requires_layer(attention) and not HAS_LAYER:
-        pytest.skip("VARSLayer not present")
     paper = TABLE2_PARAMS[(name, attention)]
     ours = _count(name, attention)
     assert abs(ours / paper - 1) <= 0.15, f"{name} {attention}: {ours:.2f}M vs paper {paper}M"
 
 
-@needs_layer
 @pytest.mark.parametrize("attention", ["vars_d", "vars_sd"])
 def test_official_rvt_parameter_counts_match_table2(attention):
     ours = _count("vars_rvt_tiny", attention, compat="official")
@@ -117,7 +105,6 @@ def test_layer_keywords_for_softmax_attention_are_rejected():
         timm.create_model("vars_deit_tiny", attention="self", lam=0.1, img_size=32, num_classes=3, depth=1)
 
 
-@needs_layer
 def test_layer_keywords_reach_every_vars_layer():
     from vars_ode.layer import VARSLayer
 
@@ -268,7 +255,6 @@ def _official_checkpoint(attention, img_size=32, num_classes=4, seed=123):
     return {"model": {"module." + k: v for k, v in sd.items()}, "epoch": 299, "args": None}
 
 
-@needs_layer
 @pytest.mark.parametrize("attention", ["vars_d", "vars_sd"])
 def test_official_key_names_and_shapes(attention):
     for img_size in (32, 224):
@@ -278,7 +264,6 @@ def test_official_key_names_and_shapes(attention):
         assert ours == official_rvt_tiny_shapes(attention, img_size)
 
 
-@needs_layer
 @pytest.mark.parametrize("attention", ["vars_d", "vars_sd"])
 def test_official_checkpoint_round_trip(attention, tmp_path):
     ckpt = _official_checkpoint(attention)
@@ -306,7 +291,6 @@ def test_official_checkpoint_round_trip(attention, tmp_path):
         assert torch.equal(d(x), la)
 
 
-@needs_layer
 def test_mismatched_checkpoint_names_keys_and_shapes():
     ckpt = _official_checkpoint("vars_d")
     sd = ckpt["model"]
@@ -386,7 +370,6 @@ def _official_rvt_forward(sd, x, attention, lam, num_step):
     return F.linear(feat, sd["head.weight"], sd["head.bias"])
 
 
-@needs_layer
 @pytest.mark.parametrize("attention", ["vars_d", "vars_sd"])
 def test_official_checkpoint_gives_the_official_logits(attention):
     ckpt = _official_checkpoint(attention, img_size=64, seed=7)
@@ -403,7 +386,6 @@ def test_official_checkpoint_gives_the_official_logits(attention):
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
 
 
-@needs_layer
 def test_official_static_atoms_need_a_square_grid_without_prefix_tokens():
     with pytest.raises(ValueError, match="no prefix tokens"):
         timm.create_model("vars_deit_tiny", attention="vars_sd", compat="official", img_size=32, depth=1)

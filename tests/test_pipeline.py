@@ -224,8 +224,7 @@ def test_vars_options_on_plain_timm_model_give_clear_error(data, tmp_path):
 def test_registered_vars_model_trains(data, tmp_path):
     import timm
     import vars_ode  # noqa: F401  registers the VARS hosts
-    if not timm.is_model("vars_deit_tiny"):
-        pytest.skip("vars_deit_tiny is not registered yet (vars_ode/models)")
+    assert timm.is_model("vars_deit_tiny"), "import vars_ode must register vars_deit_tiny"
     r = run("train_imagenet.py", "--model", "vars_deit_tiny", "--attention", "vars_sd", "--lam", "0.3", "--num_step", "2",
             "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1", "num_heads=2", "--input-size", "16",
             "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "4", "--data-path",
