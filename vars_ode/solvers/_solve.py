@@ -22,10 +22,12 @@ SOLVERS = {
 }
 ODE_SOLVERS = tuple(ode.ODE_METHODS)
 INITS = ("zeros", "encode")
+DEFAULT_MAX_ITER = 10_000  #: ista / fista / active_set iterations
+DEFAULT_MAX_EVALS = 1_000_000  #: vector-field evaluations for ODE solvers
 
 
 def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: float = 1e-6,
-          max_iter: int = 10_000, grad: str = "unroll", convention: str = "eq10",
+          max_iter: int | None = None, grad: str = "unroll", convention: str = "eq10",
           lipschitz: str = "eigvalsh", init="zeros", implicit_solve: str = "direct", **options) -> Solution:
     """Solve ``min_u 0.5 ||P u - x||^2 + w ||u||_1`` (Eq. 10; ``w = lam``, or ``2 lam`` under
     ``convention="eq22"``) for every problem, with any solver in :data:`SOLVERS`.
@@ -38,8 +40,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady state.
         tol: KKT residual at which a problem counts as converged and is frozen; ``0`` runs the whole
             budget (no early stop, no host synchronisation in ista / fista).
-        max_iter: iterations for ista / fista; function evaluations for ODE solvers (checked between
-            integration windows).
+        max_iter: iterations for ista / fista / active_set (default 10,000); function evaluations for
+            ODE solvers (default 1,000,000; checked between integration windows). The coupled ODE
+            needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
         lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
             float or a tensor broadcastable to ``P``'s leading dimensions).
@@ -111,7 +114,7 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
 
 
 def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, tol: float = 1e-6,
-               max_iter: int = 10_000, grad: str = "unroll", convention: str = "eq10",
+               max_iter: int | None = None, grad: str = "unroll", convention: str = "eq10",
                lipschitz: str = "eigvalsh", init="zeros", xnorm2=None, implicit_solve: str = "direct",
                L=None, **options) -> Solution:
     """Gram-form entry: solve ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` for every column ``b`` of ``B``.
@@ -161,6 +164,8 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
                          "use grad='unroll' or 'implicit' with ista / fista")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    if max_iter is None:
+        max_iter = DEFAULT_MAX_EVALS if solver in ODE_SOLVERS else DEFAULT_MAX_ITER
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if K.dtype != B.dtype or K.dtype not in FLOAT_DTYPES:
