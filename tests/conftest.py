@@ -26,3 +26,13 @@ def make_problem(seed: int, d: int, m: int, dtype=torch.float64, batch=()):
 @pytest.fixture
 def problem():
     return make_problem(0, 20, 12)
+
+
+@pytest.fixture
+def one_thread():
+    """For files of tiny problems: intra-op threads only add synchronisation (badly so on a loaded
+    machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

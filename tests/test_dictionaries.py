@@ -14,13 +14,7 @@ from vars_ode.dictionaries import (DynamicDictionary, StaticDictionary, UnionDic
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

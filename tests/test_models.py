@@ -29,14 +29,7 @@ TABLE2_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small kernels: one intra-op thread is faster (and steadier on a shared
-    machine) than two spinning ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_entrypoints_registered_with_timm():
