@@ -46,7 +46,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vars_ode.robustness.cli import parse_kwargs  # noqa: E402
+from vars_ode.robustness.cli import parse_kwargs, run_cli  # noqa: E402
 from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError,  # noqa: E402
                                  NormalizedModel, TensorImageDataset, autocast, check_image_folder,
                                  check_train_val_root, create_model, evaluate, fashion_mnist_c, fgsm_attack,
@@ -620,13 +620,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except ValueError as e:
-        if "model" in str(e) or "--" in str(e):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    run_cli(main)
