@@ -1,7 +1,7 @@
 """CPU speed of VARSLayer against timm's Attention, forward + backward, measured in one process.
 
 DeiT-Ti width: dim 192, 3 heads, batch 16, 197 tokens (14 x 14 grid + CLS), fp32. Prints the median of
-``--repeats`` runs per layer and its ratio to timm's ``Attention`` (fused SDPA where torch offers it).
+``--repeats`` interleaved runs per layer and its ratio to timm's ``Attention`` (fused SDPA where torch offers it).
 
     python benchmarks/layer_cpu.py [--repeats 10] [--threads 2]
 """
@@ -17,16 +17,23 @@ from timm.layers import Attention
 from vars_ode import VARSLayer
 
 
-def time_fwd_bwd(layer, x, repeats, warmup=2):
-    times = []
+def fwd_bwd(layer, x):
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    layer(x).sum().backward()
+    return time.perf_counter() - t0
+
+
+def interleaved(layers, x, repeats, warmup=2):
+    """Median seconds per layer; the layers take turns, so drifts of the machine hit all alike."""
+    times = {name: [] for name in layers}
     for i in range(warmup + repeats):
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        layer(x).sum().backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, layer in layers.items():
+            t = fwd_bwd(layer, x)
+            if i >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -38,6 +45,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", default="d,sd", help="comma-separated VARS dictionaries to time (s, d, sd)")
+    ap.add_argument("--unfused", action="store_true", help="also time VARS-D with fused=False (the generic path)")
     ap.add_argument("--kernel-size", type=int, default=None, help="static template size (default: the layer's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -48,14 +56,17 @@ def main(argv=None):
         extra = {} if args.kernel_size is None else {"kernel_size": args.kernel_size}
         layers[f"VARS-{d.upper()} ista 3"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
                                                        qkv_bias=True, **extra)
+        if d == "d" and args.unfused:
+            layers["VARS-D ista 3 unfused"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
+                                                        qkv_bias=True, fused=False)
     print(f"CPU fwd+bwd, fp32, dim {args.dim}, {args.heads} heads, batch {args.batch}, {args.tokens} tokens, "
-          f"{args.threads} threads, median of {args.repeats}")
-    base = None
-    print(f"{'layer':<22}{'ms':>10}{'ratio':>10}")
-    for name, layer in layers.items():
-        ms = 1e3 * time_fwd_bwd(layer, x, args.repeats)
-        base = base or ms
-        print(f"{name:<22}{ms:>10.1f}{ms / base:>10.2f}")
+          f"{args.threads} threads, median of {args.repeats} interleaved runs")
+    res = interleaved(layers, x, args.repeats)
+    base = res["timm Attention"]
+    print(f"{'layer':<26}{'ms':>10}{'ratio':>10}")
+    for name, sec in res.items():
+        print(f"{name:<26}{1e3 * sec:>10.1f}{sec / base:>10.2f}")
+    return res
 
 
 if __name__ == "__main__":

@@ -447,6 +447,57 @@ class UnionDictionary(nn.Module):
         return UnionAtoms(self.dynamic.bind(q), self.static.bind(grid, num_prefix_tokens, dtype=dtype))
 
 
+class DenseStaticDictionary(nn.Module):
+    """Learned static atoms over the token grid, shared by the channels of a head (the official VARS-SD's
+    static part): ``m_s`` atoms per head, each a free map over an ``H0 x W0`` grid.
+
+    Unlike the convolutional templates of :class:`StaticDictionary` (``r`` per channel at every grid
+    position), these atoms are few and shared, so a dictionary that includes them keeps the small
+    Gram form of the dynamic one: ``K`` is ``(m + m_s) x (m + m_s)`` per head, and the layer solves it
+    like VARS-D. On another grid the atoms are resampled bilinearly; they are zero at prefix tokens.
+
+    Arguments:
+        num_heads: ``h``; num_atoms: ``m_s``; grid: ``(H0, W0)``, the grid the atoms are stored at.
+
+    Parameter ``atoms``: ``(h, H0 * W0, m_s)``, standard Gaussian at initialisation (the column
+    normalisation of the layer makes their scale irrelevant).
+    """
+
+    def __init__(self, num_heads: int, num_atoms: int, grid: tuple, *, device=None, dtype=None):
+        super().__init__()
+        check_positive("num_atoms", num_atoms, integer=True)
+        self.num_heads, self.num_atoms, self.grid = num_heads, num_atoms, tuple(grid)
+        self.atoms = nn.Parameter(torch.randn(num_heads, grid[0] * grid[1], num_atoms, device=device, dtype=dtype))
+
+    def raw(self, grid: tuple, num_prefix_tokens: int = 0) -> torch.Tensor:
+        """``(h, p + H * W, m_s)``: the atoms on an ``H x W`` grid after ``p`` prefix tokens (zero there)."""
+        H, W = grid
+        a = self.atoms
+        if (H, W) != self.grid:
+            h, _, m = a.shape
+            maps = a.transpose(1, 2).reshape(1, h * m, *self.grid)
+            maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
+            a = maps.reshape(h, m, H * W).transpose(1, 2)
+        if num_prefix_tokens:
+            a = F.pad(a, (0, 0, num_prefix_tokens, 0))
+        return a
+
+    def bind(self, grid: tuple, num_prefix_tokens: int = 0, *, batch: int = 1, dynamic_raw=None,
+             lipschitz: str = "power", power_iters: int = 10) -> DynamicAtoms:
+        """Gram-form atoms (a :class:`DynamicAtoms`): these atoms, after ``dynamic_raw`` ``(B, h, N, m)``
+        features when given (the union of VARS-SD)."""
+        raw = self.raw(grid, num_prefix_tokens)
+        if dynamic_raw is not None:
+            B, h, N, _ = dynamic_raw.shape
+            raw = torch.cat([dynamic_raw, raw.to(dynamic_raw.dtype).expand(B, h, N, -1)], -1)
+        else:
+            raw = raw.expand(batch, *raw.shape)
+        return DynamicAtoms(raw, lipschitz=lipschitz, power_iters=power_iters)
+
+    def extra_repr(self):
+        return f"num_heads={self.num_heads}, num_atoms={self.num_atoms}, grid={self.grid}"
+
+
 # ---------------------------------------------------------------------------------------------
 # operator-form solvers
 

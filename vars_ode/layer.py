@@ -21,10 +21,13 @@ For an input ``x`` of shape ``(B, N, C)`` (``h`` heads of ``dh = C / h`` channel
 
 The dynamic dictionary is solved in Gram form (``K = Phi^T Phi``: ``(B, h, m, m)``, ``B = Phi^T V``:
 ``(B, h, m, dh)``) with the core solvers, so the token count enters only the two products that
-form them; the static and union dictionaries are solved in operator form
+form them (and the decoding); with ``steps`` ISTA / FISTA iterations and unrolled gradients (the
+default) the whole solve is one fused autograd node (:mod:`vars_ode.fused`) that keeps no ``N x m``
+tensor for the backward pass. The static and union dictionaries are solved in operator form
 (:func:`vars_ode.dictionaries.solve_operator`). Fixed budgets (``steps`` given) never synchronise
 with the host, except inside torchdiffeq's adaptive step control. Under autocast (bf16 / fp16) the
-sparse coding runs in float32 and only the projections follow autocast.
+iteration runs in float32; the projections, and on the fused path the products over the tokens,
+follow autocast.
 
 Prefix tokens (CLS, distillation, register tokens; ``num_prefix_tokens``, ``"auto"`` infers it from
 a square grid) are not on the token grid. The dynamic atoms cover them like any token. The static
@@ -72,8 +75,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice
-from .dictionaries import (DynamicDictionary, StaticDictionary, UnionDictionary, kkt_residual_operator,
-                           solve_operator)
+from .dictionaries import (DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary,
+                           kkt_residual_operator, solve_operator)
+from .fused import FUSED_SOLVERS, gram_sparse_code
 from .gradients import ImplicitLasso
 from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
 from .solvers import ODE_SOLVERS, SOLVERS
@@ -86,6 +90,7 @@ DICTIONARIES = {
 }
 COMPATS = ("paper", "official")
 RESIDUALS = ("value", "none")
+STATIC_KINDS = ("conv", "dense")
 LAYER_GRAD_MODES = ("unroll", "implicit", "adjoint")
 _DEFAULT = "default"
 
@@ -157,8 +162,16 @@ class VARSLayer(nn.Module):
         lipschitz: ``"power"``, ``"eigvalsh"`` or ``"official"`` for the dynamic ``L``.
         tol, max_iter: for ``steps=None``.
         solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``).
-        image_size: token grid side of the official ``"sd"`` kernel.
+        image_size: token grid side of the official ``"sd"`` kernel and of ``static="dense"`` atoms.
+        static: the static atoms of ``"s"`` / ``"sd"``: ``"conv"`` (the paper's convolutional templates,
+            ``atoms_per_channel`` per channel at every grid position; operator form) or ``"dense"``
+            (``num_static_atoms`` learned maps over the token grid per head, as the official VARS-SD;
+            Gram form, solved like VARS-D; see :class:`vars_ode.dictionaries.DenseStaticDictionary`).
+        num_static_atoms: ``m_s`` for ``static="dense"`` (default ``m``, the number of random features).
         record_maps: record per-iteration attention maps in ``last_maps`` (see :func:`attention_maps`).
+        fused: run the dynamic dictionary with a fixed number of ISTA / FISTA steps and unrolled gradients
+            through :func:`vars_ode.fused.gram_sparse_code` (one autograd node, hand-written backward,
+            no ``N x m`` activation kept); ``False`` takes the generic path (same function, more memory).
 
     After a forward pass, ``last_stats`` (:class:`LayerStats`) describes the solve.
     """
@@ -172,7 +185,8 @@ class VARSLayer(nn.Module):
                  orthogonal_features: bool = False, atoms_per_channel: int = 5, kernel_size: int = 5,
                  padding: str = "zeros", image_size: int = 14, solver_options: dict | None = None,
                  record_maps: bool = False, attn_head_dim: int | None = None, dim_out: int | None = None,
-                 gated: bool = False, **unknown):
+                 gated: bool = False, fused: bool = True, static: str = "conv", num_static_atoms: int | None = None,
+                 **unknown):
         super().__init__()
         if unknown:
             valid = sorted(set(inspect.signature(VARSLayer.__init__).parameters) - {"self", "unknown"})
@@ -192,6 +206,14 @@ class VARSLayer(nn.Module):
             raise ValueError(f"dictionary must be one of {sorted(set(DICTIONARIES))}, got {dictionary!r}")
         self.dictionary_kind = DICTIONARIES[key]
         check_choice("compat", compat, COMPATS)
+        check_choice("static", static, STATIC_KINDS)
+        if static == "dense" and compat == "official":
+            raise ValueError("static='dense' is for compat='paper' (the official 'sd' has its own learned atoms)")
+        if num_static_atoms is not None and not (isinstance(num_static_atoms, int) and num_static_atoms > 0
+                                                 and not isinstance(num_static_atoms, bool)):
+            raise ValueError(f"num_static_atoms must be a positive integer or None, got {num_static_atoms!r}")
+        self.static = static
+        self.gram_form = self.dictionary_kind == "d" or (static == "dense" and compat == "paper")
         check_choice("init", init, ("zeros", "encode"))
         check_choice("lipschitz", lipschitz, ("power", "eigvalsh", "official"))
         check_choice("convention", convention, CONVENTIONS)
@@ -230,6 +252,9 @@ class VARSLayer(nn.Module):
         self.num_prefix_tokens, self.grid_size, self.residual = num_prefix_tokens, grid_size, residual
         self.solver_options = dict(solver_options or {})
         self.record_maps = record_maps
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        self.fused = fused
         self.last_stats: LayerStats | None = None
         self.last_maps: torch.Tensor | None = None
         uses_q = self.dictionary_kind != "s"
@@ -262,7 +287,11 @@ class VARSLayer(nn.Module):
             if uses_q:
                 dyn = DynamicDictionary(num_heads, head_dim, self.num_features, orthogonal=orthogonal_features,
                                         lipschitz=lipschitz, device=device, dtype=dtype)
-            if self.dictionary_kind != "d":
+            if self.dictionary_kind != "d" and static == "dense":
+                self.image_size = image_size
+                st = DenseStaticDictionary(num_heads, num_static_atoms or self.num_features, (image_size, image_size),
+                                           **dd)
+            elif self.dictionary_kind != "d":
                 st = StaticDictionary(dim, num_heads, atoms_per_channel=atoms_per_channel, kernel_size=kernel_size,
                                       padding=padding, **dd)
             self.dictionary = {"d": lambda: dyn, "s": lambda: st, "sd": lambda: UnionDictionary(dyn, st)}[
@@ -330,9 +359,9 @@ class VARSLayer(nn.Module):
             raise ValueError(f"tol must be a non-negative float or None, got {tol!r}")
         if grad == "adjoint" and solver not in ODE_SOLVERS:
             raise ValueError(f"grad='adjoint' needs an ODE solver (one of {list(ODE_SOLVERS)}), got solver={solver!r}")
-        if grad == "implicit" and self.dictionary_kind != "d":
-            raise ValueError(f"grad='implicit' is implemented for dictionary 'd' only, got dictionary "
-                             f"{self.dictionary_kind!r}; use grad='unroll' (or 'adjoint' with an ODE solver)")
+        if grad == "implicit" and not self.gram_form:
+            raise ValueError(f"grad='implicit' is implemented for dictionary 'd' (or static='dense') only, got "
+                             f"dictionary {self.dictionary_kind!r}; use grad='unroll' (or 'adjoint' with an ODE solver)")
         if self.compat == "official":
             if solver != "ista" or grad != "unroll":
                 raise ValueError(f"compat='official' runs the official unrolled ISTA loop: solver must be 'ista' and grad "
@@ -352,7 +381,8 @@ class VARSLayer(nn.Module):
 
     def extra_repr(self):
         return (f"dim={self.dim}, num_heads={self.num_heads}, dictionary={self.dictionary_kind!r}, solver={self.solver!r}, "
-                f"steps={self.steps}, lam={self.lam}, grad={self.grad!r}, compat={self.compat!r}, residual={self.residual!r}")
+                f"steps={self.steps}, lam={self.lam}, grad={self.grad!r}, compat={self.compat!r}, residual={self.residual!r}"
+                + (f", static={self.static!r}" if self.dictionary_kind != "d" else ""))
 
     # ------------------------------------------------------------------------------------------
     def _grid(self, N: int):
@@ -390,19 +420,24 @@ class VARSLayer(nn.Module):
             q = None
             v = self.v(x).reshape(B, N, h, dh).transpose(1, 2)
         else:
-            qv = self.qkv(x).reshape(B, N, 2, h, dh).permute(2, 0, 3, 1, 4)
-            q, v = self.q_norm(qv[0]), qv[1]
+            q, v = self.qkv(x).reshape(B, N, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+            q = self.q_norm(q)
         out_dtype = v.dtype
         dev_type = x.device.type
         autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
         work = torch.float32 if (v.dtype in (torch.float16, torch.bfloat16) or autocast_on) and v.dtype != torch.float64 else v.dtype
         with torch.autocast(device_type=dev_type, enabled=False) if autocast_on else _nullcontext():
-            q = q.to(work) if q is not None else None
-            v = v.to(work)
-            if self.compat == "official":
-                recon = self._sparse_official(q, v)
+            if self.compat == "paper" and self._fusable():
+                # q and v stay in the autocast dtype; the fused node keeps them for its backward pass
+                low = torch.get_autocast_dtype(dev_type) if autocast_on else None
+                recon = self._sparse_fused(q, v, penalty_weight(self.lam, self.convention), low)
             else:
-                recon = self._sparse_paper(q, v, N)
+                q = q.to(work) if q is not None else None
+                v = v.to(work)
+                if self.compat == "official":
+                    recon = self._sparse_official(q, v)
+                else:
+                    recon = self._sparse_paper(q, v, N)
             out = recon + v if self.residual == "value" else recon
         out = out.to(out_dtype).transpose(1, 2).reshape(B, N, C)
         out = self.norm(out)
@@ -412,11 +447,44 @@ class VARSLayer(nn.Module):
         return self.proj_drop(out)
 
     # ------------------------------------------------------------------------------------------
+    def _fusable(self) -> bool:
+        # the fused Gram-form path (vars_ode.fused) covers the dynamic dictionary with a fixed number of
+        # ISTA / FISTA steps and unrolled gradients; everything else takes the generic path
+        return (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps and self.grad == "unroll"
+                and self.solver in FUSED_SOLVERS and isinstance(self.steps, int)
+                and set(self.solver_options) <= ({"restart"} if self.solver == "fista" else set())
+                and not (self.training and self.attn_drop.p > 0))
+
+    def _parts(self):
+        # (dynamic dictionary or None, static dictionary or None)
+        d, kind = self.dictionary, self.dictionary_kind
+        return {"d": (d, None), "s": (None, d), "sd": (getattr(d, "dynamic", None), getattr(d, "static", None))}[kind]
+
+    def _sparse_fused(self, q, v, weight, low):
+        dyn, st = self._parts()
+        static = None
+        if st is not None:
+            grid, p = self._grid(v.shape[-2])
+            static = st.raw(grid, p)
+        recon, code, (Ks, bs, L) = gram_sparse_code(
+            q if dyn is not None else None, v, dyn.rand_matrix if dyn is not None else None, weight,
+            static=static, steps=self.steps, solver=self.solver, restart=self.solver_options.get("restart", True),
+            init=self.init, lipschitz=self.lipschitz, power_iters=10, low_dtype=low)
+        self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=v.device),
+                                     (code,), lambda: kkt_residual_gram(Ks * L, bs * L, code, weight),
+                                     lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
+        return self._prefix_readout(recon.to(v.dtype), v.shape[-2])  # (B, h, N, dh)
+
     def _sparse_paper(self, q, v, N):
         kind = self.dictionary_kind
         weight = penalty_weight(self.lam, self.convention)
         if kind == "d":
             atoms = self.dictionary.bind(q)
+        elif self.gram_form:
+            dyn, st = self._parts()
+            grid, p = self._grid(N)
+            atoms = st.bind(grid, p, batch=v.shape[0], dynamic_raw=dyn.bind(q).raw if dyn is not None else None,
+                            lipschitz=self.lipschitz)
         else:
             grid, p = self._grid(N)
             if kind == "s":
@@ -429,7 +497,7 @@ class VARSLayer(nn.Module):
         is_ode = self.solver in ODE_SOLVERS
         unit = "function evaluations" if is_ode else "iterations"
 
-        if kind == "d" and record is None:
+        if self.gram_form and record is None:
             K = atoms.gram()
             Bm = Bc[0]
             L = lipschitz_constant(K.detach(), self.lipschitz, iters=atoms.power_iters)[..., None, None]

@@ -1,0 +1,216 @@
+"""The fused Gram-form path (vars_ode.fused): the same function and gradients as the generic path and
+as a float64 brute force written out here, the power iteration by squaring, the activation memory it
+keeps, and the dense static atoms (static="dense") it shares with VARS-SD."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vars_ode import VARSLayer
+from vars_ode.fused import _power, gram_sparse_code
+from vars_ode.ops import lipschitz_constant
+
+D64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pair(seed, **kw):
+    torch.manual_seed(seed)
+    fused = VARSLayer(24, 3, qkv_bias=True, **kw).to(D64)
+    generic = VARSLayer(24, 3, qkv_bias=True, fused=False, **kw).to(D64)
+    generic.load_state_dict(fused.state_dict())
+    return fused, generic
+
+
+def run(layer, x):
+    y = layer(x)
+    grads = torch.autograd.grad((y * torch.cos(y)).sum(), [x, *layer.parameters()])
+    return y, grads
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@given(seed=st.integers(0, 10_000), solver=st.sampled_from(["ista", "fista"]), steps=st.integers(1, 4),
+       init=st.sampled_from(["zeros", "encode"]), lipschitz=st.sampled_from(["power", "eigvalsh", "official"]),
+       variant=st.sampled_from(["d", "sd-dense", "s-dense"]), prefix=st.integers(0, 1), side=st.sampled_from([3, 4]))
+def test_fused_matches_generic_path(seed, solver, steps, init, lipschitz, variant, prefix, side):
+    kind, _, static = variant.partition("-")
+    kw = dict(dictionary=kind, solver=solver, steps=steps, init=init, lipschitz=lipschitz, image_size=3,
+              num_prefix_tokens=prefix)
+    if static:
+        kw.update(static=static, num_static_atoms=5)
+    fused, generic = pair(seed, **kw)
+    assert fused._fusable() and not generic._fusable()
+    x = torch.randn(2, prefix + side * side, 24, dtype=D64, requires_grad=True)
+    y1, g1 = run(fused, x)
+    y2, g2 = run(generic, x)
+    assert rel(y1, y2) < 1e-10
+    for a, b in zip(g1, g2):
+        assert rel(a, b) < 1e-9
+    assert torch.allclose(fused.last_stats.residual, generic.last_stats.residual, rtol=1e-8, atol=1e-12)
+    assert int(fused.last_stats.iterations) == steps
+
+
+def test_fused_matches_float64_brute_force():
+    """VARS-D written out with explicit matrices: features, K, exact L, ISTA, decode + v, projection."""
+    torch.manual_seed(3)
+    layer = VARSLayer(12, 2, dictionary="d", solver="ista", steps=4, lipschitz="eigvalsh", lam=0.05).to(D64)
+    x = torch.randn(3, 10, 12, dtype=D64)
+    y = layer(x)
+    B, N, C = x.shape
+    h, dh = 2, 6
+    qv = x @ layer.qkv.weight.T
+    q = qv[..., :C].reshape(B, N, h, dh).transpose(1, 2)
+    v = qv[..., C:].reshape(B, N, h, dh).transpose(1, 2)
+    W = layer.dictionary.rand_matrix.to(D64)
+    qh = q / q.norm(dim=-1, keepdim=True)
+    phi = torch.exp(torch.einsum("bhnd,hdm->bhnm", qh, W) - 0.5) / math.sqrt(W.shape[-1])
+    phi = phi / phi.norm(dim=-2, keepdim=True)
+    out = torch.empty_like(v)
+    for b in range(B):
+        for i in range(h):
+            P = phi[b, i]
+            K = P.T @ P
+            L = torch.linalg.eigvalsh(K)[-1]
+            u = torch.zeros(P.shape[1], dh, dtype=D64)
+            for _ in range(4):
+                z = u - (K @ u - P.T @ v[b, i]) / L
+                u = torch.sign(z) * torch.clamp(z.abs() - 0.05 / L, min=0)
+            out[b, i] = P @ u + v[b, i]
+    ref = out.transpose(1, 2).reshape(B, N, C) @ layer.proj.weight.T + layer.proj.bias
+    assert rel(y, ref) < 1e-11
+
+
+@given(seed=st.integers(0, 10_000), iters=st.integers(1, 20))
+def test_power_by_squaring_is_the_same_iterate(seed, iters):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.rand(2, 3, 30, 9, generator=g, dtype=D64)
+    G = A.transpose(-1, -2) @ A
+    s = torch.rand(2, 3, 9, 1, generator=g, dtype=D64) + 0.5
+    K = G * (s * s.transpose(-1, -2))
+    ref = lipschitz_constant(K, "power", iters=iters)
+    a = _power(G, s, iters, squaring=False).reshape(ref.shape)
+    b = _power(G, s, iters, squaring=True).reshape(ref.shape)
+    assert torch.allclose(a, ref, rtol=1e-12) and torch.allclose(b, ref, rtol=1e-10)
+
+
+def test_gradients_with_static_atoms_against_autograd():
+    """Hand-written backward vs autograd through the same computation written with plain tensor ops
+    (L detached in both, as in the layer)."""
+    from vars_ode.solvers.iterative import fista
+
+    g = torch.Generator().manual_seed(0)
+    B, h, N, dh, m, ms = 2, 2, 7, 3, 4, 3
+    q = torch.randn(B, h, N, dh, generator=g, dtype=D64, requires_grad=True)
+    v = torch.randn(B, h, N, dh, generator=g, dtype=D64, requires_grad=True)
+    S = torch.randn(h, N, ms, generator=g, dtype=D64, requires_grad=True)
+    W = torch.randn(h, dh, m, generator=g, dtype=D64)
+    w = torch.randn(B, h, N, dh, generator=g, dtype=D64)
+    for solver in ("ista", "fista"):
+        out = gram_sparse_code(q, v, W, 0.05, static=S, steps=3, solver=solver, init="encode")[0]
+        got = torch.autograd.grad((out * w).sum(), (q, v, S))
+        phi = torch.exp((q / q.norm(dim=-1, keepdim=True)) @ W)
+        P = torch.cat([phi, S.expand(B, h, N, ms)], -1)
+        P = P / P.norm(dim=-2, keepdim=True)
+        K, b = P.transpose(-1, -2) @ P, P.transpose(-1, -2) @ v
+        L = lipschitz_constant(K.detach(), "power", iters=10)[..., None, None]
+        if solver == "ista":
+            u = b
+            for _ in range(3):
+                z = u - (K @ u - b) / L
+                u = torch.sign(z) * torch.relu(z.abs() - 0.05 / L)
+        else:
+            u, _ = fista(K, b, 0.05, L, b, tol=0, max_iter=3)
+        ref = torch.autograd.grad(((P @ u) * w).sum(), (q, v, S))
+        for a, r in zip(got, ref):
+            assert rel(a, r) < 1e-10
+
+
+def saved_bytes(layer, x):
+    """Bytes of the tensors autograd keeps for the backward pass of one forward (shared storage once)."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return total[0]
+
+
+def test_fused_keeps_no_token_by_feature_tensor():
+    """The fused node keeps q, v and m x m / m x dh iterates; the generic path keeps N x m features too."""
+    torch.manual_seed(0)
+    B, N, C, h = 4, 197, 48, 2
+    x = torch.randn(B, N, C, requires_grad=True)
+    fused = VARSLayer(C, h, dictionary="d", steps=3)
+    generic = VARSLayer(C, h, dictionary="d", steps=3, fused=False)
+    m = fused.num_features
+    nm = B * h * N * m * 4  # one (B, h, N, m) float32 tensor
+    inputs = x.numel() * 4 * 4  # x, q and v (2C), the projection's input
+    f, g = saved_bytes(fused, x), saved_bytes(generic, x)
+    assert f < inputs + nm / 2 + 0.1 * inputs, (f, inputs, nm)  # + G, F^T v and per-atom vectors
+    assert g > f + 2 * nm, (g, f, nm)
+
+
+def test_bf16_autocast_keeps_q_and_v_in_bf16():
+    torch.manual_seed(0)
+    layer = VARSLayer(48, 2, dictionary="d", steps=3)
+    x = torch.randn(2, 65, 48)
+    dtypes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: dtypes.append(t.dtype) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y32 = layer(x)
+    assert rel(y.float(), y32) < 5e-2
+    assert torch.float64 not in dtypes and dtypes.count(torch.bfloat16) >= 2
+
+
+def test_dense_static_atoms_resample_and_train():
+    torch.manual_seed(0)
+    layer = VARSLayer(24, 3, dictionary="sd", static="dense", image_size=4, num_static_atoms=6)
+    assert layer.dictionary.static.atoms.shape == (3, 16, 6)
+    for N in (17, 50):  # the stored 4x4 grid with a CLS token, and a resampled 7x7 grid
+        x = torch.randn(2, N, 24)
+        layer(x).square().sum().backward()
+        assert torch.isfinite(layer.dictionary.static.atoms.grad).all()
+        assert layer.dictionary.static.atoms.grad.abs().sum() > 0
+        layer.zero_grad()
+    raw = layer.dictionary.static.raw((4, 4), 1)
+    assert raw.shape == (3, 17, 6) and raw[:, 0].abs().sum() == 0  # zero at the prefix token
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rand_matrix=None, static=None), "rand_matrix, static or both"),
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(solver="dopri5"), "solver must be one of"),
+    (dict(init="ones"), "init must be"),
+    (dict(static=torch.zeros(3, 5, 2)), "static must have shape"),
+])
+def test_gram_sparse_code_bad_arguments(kwargs, match):
+    q = v = torch.zeros(1, 2, 5, 3)
+    args = dict(rand_matrix=torch.zeros(2, 3, 4), steps=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        gram_sparse_code(q, v, args.pop("rand_matrix"), 0.1, **args)
+
+
+def test_layer_bad_static_arguments():
+    with pytest.raises(ValueError, match="static must be one of"):
+        VARSLayer(24, 3, dictionary="sd", static="fft")
+    with pytest.raises(ValueError, match="num_static_atoms must be a positive integer"):
+        VARSLayer(24, 3, dictionary="sd", static="dense", num_static_atoms=0)
+    with pytest.raises(ValueError, match="static='dense' is for compat='paper'"):
+        VARSLayer(24, 3, dictionary="sd", static="dense", compat="official")
+    with pytest.raises(ValueError, match="fused must be True or False"):
+        VARSLayer(24, 3, dictionary="d", fused=1)
