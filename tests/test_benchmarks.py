@@ -17,7 +17,8 @@ def test_gpu_script_cpu_path(capsys, tmp_path):
     gpu = load("gpu")
     assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "| VARS-D layer fp32 |" in out and "NO |" not in out
+    assert "| VARS-D layer fp32 forward |" in out and "| VARS-SD dense layer fp32 gradients" in out
+    assert "NO |" not in out and "| vars_rvt_tiny train step" in out
     assert (tmp_path / "r.json").exists()
 
 
