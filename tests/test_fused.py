@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vars_ode import VARSLayer
-from vars_ode.fused import _power, gram_sparse_code
+from vars_ode.fused import _power, fused_attention_core, gram_sparse_code
 from vars_ode.ops import lipschitz_constant
 
 D64 = torch.float64
@@ -35,13 +35,16 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+@settings(max_examples=40)
 @given(seed=st.integers(0, 10_000), solver=st.sampled_from(["ista", "fista"]), steps=st.integers(1, 4),
        init=st.sampled_from(["zeros", "encode"]), lipschitz=st.sampled_from(["power", "eigvalsh", "official"]),
-       variant=st.sampled_from(["d", "sd-dense", "s-dense"]), prefix=st.integers(0, 1), side=st.sampled_from([3, 4]))
-def test_fused_matches_generic_path(seed, solver, steps, init, lipschitz, variant, prefix, side):
+       variant=st.sampled_from(["d", "sd-dense", "s-dense"]), prefix=st.integers(0, 1), side=st.sampled_from([3, 4]),
+       lam=st.sampled_from([0.0, 0.05, 0.3]), qk_norm=st.booleans(), residual=st.sampled_from(["value", "none"]))
+def test_fused_matches_generic_path(seed, solver, steps, init, lipschitz, variant, prefix, side, lam, qk_norm,
+                                    residual):
     kind, _, static = variant.partition("-")
     kw = dict(dictionary=kind, solver=solver, steps=steps, init=init, lipschitz=lipschitz, image_size=3,
-              num_prefix_tokens=prefix)
+              num_prefix_tokens=prefix, lam=lam, qk_norm=qk_norm, residual=residual)
     if static:
         kw.update(static=static, num_static_atoms=5)
     fused, generic = pair(seed, **kw)
@@ -131,8 +134,8 @@ def test_gradients_with_static_atoms_against_autograd():
             assert rel(a, r) < 1e-10
 
 
-def saved_bytes(layer, x):
-    """Bytes of the tensors autograd keeps for the backward pass of one forward (shared storage once)."""
+def saved_bytes(fn, *args):
+    """Bytes of the tensors autograd keeps for the backward pass of ``fn(*args)`` (shared storage once)."""
     seen, total = set(), [0]
 
     def pack(t):
@@ -143,23 +146,41 @@ def saved_bytes(layer, x):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
+        fn(*args)
     return total[0]
 
 
-def test_fused_keeps_no_token_by_feature_tensor():
-    """The fused node keeps q, v and m x m / m x dh iterates; the generic path keeps N x m features too."""
+def test_activation_memory():
+    """Without kept features the fused node keeps its input and m x m / m x dh tensors, nothing N x m;
+    keeping them adds exactly one N x m tensor; the generic path keeps several."""
     torch.manual_seed(0)
     B, N, C, h = 4, 197, 48, 2
-    x = torch.randn(B, N, C, requires_grad=True)
-    fused = VARSLayer(C, h, dictionary="d", steps=3)
-    generic = VARSLayer(C, h, dictionary="d", steps=3, fused=False)
-    m = fused.num_features
+    dh, m = C // h, C  # m = 2 dh
+    qv = torch.randn(B, N, 2, h, dh, requires_grad=True)
+    W = torch.randn(h, dh, m)
     nm = B * h * N * m * 4  # one (B, h, N, m) float32 tensor
-    inputs = x.numel() * 4 * 4  # x, q and v (2C), the projection's input
-    f, g = saved_bytes(fused, x), saved_bytes(generic, x)
-    assert f < inputs + nm / 2 + 0.1 * inputs, (f, inputs, nm)  # + G, F^T v and per-atom vectors
-    assert g > f + 2 * nm, (g, f, nm)
+    small = B * h * (m * m + m * dh) * 4 * 1.2  # G, F^T v and per-atom vectors
+    lean = saved_bytes(lambda t: fused_attention_core(t, W, 0.1, steps=3, keep_features=False)[0], qv)
+    kept = saved_bytes(lambda t: fused_attention_core(t, W, 0.1, steps=3, keep_features=True)[0], qv)
+    assert lean < qv.numel() * 4 + small, (lean, qv.numel() * 4, small)
+    assert abs(kept - lean - nm) < 0.05 * nm, (kept, lean, nm)
+    x = torch.randn(B, N, C, requires_grad=True)
+    generic = VARSLayer(C, h, dictionary="d", steps=3, fused=False)
+    fused = VARSLayer(C, h, dictionary="d", steps=3)
+    assert saved_bytes(generic, x) > saved_bytes(fused, x) + 2 * nm
+
+
+def test_kept_and_recomputed_features_give_the_same_gradients():
+    g = torch.Generator().manual_seed(1)
+    qv = torch.randn(2, 10, 2, 2, 3, generator=g, dtype=D64, requires_grad=True)
+    W = torch.randn(2, 3, 6, generator=g, dtype=D64)
+    S = torch.randn(2, 10, 4, generator=g, dtype=D64, requires_grad=True)
+    grads = []
+    for keep in (False, True):
+        out = fused_attention_core(qv, W, 0.05, static=S, steps=3, solver="fista", keep_features=keep)[0]
+        grads.append(torch.autograd.grad(out.square().sum(), (qv, S)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_bf16_autocast_keeps_q_and_v_in_bf16():

@@ -1,29 +1,35 @@
-"""Fused Gram-form VARS-D: the whole sparse-coding step of a dynamic-dictionary layer as one autograd node.
+"""Fused Gram-form sparse coding: the whole solve of a VARS-D (or dense VARS-S / VARS-SD) layer as one
+autograd node.
 
-For queries ``q`` and values ``v`` (``(B, h, N, dh)``) and a random projection ``W`` (``(h, dh, m)``),
-:func:`gram_sparse_code` computes what the layer's generic path computes for ``dictionary="d"`` with
-a fixed number of ISTA or FISTA steps and unrolled gradients:
+For queries ``q`` and values ``v`` (``(B, h, N, dh)``), a random projection ``W`` (``(h, dh, m)``) and
+optional learned static atoms ``S`` (``(h, N, m_s)``), :func:`gram_sparse_code` computes what the
+layer's generic path computes with a fixed number of ISTA or FISTA steps and unrolled gradients:
 
-    q^ = q / |q|,  F = exp(q^ W - c)            positive random features, (B, h, N, m)
+    q^ = q / |q|,  F = [exp(q^ W - c), S]       raw atoms, (B, h, N, m [+ m_s])
     G = F^T F,  s = diag(G)^(-1/2)              atoms F diag(s), normalised over the tokens
     K = diag(s) G diag(s),  b = s * F^T v       Gram form, (B, h, m, m) and (B, h, m, dh)
     u <- S_{w/L}(u - (K u - b) / L)             ``steps`` ISTA (or FISTA) iterations, L from K (detached)
-    returns F (s * u): the reconstruction P u, (B, h, N, dh)
+    returns F (s * u) (+ v): the reconstruction P u, (B, h, N, dh)
 
 ``c_j = |w_j|`` bounds ``w_j^T q^`` (``|q^| = 1``), so the exponential cannot overflow; it is a
 constant factor per atom, which the normalisation cancels (the generic path subtracts the column
-maximum instead: the same atoms). Its backward pass is written by hand: it keeps ``q``, ``v`` and the
-small ``m x m`` / ``m x dh`` iterates, and recomputes ``F`` (one product and one exponential) rather
-than storing any ``N x m`` tensor, so the activation memory of the layer is that of its inputs.
-It needs no host synchronisation and launches a fixed, small number of kernels.
+maximum instead: the same atoms). The iteration runs on the code divided by its threshold ``w / L``,
+so that the shrinkage is ``softshrink(., 1)``, one kernel, for every problem at once.
 
-``low_dtype`` (bf16 / fp16, used under autocast) runs the products over the tokens (features, ``G``,
-``F^T v``, the decoding and their gradients) in that precision; the iteration on ``K`` and ``b`` is
-always float32 (or float64 for float64 inputs).
+The backward pass is written by hand. The node keeps its input (the ``qv`` projection), ``G`` and
+``F^T v`` (both small: ``m x m`` and ``m x dh`` per head) and per-atom vectors; it replays the
+iterations (a few ``m x m`` products) instead of storing the iterates and, on CUDA devices by default,
+recomputes the features (one product and one exponential) instead of storing them, so the activation
+memory of the layer is about that of its inputs (``keep_features``). Nothing synchronises with the host.
+
+``low_dtype`` (bf16 / fp16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
+decoding and their gradients) in that precision; the features' exponent and the iteration on ``K``
+and ``b`` are float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as nnf
 
 from .ops import lipschitz_constant
 
@@ -38,9 +44,9 @@ def _bmm(a, b, acc=None, alpha=1.0):
     a3 = a.reshape(-1, *a.shape[-2:])
     b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     if acc is None:
-        out = torch.bmm(a3, b3) if alpha == 1.0 else torch.baddbmm(a3.new_zeros(()), a3, b3, beta=0.0, alpha=alpha)
+        out = torch.baddbmm(a3.new_zeros(()), a3, b3, beta=0.0, alpha=alpha)
     else:
-        acc3 = acc.expand(*lead, *acc.shape[-2:]).reshape(-1, *acc.shape[-2:])  # broadcast rows stay rows
+        acc3 = acc.expand(*lead, *acc.shape[-2:]).reshape(-1, *acc.shape[-2:])
         out = torch.baddbmm(acc3, a3, b3, alpha=alpha)
     return out.view(*lead, *out.shape[-2:])
 
@@ -87,31 +93,44 @@ def _power(G, s, iters, squaring):
     return ((K @ v) * v).sum(-2, keepdim=True)
 
 
-def _soft(v, thr):
-    return v - torch.clamp(v, -thr, thr)
+class _Problem:
+    """The rescaled problem of one solve: ``Ks = K / L``; the code is iterated as ``u' = u / tau`` with
+    ``tau = w / L`` its threshold (``tau = 1`` when ``w = 0``), so ``bs = b / L / tau`` and the shrinkage
+    threshold is one."""
+
+    def __init__(self, G, a, s, L, weight):
+        step = 1.0 / L
+        self.ss = _bmm(s * step, s.transpose(-1, -2))  # diag(s) . diag(s) / L as an outer product
+        self.Ks = G * self.ss
+        self.A = -self.Ks  # the step matrix I - K / L: p = A y + bs
+        self.A.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        self.shrink = weight > 0
+        self.tau = weight * step if self.shrink else torch.ones_like(L)
+        self.bscale = s * (1.0 / weight) if self.shrink else s * step  # bs = a * bscale
+        self.bs = a * self.bscale
+        self.L = L
 
 
-def _problem(G, a, s, L, weight):
-    # the rescaled problem: K / L = G o (s s^T) / L, b / L = s a / L, threshold weight / L
-    step = 1.0 / L
-    ss = _bmm(s * step, s.transpose(-1, -2))  # diag(s) . diag(s) / L as an outer product
-    return G * ss, a * (s * step), weight * step, ss
+def _shrink(p, on):
+    return nnf.softshrink(p, 1.0) if on else p
 
 
-def _iterate(Ks, bs, L, thr, steps, solver, restart, init):
-    """``steps`` ISTA / FISTA iterations on the rescaled problem; returns the code and, for the backward
-    pass, the points ``y_t`` the steps were taken from (``None`` for a zero code), the pre-threshold values
-    ``p_t = y_t - (K y_t - b) / L`` and the FISTA momenta."""
-    u = bs * L if init == "encode" else None  # u0 = b; None: the zero code (its products are skipped)
+def _iterate(pb, steps, solver, restart, init):
+    """``steps`` ISTA / FISTA iterations on the scaled problem; returns the scaled code and, for the
+    backward pass, the points ``y_t`` the steps were taken from (``None`` for a zero code), the
+    pre-shrinkage values ``p_t = y_t + bs - Ks y_t`` and the FISTA momenta."""
+    A, bs = pb.A, pb.bs
+    u = bs * pb.L if init == "encode" else None  # u0 = b; None: the zero code (its products are skipped)
     ys, ps, betas = [], [], []
     y, t = u, None
     for _ in range(steps):
-        p = bs if y is None else _bmm(Ks, y, acc=y + bs, alpha=-1.0)
+        p = bs if y is None else _bmm(A, y, acc=bs)
         ys.append(y)
         ps.append(p)
-        u_next = _soft(p, thr)
+        u_next = _shrink(p, pb.shrink)
         if solver == "fista":
-            # gradient-based restart, as vars_ode.solvers.iterative.fista (tol = 0)
+            # gradient-based restart, as vars_ode.solvers.iterative.fista (tol = 0); the test is
+            # invariant under the positive scaling of the code
             t = torch.ones_like(bs[..., :1, :]) if t is None else t
             t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
             beta = (t - 1) / t_next
@@ -128,15 +147,23 @@ def _iterate(Ks, bs, L, thr, steps, solver, restart, init):
     return u, ys, ps, betas
 
 
-def _atoms(q, rnorm, W, c, S, shape, work):
-    # the raw atoms (B, h, N, m [+ m_s]) in the working dtype, and the dynamic part alone
-    B, h, N, _ = shape
-    parts, Fd, qn = [], None, None
+def _split(qv, k):
+    # (B, N, k, h, dh) -> views q, v of shape (B, h, N, dh) (q None when k == 1)
+    v = qv[:, :, k - 1].transpose(1, 2)
+    return (qv[:, :, 0].transpose(1, 2) if k == 2 else None), v
+
+
+def _atoms(q, rnorm, W, c, S, shape, work, Fd=None):
+    # the raw atoms (B, h, N, m [+ m_s]) in the working dtype, the dynamic part and the unit queries
+    # (Fd given: the dynamic features kept from the forward pass)
+    B, h, N, dh = shape
+    parts, qn = [], None
     if W is not None:
-        if rnorm is None:
-            rnorm = torch.rsqrt(q.to(work).pow(2).sum(-1, keepdim=True).clamp_min(1e-24))  # F.normalize's eps
-        qn = q.to(work) * rnorm
-        Fd = _bmm(qn, W.to(work)).sub_(c).exp_()  # exp(qn W - c): one GEMM, two in-place passes
+        if rnorm is None:  # F.normalize: q / max(|q|, 1e-12)
+            rnorm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=work).clamp_min(1e-12).reciprocal()
+        qn = torch.mul(q, rnorm, out=torch.empty((B, h, N, dh), dtype=work, device=q.device))
+        if Fd is None:
+            Fd = _bmm(qn, W.to(work)).sub_(c).exp_()  # exp(qn W - c): one GEMM, two in-place passes
         parts.append(Fd)
     if S is not None:
         parts.append(S.to(work).expand(B, h, N, S.shape[-1]))
@@ -145,16 +172,17 @@ def _atoms(q, rnorm, W, c, S, shape, work):
 
 
 class _GramSparseCode(torch.autograd.Function):
-    # saves q, v (in their own dtype), G and F^T v (in the dtype of their products) and per-atom /
-    # per-problem vectors; the features and the iterates are recomputed in the backward pass
     @staticmethod
-    def forward(ctx, q, v, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring):
+    def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
+                residual, keep_features):
+        B, N, k, h, dh = qv.shape
+        q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
         c = W.to(work).pow(2).sum(1, keepdim=True).sqrt().unsqueeze(0) if W is not None else None  # (1, h, 1, m)
-        F, _, _, rnorm = _atoms(q, None, W, c, S, v.shape, work)
+        F, Fd, _, rnorm = _atoms(q, None, W, c, S, (B, h, N, dh), work)
         Fl = F.to(low)
         Ft = Fl.transpose(-1, -2)
-        Gl, al = _bmm(Ft, Fl), _bmm(Ft, v.to(low))
+        Gl, al = _bmm(Ft, Fl), _bmm(Ft, v.to(low).contiguous())
         G, a = Gl.to(work), al.to(work)
         d = torch.diagonal(G, dim1=-2, dim2=-1)
         tiny = torch.finfo(work).tiny
@@ -163,32 +191,41 @@ class _GramSparseCode(torch.autograd.Function):
             L = _power(G, s, power_iters, squaring)
         else:
             L = lipschitz_constant(G * (s * s.transpose(-1, -2)), lipschitz, iters=power_iters)[..., None, None]
-        Ks, bs, thr, _ = _problem(G, a, s, L, weight)
-        u, *_ = _iterate(Ks, bs, L, thr, steps, solver, restart, init)
-        recon = _bmm(Fl, (u * s).to(low))
-        ctx.save_for_backward(q if W is not None else None, rnorm, v, W, c, S, Gl, al, s, L)
-        ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work,
-                   q.dtype if q is not None else None)
-        ctx.mark_non_differentiable(u, Ks, bs, L)
-        return recon, u, Ks, bs, L
+        pb = _Problem(G, a, s, L, weight)
+        u_scaled, *_ = _iterate(pb, steps, solver, restart, init)
+        su = u_scaled * (pb.tau * s)  # s u
+        recon = _bmm(Fl, su.to(low))
+        out = torch.empty((B, N, h, dh), dtype=low, device=qv.device)
+        if residual:
+            torch.add(recon, v, out=out.transpose(1, 2))  # + v and the (B, N, h, dh) layout in one pass
+        else:
+            out.transpose(1, 2).copy_(recon)
+        ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, Fd if keep_features else None)
+        ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual)
+        code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
+        ctx.mark_non_differentiable(code, pb.Ks, b_over_L, L)
+        return out, code, pb.Ks, b_over_L, L
 
     @staticmethod
-    def backward(ctx, g_recon, _gu, _gK, _gb, _gL):
-        steps, solver, restart, init, low, weight, d_ok, work, q_dtype = ctx.cfg
-        q, rnorm, v, W, c, S, Gl, al, s, L = ctx.saved_tensors
+    def backward(ctx, g_out, _gu, _gK, _gb, _gL):
+        steps, solver, restart, init, low, weight, d_ok, work, residual = ctx.cfg
+        qv, rnorm, W, c, S, Gl, al, s, L, Fd = ctx.saved_tensors
+        B, N, k, h, dh = qv.shape
+        q, v = _split(qv, k)
         G, a = Gl.to(work), al.to(work)
-        Ks, bs, thr, ss = _problem(G, a, s, L, weight)
-        u, ys, ps, betas = _iterate(Ks, bs, L, thr, steps, solver, restart, init)  # the same iterates again
-        su = u * s
-        F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, v.shape, work)
-        Fl, gl = F.to(low), g_recon.to(low).contiguous()
-        step = 1.0 / L
-        # recon = F (s u)
+        pb = _Problem(G, a, s, L, weight)
+        Ks = pb.Ks
+        u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
+        su = u * (pb.tau * s)
+        F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, (B, h, N, dh), work, Fd)
+        Fl = F.to(low)
+        gl = g_out.transpose(1, 2).to(low).contiguous()  # (B, h, N, dh)
+        # out = F (s u) [+ v]; with u = tau u', the gradient w.r.t. the scaled code is tau * d/du
         g_su = _bmm(Fl.transpose(-1, -2), gl).to(work)  # (B, h, m, dh)
-        g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_c * u
-        g_u = g_su * s
-        # the iterations in reverse: p_t = y_t + b/L - (K/L) y_t, u_{t+1} = soft(p_t)
-        g_bs = P = None  # P = d loss / d (K / L) = -sum_t gp_t y_t^T
+        g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
+        g_u = g_su * (s * pb.tau)
+        # the iterations in reverse: p_t = y_t + bs - Ks y_t, u_{t+1} = softshrink(p_t, 1)
+        g_bs = P = None  # P = d loss / d Ks = -sum_t gp_t y_t^T
         gy_next = gy_next2 = None
         for t in range(steps - 1, -1, -1):
             if solver == "fista" and gy_next is not None:
@@ -196,14 +233,14 @@ class _GramSparseCode(torch.autograd.Function):
                 g_u = g_u + (1 + betas[t]) * gy_next
                 if gy_next2 is not None:
                     g_u = g_u - betas[t + 1] * gy_next2
-            gp = g_u * (ps[t].abs() > thr)
+            gp = torch.ops.aten.softshrink_backward(g_u, ps[t], 1.0) if pb.shrink else g_u
             g_bs = gp if g_bs is None else g_bs + gp
             if ys[t] is not None:
                 if P is None:
                     P = _bmm(gp, ys[t].transpose(-1, -2), alpha=-1.0)
                 else:
                     _bmm_(P, gp, ys[t].transpose(-1, -2), alpha=-1.0)
-            g_y = _bmm(Ks, gp, acc=gp, alpha=-1.0)
+            g_y = pb.A @ gp  # A symmetric
             if solver == "ista":
                 g_u = g_y
             else:
@@ -213,49 +250,91 @@ class _GramSparseCode(torch.autograd.Function):
             g_u = g_u + gy_next  # y_0 = u_0
             if gy_next2 is not None:
                 g_u = g_u - betas[0] * gy_next2
-        # d loss / d b (b = s a)
-        g_b = g_bs * step
         if init == "encode":
-            g_b = g_b + g_u
-        g_s = g_s + (g_b * a).sum(-1, keepdim=True)
-        g_a = (g_b * s).to(low)
+            g_bs = g_bs + g_u * pb.L  # u0 = bs * L
+        # bs = a * bscale, bscale = s / w (or s / L when w = 0)
+        g_s = g_s + (g_bs * a).sum(-1, keepdim=True) * (pb.bscale / s)
+        g_a = (g_bs * pb.bscale).to(low)
         if P is not None:
-            # K / L = G o ss (ss = s s^T / L): with S = P + P^T, dG + dG^T = S o ss, ds = rowsum(S o K / L) / s
-            Psym = P + P.transpose(-1, -2)
-            g_s = g_s + (Psym * Ks).sum(-1, keepdim=True) / s
-            g_Gs = Psym.mul_(ss)  # dG + dG^T
+            # Ks = G o ss (ss = s s^T / L): with P2 = P + P^T, dG + dG^T = P2 o ss, ds = rowsum(P2 o Ks) / s
+            P2 = P + P.transpose(-1, -2)
+            g_s = g_s + (P2 * Ks).sum(-1, keepdim=True) / s
+            g_Gs = P2.mul_(pb.ss)
         else:
-            g_Gs = torch.zeros_like(ss)
-        g_d = torch.where(d_ok, -0.5 * g_s * s.pow(3), 0.0)
+            g_Gs = torch.zeros_like(pb.ss)
+        g_d = torch.where(d_ok, -0.5 * g_s * s.pow(3), 0.0)  # s = d^(-1/2), d = diag(G)
         g_Gs.diagonal(dim1=-2, dim2=-1).add_(2 * g_d.squeeze(-1))
-        # G = F^T F, a = F^T v, recon = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
-        vl = v.to(low)
+        # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
         g_F = _bmm(Fl, g_Gs.to(low))
-        _bmm_(g_F, vl, g_a.transpose(-1, -2))
+        _bmm_(g_F, v.to(low).contiguous(), g_a.transpose(-1, -2))
         _bmm_(g_F, gl, su.to(low).transpose(-1, -2))
-        g_v = _bmm(Fl, g_a).to(v.dtype)
-        g_q = g_S = None
+        g_qv = torch.empty_like(qv)
+        g_v = _bmm(Fl, g_a)
+        _, g_v_out = _split(g_qv, k)
+        if residual:
+            torch.add(g_v, g_out.transpose(1, 2), out=g_v_out)
+        else:
+            g_v_out.copy_(g_v)
+        g_S = None
         m = 0
         if W is not None:
             m = W.shape[-1]
             g_z = g_F[..., :m].to(work).mul_(Fd)  # through the exponential
             g_qn = _bmm(g_z, W.to(work).transpose(-1, -2))
-            g_q = ((g_qn - qn * (qn * g_qn).sum(-1, keepdim=True)) * rnorm).to(q_dtype)
-        if S is not None and ctx.needs_input_grad[3]:
-            g_S = g_F[..., m:].sum(0, keepdim=S.dim() == 4).to(S.dtype)
-        return g_q, g_v, None, g_S, None, None, None, None, None, None, None, None, None
+            # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
+            g_qn.sub_(qn * (qn * g_qn).sum(-1, keepdim=True))
+            torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
+        if S is not None and ctx.needs_input_grad[2]:
+            g_S = g_F[..., m:].sum(0).to(S.dtype)
+        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _check(steps, solver, init):
+    if solver not in FUSED_SOLVERS:
+        raise ValueError(f"solver must be one of {FUSED_SOLVERS}, got {solver!r}")
+    if init not in ("zeros", "encode"):
+        raise ValueError(f"init must be 'zeros' or 'encode', got {init!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
+                         restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
+                         low_dtype=None, squaring=None, residual: bool = True, keep_features=None):
+    """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
+    values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, code, (K / L, b / L, L))``
+    with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
+    :class:`vars_ode.VARSLayer`; the gradient w.r.t. ``qv`` comes back in ``qv``'s own layout.
+
+    ``keep_features``: keep the dynamic features ``(B, h, N, m)`` (working dtype) for the backward pass
+    instead of recomputing them: faster, one ``N x m`` tensor more per layer. Default: kept on CPUs,
+    recomputed on CUDA devices (where activation memory is what limits a training batch)."""
+    _check(steps, solver, init)
+    if qv.dim() != 5 or qv.shape[2] != (2 if rand_matrix is not None else 1):
+        raise ValueError(f"qv must have shape (B, N, {2 if rand_matrix is not None else 1}, h, dh), "
+                         f"got {tuple(qv.shape)}")
+    if static is not None and (static.dim() != 3 or static.shape[:2] != (qv.shape[3], qv.shape[1])):
+        raise ValueError(f"static must have shape (h, N, m_s) = ({qv.shape[3]}, {qv.shape[1]}, m_s), "
+                         f"got {tuple(static.shape)}")
+    work = torch.float64 if qv.dtype == torch.float64 else torch.float32
+    low = low_dtype or work
+    squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
+    keep = qv.device.type != "cuda" if keep_features is None else bool(keep_features)
+    out, code, Ks, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
+                                                 init, lipschitz, power_iters, low, squaring, bool(residual), keep)
+    return out, code, (Ks, bs, L)
 
 
 def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                      restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
-                     low_dtype=None, squaring=None):
+                     low_dtype=None, squaring=None, keep_features=None):
     """Fused Gram-form sparse coding (see the module docstring).
 
     Arguments:
         q, v: ``(B, h, N, dh)`` queries and values (any float dtype; the iteration runs in float32, or
             float64 for float64 values). ``q`` may be ``None`` when ``rand_matrix`` is.
         rand_matrix: ``(h, dh, m)`` random projection of the dynamic atoms (no gradient), or ``None``.
-        weight: the L1 weight (a float).
+        weight: the L1 weight (a non-negative float).
         static: ``(h, N, m_s)`` learned static atoms appended to the dynamic ones (VARS-SD with dense
             templates; gradients flow to it), or ``None``. Columns are normalised like the dynamic ones.
         steps: ISTA / FISTA iterations; solver: ``"ista"`` or ``"fista"`` (``restart`` as in FISTA).
@@ -263,31 +342,26 @@ def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solv
         lipschitz, power_iters: how ``L`` is computed from ``K`` (detached).
         low_dtype: dtype of the products over the tokens (default: the working dtype).
         squaring: compute the power iteration by repeated squaring (default: on CUDA devices).
+        keep_features: see :func:`fused_attention_core`.
 
     Returns:
-        ``(recon, code, (K / L, b / L, L))``: the reconstruction ``(B, h, N, dh)`` (in ``low_dtype``) and,
-        without gradients, the code ``(B, h, m, dh)`` and the rescaled problem with its ``L``
+        ``(recon, code, (K / L, b / L, L))``: the reconstruction ``P u`` ``(B, h, N, dh)`` (in ``low_dtype``)
+        and, without gradients, the code ``(B, h, m, dh)`` and the rescaled problem with its ``L``
         ``(B, h, 1, 1)`` (for statistics).
     """
-    if solver not in FUSED_SOLVERS:
-        raise ValueError(f"solver must be one of {FUSED_SOLVERS}, got {solver!r}")
-    if init not in ("zeros", "encode"):
-        raise ValueError(f"init must be 'zeros' or 'encode', got {init!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    _check(steps, solver, init)
     if rand_matrix is None and static is None:
         raise ValueError("gram_sparse_code needs rand_matrix, static or both")
     if v.dim() != 4:
         raise ValueError(f"v must have shape (B, h, N, dh), got {tuple(v.shape)}")
     if rand_matrix is not None and (q is None or q.shape != v.shape):
         raise ValueError(f"q must have the shape of v {tuple(v.shape)}, got {None if q is None else tuple(q.shape)}")
-    if static is not None and (static.dim() != 3 or static.shape[:2] != v.shape[1:3]):
-        raise ValueError(f"static must have shape (h, N, m_s) = ({v.shape[1]}, {v.shape[2]}, m_s), "
-                         f"got {tuple(static.shape)}")
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    low = low_dtype or work
-    squaring = v.device.type == "cuda" if squaring is None else bool(squaring)
-    recon, code, Ks, bs, L = _GramSparseCode.apply(
-        None if q is None else q.contiguous(), v.contiguous(), rand_matrix, static, weight, steps, solver,
-        bool(restart), init, lipschitz, power_iters, low, squaring)
-    return recon, code, (Ks, bs, L)
+    if weight < 0:
+        raise ValueError(f"weight must be non-negative, got {weight!r}")
+    parts = ([q] if rand_matrix is not None else []) + [v]
+    qv = torch.stack([t.transpose(1, 2) for t in parts], 2)  # (B, N, k, h, dh)
+    out, code, problem = fused_attention_core(
+        qv, rand_matrix, weight, static=static, steps=steps, solver=solver, restart=restart, init=init,
+        lipschitz=lipschitz, power_iters=power_iters, low_dtype=low_dtype, squaring=squaring, residual=False,
+        keep_features=keep_features)
+    return out.transpose(1, 2), code, problem

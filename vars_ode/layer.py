@@ -77,7 +77,7 @@ from torch import nn
 from ._validation import check_choice
 from .dictionaries import (DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary,
                            kkt_residual_operator, solve_operator)
-from .fused import FUSED_SOLVERS, gram_sparse_code
+from .fused import FUSED_SOLVERS, fused_attention_core
 from .gradients import ImplicitLasso
 from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
 from .solvers import ODE_SOLVERS, SOLVERS
@@ -416,30 +416,32 @@ class VARSLayer(nn.Module):
         B, N, C = x.shape
         h, dh = self.num_heads, self.head_dim
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        if self.dictionary_kind == "s":
-            q = None
-            v = self.v(x).reshape(B, N, h, dh).transpose(1, 2)
-        else:
-            q, v = self.qkv(x).reshape(B, N, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
-            q = self.q_norm(q)
-        out_dtype = v.dtype
+        k = 1 if self.dictionary_kind == "s" else 2
+        qv = (self.v(x) if k == 1 else self.qkv(x)).reshape(B, N, k, h, dh)
+        out_dtype = qv.dtype
         dev_type = x.device.type
         autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
-        work = torch.float32 if (v.dtype in (torch.float16, torch.bfloat16) or autocast_on) and v.dtype != torch.float64 else v.dtype
+        work = torch.float32 if (qv.dtype in (torch.float16, torch.bfloat16) or autocast_on) and qv.dtype != torch.float64 else qv.dtype
         with torch.autocast(device_type=dev_type, enabled=False) if autocast_on else _nullcontext():
-            if self.compat == "paper" and self._fusable():
-                # q and v stay in the autocast dtype; the fused node keeps them for its backward pass
+            if self._fusable():
+                # one autograd node from the projection qv to the output layout (B, N, h, dh); q and v
+                # stay in the autocast dtype
                 low = torch.get_autocast_dtype(dev_type) if autocast_on else None
-                recon = self._sparse_fused(q, v, penalty_weight(self.lam, self.convention), low)
+                out = self._sparse_fused(qv, low, N)
             else:
+                if k == 1:
+                    q, v = None, qv[:, :, 0].transpose(1, 2)
+                else:
+                    q, v = qv.permute(2, 0, 3, 1, 4).unbind(0)
+                    q = self.q_norm(q)
                 q = q.to(work) if q is not None else None
                 v = v.to(work)
                 if self.compat == "official":
                     recon = self._sparse_official(q, v)
                 else:
                     recon = self._sparse_paper(q, v, N)
-            out = recon + v if self.residual == "value" else recon
-        out = out.to(out_dtype).transpose(1, 2).reshape(B, N, C)
+                out = (recon + v if self.residual == "value" else recon).transpose(1, 2)
+        out = out.to(out_dtype).reshape(B, N, C)
         out = self.norm(out)
         if gate is not None:
             out = out * gate
@@ -460,20 +462,30 @@ class VARSLayer(nn.Module):
         d, kind = self.dictionary, self.dictionary_kind
         return {"d": (d, None), "s": (None, d), "sd": (getattr(d, "dynamic", None), getattr(d, "static", None))}[kind]
 
-    def _sparse_fused(self, q, v, weight, low):
+    def _sparse_fused(self, qv, low, N):
+        # qv: (B, N, k, h, dh) -> (B, N, h, dh): P u* (+ v), through vars_ode.fused
         dyn, st = self._parts()
+        if dyn is not None and not isinstance(self.q_norm, nn.Identity):
+            qv = torch.stack([self.q_norm(qv[:, :, 0]), qv[:, :, 1]], 2)
         static = None
         if st is not None:
-            grid, p = self._grid(v.shape[-2])
+            grid, p = self._grid(N)
             static = st.raw(grid, p)
-        recon, code, (Ks, bs, L) = gram_sparse_code(
-            q if dyn is not None else None, v, dyn.rand_matrix if dyn is not None else None, weight,
-            static=static, steps=self.steps, solver=self.solver, restart=self.solver_options.get("restart", True),
-            init=self.init, lipschitz=self.lipschitz, power_iters=10, low_dtype=low)
-        self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=v.device),
+        weight = penalty_weight(self.lam, self.convention)
+        readout = self.dictionary_kind == "s" and self._grid(N)[1] > 0  # prefix tokens of VARS-S
+        out, code, (Ks, bs, L) = fused_attention_core(
+            qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
+            solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
+            lipschitz=self.lipschitz, power_iters=10, low_dtype=low, squaring=None,
+            residual=self.residual == "value" and not readout)
+        self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=qv.device),
                                      (code,), lambda: kkt_residual_gram(Ks * L, bs * L, code, weight),
                                      lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
-        return self._prefix_readout(recon.to(v.dtype), v.shape[-2])  # (B, h, N, dh)
+        if readout:
+            v = qv[:, :, -1].transpose(1, 2)
+            recon = self._prefix_readout(out.transpose(1, 2), N)
+            out = (recon + v.to(recon.dtype) if self.residual == "value" else recon).transpose(1, 2)
+        return out
 
     def _sparse_paper(self, q, v, N):
         kind = self.dictionary_kind
