@@ -94,15 +94,14 @@ def _power(G, s, iters, squaring):
 
 
 class _Problem:
-    """The rescaled problem of one solve: ``Ks = K / L``; the code is iterated as ``u' = u / tau`` with
-    ``tau = w / L`` its threshold (``tau = 1`` when ``w = 0``), so ``bs = b / L / tau`` and the shrinkage
-    threshold is one."""
+    """The rescaled problem of one solve: the step matrix ``A = I - K / L`` (``p = A y + b / L``); the code
+    is iterated as ``u' = u / tau`` with ``tau = w / L`` its threshold (``tau = 1`` when ``w = 0``), so
+    ``bs = b / L / tau`` and the shrinkage threshold is one."""
 
     def __init__(self, G, a, s, L, weight):
         step = 1.0 / L
-        self.ss = _bmm(s * step, s.transpose(-1, -2))  # diag(s) . diag(s) / L as an outer product
-        self.Ks = G * self.ss
-        self.A = -self.Ks  # the step matrix I - K / L: p = A y + bs
+        self.nss = _bmm(s * (-step), s.transpose(-1, -2))  # -diag(s) . diag(s) / L as an outer product
+        self.A = G * self.nss  # -K / L
         self.A.diagonal(dim1=-2, dim2=-1).add_(1.0)
         self.shrink = weight > 0
         self.tau = weight * step if self.shrink else torch.ones_like(L)
@@ -118,7 +117,7 @@ def _shrink(p, on):
 def _iterate(pb, steps, solver, restart, init):
     """``steps`` ISTA / FISTA iterations on the scaled problem; returns the scaled code and, for the
     backward pass, the points ``y_t`` the steps were taken from (``None`` for a zero code), the
-    pre-shrinkage values ``p_t = y_t + bs - Ks y_t`` and the FISTA momenta."""
+    pre-shrinkage values ``p_t = A y_t + bs`` and the FISTA momenta."""
     A, bs = pb.A, pb.bs
     u = bs * pb.L if init == "encode" else None  # u0 = b; None: the zero code (its products are skipped)
     ys, ps, betas = [], [], []
@@ -203,8 +202,8 @@ class _GramSparseCode(torch.autograd.Function):
         ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, Fd if keep_features else None)
         ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual)
         code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
-        ctx.mark_non_differentiable(code, pb.Ks, b_over_L, L)
-        return out, code, pb.Ks, b_over_L, L
+        ctx.mark_non_differentiable(code, pb.A, b_over_L, L)
+        return out, code, pb.A, b_over_L, L
 
     @staticmethod
     def backward(ctx, g_out, _gu, _gK, _gb, _gL):
@@ -214,7 +213,6 @@ class _GramSparseCode(torch.autograd.Function):
         q, v = _split(qv, k)
         G, a = Gl.to(work), al.to(work)
         pb = _Problem(G, a, s, L, weight)
-        Ks = pb.Ks
         u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
         su = u * (pb.tau * s)
         F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, (B, h, N, dh), work, Fd)
@@ -224,8 +222,8 @@ class _GramSparseCode(torch.autograd.Function):
         g_su = _bmm(Fl.transpose(-1, -2), gl).to(work)  # (B, h, m, dh)
         g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
         g_u = g_su * (s * pb.tau)
-        # the iterations in reverse: p_t = y_t + bs - Ks y_t, u_{t+1} = softshrink(p_t, 1)
-        g_bs = P = None  # P = d loss / d Ks = -sum_t gp_t y_t^T
+        # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
+        g_bs = P = None  # P = d loss / d (K / L) = -d loss / d A = -sum_t gp_t y_t^T
         gy_next = gy_next2 = None
         for t in range(steps - 1, -1, -1):
             if solver == "fista" and gy_next is not None:
@@ -256,16 +254,18 @@ class _GramSparseCode(torch.autograd.Function):
         g_s = g_s + (g_bs * a).sum(-1, keepdim=True) * (pb.bscale / s)
         g_a = (g_bs * pb.bscale).to(low)
         if P is not None:
-            # Ks = G o ss (ss = s s^T / L): with P2 = P + P^T, dG + dG^T = P2 o ss, ds = rowsum(P2 o Ks) / s
+            # K / L = G o ss (ss = s s^T / L = -nss): with P2 = P + P^T, dG + dG^T = P2 o ss and
+            # ds = rowsum(P2 o K / L) / s, where K / L = I - A
             P2 = P + P.transpose(-1, -2)
-            g_s = g_s + (P2 * Ks).sum(-1, keepdim=True) / s
-            g_Gs = P2.mul_(pb.ss)
+            rows = torch.diagonal(P2, dim1=-2, dim2=-1) - torch.einsum("bhij,bhij->bhi", P2, pb.A)
+            g_s = g_s + rows.unsqueeze(-1) / s
+            g_Gn = P2.mul_(pb.nss)  # -(dG + dG^T)
         else:
-            g_Gs = torch.zeros_like(pb.ss)
+            g_Gn = torch.zeros_like(pb.nss)
         g_d = torch.where(d_ok, -0.5 * g_s * s.pow(3), 0.0)  # s = d^(-1/2), d = diag(G)
-        g_Gs.diagonal(dim1=-2, dim2=-1).add_(2 * g_d.squeeze(-1))
+        g_Gn.diagonal(dim1=-2, dim2=-1).sub_(2 * g_d.squeeze(-1))
         # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
-        g_F = _bmm(Fl, g_Gs.to(low))
+        g_F = _bmm(Fl, g_Gn.to(low), alpha=-1.0)
         _bmm_(g_F, v.to(low).contiguous(), g_a.transpose(-1, -2))
         _bmm_(g_F, gl, su.to(low).transpose(-1, -2))
         g_qv = torch.empty_like(qv)
@@ -282,7 +282,7 @@ class _GramSparseCode(torch.autograd.Function):
             g_z = g_F[..., :m].to(work).mul_(Fd)  # through the exponential
             g_qn = _bmm(g_z, W.to(work).transpose(-1, -2))
             # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
-            g_qn.sub_(qn * (qn * g_qn).sum(-1, keepdim=True))
+            g_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, g_qn).unsqueeze(-1), value=-1.0)
             torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
@@ -302,7 +302,7 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
                          low_dtype=None, squaring=None, residual: bool = True, keep_features=None):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
-    values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, code, (K / L, b / L, L))``
+    values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, code, (I - K / L, b / L, L))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
     :class:`vars_ode.VARSLayer`; the gradient w.r.t. ``qv`` comes back in ``qv``'s own layout.
 
@@ -320,9 +320,9 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     low = low_dtype or work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
     keep = qv.device.type != "cuda" if keep_features is None else bool(keep_features)
-    out, code, Ks, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
-                                                 init, lipschitz, power_iters, low, squaring, bool(residual), keep)
-    return out, code, (Ks, bs, L)
+    out, code, A, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
+                                                init, lipschitz, power_iters, low, squaring, bool(residual), keep)
+    return out, code, (A, bs, L)
 
 
 def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
@@ -364,4 +364,7 @@ def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solv
         qv, rand_matrix, weight, static=static, steps=steps, solver=solver, restart=restart, init=init,
         lipschitz=lipschitz, power_iters=power_iters, low_dtype=low_dtype, squaring=squaring, residual=False,
         keep_features=keep_features)
-    return out.transpose(1, 2), code, problem
+    A, bs, L = problem
+    Ks = -A
+    Ks.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return out.transpose(1, 2), code, (Ks, bs, L)

@@ -473,13 +473,14 @@ class VARSLayer(nn.Module):
             static = st.raw(grid, p)
         weight = penalty_weight(self.lam, self.convention)
         readout = self.dictionary_kind == "s" and self._grid(N)[1] > 0  # prefix tokens of VARS-S
-        out, code, (Ks, bs, L) = fused_attention_core(
+        out, code, (A, bs, L) = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
             lipschitz=self.lipschitz, power_iters=10, low_dtype=low, squaring=None,
             residual=self.residual == "value" and not readout)
         self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=qv.device),
-                                     (code,), lambda: kkt_residual_gram(Ks * L, bs * L, code, weight),
+                                     (code,), lambda: kkt_residual_gram((torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L,
+                                                                        bs * L, code, weight),
                                      lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
         if readout:
             v = qv[:, :, -1].transpose(1, 2)
