@@ -20,7 +20,7 @@ The backward pass is written by hand. The node keeps its input (the ``qv`` proje
 ``F^T v`` (both small: ``m x m`` and ``m x dh`` per head) and per-atom vectors; it replays the
 iterations (a few ``m x m`` products) instead of storing the iterates and, on CUDA devices by default,
 recomputes the features (one product and one exponential) instead of storing them, so the activation
-memory of the layer is about that of its inputs (``keep_features``). Nothing synchronises with the host.
+memory of the layer is about that of its inputs (``recompute``). Nothing synchronises with the host.
 
 ``low_dtype`` (bf16 / fp16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
 decoding and their gradients) in that precision; the features' exponent and the iteration on ``K``
@@ -98,11 +98,13 @@ class _Problem:
     is iterated as ``u' = u / tau`` with ``tau = w / L`` its threshold (``tau = 1`` when ``w = 0``), so
     ``bs = b / L / tau`` and the shrinkage threshold is one."""
 
-    def __init__(self, G, a, s, L, weight):
+    def __init__(self, G, a, s, L, weight, A=None, nss=None):
         step = 1.0 / L
-        self.nss = _bmm(s * (-step), s.transpose(-1, -2))  # -diag(s) . diag(s) / L as an outer product
-        self.A = G * self.nss  # -K / L
-        self.A.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        if A is None:
+            nss = _bmm(s * (-step), s.transpose(-1, -2))  # -diag(s) . diag(s) / L as an outer product
+            A = G * nss  # -K / L
+            A.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        self.nss, self.A = nss, A
         self.shrink = weight > 0
         self.tau = weight * step if self.shrink else torch.ones_like(L)
         self.bscale = s * (1.0 / weight) if self.shrink else s * step  # bs = a * bscale
@@ -173,7 +175,7 @@ def _atoms(q, rnorm, W, c, S, shape, work, Fd=None):
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                residual, keep_features):
+                residual, recompute):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -181,7 +183,8 @@ class _GramSparseCode(torch.autograd.Function):
         F, Fd, _, rnorm = _atoms(q, None, W, c, S, (B, h, N, dh), work)
         Fl = F.to(low)
         Ft = Fl.transpose(-1, -2)
-        Gl, al = _bmm(Ft, Fl), _bmm(Ft, v.to(low).contiguous())
+        vl = v.to(low).contiguous()
+        Gl, al = _bmm(Ft, Fl), _bmm(Ft, vl)
         G, a = Gl.to(work), al.to(work)
         d = torch.diagonal(G, dim1=-2, dim2=-1)
         tiny = torch.finfo(work).tiny
@@ -191,7 +194,7 @@ class _GramSparseCode(torch.autograd.Function):
         else:
             L = lipschitz_constant(G * (s * s.transpose(-1, -2)), lipschitz, iters=power_iters)[..., None, None]
         pb = _Problem(G, a, s, L, weight)
-        u_scaled, *_ = _iterate(pb, steps, solver, restart, init)
+        u_scaled, ys, ps, betas = _iterate(pb, steps, solver, restart, init)
         su = u_scaled * (pb.tau * s)  # s u
         recon = _bmm(Fl, su.to(low))
         out = torch.empty((B, N, h, dh), dtype=low, device=qv.device)
@@ -199,21 +202,35 @@ class _GramSparseCode(torch.autograd.Function):
             torch.add(recon, v, out=out.transpose(1, 2))  # + v and the (B, N, h, dh) layout in one pass
         else:
             out.transpose(1, 2).copy_(recon)
-        ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, Fd if keep_features else None)
-        ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual)
+        if recompute:
+            kept = ()
+        else:  # features, contiguous values, step matrix and iterates
+            kept = (Fd, vl, pb.A, pb.nss, u_scaled, *(y for y in ys if y is not None), *ps, *betas)
+        ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, *kept)
+        ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual,
+                   recompute, [y is None for y in ys])
         code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
         ctx.mark_non_differentiable(code, pb.A, b_over_L, L)
         return out, code, pb.A, b_over_L, L
 
     @staticmethod
     def backward(ctx, g_out, _gu, _gK, _gb, _gL):
-        steps, solver, restart, init, low, weight, d_ok, work, residual = ctx.cfg
-        qv, rnorm, W, c, S, Gl, al, s, L, Fd = ctx.saved_tensors
+        steps, solver, restart, init, low, weight, d_ok, work, residual, recompute, y_none = ctx.cfg
+        qv, rnorm, W, c, S, Gl, al, s, L, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         G, a = Gl.to(work), al.to(work)
-        pb = _Problem(G, a, s, L, weight)
-        u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
+        if recompute:
+            Fd = vl = None
+            pb = _Problem(G, a, s, L, weight)
+            u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
+        else:
+            Fd, vl, A, nss, u, *rest = kept
+            pb = _Problem(G, a, s, L, weight, A, nss)
+            it = iter(rest)
+            ys = [None if none else next(it) for none in y_none]
+            ps = [next(it) for _ in range(steps)]
+            betas = list(it)
         su = u * (pb.tau * s)
         F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, (B, h, N, dh), work, Fd)
         Fl = F.to(low)
@@ -238,13 +255,15 @@ class _GramSparseCode(torch.autograd.Function):
                     P = _bmm(gp, ys[t].transpose(-1, -2), alpha=-1.0)
                 else:
                     _bmm_(P, gp, ys[t].transpose(-1, -2), alpha=-1.0)
+            if t == 0 and init == "zeros":
+                break  # u_0 = 0 is a constant: nothing flows further
             g_y = pb.A @ gp  # A symmetric
             if solver == "ista":
                 g_u = g_y
             else:
                 gy_next2, gy_next = gy_next, g_y
                 g_u = torch.zeros_like(g_y)
-        if solver == "fista":
+        if solver == "fista" and init == "encode":
             g_u = g_u + gy_next  # y_0 = u_0
             if gy_next2 is not None:
                 g_u = g_u - betas[0] * gy_next2
@@ -264,10 +283,13 @@ class _GramSparseCode(torch.autograd.Function):
             g_Gn = torch.zeros_like(pb.nss)
         g_d = torch.where(d_ok, -0.5 * g_s * s.pow(3), 0.0)  # s = d^(-1/2), d = diag(G)
         g_Gn.diagonal(dim1=-2, dim2=-1).sub_(2 * g_d.squeeze(-1))
-        # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
-        g_F = _bmm(Fl, g_Gn.to(low), alpha=-1.0)
-        _bmm_(g_F, v.to(low).contiguous(), g_a.transpose(-1, -2))
-        _bmm_(g_F, gl, su.to(low).transpose(-1, -2))
+        # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T, accumulated
+        # with the opposite sign (ngF = -dF), which the chain below undoes at no cost
+        if vl is None:
+            vl = v.to(low).contiguous()
+        ngF = _bmm(Fl, g_Gn.to(low))
+        _bmm_(ngF, vl, g_a.transpose(-1, -2), alpha=-1.0)
+        _bmm_(ngF, gl, su.to(low).transpose(-1, -2), alpha=-1.0)
         g_qv = torch.empty_like(qv)
         g_v = _bmm(Fl, g_a)
         _, g_v_out = _split(g_qv, k)
@@ -279,13 +301,13 @@ class _GramSparseCode(torch.autograd.Function):
         m = 0
         if W is not None:
             m = W.shape[-1]
-            g_z = g_F[..., :m].to(work).mul_(Fd)  # through the exponential
-            g_qn = _bmm(g_z, W.to(work).transpose(-1, -2))
+            ng_z = ngF[..., :m].to(work).mul_(Fd)  # through the exponential
+            ng_qn = _bmm(ng_z, W.to(work).transpose(-1, -2))
             # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
-            g_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, g_qn).unsqueeze(-1), value=-1.0)
-            torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
+            ng_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, ng_qn).unsqueeze(-1), value=-1.0)
+            torch.mul(ng_qn, rnorm.neg(), out=_split(g_qv, k)[0])
         if S is not None and ctx.needs_input_grad[2]:
-            g_S = g_F[..., m:].sum(0).to(S.dtype)
+            g_S = ngF[..., m:].sum(0).neg_().to(S.dtype)
         return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -300,15 +322,16 @@ def _check(steps, solver, init):
 
 def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
-                         low_dtype=None, squaring=None, residual: bool = True, keep_features=None):
+                         low_dtype=None, squaring=None, residual: bool = True, recompute=None):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
     values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, code, (I - K / L, b / L, L))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
     :class:`vars_ode.VARSLayer`; the gradient w.r.t. ``qv`` comes back in ``qv``'s own layout.
 
-    ``keep_features``: keep the dynamic features ``(B, h, N, m)`` (working dtype) for the backward pass
-    instead of recomputing them: faster, one ``N x m`` tensor more per layer. Default: kept on CPUs,
-    recomputed on CUDA devices (where activation memory is what limits a training batch)."""
+    ``recompute``: recompute the dynamic features ``(B, h, N, m)`` and replay the iterations in the backward
+    pass (``True``), or keep them from the forward pass (``False``: faster, one ``N x m`` tensor and a few
+    ``m x dh`` ones more per layer). Default: recomputed on CUDA devices (where activation memory is what
+    limits a training batch), kept elsewhere."""
     _check(steps, solver, init)
     if qv.dim() != 5 or qv.shape[2] != (2 if rand_matrix is not None else 1):
         raise ValueError(f"qv must have shape (B, N, {2 if rand_matrix is not None else 1}, h, dh), "
@@ -319,15 +342,15 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     work = torch.float64 if qv.dtype == torch.float64 else torch.float32
     low = low_dtype or work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
-    keep = qv.device.type != "cuda" if keep_features is None else bool(keep_features)
+    recompute = qv.device.type == "cuda" if recompute is None else bool(recompute)
     out, code, A, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
-                                                init, lipschitz, power_iters, low, squaring, bool(residual), keep)
+                                                init, lipschitz, power_iters, low, squaring, bool(residual), recompute)
     return out, code, (A, bs, L)
 
 
 def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                      restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
-                     low_dtype=None, squaring=None, keep_features=None):
+                     low_dtype=None, squaring=None, recompute=None):
     """Fused Gram-form sparse coding (see the module docstring).
 
     Arguments:
@@ -342,7 +365,7 @@ def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solv
         lipschitz, power_iters: how ``L`` is computed from ``K`` (detached).
         low_dtype: dtype of the products over the tokens (default: the working dtype).
         squaring: compute the power iteration by repeated squaring (default: on CUDA devices).
-        keep_features: see :func:`fused_attention_core`.
+        recompute: see :func:`fused_attention_core`.
 
     Returns:
         ``(recon, code, (K / L, b / L, L))``: the reconstruction ``P u`` ``(B, h, N, dh)`` (in ``low_dtype``)
@@ -363,7 +386,7 @@ def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solv
     out, code, problem = fused_attention_core(
         qv, rand_matrix, weight, static=static, steps=steps, solver=solver, restart=restart, init=init,
         lipschitz=lipschitz, power_iters=power_iters, low_dtype=low_dtype, squaring=squaring, residual=False,
-        keep_features=keep_features)
+        recompute=recompute)
     A, bs, L = problem
     Ks = -A
     Ks.diagonal(dim1=-2, dim2=-1).add_(1.0)

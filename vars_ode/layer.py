@@ -172,6 +172,9 @@ class VARSLayer(nn.Module):
         fused: run the dynamic dictionary with a fixed number of ISTA / FISTA steps and unrolled gradients
             through :func:`vars_ode.fused.gram_sparse_code` (one autograd node, hand-written backward,
             no ``N x m`` activation kept); ``False`` takes the generic path (same function, more memory).
+        recompute: on the fused path, recompute the features and replay the iterations in the backward
+            pass (``True``: activation memory about that of ``q`` and ``v``) or keep them (``False``: faster);
+            ``None``: recompute on CUDA devices, keep elsewhere.
 
     After a forward pass, ``last_stats`` (:class:`LayerStats`) describes the solve.
     """
@@ -185,8 +188,8 @@ class VARSLayer(nn.Module):
                  orthogonal_features: bool = False, atoms_per_channel: int = 5, kernel_size: int = 5,
                  padding: str = "zeros", image_size: int = 14, solver_options: dict | None = None,
                  record_maps: bool = False, attn_head_dim: int | None = None, dim_out: int | None = None,
-                 gated: bool = False, fused: bool = True, static: str = "conv", num_static_atoms: int | None = None,
-                 **unknown):
+                 gated: bool = False, fused: bool = True, recompute: bool | None = None, static: str = "conv",
+                 num_static_atoms: int | None = None, **unknown):
         super().__init__()
         if unknown:
             valid = sorted(set(inspect.signature(VARSLayer.__init__).parameters) - {"self", "unknown"})
@@ -254,7 +257,9 @@ class VARSLayer(nn.Module):
         self.record_maps = record_maps
         if not isinstance(fused, bool):
             raise ValueError(f"fused must be True or False, got {fused!r}")
-        self.fused = fused
+        if recompute is not None and not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True, False or None, got {recompute!r}")
+        self.fused, self.recompute = fused, recompute
         self.last_stats: LayerStats | None = None
         self.last_maps: torch.Tensor | None = None
         uses_q = self.dictionary_kind != "s"
@@ -476,7 +481,7 @@ class VARSLayer(nn.Module):
         out, code, (A, bs, L) = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
-            lipschitz=self.lipschitz, power_iters=10, low_dtype=low, squaring=None,
+            lipschitz=self.lipschitz, power_iters=10, low_dtype=low, squaring=None, recompute=self.recompute,
             residual=self.residual == "value" and not readout)
         self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=qv.device),
                                      (code,), lambda: kkt_residual_gram((torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L,
