@@ -44,7 +44,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=197)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", default="d,sd", help="comma-separated VARS dictionaries to time (s, d, sd)")
+    ap.add_argument("--layers", default="d,sd,sd-dense",
+                    help="comma-separated VARS variants to time: s, d, sd (convolutional templates), s-dense, "
+                         "sd-dense (dense static atoms, static='dense'); sd-dense:32 sets num_static_atoms")
     ap.add_argument("--unfused", action="store_true", help="also time VARS-D with fused=False (the generic path)")
     ap.add_argument("--kernel-size", type=int, default=None, help="static template size (default: the layer's)")
     args = ap.parse_args(argv)
@@ -52,10 +54,17 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.tokens, args.dim, requires_grad=True)
     layers = {"timm Attention": Attention(args.dim, num_heads=args.heads, qkv_bias=True)}
-    for d in args.layers.split(","):
+    for name in args.layers.split(","):
+        name, _, atoms = name.partition(":")
+        d, _, static = name.partition("-")
         extra = {} if args.kernel_size is None else {"kernel_size": args.kernel_size}
-        layers[f"VARS-{d.upper()} ista 3"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
-                                                       qkv_bias=True, **extra)
+        if static:
+            extra["static"] = static
+        if atoms:
+            extra["num_static_atoms"] = int(atoms)
+            static += f" m_s={atoms}"
+        layers[f"VARS-{d.upper()}{' ' + static if static else ''} ista 3"] = VARSLayer(
+            args.dim, args.heads, dictionary=d, solver="ista", steps=3, qkv_bias=True, **extra)
         if d == "d" and args.unfused:
             layers["VARS-D ista 3 unfused"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
                                                         qkv_bias=True, fused=False)
@@ -63,9 +72,9 @@ def main(argv=None):
           f"{args.threads} threads, median of {args.repeats} interleaved runs")
     res = interleaved(layers, x, args.repeats)
     base = res["timm Attention"]
-    print(f"{'layer':<26}{'ms':>10}{'ratio':>10}")
+    print(f"{'layer':<30}{'ms':>10}{'ratio':>10}")
     for name, sec in res.items():
-        print(f"{name:<26}{1e3 * sec:>10.1f}{sec / base:>10.2f}")
+        print(f"{name:<30}{1e3 * sec:>10.1f}{sec / base:>10.2f}")
     return res
 
 

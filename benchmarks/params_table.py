@@ -1,6 +1,6 @@
 """Parameters and GFLOPs of every host x attention at 224 px / 1000 classes, against the paper's Table 2.
 
-    python benchmarks/params_table.py [--no-flops] [--compat paper|official]
+    python benchmarks/params_table.py [--no-flops] [--compat paper|official] [--static conv|dense]
 
 Prints a Markdown table. Parameters are the trainable ones (``requires_grad``), as the official
 ``main.py`` counts them; frozen random projections are buffers or frozen and not counted. GFLOPs come
@@ -76,11 +76,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-flops", action="store_true", help="count parameters only (meta device, fast)")
     ap.add_argument("--compat", default=None, help="VARSLayer compat mode for the VARS rows (default: the layer's)")
+    ap.add_argument("--static", default=None, choices=("conv", "dense"),
+                    help="static atoms of the VARS-S / VARS-SD rows (default: the layer's, 'conv')")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is steadiest on a shared CPU)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     layer_kwargs = {} if args.compat is None else {"compat": args.compat}
+    if args.static is not None:
+        layer_kwargs["static"] = args.static
 
     print("| host | attention | params (M) | paper (M) | ratio | GFLOPs | paper GFLOPs | ratio |")
     print("|---|---|---|---|---|---|---|---|")

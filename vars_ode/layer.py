@@ -162,12 +162,14 @@ class VARSLayer(nn.Module):
         lipschitz: ``"power"``, ``"eigvalsh"`` or ``"official"`` for the dynamic ``L``.
         tol, max_iter: for ``steps=None``.
         solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``).
-        image_size: token grid side of the official ``"sd"`` kernel and of ``static="dense"`` atoms.
+        image_size: token grid side of the official ``"sd"`` kernel and of ``static="dense"`` atoms (which
+            use ``grid_size`` instead when it is given).
         static: the static atoms of ``"s"`` / ``"sd"``: ``"conv"`` (the paper's convolutional templates,
             ``atoms_per_channel`` per channel at every grid position; operator form) or ``"dense"``
             (``num_static_atoms`` learned maps over the token grid per head, as the official VARS-SD;
             Gram form, solved like VARS-D; see :class:`vars_ode.dictionaries.DenseStaticDictionary`).
-        num_static_atoms: ``m_s`` for ``static="dense"`` (default ``m``, the number of random features).
+        num_static_atoms: ``m_s`` for ``static="dense"`` (default ``head_dim``, which brings DeiT-Ti + VARS-SD to
+            the paper's 5.8M parameters).
         record_maps: record per-iteration attention maps in ``last_maps`` (see :func:`attention_maps`).
         fused: run the dynamic dictionary with a fixed number of ISTA / FISTA steps and unrolled gradients
             through :func:`vars_ode.fused.gram_sparse_code` (one autograd node, hand-written backward,
@@ -294,8 +296,8 @@ class VARSLayer(nn.Module):
                                         lipschitz=lipschitz, device=device, dtype=dtype)
             if self.dictionary_kind != "d" and static == "dense":
                 self.image_size = image_size
-                st = DenseStaticDictionary(num_heads, num_static_atoms or self.num_features, (image_size, image_size),
-                                           **dd)
+                st = DenseStaticDictionary(num_heads, num_static_atoms or head_dim,
+                                           grid_size or (image_size, image_size), **dd)
             elif self.dictionary_kind != "d":
                 st = StaticDictionary(dim, num_heads, atoms_per_channel=atoms_per_channel, kernel_size=kernel_size,
                                       padding=padding, **dd)
