@@ -218,6 +218,16 @@ def profile_block(device, quick, name="vars_d", top=12, path=None):
     return len(kernels)
 
 
+def train_step(model, opt, images, labels):
+    def step():
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def training_table(device, quick, iters, variants):
     import timm
     B, size = (4, 32) if quick else (256, 224)
@@ -229,19 +239,13 @@ def training_table(device, quick, iters, variants):
         images = torch.randn(B, 3, size, size, device=device)
         labels = torch.randint(0, 1000, (B,), device=device)
 
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(images), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = train_step(model, opt, images, labels)
         try:
             ms = timed(step, device, iters)
             out[name] = (B / ms * 1e3, peak_mib(device, step))
         except torch.OutOfMemoryError:
             out[name] = (float("nan"), float("nan"))
-        del model, opt
+        del model, opt, step
     s = out["self"]
     print(f"\n| vars_rvt_tiny train step, B {B}, {size} px | images/s (ratio) | peak MiB (ratio) |\n|---|---|---|")
     for name, (ips, mem) in out.items():

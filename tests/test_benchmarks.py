@@ -33,3 +33,11 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5"])
     out = capsys.readouterr().out
     assert out.count("| vars_ode") == 4 and "| 0.0001 | dopri5 |" in out
+
+
+def test_memory_benchmark_counts_bytes(capsys):
+    rows, model_rows = load("memory_cpu").main(["--batch", "2", "--tokens", "16", "--model-batch", "1", "--threads", "1"])
+    # the fused path with recomputation keeps less than the generic path at any size
+    assert rows["VARS-D fused (recompute)"] < rows["VARS-D generic"]
+    assert set(model_rows) == {"self", "vars_d"} and all(v > 0 for v in model_rows.values())
+    assert "| VARS-D fused (recompute) |" in capsys.readouterr().out

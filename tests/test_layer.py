@@ -381,7 +381,7 @@ def test_bad_forward_arguments():
 
 def test_public_exports():
     for name in ("VARSLayer", "replace_attention", "attention_maps", "StaticDictionary", "DynamicDictionary",
-                 "UnionDictionary"):
+                 "UnionDictionary", "DenseStaticDictionary", "gram_sparse_code"):
         assert hasattr(vars_ode, name), name
 
 

@@ -41,6 +41,12 @@ for numerical stability; it cancels exactly in the column normalisation. Its Gra
 Union (VARS-SD): the atoms of both, code ``(dynamic block, static block)``; its Lipschitz bound is
 the sum of the two (``||[A B]||^2 <= ||A||^2 + ||B||^2``).
 
+Dense static atoms (:class:`DenseStaticDictionary`, the layer's ``static="dense"``): ``m_s`` learned
+maps over the token grid per head, shared by the head's channels, as the official VARS-SD's static
+part. Appended to the random features they keep the small Gram form of VARS-D (a
+:class:`DynamicAtoms` over ``m + m_s`` raw columns), which the convolutional templates, being
+``r * H * W`` atoms per channel, cannot.
+
 :func:`solve_operator` runs ISTA, FISTA or any torchdiffeq method on an :class:`Atoms` in operator
 form (``gram_apply`` instead of a matrix); it is what the layer uses for the static and union
 dictionaries, whose Gram matrices (``rHW x rHW`` per channel) are too large to form.
