@@ -241,3 +241,18 @@ def test_layer_bad_static_arguments():
         VARSLayer(24, 3, dictionary="d", fused=1)
     with pytest.raises(ValueError, match="recompute must be True, False or None"):
         VARSLayer(24, 3, dictionary="d", recompute="yes")
+
+
+def test_cuda_defaults_on_the_cpu():
+    """The choices made for CUDA devices (power iteration by squaring, recomputation) give the same
+    layer outputs and gradients as the CPU ones, here on the CPU."""
+    g = torch.Generator().manual_seed(2)
+    qv = torch.randn(3, 17, 2, 2, 4, generator=g, dtype=D64, requires_grad=True)
+    W = torch.randn(2, 4, 8, generator=g, dtype=D64)
+    S = torch.randn(2, 17, 3, generator=g, dtype=D64, requires_grad=True)
+    res = []
+    for cuda_like in (False, True):
+        out = fused_attention_core(qv, W, 0.05, static=S, steps=4, squaring=cuda_like, recompute=cuda_like)[0]
+        res.append((out, *torch.autograd.grad(out.square().sum(), (qv, S))))
+    for a, b in zip(*res):
+        assert rel(a, b) < 1e-10

@@ -154,21 +154,28 @@ def _split(qv, k):
     return (qv[:, :, 0].transpose(1, 2) if k == 2 else None), v
 
 
-def _atoms(q, rnorm, W, c, S, shape, work, Fd=None):
-    # the raw atoms (B, h, N, m [+ m_s]) in the working dtype, the dynamic part and the unit queries
-    # (Fd given: the dynamic features kept from the forward pass)
+def _atoms(q, rnorm, W, c, S, shape, work, F=None):
+    # the raw atoms F = [exp(qn W - c), S] (B, h, N, m [+ m_s]) in the working dtype, their dynamic part
+    # (a view) and the unit queries; F given: the atoms kept from the forward pass
     B, h, N, dh = shape
-    parts, qn = [], None
+    qn = Fd = None
     if W is not None:
         if rnorm is None:  # F.normalize: q / max(|q|, 1e-12)
             rnorm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=work).clamp_min(1e-12).reciprocal()
         qn = torch.mul(q, rnorm, out=torch.empty((B, h, N, dh), dtype=work, device=q.device))
-        if Fd is None:
-            Fd = _bmm(qn, W.to(work)).sub_(c).exp_()  # exp(qn W - c): one GEMM, two in-place passes
-        parts.append(Fd)
-    if S is not None:
-        parts.append(S.to(work).expand(B, h, N, S.shape[-1]))
-    F = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    if F is None:
+        if W is not None:
+            z = _bmm(qn, W.to(work)).sub_(c)  # one GEMM, then exp(z - c) in place or into the union's buffer
+            if S is None:
+                F = z.exp_()
+            else:
+                F = torch.empty((B, h, N, W.shape[-1] + S.shape[-1]), dtype=work, device=q.device)
+                torch.exp(z, out=F[..., :W.shape[-1]])
+                F[..., W.shape[-1]:] = S.to(work)
+        else:
+            F = S.to(work).expand(B, h, N, S.shape[-1])
+    if W is not None:
+        Fd = F[..., :W.shape[-1]]
     return F, Fd, qn, rnorm
 
 
@@ -180,7 +187,7 @@ class _GramSparseCode(torch.autograd.Function):
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
         c = W.to(work).pow(2).sum(1, keepdim=True).sqrt().unsqueeze(0) if W is not None else None  # (1, h, 1, m)
-        F, Fd, _, rnorm = _atoms(q, None, W, c, S, (B, h, N, dh), work)
+        F, _, _, rnorm = _atoms(q, None, W, c, S, (B, h, N, dh), work)
         Fl = F.to(low)
         Ft = Fl.transpose(-1, -2)
         vl = v.to(low).contiguous()
@@ -205,7 +212,8 @@ class _GramSparseCode(torch.autograd.Function):
         if recompute:
             kept = ()
         else:  # features, contiguous values, step matrix and iterates
-            kept = (Fd, vl, pb.A, pb.nss, u_scaled, *(y for y in ys if y is not None), *ps, *betas)
+            kept = (F if W is not None else None, vl, pb.A, pb.nss, u_scaled, *(y for y in ys if y is not None),
+                    *ps, *betas)
         ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, *kept)
         ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual,
                    recompute, [y is None for y in ys])
@@ -221,18 +229,18 @@ class _GramSparseCode(torch.autograd.Function):
         q, v = _split(qv, k)
         G, a = Gl.to(work), al.to(work)
         if recompute:
-            Fd = vl = None
+            F = vl = None
             pb = _Problem(G, a, s, L, weight)
             u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
         else:
-            Fd, vl, A, nss, u, *rest = kept
+            F, vl, A, nss, u, *rest = kept
             pb = _Problem(G, a, s, L, weight, A, nss)
             it = iter(rest)
             ys = [None if none else next(it) for none in y_none]
             ps = [next(it) for _ in range(steps)]
             betas = list(it)
         su = u * (pb.tau * s)
-        F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, (B, h, N, dh), work, Fd)
+        F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, (B, h, N, dh), work, F)
         Fl = F.to(low)
         gl = g_out.transpose(1, 2).to(low).contiguous()  # (B, h, N, dh)
         # out = F (s u) [+ v]; with u = tau u', the gradient w.r.t. the scaled code is tau * d/du
