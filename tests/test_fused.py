@@ -1,7 +1,9 @@
 """The fused Gram-form path (vars_ode.fused): the same function and gradients as the generic path and
 as a float64 brute force written out here, the power iteration by squaring, the activation memory it
 keeps, and the dense static atoms (static="dense") it shares with VARS-SD."""
+import importlib.util
 import math
+import pathlib
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from vars_ode.fused import _power, fused_attention_core, gram_sparse_code
 from vars_ode.ops import lipschitz_constant
 
 D64 = torch.float64
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -137,19 +140,11 @@ def test_gradients_with_static_atoms_against_autograd():
 
 
 def saved_bytes(fn, *args):
-    """Bytes of the tensors autograd keeps for the backward pass of ``fn(*args)`` (shared storage once)."""
-    seen, total = set(), [0]
-
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total[0]
+    """Bytes autograd keeps for the backward pass of ``fn(*args)`` (benchmarks/memory_cpu.py's counter)."""
+    spec = importlib.util.spec_from_file_location("memory_cpu", ROOT / "benchmarks" / "memory_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.saved_bytes(lambda: fn(*args))
 
 
 def test_activation_memory():
@@ -172,19 +167,6 @@ def test_activation_memory():
     generic = VARSLayer(C, h, dictionary="d", steps=3, fused=False)
     fused = VARSLayer(C, h, dictionary="d", steps=3, recompute=True)  # the default on CUDA devices
     assert saved_bytes(generic, x) > saved_bytes(fused, x) + 2 * nm
-
-
-def test_kept_and_recomputed_activations_give_the_same_gradients():
-    g = torch.Generator().manual_seed(1)
-    qv = torch.randn(2, 10, 2, 2, 3, generator=g, dtype=D64, requires_grad=True)
-    W = torch.randn(2, 3, 6, generator=g, dtype=D64)
-    S = torch.randn(2, 10, 4, generator=g, dtype=D64, requires_grad=True)
-    grads = []
-    for keep in (False, True):
-        out = fused_attention_core(qv, W, 0.05, static=S, steps=3, solver="fista", recompute=keep)[0]
-        grads.append(torch.autograd.grad(out.square().sum(), (qv, S)))
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
 
 
 def test_bf16_autocast_keeps_q_and_v_in_bf16():
@@ -243,16 +225,19 @@ def test_layer_bad_static_arguments():
         VARSLayer(24, 3, dictionary="d", recompute="yes")
 
 
-def test_cuda_defaults_on_the_cpu():
-    """The choices made for CUDA devices (power iteration by squaring, recomputation) give the same
-    layer outputs and gradients as the CPU ones, here on the CPU."""
+@pytest.mark.parametrize("solver", ["ista", "fista"])
+def test_cuda_defaults_on_the_cpu(solver):
+    """The choices made for CUDA devices (power iteration by squaring, recomputed features and iterates)
+    give the outputs and gradients of the CPU ones, here on the CPU."""
     g = torch.Generator().manual_seed(2)
     qv = torch.randn(3, 17, 2, 2, 4, generator=g, dtype=D64, requires_grad=True)
     W = torch.randn(2, 4, 8, generator=g, dtype=D64)
     S = torch.randn(2, 17, 3, generator=g, dtype=D64, requires_grad=True)
     res = []
-    for cuda_like in (False, True):
-        out = fused_attention_core(qv, W, 0.05, static=S, steps=4, squaring=cuda_like, recompute=cuda_like)[0]
+    for squaring, recompute in ((False, False), (False, True), (True, False), (True, True)):
+        out = fused_attention_core(qv, W, 0.05, static=S, steps=4, solver=solver, squaring=squaring,
+                                   recompute=recompute)[0]
         res.append((out, *torch.autograd.grad(out.square().sum(), (qv, S))))
-    for a, b in zip(*res):
-        assert rel(a, b) < 1e-10
+    for other in res[1:]:
+        for a, b in zip(other, res[0]):
+            assert rel(a, b) < 1e-10
