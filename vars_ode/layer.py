@@ -171,9 +171,10 @@ class VARSLayer(nn.Module):
         num_static_atoms: ``m_s`` for ``static="dense"`` (default ``head_dim``, which brings DeiT-Ti + VARS-SD to
             the paper's 5.8M parameters).
         record_maps: record per-iteration attention maps in ``last_maps`` (see :func:`attention_maps`).
-        fused: run the dynamic dictionary with a fixed number of ISTA / FISTA steps and unrolled gradients
-            through :func:`vars_ode.fused.gram_sparse_code` (one autograd node, hand-written backward,
-            no ``N x m`` activation kept); ``False`` takes the generic path (same function, more memory).
+        fused: run Gram-form dictionaries (``"d"``, or ``static="dense"``) with a fixed number of ISTA / FISTA
+            steps and unrolled gradients as one autograd node with a hand-written backward
+            (:func:`vars_ode.fused.fused_attention_core`); ``False`` takes the generic path (the same
+            function and gradients, more time and memory).
         recompute: on the fused path, recompute the features and replay the iterations in the backward
             pass (``True``: activation memory about that of ``q`` and ``v``) or keep them (``False``: faster);
             ``None``: recompute on CUDA devices, keep elsewhere.
