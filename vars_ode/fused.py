@@ -17,10 +17,11 @@ maximum instead: the same atoms). The iteration runs on the code divided by its 
 so that the shrinkage is ``softshrink(., 1)``, one kernel, for every problem at once.
 
 The backward pass is written by hand. The node keeps its input (the ``qv`` projection), ``G`` and
-``F^T v`` (both small: ``m x m`` and ``m x dh`` per head) and per-atom vectors; it replays the
-iterations (a few ``m x m`` products) instead of storing the iterates and, on CUDA devices by default,
-recomputes the features (one product and one exponential) instead of storing them, so the activation
-memory of the layer is about that of its inputs (``recompute``). Nothing synchronises with the host.
+``F^T v`` (both small: ``m x m`` and ``m x dh`` per head) and per-atom vectors. With ``recompute=True``
+(the default on CUDA devices) it recomputes the features (one product and one exponential) and
+replays the iterations (a few ``m x m`` products) instead of storing them, so the activation memory of
+the layer is about that of its inputs; with ``recompute=False`` (the default elsewhere) it keeps them,
+which saves that work. Nothing synchronises with the host.
 
 ``low_dtype`` (bf16 / fp16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
 decoding and their gradients) in that precision; the features' exponent and the iteration on ``K``
