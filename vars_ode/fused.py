@@ -249,7 +249,7 @@ class _GramSparseCode(torch.autograd.Function):
         g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
         g_u = g_su * (s * pb.tau)
         # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
-        g_bs = P = None  # P = d loss / d (K / L) = -d loss / d A = -sum_t gp_t y_t^T
+        g_bs = Q = None  # Q = d loss / d A = -d loss / d (K / L) = sum_t gp_t y_t^T
         gy_next = gy_next2 = None
         for t in range(steps - 1, -1, -1):
             if solver == "fista" and gy_next is not None:
@@ -260,10 +260,10 @@ class _GramSparseCode(torch.autograd.Function):
             gp = torch.ops.aten.softshrink_backward(g_u, ps[t], 1.0) if pb.shrink else g_u
             g_bs = gp if g_bs is None else g_bs + gp
             if ys[t] is not None:
-                if P is None:
-                    P = _bmm(gp, ys[t].transpose(-1, -2), alpha=-1.0)
+                if Q is None:
+                    Q = _bmm(gp, ys[t].transpose(-1, -2))
                 else:
-                    _bmm_(P, gp, ys[t].transpose(-1, -2), alpha=-1.0)
+                    _bmm_(Q, gp, ys[t].transpose(-1, -2))
             if t == 0 and init == "zeros":
                 break  # u_0 = 0 is a constant: nothing flows further
             g_y = pb.A @ gp  # A symmetric
@@ -281,24 +281,23 @@ class _GramSparseCode(torch.autograd.Function):
         # bs = a * bscale, bscale = s / w (or s / L when w = 0)
         g_s = g_s + (g_bs * a).sum(-1, keepdim=True) * (pb.bscale / s)
         g_a = (g_bs * pb.bscale).to(low)
-        if P is not None:
-            # K / L = G o ss (ss = s s^T / L = -nss): with P2 = P + P^T, dG + dG^T = P2 o ss and
-            # ds = rowsum(P2 o K / L) / s, where K / L = I - A
-            P2 = P + P.transpose(-1, -2)
-            rows = torch.diagonal(P2, dim1=-2, dim2=-1) - torch.einsum("bhij,bhij->bhi", P2, pb.A)
+        if Q is not None:
+            # A = I + G o nss (nss = -s s^T / L): with Q2 = Q + Q^T, dG + dG^T = Q2 o nss and
+            # ds = rowsum(Q2 o (A - I)) / s
+            Q2 = Q + Q.transpose(-1, -2)
+            rows = torch.einsum("bhij,bhij->bhi", Q2, pb.A) - torch.diagonal(Q2, dim1=-2, dim2=-1)
             g_s = g_s + rows.unsqueeze(-1) / s
-            g_Gn = P2.mul_(pb.nss)  # -(dG + dG^T)
+            g_Gs = Q2.mul_(pb.nss)  # dG + dG^T
         else:
-            g_Gn = torch.zeros_like(pb.nss)
+            g_Gs = torch.zeros_like(pb.nss)
         g_d = torch.where(d_ok, -0.5 * g_s * s.pow(3), 0.0)  # s = d^(-1/2), d = diag(G)
-        g_Gn.diagonal(dim1=-2, dim2=-1).sub_(2 * g_d.squeeze(-1))
-        # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T, accumulated
-        # with the opposite sign (ngF = -dF), which the chain below undoes at no cost
+        g_Gs.diagonal(dim1=-2, dim2=-1).add_(2 * g_d.squeeze(-1))
+        # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
         if vl is None:
             vl = v.to(low).contiguous()
-        ngF = _bmm(Fl, g_Gn.to(low))
-        _bmm_(ngF, vl, g_a.transpose(-1, -2), alpha=-1.0)
-        _bmm_(ngF, gl, su.to(low).transpose(-1, -2), alpha=-1.0)
+        g_F = _bmm(Fl, g_Gs.to(low))
+        _bmm_(g_F, vl, g_a.transpose(-1, -2))
+        _bmm_(g_F, gl, su.to(low).transpose(-1, -2))
         g_qv = torch.empty_like(qv)
         g_v = _bmm(Fl, g_a)
         _, g_v_out = _split(g_qv, k)
@@ -310,13 +309,13 @@ class _GramSparseCode(torch.autograd.Function):
         m = 0
         if W is not None:
             m = W.shape[-1]
-            ng_z = ngF[..., :m].to(work).mul_(Fd)  # through the exponential
-            ng_qn = _bmm(ng_z, W.to(work).transpose(-1, -2))
+            g_z = g_F[..., :m].to(work).mul_(Fd)  # through the exponential
+            g_qn = _bmm(g_z, W.to(work).transpose(-1, -2))
             # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
-            ng_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, ng_qn).unsqueeze(-1), value=-1.0)
-            torch.mul(ng_qn, rnorm.neg(), out=_split(g_qv, k)[0])
+            g_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, g_qn).unsqueeze(-1), value=-1.0)
+            torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
         if S is not None and ctx.needs_input_grad[2]:
-            g_S = ngF[..., m:].sum(0).neg_().to(S.dtype)
+            g_S = g_F[..., m:].sum(0).to(S.dtype)
         return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None
 
 
