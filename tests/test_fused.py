@@ -241,3 +241,20 @@ def test_cuda_defaults_on_the_cpu(solver):
     for other in res[1:]:
         for a, b in zip(other, res[0]):
             assert rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["d", "sd-dense"])
+def test_code_dropout_matches_the_generic_path(variant):
+    """attn_drop in training: the fused node draws the mask nn.Dropout draws on the generic path."""
+    kind, _, static = variant.partition("-")
+    kw = dict(dictionary=kind, steps=3, attn_drop=0.4, image_size=3, **({"static": static} if static else {}))
+    fused, generic = pair(5, **kw)
+    fused.train(), generic.train()
+    x = torch.randn(2, 10, 24, dtype=D64, requires_grad=True)
+    torch.manual_seed(11)
+    y1, g1 = run(fused, x)
+    torch.manual_seed(11)
+    y2, g2 = run(generic, x)
+    assert rel(y1, y2) < 1e-10 and all(rel(a, b) < 1e-9 for a, b in zip(g1, g2))
+    torch.manual_seed(12)
+    assert rel(fused(x), y1) > 1e-3  # another draw, another mask

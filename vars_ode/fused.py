@@ -183,7 +183,7 @@ def _atoms(q, rnorm, W, c, S, shape, work, F=None):
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                residual, recompute):
+                residual, recompute, drop):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -203,7 +203,12 @@ class _GramSparseCode(torch.autograd.Function):
             L = lipschitz_constant(G * (s * s.transpose(-1, -2)), lipschitz, iters=power_iters)[..., None, None]
         pb = _Problem(G, a, s, L, weight)
         u_scaled, ys, ps, betas = _iterate(pb, steps, solver, restart, init)
+        # dropout on the code (the layer's attn_drop): the scaled keep-mask of F.dropout, drawn as
+        # nn.Dropout would draw it for a tensor of the code's shape
+        mask = nnf.dropout(torch.ones_like(u_scaled), drop, True) if drop > 0 else None
         su = u_scaled * (pb.tau * s)  # s u
+        if mask is not None:
+            su = su * mask
         recon = _bmm(Fl, su.to(low))
         out = torch.empty((B, N, h, dh), dtype=low, device=qv.device)
         if residual:
@@ -215,7 +220,7 @@ class _GramSparseCode(torch.autograd.Function):
         else:  # features, contiguous values, step matrix and iterates
             kept = (F if W is not None else None, vl, pb.A, pb.nss, u_scaled, *(y for y in ys if y is not None),
                     *ps, *betas)
-        ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, *kept)
+        ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept)
         ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual,
                    recompute, [y is None for y in ys])
         code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
@@ -225,7 +230,7 @@ class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, _gu, _gK, _gb, _gL):
         steps, solver, restart, init, low, weight, d_ok, work, residual, recompute, y_none = ctx.cfg
-        qv, rnorm, W, c, S, Gl, al, s, L, *kept = ctx.saved_tensors
+        qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         G, a = Gl.to(work), al.to(work)
@@ -241,13 +246,15 @@ class _GramSparseCode(torch.autograd.Function):
             ps = [next(it) for _ in range(steps)]
             betas = list(it)
         su = u * (pb.tau * s)
+        if mask is not None:
+            su = su * mask
         F, Fd, qn, _ = _atoms(q, rnorm, W, c, S, (B, h, N, dh), work, F)
         Fl = F.to(low)
         gl = g_out.transpose(1, 2).to(low).contiguous()  # (B, h, N, dh)
         # out = F (s u) [+ v]; with u = tau u', the gradient w.r.t. the scaled code is tau * d/du
         g_su = _bmm(Fl.transpose(-1, -2), gl).to(work)  # (B, h, m, dh)
         g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
-        g_u = g_su * (s * pb.tau)
+        g_u = g_su * (s * pb.tau) if mask is None else g_su * (s * pb.tau) * mask
         # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
         g_bs = Q = None  # Q = d loss / d A = -d loss / d (K / L) = sum_t gp_t y_t^T
         gy_next = gy_next2 = None
@@ -316,7 +323,7 @@ class _GramSparseCode(torch.autograd.Function):
             torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
-        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None
+        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(steps, solver, init):
@@ -330,7 +337,7 @@ def _check(steps, solver, init):
 
 def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
-                         low_dtype=None, squaring=None, residual: bool = True, recompute=None):
+                         low_dtype=None, squaring=None, residual: bool = True, recompute=None, dropout: float = 0.0):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
     values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, code, (I - K / L, b / L, L))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
@@ -339,7 +346,8 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     ``recompute``: recompute the dynamic features ``(B, h, N, m)`` and replay the iterations in the backward
     pass (``True``), or keep them from the forward pass (``False``: faster, one ``N x m`` tensor and a few
     ``m x dh`` ones more per layer). Default: recomputed on CUDA devices (where activation memory is what
-    limits a training batch), kept elsewhere."""
+    limits a training batch), kept elsewhere. ``dropout``: probability of dropping a code entry before the
+    decoding (the layer's ``attn_drop`` in training); the mask is drawn as ``nn.Dropout`` draws it."""
     _check(steps, solver, init)
     if qv.dim() != 5 or qv.shape[2] != (2 if rand_matrix is not None else 1):
         raise ValueError(f"qv must have shape (B, N, {2 if rand_matrix is not None else 1}, h, dh), "
@@ -352,7 +360,8 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
     recompute = qv.device.type == "cuda" if recompute is None else bool(recompute)
     out, code, A, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
-                                                init, lipschitz, power_iters, low, squaring, bool(residual), recompute)
+                                                init, lipschitz, power_iters, low, squaring, bool(residual), recompute,
+                                                float(dropout))
     return out, code, (A, bs, L)
 
 

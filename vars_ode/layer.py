@@ -458,12 +458,11 @@ class VARSLayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _fusable(self) -> bool:
-        # the fused Gram-form path (vars_ode.fused) covers the dynamic dictionary with a fixed number of
-        # ISTA / FISTA steps and unrolled gradients; everything else takes the generic path
-        return (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps and self.grad == "unroll"
-                and self.solver in FUSED_SOLVERS and isinstance(self.steps, int)
-                and set(self.solver_options) <= ({"restart"} if self.solver == "fista" else set())
-                and not (self.training and self.attn_drop.p > 0))
+        # the fused path (vars_ode.fused) covers Gram-form dictionaries with a fixed number of ISTA / FISTA
+        # steps and unrolled gradients; everything else takes the generic path
+        return (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps
+                and self.grad == "unroll" and self.solver in FUSED_SOLVERS and isinstance(self.steps, int)
+                and set(self.solver_options) <= ({"restart"} if self.solver == "fista" else set()))
 
     def _parts(self):
         # (dynamic dictionary or None, static dictionary or None)
@@ -485,6 +484,7 @@ class VARSLayer(nn.Module):
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
             lipschitz=self.lipschitz, power_iters=10, low_dtype=low, squaring=None, recompute=self.recompute,
+            dropout=self.attn_drop.p if self.training else 0.0,
             residual=self.residual == "value" and not readout)
         self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=qv.device),
                                      (code,), lambda: kkt_residual_gram((torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L,
