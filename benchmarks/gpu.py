@@ -145,10 +145,17 @@ def make_block(dim, heads, opts, device):
 
 
 def graphed_ms(block, x, iters):
-    """Forward+backward of a block captured as CUDA graphs (launch costs removed), or NaN if capture fails."""
+    """Forward+backward of a block captured as CUDA graphs (launch costs removed), or NaN if capture fails.
+    Captured and replayed under bf16 autocast (its weight cache off, as graph capture requires)."""
     try:
-        g = torch.cuda.make_graphed_callables(block, (x,))
-        step = block_step(g, x, torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            g = torch.cuda.make_graphed_callables(block, (x,))
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                out = g(x)
+            out.float().sum().backward()
+
         return timed(step, x.device, iters)
     except Exception as exc:  # capture is a diagnostic: report, do not stop the benchmark
         print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
