@@ -44,3 +44,12 @@ def report(name: str, **values) -> dict:
     parts = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
     print(f"  [ok] {name}: {parts}")
     return {name: values}
+
+
+def cli(main, sizes, doc: str) -> None:
+    """``python check_*.py [--size small|...]``: run ``main(size)``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--size", choices=sorted(sizes), default="small")
+    main(ap.parse_args().size)

@@ -6,7 +6,6 @@ float64 and prints the numbers it measured. ``main()`` returns them as a dict.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from torchdiffeq import odeint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vars_ode  # noqa: E402
-from _common import DTYPE, random_problem, report  # noqa: E402
+from _common import DTYPE, cli, report  # noqa: E402
 from vars_ode import GramVARSDynamics, VARSDynamics  # noqa: E402
 
 SIZES = {"small": dict(N=64, C=8, head=16, m=32, mc_features=2**16, img=12),
@@ -205,6 +204,4 @@ def main(size: str = "small") -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    main(ap.parse_args().size)
+    cli(main, SIZES, __doc__)

@@ -5,7 +5,6 @@ in float64 and prints the numbers it measured. ``main()`` returns them as a dict
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from torchdiffeq import odeint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vars_ode  # noqa: E402
-from _common import DTYPE, Counted, random_problem, report, sklearn_lasso  # noqa: E402
+from _common import DTYPE, Counted, cli, random_problem, report, sklearn_lasso  # noqa: E402
 from vars_ode import ReducedVARSDynamics, VARSDynamics, lca_field, soft_threshold  # noqa: E402
 
 SIZES = {"small": dict(d=20, m=30, horizon=100.0), "full": dict(d=40, m=60, horizon=200.0)}
@@ -244,6 +243,4 @@ def main(size: str = "small") -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    main(ap.parse_args().size)
+    cli(main, SIZES, __doc__)

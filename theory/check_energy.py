@@ -5,7 +5,6 @@ float64 and prints the numbers it measured. ``main()`` returns them as a dict.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from torchdiffeq import odeint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vars_ode  # noqa: E402
-from _common import DTYPE, Counted, random_problem, report  # noqa: E402
+from _common import DTYPE, Counted, cli, random_problem, report  # noqa: E402
 from vars_ode import ReducedVARSDynamics, VARSDynamics  # noqa: E402
 
 SIZES = {"small": dict(d=20, m=30, samples=401), "full": dict(d=40, m=60, samples=2001)}
@@ -229,6 +228,4 @@ def main(size: str = "small") -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    main(ap.parse_args().size)
+    cli(main, SIZES, __doc__)
