@@ -614,76 +614,61 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
 
     zero_start = isinstance(init, str) and init == "zeros"  # then K u0 = 0: skip the first product
 
-    if (solver in ("ista", "fista") and steps is not None and record is None and not isinstance(weight, torch.Tensor)
-            and weight > 0 and set(options) <= ({"restart"} if solver == "fista" else set())):
-        # fixed budget: iterate on the code divided by its threshold w / L, so that a step is
-        # u' <- softshrink(u' + b / w - K u' / L, 1): three passes over the code instead of eight
-        taus = tuple(w / Li for w, Li in zip(ws, Ls))
+    if solver in ("ista", "fista"):
+        restart = options.pop("restart", True) if solver == "fista" else True
+        if options:
+            valid = "valid options: ['restart']" if solver == "fista" else "it takes none"
+            raise ValueError(f"unknown option(s) {sorted(options)} for solver {solver!r}; {valid}")
+        # A step is u <- S_{w/L}(u + b/L - K u / L). With a positive float weight the iterate is the code
+        # divided by its threshold tau = w / L, so that the shrinkage is softshrink(., 1): three passes
+        # over the code per step instead of eight; the code itself is tau times the iterate.
         invL = tuple(1.0 / Li for Li in Ls)
-        bs = tuple(b / w for b, w in zip(B, ws))
-        scaled = None if zero_start else tuple(ui / ti for ui, ti in zip(u, taus))
+        if not isinstance(weight, torch.Tensor) and weight > 0:
+            taus = tuple(w / Li for w, Li in zip(ws, Ls))
+            bs = tuple(b / w for b, w in zip(B, ws))
+            u = tuple(ui / ti for ui, ti in zip(u, taus))
 
-        def step(y):
-            if y is None:  # the zero code: p = b / w
-                return tuple(F.softshrink(b, 1.0) for b in bs)
-            Ky = atoms.gram_apply(y)
-            return tuple(F.softshrink(torch.addcmul(yi + b, k, il, value=-1.0), 1.0)
-                         for yi, k, b, il in zip(y, Ky, bs, invL))
+            def shrink(ps):
+                return tuple(F.softshrink(p, 1.0) for p in ps)
 
-        if solver == "ista":
-            for _ in range(steps):
-                scaled = step(scaled)
+            def real(code):
+                return tuple(c * t for c, t in zip(code, taus))
         else:
-            restart = options.get("restart", True)
-            y, t = scaled, torch.ones((), dtype=B[0].dtype, device=dev)
-            for _ in range(steps):
-                un = step(y)
-                tn = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-                beta = (t - 1) / tn
-                diffs = un if scaled is None else tuple(ni - ui for ni, ui in zip(un, scaled))
-                if restart:  # the test is invariant under the positive scaling of each problem
-                    ups = tuple(-ni for ni in un) if y is None else tuple(yi - ni for yi, ni in zip(y, un))
-                    bad = sum(atoms.reduce(i, a * dd) for i, (a, dd) in enumerate(zip(ups, diffs))) > 0
-                    beta = torch.where(bad, torch.zeros_like(bad, dtype=beta.dtype), beta)
-                    tn = torch.where(bad, torch.ones_like(beta), tn)
-                y = tuple(ni + atoms.expand(i, beta) * dd for i, (ni, dd) in enumerate(zip(un, diffs)))
-                scaled, t = un, tn
-        code = tuple(ui * ti for ui, ti in zip(scaled, taus))
-        return code, torch.full((), steps, dtype=torch.long, device=dev)
+            thrs = tuple(w / Li for w, Li in zip(ws, Ls))
+            bs = tuple(b * il for b, il in zip(B, invL))
 
-    if solver == "ista":
-        if options:
-            raise ValueError(f"unknown option(s) {sorted(options)} for solver 'ista'; it takes none")
-        it = 0
-        while steps is None or it < steps:
-            if steps is None and it % check_every == 0 and (it >= max_iter or bool(residual(u).amax() <= tol)):
-                break
-            Ku = u if (zero_start and it == 0) else atoms.gram_apply(u)
-            u = tuple(_soft(ui - (k - b) / Li, w / Li) for ui, k, b, Li, w in zip(u, Ku, B, Ls, ws))
-            it += 1
-            rec(u)
-        return u, torch.full((), it, dtype=torch.long, device=dev)
+            def shrink(ps):
+                return tuple(_soft(p, t) for p, t in zip(ps, thrs))
 
-    if solver == "fista":
-        restart = options.pop("restart", True)
-        if options:
-            raise ValueError(f"unknown option(s) {sorted(options)} for solver 'fista'; valid options: ['restart']")
+            def real(code):
+                return code
+
+        def step(y, first):
+            if first and zero_start:  # K u0 = 0: skip the product
+                return shrink(tuple(y_ + b for y_, b in zip(y, bs)))
+            Ky = atoms.gram_apply(y)
+            return shrink(tuple(torch.addcmul(yi + b, k, il, value=-1.0) for yi, k, b, il in zip(y, Ky, bs, invL)))
+
         y, t, it = u, torch.ones((), dtype=B[0].dtype, device=dev), 0
         while steps is None or it < steps:
-            if steps is None and it % check_every == 0 and (it >= max_iter or bool(residual(u).amax() <= tol)):
+            if steps is None and it % check_every == 0 and (it >= max_iter or bool(residual(real(u)).amax() <= tol)):
                 break
-            Ky = y if (zero_start and it == 0) else atoms.gram_apply(y)
-            un = tuple(_soft(yi - (k - b) / Li, w / Li) for yi, k, b, Li, w in zip(y, Ky, B, Ls, ws))
-            tn = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-            beta = (t - 1) / tn
-            if restart:
-                bad = sum(atoms.reduce(i, (yi - ni) * (ni - ui)) for i, (yi, ni, ui) in enumerate(zip(y, un, u))) > 0
-                beta = torch.where(bad, torch.zeros_like(bad, dtype=beta.dtype), beta)
-                tn = torch.where(bad, torch.ones_like(beta), tn)
-            y = tuple(ni + atoms.expand(i, beta) * (ni - ui) for i, (ni, ui) in enumerate(zip(un, u)))
-            u, t, it = un, tn, it + 1
-            rec(u)
-        return u, torch.full((), it, dtype=torch.long, device=dev)
+            un = step(y, it == 0)
+            if solver == "fista":
+                tn = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+                beta = (t - 1) / tn
+                if restart:  # the test is invariant under the positive scaling of each problem
+                    bad = sum(atoms.reduce(i, (yi - ni) * (ni - ui)) for i, (yi, ni, ui) in enumerate(zip(y, un, u))) > 0
+                    beta = torch.where(bad, torch.zeros_like(bad, dtype=beta.dtype), beta)
+                    tn = torch.where(bad, torch.ones_like(beta), tn)
+                y = tuple(ni + atoms.expand(i, beta) * (ni - ui) for i, (ni, ui) in enumerate(zip(un, u)))
+                t = tn
+            else:
+                y = un
+            u, it = un, it + 1
+            if record is not None:
+                rec(real(u))
+        return real(u), torch.full((), it, dtype=torch.long, device=dev)
 
     # ODE solvers
     from torchdiffeq import odeint, odeint_adjoint
