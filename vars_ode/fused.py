@@ -37,26 +37,22 @@ from .ops import lipschitz_constant
 FUSED_SOLVERS = ("ista", "fista")
 
 
-def _bmm(a, b, acc=None, alpha=1.0):
-    # alpha * (a @ b) (+ acc) over (B, h, ., .) tensors as one batched GEMM; b and acc may broadcast
-    if acc is None and alpha == 1.0:
+def _bmm(a, b, acc=None):
+    # a @ b (+ acc) over (B, h, ., .) tensors as one batched GEMM; b and acc may broadcast
+    if acc is None:
         return torch.matmul(a, b)
     lead = a.shape[:-2]
     a3 = a.reshape(-1, *a.shape[-2:])
     b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    if acc is None:
-        out = torch.baddbmm(a3.new_zeros(()), a3, b3, beta=0.0, alpha=alpha)
-    else:
-        acc3 = acc.expand(*lead, *acc.shape[-2:]).reshape(-1, *acc.shape[-2:])
-        out = torch.baddbmm(acc3, a3, b3, alpha=alpha)
-    return out.view(*lead, *out.shape[-2:])
+    acc3 = acc.expand(*lead, *acc.shape[-2:]).reshape(-1, *acc.shape[-2:])
+    return torch.baddbmm(acc3, a3, b3).view(*lead, *a.shape[-2:-1], b.shape[-1])
 
 
-def _bmm_(out, a, b, alpha=1.0):
-    # out += alpha * (a @ b) in place (out contiguous); b may broadcast
+def _bmm_(out, a, b):
+    # out += a @ b in place (out contiguous); b may broadcast
     lead = a.shape[:-2]
     out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]),
-                                          b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:]), alpha=alpha)
+                                          b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:]))
 
 
 def _power(G, s, iters, squaring):

@@ -296,7 +296,6 @@ class VARSLayer(nn.Module):
                 dyn = DynamicDictionary(num_heads, head_dim, self.num_features, orthogonal=orthogonal_features,
                                         lipschitz=lipschitz, device=device, dtype=dtype)
             if self.dictionary_kind != "d" and static == "dense":
-                self.image_size = image_size
                 st = DenseStaticDictionary(num_heads, num_static_atoms or head_dim,
                                            grid_size or (image_size, image_size), **dd)
             elif self.dictionary_kind != "d":
@@ -474,22 +473,25 @@ class VARSLayer(nn.Module):
         dyn, st = self._parts()
         if dyn is not None and not isinstance(self.q_norm, nn.Identity):
             qv = torch.stack([self.q_norm(qv[:, :, 0]), qv[:, :, 1]], 2)
-        static = None
+        static, readout = None, False
         if st is not None:
             grid, p = self._grid(N)
             static = st.raw(grid, p)
+            readout = self.dictionary_kind == "s" and p > 0  # prefix tokens of VARS-S
         weight = penalty_weight(self.lam, self.convention)
-        readout = self.dictionary_kind == "s" and self._grid(N)[1] > 0  # prefix tokens of VARS-S
         out, code, (A, bs, L) = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
-            lipschitz=self.lipschitz, power_iters=10, low_dtype=low, squaring=None, recompute=self.recompute,
-            dropout=self.attn_drop.p if self.training else 0.0,
+            lipschitz=self.lipschitz, power_iters=dyn.power_iters if dyn is not None else 10, low_dtype=low,
+            recompute=self.recompute, dropout=self.attn_drop.p if self.training else 0.0,
             residual=self.residual == "value" and not readout)
-        self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, dtype=torch.long, device=qv.device),
-                                     (code,), lambda: kkt_residual_gram((torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L,
-                                                                        bs * L, code, weight),
-                                     lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
+
+        def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L
+            K = (torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L
+            return kkt_residual_gram(K, bs * L, code, weight)
+
+        self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, device=qv.device),
+                                     (code,), residual, lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
         if readout:
             v = qv[:, :, -1].transpose(1, 2)
             recon = self._prefix_readout(out.transpose(1, 2), N)
