@@ -122,9 +122,9 @@ def check_correctness(device, quick):
     return ok, rows
 
 
-def block_step(block, x, amp):
+def block_step(block, x, amp, cache=True):
     def step():
-        with torch.autocast(x.device.type, dtype=amp):
+        with torch.autocast(x.device.type, dtype=amp, cache_enabled=cache):
             out = block(x)
         out.float().sum().backward()
     return step
@@ -150,13 +150,7 @@ def graphed_ms(block, x, iters):
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             g = torch.cuda.make_graphed_callables(block, (x,))
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                out = g(x)
-            out.float().sum().backward()
-
-        return timed(step, x.device, iters)
+        return timed(block_step(g, x, torch.bfloat16, cache=False), x.device, iters)
     except Exception as exc:  # capture is a diagnostic: report, do not stop the benchmark
         print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
         return float("nan")
