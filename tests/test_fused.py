@@ -161,7 +161,7 @@ def test_activation_memory():
     kept = saved_bytes(lambda t: fused_attention_core(t, W, 0.1, steps=3, recompute=False)[0], qv)
     assert lean < qv.numel() * 4 + small, (lean, qv.numel() * 4, small)
     v_bytes = qv.numel() * 4 // 2
-    iterates = B * h * m * (2 * m + 6 * dh) * 4  # A, ss; code, 2 points, 3 pre-shrinkage values
+    iterates = B * h * m * (m + 6 * dh) * 4  # A; code, 2 points, 3 pre-shrinkage values
     assert abs(kept - lean - nm - v_bytes - iterates) < 0.05 * nm, (kept, lean, nm, iterates)
     x = torch.randn(B, N, C, requires_grad=True)
     generic = VARSLayer(C, h, dictionary="d", steps=3, fused=False)

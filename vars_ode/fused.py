@@ -65,13 +65,17 @@ def _power(G, s, iters, squaring):
     Frobenius norm first, so that the top eigenvalue of the scaled matrix lies in ``[m^-1/2, 1]`` and
     its 16th power cannot underflow; longer chains are rescaled every four squarings.
     """
-    v = torch.full_like(s, s.shape[-2] ** -0.5)
     if not squaring or iters <= 1:
+        # row vectors: v^T K = (K v)^T for the symmetric K, and a row times a matrix reads the matrix
+        # in its memory order (faster than a column product on CPUs)
         tiny = torch.finfo(s.dtype).tiny
+        sr = s.transpose(-1, -2)
+        v = torch.full_like(sr, s.shape[-2] ** -0.5)
         for _ in range(iters):
-            v = s * (G @ (s * v))
-            v = v / v.norm(dim=-2, keepdim=True).clamp_min(tiny)
-        return ((s * (G @ (s * v))) * v).sum(-2, keepdim=True)
+            v = ((v * sr) @ G).mul_(sr)
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        return (((v * sr) @ G).mul_(sr) * v).sum(-1, keepdim=True)
+    v = torch.full_like(s, s.shape[-2] ** -0.5)
     K = G * (s * s.transpose(-1, -2))
 
     def unit(t, dim):
@@ -95,13 +99,13 @@ class _Problem:
     is iterated as ``u' = u / tau`` with ``tau = w / L`` its threshold (``tau = 1`` when ``w = 0``), so
     ``bs = b / L / tau`` and the shrinkage threshold is one."""
 
-    def __init__(self, G, a, s, L, weight, A=None, nss=None):
+    def __init__(self, G, a, s, L, weight, A=None):
         step = 1.0 / L
+        self.ncol = s.transpose(-1, -2) * (-step)  # -s^T / L: -K / L = diag(s) G diag(-s / L)
         if A is None:
-            nss = _bmm(s * (-step), s.transpose(-1, -2))  # -diag(s) . diag(s) / L as an outer product
-            A = G * nss  # -K / L
+            A = (G * s).mul_(self.ncol)  # two broadcast passes (an outer product s s^T would be a third)
             A.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        self.nss, self.A = nss, A
+        self.s, self.A = s, A
         self.shrink = weight > 0
         self.tau = weight * step if self.shrink else torch.ones_like(L)
         self.bscale = s * (1.0 / weight) if self.shrink else s * step  # bs = a * bscale
@@ -167,7 +171,7 @@ def _atoms(q, rnorm, W, c, S, shape, work, F=None):
                 F = z.exp_()
             else:
                 F = torch.empty((B, h, N, W.shape[-1] + S.shape[-1]), dtype=work, device=q.device)
-                torch.exp(z, out=F[..., :W.shape[-1]])
+                F[..., :W.shape[-1]] = z.exp_()  # (an exponential into the strided slice is several times slower)
                 F[..., W.shape[-1]:] = S.to(work)
         else:
             F = S.to(work).expand(B, h, N, S.shape[-1])
@@ -214,17 +218,20 @@ class _GramSparseCode(torch.autograd.Function):
         if recompute:
             kept = ()
         else:  # features, contiguous values, step matrix and iterates
-            kept = (F if W is not None else None, vl, pb.A, pb.nss, u_scaled, *(y for y in ys if y is not None),
+            kept = (F if W is not None else None, vl, pb.A, u_scaled, *(y for y in ys if y is not None),
                     *ps, *betas)
         ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept)
         ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual,
                    recompute, [y is None for y in ys])
         code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
         ctx.mark_non_differentiable(code, pb.A, b_over_L, L)
+        ctx.set_materialize_grads(False)  # no zero-filled m x m gradient for the statistics outputs
         return out, code, pb.A, b_over_L, L
 
     @staticmethod
     def backward(ctx, g_out, _gu, _gK, _gb, _gL):
+        if g_out is None:  # the output was not used: nothing flows back
+            return (None,) * 15
         steps, solver, restart, init, low, weight, d_ok, work, residual, recompute, y_none = ctx.cfg
         qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
@@ -235,8 +242,8 @@ class _GramSparseCode(torch.autograd.Function):
             pb = _Problem(G, a, s, L, weight)
             u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
         else:
-            F, vl, A, nss, u, *rest = kept
-            pb = _Problem(G, a, s, L, weight, A, nss)
+            F, vl, A, u, *rest = kept
+            pb = _Problem(G, a, s, L, weight, A)
             it = iter(rest)
             ys = [None if none else next(it) for none in y_none]
             ps = [next(it) for _ in range(steps)]
@@ -290,9 +297,9 @@ class _GramSparseCode(torch.autograd.Function):
             Q2 = Q + Q.transpose(-1, -2)
             rows = torch.einsum("bhij,bhij->bhi", Q2, pb.A) - torch.diagonal(Q2, dim1=-2, dim2=-1)
             g_s = g_s + rows.unsqueeze(-1) / s
-            g_Gs = Q2.mul_(pb.nss)  # dG + dG^T
+            g_Gs = Q2.mul_(s).mul_(pb.ncol)  # dG + dG^T = Q2 o (-s s^T / L)
         else:
-            g_Gs = torch.zeros_like(pb.nss)
+            g_Gs = torch.zeros_like(pb.A)
         g_d = torch.where(d_ok, -0.5 * g_s * s.pow(3), 0.0)  # s = d^(-1/2), d = diag(G)
         g_Gs.diagonal(dim1=-2, dim2=-1).add_(2 * g_d.squeeze(-1))
         # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
