@@ -35,7 +35,7 @@ VARIANTS = {
     "vars_d_generic": dict(dictionary="d", fused=False),
     "vars_sd": dict(dictionary="sd"),
     "vars_sd_dense": dict(dictionary="sd", static="dense"),
-    "vars_sd_dense64": dict(dictionary="sd", static="dense", num_static_atoms=64),
+    "vars_sd_dense32": dict(dictionary="sd", static="dense", num_static_atoms=32),  # the default is head_dim (64)
 }
 TRAIN_VARIANTS = {
     "self": dict(attention="self"),
