@@ -105,7 +105,7 @@ class _Problem:
         if A is None:
             A = (G * s).mul_(self.ncol)  # two broadcast passes (an outer product s s^T would be a third)
             A.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        self.s, self.A = s, A
+        self.A = A
         self.shrink = weight > 0
         self.tau = weight * step if self.shrink else torch.ones_like(L)
         self.bscale = s * (1.0 / weight) if self.shrink else s * step  # bs = a * bscale
