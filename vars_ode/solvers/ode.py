@@ -10,7 +10,11 @@ Two modes:
   ``max_window``, default 32); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
   field is multiplied by zero, so adaptive step control ignores them). Stops when all are frozen,
   when ``max_iter`` function evaluations have been spent, or at time ``t_max``.
-* fixed horizon (``t_end=T``): one integration over ``[0, T]`` with no host synchronisation.
+* fixed horizon (``t_end=T``): one integration over ``[0, T]``, with no check of this module's.
+
+torchdiffeq itself synchronises with the device at every step in either mode: the fixed-step loop
+compares the step's time with the output times, and the adaptive methods read their error ratio to
+accept or reject the step (it moves the times to the state's device).
 """
 from __future__ import annotations
 
