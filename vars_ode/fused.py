@@ -225,13 +225,13 @@ class _GramSparseCode(torch.autograd.Function):
                    recompute, [y is None for y in ys])
         code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
         ctx.mark_non_differentiable(code, pb.A, b_over_L, L)
-        ctx.set_materialize_grads(False)  # no zero-filled m x m gradient for the statistics outputs
+        # no zero-filled m x m gradients for the statistics outputs (all non-differentiable, so ``out`` is the
+        # only one with a gradient whenever backward runs)
+        ctx.set_materialize_grads(False)
         return out, code, pb.A, b_over_L, L
 
     @staticmethod
     def backward(ctx, g_out, _gu, _gK, _gb, _gL):
-        if g_out is None:  # the output was not used: nothing flows back
-            return (None,) * 15
         steps, solver, restart, init, low, weight, d_ok, work, residual, recompute, y_none = ctx.cfg
         qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
@@ -292,7 +292,7 @@ class _GramSparseCode(torch.autograd.Function):
         g_s = g_s + (g_bs * a).sum(-1, keepdim=True) * (pb.bscale / s)
         g_a = (g_bs * pb.bscale).to(low)
         if Q is not None:
-            # A = I + G o nss (nss = -s s^T / L): with Q2 = Q + Q^T, dG + dG^T = Q2 o nss and
+            # A = I + G o nss (nss = -s s^T / L, never formed): with Q2 = Q + Q^T, dG + dG^T = Q2 o nss and
             # ds = rowsum(Q2 o (A - I)) / s
             Q2 = Q + Q.transpose(-1, -2)
             rows = torch.einsum("bhij,bhij->bhi", Q2, pb.A) - torch.diagonal(Q2, dim1=-2, dim2=-1)

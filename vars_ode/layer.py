@@ -25,9 +25,9 @@ form them (and the decoding); with ``steps`` ISTA / FISTA iterations and unrolle
 default) the whole solve is one fused autograd node (:mod:`vars_ode.fused`) that keeps no ``N x m``
 tensor for the backward pass. The static and union dictionaries are solved in operator form
 (:func:`vars_ode.dictionaries.solve_operator`). Fixed budgets (``steps`` given) never synchronise
-with the host, except inside torchdiffeq, whose step loops wait on the device at every step. Under autocast (bf16 / fp16) the
-iteration runs in float32; the projections, and on the fused path the products over the tokens,
-follow autocast.
+with the host, except inside torchdiffeq, whose step loops wait on the device at every step. Under
+autocast (bf16 / fp16) the iteration runs in float32; the projections, and on the fused path the
+products over the tokens, follow autocast.
 
 Prefix tokens (CLS, distillation, register tokens; ``num_prefix_tokens``, ``"auto"`` infers it from
 a square grid) are not on the token grid. The dynamic atoms cover them like any token. The static
