@@ -8,13 +8,14 @@ from .gradients import GRAD_MODES, ImplicitLasso
 from .ops import (CONVENTIONS, LIPSCHITZ_METHODS, gram, kkt_residual, kkt_residual_gram, lasso_objective,
                   lipschitz_constant, penalty_weight, soft_threshold)
 from .solvers import ODE_SOLVERS, SOLVERS, Solution, SolverStats, Status, solve, solve_gram
+from .sync import count_host_syncs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CONVENTIONS", "GRAD_MODES", "LIPSCHITZ_METHODS", "ODE_SOLVERS", "SOLVERS",
     "GramVARSDynamics", "ImplicitLasso", "ReducedVARSDynamics", "Solution", "SolverStats", "Status",
-    "VARSDynamics", "gram", "kkt_residual", "kkt_residual_gram", "lasso_objective", "lca_field",
+    "VARSDynamics", "count_host_syncs", "gram", "kkt_residual", "kkt_residual_gram", "lasso_objective", "lca_field",
     "lipschitz_constant", "penalty_weight", "soft_threshold", "solve", "solve_gram",
 ]
 

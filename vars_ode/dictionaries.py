@@ -574,7 +574,11 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         init: ``"zeros"``, ``"encode"`` (``u0 = P^T x``) or a code tuple.
         L: per-problem Lipschitz bound (default ``atoms.lipschitz()``); detached.
         options: ``rtol``, ``atol``, ``options`` (torchdiffeq's), ``window`` (first window of the steady-state
-            mode), ``alpha``, ``beta``, ``gamma`` for ODE solvers; ``restart`` for fista.
+            mode), ``alpha``, ``beta``, ``gamma``, ``integrator`` for ODE solvers; ``restart`` for fista.
+            ``integrator`` is ``"auto"`` (default: the fixed-step methods of
+            :mod:`vars_ode.solvers.native`, which do not wait on the device at each step, except with
+            ``record`` or ``grad="adjoint"``), ``"torchdiffeq"`` or ``"native"`` (fixed-step methods only
+            here; the adaptive native methods need the Gram form).
         record: a list that receives the (detached) code after every iteration / unit of time.
 
     Returns:
@@ -582,7 +586,8 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         ODE function evaluations).
     """
     from .solvers import SOLVERS
-    from .solvers.ode import ADAMS, DEFAULT_STEP_SIZE, FIXED_STEP
+    from .solvers import native
+    from .solvers.ode import ADAMS, DEFAULT_STEP_SIZE, FIXED_STEP, choose_integrator
 
     check_choice("solver", solver, SOLVERS)
     check_choice("grad", grad, OPERATOR_GRAD_MODES)
@@ -678,9 +683,19 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
     atol = options.pop("atol", rtol * 1e-2)
     window = float(options.pop("window", 4.0))
     ode_opts = dict(options.pop("options", None) or {})
+    integrator = options.pop("integrator", "auto")
     if options:
         raise ValueError(f"unknown option(s) {sorted(options)} for solver {solver!r}; valid options: "
-                         "['alpha', 'atol', 'beta', 'gamma', 'options', 'rtol', 'window']")
+                         "['alpha', 'atol', 'beta', 'gamma', 'integrator', 'options', 'rtol', 'window']")
+    engine = choose_integrator("torchdiffeq" if integrator == "auto" and record is not None else integrator,
+                               solver, grad)
+    if engine == "native" and solver not in native.FIXED_TABLEAUX:
+        raise ValueError(f"integrator='native' in operator form has the fixed-step methods "
+                         f"{list(native.FIXED_TABLEAUX)}, got {solver!r}; the adaptive native methods need a "
+                         "Gram-form dictionary (dictionary 'd', or a dense static part)")
+    if engine == "native" and set(ode_opts) - {"step_size"}:
+        raise ValueError(f"unknown option(s) {sorted(set(ode_opts) - {'step_size'})} in options for "
+                         f"integrator='native' with method {solver!r}; valid options: ['step_size']")
     if solver in FIXED_STEP:
         ode_opts.setdefault("step_size", 0.1 if solver == "explicit_adams" else DEFAULT_STEP_SIZE)
     if solver in ADAMS:
@@ -695,7 +710,14 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         f = _OperatorLCA(atoms_, _tmap(lambda b, Li: b / Li, B_, Ls), Ls, thr, alpha, beta_, gamma)
         state = f.initial_state(u_)
 
-        def integrate(st, ts):
+        def integrate(st, pts):
+            if engine == "native":
+                # piecewise between the output times; each piece on torchdiffeq's grid from its start
+                out = [st]
+                for a, b in zip(pts[:-1], pts[1:]):
+                    out.append(native.integrate_fixed(f, out[-1], a, b, solver, ode_opts["step_size"]))
+                return tuple([o[i] for o in out] for i in range(len(st)))
+            ts = torch.tensor(pts, dtype=B_[0].dtype, device=dev)
             if grad == "adjoint":
                 params = tuple(t for t in (*atoms_.roots(), *B_) if t.requires_grad)
                 return odeint_adjoint(f, st, ts, adjoint_params=params, **kw)
@@ -707,7 +729,7 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         if steps is not None:
             T = float(steps)
             grid = [0.0] + ([float(s) for s in range(1, math.ceil(T))] if record is not None else []) + [T]
-            traj = integrate(state, torch.tensor(grid, dtype=B_[0].dtype, device=dev))
+            traj = integrate(state, grid)
             for j in range(1, len(grid) - 1):
                 rec(codes(tuple(s[j] for s in traj)))
             out = codes(tuple(s[-1] for s in traj))
@@ -718,7 +740,7 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
             out = codes(state)
             if f.nfe >= max_iter or bool(kkt_residual_operator(atoms_, out, B_, weight).amax() <= tol):
                 return out, f.nfe
-            traj = integrate(state, torch.tensor([t0, t0 + span], dtype=B_[0].dtype, device=dev))
+            traj = integrate(state, [t0, t0 + span])
             state = tuple(s[-1] for s in traj)
             rec(codes(state))
             t0, span = t0 + span, min(2 * span, 256.0)

@@ -25,7 +25,9 @@ form them (and the decoding); with ``steps`` ISTA / FISTA iterations and unrolle
 default) the whole solve is one fused autograd node (:mod:`vars_ode.fused`) that keeps no ``N x m``
 tensor for the backward pass. The static and union dictionaries are solved in operator form
 (:func:`vars_ode.dictionaries.solve_operator`). Fixed budgets (``steps`` given) never synchronise
-with the host, except inside torchdiffeq, whose step loops wait on the device at every step. Under
+with the host, except inside torchdiffeq (``grad="adjoint"``, the methods that
+:mod:`vars_ode.solvers.native` does not have, or ``solver_options={"integrator": "torchdiffeq"}``),
+whose step loops wait on the device at every step. Under
 autocast (bf16 / fp16) the iteration runs in float32; the projections, and on the fused path the
 products over the tokens, follow autocast.
 

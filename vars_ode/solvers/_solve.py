@@ -50,7 +50,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         implicit_solve: ``"direct"`` (dense solve per problem) or ``"cg"`` (conjugate gradients).
         options: solver options: ``check_every`` (ista / fista), ``restart`` (fista); ``rtol``,
             ``atol``, ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
-            ``t_end`` (fixed horizon) for ODE solvers; ``trace=[]`` collects the residual history.
+            ``t_end`` (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
+            :mod:`vars_ode.solvers.ode`) for ODE solvers; ``trace=[]`` collects the residual history.
 
     Returns:
         :class:`Solution` with ``code (..., m)``, ``reconstruction (..., d)``, ``output (..., d)`` and

@@ -12,9 +12,17 @@ Two modes:
   when ``max_iter`` function evaluations have been spent, or at time ``t_max``.
 * fixed horizon (``t_end=T``): one integration over ``[0, T]``, with no check of this module's.
 
-torchdiffeq itself synchronises with the device at every step in either mode: the fixed-step loop
-compares the step's time with the output times, and the adaptive methods read their error ratio to
-accept or reject the step (it moves the times to the state's device).
+Integrators (``integrator=``):
+
+* ``"torchdiffeq"``: torchdiffeq's ``odeint`` (or ``odeint_adjoint``). It synchronises with the device
+  at every step: the fixed-step loop compares the step's time with the output times, and the
+  adaptive methods read their error ratio to accept or reject the step.
+* ``"native"`` (:mod:`vars_ode.solvers.native`): the fixed-step methods ``euler``, ``midpoint``,
+  ``heun2``, ``heun3``, ``rk4`` (torchdiffeq's tableaux and grid, the same result) and the adaptive
+  ``dopri5`` and ``bosh3`` with one step size per problem, which look at the device once every
+  ``options["check_every"]`` attempts (default 16) instead of at every step. Unrolled gradients only.
+* ``"auto"`` (default): ``"native"`` for the fixed-step methods it has (the result does not change),
+  torchdiffeq for everything else, and always with ``grad="adjoint"``.
 """
 from __future__ import annotations
 
@@ -24,8 +32,10 @@ import torch
 from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS as _TDE_SOLVERS
 
+from .._validation import check_choice
 from ..dynamics import GramVARSDynamics
 from ..ops import _soft, kkt_residual_gram
+from . import native
 
 #: torchdiffeq methods that take a fixed step (``options={"step_size": ...}``).
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
@@ -34,13 +44,36 @@ DEFAULT_STEP_SIZE = 0.25
 RTOL_FACTOR = {"fehlberg2": 1e-2}
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
 
+INTEGRATORS = ("auto", "torchdiffeq", "native")
+
 ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_end",
-               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace")
+               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator")
+
+
+def _worst_column_rms(state):
+    with torch.no_grad():
+        return native._mixed(tuple(t.detach() for t in state)).amax()
+
+
+def choose_integrator(integrator: str, method: str, grad: str) -> str:
+    """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad`` (see the module docstring)."""
+    check_choice("integrator", integrator, INTEGRATORS)
+    if integrator == "auto":
+        return "native" if method in native.FIXED_TABLEAUX and grad != "adjoint" else "torchdiffeq"
+    if integrator == "native":
+        if method not in native.NATIVE_METHODS:
+            raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
+                             f"{method!r}; use integrator='torchdiffeq' (or 'auto')")
+        if grad == "adjoint":
+            raise ValueError("integrator='native' differentiates by unrolling; grad='adjoint' needs "
+                             "integrator='torchdiffeq' (or 'auto')")
+    return integrator
 
 
 def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
               options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
-              alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None, **unused):
+              alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
+              integrator="auto", **unused):
     """Returns ``(code, evaluations)``; ``evaluations`` is ``(..., 1, k)``."""
     if unused:
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
@@ -63,10 +96,28 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
         options.setdefault("max_order", 4)
     if method == "scipy_solver":
         options.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory for a layer
+    elif method not in FIXED_STEP and integrator != "native":
+        # torchdiffeq's default error norm is the RMS over the whole state: converged (frozen) problems
+        # add zeros to it and loosen the tolerance of the others, which then wander at their stability
+        # limit without reaching `tol`. The worst problem's RMS keeps each problem's own tolerance.
+        options.setdefault("norm", _worst_column_rms)
+    engine = choose_integrator(integrator, method, grad)
     f = GramVARSDynamics(Ks, Bs, thr, alpha, beta, gamma)
     state = f.initial_state(init)
+    cols = B.shape[:-2] + (1, B.shape[-1])
+    if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
+        rk = native.AdaptiveRK(f, method, rtol, atol, cols, B.dtype, B.device, options)
+    elif engine == "native":
+        step = options.pop("step_size")
+        if options:
+            raise ValueError(f"unknown option(s) {sorted(options)} in options for integrator='native' with method "
+                             f"{method!r}; valid options: ['step_size']")
 
     def integrate(state, t0, t1):
+        if engine == "native":
+            if method in native.ADAPTIVE_TABLEAUX:
+                return rk.integrate(state, t0, t1)
+            return native.integrate_fixed(f, state, t0, t1, method, step)
         ts = torch.tensor([t0, t1], dtype=B.dtype, device=B.device)
         kw = dict(rtol=rtol, atol=atol, method=method, options=options)
         if grad == "adjoint":
@@ -77,7 +128,6 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
             sol = odeint(f, state, ts, **kw)
         return sol[0][-1], sol[1][-1]
 
-    cols = B.shape[:-2] + (1, B.shape[-1])
     if t_end is not None:
         state = integrate(state, 0.0, float(t_end))
         evals = torch.full(cols, f.nfe, dtype=torch.long, device=B.device)

@@ -1,0 +1,157 @@
+"""The integrators of vars_ode.solvers.native against torchdiffeq, scikit-learn and a host-read count."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.linear_model import Lasso
+from torchdiffeq import odeint
+
+import vars_ode as vo
+from conftest import make_problem
+from vars_ode.dynamics import GramVARSDynamics
+from vars_ode.solvers import native
+from vars_ode.sync import count_host_syncs
+
+
+def gram_field(seed, d=20, m=10, k=6, lam=0.1):
+    P, X = make_problem(seed, d, m, batch=(k,))
+    K = P.T @ P
+    L = float(torch.linalg.eigvalsh(K)[-1])
+    f = GramVARSDynamics(K / L, P.T @ X.T / L, lam / L / 2)
+    return f, f.initial_state()
+
+
+@pytest.mark.parametrize("method", sorted(native.FIXED_TABLEAUX))
+@given(st.integers(0, 10**6), st.sampled_from([0.5, 0.25, 0.2, 0.125]), st.floats(0.3, 6.0))
+def test_fixed_step_matches_torchdiffeq(method, seed, h, T):
+    f, y0 = gram_field(seed)
+    ref = odeint(f, y0, torch.tensor([0.0, T], dtype=torch.float64), method=method, options={"step_size": h})
+    out = native.integrate_fixed(f, y0, 0.0, T, method, h)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a[-1], rtol=0, atol=1e-12)
+
+
+def test_fixed_step_gradients_match_torchdiffeq():
+    P, X = make_problem(3, 18, 9, batch=(5,))
+    P.requires_grad_(True)
+    grads = []
+    for integrator in ("torchdiffeq", "native"):
+        code = vo.solve(P, X, 0.1, "rk4", t_end=3.0, integrator=integrator).code
+        grads.append(torch.autograd.grad((code * torch.linspace(-1, 1, 9, dtype=code.dtype)).sum(), P)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+def test_adaptive_reaches_the_flow_to_its_tolerance(method):
+    f, y0 = gram_field(1, k=12)
+    exact = odeint(f, y0, torch.tensor([0.0, 8.0], dtype=torch.float64), method="dopri8", rtol=1e-12, atol=1e-14)
+    for rtol in (1e-4, 1e-6):
+        out, rk = native.integrate_adaptive(f, y0, 0.0, 8.0, method, rtol, rtol * 1e-2)
+        err = max((a - b[-1]).abs().max().item() for a, b in zip(out, exact))
+        # the global error of a tolerance-driven method: within a small multiple of the tolerance
+        assert err < 50 * rtol, (rtol, err)
+        assert rk.attempts > 0 and int(rk.evaluations.max()) <= f.nfe
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+@given(st.integers(0, 10**6), st.floats(0.02, 0.4))
+def test_adaptive_native_solves_the_lasso(method, seed, lam):
+    P, X = make_problem(seed, 24, 10, batch=(7,))
+    sol = vo.solve(P, X, lam, method, tol=1e-7, integrator="native")
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    for i in range(X.shape[0]):
+        ref = Lasso(alpha=lam / 24, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(P.numpy(), X[i].numpy()).coef_
+        assert (sol.code[i] - torch.from_numpy(ref)).abs().max().item() < 1e-5
+
+
+@given(st.integers(0, 10**6))
+def test_each_column_keeps_its_own_step_size(seed):
+    # per-problem step control: a problem's steps do not depend on the other problems of the batch
+    # (up to an accept / reject decision flipped by rounding in the batched product)
+    P, X = make_problem(seed, 16, 8, batch=(9,))
+    X[0] *= 30.0  # one problem far larger than the rest
+    K = P.T @ P
+    L = float(torch.linalg.eigvalsh(K)[-1])
+
+    def run(Xs):
+        f = GramVARSDynamics(K / L, P.T @ Xs.T / L, 0.1 / L / 2)
+        return native.integrate_adaptive(f, f.initial_state(), 0.0, 5.0, "dopri5", 1e-6, 1e-8)
+
+    (W, U), rk = run(X)
+    for i in (0, 4, 8):
+        (Wi, Ui), rki = run(X[i:i + 1])
+        torch.testing.assert_close(U[:, i:i + 1], Ui, rtol=0, atol=1e-5 * max(1.0, Ui.abs().max().item()))
+        assert abs(int(rk.evaluations[0, i]) - int(rki.evaluations[0, 0])) <= 0.1 * int(rki.evaluations[0, 0])
+    # the problems end with different numbers of steps: none is held to another's step size
+    assert int(rk.evaluations.min()) < int(rk.evaluations.max())
+
+
+def test_native_reads_the_device_far_less_often_than_torchdiffeq():
+    P, X = make_problem(5, 32, 16, batch=(64,))
+    reads, evals = {}, {}
+    for integrator in ("torchdiffeq", "native"):
+        for method, kw in (("rk4", dict(t_end=20.0)), ("rk4", dict(tol=1e-5)), ("dopri5", dict(tol=1e-5))):
+            with count_host_syncs() as syncs:
+                sol = vo.solve(P, X, 0.1, method, integrator=integrator, **kw)
+            reads[integrator, method, len(kw) and "t_end" in kw] = syncs.count
+            evals[integrator, method, "t_end" in kw] = int(sol.stats.iterations.max())
+    # fixed horizon: 80 rk4 steps; torchdiffeq reads at least once a step, native only in solve's own checks
+    assert reads["torchdiffeq", "rk4", True] >= 80
+    assert reads["native", "rk4", True] <= 3
+    # steady state: one read per doubling window plus the solve's checks
+    assert reads["native", "rk4", False] <= 20 < reads["torchdiffeq", "rk4", False]
+    # adaptive: at most one read per check_every (16) attempts of six evaluations, plus the windows
+    n = evals["native", "dopri5", False]
+    assert reads["native", "dopri5", False] <= n / (6 * 16) + 25
+    assert reads["torchdiffeq", "dopri5", False] > evals["torchdiffeq", "dopri5", False] / 6
+
+
+def test_layer_runs_native_dopri5_to_the_fixed_point_of_fista():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    layer = vo.VARSLayer(16, 2, dictionary="d", solver="dopri5", steps=None, tol=1e-5, max_iter=200_000,
+                         solver_options={"integrator": "native"}).double()
+    out = layer(x)
+    assert layer.last_stats.residual.max().item() <= 1e-5
+    ref = layer.set_solver("fista", tol=1e-11, solver_options={})(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(integrator="native", solver="dopri8"), "integrator='native' has the methods"),
+    (dict(integrator="native", solver="rk4", grad="adjoint"), "grad='adjoint' needs integrator"),
+    (dict(integrator="fast", solver="rk4"), "integrator must be one of"),
+    (dict(integrator="native", solver="dopri5", options={"step": 1}), r"unknown option\(s\) \['step'\]"),
+    (dict(integrator="native", solver="rk4", options={"perturb": True}), r"unknown option\(s\) \['perturb'\]"),
+    (dict(integrator="native", solver="dopri5", options={"check_every": 0}), "check_every"),
+])
+def test_bad_integrator_arguments_are_named(kwargs, match):
+    P, x = make_problem(0, 8, 4)
+    solver = kwargs.pop("solver")
+    with pytest.raises(ValueError, match=match):
+        vo.solve(P, x, 0.1, solver, t_end=1.0, **kwargs)
+
+
+def test_operator_form_runs_native_fixed_steps_like_torchdiffeq():
+    torch.manual_seed(1)
+    x = torch.randn(2, 16, 8, dtype=torch.float64)  # a 4 x 4 token grid
+    layer = vo.VARSLayer(8, 2, dictionary="sd", solver="rk4", steps=3.0, kernel_size=3, atoms_per_channel=2).double()
+    outs, grads = [], []
+    for integrator in ("torchdiffeq", "native"):
+        layer.set_solver(solver_options={"integrator": integrator})
+        out = layer(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.sum(), layer.qkv.weight)[0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-10)
+
+
+def test_torchdiffeq_adaptive_path_keeps_each_problems_tolerance():
+    # with the RMS over the whole state, the frozen (converged) problems diluted the error of the last
+    # one, which then wandered above tol for 20,000 evaluations; the worst problem's RMS converges
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(16, 8, generator=g, dtype=torch.float64) / 4
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    sol = vo.solve(P, x, 0.1, "dopri5", tol=1e-4, max_iter=20_000, integrator="torchdiffeq")
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert int(sol.stats.iterations.max()) < 5_000

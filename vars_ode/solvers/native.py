@@ -1,0 +1,232 @@
+"""Runge-Kutta integrators for the VARS dynamics that do not wait on the device inside their loop.
+
+torchdiffeq decides every step on the host: its fixed-grid loop compares the step's end with the
+output times, and its adaptive methods read the error ratio to accept or reject a step. On a GPU
+each of these reads waits for the device to finish. The integrators here keep every decision on the
+device:
+
+* fixed step (``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``): the grid is built on the host
+  from Python floats, exactly as torchdiffeq builds it (points ``t0 + i h``, the last one moved to
+  ``t1``), and each step is a fixed sequence of tensor operations. Same tableaux as torchdiffeq
+  (``rk4`` is its 3/8 rule), so the result is torchdiffeq's up to rounding.
+* adaptive (``dopri5``, ``bosh3``): the step size, the time and the accept / reject decision are
+  kept *per problem* (per column of the Gram system), as tensors. A rejected column keeps its state;
+  a column at the end of the interval takes steps of length zero. The host looks at the device once
+  every ``check_every`` attempts (is every column at ``t1``?). The step-size rule is torchdiffeq's
+  (safety 0.9, growth at most 10, shrink at least 0.2 after a rejection, exponent ``1 / order``), as
+  is the first step (Hairer, Norsett and Wanner, II.4), both evaluated per column. Because the
+  columns no longer share one step size, the evaluations differ from torchdiffeq's, whose error norm
+  spans the whole batch; the solution agrees to the tolerance.
+
+The state is a tuple of tensors ``(..., m, k)``: problems are columns (the last dimension), and the
+error norm of a column is the largest root-mean-square over the tuple's tensors, taken over the
+``m`` rows. Gradients flow through the stages (unrolled); step-size control is detached.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# (c, A, b): nodes, lower-triangular stage coefficients (row i has i entries), weights.
+FIXED_TABLEAUX = {
+    "euler": ((0.0,), ((),), (1.0,)),
+    "midpoint": ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    "heun2": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+    "heun3": ((0.0, 1 / 3, 2 / 3), ((), (1 / 3,), (0.0, 2 / 3)), (0.25, 0.0, 0.75)),
+    "rk4": ((0.0, 1 / 3, 2 / 3, 1.0), ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)), (0.125, 0.375, 0.375, 0.125)),
+}
+
+# (c, A, b, b_low, order): embedded pairs whose last stage is evaluated at the new point (FSAL), so
+# that stage is the next step's first.
+ADAPTIVE_TABLEAUX = {
+    "dopri5": (
+        (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+         (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40),
+        5,
+    ),
+    "bosh3": (
+        (0.0, 0.5, 0.75, 1.0),
+        ((), (0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
+        (2 / 9, 1 / 3, 4 / 9, 0.0),
+        (7 / 24, 0.25, 1 / 3, 0.125),
+        3,
+    ),
+}
+
+for _name, (_c, _A, _b, _bl, _o) in ADAPTIVE_TABLEAUX.items():
+    assert tuple(_A[-1]) == tuple(_b[:-1]) and _b[-1] == 0.0 and _c[-1] == 1.0, _name  # FSAL
+
+NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
+ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps")
+
+
+def _combine(y, dt, ks, coeffs):
+    """``y + dt * sum_j coeffs[j] ks[j]`` for every tensor of the tuple state, skipping zero weights."""
+    out = []
+    for i, yi in enumerate(y):
+        acc = None
+        for c, k in zip(coeffs, ks):
+            if c != 0.0:
+                term = k[i] * c
+                acc = term if acc is None else acc + term
+        out.append(yi if acc is None else yi + dt * acc)
+    return tuple(out)
+
+
+def fixed_grid(t0: float, t1: float, step_size: float) -> list[float]:
+    """torchdiffeq's grid for a fixed step: ``t0, t0 + h, ...``, its last point moved to ``t1``."""
+    if not step_size > 0:
+        raise ValueError(f"options['step_size'] must be positive, got {step_size!r}")
+    n = max(2, math.ceil((t1 - t0) / step_size + 1))
+    grid = [t0 + i * step_size for i in range(n)]
+    grid[-1] = t1
+    return grid
+
+
+def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float):
+    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` with a fixed-step method; returns ``y(t1)``."""
+    c, A, b = FIXED_TABLEAUX[method]
+    grid = fixed_grid(t0, t1, step_size)
+    for ta, tb in zip(grid[:-1], grid[1:]):
+        dt = tb - ta
+        ks = []
+        for ci, row in zip(c, A):
+            ks.append(f(ta + ci * dt, _combine(y, dt, ks, row) if row else y))
+        y = _combine(y, dt, ks, b)
+    return y
+
+
+def _column_rms(t: torch.Tensor) -> torch.Tensor:
+    return t.pow(2).mean(-2, keepdim=True).sqrt()
+
+
+def _mixed(ts) -> torch.Tensor:
+    """Per-column norm of a tuple: the largest RMS over its tensors, ``(..., 1, k)``."""
+    out = None
+    for t in ts:
+        r = _column_rms(t)
+        out = r if out is None else torch.maximum(out, r)
+    return out
+
+
+class AdaptiveRK:
+    """A per-column embedded Runge-Kutta integrator (``dopri5`` or ``bosh3``) that keeps its step
+    sizes between calls of :meth:`integrate` (one call per time window).
+
+    Arguments:
+        f: the vector field, ``f(t, state) -> tuple`` like ``state``; ``t`` is passed as a float.
+        method: ``"dopri5"`` or ``"bosh3"``.
+        rtol, atol: tolerances of the local error per column.
+        cols: the shape ``(..., 1, k)`` of one problem per column.
+        options: ``safety`` (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``first_step`` (per-column
+            Hairer estimate), ``check_every`` (attempts between two looks at the device, 16),
+            ``max_num_steps`` (attempts per call, 2**31 - 1).
+
+    ``attempts`` counts attempted steps; ``evaluations`` (a ``(..., 1, k)`` long tensor) counts, per
+    column, the evaluations spent while that column was still short of the window's end.
+    """
+
+    def __init__(self, f, method: str, rtol: float, atol: float, cols, dtype, device, options=None):
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(ADAPTIVE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for integrator='native' with method {method!r}; "
+                             f"valid options: {list(ADAPTIVE_OPTIONS)}")
+        self.f, self.method = f, method
+        self.c, self.A, self.b, b_low, self.order = ADAPTIVE_TABLEAUX[method]
+        self.e = tuple(hi - lo for hi, lo in zip(self.b, b_low))
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.safety = float(options.get("safety", 0.9))
+        self.ifactor = float(options.get("ifactor", 10.0))
+        self.dfactor = float(options.get("dfactor", 0.2))
+        self.check_every = int(options.get("check_every", 16))
+        self.max_num_steps = int(options.get("max_num_steps", 2 ** 31 - 1))
+        if self.check_every < 1:
+            raise ValueError(f"options['check_every'] must be a positive integer, got {self.check_every!r}")
+        first = options.get("first_step")
+        self.dt = None if first is None else torch.full(cols, float(first), dtype=dtype, device=device)
+        self.evaluations = torch.zeros(cols, dtype=torch.long, device=device)
+        self.attempts = 0
+        self.k1 = None
+
+    def _first_step(self, y, f0):
+        # Hairer, Norsett and Wanner's estimate, per column: a step that changes y by about 1% of its scale.
+        with torch.no_grad():
+            yd, fd = tuple(t.detach() for t in y), tuple(t.detach() for t in f0)
+            scale = tuple(self.atol + self.rtol * t.abs() for t in yd)
+            d0 = _mixed(tuple(a / s for a, s in zip(yd, scale)))
+            d1 = _mixed(tuple(a / s for a, s in zip(fd, scale)))
+            tiny = (d0 < 1e-5) | (d1 < 1e-5)
+            h0 = torch.where(tiny, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+            f1 = self.f(0.0, tuple(a + h0 * b for a, b in zip(yd, fd)))
+            d2 = _mixed(tuple((a - b) / s for a, b, s in zip(f1, fd, scale))) / h0
+            dmax = torch.maximum(d1, d2)
+            h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
+                             (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / (self.order + 1)))
+            return torch.minimum(100 * h0, h1)
+
+    def integrate(self, y, t0: float, t1: float):
+        """Advance every column from ``t0`` to ``t1``; returns the state at ``t1``."""
+        # the first stage is evaluated afresh in every call: the field may have changed in between
+        # (the steady-state mode freezes converged columns by zeroing their field)
+        self.k1 = self.f(t0, y)
+        self.evaluations += 1
+        if self.dt is None:
+            self.dt = self._first_step(y, self.k1)
+            self.evaluations += 1
+        span = t1 - t0
+        t = torch.zeros_like(self.dt)  # time since t0, per column
+        n = 0
+        while n < self.max_num_steps:
+            for _ in range(min(self.check_every, self.max_num_steps - n)):
+                y, t = self._attempt(y, t, t0, span)
+                n += 1
+            if bool((t >= span).all()):  # the only host read, once every check_every attempts
+                break
+        return y
+
+    def _attempt(self, y, t, t0, span):
+        live = t < span
+        h = torch.minimum(self.dt, span - t).clamp_min(0.0)  # zero for columns at the end
+        ks = [self.k1]
+        for row in self.A[1:]:
+            y_new = _combine(y, h, ks, row)
+            ks.append(self.f(t0, y_new))
+        # FSAL: the last row of A is b, so the last stage was evaluated at the new point y_new
+        err = tuple(h * sum(k[i] * e for k, e in zip(ks, self.e) if e != 0.0) for i in range(len(y)))
+        self.evaluations += live.long() * (len(self.c) - 1)
+        self.attempts += 1
+        with torch.no_grad():
+            scale = tuple(self.atol + self.rtol * torch.maximum(a.detach().abs(), b.detach().abs())
+                          for a, b in zip(y, y_new))
+            ratio = _mixed(tuple(e.detach() / s for e, s in zip(err, scale)))
+            # a non-finite error (a diverging column) ends that column: its state becomes non-finite
+            # and is reported so by the caller's residual, instead of shrinking the step for ever
+            broken = ~torch.isfinite(ratio)
+            accept = (ratio <= 1.0) | broken
+            grow = torch.where(ratio == 0, torch.full_like(ratio, self.ifactor),
+                               torch.clamp(self.safety * ratio.clamp_min(1e-300) ** (-1.0 / self.order),
+                                           max=self.ifactor))
+            factor = torch.where(accept, grow, grow.clamp_min(self.dfactor)).nan_to_num(1.0)
+            proposal = h * factor
+            # a step shortened to land on the window's end says nothing against the step size
+            new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal), proposal)
+            self.dt = torch.where(live, new_dt, self.dt).clamp(min=1e-12, max=max(span, 1e-12))
+            t = torch.where(broken, torch.full_like(t, span), torch.where(accept, t + h, t))
+        y = tuple(torch.where(accept, a, b) for a, b in zip(y_new, y))
+        self.k1 = tuple(torch.where(accept, a, b) for a, b in zip(ks[-1], self.k1))
+        return y, t
+
+
+def integrate_adaptive(f, y, t0: float, t1: float, method: str, rtol: float, atol: float, options=None):
+    """One-shot :class:`AdaptiveRK` integration of ``y`` from ``t0`` to ``t1``; returns ``(y(t1), integrator)``."""
+    ref = y[0]
+    cols = ref.shape[:-2] + (1, ref.shape[-1])
+    rk = AdaptiveRK(f, method, rtol, atol, cols, ref.dtype, ref.device, options)
+    return rk.integrate(y, t0, t1), rk
