@@ -13,6 +13,9 @@
    generic one (``fused=False``, the previous implementation).
 3. Training steps of vars_rvt_tiny (B 256, 224 px, AdamW, bf16 autocast): images/s and peak memory,
    attention="self" as the baseline.
+4. Solvers to a KKT residual of 1e-4 on layer-sized Gram systems (fp32; 192 systems of 128 atoms with
+   64 problems each, as VARS-D at B 64): work, milliseconds and host reads (vars_ode.sync) of ISTA,
+   FISTA and the ODE methods through torchdiffeq and through vars_ode.solvers.native.
 """
 from __future__ import annotations
 
@@ -255,6 +258,42 @@ def training_table(device, quick, iters, variants):
     return out
 
 
+ODE_SOLVERS = ("ista", "fista", "rk4@torchdiffeq", "rk4@native", "bosh3@torchdiffeq", "bosh3@native",
+               "dopri5@torchdiffeq", "dopri5@native")
+
+
+def ode_table(device, quick, tol=1e-4, max_evals=20_000):
+    """Solvers to a KKT residual on Gram systems shaped like VARS-D's (fp32)."""
+    systems, tokens, m, k = (2, 24, 8, 4) if quick else (192, 196, 128, 64)
+    if quick:  # the code path only
+        tol, max_evals = 1e-2, 2_000
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(systems, tokens, m, generator=g) / tokens**0.5
+    V = torch.randn(systems, tokens, k, generator=g)
+    K, B = (P.transpose(-1, -2) @ P).to(device), (P.transpose(-1, -2) @ V).to(device)
+    rows = {}
+    for spec in ODE_SOLVERS:
+        name, _, integrator = spec.partition("@")
+        kw = dict(integrator=integrator, max_iter=max_evals) if integrator else dict(max_iter=20_000)
+
+        def run():
+            return vo.solve_gram(K, B, 0.1, name, tol=tol, **kw)
+
+        sol = run()
+        ms = timed(run, device, 1, warmup=0)
+        with vo.count_host_syncs() as reads:
+            run()
+        st = sol.stats
+        rows[spec] = dict(work=int(st.iterations.max()), unit=st.unit, converged=float(st.converged.float().mean()),
+                          residual=float(st.residual.max()), ms=ms, reads=reads.count)
+    f = rows["fista"]["ms"]
+    print(f"\n| solver ({systems} Gram systems {m}x{m}, {k} problems each, fp32, tol {tol:g}) | work | unit | "
+          "converged | ms (/ FISTA) | host reads |\n|---|---|---|---|---|---|")
+    for spec, r in rows.items():
+        print(f"| {spec} | {r['work']} | {r['unit']} | {r['converged']:.3f} | {r['ms']:.1f} ({r['ms'] / f:.1f}x) | {r['reads']} |")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -263,6 +302,7 @@ def main(argv=None):
     ap.add_argument("--blocks", default=",".join(VARIANTS), help=f"block variants, from {list(VARIANTS)}")
     ap.add_argument("--train", default=",".join(TRAIN_VARIANTS), help=f"training variants, from {list(TRAIN_VARIANTS)}")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--skip-ode", action="store_true", help="skip the solver table (section 4)")
     ap.add_argument("--profile", help="append a kernel profile of the VARS-D block to this file")
     ap.add_argument("--graphs", action="store_true", help="also time timm, VARS-D and VARS-SD dense blocks as CUDA graphs")
     ap.add_argument("--time-anyway", action="store_true", help="time even if a correctness check fails")
@@ -287,10 +327,11 @@ def main(argv=None):
     block_rows = block_table(device, args.quick, args.iters, blocks, graphs=args.graphs)
     kernels = profile_block(device, args.quick, path=args.profile) if args.profile else None
     train_rows = None if args.skip_training else training_table(device, args.quick, max(3, args.iters // 2), train)
+    ode_rows = None if args.skip_ode else ode_table(device, args.quick)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": name, "torch": torch.__version__, "checks": checks, "blocks": block_rows,
-                       "kernels": kernels, "train": train_rows}, fh, indent=1, default=str)
+                       "kernels": kernels, "train": train_rows, "ode": ode_rows}, fh, indent=1, default=str)
     return 0 if ok else 1
 
 

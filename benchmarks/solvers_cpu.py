@@ -1,10 +1,14 @@
-"""Work and time for every solver to reach a KKT residual, on one LASSO instance (CPU, float64).
+"""Work, time and host reads for every solver to reach a KKT residual (CPU, float64).
 
-    python benchmarks/solvers_cpu.py [--d 64 --m 48 --lam 0.1 --tols 1e-4,1e-6]
+    python benchmarks/solvers_cpu.py [--d 64 --m 48 --lam 0.1 --tols 1e-4,1e-6 --problems 1]
 
 ISTA / FISTA / active_set count iterations (one product with K each); ODE solvers count
 evaluations of the coupled field (Eq. 8-9, one product with K each), so the columns compare.
-Times are relative to FISTA's at the same tolerance, measured in this run.
+``name@integrator`` picks the ODE integrator (``torchdiffeq`` or ``native``, see
+vars_ode.solvers.native); a bare ODE name uses the default (``auto``). ``--problems k`` solves k
+problems sharing P at once (work is the largest over them). Host reads are the points where the host
+waits for a tensor's value (a device synchronisation on a GPU), counted by vars_ode.sync in a second,
+untimed run. Times are relative to FISTA's at the same tolerance, measured in this run.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ import torch
 from sklearn.linear_model import Lasso
 
 import vars_ode as vo
+from vars_ode.sync import count_host_syncs
 
-DEFAULT = "ista,fista,active_set,euler,midpoint,rk4,bosh3,dopri5,dopri8,adaptive_heun,fehlberg2,implicit_adams,scipy_solver"
+DEFAULT = ("ista,fista,active_set,euler,midpoint,rk4,rk4@torchdiffeq,bosh3,bosh3@native,dopri5,dopri5@native,dopri8,"
+           "adaptive_heun,fehlberg2,implicit_adams,scipy_solver")
 
 
 def main(argv=None):
@@ -28,32 +34,37 @@ def main(argv=None):
     ap.add_argument("--tols", default="1e-4,1e-6")
     ap.add_argument("--solvers", default=DEFAULT)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--problems", type=int, default=1, help="problems sharing P, solved at once")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
     P = torch.randn(args.d, args.m, generator=g, dtype=torch.float64) / args.d**0.5
-    x = torch.randn(args.d, generator=g, dtype=torch.float64)
-    ref = torch.from_numpy(Lasso(alpha=args.lam / args.d, fit_intercept=False, tol=1e-14, max_iter=10**6)
-                           .fit(P.numpy(), x.numpy()).coef_)
+    x = torch.randn(args.problems, args.d, generator=g, dtype=torch.float64)
+    ref = torch.stack([torch.from_numpy(Lasso(alpha=args.lam / args.d, fit_intercept=False, tol=1e-14, max_iter=10**6)
+                                        .fit(P.numpy(), xi.numpy()).coef_) for xi in x])
     K = P.T @ P
     ev = torch.linalg.eigvalsh(K)
-    print(f"P {args.d}x{args.m} (seed {args.seed}), lam {args.lam}, L {ev[-1]:.2f}, "
+    print(f"P {args.d}x{args.m} (seed {args.seed}), {args.problems} problem(s), lam {args.lam}, L {ev[-1]:.2f}, "
           f"condition number of K {ev[-1] / ev[0]:.1f}, float64, {torch.get_num_threads()} threads\n")
-    print("| tol | solver | work | unit | KKT residual | max abs diff from scikit-learn | seconds | time / FISTA |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tol | solver | work | unit | KKT residual | max abs diff from scikit-learn | host reads | seconds | time / FISTA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for tol in (float(t) for t in args.tols.split(",")):
         rows = []
-        for name in args.solvers.split(","):
+        for spec in args.solvers.split(","):
+            name, _, integrator = spec.partition("@")
+            kw = dict(integrator=integrator) if integrator else {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.perf_counter()
-                sol = vo.solve(P, x, args.lam, name, tol=tol, max_iter=1_000_000)
+                sol = vo.solve(P, x, args.lam, name, tol=tol, max_iter=1_000_000, **kw)
                 dt = time.perf_counter() - t0
-            rows.append((name, sol, dt))
-        t_fista = next(dt for n, _, dt in rows if n == "fista")
-        for name, sol, dt in rows:
+                with count_host_syncs() as syncs:
+                    vo.solve(P, x, args.lam, name, tol=tol, max_iter=1_000_000, **kw)
+            rows.append((spec, sol, dt, syncs.count))
+        t_fista = next(dt for n, _, dt, _ in rows if n == "fista")
+        for spec, sol, dt, reads in rows:
             s = sol.stats
-            print(f"| {tol:g} | {name} | {int(s.iterations)} | {s.unit} | {float(s.residual):.1e} | "
-                  f"{(sol.code - ref).abs().max().item():.1e} | {dt:.3f} | {dt / t_fista:.1f}x |")
+            print(f"| {tol:g} | {spec} | {int(s.iterations.max())} | {s.unit} | {float(s.residual.max()):.1e} | "
+                  f"{(sol.code - ref).abs().max().item():.1e} | {reads} | {dt:.3f} | {dt / t_fista:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def test_gpu_script_cpu_path(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| VARS-D layer fp32 forward |" in out and "| VARS-SD dense layer fp32 gradients" in out
     assert "NO |" not in out and "| vars_rvt_tiny train step" in out
+    assert "| dopri5@native |" in out and "| rk4@torchdiffeq |" in out
     assert (tmp_path / "r.json").exists()
 
 
@@ -30,9 +31,10 @@ def test_gpu_script_refuses_to_time_when_a_check_fails(monkeypatch, capsys):
 
 def test_lasso_and_solver_benchmarks_run(capsys):
     load("lasso_cpu").main(["--problems", "6", "--d", "20", "--m", "12", "--repeats", "1"])
-    load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5"])
+    load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5,dopri5@native",
+                              "--problems", "3"])
     out = capsys.readouterr().out
-    assert out.count("| vars_ode") == 4 and "| 0.0001 | dopri5 |" in out
+    assert out.count("| vars_ode") == 4 and "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
 
 
 def test_memory_benchmark_counts_bytes(capsys):
