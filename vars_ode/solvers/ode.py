@@ -16,7 +16,10 @@ Integrators (``integrator=``):
 
 * ``"torchdiffeq"``: torchdiffeq's ``odeint`` (or ``odeint_adjoint``). It synchronises with the device
   at every step: the fixed-step loop compares the step's time with the output times, and the
-  adaptive methods read their error ratio to accept or reject the step.
+  adaptive methods read their error ratio to accept or reject the step. Their error norm is the
+  largest root-mean-square over the problems (columns), not torchdiffeq's RMS over the whole state,
+  in which converged problems would loosen the tolerance of the others; ``options={"norm": ...}``
+  replaces it.
 * ``"native"`` (:mod:`vars_ode.solvers.native`): the fixed-step methods ``euler``, ``midpoint``,
   ``heun2``, ``heun3``, ``rk4`` (torchdiffeq's tableaux and grid, the same result) and the adaptive
   ``dopri5`` and ``bosh3`` with one step size per problem, which look at the device once every
