@@ -117,6 +117,12 @@ def test_layer_runs_native_dopri5_to_the_fixed_point_of_fista():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
 
+def test_native_adaptive_stops_with_a_clear_error_at_max_num_steps():
+    P, x = make_problem(0, 8, 4)
+    with pytest.raises(RuntimeError, match=r"options\['max_num_steps'\] = 5 attempts"):
+        vo.solve(P, x, 0.1, "dopri5", t_end=50.0, integrator="native", options={"max_num_steps": 5, "check_every": 2})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(integrator="native", solver="dopri8"), "integrator='native' has the methods"),
     (dict(integrator="native", solver="rk4", grad="adjoint"), "grad='adjoint' needs integrator"),

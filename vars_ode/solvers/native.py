@@ -183,13 +183,15 @@ class AdaptiveRK:
         span = t1 - t0
         t = torch.zeros_like(self.dt)  # time since t0, per column
         n = 0
-        while n < self.max_num_steps:
+        while True:
             for _ in range(min(self.check_every, self.max_num_steps - n)):
                 y, t = self._attempt(y, t, t0, span)
                 n += 1
             if bool((t >= span).all()):  # the only host read, once every check_every attempts
-                break
-        return y
+                return y
+            if n >= self.max_num_steps:
+                raise RuntimeError(f"{self.method}: options['max_num_steps'] = {self.max_num_steps} attempts were "
+                                   f"not enough to reach t = {t1} (at t = {t0 + float(t.amin())} for the slowest problem)")
 
     def _attempt(self, y, t, t0, span):
         live = t < span
