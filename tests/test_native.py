@@ -81,7 +81,7 @@ def test_each_column_keeps_its_own_step_size(seed):
     for i in (0, 4, 8):
         (Wi, Ui), rki = run(X[i:i + 1])
         torch.testing.assert_close(U[:, i:i + 1], Ui, rtol=0, atol=1e-5 * max(1.0, Ui.abs().max().item()))
-        assert abs(int(rk.evaluations[0, i]) - int(rki.evaluations[0, 0])) <= 0.1 * int(rki.evaluations[0, 0])
+        assert abs(int(rk.evaluations[0, i]) - int(rki.evaluations[0, 0])) <= 0.25 * int(rki.evaluations[0, 0])
     # the problems end with different numbers of steps: none is held to another's step size
     assert int(rk.evaluations.min()) < int(rk.evaluations.max())
 
@@ -115,6 +115,18 @@ def test_layer_runs_native_dopri5_to_the_fixed_point_of_fista():
     assert layer.last_stats.residual.max().item() <= 1e-5
     ref = layer.set_solver("fista", tol=1e-11, solver_options={})(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+def test_a_diverging_problem_ends_non_finite_and_leaves_the_others_alone():
+    f, y0 = gram_field(2, k=4)
+    f.K = f.K.clone()
+    f.K[..., :, :] = f.K - 50.0 * torch.eye(f.K.shape[-1], dtype=f.K.dtype)  # (K - I) negative: growth
+    f.B = f.B.clone()
+    f.B[:, 1:] = 0.0  # the other problems start at their equilibrium u = 0, W = 0
+    y0 = f.initial_state()
+    out, rk = native.integrate_adaptive(f, y0, 0.0, 40.0, "dopri5", 1e-6, 1e-8, {"max_num_steps": 10_000})
+    assert not bool(torch.isfinite(out[1][:, 0]).all())
+    assert bool((out[1][:, 1:] == 0).all()) and rk.attempts < 10_000
 
 
 def test_native_adaptive_stops_with_a_clear_error_at_max_num_steps():

@@ -215,7 +215,8 @@ class AdaptiveRK:
             grow = torch.where(ratio == 0, torch.full_like(ratio, self.ifactor),
                                torch.clamp(self.safety * ratio.clamp_min(1e-300) ** (-1.0 / self.order),
                                            max=self.ifactor))
-            factor = torch.where(accept, grow, grow.clamp_min(self.dfactor)).nan_to_num(1.0)
+            # torchdiffeq's rule: no shrinking after an error below one, at most by dfactor otherwise
+            factor = torch.where(ratio < 1.0, grow.clamp_min(1.0), grow.clamp_min(self.dfactor)).nan_to_num(1.0)
             proposal = h * factor
             # a step shortened to land on the window's end says nothing against the step size
             new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal), proposal)
