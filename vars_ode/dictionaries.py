@@ -585,8 +585,7 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         ``(code tuple, iterations)``; ``iterations`` is a 0-dim long tensor (ISTA / FISTA iterations or
         ODE function evaluations).
     """
-    from .solvers import SOLVERS
-    from .solvers import native
+    from .solvers import SOLVERS, native
     from .solvers.ode import ADAMS, DEFAULT_STEP_SIZE, FIXED_STEP, choose_integrator
 
     check_choice("solver", solver, SOLVERS)
