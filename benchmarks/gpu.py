@@ -274,7 +274,7 @@ def ode_table(device, quick, tol=1e-4, max_evals=20_000):
     rows = {}
     for spec in ODE_SOLVERS:
         name, _, integrator = spec.partition("@")
-        kw = dict(integrator=integrator, max_iter=max_evals) if integrator else dict(max_iter=20_000)
+        kw = dict(max_iter=max_evals, **({"integrator": integrator} if integrator else {}))
 
         def run():
             return vo.solve_gram(K, B, 0.1, name, tol=tol, **kw)

@@ -692,15 +692,13 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         raise ValueError(f"integrator='native' in operator form has the fixed-step methods "
                          f"{list(native.FIXED_TABLEAUX)}, got {solver!r}; the adaptive native methods need a "
                          "Gram-form dictionary (dictionary 'd', or a dense static part)")
-    if engine == "native" and set(ode_opts) - {"step_size"}:
-        raise ValueError(f"unknown option(s) {sorted(set(ode_opts) - {'step_size'})} in options for "
-                         f"integrator='native' with method {solver!r}; valid options: ['step_size']")
     if solver in FIXED_STEP:
         ode_opts.setdefault("step_size", 0.1 if solver == "explicit_adams" else DEFAULT_STEP_SIZE)
     if solver in ADAMS:
         ode_opts.setdefault("max_order", 4)
     if solver == "scipy_solver":
         ode_opts.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory
+    step = native.fixed_step_size(solver, ode_opts) if engine == "native" else None
     thr = _tmap(lambda w, Li: w / Li / (alpha * beta_), ws, Ls)
     kw = dict(rtol=rtol, atol=atol, method=solver, options=ode_opts)
 
@@ -714,7 +712,7 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
                 # piecewise between the output times; each piece on torchdiffeq's grid from its start
                 out = [st]
                 for a, b in zip(pts[:-1], pts[1:]):
-                    out.append(native.integrate_fixed(f, out[-1], a, b, solver, ode_opts["step_size"]))
+                    out.append(native.integrate_fixed(f, out[-1], a, b, solver, step))
                 return tuple([o[i] for o in out] for i in range(len(st)))
             ts = torch.tensor(pts, dtype=B_[0].dtype, device=dev)
             if grad == "adjoint":

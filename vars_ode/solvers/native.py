@@ -89,6 +89,15 @@ def fixed_grid(t0: float, t1: float, step_size: float) -> list[float]:
     return grid
 
 
+def fixed_step_size(method: str, options: dict) -> float:
+    """The step of a fixed-step ``method`` from torchdiffeq-style ``options`` (only ``step_size`` is valid)."""
+    unknown = sorted(set(options) - {"step_size"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} in options for integrator='native' with method "
+                         f"{method!r}; valid options: ['step_size']")
+    return options["step_size"]
+
+
 def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float):
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` with a fixed-step method; returns ``y(t1)``."""
     c, A, b = FIXED_TABLEAUX[method]

@@ -97,30 +97,28 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
     if method in ADAMS:
         # torchdiffeq's default order (12) has a tiny stability region: it diverges here
         options.setdefault("max_order", 4)
+    engine = choose_integrator(integrator, method, grad)
     if method == "scipy_solver":
         options.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory for a layer
-    elif method not in FIXED_STEP and integrator != "native":
+    elif method not in FIXED_STEP and engine == "torchdiffeq":
         # torchdiffeq's default error norm is the RMS over the whole state: converged (frozen) problems
         # add zeros to it and loosen the tolerance of the others, which then wander at their stability
         # limit without reaching `tol`. The worst problem's RMS keeps each problem's own tolerance.
         options.setdefault("norm", _worst_column_rms)
-    engine = choose_integrator(integrator, method, grad)
     f = GramVARSDynamics(Ks, Bs, thr, alpha, beta, gamma)
     state = f.initial_state(init)
     cols = B.shape[:-2] + (1, B.shape[-1])
     if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
-        rk = native.AdaptiveRK(f, method, rtol, atol, cols, B.dtype, B.device, options)
+        native_integrate = native.AdaptiveRK(f, method, rtol, atol, cols, B.dtype, B.device, options).integrate
     elif engine == "native":
-        step = options.pop("step_size")
-        if options:
-            raise ValueError(f"unknown option(s) {sorted(options)} in options for integrator='native' with method "
-                             f"{method!r}; valid options: ['step_size']")
+        step = native.fixed_step_size(method, options)
+
+        def native_integrate(state, t0, t1):
+            return native.integrate_fixed(f, state, t0, t1, method, step)
 
     def integrate(state, t0, t1):
         if engine == "native":
-            if method in native.ADAPTIVE_TABLEAUX:
-                return rk.integrate(state, t0, t1)
-            return native.integrate_fixed(f, state, t0, t1, method, step)
+            return native_integrate(state, t0, t1)
         ts = torch.tensor([t0, t1], dtype=B.dtype, device=B.device)
         kw = dict(rtol=rtol, atol=atol, method=method, options=options)
         if grad == "adjoint":
