@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 
+from ._workspace import scratch
 from .ops import lipschitz_constant
 
 FUSED_SOLVERS = ("ista", "fista")
@@ -46,6 +47,13 @@ def _bmm(a, b, acc=None):
     b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     acc3 = acc.expand(*lead, *acc.shape[-2:]).reshape(-1, *acc.shape[-2:])
     return torch.baddbmm(acc3, a3, b3).view(*lead, *a.shape[-2:-1], b.shape[-1])
+
+
+def _mm_into(name, a, b):
+    # a @ b over (B, h, ., .) tensors into the scratch buffer ``name`` (see vars_ode._workspace): for
+    # temporaries that do not outlive the forward or backward call
+    out = scratch(name, (*a.shape[:-1], b.shape[-1]), a.dtype, a.device)
+    return torch.matmul(a, b, out=out)
 
 
 def _bmm_(out, a, b):
@@ -163,10 +171,11 @@ def _atoms(q, rnorm, W, c, S, shape, work, F=None):
     if W is not None:
         if rnorm is None:  # F.normalize: q / max(|q|, 1e-12)
             rnorm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=work).clamp_min(1e-12).reciprocal()
-        qn = torch.mul(q, rnorm, out=torch.empty((B, h, N, dh), dtype=work, device=q.device))
+        qn = torch.mul(q, rnorm, out=scratch("qn", (B, h, N, dh), work, q.device))
     if F is None:
         if W is not None:
-            z = _bmm(qn, W.to(work)).sub_(c)  # one GEMM, then exp(z - c) in place or into the union's buffer
+            # one GEMM, then exp(z - c) in place (the atoms) or into the union's buffer (z a temporary)
+            z = (_bmm(qn, W.to(work)) if S is None else _mm_into("z", qn, W.to(work))).sub_(c)
             if S is None:
                 F = z.exp_()
             else:
@@ -209,7 +218,7 @@ class _GramSparseCode(torch.autograd.Function):
         su = u_scaled * (pb.tau * s)  # s u
         if mask is not None:
             su = su * mask
-        recon = _bmm(Fl, su.to(low))
+        recon = _mm_into("recon", Fl, su.to(low))
         out = torch.empty((B, N, h, dh), dtype=low, device=qv.device)
         if residual:
             torch.add(recon, v, out=out.transpose(1, 2))  # + v and the (B, N, h, dh) layout in one pass
@@ -223,12 +232,13 @@ class _GramSparseCode(torch.autograd.Function):
         ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept)
         ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual,
                    recompute, [y is None for y in ys])
-        code, b_over_L = u_scaled * pb.tau, pb.bs * pb.tau
-        ctx.mark_non_differentiable(code, pb.A, b_over_L, L)
+        # the statistics outputs in their scaled form (code = u' tau, b / L = bs tau): two passes saved, and
+        # nothing more kept alive by a layer's ``last_stats``
+        ctx.mark_non_differentiable(u_scaled, pb.A, pb.bs, L)
         # no zero-filled m x m gradients for the statistics outputs (all non-differentiable, so ``out`` is the
         # only one with a gradient whenever backward runs)
         ctx.set_materialize_grads(False)
-        return out, code, pb.A, b_over_L, L
+        return out, u_scaled, pb.A, pb.bs, L
 
     @staticmethod
     def backward(ctx, g_out, _gu, _gK, _gb, _gL):
@@ -255,7 +265,7 @@ class _GramSparseCode(torch.autograd.Function):
         Fl = F.to(low)
         gl = g_out.transpose(1, 2).to(low).contiguous()  # (B, h, N, dh)
         # out = F (s u) [+ v]; with u = tau u', the gradient w.r.t. the scaled code is tau * d/du
-        g_su = _bmm(Fl.transpose(-1, -2), gl).to(work)  # (B, h, m, dh)
+        g_su = _mm_into("g_su", Fl.transpose(-1, -2), gl).to(work)  # (B, h, m, dh)
         g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
         g_u = g_su * (s * pb.tau) if mask is None else g_su * (s * pb.tau) * mask
         # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
@@ -271,7 +281,7 @@ class _GramSparseCode(torch.autograd.Function):
             g_bs = gp if g_bs is None else g_bs + gp
             if ys[t] is not None:
                 if Q is None:
-                    Q = _bmm(gp, ys[t].transpose(-1, -2))
+                    Q = _mm_into("Q", gp, ys[t].transpose(-1, -2))
                 else:
                     _bmm_(Q, gp, ys[t].transpose(-1, -2))
             if t == 0 and init == "zeros":
@@ -294,7 +304,7 @@ class _GramSparseCode(torch.autograd.Function):
         if Q is not None:
             # A = I + G o nss (nss = -s s^T / L, never formed): with Q2 = Q + Q^T, dG + dG^T = Q2 o nss and
             # ds = rowsum(Q2 o (A - I)) / s
-            Q2 = Q + Q.transpose(-1, -2)
+            Q2 = torch.add(Q, Q.transpose(-1, -2), out=scratch("Q2", Q.shape, Q.dtype, Q.device))
             rows = torch.einsum("bhij,bhij->bhi", Q2, pb.A) - torch.diagonal(Q2, dim1=-2, dim2=-1)
             g_s = g_s + rows.unsqueeze(-1) / s
             g_Gs = Q2.mul_(s).mul_(pb.ncol)  # dG + dG^T = Q2 o (-s s^T / L)
@@ -305,11 +315,11 @@ class _GramSparseCode(torch.autograd.Function):
         # G = F^T F, a = F^T v, out = F (s u): dF = F (dG + dG^T) + v da^T + g (s u)^T
         if vl is None:
             vl = v.to(low).contiguous()
-        g_F = _bmm(Fl, g_Gs.to(low))
+        g_F = _mm_into("g_F", Fl, g_Gs.to(low))
         _bmm_(g_F, vl, g_a.transpose(-1, -2))
         _bmm_(g_F, gl, su.to(low).transpose(-1, -2))
         g_qv = torch.empty_like(qv)
-        g_v = _bmm(Fl, g_a)
+        g_v = _mm_into("g_v", Fl, g_a)
         _, g_v_out = _split(g_qv, k)
         if residual:
             torch.add(g_v, g_out.transpose(1, 2), out=g_v_out)
@@ -320,7 +330,7 @@ class _GramSparseCode(torch.autograd.Function):
         if W is not None:
             m = W.shape[-1]
             g_z = g_F[..., :m].to(work).mul_(Fd)  # through the exponential
-            g_qn = _bmm(g_z, W.to(work).transpose(-1, -2))
+            g_qn = _mm_into("g_qn", g_z, W.to(work).transpose(-1, -2))
             # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
             g_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, g_qn).unsqueeze(-1), value=-1.0)
             torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
@@ -342,9 +352,13 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
                          low_dtype=None, squaring=None, residual: bool = True, recompute=None, dropout: float = 0.0):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
-    values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, code, (I - K / L, b / L, L))``
+    values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, u', (I - K / L, b', L, tau))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
     :class:`vars_ode.VARSLayer`; the gradient w.r.t. ``qv`` comes back in ``qv``'s own layout.
+
+    The code and ``b / L`` come in the scaled form the iteration runs on: ``u* = u' tau`` and
+    ``b / L = b' tau`` with ``tau = weight / L`` (``1`` when ``weight = 0``), ``(B, h, 1, 1)``; ``u'`` has the
+    zeros of ``u*``. Multiply when they are needed (the layer's statistics do so on first access).
 
     ``recompute``: recompute the dynamic features ``(B, h, N, m)`` and replay the iterations in the backward
     pass (``True``), or keep them from the forward pass (``False``: faster, one ``N x m`` tensor and a few
@@ -362,10 +376,11 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     low = low_dtype or work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
     recompute = qv.device.type == "cuda" if recompute is None else bool(recompute)
-    out, code, A, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
-                                                init, lipschitz, power_iters, low, squaring, bool(residual), recompute,
-                                                float(dropout))
-    return out, code, (A, bs, L)
+    out, u, A, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
+                                             init, lipschitz, power_iters, low, squaring, bool(residual), recompute,
+                                             float(dropout))
+    tau = weight * (1.0 / L) if weight > 0 else torch.ones_like(L)  # as _Problem's tau
+    return out, u, (A, bs, L, tau)
 
 
 def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
@@ -403,11 +418,12 @@ def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solv
         raise ValueError(f"weight must be non-negative, got {weight!r}")
     parts = ([q] if rand_matrix is not None else []) + [v]
     qv = torch.stack([t.transpose(1, 2) for t in parts], 2)  # (B, N, k, h, dh)
-    out, code, problem = fused_attention_core(
+    out, u, problem = fused_attention_core(
         qv, rand_matrix, weight, static=static, steps=steps, solver=solver, restart=restart, init=init,
         lipschitz=lipschitz, power_iters=power_iters, low_dtype=low_dtype, squaring=squaring, residual=False,
         recompute=recompute)
-    A, bs, L = problem
+    A, bs, L, tau = problem
+    code = u * tau
     Ks = -A
     Ks.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    return out.transpose(1, 2), code, (Ks, bs, L)
+    return out.transpose(1, 2), code, (Ks, bs * tau, L)

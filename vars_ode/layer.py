@@ -481,19 +481,20 @@ class VARSLayer(nn.Module):
             static = st.raw(grid, p)
             readout = self.dictionary_kind == "s" and p > 0  # prefix tokens of VARS-S
         weight = penalty_weight(self.lam, self.convention)
-        out, code, (A, bs, L) = fused_attention_core(
+        out, u, (A, bs, L, tau) = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
             lipschitz=self.lipschitz, power_iters=dyn.power_iters if dyn is not None else 10, low_dtype=low,
             recompute=self.recompute, dropout=self.attn_drop.p if self.training else 0.0,
             residual=self.residual == "value" and not readout)
 
-        def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L
+        def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L, code u' tau
             K = (torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L
-            return kkt_residual_gram(K, bs * L, code, weight)
+            return kkt_residual_gram(K, bs * (tau * L), u * tau, weight)
 
+        # u' has the zeros of the code u' tau (tau > 0): the counts of LayerStats need no product
         self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, device=qv.device),
-                                     (code,), residual, lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
+                                     (u,), residual, lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
         if readout:
             v = qv[:, :, -1].transpose(1, 2)
             recon = self._prefix_readout(out.transpose(1, 2), N)
