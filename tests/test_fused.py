@@ -4,12 +4,14 @@ keeps, and the dense static atoms (static="dense") it shares with VARS-SD."""
 import importlib.util
 import math
 import pathlib
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import vars_ode.fused as fused_module
 from vars_ode import VARSLayer
 from vars_ode.fused import _power, fused_attention_core, gram_sparse_code
 from vars_ode.ops import lipschitz_constant
@@ -105,6 +107,9 @@ def test_power_by_squaring_is_the_same_iterate(seed, iters):
     a = _power(G, s, iters, squaring=False).reshape(ref.shape)
     b = _power(G, s, iters, squaring=True).reshape(ref.shape)
     assert torch.allclose(a, ref, rtol=1e-12) and torch.allclose(b, ref, rtol=1e-10)
+    for per in (1, 4):  # groups of one and of four problems (6 = 4 + 2) give the same numbers
+        with mock.patch.object(fused_module, "POWER_GROUP_BYTES", per * 9 * 9 * 8):
+            assert torch.equal(_power(G, s, iters, squaring=False), a.reshape(2, 3, 1, 1))
 
 
 def test_gradients_with_static_atoms_against_autograd():

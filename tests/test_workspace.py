@@ -10,7 +10,7 @@ from torch import nn
 
 import vars_ode as vo
 from vars_ode import VARSLayer
-from vars_ode._workspace import scratch
+from vars_ode._workspace import SHAPES_PER_NAME, scratch
 
 D64 = torch.float64
 CPU = torch.device("cpu")
@@ -30,8 +30,13 @@ def test_scratch_reuse_rules(workspace_on):
         a = scratch("t", (3, 4), torch.float32, CPU)
         assert scratch("t", (3, 4), torch.float32, CPU) is a  # same name, shape, dtype: handed out again
         assert scratch("u", (3, 4), torch.float32, CPU) is not a  # another name
-        b = scratch("t", (2, 4), torch.float32, CPU)  # another shape replaces it
+        b = scratch("t", (2, 4), torch.float32, CPU)  # another shape: another buffer, both kept
         assert b is not a and b.shape == (2, 4) and scratch("t", (2, 4), torch.float32, CPU) is b
+        assert scratch("t", (3, 4), torch.float32, CPU) is a
+        others = [scratch("t", (5, k), torch.float32, CPU) for k in range(SHAPES_PER_NAME - 1)]
+        assert scratch("t", (2, 4), torch.float32, CPU) is not b  # the least recently used went (b, then a)
+        assert scratch("t", (5, SHAPES_PER_NAME - 2), torch.float32, CPU) is others[-1]
+        assert scratch("t", (3, 4), torch.float32, CPU) is not a
         assert scratch("t", (2, 4), D64, CPU).dtype == D64
         with torch.inference_mode():
             c = scratch("t", (2, 4), D64, CPU)

@@ -4,7 +4,8 @@ A fresh multi-megabyte CPU tensor comes from ``mmap`` (or from heap memory that 
 back), and its first write pays a page fault and the kernel's zero fill for every 4 KiB page: for the
 ``m x m`` and ``N x m`` temporaries of a VARS-SD layer's backward pass that was about 10% of the
 layer's time (``benchmarks/RESULTS.md``). CUDA's caching allocator already avoids this; on the CPU,
-:func:`scratch` keeps one buffer per name for each thread and hands it out again.
+:func:`scratch` keeps, for each thread and name, the buffers of the last ``SHAPES_PER_NAME`` shapes asked
+for (layers of several sizes in one process, as in the benchmarks) and hands them out again.
 
 Only for temporaries that die before the call that asked for them returns: a buffer handed out
 by :func:`scratch` is written again by the next call that asks for the same name. Never used
@@ -14,26 +15,35 @@ kept apart for inference mode (its tensors cannot be written outside it).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import torch
 
+SHAPES_PER_NAME = 4
 _local = threading.local()
 _enabled = True
 
 
 def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised ``shape`` tensor; on the CPU, the buffer last handed out under ``name`` on this
-    thread when its shape and dtype match (else a new one, which replaces it)."""
+    """An uninitialised ``shape`` tensor; on the CPU, the buffer handed out before under ``name`` with this
+    shape and dtype on this thread (else a new one, which takes the place of the least recently used)."""
     shape = tuple(shape)
     if not _enabled or device.type != "cpu" or torch.is_grad_enabled():
         return torch.empty(shape, dtype=dtype, device=device)
     pool = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = {}
-    key = (name, torch.is_inference_mode_enabled())
-    buf = pool.get(key)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = pool[key] = torch.empty(shape, dtype=dtype, device=device)
+    bufs = pool.get(name)
+    if bufs is None:
+        bufs = pool[name] = OrderedDict()
+    key = (shape, dtype, torch.is_inference_mode_enabled())
+    buf = bufs.get(key)
+    if buf is None:
+        buf = bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        if len(bufs) > SHAPES_PER_NAME:
+            bufs.popitem(last=False)
+    else:
+        bufs.move_to_end(key)
     return buf
 
 

@@ -36,6 +36,10 @@ from ._workspace import scratch
 from .ops import lipschitz_constant
 
 FUSED_SOLVERS = ("ista", "fista")
+# the power iteration on CPUs runs over groups of problems whose matrices take about this many bytes, so
+# that each group's stay in the cores' caches across its iterations (a pass over all of a layer's m x m
+# matrices per matrix-vector product reads them from further away each time)
+POWER_GROUP_BYTES = 2 << 20
 
 
 def _bmm(a, b, acc=None):
@@ -67,7 +71,8 @@ def _power(G, s, iters, squaring):
     """The largest eigenvalue of ``K = diag(s) G diag(s)`` after ``iters`` power iterations from the
     normalised ones vector (as :func:`vars_ode.ops.lipschitz_constant`), ``(B, h, 1, 1)``.
 
-    ``squaring=False``: ``iters`` matrix-vector products (few FLOPs, about 60 kernels for 10 steps).
+    ``squaring=False``: ``iters`` matrix-vector products (few FLOPs, about 60 kernels for 10 steps, for each
+    group of problems whose matrices take ``POWER_GROUP_BYTES``).
     ``squaring=True``: the same iterate ``K^iters v0`` from ``log2(iters)`` matrix squarings (about 12
     kernels for 10 steps: for GPUs, where a launch costs more than these FLOPs). ``K`` is scaled by its
     Frobenius norm first, so that the top eigenvalue of the scaled matrix lies in ``[m^-1/2, 1]`` and
@@ -77,12 +82,18 @@ def _power(G, s, iters, squaring):
         # row vectors: v^T K = (K v)^T for the symmetric K, and a row times a matrix reads the matrix
         # in its memory order (faster than a column product on CPUs)
         tiny = torch.finfo(s.dtype).tiny
-        sr = s.transpose(-1, -2)
-        v = torch.full_like(sr, s.shape[-2] ** -0.5)
-        for _ in range(iters):
-            v = ((v * sr) @ G).mul_(sr)
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(tiny)
-        return (((v * sr) @ G).mul_(sr) * v).sum(-1, keepdim=True)
+        m = G.shape[-1]
+        Gf, sf = G.reshape(-1, m, m), s.reshape(-1, m, 1)
+        group = max(1, POWER_GROUP_BYTES // (m * m * G.element_size()))
+        parts = []
+        for i in range(0, Gf.shape[0], group):
+            Gi, sr = Gf[i:i + group], sf[i:i + group].transpose(-1, -2)
+            v = torch.full_like(sr, m ** -0.5)
+            for _ in range(iters):
+                v = ((v * sr) @ Gi).mul_(sr)
+                v = v / v.norm(dim=-1, keepdim=True).clamp_min(tiny)
+            parts.append((((v * sr) @ Gi).mul_(sr) * v).sum(-1, keepdim=True))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*G.shape[:-2], 1, 1)
     v = torch.full_like(s, s.shape[-2] ** -0.5)
     K = G * (s * s.transpose(-1, -2))
 
