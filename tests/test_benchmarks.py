@@ -43,3 +43,23 @@ def test_memory_benchmark_counts_bytes(capsys):
     assert rows["VARS-D fused (recompute)"] < rows["VARS-D generic"]
     assert set(model_rows) == {"self", "vars_d"} and all(v > 0 for v in model_rows.values())
     assert "| VARS-D fused (recompute) |" in capsys.readouterr().out
+
+
+def test_fused_ab_script_against_itself(capsys):
+    rows = load("ab_fused").main(["--file", str(ROOT / "vars_ode" / "fused.py"), "--layers", "d,sd-dense",
+                                  "--batch", "2", "--tokens", "17", "--dim", "24", "--image-size", "4",
+                                  "--repeats", "2", "--threads", "1"])
+    # the same code behind both layers: the same outputs and gradients, bit for bit
+    assert set(rows) == {"d", "sd-dense"} and all(r["diff"] == 0 and r["paired"] > 0 for r in rows.values())
+    assert "| sd-dense | 0.0e+00 |" in capsys.readouterr().out
+
+
+def test_fused_ab_script_runs_the_other_version(tmp_path):
+    # a changed copy (threshold 0.5 instead of 1 in the scaled shrinkage) must give other numbers
+    source = (ROOT / "vars_ode" / "fused.py").read_text()
+    assert "nnf.softshrink(p, 1.0)" in source
+    other = tmp_path / "fused.py"
+    other.write_text(source.replace("nnf.softshrink(p, 1.0)", "nnf.softshrink(p, 0.5)"))
+    rows = load("ab_fused").main(["--file", str(other), "--layers", "d", "--batch", "2", "--tokens", "17",
+                                  "--dim", "24", "--image-size", "4", "--repeats", "1", "--threads", "1"])
+    assert rows["d"]["diff"] > 1e-3
