@@ -1,7 +1,6 @@
 """Every solver reaches the LASSO minimiser computed independently by scikit-learn."""
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings

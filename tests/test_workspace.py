@@ -115,3 +115,14 @@ def test_threads_keep_their_own_buffers(workspace_on):
         sys.setswitchinterval(interval)
     assert not errors
     assert all(same(r, expected[i]) for i in range(4) for r in results[i])
+
+
+def test_compiled_layer_matches_eager_and_keeps_no_traced_tensors(workspace_on):
+    torch._dynamo.reset()
+    model = stack(2, dictionary="sd", static="dense", num_static_atoms=5, solver="ista", steps=3)
+    x = torch.randn(2, 10, 24, dtype=D64)
+    vo.release_workspace()
+    compiled = torch.compile(model, backend="aot_eager")  # traces with fake tensors, no C++ compiler
+    assert same(fwd_bwd(compiled, x), fwd_bwd(model, x))
+    from vars_ode._workspace import _local
+    assert all(type(t) is torch.Tensor for bufs in _local.pool.values() for t in bufs.values())

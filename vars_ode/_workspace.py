@@ -9,8 +9,8 @@ for (layers of several sizes in one process, as in the benchmarks) and hands the
 
 Only for temporaries that die before the call that asked for them returns: a buffer handed out
 by :func:`scratch` is written again by the next call that asks for the same name. Never used
-while autograd records (a recorded operator could keep the buffer for a later backward pass) and
-kept apart for inference mode (its tensors cannot be written outside it).
+while autograd records (a recorded operator could keep the buffer for a later backward pass) or while
+torch.compile traces, and kept apart for inference mode (its tensors cannot be written outside it).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch
     """An uninitialised ``shape`` tensor; on the CPU, the buffer handed out before under ``name`` with this
     shape and dtype on this thread (else a new one, which takes the place of the least recently used)."""
     shape = tuple(shape)
-    if not _enabled or device.type != "cpu" or torch.is_grad_enabled():
+    if not _enabled or device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=device)
     pool = getattr(_local, "pool", None)
     if pool is None:
@@ -39,7 +39,10 @@ def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch
     key = (shape, dtype, torch.is_inference_mode_enabled())
     buf = bufs.get(key)
     if buf is None:
-        buf = bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        if type(buf) is not torch.Tensor:  # a tracing mode's tensor (fake, functional): never kept
+            return buf
+        bufs[key] = buf
         if len(bufs) > SHAPES_PER_NAME:
             bufs.popitem(last=False)
     else:
