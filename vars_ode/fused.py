@@ -212,7 +212,8 @@ class _GramSparseCode(torch.autograd.Function):
         Fl = F.to(low)
         Ft = Fl.transpose(-1, -2)
         vl = v.to(low).contiguous()
-        Gl, al = _bmm(Ft, Fl), _bmm(Ft, vl)
+        # G is needed again only to rebuild the step matrix when recomputing; kept A, it is a temporary
+        Gl, al = (_bmm(Ft, Fl) if recompute else _mm_into("G", Ft, Fl)), _bmm(Ft, vl)
         G, a = Gl.to(work), al.to(work)
         d = torch.diagonal(G, dim1=-2, dim2=-1)
         tiny = torch.finfo(work).tiny
@@ -240,7 +241,7 @@ class _GramSparseCode(torch.autograd.Function):
         else:  # features, contiguous values, step matrix and iterates
             kept = (F if W is not None else None, vl, pb.A, u_scaled, *(y for y in ys if y is not None),
                     *ps, *betas)
-        ctx.save_for_backward(qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept)
+        ctx.save_for_backward(qv, rnorm, W, c, S, Gl if recompute else None, al, s, L, mask, *kept)
         ctx.cfg = (steps, solver, restart, init, low, float(weight), (d > tiny).unsqueeze(-1), work, residual,
                    recompute, [y is None for y in ys])
         # the statistics outputs in their scaled form (code = u' tau, b / L = bs tau): two passes saved, and
@@ -257,7 +258,7 @@ class _GramSparseCode(torch.autograd.Function):
         qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
-        G, a = Gl.to(work), al.to(work)
+        G, a = (Gl.to(work) if recompute else None), al.to(work)
         if recompute:
             F = vl = None
             pb = _Problem(G, a, s, L, weight)
