@@ -3,6 +3,7 @@ that reusing them changes no output or gradient, across stacked layers, shapes, 
 threads (each result is compared with a run whose temporaries are all fresh tensors)."""
 import sys
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 import vars_ode as vo
 from vars_ode import VARSLayer
-from vars_ode._workspace import SHAPES_PER_NAME, scratch
+from vars_ode import _workspace as workspace
+from vars_ode._workspace import scratch
 
 D64 = torch.float64
 CPU = torch.device("cpu")
@@ -33,10 +35,7 @@ def test_scratch_reuse_rules(workspace_on):
         b = scratch("t", (2, 4), torch.float32, CPU)  # another shape: another buffer, both kept
         assert b is not a and b.shape == (2, 4) and scratch("t", (2, 4), torch.float32, CPU) is b
         assert scratch("t", (3, 4), torch.float32, CPU) is a
-        others = [scratch("t", (5, k), torch.float32, CPU) for k in range(SHAPES_PER_NAME - 1)]
-        assert scratch("t", (2, 4), torch.float32, CPU) is not b  # the least recently used went (b, then a)
-        assert scratch("t", (5, SHAPES_PER_NAME - 2), torch.float32, CPU) is others[-1]
-        assert scratch("t", (3, 4), torch.float32, CPU) is not a
+        assert vo.workspace_bytes() == (12 + 12 + 8) * 4
         assert scratch("t", (2, 4), D64, CPU).dtype == D64
         with torch.inference_mode():
             c = scratch("t", (2, 4), D64, CPU)
@@ -45,8 +44,29 @@ def test_scratch_reuse_rules(workspace_on):
         assert d is not c and not d.is_inference()
     assert scratch("t", (2, 4), D64, CPU) is not d  # autograd recording: always a fresh tensor
     vo.set_cpu_workspace(False)
+    assert vo.workspace_bytes() == 0
     with torch.no_grad():
         assert scratch("t", (2, 4), D64, CPU) is not scratch("t", (2, 4), D64, CPU)
+
+
+def test_least_recently_used_buffers_go_first(workspace_on):
+    vo.release_workspace()
+    with torch.no_grad():
+        with mock.patch.object(workspace, "MAX_BUFFERS", 3):
+            a, b, c = (scratch(n, (4,), torch.float32, CPU) for n in "abc")
+            assert scratch("a", (4,), torch.float32, CPU) is a  # a is now the most recent
+            scratch("d", (4,), torch.float32, CPU)  # a fourth: b, the least recently used, goes
+            assert scratch("a", (4,), torch.float32, CPU) is a and scratch("c", (4,), torch.float32, CPU) is c
+            assert scratch("b", (4,), torch.float32, CPU) is not b
+        vo.release_workspace()
+        with mock.patch.object(workspace, "MAX_BYTES", 1000):
+            a = scratch("a", (100,), torch.float32, CPU)  # 400 bytes
+            b = scratch("b", (100,), torch.float32, CPU)
+            big = scratch("c", (200,), torch.float32, CPU)  # 1,600 bytes in all: a and b go
+            assert vo.workspace_bytes() == 800 and scratch("c", (200,), torch.float32, CPU) is big
+            assert scratch("a", (100,), torch.float32, CPU) is not a  # (and now big goes: 1,200 > 1,000)
+            huge = scratch("h", (1000,), torch.float32, CPU)  # alone above the cap: kept, the rest go
+            assert vo.workspace_bytes() == 4000 and scratch("h", (1000,), torch.float32, CPU) is huge
 
 
 def test_set_cpu_workspace_checks_its_argument():
@@ -124,5 +144,4 @@ def test_compiled_layer_matches_eager_and_keeps_no_traced_tensors(workspace_on):
     vo.release_workspace()
     compiled = torch.compile(model, backend="aot_eager")  # traces with fake tensors, no C++ compiler
     assert same(fwd_bwd(compiled, x), fwd_bwd(model, x))
-    from vars_ode._workspace import _local
-    assert all(type(t) is torch.Tensor for bufs in _local.pool.values() for t in bufs.values())
+    assert all(type(t) is torch.Tensor for t in workspace._local.pool.values())

@@ -22,13 +22,13 @@ __all__ = [
 # dictionaries and the attention layer
 from .dictionaries import (Atoms, DenseStaticDictionary, DynamicDictionary, StaticDictionary,  # noqa: E402
                            UnionDictionary, kkt_residual_operator, solve_operator)
-from ._workspace import release_workspace, set_cpu_workspace  # noqa: E402
+from ._workspace import release_workspace, set_cpu_workspace, workspace_bytes  # noqa: E402
 from .fused import gram_sparse_code  # noqa: E402
 from .layer import DICTIONARIES, LayerStats, VARSLayer, attention_maps, replace_attention  # noqa: E402
 
 __all__ += ["Atoms", "DICTIONARIES", "DenseStaticDictionary", "DynamicDictionary", "LayerStats", "StaticDictionary",
             "UnionDictionary", "VARSLayer", "attention_maps", "gram_sparse_code", "kkt_residual_operator",
-            "release_workspace", "replace_attention", "set_cpu_workspace", "solve_operator"]
+            "release_workspace", "replace_attention", "set_cpu_workspace", "solve_operator", "workspace_bytes"]
 
 # host models; importing them registers the timm entrypoints vars_deit_tiny, vars_rvt_tiny, vars_gfnet_tiny
 from .models import ATTENTIONS, PerformerAttention, load_official_checkpoint  # noqa: E402

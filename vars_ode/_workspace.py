@@ -4,13 +4,16 @@ A fresh multi-megabyte CPU tensor comes from ``mmap`` (or from heap memory that 
 back), and its first write pays a page fault and the kernel's zero fill for every 4 KiB page: for the
 ``m x m`` and ``N x m`` temporaries of a VARS-SD layer's backward pass that was about 10% of the
 layer's time (``benchmarks/RESULTS.md``). CUDA's caching allocator already avoids this; on the CPU,
-:func:`scratch` keeps, for each thread and name, the buffers of the last ``SHAPES_PER_NAME`` shapes asked
-for (layers of several sizes in one process, as in the benchmarks) and hands them out again.
+:func:`scratch` keeps the buffers it handed out, per thread and keyed by name, shape and dtype, and hands
+them out again. The least recently used go first once a thread's buffers exceed ``MAX_BYTES`` or
+``MAX_BUFFERS`` (layers of several sizes in one process, as in the benchmarks, or a last smaller batch,
+each have their own).
 
 Only for temporaries that die before the call that asked for them returns: a buffer handed out
-by :func:`scratch` is written again by the next call that asks for the same name. Never used
+by :func:`scratch` is written again by the next call that asks for the same name and shape. Never used
 while autograd records (a recorded operator could keep the buffer for a later backward pass) or while
 torch.compile traces, and kept apart for inference mode (its tensors cannot be written outside it).
+Dropping a buffer from the pool never frees one that a running call still holds.
 """
 from __future__ import annotations
 
@@ -19,40 +22,53 @@ from collections import OrderedDict
 
 import torch
 
-SHAPES_PER_NAME = 4
+MAX_BYTES = 1 << 30  # per thread
+MAX_BUFFERS = 64  # per thread
 _local = threading.local()
 _enabled = True
 
 
+def _pool() -> OrderedDict:
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        pool = _local.pool = OrderedDict()
+        _local.nbytes = 0
+    return pool
+
+
 def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised ``shape`` tensor; on the CPU, the buffer handed out before under ``name`` with this
-    shape and dtype on this thread (else a new one, which takes the place of the least recently used)."""
+    shape and dtype on this thread, else a new one that is kept for the next call."""
     shape = tuple(shape)
     if not _enabled or device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=device)
-    pool = getattr(_local, "pool", None)
-    if pool is None:
-        pool = _local.pool = {}
-    bufs = pool.get(name)
-    if bufs is None:
-        bufs = pool[name] = OrderedDict()
-    key = (shape, dtype, torch.is_inference_mode_enabled())
-    buf = bufs.get(key)
-    if buf is None:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        if type(buf) is not torch.Tensor:  # a tracing mode's tensor (fake, functional): never kept
-            return buf
-        bufs[key] = buf
-        if len(bufs) > SHAPES_PER_NAME:
-            bufs.popitem(last=False)
-    else:
-        bufs.move_to_end(key)
+    pool = _pool()
+    key = (name, shape, dtype, torch.is_inference_mode_enabled())
+    buf = pool.get(key)
+    if buf is not None:
+        pool.move_to_end(key)
+        return buf
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    if type(buf) is not torch.Tensor:  # a tracing mode's tensor (fake, functional): never kept
+        return buf
+    pool[key] = buf
+    _local.nbytes += buf.nbytes
+    while len(pool) > 1 and (_local.nbytes > MAX_BYTES or len(pool) > MAX_BUFFERS):
+        _, old = pool.popitem(last=False)
+        _local.nbytes -= old.nbytes
     return buf
+
+
+def workspace_bytes() -> int:
+    """Bytes of the scratch buffers this thread keeps."""
+    _pool()
+    return _local.nbytes
 
 
 def release_workspace() -> None:
     """Free this thread's scratch buffers (they are made again when next needed)."""
-    _local.pool = {}
+    _local.pool = OrderedDict()
+    _local.nbytes = 0
 
 
 def set_cpu_workspace(enabled: bool) -> bool:
