@@ -1,7 +1,8 @@
 """CPU speed of VARSLayer against timm's Attention, forward + backward, measured in one process.
 
 DeiT-Ti width: dim 192, 3 heads, batch 16, 197 tokens (14 x 14 grid + CLS), fp32. Prints the median of
-``--repeats`` interleaved runs per layer and its ratio to timm's ``Attention`` (fused SDPA where torch offers it).
+``--repeats`` interleaved runs per layer, its ratio to timm's ``Attention`` (fused SDPA where torch offers it)
+and the median of the per-turn ratios ("paired").
 
     python benchmarks/layer_cpu.py [--repeats 10] [--threads 2]
 """
@@ -26,14 +27,14 @@ def fwd_bwd(layer, x):
 
 
 def interleaved(layers, x, repeats, warmup=2):
-    """Median seconds per layer; the layers take turns, so drifts of the machine hit all alike."""
+    """Seconds per layer and run; the layers take turns, so drifts of the machine hit all alike."""
     times = {name: [] for name in layers}
     for i in range(warmup + repeats):
         for name, layer in layers.items():
             t = fwd_bwd(layer, x)
             if i >= warmup:
                 times[name].append(t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def main(argv=None):
@@ -70,11 +71,15 @@ def main(argv=None):
                                                         qkv_bias=True, fused=False)
     print(f"CPU fwd+bwd, fp32, dim {args.dim}, {args.heads} heads, batch {args.batch}, {args.tokens} tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs")
-    res = interleaved(layers, x, args.repeats)
+    times = interleaved(layers, x, args.repeats)
+    res = {name: statistics.median(ts) for name, ts in times.items()}
     base = res["timm Attention"]
-    print(f"{'layer':<30}{'ms':>10}{'ratio':>10}")
+    # paired: the median over runs of the layer's time over timm's in the same turn (steadier when the
+    # machine's speed drifts within a run)
+    print(f"{'layer':<30}{'ms':>10}{'ratio':>10}{'paired':>10}")
     for name, sec in res.items():
-        print(f"{name:<30}{1e3 * sec:>10.1f}{sec / base:>10.2f}")
+        paired = statistics.median(t / b for t, b in zip(times[name], times["timm Attention"]))
+        print(f"{name:<30}{1e3 * sec:>10.1f}{sec / base:>10.2f}{paired:>10.2f}")
     return res
 
 

@@ -63,3 +63,11 @@ def test_fused_ab_script_runs_the_other_version(tmp_path):
     rows = load("ab_fused").main(["--file", str(other), "--layers", "d", "--batch", "2", "--tokens", "17",
                                   "--dim", "24", "--image-size", "4", "--repeats", "1", "--threads", "1"])
     assert rows["d"]["diff"] > 1e-3
+
+
+def test_layer_benchmark_runs(capsys):
+    res = load("layer_cpu").main(["--layers", "d", "--unfused", "--batch", "2", "--tokens", "17", "--dim", "24",
+                                  "--repeats", "2", "--threads", "1"])
+    assert set(res) == {"timm Attention", "VARS-D ista 3", "VARS-D ista 3 unfused"} and min(res.values()) > 0
+    out = capsys.readouterr().out
+    assert "paired" in out and out.count("\n") == 5  # the title, the header and three rows

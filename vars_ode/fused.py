@@ -29,6 +29,8 @@ and ``b`` are float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as nnf
 
@@ -128,8 +130,12 @@ class _Problem:
         self.shrink = weight > 0
         self.tau = weight * step if self.shrink else torch.ones_like(L)
         self.bscale = s * (1.0 / weight) if self.shrink else s * step  # bs = a * bscale
-        self.bs = a * self.bscale
-        self.L = L
+        self.a, self.L = a, L
+
+    @functools.cached_property
+    def bs(self):
+        # formed when first asked for: a backward pass that keeps its iterates never needs it
+        return self.a * self.bscale
 
 
 def _shrink(p, on):
