@@ -61,8 +61,7 @@ def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch
 
 def workspace_bytes() -> int:
     """Bytes of the scratch buffers this thread keeps."""
-    _pool()
-    return _local.nbytes
+    return getattr(_local, "nbytes", 0)
 
 
 def release_workspace() -> None:

@@ -252,14 +252,14 @@ class _GramSparseCode(torch.autograd.Function):
                    recompute, [y is None for y in ys])
         # the statistics outputs in their scaled form (code = u' tau, b / L = bs tau): two passes saved, and
         # nothing more kept alive by a layer's ``last_stats``
-        ctx.mark_non_differentiable(u_scaled, pb.A, pb.bs, L)
+        ctx.mark_non_differentiable(u_scaled, pb.A, pb.bs, L, pb.tau)
         # no zero-filled m x m gradients for the statistics outputs (all non-differentiable, so ``out`` is the
         # only one with a gradient whenever backward runs)
         ctx.set_materialize_grads(False)
-        return out, u_scaled, pb.A, pb.bs, L
+        return out, u_scaled, pb.A, pb.bs, L, pb.tau
 
     @staticmethod
-    def backward(ctx, g_out, _gu, _gK, _gb, _gL):
+    def backward(ctx, g_out, _gu, _gK, _gb, _gL, _gtau):
         steps, solver, restart, init, low, weight, d_ok, work, residual, recompute, y_none = ctx.cfg
         qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
@@ -394,10 +394,9 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     low = low_dtype or work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
     recompute = qv.device.type == "cuda" if recompute is None else bool(recompute)
-    out, u, A, bs, L = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart),
-                                             init, lipschitz, power_iters, low, squaring, bool(residual), recompute,
-                                             float(dropout))
-    tau = weight * (1.0 / L) if weight > 0 else torch.ones_like(L)  # as _Problem's tau
+    out, u, A, bs, L, tau = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver,
+                                                  bool(restart), init, lipschitz, power_iters, low, squaring,
+                                                  bool(residual), recompute, float(dropout))
     return out, u, (A, bs, L, tau)
 
 
