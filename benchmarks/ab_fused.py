@@ -27,6 +27,8 @@ import vars_ode.layer as layer_module
 from vars_ode import VARSLayer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from layer_cpu import turn_order  # noqa: E402
 
 
 def load_other(rev: str | None, file: str | None):
@@ -114,8 +116,10 @@ def main(argv=None):
         a, b = run(cur, x)[1], run(oth, x)[1]
         diff = max(float((s - t).abs().max() / t.abs().max().clamp_min(1e-30)) for s, t in zip(a, b, strict=True))
         times = {"timm": [], "cur": [], "oth": []}
+        turns = {"timm": timm, "cur": cur, "oth": oth}
         for i in range(args.repeats + 3):
-            for key, layer in (("timm", timm), ("cur", cur), ("oth", oth)):
+            for key in turn_order(turns, i):  # each in every position of the turn, as often
+                layer = turns[key]
                 t = run(layer, x)[0]
                 if i >= 3:
                     times[key].append(t)

@@ -26,11 +26,22 @@ def fwd_bwd(layer, x):
     return time.perf_counter() - t0
 
 
+def turn_order(names, i):
+    """The order of turn ``i``: rotated by one each turn, and reversed every other turn, so that no layer
+    always runs first, or always right after the same other one (the position in a turn biases a time
+    by a few per cent on a 2-core machine)."""
+    names = list(names)
+    k = i % len(names)
+    names = names[k:] + names[:k]
+    return names[::-1] if (i // len(names)) % 2 else names
+
+
 def interleaved(layers, x, repeats, warmup=2):
     """Seconds per layer and run; the layers take turns, so drifts of the machine hit all alike."""
     times = {name: [] for name in layers}
     for i in range(warmup + repeats):
-        for name, layer in layers.items():
+        for name in turn_order(layers, i):
+            layer = layers[name]
             t = fwd_bwd(layer, x)
             if i >= warmup:
                 times[name].append(t)

@@ -71,3 +71,16 @@ def test_layer_benchmark_runs(capsys):
     assert set(res) == {"timm Attention", "VARS-D ista 3", "VARS-D ista 3 unfused"} and min(res.values()) > 0
     out = capsys.readouterr().out
     assert "paired" in out and out.count("\n") == 5  # the title, the header and three rows
+
+
+def test_turn_order_puts_each_layer_in_each_position():
+    turn_order = load("layer_cpu").turn_order
+    for names in (["a", "b"], ["timm", "cur", "oth"], list("abcde")):
+        n = len(names)
+        orders = [turn_order(names, i) for i in range(2 * n)]
+        assert all(sorted(o) == sorted(names) for o in orders)
+        for name in names:  # every position equally often over 2 n turns
+            positions = [o.index(name) for o in orders]
+            assert sorted(positions) == sorted(list(range(n)) * 2)
+        if n > 2:  # and not always after the same layer
+            assert len({o[o.index(names[0]) - 1] for o in orders if o.index(names[0]) > 0}) > 1
