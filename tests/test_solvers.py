@@ -1,4 +1,5 @@
 """Every solver reaches the LASSO minimiser computed independently by scikit-learn."""
+import math
 import warnings
 
 import pytest
@@ -155,6 +156,8 @@ def test_fixed_budget_runs_exactly_max_iter_steps_of_eq12():
     (lambda P, x: vo.solve(P, x, 0.1, tol=-1), "tol"),
     (lambda P, x: vo.solve(P, x, 0.1, init="random"), "init"),
     (lambda P, x: vo.solve(P, x, 0.1, "ista", restart=True), "restart"),
+    (lambda P, x: vo.solve(P, x, 0.1, "fista", tol=1e-6, check_every=0), "check_every"),
+    (lambda P, x: vo.solve(P, x, 0.1, "ista", tol=1e-6, check_every="sometimes"), "check_every"),
     (lambda P, x: vo.solve(torch.randn(2, 20, 12, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64), 0.1), "broadcast"),
 ])
 def test_bad_input(problem, call, match):
@@ -179,3 +182,49 @@ def test_active_set_reaches_machine_precision_on_many_problems():
     plain = vo.solve(P, X, 0.1, "fista", tol=0, max_iter=30)
     assert bool((fixed.stats.residual <= plain.stats.residual).all())
     assert bool((fixed.stats.residual < 1e-9).any())  # the support was already right for some
+
+
+def test_auto_check_schedule():
+    from vars_ode.solvers.iterative import AUTO_EXACT, check_due
+    n = 5000
+    due = [it for it in range(n + 1) if check_due(it, "auto", n)]
+    assert due[:AUTO_EXACT] == list(range(AUTO_EXACT)) and due[-1] == n
+    for a, b in zip(due[AUTO_EXACT - 1:-2], due[AUTO_EXACT:-1]):  # gaps of at most a sixteenth, from 32 on
+        assert 1 <= b - a <= max(1, b // 16)
+    assert len(due) < AUTO_EXACT + 16 * 8  # about 32 + 16 log2(n / 32) reads instead of n
+    assert [it for it in range(26) if check_due(it, 10, 25)] == [0, 10, 20, 25]  # max_iter is always checked
+
+
+@pytest.mark.parametrize("solver", ["ista", "fista"])
+def test_auto_checks_report_the_first_checked_converged_iteration(solver):
+    """The default schedule stops at a checked iteration at or after the one an every-iteration check
+    finds, with the tolerance met, and reads the host far fewer times."""
+    from vars_ode.solvers.iterative import check_due
+    P, X = make_problem(21, 40, 24, batch=(64,))
+    tol = 1e-9
+    with vo.count_host_syncs() as every:
+        exact = vo.solve(P, X, 0.05, solver, tol=tol, check_every=1)
+    with vo.count_host_syncs() as auto:
+        sol = vo.solve(P, X, 0.05, solver, tol=tol)
+    assert bool(exact.stats.converged.all()) and bool(sol.stats.converged.all())
+    e, a = exact.stats.iterations, sol.stats.iterations
+    assert bool((a >= e).all()) and int(e.max()) > 100
+    assert all(check_due(int(i), "auto", 10_000) for i in a)
+    assert float(sol.stats.residual.max()) <= tol
+    assert (sol.code - exact.code).abs().max().item() < 1e-7
+    n = int(e.max())
+    assert auto.count <= 32 + 16 * math.log2(n / 32) + 4 and auto.count < every.count / 2, (auto.count, every.count)
+
+
+def test_a_trace_gets_every_iteration_and_max_iter_is_checked():
+    P, x = make_problem(22, 30, 16)
+    trace = []
+    sol = vo.solve(P, x, 0.05, "fista", tol=1e-10, trace=trace)
+    assert [it for it, _ in trace] == list(range(int(sol.stats.iterations) + 1))
+    # a budget that ends between two checks: the last iteration is checked too, and converged there
+    exact = int(vo.solve(P, x, 0.05, "ista", tol=1e-8, check_every=1).stats.iterations)
+    k = next(k for k in (5, 7, 9, 11) if exact % k)
+    trace = []
+    sol = vo.solve(P, x, 0.05, "ista", tol=1e-8, check_every=k, max_iter=exact, trace=trace)
+    assert [it for it, _ in trace] == list(range(0, exact, k)) + [exact] and trace[-1][1] <= 1e-8
+    assert bool(sol.stats.converged) and int(sol.stats.iterations) == exact

@@ -48,7 +48,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             float or a tensor broadcastable to ``P``'s leading dimensions).
         init: ``"zeros"``, ``"encode"`` (``P^T x``, the paper's initialisation) or a ``(..., m)`` tensor.
         implicit_solve: ``"direct"`` (dense solve per problem) or ``"cg"`` (conjugate gradients).
-        options: solver options: ``check_every`` (ista / fista), ``restart`` (fista); ``rtol``,
+        options: solver options: ``check_every`` (ista / fista: ``"auto"``, the default, or a positive integer;
+            see :mod:`vars_ode.solvers.iterative`), ``restart`` (fista); ``rtol``,
             ``atol``, ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
             ``t_end`` (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``trace=[]`` collects the residual history.
