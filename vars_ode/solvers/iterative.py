@@ -15,6 +15,8 @@ reported iteration count at most 1/16 above the first iteration at which the tol
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..ops import _soft, support_system
@@ -47,8 +49,10 @@ def check_due(it: int, check_every, max_iter: int) -> bool:
 
 
 def _check_every(value):
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if isinstance(value, str) and value == "auto":
         return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
     raise ValueError(f"check_every must be 'auto' or a positive integer, got {value!r}")
 
 
