@@ -8,8 +8,9 @@ the loop runs exactly ``max_iter`` iterations and never synchronises with the ho
 With ``tol > 0`` each check of the residual is one host read (a device synchronisation on a GPU). By
 default (``check_every="auto"``) the residual is checked at every iteration below 32, then at gaps of
 at most a sixteenth of the iteration count (2 from 32, 4 from 64, 8 from 128, ...), and at
-``max_iter``: about ``32 + 16 log2(n / 32)`` reads for ``n`` iterations instead of ``n``, and a
-reported iteration count at most 1/16 above the first iteration at which the tolerance held. With a
+``max_iter``: about ``32 + 16 log2(n / 32)`` reads for ``n`` iterations instead of ``n``. A problem's
+reported count is the first checked iteration at which its tolerance held (with a residual that keeps
+decreasing, at most 1/16 above the first iteration at which it held). With a
 ``trace`` the default is every iteration (the whole residual history); ``check_every=k`` checks every
 ``k`` iterations (and at ``max_iter``).
 """
