@@ -28,7 +28,7 @@ from vars_ode import VARSLayer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from layer_cpu import turn_order  # noqa: E402
+from layer_cpu import layer_kwargs, turn_order  # noqa: E402
 
 
 def load_other(rev: str | None, file: str | None):
@@ -59,19 +59,12 @@ def other_core(mod):
     return core
 
 
-def layer_kwargs(name: str) -> dict:
-    kind, _, static = name.partition("-")
-    kw = dict(dictionary=kind, solver="ista", steps=3, qkv_bias=True)
-    if static:
-        kw["static"] = static
-    return kw
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", help="git revision of the other version")
     ap.add_argument("--file", help="path of the other version's fused.py")
-    ap.add_argument("--layers", default="d,sd-dense", help="comma-separated: d, sd-dense, s-dense")
+    ap.add_argument("--layers", default="d,sd-dense",
+                    help="comma-separated: d, sd-dense, s-dense; sd-dense:32 sets num_static_atoms")
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)

@@ -26,6 +26,19 @@ def fwd_bwd(layer, x):
     return time.perf_counter() - t0
 
 
+def layer_kwargs(name: str) -> dict:
+    """VARSLayer options of a variant name: ``d``, ``sd``, ``s`` (convolutional static atoms) or with
+    ``-dense`` (``static="dense"``), and ``:k`` for ``num_static_atoms=k``; ISTA, 3 steps."""
+    name, _, atoms = name.partition(":")
+    kind, _, static = name.partition("-")
+    kw = dict(dictionary=kind, solver="ista", steps=3, qkv_bias=True)
+    if static:
+        kw["static"] = static
+    if atoms:
+        kw["num_static_atoms"] = int(atoms)
+    return kw
+
+
 def turn_order(names, i):
     """The order of turn ``i``: rotated by one each turn, and reversed every other turn, so that no layer
     always runs first, or always right after the same other one (the position in a turn biases a time
@@ -67,16 +80,13 @@ def main(argv=None):
     x = torch.randn(args.batch, args.tokens, args.dim, requires_grad=True)
     layers = {"timm Attention": Attention(args.dim, num_heads=args.heads, qkv_bias=True)}
     for name in args.layers.split(","):
-        name, _, atoms = name.partition(":")
-        d, _, static = name.partition("-")
-        extra = {} if args.kernel_size is None else {"kernel_size": args.kernel_size}
-        if static:
-            extra["static"] = static
-        if atoms:
-            extra["num_static_atoms"] = int(atoms)
-            static += f" m_s={atoms}"
-        layers[f"VARS-{d.upper()}{' ' + static if static else ''} ista 3"] = VARSLayer(
-            args.dim, args.heads, dictionary=d, solver="ista", steps=3, qkv_bias=True, **extra)
+        kw = layer_kwargs(name)
+        if args.kernel_size is not None:
+            kw["kernel_size"] = args.kernel_size
+        d, static = kw["dictionary"], kw.get("static", "")
+        if "num_static_atoms" in kw:
+            static += f" m_s={kw['num_static_atoms']}"
+        layers[f"VARS-{d.upper()}{' ' + static if static else ''} ista 3"] = VARSLayer(args.dim, args.heads, **kw)
         if d == "d" and args.unfused:
             layers["VARS-D ista 3 unfused"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
                                                         qkv_bias=True, fused=False)

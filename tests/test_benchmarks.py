@@ -34,7 +34,8 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5,dopri5@native",
                               "--problems", "3"])
     out = capsys.readouterr().out
-    assert out.count("| vars_ode") == 6 and "default check_every" in out and "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
+    assert out.count("| vars_ode") == 6 and "default check_every" in out
+    assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
 
 
 def test_memory_benchmark_counts_bytes(capsys):
