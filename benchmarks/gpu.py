@@ -20,7 +20,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import pathlib
 import statistics
 import sys
 import time
@@ -30,12 +32,21 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 import vars_ode as vo
+import vars_ode.layer as layer_module
 
-#: block variants: name -> VARSLayer options (None: timm's own attention)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+#: block variants: name -> VARSLayer options (None: timm's own attention; "identity": no attention at
+#: all, the cost of the rest of the block). ``_tf32``: False keeps the fused node's float32 products
+#: out of TF32 under autocast (vars_ode.fused.TF32_UNDER_AUTOCAST).
 VARIANTS = {
     "timm": None,
+    "identity": "identity",
     "vars_d": dict(dictionary="d"),
     "vars_d_generic": dict(dictionary="d", fused=False),
+    "vars_d_keep": dict(dictionary="d", recompute=False),  # features kept for the backward
+    "vars_d_recompute": dict(dictionary="d", recompute=True),  # features recomputed in the backward
+    "vars_d_fp32": dict(dictionary="d", _tf32=False),
     "vars_sd": dict(dictionary="sd"),
     "vars_sd_dense": dict(dictionary="sd", static="dense"),
     "vars_sd_dense32": dict(dictionary="sd", static="dense", num_static_atoms=32),  # the default is head_dim (64)
@@ -44,8 +55,19 @@ TRAIN_VARIANTS = {
     "self": dict(attention="self"),
     "vars_d": dict(attention="vars_d"),
     "vars_d_generic": dict(attention="vars_d", fused=False),
+    "vars_d_keep": dict(attention="vars_d", recompute=False),
+    "vars_d_recompute": dict(attention="vars_d", recompute=True),
+    "vars_d_fp32": dict(attention="vars_d", _tf32=False),
     "vars_sd_dense": dict(attention="vars_sd", static="dense"),
 }
+
+
+def _tf32_option(opts):
+    # (options without the benchmark's own ``_tf32`` key, the vars_ode.fused.TF32_UNDER_AUTOCAST to use)
+    if not isinstance(opts, dict):
+        return opts, True
+    opts = dict(opts)
+    return opts, opts.pop("_tf32", True)
 
 
 def sync(device):
@@ -53,7 +75,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, iters, warmup=3):
+def timings(fn, device, iters, warmup=3):
+    """Milliseconds of ``iters`` calls of ``fn`` (CUDA events on a GPU), after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -70,25 +93,72 @@ def timed(fn, device, iters, warmup=3):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def timed(fn, device, iters, warmup=3):
+    return statistics.median(timings(fn, device, iters, warmup))
+
+
+def rounds_ms(steps, device, iters, rounds=3):
+    """Median milliseconds per call of each of ``steps`` (name -> callable), timed in ``rounds`` turns with
+    the order rotated and reversed between turns (benchmarks/layer_cpu.py's turn_order), so that a drift
+    of the card's clocks, or a variant's place after another, weighs on all alike."""
+    from layer_cpu import turn_order
+
+    per = max(1, iters // rounds)
+    times = {name: [] for name in steps}
+    for r in range(rounds):
+        for name in turn_order(steps, r):
+            try:
+                times[name] += timings(steps[name], device, per, warmup=3 if r == 0 else 1)
+            except torch.OutOfMemoryError:
+                times[name].append(float("nan"))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_mib(device, fn):
+    """Peak memory of one call of ``fn`` above what was allocated before it (MiB)."""
     if device.type != "cuda":
         return float("nan")
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def _rel(a, b):
     return float((a.double().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+class _full_fp32:
+    """No TF32 in cuDNN convolutions or CUDA matrix products inside (PyTorch lets cuDNN use TF32 by
+    default): the fp32 checks measure the layer's arithmetic, not the card's reduced-precision mode."""
+
+    def __enter__(self):
+        self.before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
+def _layer_run(layer, x):
+    y = layer(x)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    grads = torch.autograd.grad((y * torch.cos(y)).sum(), [x, *layer.parameters()])
+    return y.detach(), dict(zip(names, grads))
+
+
 def check_correctness(device, quick):
+    """fp32 forward and gradients on ``device`` against float64 on the CPU. A gradient's bound is 2e-3
+    relative to its largest entry, or 4x the error of the same fp32 layer on the CPU where that is larger:
+    some gradients cancel (VARS-SD's convolution kernels at B 8 x N 197: 3.1e-3 in fp32 on the CPU), and
+    what is checked is that the device computes what fp32 can."""
     rows = []
     torch.manual_seed(0)
     B, N, C, H = (2, 17, 24, 3) if quick else (8, 197, 192, 3)
@@ -97,20 +167,23 @@ def check_correctness(device, quick):
                        ("VARS-SD dense", dict(dictionary="sd", static="dense", image_size=image))):
         ref = vo.VARSLayer(C, H, solver="ista", steps=3, qkv_bias=True, **opts).double()
         x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
-        y_ref = ref(x)
-        g_ref = torch.autograd.grad((y_ref * torch.cos(y_ref)).sum(), [x, *ref.parameters()])
-        dev = vo.VARSLayer(C, H, solver="ista", steps=3, qkv_bias=True, **opts)
-        dev.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-        dev = dev.to(device)
+        y_ref, g_ref = _layer_run(ref, x)
+        layers32 = []
+        for _ in range(2):  # fp32 on the CPU, fp32 on the device
+            layers32.append(vo.VARSLayer(C, H, solver="ista", steps=3, qkv_bias=True, **opts))
+            layers32[-1].load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+        _, g_cpu = _layer_run(layers32[0], x.detach().float().requires_grad_())
+        dev = layers32[1].to(device)
         xd = x.detach().float().to(device).requires_grad_()
-        y32 = dev(xd)
-        g32 = torch.autograd.grad((y32 * torch.cos(y32)).sum(), [xd, *dev.parameters()])
+        with _full_fp32():
+            y32, g32 = _layer_run(dev, xd)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             y16 = dev(xd)
-        rows.append((f"{name} layer fp32 forward", _rel(y32.detach(), y_ref.detach()), 1e-4))
-        rows.append((f"{name} layer fp32 gradients (worst tensor)",
-                     max(_rel(a, b) for a, b in zip(g32, g_ref)), 2e-3))
-        rows.append((f"{name} layer bf16 autocast forward", _rel(y16.detach().float(), y_ref.detach()), 5e-2))
+        rows.append((f"{name} layer fp32 forward", _rel(y32, y_ref), 1e-4))
+        worst = max(g_ref, key=lambda n: _rel(g32[n], g_ref[n]) / max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])))
+        rows.append((f"{name} layer fp32 gradients (worst: {worst})", _rel(g32[worst], g_ref[worst]),
+                     max(2e-3, 4 * _rel(g_cpu[worst], g_ref[worst]))))
+        rows.append((f"{name} layer bf16 autocast forward", _rel(y16.detach().float(), y_ref), 5e-2))
     P = torch.randn(64, 48, dtype=torch.float64) / 8
     X = torch.randn(32 if quick else 512, 64, dtype=torch.float64)
     cpu = vo.solve(P, X, 0.1, "fista", tol=1e-10).code
@@ -121,24 +194,60 @@ def check_correctness(device, quick):
     for name, err, bound in rows:
         good = err <= bound  # NaN fails
         ok &= good
-        print(f"| {name} | {err:.2e} | {bound:g} | {'yes' if good else 'NO'} |")
+        print(f"| {name} | {err:.2e} | {bound:.2g} | {'yes' if good else 'NO'} |")
     return ok, rows
 
 
-def block_step(block, x, amp, cache=True):
+def block_step(block, x, amp, cache=True, tf32=True):
     def step():
+        vo.fused.TF32_UNDER_AUTOCAST = tf32
         with torch.autocast(x.device.type, dtype=amp, cache_enabled=cache):
             out = block(x)
         out.float().sum().backward()
     return step
 
 
-def make_block(dim, heads, opts, device):
-    """timm's Block with its own attention (``opts`` None) or a VARSLayer; older timm without the
-    ``attn_layer`` argument gets the layer swapped in after construction."""
-    if opts is None:
-        return Block(dim, heads, qkv_bias=True).to(device)
+class _NoAttention(torch.nn.Module):
+    # the identity in the attention's place (timm's Block passes attn_mask / is_causal keywords)
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+#: the other version of vars_ode/fused.py for the ``@ab`` variants (``--ab-file``), or None
+OTHER_CORE = None
+
+
+def variant(name, table=None):
+    """(options, tf32, other) of a variant name; ``name@ab`` runs the fused node of ``--ab-file``."""
+    base, _, tag = name.partition("@")
+    opts, tf32 = _tf32_option((VARIANTS if table is None else table)[base])
+    return opts, tf32, tag == "ab"
+
+
+def _with_other_core(cls):
+    class Other(cls):
+        def forward(self, *args, **kwargs):
+            current = layer_module.fused_attention_core
+            layer_module.fused_attention_core = OTHER_CORE
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                layer_module.fused_attention_core = current
+    return Other
+
+
+def make_block(dim, heads, name, device):
+    """timm's Block with its own attention ("timm"), none ("identity") or a VARSLayer; older timm without
+    the ``attn_layer`` argument gets the layer swapped in after construction."""
+    opts, _, other = variant(name)
+    if opts is None or opts == "identity":
+        block = Block(dim, heads, qkv_bias=True)
+        if opts == "identity":
+            block.attn = _NoAttention()
+        return block.to(device)
     cls = vo.VARSLayer.configure(**opts)
+    if other:
+        cls = _with_other_core(cls)
     try:
         block = Block(dim, heads, qkv_bias=True, attn_layer=cls)
     except TypeError:
@@ -147,16 +256,27 @@ def make_block(dim, heads, opts, device):
     return block.to(device)
 
 
-def graphed_ms(block, x, iters):
+GRAPHED = ("timm", "identity", "vars_d", "vars_d_keep", "vars_d_recompute", "vars_d_fp32", "vars_sd_dense")
+
+
+def graphed_ms(block, x, iters, tf32=True):
     """Forward+backward of a block captured as CUDA graphs (launch costs removed), or NaN if capture fails.
     Captured and replayed under bf16 autocast (its weight cache off, as graph capture requires)."""
     try:
+        vo.fused.TF32_UNDER_AUTOCAST = tf32  # fixed at capture
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             g = torch.cuda.make_graphed_callables(block, (x,))
-        return timed(block_step(g, x, torch.bfloat16, cache=False), x.device, iters)
+        ms = timed(block_step(g, x, torch.bfloat16, cache=False, tf32=tf32), x.device, iters)
+        del g
+        return ms
     except Exception as exc:  # capture is a diagnostic: report, do not stop the benchmark
         print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
         return float("nan")
+    finally:
+        vo.fused.TF32_UNDER_AUTOCAST = True
+        gc.collect()
+        if x.is_cuda:
+            torch.cuda.empty_cache()
 
 
 def block_table(device, quick, iters, variants, graphs=False):
@@ -166,41 +286,45 @@ def block_table(device, quick, iters, variants, graphs=False):
     for B, N in shapes:
         x = torch.randn(B, N, dim, device=device, requires_grad=True)
         row = {"B": B, "N": N}
+        blocks = {name: make_block(dim, heads, name, device) for name in variants}
+        steps = {name: block_step(blocks[name], x, torch.bfloat16, tf32=variant(name)[1]) for name in variants}
+        ms = rounds_ms(steps, device, iters)
         for name in variants:
-            block = make_block(dim, heads, VARIANTS[name], device)
-            step = block_step(block, x, torch.bfloat16)
             try:
-                row[name] = (timed(step, device, iters), peak_mib(device, step))
+                mib = peak_mib(device, steps[name])
             except torch.OutOfMemoryError:
-                row[name] = (float("nan"), float("nan"))
-            if graphs and device.type == "cuda" and name in ("timm", "vars_d", "vars_sd_dense"):
-                row[name + "_graphed"] = graphed_ms(make_block(dim, heads, VARIANTS[name], device),
-                                                    x.detach().clone().requires_grad_(), iters)
-            del block
+                mib = float("nan")
+            row[name] = (ms[name], mib)
+        vo.fused.TF32_UNDER_AUTOCAST = True
+        del blocks, steps
+        if graphs and device.type == "cuda":
+            for name in variants:
+                if name.partition("@")[0] in GRAPHED:
+                    row[name + "_graphed"] = graphed_ms(make_block(dim, heads, name, device),
+                                                        x.detach().clone().requires_grad_(), iters, variant(name)[1])
         results.append(row)
-    names = [n for n in variants if n != "timm"]
-    print("\n| B x N | timm Block ms | " + " | ".join(f"{n} ms (ratio)" for n in names) + " | peak MiB timm / "
-          + " / ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names) + "---|")
     for r in results:
-        t = r["timm"]
-        cells = " | ".join(f"{r[n][0]:.2f} ({r[n][0] / t[0]:.2f}x)" for n in names)
-        mem = " / ".join(f"{r[n][1]:.0f}" for n in names)
-        print(f"| {r['B']} x {r['N']} | {t[0]:.2f} | {cells} | {t[1]:.0f} / {mem} |")
+        t, rest = r["timm"], r.get("identity")
+        gt = r.get("timm_graphed", float("nan"))
+        print(f"\n| block, B {r['B']} x N {r['N']}, bf16 fwd+bwd | ms (/ timm) | CUDA graph ms (/ timm) | "
+              "attention alone ms (/ timm) | peak MiB above inputs (/ timm) |\n|---|---|---|---|---|")
+        for n in variants:
+            ms, mib = r[n]
+            g = r.get(n + "_graphed", float("nan"))
+            attn = ms - rest[0] if rest else float("nan")
+            tattn = t[0] - rest[0] if rest else float("nan")
+            print(f"| {n} | {ms:.2f} ({ms / t[0]:.2f}x) | {g:.2f} ({g / gt:.2f}x) | {attn:.2f} ({attn / tattn:.2f}x) "
+                  f"| {mib:.0f} ({mib / t[1]:.2f}x) |")
     print("targets: N 196: VARS-D <= 1.25x, VARS-SD <= 1.5x; N 12544: VARS-D >= 2x faster than timm (<= 0.5x)")
-    for r in results:
-        g = {k[:-8]: v for k, v in r.items() if k.endswith("_graphed")}
-        if g:
-            print(f"CUDA graphs, B {r['B']} x N {r['N']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in g.items()))
     return results
 
 
-def profile_block(device, quick, name="vars_d", top=12, path=None):
+def profile_block(device, quick, name="vars_d", top=25, path=None):
     """Kernel launches and the most expensive kernels of one forward+backward of a block."""
     from torch.profiler import ProfilerActivity, profile
 
     B, N = (2, 16) if quick else (256, 196)
-    block = make_block(192, 3, VARIANTS[name], device)
+    block = make_block(192, 3, name, device)
     x = torch.randn(B, N, 192, device=device, requires_grad=True)
     step = block_step(block, x, torch.bfloat16)
     for _ in range(3):
@@ -233,27 +357,54 @@ def train_step(model, opt, images, labels):
 
 
 def training_table(device, quick, iters, variants):
+    """Images/s (median over rounds with the order rotated) and peak memory of a whole training step,
+    model and optimiser state included (each variant measured alone)."""
     import timm
     B, size = (4, 32) if quick else (256, 224)
-    out = {}
-    for name in variants:
-        kw = dict(TRAIN_VARIANTS[name])
+    images = torch.randn(B, 3, size, size, device=device)
+    labels = torch.randint(0, 1000, (B,), device=device)
+
+    def build(name):
+        kw, tf32, _ = variant(name, TRAIN_VARIANTS)
         model = timm.create_model("vars_rvt_tiny", num_classes=1000, img_size=size, **kw).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        images = torch.randn(B, 3, size, size, device=device)
-        labels = torch.randint(0, 1000, (B,), device=device)
-
         step = train_step(model, opt, images, labels)
+
+        def run():
+            vo.fused.TF32_UNDER_AUTOCAST = tf32
+            try:
+                step()
+            finally:
+                vo.fused.TF32_UNDER_AUTOCAST = True
+        return run
+
+    mem = {}
+    for name in variants:  # peak memory, each alone: from before the model is built
+        if device.type != "cuda":
+            mem[name] = float("nan")
+            continue
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
         try:
-            ms = timed(step, device, iters)
-            out[name] = (B / ms * 1e3, peak_mib(device, step))
+            run = build(name)
+            run(), run()  # the optimiser's state exists from the first step on
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            torch.cuda.synchronize()
+            mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
         except torch.OutOfMemoryError:
-            out[name] = (float("nan"), float("nan"))
-        del model, opt, step
+            mem[name] = float("nan")
+        run = None
+    runs = {name: build(name) for name in variants}
+    ms = rounds_ms(runs, device, iters)
+    out = {name: (B / ms[name] * 1e3, mem[name]) for name in variants}
+    del runs
     s = out["self"]
     print(f"\n| vars_rvt_tiny train step, B {B}, {size} px | images/s (ratio) | peak MiB (ratio) |\n|---|---|---|")
-    for name, (ips, mem) in out.items():
-        print(f"| {name} | {ips:.0f} ({ips / s[0]:.2f}x) | {mem:.0f} ({mem / s[1]:.2f}x) |")
+    for name, (ips, mib) in out.items():
+        print(f"| {name} | {ips:.0f} ({ips / s[0]:.2f}x) | {mib:.0f} ({mib / s[1]:.2f}x) |")
     print("targets: VARS-D >= 0.9x the images/s of self, <= 1.1x its peak memory")
     return out
 
@@ -307,6 +458,9 @@ def main(argv=None):
     ap.add_argument("--graphs", action="store_true", help="also time timm, VARS-D and VARS-SD dense blocks as CUDA graphs")
     ap.add_argument("--time-anyway", action="store_true", help="time even if a correctness check fails")
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--ab-file", help="another version of vars_ode/fused.py: adds NAME@ab block variants that "
+                                      "run it (A/B in one process, as benchmarks/ab_fused.py on the CPU)")
+    ap.add_argument("--ab-variants", default="vars_d,vars_sd_dense", help="the block variants run with --ab-file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     blocks = ["timm"] + [b for b in args.blocks.split(",") if b and b != "timm"]
@@ -314,9 +468,19 @@ def main(argv=None):
     for b in blocks:
         if b not in VARIANTS:
             raise SystemExit(f"--blocks: unknown variant {b!r}; choose from {list(VARIANTS)}")
+    if args.ab_file:
+        from ab_fused import load_other, other_core
+
+        global OTHER_CORE
+        OTHER_CORE = other_core(load_other(None, args.ab_file))
+        for b in args.ab_variants.split(","):
+            if b not in VARIANTS or VARIANTS[b] in (None, "identity"):
+                raise SystemExit(f"--ab-variants: {b!r} is not a VARS block variant of {list(VARIANTS)}")
+            blocks.append(b + "@ab")
     for t in train:
         if t not in TRAIN_VARIANTS:
             raise SystemExit(f"--train: unknown variant {t!r}; choose from {list(TRAIN_VARIANTS)}")
+    start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     import timm
     print(f"device: {name}; torch {torch.__version__}; timm {timm.__version__}\n")
@@ -326,12 +490,13 @@ def main(argv=None):
         return 1
     block_rows = block_table(device, args.quick, args.iters, blocks, graphs=args.graphs)
     kernels = profile_block(device, args.quick, path=args.profile) if args.profile else None
-    train_rows = None if args.skip_training else training_table(device, args.quick, max(3, args.iters // 2), train)
+    train_rows = None if args.skip_training else training_table(device, args.quick, args.iters, train)
     ode_rows = None if args.skip_ode else ode_table(device, args.quick)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": name, "torch": torch.__version__, "checks": checks, "blocks": block_rows,
                        "kernels": kernels, "train": train_rows, "ode": ode_rows}, fh, indent=1, default=str)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 
 

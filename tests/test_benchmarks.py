@@ -3,6 +3,8 @@ measured in benchmarks/, never in tests), and their correctness gates work."""
 import importlib.util
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,33 @@ def test_gpu_script_cpu_path(capsys, tmp_path):
     assert "NO |" not in out and "| vars_rvt_tiny train step" in out
     assert "| dopri5@native |" in out and "| rk4@torchdiffeq |" in out
     assert (tmp_path / "r.json").exists()
+
+
+def test_gpu_script_ab_variants_run_the_other_node(capsys, tmp_path):
+    # NAME@ab blocks call the fused node of --ab-file, the others the installed one: a copy of fused.py
+    # that doubles the reconstruction changes the @ab block's output only
+    import torch
+
+    other = tmp_path / "fused_other.py"
+    source = (ROOT / "vars_ode" / "fused.py").read_text()
+    marker = "        return out, u_scaled, pb.A, pb.bs, L, pb.tau\n"
+    assert marker in source
+    other.write_text(source.replace(marker, "        out = out * 2\n" + marker))
+    gpu = load("gpu")
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--skip-training", "--skip-ode",
+                     "--ab-file", str(other), "--ab-variants", "vars_d"]) == 0
+    assert "| vars_d@ab |" in capsys.readouterr().out
+    torch.manual_seed(0)
+    cur = gpu.make_block(24, 3, "vars_d", torch.device("cpu"))
+    ab = gpu.make_block(24, 3, "vars_d@ab", torch.device("cpu"))
+    ab.load_state_dict(cur.state_dict())
+    x = torch.randn(2, 5, 24)
+    attn_cur, attn_ab = cur.attn(cur.norm1(x)), ab.attn(ab.norm1(x))
+    assert not torch.allclose(attn_cur, attn_ab)
+    gpu.OTHER_CORE = None  # the plain variant never calls it; the @ab one has nothing to call now
+    assert torch.equal(cur.attn(cur.norm1(x)), attn_cur)
+    with pytest.raises(TypeError):
+        ab.attn(ab.norm1(x))
 
 
 def test_gpu_script_refuses_to_time_when_a_check_fails(monkeypatch, capsys):

@@ -214,6 +214,89 @@ def test_bf16_autocast_keeps_q_and_v_in_bf16():
     assert torch.float64 not in dtypes and dtypes.count(torch.bfloat16) >= 2
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("kw", [dict(dictionary="d"), dict(dictionary="sd", static="dense", image_size=8),
+                                dict(dictionary="d", solver="fista", init="encode")])
+def test_backward_inside_autocast_matches_backward_outside(kw, recompute):
+    # torch.autograd.grad called inside an autocast region (CUDA graph capture of a training step does
+    # this, and so do gradient penalties) must neither fail on the node's float32 buffers nor recast
+    # its products: the gradients are the ones taken outside the region
+    torch.manual_seed(1)
+    layer = VARSLayer(48, 2, steps=3, recompute=recompute, **kw)
+    x = torch.randn(2, 65, 48, requires_grad=True)
+    grads = []
+    for inside in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            loss = (y.float() * torch.cos(y.float())).sum()
+            if inside:
+                grads.append(torch.autograd.grad(loss, [x, *layer.parameters()]))
+        if not inside:
+            grads.append(torch.autograd.grad(loss, [x, *layer.parameters()]))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # and a direct call of the node inside autocast keeps its float32 work: same output as outside
+    qv = torch.randn(2, 65, 2, 2, 24, dtype=torch.bfloat16)
+    W = torch.randn(2, 24, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fused_attention_core(qv, W, 0.1, steps=3, low_dtype=torch.bfloat16, recompute=recompute)[0]
+    outside = fused_attention_core(qv, W, 0.1, steps=3, low_dtype=torch.bfloat16, recompute=recompute)[0]
+    assert torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("einsum", [True, False, None])
+def test_rowdot_forms_agree_with_float64(einsum):
+    # both forms of the backward's row products (einsum on CPUs, multiply and sum on CUDA devices)
+    from vars_ode.fused import _rowdot
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 3, 37, 64, generator=g), torch.randn(2, 3, 37, 64, generator=g)
+    b = b.transpose(-1, -2).contiguous().transpose(-1, -2)  # a strided operand, as views are in the node
+    want = (a.double() * b.double()).sum(-1)
+    got = _rowdot(a, b, einsum)
+    assert got.shape == (2, 3, 37) and got.dtype == torch.float32
+    assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_backward_with_the_cuda_row_products_matches_float64_generic_path():
+    # the node's gradients with the multiply-and-sum rows (the CUDA form, forced on the CPU) against the
+    # float64 generic path
+    import functools
+    fused, generic = pair(4, dictionary="d", steps=3)
+    x = torch.randn(2, 17, 24, dtype=D64, requires_grad=True)
+    with mock.patch.object(fused_module, "_rowdot", functools.partial(fused_module._rowdot, einsum=False)):
+        y, grads = run(fused, x)
+    y_ref, grads_ref = run(generic, x)
+    assert rel(y, y_ref) < 1e-10
+    for a, b in zip(grads, grads_ref):
+        assert rel(a, b) < 1e-9
+
+
+def test_tf32_only_for_cuda_autocast_and_restored():
+    # the node's float32 products may use TF32 only on CUDA under 16-bit autocast; the global flag is
+    # restored after the node, also when the node raises, and a user's own setting is left as it was
+    from vars_ode.fused import _node_precision, _uses_tf32
+    matmul = torch.backends.cuda.matmul
+    assert _uses_tf32("cuda", torch.bfloat16) and _uses_tf32("cuda", torch.float16)
+    assert not _uses_tf32("cuda", torch.float32) and not _uses_tf32("cpu", torch.bfloat16)
+    with mock.patch.object(fused_module, "TF32_UNDER_AUTOCAST", False):
+        assert not _uses_tf32("cuda", torch.bfloat16)
+    before = matmul.allow_tf32
+    try:
+        for user in (False, True):
+            matmul.allow_tf32 = user
+            with _node_precision("cuda", True):
+                assert matmul.allow_tf32
+            assert matmul.allow_tf32 == user
+            with _node_precision("cuda", False):
+                assert matmul.allow_tf32 == user
+            with pytest.raises(RuntimeError, match="inside"):
+                with _node_precision("cuda", True):
+                    raise RuntimeError("inside")
+            assert matmul.allow_tf32 == user
+    finally:
+        matmul.allow_tf32 = before
+
+
 def test_dense_static_atoms_resample_and_train():
     torch.manual_seed(0)
     layer = VARSLayer(24, 3, dictionary="sd", static="dense", image_size=4, num_static_atoms=6)

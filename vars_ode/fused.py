@@ -29,6 +29,7 @@ and ``b`` are float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -192,6 +193,16 @@ def _iterate(pb, steps, solver, restart, init):
     return u, ys, ps, betas
 
 
+def _rowdot(a, b, einsum=None):
+    # (a * b).sum(-1) over (B, h, n, d) tensors. On CPUs einsum's batched row products are faster (no
+    # temporary); on CUDA devices einsum runs them as B h n products of 1 x d by d x 1, several times
+    # slower than a multiply and a row sum (H200, B 256 VARS-D: 164 us per call). ``einsum``: force one
+    # form (None: by device).
+    if einsum if einsum is not None else a.device.type == "cpu":
+        return torch.einsum("bhnd,bhnd->bhn", a, b)
+    return (a * b).sum(-1)
+
+
 def _split(qv, k):
     # (B, N, k, h, dh) -> views q, v of shape (B, h, N, dh) (q None when k == 1)
     v = qv[:, :, k - 1].transpose(1, 2)
@@ -224,10 +235,53 @@ def _atoms(q, rnorm, W, c, S, shape, work, F=None):
     return F, Fd, qn, rnorm
 
 
+#: Under autocast on CUDA devices (``low_dtype`` bf16 or fp16), the node's float32 products (the features'
+#: exponent, the power iteration and the ``m x m`` iteration, and their gradients) run on the TF32 tensor
+#: cores: about ten bits of mantissa, more than the 16-bit products over the tokens that feed them carry.
+#: Set to False to keep them in full float32 (``torch.backends.cuda.matmul.allow_tf32`` set by the user
+#: applies either way). No effect on CPUs, in float32 / float64 without autocast, or on other devices.
+TF32_UNDER_AUTOCAST = True
+
+
+def _uses_tf32(device_type, low):
+    return TF32_UNDER_AUTOCAST and device_type == "cuda" and low in (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def _node_precision(device_type, tf32):
+    """The node picks its own precisions (``low`` for the products over the tokens, ``work`` for the rest)
+    and writes into buffers of those dtypes: an autocast region around a call of the node, or around the
+    backward pass (``torch.autograd.grad`` inside ``torch.autocast``, as in CUDA graph capture of a
+    training step), must not recast its products. ``tf32``: allow TF32 for CUDA float32 products in the
+    region, restoring the global setting after it."""
+    with contextlib.ExitStack() as stack:
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        matmul = torch.backends.cuda.matmul
+        before = matmul.allow_tf32
+        if tf32 and not before:
+            matmul.allow_tf32 = True
+            stack.callback(setattr, matmul, "allow_tf32", before)
+        yield
+
+
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
                 residual, recompute, drop):
+        ctx.device_type, ctx.tf32 = qv.device.type, _uses_tf32(qv.device.type, low)
+        with _node_precision(ctx.device_type, ctx.tf32):
+            return _GramSparseCode._forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz,
+                                            power_iters, low, squaring, residual, recompute, drop)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with _node_precision(ctx.device_type, ctx.tf32):
+            return _GramSparseCode._backward(ctx, *grads)
+
+    @staticmethod
+    def _forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
+                 residual, recompute, drop):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -277,7 +331,7 @@ class _GramSparseCode(torch.autograd.Function):
         return out, u_scaled, pb.A, pb.bs, L, pb.tau
 
     @staticmethod
-    def backward(ctx, g_out, _gu, _gK, _gb, _gL, _gtau):
+    def _backward(ctx, g_out, _gu, _gK, _gb, _gL, _gtau):
         steps, solver, restart, init, low, weight, d_ok, work, residual, recompute, y_none = ctx.cfg
         qv, rnorm, W, c, S, Gl, al, s, L, mask, *kept = ctx.saved_tensors
         B, N, k, h, dh = qv.shape
@@ -341,7 +395,7 @@ class _GramSparseCode(torch.autograd.Function):
             # A = I + G o nss (nss = -s s^T / L, never formed): with Q2 = Q + Q^T, dG + dG^T = Q2 o nss and
             # ds = rowsum(Q2 o (A - I)) / s
             Q2 = torch.add(Q, Q.transpose(-1, -2), out=scratch("Q2", Q.shape, Q.dtype, Q.device))
-            rows = torch.einsum("bhij,bhij->bhi", Q2, pb.A) - torch.diagonal(Q2, dim1=-2, dim2=-1)
+            rows = _rowdot(Q2, pb.A) - torch.diagonal(Q2, dim1=-2, dim2=-1)
             g_s = g_s + rows.unsqueeze(-1) / s
             g_Gs = Q2.mul_(s).mul_(pb.ncol)  # dG + dG^T = Q2 o (-s s^T / L)
         else:
@@ -368,7 +422,7 @@ class _GramSparseCode(torch.autograd.Function):
             g_z = g_F[..., :m].to(work).mul_(Fd)  # through the exponential
             g_qn = _mm_into("g_qn", g_z, W.to(work).transpose(-1, -2))
             # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
-            g_qn.addcmul_(qn, torch.einsum("bhnd,bhnd->bhn", qn, g_qn).unsqueeze(-1), value=-1.0)
+            g_qn.addcmul_(qn, _rowdot(qn, g_qn).unsqueeze(-1), value=-1.0)
             torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
