@@ -1,21 +1,25 @@
 """GPU benchmark of the VARS layers against timm's fused attention (issue targets in the tables).
 
-    python benchmarks/gpu.py                 # on a CUDA machine: correctness first, then the tables
+    python benchmarks/gpu.py --graphs        # on a CUDA machine: correctness first, then the tables
     python benchmarks/gpu.py --device cpu --quick   # the same code path at toy sizes (tested in CI)
 
 1. Correctness: VARS-D, VARS-SD (convolutional templates) and VARS-SD with dense static atoms on the
-   device (fp32 forward and gradients, bf16 autocast forward) against the same layer in float64 on the
-   CPU; a batched LASSO (FISTA, float64) on the device against the CPU. The script stops with exit
-   code 1 if a check fails, before timing anything (``--time-anyway`` times regardless).
+   device (fp32 forward and gradients with TF32 off, bf16 autocast forward) against the same layer in
+   float64 on the CPU; a gradient's bound is 2e-3 or 4x the CPU's own fp32 error for that tensor. A
+   batched LASSO (FISTA, float64) on the device against the CPU. The script stops with exit code 1 if
+   a check fails, before timing anything (``--time-anyway`` times regardless).
 2. Blocks at DeiT-Ti width (dim 192, 3 heads): forward+backward under bf16 autocast, median of
-   ``--iters`` CUDA-event timings, peak memory; timm's Block (fused SDPA) is the baseline measured in
-   the same process; B 256 x N 196 and B 4 x N 12544. VARS-D is timed on its fused path and on the
-   generic one (``fused=False``, the previous implementation).
-3. Training steps of vars_rvt_tiny (B 256, 224 px, AdamW, bf16 autocast): images/s and peak memory,
-   attention="self" as the baseline.
+   ``--iters`` CUDA-event timings taken in three rounds with the order rotated, peak memory above the
+   inputs; timm's Block (fused SDPA) is the baseline measured in the same process and a block without
+   attention gives the rest of the block; B 256 x N 196 and B 4 x N 12544. ``--graphs`` also times the
+   blocks captured as CUDA graphs (no launch costs). ``--ab-file F`` adds ``NAME@ab`` blocks that run
+   another version of vars_ode/fused.py (an A/B in one process).
+3. Training steps of vars_rvt_tiny (B 256, 224 px, AdamW, bf16 autocast): images/s and peak memory
+   (model and optimiser state included), attention="self" as the baseline.
 4. Solvers to a KKT residual of 1e-4 on layer-sized Gram systems (fp32; 192 systems of 128 atoms with
-   64 problems each, as VARS-D at B 64): work, milliseconds and host reads (vars_ode.sync) of ISTA,
-   FISTA and the ODE methods through torchdiffeq and through vars_ode.solvers.native.
+   64 problems each, as VARS-D at B 64), with the Lipschitz constants computed once and timed apart:
+   work, milliseconds and host reads (vars_ode.sync) of ISTA, FISTA and the ODE methods through
+   torchdiffeq and through vars_ode.solvers.native.
 """
 from __future__ import annotations
 
@@ -422,13 +426,21 @@ def ode_table(device, quick, tol=1e-4, max_evals=20_000):
     P = torch.randn(systems, tokens, m, generator=g) / tokens**0.5
     V = torch.randn(systems, tokens, k, generator=g)
     K, B = (P.transpose(-1, -2) @ P).to(device), (P.transpose(-1, -2) @ V).to(device)
+    # the Lipschitz constants once, timed apart: every solver gets the same L (the solve's default,
+    # eigvalsh), so that the rows time the solvers alone
+    lip = {}
+    for method in ("eigvalsh", "power"):
+        lip[method] = (vo.lipschitz_constant(K, method), timed(lambda method=method: vo.lipschitz_constant(K, method), device, 3, 1))
+    L = lip["eigvalsh"][0]
+    print(f"\nL of {systems} Gram systems {m}x{m}: eigvalsh {lip['eigvalsh'][1]:.1f} ms, 50 power steps "
+          f"{lip['power'][1]:.1f} ms (largest relative gap {float(((lip['power'][0] - L) / L).abs().max()):.1e})")
     rows = {}
     for spec in ODE_SOLVERS:
         name, _, integrator = spec.partition("@")
         kw = dict(max_iter=max_evals, **({"integrator": integrator} if integrator else {}))
 
         def run():
-            return vo.solve_gram(K, B, 0.1, name, tol=tol, **kw)
+            return vo.solve_gram(K, B, 0.1, name, tol=tol, L=L, **kw)
 
         sol = run()
         ms = timed(run, device, 1, warmup=0)
@@ -437,10 +449,13 @@ def ode_table(device, quick, tol=1e-4, max_evals=20_000):
         st = sol.stats
         rows[spec] = dict(work=int(st.iterations.max()), unit=st.unit, converged=float(st.converged.float().mean()),
                           residual=float(st.residual.max()), ms=ms, reads=reads.count)
+    rows["lipschitz_ms"] = {method: v[1] for method, v in lip.items()}
     f = rows["fista"]["ms"]
-    print(f"\n| solver ({systems} Gram systems {m}x{m}, {k} problems each, fp32, tol {tol:g}) | work | unit | "
+    print(f"\n| solver ({systems} Gram systems {m}x{m}, {k} problems each, fp32, tol {tol:g}, L given) | work | unit | "
           "converged | ms (/ FISTA) | host reads |\n|---|---|---|---|---|---|")
     for spec, r in rows.items():
+        if spec == "lipschitz_ms":
+            continue
         print(f"| {spec} | {r['work']} | {r['unit']} | {r['converged']:.3f} | {r['ms']:.1f} ({r['ms'] / f:.1f}x) | {r['reads']} |")
     return rows
 

@@ -280,19 +280,26 @@ def test_tf32_only_for_cuda_autocast_and_restored():
     assert not _uses_tf32("cuda", torch.float32) and not _uses_tf32("cpu", torch.bfloat16)
     with mock.patch.object(fused_module, "TF32_UNDER_AUTOCAST", False):
         assert not _uses_tf32("cuda", torch.bfloat16)
+
+    def flag():
+        return matmul.allow_tf32
+
+    def boom():
+        raise RuntimeError("inside")
+
     before = matmul.allow_tf32
     try:
         for user in (False, True):
             matmul.allow_tf32 = user
-            with _node_precision("cuda", True):
-                assert matmul.allow_tf32
+            assert _node_precision("cuda", True, flag)
             assert matmul.allow_tf32 == user
-            with _node_precision("cuda", False):
-                assert matmul.allow_tf32 == user
+            assert _node_precision("cuda", False, flag) == user
             with pytest.raises(RuntimeError, match="inside"):
-                with _node_precision("cuda", True):
-                    raise RuntimeError("inside")
+                _node_precision("cuda", True, boom)
             assert matmul.allow_tf32 == user
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # and autocast is off inside the call
+                assert not _node_precision("cpu", False, torch.is_autocast_enabled, "cpu")
+                assert _node_precision("cuda", True, flag) and matmul.allow_tf32 == user
     finally:
         matmul.allow_tf32 = before
 

@@ -25,7 +25,9 @@ which saves that work. Nothing synchronises with the host.
 
 ``low_dtype`` (bf16 / fp16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
 decoding and their gradients) in that precision; the features' exponent and the iteration on ``K``
-and ``b`` are float32 (float64 for float64 inputs).
+and ``b`` are float32 (float64 for float64 inputs), on TF32 tensor cores on CUDA devices
+(:data:`TF32_UNDER_AUTOCAST`). An autocast region around the node, or around its backward pass, does
+not recast its products.
 """
 from __future__ import annotations
 
@@ -247,22 +249,25 @@ def _uses_tf32(device_type, low):
     return TF32_UNDER_AUTOCAST and device_type == "cuda" and low in (torch.bfloat16, torch.float16)
 
 
-@contextlib.contextmanager
-def _node_precision(device_type, tf32):
-    """The node picks its own precisions (``low`` for the products over the tokens, ``work`` for the rest)
-    and writes into buffers of those dtypes: an autocast region around a call of the node, or around the
-    backward pass (``torch.autograd.grad`` inside ``torch.autocast``, as in CUDA graph capture of a
-    training step), must not recast its products. ``tf32``: allow TF32 for CUDA float32 products in the
-    region, restoring the global setting after it."""
-    with contextlib.ExitStack() as stack:
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        matmul = torch.backends.cuda.matmul
-        before = matmul.allow_tf32
-        if tf32 and not before:
-            matmul.allow_tf32 = True
-            stack.callback(setattr, matmul, "allow_tf32", before)
-        yield
+def _node_precision(device_type, tf32, fn, *args):
+    """``fn(*args)`` with the node's own precisions. The node picks them (``low`` for the products over the
+    tokens, ``work`` for the rest) and writes into buffers of those dtypes: an autocast region around a
+    call of the node, or around the backward pass (``torch.autograd.grad`` inside ``torch.autocast``, as in
+    CUDA graph capture of a training step), must not recast its products. ``tf32``: allow TF32 for CUDA
+    float32 products in the call, restoring the global setting after it. Without either, a plain call."""
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    matmul = torch.backends.cuda.matmul
+    flip = tf32 and not matmul.allow_tf32
+    if not (autocast or flip):
+        return fn(*args)
+    with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if not flip:
+            return fn(*args)
+        matmul.allow_tf32 = True
+        try:
+            return fn(*args)
+        finally:
+            matmul.allow_tf32 = False
 
 
 class _GramSparseCode(torch.autograd.Function):
@@ -270,14 +275,13 @@ class _GramSparseCode(torch.autograd.Function):
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
                 residual, recompute, drop):
         ctx.device_type, ctx.tf32 = qv.device.type, _uses_tf32(qv.device.type, low)
-        with _node_precision(ctx.device_type, ctx.tf32):
-            return _GramSparseCode._forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz,
-                                            power_iters, low, squaring, residual, recompute, drop)
+        return _node_precision(ctx.device_type, ctx.tf32, _GramSparseCode._forward, ctx, qv, W, S, weight, steps,
+                               solver, restart, init, lipschitz, power_iters, low, squaring, residual, recompute,
+                               drop)
 
     @staticmethod
     def backward(ctx, *grads):
-        with _node_precision(ctx.device_type, ctx.tf32):
-            return _GramSparseCode._backward(ctx, *grads)
+        return _node_precision(ctx.device_type, ctx.tf32, _GramSparseCode._backward, ctx, *grads)
 
     @staticmethod
     def _forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
