@@ -222,8 +222,9 @@ OTHER_CORE = None
 
 
 def variant(name, table=None):
-    """(options, tf32, other) of a variant name; ``name@ab`` runs the fused node of ``--ab-file``."""
-    base, _, tag = name.partition("@")
+    """(options, tf32, other) of a variant name; ``name@ab`` runs the fused node of ``--ab-file``;
+    ``name+compile`` is the block through ``torch.compile(fullgraph=True)`` (see make_block)."""
+    base, _, tag = name.removesuffix("+compile").partition("@")
     opts, tf32 = _tf32_option((VARIANTS if table is None else table)[base])
     return opts, tf32, tag == "ab"
 
@@ -242,7 +243,10 @@ def _with_other_core(cls):
 
 def make_block(dim, heads, name, device):
     """timm's Block with its own attention ("timm"), none ("identity") or a VARSLayer; older timm without
-    the ``attn_layer`` argument gets the layer swapped in after construction."""
+    the ``attn_layer`` argument gets the layer swapped in after construction. ``+compile``: the block
+    through ``torch.compile(fullgraph=True)`` (compiled at its first call, in the warm-up)."""
+    if name.endswith("+compile"):
+        return torch.compile(make_block(dim, heads, name.removesuffix("+compile"), device), fullgraph=True)
     opts, _, other = variant(name)
     if opts is None or opts == "identity":
         block = Block(dim, heads, qkv_bias=True)
@@ -476,6 +480,9 @@ def main(argv=None):
     ap.add_argument("--ab-file", help="another version of vars_ode/fused.py: adds NAME@ab block variants that "
                                       "run it (A/B in one process, as benchmarks/ab_fused.py on the CPU)")
     ap.add_argument("--ab-variants", default="vars_d,vars_sd_dense", help="the block variants run with --ab-file")
+    ap.add_argument("--compile", nargs="?", const="timm,vars_d,vars_sd_dense", default="",
+                    help="also time these block variants through torch.compile(fullgraph=True) (NAME+compile; "
+                         "default timm,vars_d,vars_sd_dense; about a minute of compilation each)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     blocks = ["timm"] + [b for b in args.blocks.split(",") if b and b != "timm"]
@@ -483,6 +490,10 @@ def main(argv=None):
     for b in blocks:
         if b not in VARIANTS:
             raise SystemExit(f"--blocks: unknown variant {b!r}; choose from {list(VARIANTS)}")
+    for b in filter(None, args.compile.split(",")):
+        if b not in VARIANTS:
+            raise SystemExit(f"--compile: unknown variant {b!r}; choose from {list(VARIANTS)}")
+        blocks.append(b + "+compile")
     if args.ab_file:
         from ab_fused import load_other, other_core
 

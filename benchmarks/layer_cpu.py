@@ -4,7 +4,7 @@ DeiT-Ti width: dim 192, 3 heads, batch 16, 197 tokens (14 x 14 grid + CLS), fp32
 ``--repeats`` interleaved runs per layer, its ratio to timm's ``Attention`` (fused SDPA where torch offers it)
 and the median of the per-turn ratios ("paired").
 
-    python benchmarks/layer_cpu.py [--repeats 10] [--threads 2]
+    python benchmarks/layer_cpu.py [--repeats 10] [--threads 2] [--compile]
 """
 from __future__ import annotations
 
@@ -74,6 +74,9 @@ def main(argv=None):
                          "sd-dense (dense static atoms, static='dense'); sd-dense:32 sets num_static_atoms")
     ap.add_argument("--unfused", action="store_true", help="also time VARS-D with fused=False (the generic path)")
     ap.add_argument("--kernel-size", type=int, default=None, help="static template size (default: the layer's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time every layer (timm's included) through torch.compile(fullgraph=True); "
+                         "the first, warm-up turns include the compilation")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,6 +93,9 @@ def main(argv=None):
         if d == "d" and args.unfused:
             layers["VARS-D ista 3 unfused"] = VARSLayer(args.dim, args.heads, dictionary=d, solver="ista", steps=3,
                                                         qkv_bias=True, fused=False)
+    if args.compile:
+        for name, layer in list(layers.items()):
+            layers[name + " compiled"] = torch.compile(layer, fullgraph=True)
     print(f"CPU fwd+bwd, fp32, dim {args.dim}, {args.heads} heads, batch {args.batch}, {args.tokens} tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs")
     times = interleaved(layers, x, args.repeats)
@@ -97,10 +103,11 @@ def main(argv=None):
     base = res["timm Attention"]
     # paired: the median over runs of the layer's time over timm's in the same turn (steadier when the
     # machine's speed drifts within a run)
-    print(f"{'layer':<30}{'ms':>10}{'ratio':>10}{'paired':>10}")
+    width = max(30, 2 + max(map(len, res)))
+    print(f"{'layer':<{width}}{'ms':>10}{'ratio':>10}{'paired':>10}")
     for name, sec in res.items():
         paired = statistics.median(t / b for t, b in zip(times[name], times["timm Attention"]))
-        print(f"{name:<30}{1e3 * sec:>10.1f}{sec / base:>10.2f}{paired:>10.2f}")
+        print(f"{name:<{width}}{1e3 * sec:>10.1f}{sec / base:>10.2f}{paired:>10.2f}")
     return res
 
 

@@ -52,6 +52,19 @@ def test_gpu_script_ab_variants_run_the_other_node(capsys, tmp_path):
         ab.attn(ab.norm1(x))
 
 
+def test_gpu_script_compiled_blocks(capsys):
+    # --compile adds NAME+compile blocks: the block through torch.compile(fullgraph=True), timed and
+    # reported beside the eager one
+    import torch
+
+    gpu = load("gpu")
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--skip-training", "--skip-ode",
+                     "--blocks", "vars_d", "--compile", "vars_d"]) == 0
+    out = capsys.readouterr().out
+    assert "| vars_d+compile |" in out and "| vars_d |" in out
+    assert isinstance(gpu.make_block(24, 3, "vars_d+compile", torch.device("cpu")), torch._dynamo.eval_frame.OptimizedModule)
+
+
 def test_gpu_script_refuses_to_time_when_a_check_fails(monkeypatch, capsys):
     gpu = load("gpu")
     monkeypatch.setattr(gpu, "check_correctness", lambda device, quick: (False, []))

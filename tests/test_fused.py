@@ -304,6 +304,37 @@ def test_tf32_only_for_cuda_autocast_and_restored():
         matmul.allow_tf32 = before
 
 
+def _c_compiler():
+    import shutil
+    return any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang"))
+
+
+@pytest.mark.parametrize("kw, autocast", [
+    (dict(dictionary="d"), False),
+    (dict(dictionary="sd", static="dense", image_size=4, recompute=True), True),  # the CUDA configuration
+])
+def test_torch_compile_fullgraph_matches_eager(kw, autocast):
+    # the fused node traces into one graph (no graph break: fullgraph=True raises on one), forward and
+    # backward, and computes what the eager node computes. Inductor where a C compiler is found; else
+    # the same traced forward and backward graphs run op by op (aot_eager)
+    torch.manual_seed(5)
+    layer = VARSLayer(24, 3, qkv_bias=True, steps=3, **kw)
+    x = torch.randn(2, 17, 24, requires_grad=True)
+
+    def run(f):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = f(x).float()
+        return y, torch.autograd.grad((y * torch.cos(y)).sum(), [x, *layer.parameters()])
+
+    torch._dynamo.reset()
+    y_eager, g_eager = run(layer)
+    y_comp, g_comp = run(torch.compile(layer, fullgraph=True, backend="inductor" if _c_compiler() else "aot_eager"))
+    bound = 3e-2 if autocast else 1e-5  # bf16: inductor may round its fused intermediates differently
+    assert rel(y_comp, y_eager) < bound
+    for a, b in zip(g_comp, g_eager, strict=True):
+        assert rel(a, b) < bound
+
+
 def test_dense_static_atoms_resample_and_train():
     torch.manual_seed(0)
     layer = VARSLayer(24, 3, dictionary="sd", static="dense", image_size=4, num_static_atoms=6)

@@ -143,5 +143,8 @@ def test_compiled_layer_matches_eager_and_keeps_no_traced_tensors(workspace_on):
     x = torch.randn(2, 10, 24, dtype=D64)
     vo.release_workspace()
     compiled = torch.compile(model, backend="aot_eager")  # traces with fake tensors, no C++ compiler
-    assert same(fwd_bwd(compiled, x), fwd_bwd(model, x))
+    # the fused node is traced into the graph (no graph break), where AOT autograd decomposes some of its
+    # operations: float64 rounding, not bitwise equality (measured 1.0e-15)
+    for a, b in zip(fwd_bwd(compiled, x), fwd_bwd(model, x), strict=True):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
     assert all(type(t) is torch.Tensor for t in workspace._local.pool.values())

@@ -32,7 +32,6 @@ not recast its products.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -152,11 +151,15 @@ class _Problem:
         self.tau = weight * step if self.shrink else torch.ones_like(L)
         self.bscale = s * (1.0 / weight) if self.shrink else s * step  # bs = a * bscale
         self.a, self.L = a, L
+        self._bs = None
 
-    @functools.cached_property
+    @property
     def bs(self):
-        # formed when first asked for: a backward pass that keeps its iterates never needs it
-        return self.a * self.bscale
+        # formed when first asked for: a backward pass that keeps its iterates never needs it (cached
+        # by hand: functools.cached_property takes a lock, which torch.compile cannot trace)
+        if self._bs is None:
+            self._bs = self.a * self.bscale
+        return self._bs
 
 
 def _shrink(p, on):
@@ -200,7 +203,8 @@ def _rowdot(a, b, einsum=None):
     # temporary); on CUDA devices einsum runs them as B h n products of 1 x d by d x 1, several times
     # slower than a multiply and a row sum (H200, B 256 VARS-D: 164 us per call). ``einsum``: force one
     # form (None: by device).
-    if einsum if einsum is not None else a.device.type == "cpu":
+    use_einsum = a.device.type == "cpu" if einsum is None else einsum
+    if use_einsum:
         return torch.einsum("bhnd,bhnd->bhn", a, b)
     return (a * b).sum(-1)
 
@@ -242,6 +246,8 @@ def _atoms(q, rnorm, W, c, S, shape, work, F=None):
 #: cores: about ten bits of mantissa, more than the 16-bit products over the tokens that feed them carry.
 #: Set to False to keep them in full float32 (``torch.backends.cuda.matmul.allow_tf32`` set by the user
 #: applies either way). No effect on CPUs, in float32 / float64 without autocast, or on other devices.
+#: The switch is PyTorch's process-wide flag, set around the node's forward and backward and restored
+#: after them: float32 products that other threads run in that window also use TF32.
 TF32_UNDER_AUTOCAST = True
 
 
@@ -254,8 +260,11 @@ def _node_precision(device_type, tf32, fn, *args):
     tokens, ``work`` for the rest) and writes into buffers of those dtypes: an autocast region around a
     call of the node, or around the backward pass (``torch.autograd.grad`` inside ``torch.autocast``, as in
     CUDA graph capture of a training step), must not recast its products. ``tf32``: allow TF32 for CUDA
-    float32 products in the call, restoring the global setting after it. Without either, a plain call."""
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    float32 products in the call, restoring the global setting after it. Without either, a plain call.
+    Under torch.compile autocast is always turned off around the call: a traced backward takes the
+    forward's autocast state, whatever ``is_autocast_enabled`` says while it is traced."""
+    autocast = device_type in ("cpu", "cuda") and (torch.compiler.is_compiling()
+                                                   or torch.is_autocast_enabled(device_type))
     matmul = torch.backends.cuda.matmul
     flip = tf32 and not matmul.allow_tf32
     if not (autocast or flip):
@@ -313,11 +322,14 @@ class _GramSparseCode(torch.autograd.Function):
         if mask is not None:
             su = su * mask
         recon = _mm_into("recon", Fl, su.to(low))
-        out = torch.empty((B, N, h, dh), dtype=low, device=qv.device)
-        if residual:
-            torch.add(recon, v, out=out.transpose(1, 2))  # + v and the (B, N, h, dh) layout in one pass
+        if torch.compiler.is_compiling():  # no out= into a strided view there; inductor fuses the two
+            out = (recon + v if residual else recon).transpose(1, 2).contiguous()
         else:
-            out.transpose(1, 2).copy_(recon)
+            out = torch.empty((B, N, h, dh), dtype=low, device=qv.device)
+            if residual:
+                torch.add(recon, v, out=out.transpose(1, 2))  # + v and the (B, N, h, dh) layout in one pass
+            else:
+                out.transpose(1, 2).copy_(recon)
         if recompute:
             kept = ()
         else:  # features, contiguous values, step matrix and iterates
@@ -412,13 +424,17 @@ class _GramSparseCode(torch.autograd.Function):
         g_F = _mm_into("g_F", Fl, g_Gs.to(low))
         _bmm_(g_F, vl, g_a.transpose(-1, -2))
         _bmm_(g_F, gl, su.to(low).transpose(-1, -2))
-        g_qv = torch.empty_like(qv)
+        # the gradient is written into qv's layout in place, or (under torch.compile, which traces no out=
+        # into strided views) stacked from its parts at the end
+        compiling = torch.compiler.is_compiling()
+        g_qv = None if compiling else torch.empty_like(qv)
         g_v = _mm_into("g_v", Fl, g_a)
-        _, g_v_out = _split(g_qv, k)
-        if residual:
-            torch.add(g_v, g_out.transpose(1, 2), out=g_v_out)
+        if compiling:
+            parts = [g_v + g_out.transpose(1, 2) if residual else g_v]
+        elif residual:
+            torch.add(g_v, g_out.transpose(1, 2), out=_split(g_qv, k)[1])
         else:
-            g_v_out.copy_(g_v)
+            _split(g_qv, k)[1].copy_(g_v)
         g_S = None
         m = 0
         if W is not None:
@@ -427,7 +443,12 @@ class _GramSparseCode(torch.autograd.Function):
             g_qn = _mm_into("g_qn", g_z, W.to(work).transpose(-1, -2))
             # q^ = q / |q|: dq = (dq^ - q^ (q^ . dq^)) / |q|
             g_qn.addcmul_(qn, _rowdot(qn, g_qn).unsqueeze(-1), value=-1.0)
-            torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
+            if compiling:
+                parts.insert(0, g_qn * rnorm)
+            else:
+                torch.mul(g_qn, rnorm, out=_split(g_qv, k)[0])
+        if compiling:
+            g_qv = torch.stack([t.transpose(1, 2).to(qv.dtype) for t in parts], 2)
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
         return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None

@@ -69,6 +69,7 @@ the same iterates as the Gram-form path, with unrolled gradients), so that each 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -431,7 +432,7 @@ class VARSLayer(nn.Module):
         dev_type = x.device.type
         autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
         work = torch.float32 if (qv.dtype in (torch.float16, torch.bfloat16) or autocast_on) and qv.dtype != torch.float64 else qv.dtype
-        with torch.autocast(device_type=dev_type, enabled=False) if autocast_on else _nullcontext():
+        with torch.autocast(device_type=dev_type, enabled=False) if autocast_on else contextlib.nullcontext():
             if self._fusable():
                 # one autograd node from the projection qv to the output layout (B, N, h, dh); q and v
                 # stay in the autocast dtype
@@ -606,14 +607,6 @@ class VARSLayer(nn.Module):
             with torch.no_grad():
                 self.last_maps = torch.stack([(phi @ c).abs().mean((1, 3)) for c in record[1:]], 1)
         return phi @ u
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_grid(grid_size):
