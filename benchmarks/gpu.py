@@ -184,7 +184,8 @@ def check_correctness(device, quick):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             y16 = dev(xd)
         rows.append((f"{name} layer fp32 forward", _rel(y32, y_ref), 1e-4))
-        worst = max(g_ref, key=lambda n: _rel(g32[n], g_ref[n]) / max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])))
+        ratio = {n: _rel(g32[n], g_ref[n]) / max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])) for n in g_ref}
+        worst = next((n for n, r in ratio.items() if r != r), max(ratio, key=ratio.get))  # a NaN first
         rows.append((f"{name} layer fp32 gradients (worst: {worst})", _rel(g32[worst], g_ref[worst]),
                      max(2e-3, 4 * _rel(g_cpu[worst], g_ref[worst]))))
         rows.append((f"{name} layer bf16 autocast forward", _rel(y16.detach().float(), y_ref), 5e-2))

@@ -65,6 +65,32 @@ def test_gpu_script_compiled_blocks(capsys):
     assert isinstance(gpu.make_block(24, 3, "vars_d+compile", torch.device("cpu")), torch._dynamo.eval_frame.OptimizedModule)
 
 
+def test_gpu_check_fails_on_a_nan_or_a_wrong_device_gradient(monkeypatch):
+    # the third run of each layer is the "device" one (float64 reference, CPU fp32, device fp32): a NaN
+    # in one of its gradients, or an error 100x the CPU's, must fail its row even where the bound comes
+    # from the CPU's own fp32 error
+    import torch
+
+    gpu = load("gpu")
+    original = gpu._layer_run
+
+    for poison in (lambda t: t * float("nan"), lambda t: t + 1e-2 * t.abs().max() * torch.randn_like(t)):
+        calls = []
+
+        def run(layer, x, poison=poison, calls=calls):
+            y, grads = original(layer, x)
+            calls.append(1)
+            if len(calls) % 3 == 0:
+                name = list(grads)[-1]
+                grads[name] = poison(grads[name])
+            return y, grads
+
+        monkeypatch.setattr(gpu, "_layer_run", run)
+        ok, rows = gpu.check_correctness(torch.device("cpu"), True)
+        assert not ok
+        assert all(not err <= bound for name, err, bound in rows if "gradients" in name)
+
+
 def test_gpu_script_refuses_to_time_when_a_check_fails(monkeypatch, capsys):
     gpu = load("gpu")
     monkeypatch.setattr(gpu, "check_correctness", lambda device, quick: (False, []))
