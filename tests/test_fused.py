@@ -304,6 +304,26 @@ def test_tf32_only_for_cuda_autocast_and_restored():
         matmul.allow_tf32 = before
 
 
+def test_tf32_flag_left_alone_under_torch_compile():
+    # traced code reads the flag when it is compiled: the node does not flip it there (the global
+    # setting decides), and does when it runs eagerly
+    from vars_ode.fused import _node_precision
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        def f(x):
+            return _node_precision("cuda", True, lambda t: t * (2.0 if matmul.allow_tf32 else 3.0), x)
+
+        x = torch.ones(3)
+        torch._dynamo.reset()
+        assert torch.equal(f(x), 2 * x)
+        assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), 3 * x)
+        assert not matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = before
+
+
 def _c_compiler():
     import shutil
     return any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang"))

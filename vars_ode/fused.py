@@ -247,7 +247,9 @@ def _atoms(q, rnorm, W, c, S, shape, work, F=None):
 #: Set to False to keep them in full float32 (``torch.backends.cuda.matmul.allow_tf32`` set by the user
 #: applies either way). No effect on CPUs, in float32 / float64 without autocast, or on other devices.
 #: The switch is PyTorch's process-wide flag, set around the node's forward and backward and restored
-#: after them: float32 products that other threads run in that window also use TF32.
+#: after them: float32 products that other threads run in that window also use TF32. Under
+#: torch.compile the node leaves the flag alone: there the global setting decides
+#: (``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision("high")``).
 TF32_UNDER_AUTOCAST = True
 
 
@@ -266,7 +268,7 @@ def _node_precision(device_type, tf32, fn, *args):
     autocast = device_type in ("cpu", "cuda") and (torch.compiler.is_compiling()
                                                    or torch.is_autocast_enabled(device_type))
     matmul = torch.backends.cuda.matmul
-    flip = tf32 and not matmul.allow_tf32
+    flip = tf32 and not matmul.allow_tf32 and not torch.compiler.is_compiling()
     if not (autocast or flip):
         return fn(*args)
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
