@@ -59,6 +59,20 @@ def other_core(mod):
     return core
 
 
+def with_core(cls, core):
+    """A subclass of the layer class ``cls`` whose forward calls ``core`` instead of the installed
+    ``vars_ode.fused.fused_attention_core`` (what the layer module imported), restoring it after."""
+    class Other(cls):
+        def forward(self, *args, **kwargs):
+            current = layer_module.fused_attention_core
+            layer_module.fused_attention_core = core
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                layer_module.fused_attention_core = current
+    return Other
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", help="git revision of the other version")
@@ -74,16 +88,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    core = other_core(load_other(args.rev, args.file))
-
-    class Other(VARSLayer):
-        def forward(self, x):
-            current = layer_module.fused_attention_core
-            layer_module.fused_attention_core = core
-            try:
-                return super().forward(x)
-            finally:
-                layer_module.fused_attention_core = current
+    Other = with_core(VARSLayer, other_core(load_other(args.rev, args.file)))
 
     def run(layer, x):
         x = x.detach().requires_grad_(True)

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 import vars_ode as vo
-import vars_ode.layer as layer_module
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -230,18 +229,6 @@ def variant(name, table=None):
     return opts, tf32, tag == "ab"
 
 
-def _with_other_core(cls):
-    class Other(cls):
-        def forward(self, *args, **kwargs):
-            current = layer_module.fused_attention_core
-            layer_module.fused_attention_core = OTHER_CORE
-            try:
-                return super().forward(*args, **kwargs)
-            finally:
-                layer_module.fused_attention_core = current
-    return Other
-
-
 def make_block(dim, heads, name, device):
     """timm's Block with its own attention ("timm"), none ("identity") or a VARSLayer; older timm without
     the ``attn_layer`` argument gets the layer swapped in after construction. ``+compile``: the block
@@ -256,7 +243,9 @@ def make_block(dim, heads, name, device):
         return block.to(device)
     cls = vo.VARSLayer.configure(**opts)
     if other:
-        cls = _with_other_core(cls)
+        from ab_fused import with_core
+
+        cls = with_core(cls, OTHER_CORE)
     try:
         block = Block(dim, heads, qkv_bias=True, attn_layer=cls)
     except TypeError:

@@ -272,13 +272,13 @@ def _node_precision(device_type, tf32, fn, *args):
     if not (autocast or flip):
         return fn(*args)
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if not flip:
-            return fn(*args)
-        matmul.allow_tf32 = True
+        if flip:
+            matmul.allow_tf32 = True
         try:
             return fn(*args)
         finally:
-            matmul.allow_tf32 = False
+            if flip:
+                matmul.allow_tf32 = False
 
 
 class _GramSparseCode(torch.autograd.Function):
