@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import pathlib
 import statistics
 import subprocess
@@ -50,7 +51,11 @@ def load_other(rev: str | None, file: str | None):
 
 
 def other_core(mod):
+    takes_kernels = "kernels" in inspect.signature(mod.fused_attention_core).parameters
+
     def core(*args, **kwargs):
+        if not takes_kernels and kwargs.pop("kernels", "torch") != "torch":
+            raise ValueError("the other fused.py has no kernels argument (PyTorch kernels only)")
         out, code, problem = mod.fused_attention_core(*args, **kwargs)
         if len(problem) == 3:  # versions that returned the code and b / L unscaled: tau = 1
             A, bs, L = problem

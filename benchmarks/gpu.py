@@ -13,7 +13,11 @@
    inputs; timm's Block (fused SDPA) is the baseline measured in the same process and a block without
    attention gives the rest of the block; B 256 x N 196 and B 4 x N 12544. ``--graphs`` also times the
    blocks captured as CUDA graphs (no launch costs). ``--ab-file F`` adds ``NAME@ab`` blocks that run
-   another version of vars_ode/fused.py (an A/B in one process).
+   another version of vars_ode/fused.py (an A/B in one process). ``vars_d_triton`` runs the fused node
+   as Triton kernels (vars_ode.triton_gram); it has its own correctness check, and a failure there
+   drops only the Triton variants from the tables (the exit code is still 1). ``--core`` adds a table
+   of the attention cores alone (SDPA, PyTorch node, Triton node; ``--triton-sweep`` for launch
+   settings).
 3. Training steps of vars_rvt_tiny (B 256, 224 px, AdamW, bf16 autocast): images/s and peak memory
    (model and optimiser state included), attention="self" as the baseline.
 4. Solvers to a KKT residual of 1e-4 on layer-sized Gram systems (fp32; 192 systems of 128 atoms with
@@ -50,6 +54,7 @@ VARIANTS = {
     "vars_d_keep": dict(dictionary="d", recompute=False),  # features kept for the backward
     "vars_d_recompute": dict(dictionary="d", recompute=True),  # features recomputed in the backward
     "vars_d_fp32": dict(dictionary="d", _tf32=False),
+    "vars_d_triton": dict(dictionary="d", kernels="triton"),  # the node as six Triton kernels
     "vars_sd": dict(dictionary="sd"),
     "vars_sd_dense": dict(dictionary="sd", static="dense"),
     "vars_sd_dense32": dict(dictionary="sd", static="dense", num_static_atoms=32),  # the default is head_dim (64)
@@ -61,6 +66,7 @@ TRAIN_VARIANTS = {
     "vars_d_keep": dict(attention="vars_d", recompute=False),
     "vars_d_recompute": dict(attention="vars_d", recompute=True),
     "vars_d_fp32": dict(attention="vars_d", _tf32=False),
+    "vars_d_triton": dict(attention="vars_d", kernels="triton"),
     "vars_sd_dense": dict(attention="vars_sd", static="dense"),
 }
 
@@ -202,6 +208,58 @@ def check_correctness(device, quick):
     return ok, rows
 
 
+def is_triton(name):
+    opts = VARIANTS.get(name.removesuffix("+compile").partition("@")[0], TRAIN_VARIANTS.get(name))
+    return isinstance(opts, dict) and opts.get("kernels") == "triton"
+
+
+def check_triton(device, quick):
+    """The VARS-D layer with ``kernels="triton"`` on ``device`` (fp32 with TF32 off: forward and gradients;
+    bf16 autocast: forward) against the same layer with the PyTorch kernels in float64 on the CPU, with
+    the bounds of check_correctness (the CPU's fp32 error is the PyTorch kernels'). A kernel that fails to
+    compile or run fails its row. Returns (ok, rows) and prints the rows."""
+    from vars_ode import triton_gram
+
+    torch.manual_seed(0)
+    B, N, C, H = (2, 17, 24, 3) if quick else (8, 197, 192, 3)
+    rows = []
+    if not triton_gram.available(device):
+        rows.append((f"VARS-D triton: no Triton for {device.type} tensors here (TRITON_INTERPRET=1 on CPUs)",
+                     float("nan"), 0.0))
+    else:
+        try:
+            ref = vo.VARSLayer(C, H, dictionary="d", solver="ista", steps=3, qkv_bias=True).double()
+            x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+            y_ref, g_ref = _layer_run(ref, x)
+            cpu = vo.VARSLayer(C, H, dictionary="d", solver="ista", steps=3, qkv_bias=True)
+            dev = vo.VARSLayer(C, H, dictionary="d", solver="ista", steps=3, qkv_bias=True, kernels="triton")
+            for layer in (cpu, dev):
+                layer.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+            _, g_cpu = _layer_run(cpu, x.detach().float().requires_grad_())
+            dev = dev.to(device)
+            xd = x.detach().float().to(device).requires_grad_()
+            with _full_fp32():
+                y32, g32 = _layer_run(dev, xd)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y16 = dev(xd)
+            rows.append(("VARS-D triton layer fp32 forward", _rel(y32, y_ref), 1e-4))
+            bounds = {n: max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])) for n in g_ref}
+            ratio = {n: _rel(g32[n], g_ref[n]) / bounds[n] for n in g_ref}
+            worst = next((n for n, r in ratio.items() if r != r), max(ratio, key=ratio.get))
+            rows.append((f"VARS-D triton layer fp32 gradients (worst: {worst})", _rel(g32[worst], g_ref[worst]),
+                         bounds[worst]))
+            rows.append(("VARS-D triton layer bf16 autocast forward", _rel(y16.detach().float(), y_ref), 5e-2))
+        except Exception as exc:  # a kernel that does not compile or run on this device fails its check
+            rows.append((f"VARS-D triton: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), 0.0))
+    ok = True
+    print("| check (Triton kernels) | max relative error | bound | ok |\n|---|---|---|---|")
+    for name, err, bound in rows:
+        good = err <= bound
+        ok &= good
+        print(f"| {name} | {err:.2e} | {bound:.2g} | {'yes' if good else 'NO'} |")
+    return ok, rows
+
+
 def block_step(block, x, amp, cache=True, tf32=True):
     def step():
         vo.fused.TF32_UNDER_AUTOCAST = tf32
@@ -254,7 +312,8 @@ def make_block(dim, heads, name, device):
     return block.to(device)
 
 
-GRAPHED = ("timm", "identity", "vars_d", "vars_d_keep", "vars_d_recompute", "vars_d_fp32", "vars_sd_dense")
+GRAPHED = ("timm", "identity", "vars_d", "vars_d_keep", "vars_d_recompute", "vars_d_fp32", "vars_d_triton",
+           "vars_sd_dense")
 
 
 def graphed_ms(block, x, iters, tf32=True):
@@ -342,6 +401,50 @@ def profile_block(device, quick, name="vars_d", top=25, path=None):
             fh.write(summary + "\n" + table + "\n")
     print("\n" + summary)
     return len(kernels)
+
+
+def core_table(device, quick, iters, sweep=""):
+    """Forward+backward of the attention cores alone under bf16 (no projections or norms), DeiT-Ti heads
+    (3 x 64, m 128): SDPA on q, k, v; vars_ode.fused_attention_core with the PyTorch kernels and with the
+    Triton kernels, the latter at the launch settings of ``sweep`` ("block_n/warps_tokens/warps_solve",
+    comma-separated) besides the defaults. Eager CUDA-event timings, rounds with the order rotated."""
+    from vars_ode import triton_gram
+    from vars_ode.fused import fused_attention_core
+
+    h, dh, m = 3, 64, 128
+    shapes = [(2, 16), (1, 64)] if quick else [(256, 196), (4, 12544)]
+    settings = [None] + [tuple(int(v) for v in spec.split("/")) for spec in sweep.split(",") if spec]
+    W = torch.randn(h, dh, m, device=device)
+    results = []
+    for B, N in shapes:
+        qkv = torch.randn(B, h, N, 3, dh, device=device, dtype=torch.bfloat16)
+        qv = torch.randn(B, N, 2, h, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+        def sdpa(qkv=qkv):
+            q, k, v = qkv.detach().requires_grad_().unbind(-2)
+            F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+
+        def node(kernels, setting, qv=qv):
+            def run():
+                if setting:
+                    triton_gram.CONFIG.update(zip(("block_n", "warps_tokens", "warps_solve"), setting))
+                try:
+                    out = fused_attention_core(qv, W, 0.15, steps=3, low_dtype=torch.bfloat16, kernels=kernels)[0]
+                    out.float().sum().backward()
+                finally:
+                    triton_gram.CONFIG.update(block_n=None, warps_tokens=None, warps_solve=None)
+            return run
+
+        steps = {"sdpa": sdpa, "torch node": node("torch", None)}
+        if triton_gram.available(device):
+            for setting in settings:
+                steps["triton node" + (" %d/%d/%d" % setting if setting else "")] = node("triton", setting)
+        ms = rounds_ms(steps, device, iters)
+        results.append({"B": B, "N": N, **ms})
+        print(f"\n| attention core alone, B {B} x N {N}, bf16 fwd+bwd | ms | / SDPA |\n|---|---|---|")
+        for name, t in ms.items():
+            print(f"| {name} | {t:.3f} | {t / ms['sdpa']:.2f}x |")
+    return results
 
 
 def train_step(model, opt, images, labels):
@@ -473,6 +576,11 @@ def main(argv=None):
     ap.add_argument("--compile", nargs="?", const="timm,vars_d,vars_sd_dense", default="",
                     help="also time these block variants through torch.compile(fullgraph=True) (NAME+compile; "
                          "default timm,vars_d,vars_sd_dense; about a minute of compilation each)")
+    ap.add_argument("--core", action="store_true",
+                    help="also time the attention cores alone (SDPA, the PyTorch node, the Triton node), bf16")
+    ap.add_argument("--triton-sweep", default="",
+                    help="with --core: Triton launch settings to time, as block_n/warps_tokens/warps_solve "
+                         "separated by commas (e.g. 64/4/8,32/4/8,128/8/16)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     blocks = ["timm"] + [b for b in args.blocks.split(",") if b and b != "timm"]
@@ -504,14 +612,33 @@ def main(argv=None):
     if not ok and not args.time_anyway:
         print("correctness check failed: no timings", file=sys.stderr)
         return 1
+    from vars_ode import triton_gram
+
+    if triton_gram.interpreting() and device.type != "cuda" and not args.skip_training:
+        # a training step of the whole model in Triton's interpreter takes minutes: the blocks table and
+        # the tests cover that code path
+        print("Triton's interpreter: the Triton variants are left out of the training table")
+        train = [t for t in train if not is_triton(t)]
+    if any(is_triton(n) for n in blocks + train):
+        ok_triton, rows = check_triton(device, args.quick)
+        checks += rows
+        if not ok_triton and not args.time_anyway:
+            # the Triton variants alone are not timed; the rest is, and the exit code says it failed
+            print("Triton kernels: check failed, their variants are not timed", file=sys.stderr)
+            ok = False
+            blocks = [b for b in blocks if not is_triton(b)]
+            train = [t for t in train if not is_triton(t)]
     block_rows = block_table(device, args.quick, args.iters, blocks, graphs=args.graphs)
-    kernels = profile_block(device, args.quick, path=args.profile) if args.profile else None
+    kernels = ({name: profile_block(device, args.quick, name=name, path=args.profile)
+                for name in ("vars_d", "vars_d_triton") if name in blocks} if args.profile else None)
+    core_rows = core_table(device, args.quick, args.iters, args.triton_sweep) if args.core else None
     train_rows = None if args.skip_training else training_table(device, args.quick, args.iters, train)
     ode_rows = None if args.skip_ode else ode_table(device, args.quick)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": name, "torch": torch.__version__, "checks": checks, "blocks": block_rows,
-                       "kernels": kernels, "train": train_rows, "ode": ode_rows}, fh, indent=1, default=str)
+                       "kernels": kernels, "core": core_rows, "train": train_rows, "ode": ode_rows}, fh, indent=1,
+                      default=str)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels (vars_ode.triton_gram) run in Triton's interpreter, which has to be on
+# before triton is first imported (timm imports it): torch alone does not import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 # "vars" (default) draws the same examples on every run, so CI is reproducible; "explore" draws

@@ -41,6 +41,7 @@ from ._workspace import scratch
 from .ops import lipschitz_constant
 
 FUSED_SOLVERS = ("ista", "fista")
+KERNELS = ("torch", "triton")
 # the power iteration on CPUs runs over groups of problems whose matrices take about this many bytes, so
 # that each group's stay in the cores' caches across its iterations (a pass over all of a layer's m x m
 # matrices per matrix-vector product reads them from further away each time)
@@ -467,7 +468,8 @@ def _check(steps, solver, init):
 
 def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
-                         low_dtype=None, squaring=None, residual: bool = True, recompute=None, dropout: float = 0.0):
+                         low_dtype=None, squaring=None, residual: bool = True, recompute=None, dropout: float = 0.0,
+                         kernels: str = "torch"):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
     values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, u', (I - K / L, b', L, tau))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
@@ -481,14 +483,26 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     pass (``True``), or keep them from the forward pass (``False``: faster, one ``N x m`` tensor and a few
     ``m x dh`` ones more per layer). Default: recomputed on CUDA devices (where activation memory is what
     limits a training batch), kept elsewhere. ``dropout``: probability of dropping a code entry before the
-    decoding (the layer's ``attn_drop`` in training); the mask is drawn as ``nn.Dropout`` draws it."""
+    decoding (the layer's ``attn_drop`` in training); the mask is drawn as ``nn.Dropout`` draws it.
+
+    ``kernels``: ``"torch"`` (this module's node of PyTorch operations) or ``"triton"`` (the same solve as
+    six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D with ISTA; ``recompute``, ``squaring`` do not
+    apply there)."""
     _check(steps, solver, init)
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if qv.dim() != 5 or qv.shape[2] != (2 if rand_matrix is not None else 1):
         raise ValueError(f"qv must have shape (B, N, {2 if rand_matrix is not None else 1}, h, dh), "
                          f"got {tuple(qv.shape)}")
     if static is not None and (static.dim() != 3 or static.shape[:2] != (qv.shape[3], qv.shape[1])):
         raise ValueError(f"static must have shape (h, N, m_s) = ({qv.shape[3]}, {qv.shape[1]}, m_s), "
                          f"got {tuple(static.shape)}")
+    if kernels == "triton":
+        from .triton_gram import check_supported, triton_attention_core
+
+        check_supported(qv, rand_matrix, static, solver, lipschitz, dropout)
+        return triton_attention_core(qv, rand_matrix, weight, steps=steps, init=init, power_iters=power_iters,
+                                     low_dtype=low_dtype, residual=residual)
     work = torch.float64 if qv.dtype == torch.float64 else torch.float32
     low = low_dtype or work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)

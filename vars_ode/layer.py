@@ -80,7 +80,7 @@ from torch import nn
 from ._validation import check_choice
 from .dictionaries import (DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary,
                            kkt_residual_operator, solve_operator)
-from .fused import FUSED_SOLVERS, fused_attention_core
+from .fused import FUSED_SOLVERS, KERNELS, fused_attention_core
 from .gradients import ImplicitLasso
 from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
 from .solvers import ODE_SOLVERS, SOLVERS
@@ -181,6 +181,9 @@ class VARSLayer(nn.Module):
         recompute: on the fused path, recompute the features and replay the iterations in the backward
             pass (``True``: activation memory about that of ``q`` and ``v``) or keep them (``False``: faster);
             ``None``: recompute on CUDA devices, keep elsewhere.
+        kernels: what runs the fused path: ``"torch"`` (PyTorch operations) or ``"triton"`` (six Triton
+            kernels, :mod:`vars_ode.triton_gram`; VARS-D with ISTA, ``lipschitz="power"`` and no
+            ``attn_drop``; on CUDA devices, or in Triton's interpreter with ``TRITON_INTERPRET=1``).
 
     After a forward pass, ``last_stats`` (:class:`LayerStats`) describes the solve.
     """
@@ -195,7 +198,7 @@ class VARSLayer(nn.Module):
                  padding: str = "zeros", image_size: int = 14, solver_options: dict | None = None,
                  record_maps: bool = False, attn_head_dim: int | None = None, dim_out: int | None = None,
                  gated: bool = False, fused: bool = True, recompute: bool | None = None, static: str = "conv",
-                 num_static_atoms: int | None = None, **unknown):
+                 num_static_atoms: int | None = None, kernels: str = "torch", **unknown):
         super().__init__()
         if unknown:
             valid = sorted(set(inspect.signature(VARSLayer.__init__).parameters) - {"self", "unknown"})
@@ -266,6 +269,17 @@ class VARSLayer(nn.Module):
         if recompute is not None and not isinstance(recompute, bool):
             raise ValueError(f"recompute must be True, False or None, got {recompute!r}")
         self.fused, self.recompute = fused, recompute
+        check_choice("kernels", kernels, KERNELS)
+        if kernels == "triton":
+            covered = dict(dictionary=self.dictionary_kind == "d", compat=compat == "paper", fused=fused,
+                           solver=solver == "ista", steps=isinstance(steps, int), grad=grad == "unroll",
+                           lipschitz=lipschitz == "power", attn_drop=attn_drop == 0, record_maps=not record_maps)
+            missing = [k for k, ok in covered.items() if not ok]
+            if missing:
+                raise ValueError(f"kernels='triton' covers dictionary='d', compat='paper', fused=True, solver='ista' "
+                                 f"with integer steps, grad='unroll', lipschitz='power', attn_drop=0 and "
+                                 f"record_maps=False; these arguments differ: {missing}")
+        self.kernels = kernels
         self.last_stats: LayerStats | None = None
         self.last_maps: torch.Tensor | None = None
         uses_q = self.dictionary_kind != "s"
@@ -392,7 +406,8 @@ class VARSLayer(nn.Module):
     def extra_repr(self):
         return (f"dim={self.dim}, num_heads={self.num_heads}, dictionary={self.dictionary_kind!r}, solver={self.solver!r}, "
                 f"steps={self.steps}, lam={self.lam}, grad={self.grad!r}, compat={self.compat!r}, residual={self.residual!r}"
-                + (f", static={self.static!r}" if self.dictionary_kind != "d" else ""))
+                + (f", static={self.static!r}" if self.dictionary_kind != "d" else "")
+                + (f", kernels={self.kernels!r}" if self.kernels != "torch" else ""))
 
     # ------------------------------------------------------------------------------------------
     def _grid(self, N: int):
@@ -438,6 +453,10 @@ class VARSLayer(nn.Module):
                 # stay in the autocast dtype
                 low = torch.get_autocast_dtype(dev_type) if autocast_on else None
                 out = self._sparse_fused(qv, low, N)
+            elif self.kernels == "triton":
+                raise ValueError(f"kernels='triton' needs the fused path (solver='ista' with integer steps, "
+                                 f"grad='unroll', no solver_options), got solver={self.solver!r}, steps={self.steps!r}, "
+                                 f"grad={self.grad!r}, solver_options={self.solver_options!r}")
             else:
                 if k == 1:
                     q, v = None, qv[:, :, 0].transpose(1, 2)
@@ -487,7 +506,7 @@ class VARSLayer(nn.Module):
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
             lipschitz=self.lipschitz, power_iters=dyn.power_iters if dyn is not None else 10, low_dtype=low,
             recompute=self.recompute, dropout=self.attn_drop.p if self.training else 0.0,
-            residual=self.residual == "value" and not readout)
+            residual=self.residual == "value" and not readout, kernels=self.kernels)
 
         def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L, code u' tau
             K = (torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L

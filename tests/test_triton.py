@@ -1,0 +1,193 @@
+"""The Triton kernels of the fused VARS-D node (vars_ode.triton_gram, ``kernels="triton"``) against the
+PyTorch node (vars_ode.fused) in float64: forward, code, problem statistics and gradients. Without a GPU
+the kernels run in Triton's interpreter (tests/conftest.py turns it on), the same kernel code at small
+shapes; on a CUDA machine these tests run them compiled."""
+import contextlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vars_ode import VARSLayer, triton_gram
+from vars_ode.fused import fused_attention_core
+
+D64 = torch.float64
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not triton_gram.available(DEVICE),
+                                 reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by conftest)")]
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def configured(**kw):
+    saved = dict(triton_gram.CONFIG)
+    triton_gram.CONFIG.update(kw)
+    try:
+        yield
+    finally:
+        triton_gram.CONFIG.update(saved)
+
+
+def core_run(kernels, qv, W, go, dtype, **kw):
+    # the node's output, code, L and step matrix, and the gradient w.r.t. qv, for the loss <out, go>
+    qv = qv.to(DEVICE, dtype).requires_grad_()
+    Wk = W.to(DEVICE, D64 if dtype == D64 else torch.float32)
+    out, u, (A, bs, L, tau) = fused_attention_core(qv, Wk, kw.pop("weight"), kernels=kernels, recompute=True, **kw)
+    (g,) = torch.autograd.grad(out, qv, go.to(DEVICE, out.dtype))
+    return dict(out=out, code=u * tau, b=bs * tau, L=L, A=A, grad=g)
+
+
+def problem(seed, B, N, h, dh, m):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, N, 2, h, dh, generator=g, dtype=D64), torch.randn(h, dh, m, generator=g, dtype=D64),
+            torch.randn(B, N, h, dh, generator=g, dtype=D64))
+
+
+@settings(max_examples=25)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 3), N=st.integers(1, 70), h=st.integers(1, 3),
+       dh=st.sampled_from([4, 8, 13, 16]), m=st.sampled_from([3, 8, 16, 21, 32]), steps=st.integers(1, 4),
+       weight=st.sampled_from([0.0, 0.02, 0.3]), init=st.sampled_from(["zeros", "encode"]),
+       residual=st.booleans(), power_iters=st.sampled_from([1, 10]), block_n=st.sampled_from([None, 16]),
+       programs=st.sampled_from([None, 1000]))
+def test_triton_node_matches_torch_node(seed, B, N, h, dh, m, steps, weight, init, residual, power_iters,
+                                        block_n, programs):
+    # float32 kernels against the PyTorch node in float64; programs=1000 splits the tokens' reductions
+    # into chunks (partial sums), block_n 16 gives several tiles per chunk
+    qv, W, go = problem(seed, B, N, h, dh, m)
+    kw = dict(steps=steps, weight=weight, init=init, residual=residual, power_iters=power_iters)
+    ref = core_run("torch", qv, W, go, D64, **kw)
+    with configured(block_n=block_n, programs=programs):
+        tri = core_run("triton", qv, W, go, torch.float32, **kw)
+    assert tri["out"].dtype == torch.float32 and tri["out"].shape == (B, N, h, dh)
+    for name in ref:
+        assert tri[name].shape == ref[name].shape, name
+        # the code and b / L lose digits where ISTA's steps cancel; the rest is float32 rounding
+        assert rel(tri[name], ref[name]) < (1e-4 if name in ("code", "b") else 2e-5), name
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_products_as_accurate_as_the_torch_node(low):
+    # bf16 / fp16 products over the tokens (float32 accumulation): no further from float64 than the
+    # PyTorch node with the same low dtype (which also rounds G and F^T v to it), within 30%. The
+    # PyTorch node's fp16 gradient overflows at this shape (its dG carries s^3, s up to 1e5 for atoms
+    # with small entries); the kernels work with the unit atoms F diag(s) and stay finite: 2e-2 there
+    qv, W, go = problem(3, 2, 150, 3, 64, 128)
+    kw = dict(steps=3, weight=0.3, init="zeros", residual=True)
+    ref = core_run("torch", qv, W, go, D64, **kw)
+    low_torch = core_run("torch", qv, W, go, low, low_dtype=low, **kw)
+    low_triton = core_run("triton", qv, W, go, low, low_dtype=low, **kw)
+    assert low_triton["out"].dtype == low and low_triton["grad"].dtype == low
+    for name in ("out", "grad", "L", "A"):
+        err_torch = rel(low_torch[name], ref[name])
+        bound = max(1.3 * err_torch, 1e-3) if math.isfinite(err_torch) else 2e-2
+        assert rel(low_triton[name], ref[name]) <= bound, name
+
+
+def layer_pair(seed, **kw):
+    torch.manual_seed(seed)
+    ref = VARSLayer(48, 3, qkv_bias=True, dictionary="d", **kw).to(D64)
+    tri = VARSLayer(48, 3, qkv_bias=True, dictionary="d", kernels="triton", **kw).to(DEVICE)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    return ref, tri
+
+
+def layer_run(layer, x):
+    y = layer(x)
+    return y, torch.autograd.grad((y * torch.cos(y)).sum(), [x, *layer.parameters()])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(init="encode", lam=0.05, steps=5, qk_norm=True),
+                                dict(residual="none", rand_feat_dim_ratio=1)])
+def test_layer_with_triton_kernels_matches_torch_kernels(kw):
+    ref, tri = layer_pair(0, **kw)
+    x = torch.randn(2, 50, 48, dtype=D64, requires_grad=True)
+    y_ref, g_ref = layer_run(ref, x)
+    y, g = layer_run(tri, x.detach().float().to(DEVICE).requires_grad_())
+    assert rel(y, y_ref) < 2e-5
+    assert len(g) == len(g_ref)
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) < 5e-5
+    # the statistics come from the kernels' outputs (code, step matrix, b / L)
+    st_ref, st = ref.last_stats, tri.last_stats
+    assert rel(st.residual, st_ref.residual) < 1e-4
+    assert torch.equal(st.nonzeros.cpu(), st_ref.nonzeros) if hasattr(st, "nonzeros") else True
+
+
+def test_vars_rvt_training_step_with_triton_kernels():
+    # a model built with kernels="triton" trains: one step under autocast gives the loss and gradients of
+    # the same model with the PyTorch kernels (both with low-precision products: loose bound)
+    import timm
+
+    torch.manual_seed(0)
+    models = [timm.create_model("vars_rvt_tiny", num_classes=10, img_size=32, attention="vars_d", kernels=k).to(DEVICE)
+              for k in ("torch", "triton")]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model.eval()  # no stochastic depth: the two models compute the same function
+    assert any(getattr(mod, "kernels", None) == "triton" for mod in models[1].modules())
+    x, y = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([1, 7], device=DEVICE)
+    losses, grads = [], []
+    for model in models:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+    assert torch.isfinite(losses[1]) and abs(losses[1].item() - losses[0].item()) < 2e-2 * abs(losses[0].item())
+    flat = [torch.cat([g.float().flatten() for g in gs]) for gs in grads]
+    assert rel(flat[1], flat[0]) < 5e-2
+
+
+@pytest.mark.parametrize("kw, names", [
+    (dict(dictionary="sd"), ["dictionary"]),
+    (dict(solver="fista"), ["solver"]),
+    (dict(lipschitz="eigvalsh", attn_drop=0.1), ["lipschitz", "attn_drop"]),
+    (dict(fused=False), ["fused"]),
+    (dict(solver="dopri5", steps=3.0), ["solver", "steps"]),
+])
+def test_layer_refuses_what_the_kernels_do_not_cover(kw, names):
+    opts = dict(dictionary="d", **kw) if "dictionary" not in kw else kw
+    with pytest.raises(ValueError, match="kernels='triton'") as err:
+        VARSLayer(48, 3, kernels="triton", **opts)
+    for name in names:
+        assert repr(name) in str(err.value)
+
+
+def test_bad_kernels_argument_and_uncovered_calls():
+    with pytest.raises(ValueError, match="kernels"):
+        VARSLayer(48, 3, dictionary="d", kernels="cuda")
+    layer = VARSLayer(48, 3, dictionary="d", kernels="triton")
+    layer.set_solver("fista")
+    with pytest.raises(ValueError, match="solver='ista'"):
+        layer(torch.randn(1, 4, 48))
+    layer.set_solver("dopri5", steps=2.0)
+    with pytest.raises(ValueError, match="needs the fused path"):
+        layer(torch.randn(1, 4, 48))
+    qv, W = torch.randn(1, 4, 2, 3, 16), torch.randn(3, 16, 32)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        fused_attention_core(qv, W, 0.1, steps=3, kernels="cuda")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        fused_attention_core(qv.double(), W.double(), 0.1, steps=3, kernels="triton")
+    with pytest.raises(ValueError, match="VARS-D"):
+        fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", static=torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="dropout"):
+        fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", dropout=0.1)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's error is for machines without a GPU")
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    code = ("import torch\nfrom vars_ode.fused import fused_attention_core\n"
+            "try:\n    fused_attention_core(torch.randn(1, 4, 2, 3, 16), torch.randn(3, 16, 32), 0.1, steps=3, "
+            "kernels='triton')\nexcept ValueError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,487 @@
+"""The fused VARS-D node as six Triton kernels (``kernels="triton"``).
+
+:mod:`vars_ode.fused` runs a VARS-D solve as one autograd node made of PyTorch operations: about 75
+kernels forward and 150 backward for a block, each a pass over ``(B, h, N, m)`` or ``(B, h, m, m)``
+tensors in memory. Here the same computation, with the same results up to rounding, is three kernels
+forward and three backward; the features ``F = exp(q^ W - c)`` never reach memory (each kernel that needs
+them recomputes a tile from the queries):
+
+    forward   gram    per (b, h) and token chunk: q^, F, then G = F^T F and a = F^T v (partial sums)
+              solve   per (b, h): s = diag(G)^-1/2, L by power iteration, A = I - K / L, ISTA steps
+              decode  per (b, h) and token block: F, then out = F (s u) (+ v) in the output layout
+    backward  gcode   per (b, h) and token chunk: F, then (F diag(s))^T g (partial sums)
+              solve   per (b, h): the steps replayed and reversed: gradients of G, a and s u
+              feats   per (b, h) and token block: F, the gradients of F, of q^ and q, and of v, written
+                      in ``qv``'s layout
+
+Only the ``(B, h, m, m)`` and ``(B, h, m, dh)`` problem tensors pass between kernels. The activation
+memory is the layer's input ``qv`` and those (as ``recompute=True`` of the PyTorch node).
+
+Covered: dynamic atoms only (VARS-D), ISTA, ``init`` zeros or encode, ``lipschitz="power"``, no
+dropout on the code, float32 or (under autocast) bf16 / fp16 products over the tokens with float32
+accumulation; the ``m x m`` iteration is float32. Float64 inputs are refused (use the PyTorch node).
+
+On CUDA devices the kernels are compiled by Triton. Anywhere else they run in Triton's interpreter,
+which must be switched on before Triton is first imported (``TRITON_INTERPRET=1``; the test suite does
+so on machines without a GPU): slow, for tests of the same kernel code on small shapes.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch ships with triton on Linux
+    triton = tl = None
+
+#: Launch settings, for tuning on a device: tokens per tile (``None``: 64, or fewer for short sequences),
+#: warps per program of the token kernels and of the ``m x m`` kernels (``None``: by ``m``), and the
+#: number of programs the reductions over the tokens aim for (they split the tokens of a (b, h) problem
+#: into chunks when ``B h`` is smaller; ``None``: four per multiprocessor on CUDA devices, 1 elsewhere).
+CONFIG = {"block_n": None, "warps_tokens": None, "warps_solve": None, "programs": None}
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def available(device) -> bool:
+    """Whether ``kernels="triton"`` can run on ``device`` in this process."""
+    if triton is None:
+        return False
+    return interpreting() or torch.device(device).type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _low(x, LOW: tl.constexpr, UPCAST: tl.constexpr):
+        # round to the product dtype; UPCAST (the interpreter, whose dot has no bf16) back to float32,
+        # which multiplies the rounded values exactly and accumulates in float32 as the tensor cores do
+        y = x.to(LOW)
+        if UPCAST:
+            y = y.to(tl.float32)
+        return y
+
+    @triton.jit
+    def _tile(ptr, offs_n, offs_d, s_n, s_d, mask):
+        return tl.load(ptr + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _features(q, Wt, cc, nmask, mmask, PREC: tl.constexpr):
+        # unit queries q^ = q / max(|q|, 1e-12), 1 / max(|q|, 1e-12) and the atoms exp(q^ W - c) of a tile
+        # of tokens, zero outside the tokens and atoms
+        rn = 1.0 / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)
+        qn = q * rn[:, None]
+        z = tl.dot(qn, Wt, input_precision=PREC)
+        F = tl.exp(z - cc[None, :])
+        return qn, rn, tl.where(nmask[:, None] & mmask[None, :], F, 0.0)
+
+    @triton.jit
+    def _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m):
+        dmask, mmask = offs_d < dh, offs_m < m
+        Wt = tl.load(W_ptr + hh * sW_h + offs_d[:, None] * sW_d + offs_m[None, :] * sW_m,
+                     mask=dmask[:, None] & mmask[None, :], other=0.0)
+        cc = tl.load(c_ptr + hh * m + offs_m, mask=mmask, other=0.0)
+        return Wt, cc
+
+    @triton.jit
+    def _gram_kernel(qv_ptr, W_ptr, c_ptr, G_ptr, a_ptr, N, H, dh, m, chunk, BH,
+                     s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m,
+                     BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr):
+        # partial G = F^T F and a = F^T v of one (b, h) problem over one chunk of its tokens
+        pid, sp = tl.program_id(0), tl.program_id(1)
+        b, hh = pid // H, pid % H
+        offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
+        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        dmask, mmask = offs_d < dh, offs_m < m
+        G = tl.zeros((M, M), tl.float32)
+        a = tl.zeros((M, DH), tl.float32)
+        n0 = sp * chunk
+        n1 = tl.minimum(n0 + chunk, N)
+        base = qv_ptr + b * s_b + hh * s_h
+        for start in range(n0, n1, BN):
+            offs_n = start + offs_t
+            nmask = offs_n < n1
+            tmask = nmask[:, None] & dmask[None, :]
+            q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
+            v = _tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask)
+            qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
+            Fl = _low(F, LOW, UPCAST)
+            G += tl.dot(tl.trans(Fl), Fl, input_precision=PREC)
+            a += tl.dot(tl.trans(Fl), _low(v, LOW, UPCAST), input_precision=PREC)
+        out = sp * BH + pid
+        tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], G)
+        tl.store(a_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], a)
+
+    @triton.jit
+    def _softshrink(p):
+        return tl.where(p > 1.0, p - 1.0, tl.where(p < -1.0, p + 1.0, 0.0))
+
+    @triton.jit
+    def _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS: tl.constexpr, M: tl.constexpr,
+                 DH: tl.constexpr, SHRINK: tl.constexpr, FROM_G: tl.constexpr):
+        # the rescaled problem of one (b, h): s, L (power iteration, or read back when not FROM_G), the
+        # step matrix A = I - diag(s) G diag(s) / L, bs = a s / w (a s / L when w = 0) and tau = w / L
+        offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
+        mmask = offs_m < m
+        eye = offs_m[:, None] == offs_m[None, :]
+        G = tl.load(G_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :])
+        a = tl.load(a_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :])
+        d = tl.sum(tl.where(eye, G, 0.0), axis=1)
+        s = tl.where(mmask, 1.0 / tl.sqrt(tl.maximum(d, 1.1754943508222875e-38)), 0.0)
+        if FROM_G:
+            # the largest eigenvalue of K = diag(s) G diag(s) from the normalised ones vector
+            v = tl.where(mmask, m_rsqrt, 0.0)
+            for _ in range(ITERS):
+                v = s * tl.sum(G * (s * v)[None, :], axis=1)
+                v = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1.1754943508222875e-38)
+            L = tl.sum(v * s * tl.sum(G * (s * v)[None, :], axis=1), axis=0)
+        else:
+            L = tl.load(L_ptr + pid)
+        A = tl.where(eye, 1.0, 0.0) - (s[:, None] * G) * (s[None, :] / L)
+        if SHRINK:
+            tau = weight / L
+            bscale = s / weight
+        else:
+            tau = L * 0.0 + 1.0
+            bscale = s / L
+        bs = a * bscale[:, None]
+        return G, a, d, s, L, A, tau, bscale, bs
+
+    @triton.jit
+    def _replay(A, bs, L, STOP: tl.constexpr, ENCODE: tl.constexpr, SHRINK: tl.constexpr, PREC: tl.constexpr):
+        # ISTA from y_0 (0, or bs L with ENCODE) up to step STOP: returns y_STOP and p_STOP = A y_STOP + bs
+        if ENCODE:
+            y = bs * L
+        else:
+            y = bs * 0.0
+        p = bs
+        for k in tl.static_range(STOP + 1):
+            if ENCODE or k > 0:
+                p = tl.dot(A, y, input_precision=PREC) + bs
+            else:
+                p = bs
+            if k < STOP:
+                if SHRINK:
+                    y = _softshrink(p)
+                else:
+                    y = p
+        return y, p
+
+    @triton.jit
+    def _solve_kernel(G_ptr, a_ptr, s_ptr, code_ptr, u_ptr, A_ptr, bs_ptr, L_ptr, tau_ptr, m, weight, m_rsqrt,
+                      ITERS: tl.constexpr, STEPS: tl.constexpr, M: tl.constexpr, DH: tl.constexpr,
+                      SHRINK: tl.constexpr, ENCODE: tl.constexpr, PREC: tl.constexpr):
+        # the solve of one (b, h): s, the code u' tau (for the unit atoms F diag(s)) and the statistics
+        pid = tl.program_id(0)
+        offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
+        G, a, d, s, L, A, tau, bscale, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS, M, DH,
+                                                     SHRINK, True)
+        y, p = _replay(A, bs, L, STEPS - 1, ENCODE, SHRINK, PREC)
+        if SHRINK:
+            u = _softshrink(p)
+        else:
+            u = p
+        md = offs_m[:, None] * DH + offs_d[None, :]
+        tl.store(s_ptr + pid * M + offs_m, s)
+        tl.store(code_ptr + pid * M * DH + md, u * tau)
+        tl.store(u_ptr + pid * M * DH + md, u)
+        tl.store(bs_ptr + pid * M * DH + md, bs)
+        tl.store(A_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], A)
+        tl.store(L_ptr + pid, L)
+        tl.store(tau_ptr + pid, tau)
+
+    @triton.jit
+    def _decode_kernel(qv_ptr, W_ptr, c_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m,
+                       s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, o_b, o_n, o_h, o_d,
+                       BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, RESIDUAL: tl.constexpr):
+        # out = (F diag(s)) (u' tau) (+ v) for one block of tokens of one (b, h), in the (B, N, h, dh)
+        # layout: the unit atoms and the code, both bounded (F and s u can each leave fp16's range)
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        b, hh = pid // H, pid % H
+        offs_d, offs_m = tl.arange(0, DH), tl.arange(0, M)
+        offs_n = blk * BN + tl.arange(0, BN)
+        dmask, mmask, nmask = offs_d < dh, offs_m < m, offs_n < N
+        tmask = nmask[:, None] & dmask[None, :]
+        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        base = qv_ptr + b * s_b + hh * s_h
+        q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
+        qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
+        Fn = F * tl.load(s_ptr + pid * M + offs_m)[None, :]
+        code = tl.load(code_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :])
+        out = tl.dot(_low(Fn, LOW, UPCAST), _low(code, LOW, UPCAST), input_precision=PREC)
+        if RESIDUAL:
+            out += _tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask)
+        tl.store(out_ptr + b * o_b + hh * o_h + offs_n[:, None] * o_n + offs_d[None, :] * o_d,
+                 out.to(out_ptr.dtype.element_ty), mask=tmask)
+
+    @triton.jit
+    def _gcode_kernel(qv_ptr, W_ptr, c_ptr, s_ptr, g_ptr, gc_ptr, N, H, dh, m, chunk, BH,
+                      s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, g_b, g_n, g_h, g_d,
+                      BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
+                      UPCAST: tl.constexpr, PREC: tl.constexpr):
+        # partial (F diag(s))^T g of one (b, h) over one chunk of its tokens (g: the output's gradient):
+        # the gradient w.r.t. the code u' tau
+        pid, sp = tl.program_id(0), tl.program_id(1)
+        b, hh = pid // H, pid % H
+        offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
+        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        s = tl.load(s_ptr + pid * M + offs_m)
+        dmask, mmask = offs_d < dh, offs_m < m
+        acc = tl.zeros((M, DH), tl.float32)
+        n0 = sp * chunk
+        n1 = tl.minimum(n0 + chunk, N)
+        base = qv_ptr + b * s_b + hh * s_h
+        for start in range(n0, n1, BN):
+            offs_n = start + offs_t
+            nmask = offs_n < n1
+            tmask = nmask[:, None] & dmask[None, :]
+            q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
+            qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
+            g = _tile(g_ptr + b * g_b + hh * g_h, offs_n, offs_d, g_n, g_d, tmask)
+            Fn = _low(F * s[None, :], LOW, UPCAST)
+            acc += tl.dot(tl.trans(Fn), _low(g, LOW, UPCAST), input_precision=PREC)
+        out = sp * BH + pid
+        tl.store(gc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], acc)
+
+    @triton.jit
+    def _solve_backward_kernel(G_ptr, a_ptr, L_ptr, gc_ptr, H_ptr, ga_ptr, code_ptr, m, weight,
+                               STEPS: tl.constexpr, M: tl.constexpr, DH: tl.constexpr, SHRINK: tl.constexpr,
+                               ENCODE: tl.constexpr, PREC: tl.constexpr):
+        # the ISTA steps replayed, then reversed, for one (b, h). Written for the unit atoms F diag(s):
+        # H = diag(s)^-1 (dG + dG^T) diag(s)^-1 (with the diagonal's share through s), da / s and the
+        # code u' tau, which the features' kernel needs (all bounded where dG, da and s u need not be)
+        pid = tl.program_id(0)
+        offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
+        mmask = offs_m < m
+        eye = offs_m[:, None] == offs_m[None, :]
+        md = offs_m[:, None] * DH + offs_d[None, :]
+        G, a, d, s, L, A, tau, bscale, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, 1.0, 1, M, DH,
+                                                     SHRINK, False)
+        s_safe = tl.where(mmask, s, 1.0)
+        y, p = _replay(A, bs, L, STEPS - 1, ENCODE, SHRINK, PREC)
+        if SHRINK:
+            u = _softshrink(p)
+        else:
+            u = p
+        code = u * tau
+        gc = tl.load(gc_ptr + pid * M * DH + md)  # d loss / d (u' tau) for the unit atoms
+        g_s = tl.sum(gc * code, axis=1) / s_safe  # out = F diag(s) u' tau
+        g_u = gc * tau
+        g_bs = gc * 0.0
+        Q = tl.zeros((M, M), tl.float32)  # d loss / d A = sum_t gp_t y_t^T
+        for i in tl.static_range(STEPS):
+            t: tl.constexpr = STEPS - 1 - i
+            y, p = _replay(A, bs, L, t, ENCODE, SHRINK, PREC)
+            if SHRINK:
+                gp = tl.where((p > 1.0) | (p < -1.0), g_u, 0.0)
+            else:
+                gp = g_u
+            g_bs += gp
+            if ENCODE or t > 0:
+                Q += tl.dot(gp, tl.trans(y), input_precision=PREC)
+                g_u = tl.dot(A, gp, input_precision=PREC)  # A symmetric
+        if ENCODE:
+            g_bs += g_u * L  # y_0 = bs L
+        # bs = a s / w (a s / L when w = 0): da / s = g_bs / w
+        if SHRINK:
+            ga_s = g_bs / weight
+        else:
+            ga_s = g_bs / L
+        g_s += tl.sum(ga_s * a, axis=1)
+        # A = I - diag(s) G diag(s) / L: with Q2 = Q + Q^T, dG + dG^T = -diag(s) Q2 diag(s) / L and
+        # ds = rowsum(Q2 o (A - I)) / s; s = d^-1/2 adds -g_s s^3 / 2 to dG's diagonal, s^2 more than H's
+        Q2 = Q + tl.trans(Q)
+        g_s += (tl.sum(Q2 * A, axis=1) - tl.sum(tl.where(eye, Q2, 0.0), axis=1)) / s_safe
+        Hm = Q2 * (-1.0 / L)
+        g_d = tl.where(mmask & (d > 1.1754943508222875e-38), -g_s * s, 0.0)
+        Hm += tl.where(eye, g_d[:, None], 0.0)
+        tl.store(H_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], Hm)
+        tl.store(ga_ptr + pid * M * DH + md, ga_s)
+        tl.store(code_ptr + pid * M * DH + md, code)
+
+    @triton.jit
+    def _features_backward_kernel(qv_ptr, W_ptr, c_ptr, s_ptr, g_ptr, H_ptr, ga_ptr, code_ptr, gqv_ptr, N, H, dh,
+                                  m, s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, g_b, g_n, g_h, g_d,
+                                  r_b, r_n, r_k, r_h, r_d,
+                                  BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
+                                  UPCAST: tl.constexpr, PREC: tl.constexpr, RESIDUAL: tl.constexpr):
+        # G = F^T F, a = F^T v, out = F (s u) (+ v): dF = F (dG + dG^T) + v da^T + g (s u)^T and
+        # dv = F da (+ g). With Fn = F diag(s): dF = R diag(s), R = Fn H + v (da / s)^T + g (u' tau)^T, so
+        # that the gradient through the exponential is R o Fn and dv = Fn (da / s) (+ g); then through
+        # the normalisation of the queries to dq, written with dv in qv's layout
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        b, hh = pid // H, pid % H
+        offs_d, offs_m = tl.arange(0, DH), tl.arange(0, M)
+        offs_n = blk * BN + tl.arange(0, BN)
+        dmask, mmask, nmask = offs_d < dh, offs_m < m, offs_n < N
+        tmask = nmask[:, None] & dmask[None, :]
+        md = offs_m[:, None] * DH + offs_d[None, :]
+        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        base = qv_ptr + b * s_b + hh * s_h
+        q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
+        v = _low(_tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask), LOW, UPCAST)
+        g = _tile(g_ptr + b * g_b + hh * g_h, offs_n, offs_d, g_n, g_d, tmask)
+        qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
+        Fn = F * tl.load(s_ptr + pid * M + offs_m)[None, :]
+        Fl = _low(Fn, LOW, UPCAST)
+        Hm = _low(tl.load(H_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :]), LOW, UPCAST)
+        ga = _low(tl.load(ga_ptr + pid * M * DH + md), LOW, UPCAST)
+        code = _low(tl.load(code_ptr + pid * M * DH + md), LOW, UPCAST)
+        R = tl.dot(Fl, Hm, input_precision=PREC)
+        R += tl.dot(v, tl.trans(ga), input_precision=PREC)
+        R += tl.dot(_low(g, LOW, UPCAST), tl.trans(code), input_precision=PREC)
+        g_v = tl.dot(Fl, ga, input_precision=PREC)
+        if RESIDUAL:
+            g_v += g
+        g_qn = tl.dot(R * Fn, tl.trans(Wt), input_precision=PREC)  # through the exponential
+        g_qn -= qn * tl.sum(qn * g_qn, axis=1)[:, None]  # q^ = q / |q|
+        out = gqv_ptr + b * r_b + hh * r_h + offs_n[:, None] * r_n + offs_d[None, :] * r_d
+        tl.store(out, (g_qn * rn[:, None]).to(gqv_ptr.dtype.element_ty), mask=tmask)
+        tl.store(out + r_k, g_v.to(gqv_ptr.dtype.element_ty), mask=tmask)
+
+
+_TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _pow2(n, lo=16):
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+class _Plan:
+    """Tile sizes, grids and precisions of one call."""
+
+    def __init__(self, qv, m, low):
+        B, N, _, h, dh = qv.shape
+        self.B, self.N, self.h, self.dh, self.m, self.BH = B, N, h, dh, m, B * h
+        self.DH, self.M = _pow2(dh), _pow2(m)
+        self.BN = CONFIG["block_n"] or min(64, _pow2(N))
+        big = self.M * max(self.M, self.DH) >= 128 * 128
+        self.warps_tokens = CONFIG["warps_tokens"] or (8 if big else 4)
+        self.warps_solve = CONFIG["warps_solve"] or (16 if big else 4)
+        programs = CONFIG["programs"]
+        if programs is None:
+            programs = (4 * torch.cuda.get_device_properties(qv.device).multi_processor_count
+                        if qv.device.type == "cuda" else 1)
+        blocks = triton.cdiv(N, self.BN)
+        splits = min(blocks, max(1, triton.cdiv(programs, self.BH)))
+        self.chunk = triton.cdiv(blocks, splits) * self.BN
+        self.splits = triton.cdiv(N, self.chunk)
+        self.low = getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[_TL_DTYPES[low]])
+        self.upcast = interpreting()
+        # the m x m iteration and the features' exponent: TF32 under autocast (as the PyTorch node), or
+        # when the user allows it for float32 products
+        from .fused import _uses_tf32
+        tf32 = _uses_tf32(qv.device.type, low) or torch.backends.cuda.matmul.allow_tf32
+        self.prec = "tf32" if tf32 and not self.upcast else "ieee"
+        self.tokens = dict(BN=self.BN, DH=self.DH, M=self.M, LOW=self.low, UPCAST=self.upcast, PREC=self.prec)
+
+    def reduce(self, parts):
+        # the chunks' partial sums (splits, BH, ...) -> (BH, ...)
+        return parts[0] if self.splits == 1 else parts.sum(0)
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+class _TritonGramSparseCode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qv, W, weight, steps, init, power_iters, low, residual):
+        B, N, _, h, dh = qv.shape
+        m = W.shape[-1]
+        plan = _Plan(qv, m, low)
+        dev, f32 = qv.device, torch.float32
+        Wf = W.detach().to(f32)
+        c = Wf.pow(2).sum(1).sqrt().contiguous()  # (h, m): |w_j| bounds w_j^T q^
+        BH, M, DH, S = plan.BH, plan.M, plan.DH, plan.splits
+        Gp = torch.empty(S, BH, M, M, dtype=f32, device=dev)
+        ap = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
+        wstr = _strides(Wf)
+        _gram_kernel[(BH, S)](qv, Wf, c, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr,
+                              num_warps=plan.warps_tokens, **plan.tokens)
+        G, a = plan.reduce(Gp), plan.reduce(ap)
+        code, u, bs = (torch.empty(BH, M, DH, dtype=f32, device=dev) for _ in range(3))
+        A, s = torch.empty(BH, M, M, dtype=f32, device=dev), torch.empty(BH, M, dtype=f32, device=dev)
+        L, tau = torch.empty(BH, dtype=f32, device=dev), torch.empty(BH, dtype=f32, device=dev)
+        shrink, encode = weight > 0, init == "encode"
+        _solve_kernel[(BH,)](G, a, s, code, u, A, bs, L, tau, m, float(weight), m ** -0.5, ITERS=power_iters,
+                             STEPS=steps, M=M, DH=DH, SHRINK=shrink, ENCODE=encode, PREC=plan.prec,
+                             num_warps=plan.warps_solve)
+        out = torch.empty(B, N, h, dh, dtype=low, device=dev)
+        _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, c, s, code, out, N, h, dh, m, *_strides(qv), *wstr,
+                                                      *_strides(out), RESIDUAL=residual,
+                                                      num_warps=plan.warps_tokens, **plan.tokens)
+        ctx.save_for_backward(qv, Wf, c, G, a, L, s)
+        ctx.cfg = (plan, float(weight), steps, shrink, encode, residual)
+        ctx.set_materialize_grads(False)
+
+        def view(t, cols):
+            return t.view(B, h, M, -1)[:, :, :m, :cols]
+
+        stats = (view(u, dh), view(A, m), view(bs, dh), L.view(B, h, 1, 1), tau.view(B, h, 1, 1))
+        ctx.mark_non_differentiable(*stats)
+        return (out, *stats)
+
+    @staticmethod
+    def backward(ctx, g_out, *_):
+        qv, Wf, c, G, a, L, s = ctx.saved_tensors
+        plan, weight, steps, shrink, encode, residual = ctx.cfg
+        if g_out is None:
+            return (None,) * 8
+        B, N, _, h, dh = qv.shape
+        BH, M, DH, S, m = plan.BH, plan.M, plan.DH, plan.splits, plan.m
+        dev, f32 = qv.device, torch.float32
+        wstr, gstr = _strides(Wf), _strides(g_out)
+        gp = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
+        _gcode_kernel[(BH, S)](qv, Wf, c, s, g_out, gp, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr, *gstr,
+                               num_warps=plan.warps_tokens, **plan.tokens)
+        gc = plan.reduce(gp)
+        Hm = torch.empty(BH, M, M, dtype=f32, device=dev)
+        ga, code = torch.empty(BH, M, DH, dtype=f32, device=dev), torch.empty(BH, M, DH, dtype=f32, device=dev)
+        _solve_backward_kernel[(BH,)](G, a, L, gc, Hm, ga, code, m, weight, STEPS=steps, M=M, DH=DH, SHRINK=shrink,
+                                      ENCODE=encode, PREC=plan.prec, num_warps=plan.warps_solve)
+        g_qv = torch.empty_like(qv)
+        _features_backward_kernel[(BH, triton.cdiv(N, plan.BN))](
+            qv, Wf, c, s, g_out, Hm, ga, code, g_qv, N, h, dh, m, *_strides(qv), *wstr, *gstr, *_strides(g_qv),
+            RESIDUAL=residual, num_warps=plan.warps_tokens, **plan.tokens)
+        return g_qv, None, None, None, None, None, None, None
+
+
+def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
+    """Raise a ValueError naming what ``kernels="triton"`` does not cover for these arguments."""
+    if triton is None:
+        raise ValueError("kernels='triton' needs the triton package")
+    if rand_matrix is None or static is not None:
+        raise ValueError("kernels='triton' covers dynamic atoms only (VARS-D): rand_matrix given, static=None")
+    if solver != "ista":
+        raise ValueError(f"kernels='triton' supports solver='ista', got {solver!r}")
+    if lipschitz != "power":
+        raise ValueError(f"kernels='triton' supports lipschitz='power', got {lipschitz!r}")
+    if dropout > 0:
+        raise ValueError(f"kernels='triton' supports no dropout on the code, got dropout={dropout!r}")
+    if qv.dtype not in _TL_DTYPES:
+        raise ValueError(f"kernels='triton' takes float32, bfloat16 or float16 inputs, got qv of {qv.dtype}")
+    if not available(qv.device):
+        raise ValueError(f"kernels='triton' runs on CUDA devices, or anywhere in Triton's interpreter "
+                         f"(TRITON_INTERPRET=1 set before triton is imported); got qv on {qv.device}")
+
+
+@torch.compiler.disable
+def triton_attention_core(qv, rand_matrix, weight, *, steps, init, power_iters, low_dtype, residual):
+    """:func:`vars_ode.fused.fused_attention_core` with ``kernels="triton"`` (arguments checked there)."""
+    low = low_dtype or torch.float32
+    if low not in _TL_DTYPES:
+        raise ValueError(f"low_dtype must be float32, bfloat16 or float16 for kernels='triton', got {low}")
+    from .fused import _node_precision
+    out, u, A, bs, L, tau = _node_precision(qv.device.type, False, _TritonGramSparseCode.apply, qv, rand_matrix,
+                                            float(weight), int(steps), init, int(power_iters), low, bool(residual))
+    return out, u, (A, bs, L, tau)
+
+
+__all__ = ["CONFIG", "available", "interpreting", "check_supported", "triton_attention_core"]
