@@ -5,6 +5,7 @@ shapes; on a CUDA machine these tests run them compiled."""
 import contextlib
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -191,3 +192,17 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "TRITON_INTERPRET=1" in out.stdout, out.stderr[-2000:]
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    # Triton's compiler and ptxas build the six kernels for sm_90 (H100 / H200) on any machine: the dtype
+    # and constexpr rules of the compiler, which the interpreter does not apply, are checked here
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
+    out = subprocess.run([sys.executable, str(script), "--arch", "90", "--low", "bf16,fp32"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for low in ("bf16", "fp32"):
+        table = out.stdout.split(f"sm_90, {low},")[1].split("\n\n")[0]
+        for kernel in ("gram", "solve", "decode", "gcode", "solve_backward", "features_backward"):
+            assert f"| {kernel} | 8 |" in table, out.stdout

@@ -124,8 +124,9 @@ if triton is not None:
     @triton.jit
     def _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS: tl.constexpr, M: tl.constexpr,
                  DH: tl.constexpr, SHRINK: tl.constexpr, FROM_G: tl.constexpr):
-        # the rescaled problem of one (b, h): s, L (power iteration, or read back when not FROM_G), the
-        # step matrix A = I - diag(s) G diag(s) / L, bs = a s / w (a s / L when w = 0) and tau = w / L
+        # the rescaled problem of one (b, h): d = diag(G), s = d^-1/2, L (power iteration on
+        # K = diag(s) G diag(s), or read back when not FROM_G), the step matrix A = I - K / L, tau = w / L
+        # (1 when w = 0) and bs = a s / w (a s / L when w = 0)
         offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
         mmask = offs_m < m
         eye = offs_m[:, None] == offs_m[None, :]
@@ -133,16 +134,17 @@ if triton is not None:
         a = tl.load(a_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :])
         d = tl.sum(tl.where(eye, G, 0.0), axis=1)
         s = tl.where(mmask, 1.0 / tl.sqrt(tl.maximum(d, 1.1754943508222875e-38)), 0.0)
+        K = (s[:, None] * G) * s[None, :]  # G is not needed further: one m x m matrix held
         if FROM_G:
-            # the largest eigenvalue of K = diag(s) G diag(s) from the normalised ones vector
+            # the largest eigenvalue of K from the normalised ones vector
             v = tl.where(mmask, m_rsqrt, 0.0)
             for _ in range(ITERS):
-                v = s * tl.sum(G * (s * v)[None, :], axis=1)
+                v = tl.sum(K * v[None, :], axis=1)
                 v = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1.1754943508222875e-38)
-            L = tl.sum(v * s * tl.sum(G * (s * v)[None, :], axis=1), axis=0)
+            L = tl.sum(v * tl.sum(K * v[None, :], axis=1), axis=0)
         else:
             L = tl.load(L_ptr + pid)
-        A = tl.where(eye, 1.0, 0.0) - (s[:, None] * G) * (s[None, :] / L)
+        A = tl.where(eye, 1.0, 0.0) - K * (1.0 / L)
         if SHRINK:
             tau = weight / L
             bscale = s / weight
@@ -150,7 +152,7 @@ if triton is not None:
             tau = L * 0.0 + 1.0
             bscale = s / L
         bs = a * bscale[:, None]
-        return G, a, d, s, L, A, tau, bscale, bs
+        return d, s, L, A, tau, bs
 
     @triton.jit
     def _replay(A, bs, L, STOP: tl.constexpr, ENCODE: tl.constexpr, SHRINK: tl.constexpr, PREC: tl.constexpr):
@@ -179,8 +181,7 @@ if triton is not None:
         # the solve of one (b, h): s, the code u' tau (for the unit atoms F diag(s)) and the statistics
         pid = tl.program_id(0)
         offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
-        G, a, d, s, L, A, tau, bscale, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS, M, DH,
-                                                     SHRINK, True)
+        d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS, M, DH, SHRINK, True)
         y, p = _replay(A, bs, L, STEPS - 1, ENCODE, SHRINK, PREC)
         if SHRINK:
             u = _softshrink(p)
@@ -261,8 +262,7 @@ if triton is not None:
         mmask = offs_m < m
         eye = offs_m[:, None] == offs_m[None, :]
         md = offs_m[:, None] * DH + offs_d[None, :]
-        G, a, d, s, L, A, tau, bscale, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, 1.0, 1, M, DH,
-                                                     SHRINK, False)
+        d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, 1.0, 1, M, DH, SHRINK, False)
         s_safe = tl.where(mmask, s, 1.0)
         y, p = _replay(A, bs, L, STEPS - 1, ENCODE, SHRINK, PREC)
         if SHRINK:
@@ -275,25 +275,24 @@ if triton is not None:
         g_u = gc * tau
         g_bs = gc * 0.0
         Q = tl.zeros((M, M), tl.float32)  # d loss / d A = sum_t gp_t y_t^T
-        for i in tl.static_range(STEPS):
-            t: tl.constexpr = STEPS - 1 - i
-            y, p = _replay(A, bs, L, t, ENCODE, SHRINK, PREC)
+        for i in tl.static_range(STEPS):  # t = STEPS - 1 - i, from the last step back
+            y, p = _replay(A, bs, L, STEPS - 1 - i, ENCODE, SHRINK, PREC)
             if SHRINK:
                 gp = tl.where((p > 1.0) | (p < -1.0), g_u, 0.0)
             else:
                 gp = g_u
             g_bs += gp
-            if ENCODE or t > 0:
+            if ENCODE or STEPS - 1 - i > 0:
                 Q += tl.dot(gp, tl.trans(y), input_precision=PREC)
                 g_u = tl.dot(A, gp, input_precision=PREC)  # A symmetric
         if ENCODE:
             g_bs += g_u * L  # y_0 = bs L
-        # bs = a s / w (a s / L when w = 0): da / s = g_bs / w
+        # bs = a s / w (a s / L when w = 0): da / s = g_bs / w, ds = rowsum(g_bs o bs) / s
         if SHRINK:
             ga_s = g_bs / weight
         else:
             ga_s = g_bs / L
-        g_s += tl.sum(ga_s * a, axis=1)
+        g_s += tl.sum(g_bs * bs, axis=1) / s_safe
         # A = I - diag(s) G diag(s) / L: with Q2 = Q + Q^T, dG + dG^T = -diag(s) Q2 diag(s) / L and
         # ds = rowsum(Q2 o (A - I)) / s; s = d^-1/2 adds -g_s s^3 / 2 to dG's diagonal, s^2 more than H's
         Q2 = Q + tl.trans(Q)
@@ -363,7 +362,7 @@ class _Plan:
         self.BN = CONFIG["block_n"] or min(64, _pow2(N))
         big = self.M * max(self.M, self.DH) >= 128 * 128
         self.warps_tokens = CONFIG["warps_tokens"] or (8 if big else 4)
-        self.warps_solve = CONFIG["warps_solve"] or (16 if big else 4)
+        self.warps_solve = CONFIG["warps_solve"] or (8 if big else 4)
         programs = CONFIG["programs"]
         if programs is None:
             programs = (4 * torch.cuda.get_device_properties(qv.device).multi_processor_count

@@ -1,0 +1,128 @@
+"""Compile the Triton kernels of vars_ode.triton_gram for a CUDA architecture, with no GPU, and print what
+ptxas reports for each: registers per thread, spilled bytes, shared memory.
+
+    python benchmarks/triton_aot.py                      # sm_90 (H100 / H200)
+    python benchmarks/triton_aot.py --arch 90 --sweep    # launch settings side by side
+
+Triton compiles to PTX and ptxas (shipped with Triton) to machine code for any target on any machine:
+errors that Triton's interpreter does not raise (dtype rules of ``tl.dot``, constexpr rules, shared
+memory beyond the card's) show up here, and spills are the first thing to look at when tuning. It
+does not time anything. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+#: shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100 / H200) 227 KiB
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def kernels(low="bf16", block_n=64, warps_tokens=8, warps_solve=8, dh=64, m=128, steps=3):
+    """(name, kernel, constexprs, pointer dtypes, num_warps) of a VARS-D layer's forward and backward,
+    as vars_ode.triton_gram launches them (DeiT-Ti heads by default: dh 64, m 128)."""
+    import triton.language as tl
+
+    from vars_ode import triton_gram as tg
+
+    lo = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[low]
+    tok = dict(BN=block_n, DH=dh, M=m, LOW=lo, UPCAST=False, PREC="tf32")
+    solve = dict(STEPS=steps, M=m, DH=dh, SHRINK=True, ENCODE=False, PREC="tf32")
+    p = "*" + low
+    return [
+        ("gram", tg._gram_kernel, tok, {"qv_ptr": p}, warps_tokens),
+        ("solve", tg._solve_kernel, dict(solve, ITERS=10), {}, warps_solve),
+        ("decode", tg._decode_kernel, dict(tok, RESIDUAL=True), {"qv_ptr": p, "out_ptr": p}, warps_tokens),
+        ("gcode", tg._gcode_kernel, tok, {"qv_ptr": p, "g_ptr": p}, warps_tokens),
+        ("solve_backward", tg._solve_backward_kernel, solve, {}, warps_solve),
+        ("features_backward", tg._features_backward_kernel, dict(tok, RESIDUAL=True),
+         {"qv_ptr": p, "g_ptr": p, "gqv_ptr": p}, warps_tokens),
+    ]
+
+
+def _signature(kernel, constexprs, pointers):
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*fp32")
+        elif name in ("weight", "m_rsqrt"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel, constexprs, pointers, warps, arch):
+    """dict(registers, spill_stores, spill_loads, shared) of one kernel compiled for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, pointers), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = pathlib.Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        report = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(ptx), "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+
+    def num(pattern):
+        found = re.search(pattern, report)
+        return int(found.group(1)) if found else 0
+
+    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), shared=compiled.metadata.shared)
+
+
+def table(arch, **settings):
+    rows = []
+    for name, kernel, constexprs, pointers, warps in kernels(**settings):
+        rows.append(dict(kernel=name, warps=warps, **compile_one(kernel, constexprs, pointers, warps, arch)))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="90", help="compute capabilities, comma-separated (default 90: H100 / H200)")
+    ap.add_argument("--low", default="bf16", help="dtypes of the products over the tokens, comma-separated, "
+                                                  "from bf16, fp16, fp32 (fp32: a layer without autocast)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also block_n 32 / 128 and other warp counts (block_n/warps_tokens/warps_solve)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    settings = [(64, 8, 8)]
+    if args.sweep:
+        settings += [(32, 4, 8), (64, 4, 8), (64, 8, 16), (128, 8, 8), (32, 4, 4)]
+    lows = args.low.split(",")
+    for low in lows:
+        if low not in ("bf16", "fp16", "fp32"):
+            raise SystemExit(f"--low: {low!r} is not one of bf16, fp16, fp32")
+    ok = True
+    for arch, low, (block_n, warps_tokens, warps_solve) in itertools.product(
+            (int(a) for a in args.arch.split(",")), lows, settings):
+        limit = SHARED_LIMIT.get(arch)
+        print(f"\nsm_{arch}, {low}, block_n {block_n}, warps {warps_tokens} (tokens) / {warps_solve} (solve)\n"
+              "| kernel | warps | registers | spill stores (B) | spill loads (B) | shared (B) |\n|---|---|---|---|---|---|")
+        for r in table(arch, low=low, block_n=block_n, warps_tokens=warps_tokens, warps_solve=warps_solve):
+            over = limit is not None and r["shared"] > limit
+            ok &= not over
+            print(f"| {r['kernel']} | {r['warps']} | {r['registers']} | {r['spill_stores']} | {r['spill_loads']} "
+                  f"| {r['shared']}{' (over the limit)' if over else ''} |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    sys.exit(main())
