@@ -23,8 +23,9 @@ replays the iterations (a few ``m x m`` products) instead of storing them, so th
 the layer is about that of its inputs; with ``recompute=False`` (the default elsewhere) it keeps them,
 which saves that work. Nothing synchronises with the host.
 
-``low_dtype`` (bf16 / fp16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
-decoding and their gradients) in that precision; the features' exponent and the iteration on ``K``
+``low_dtype`` (bf16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
+decoding and their gradients) in that precision (fp16 autocast runs them in float32: fp16's range holds
+neither ``G``'s small entries nor the backward's terms in ``diag(G)^(-3/2)``); the features' exponent and the iteration on ``K``
 and ``b`` are float32 (float64 for float64 inputs), on TF32 tensor cores on CUDA devices
 (:data:`TF32_UNDER_AUTOCAST`). An autocast region around the node, or around its backward pass, does
 not recast its products.
@@ -285,8 +286,8 @@ def _node_precision(device_type, tf32, fn, *args):
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                residual, recompute, drop):
-        ctx.device_type, ctx.tf32 = qv.device.type, _uses_tf32(qv.device.type, low)
+                residual, recompute, drop, tf32):
+        ctx.device_type, ctx.tf32 = qv.device.type, tf32
         return _node_precision(ctx.device_type, ctx.tf32, _GramSparseCode._forward, ctx, qv, W, S, weight, steps,
                                solver, restart, init, lipschitz, power_iters, low, squaring, residual, recompute,
                                drop)
@@ -454,7 +455,7 @@ class _GramSparseCode(torch.autograd.Function):
             g_qv = torch.stack([t.transpose(1, 2).to(qv.dtype) for t in parts], 2)
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
-        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None
+        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(steps, solver, init):
@@ -505,11 +506,16 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
                                      low_dtype=low_dtype, residual=residual)
     work = torch.float64 if qv.dtype == torch.float64 else torch.float32
     low = low_dtype or work
+    tf32 = _uses_tf32(qv.device.type, low)
+    if low == torch.float16:
+        # fp16's range holds neither the Gram matrix's small entries (atoms with small features: G ~ 1e-10)
+        # nor the backward's terms in s^3 = diag(G)^(-3/2): its products run in float32 (TF32 on CUDA)
+        low = work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
     recompute = qv.device.type == "cuda" if recompute is None else bool(recompute)
     out, u, A, bs, L, tau = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver,
                                                   bool(restart), init, lipschitz, power_iters, low, squaring,
-                                                  bool(residual), recompute, float(dropout))
+                                                  bool(residual), recompute, float(dropout), tf32)
     return out, u, (A, bs, L, tau)
 
 
@@ -528,7 +534,8 @@ def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solv
         steps: ISTA / FISTA iterations; solver: ``"ista"`` or ``"fista"`` (``restart`` as in FISTA).
         init: ``"zeros"`` or ``"encode"`` (``u0 = b``).
         lipschitz, power_iters: how ``L`` is computed from ``K`` (detached).
-        low_dtype: dtype of the products over the tokens (default: the working dtype).
+        low_dtype: dtype of the products over the tokens (default: the working dtype; float16 is taken as
+            float32, whose range the features' Gram matrix and its gradient need).
         squaring: compute the power iteration by repeated squaring (default: on CUDA devices).
         recompute: see :func:`fused_attention_core`.
 
