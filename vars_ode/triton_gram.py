@@ -80,15 +80,16 @@ if triton is not None:
         return qn, rn, tl.where(nmask[:, None] & mmask[None, :], F, 0.0)
 
     @triton.jit
-    def _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m):
+    def _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m):
+        # the head's projection W (dh, m) and c_j = |w_j|, which bounds w_j^T q^ (|q^| = 1): exp(q^ W - c)
+        # cannot overflow, and the constant factor per atom cancels in the normalisation
         dmask, mmask = offs_d < dh, offs_m < m
         Wt = tl.load(W_ptr + hh * sW_h + offs_d[:, None] * sW_d + offs_m[None, :] * sW_m,
                      mask=dmask[:, None] & mmask[None, :], other=0.0)
-        cc = tl.load(c_ptr + hh * m + offs_m, mask=mmask, other=0.0)
-        return Wt, cc
+        return Wt, tl.sqrt(tl.sum(Wt * Wt, axis=0))
 
     @triton.jit
-    def _gram_kernel(qv_ptr, W_ptr, c_ptr, G_ptr, a_ptr, N, H, dh, m, chunk, BH,
+    def _gram_kernel(qv_ptr, W_ptr, G_ptr, a_ptr, N, H, dh, m, chunk, BH,
                      s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m,
                      BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -96,7 +97,7 @@ if triton is not None:
         pid, sp = tl.program_id(0), tl.program_id(1)
         b, hh = pid // H, pid % H
         offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
-        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
         dmask, mmask = offs_d < dh, offs_m < m
         G = tl.zeros((M, M), tl.float32)
         a = tl.zeros((M, DH), tl.float32)
@@ -197,7 +198,7 @@ if triton is not None:
         tl.store(tau_ptr + pid, tau)
 
     @triton.jit
-    def _decode_kernel(qv_ptr, W_ptr, c_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m,
+    def _decode_kernel(qv_ptr, W_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m,
                        s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, o_b, o_n, o_h, o_d,
                        BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
                        UPCAST: tl.constexpr, PREC: tl.constexpr, RESIDUAL: tl.constexpr):
@@ -209,7 +210,7 @@ if triton is not None:
         offs_n = blk * BN + tl.arange(0, BN)
         dmask, mmask, nmask = offs_d < dh, offs_m < m, offs_n < N
         tmask = nmask[:, None] & dmask[None, :]
-        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
         base = qv_ptr + b * s_b + hh * s_h
         q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
         qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
@@ -222,7 +223,7 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=tmask)
 
     @triton.jit
-    def _gcode_kernel(qv_ptr, W_ptr, c_ptr, s_ptr, g_ptr, gc_ptr, N, H, dh, m, chunk, BH,
+    def _gcode_kernel(qv_ptr, W_ptr, s_ptr, g_ptr, gc_ptr, N, H, dh, m, chunk, BH,
                       s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, g_b, g_n, g_h, g_d,
                       BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
                       UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -231,7 +232,7 @@ if triton is not None:
         pid, sp = tl.program_id(0), tl.program_id(1)
         b, hh = pid // H, pid % H
         offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
-        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
         s = tl.load(s_ptr + pid * M + offs_m)
         dmask, mmask = offs_d < dh, offs_m < m
         acc = tl.zeros((M, DH), tl.float32)
@@ -305,7 +306,7 @@ if triton is not None:
         tl.store(code_ptr + pid * M * DH + md, code)
 
     @triton.jit
-    def _features_backward_kernel(qv_ptr, W_ptr, c_ptr, s_ptr, g_ptr, H_ptr, ga_ptr, code_ptr, gqv_ptr, N, H, dh,
+    def _features_backward_kernel(qv_ptr, W_ptr, s_ptr, g_ptr, H_ptr, ga_ptr, code_ptr, gqv_ptr, N, H, dh,
                                   m, s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, g_b, g_n, g_h, g_d,
                                   r_b, r_n, r_k, r_h, r_d,
                                   BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
@@ -321,7 +322,7 @@ if triton is not None:
         dmask, mmask, nmask = offs_d < dh, offs_m < m, offs_n < N
         tmask = nmask[:, None] & dmask[None, :]
         md = offs_m[:, None] * DH + offs_d[None, :]
-        Wt, cc = _weights(W_ptr, c_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
         base = qv_ptr + b * s_b + hh * s_h
         q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
         v = _low(_tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask), LOW, UPCAST)
@@ -397,12 +398,11 @@ class _TritonGramSparseCode(torch.autograd.Function):
         plan = _Plan(qv, m, low)
         dev, f32 = qv.device, torch.float32
         Wf = W.detach().to(f32)
-        c = Wf.pow(2).sum(1).sqrt().contiguous()  # (h, m): |w_j| bounds w_j^T q^
         BH, M, DH, S = plan.BH, plan.M, plan.DH, plan.splits
         Gp = torch.empty(S, BH, M, M, dtype=f32, device=dev)
         ap = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
         wstr = _strides(Wf)
-        _gram_kernel[(BH, S)](qv, Wf, c, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr,
+        _gram_kernel[(BH, S)](qv, Wf, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr,
                               num_warps=plan.warps_tokens, **plan.tokens)
         G, a = plan.reduce(Gp), plan.reduce(ap)
         code, u, bs = (torch.empty(BH, M, DH, dtype=f32, device=dev) for _ in range(3))
@@ -413,10 +413,10 @@ class _TritonGramSparseCode(torch.autograd.Function):
                              STEPS=steps, M=M, DH=DH, SHRINK=shrink, ENCODE=encode, PREC=plan.prec,
                              num_warps=plan.warps_solve)
         out = torch.empty(B, N, h, dh, dtype=low, device=dev)
-        _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, c, s, code, out, N, h, dh, m, *_strides(qv), *wstr,
+        _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, s, code, out, N, h, dh, m, *_strides(qv), *wstr,
                                                       *_strides(out), RESIDUAL=residual,
                                                       num_warps=plan.warps_tokens, **plan.tokens)
-        ctx.save_for_backward(qv, Wf, c, G, a, L, s)
+        ctx.save_for_backward(qv, Wf, G, a, L, s)
         ctx.cfg = (plan, float(weight), steps, shrink, encode, residual)
         ctx.set_materialize_grads(False)
 
@@ -429,7 +429,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, *_):
-        qv, Wf, c, G, a, L, s = ctx.saved_tensors
+        qv, Wf, G, a, L, s = ctx.saved_tensors
         plan, weight, steps, shrink, encode, residual = ctx.cfg
         if g_out is None:
             return (None,) * 8
@@ -438,7 +438,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
         dev, f32 = qv.device, torch.float32
         wstr, gstr = _strides(Wf), _strides(g_out)
         gp = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
-        _gcode_kernel[(BH, S)](qv, Wf, c, s, g_out, gp, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr, *gstr,
+        _gcode_kernel[(BH, S)](qv, Wf, s, g_out, gp, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr, *gstr,
                                num_warps=plan.warps_tokens, **plan.tokens)
         gc = plan.reduce(gp)
         Hm = torch.empty(BH, M, M, dtype=f32, device=dev)
@@ -447,7 +447,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
                                       ENCODE=encode, PREC=plan.prec, num_warps=plan.warps_solve)
         g_qv = torch.empty_like(qv)
         _features_backward_kernel[(BH, triton.cdiv(N, plan.BN))](
-            qv, Wf, c, s, g_out, Hm, ga, code, g_qv, N, h, dh, m, *_strides(qv), *wstr, *gstr, *_strides(g_qv),
+            qv, Wf, s, g_out, Hm, ga, code, g_qv, N, h, dh, m, *_strides(qv), *wstr, *gstr, *_strides(g_qv),
             RESIDUAL=residual, num_warps=plan.warps_tokens, **plan.tokens)
         return g_qv, None, None, None, None, None, None, None
 
