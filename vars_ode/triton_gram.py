@@ -115,8 +115,10 @@ if triton is not None:
             G += tl.dot(tl.trans(Fl), Fl, input_precision=PREC)
             a += tl.dot(tl.trans(Fl), _low(v, LOW, UPCAST), input_precision=PREC)
         out = sp * BH + pid
-        tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], G)
-        tl.store(a_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], a)
+        # in the buffers' dtype: the product dtype when the chunk is the whole sequence (kept for the
+        # backward pass, as the PyTorch node keeps them), float32 partial sums otherwise
+        tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], G.to(G_ptr.dtype.element_ty))
+        tl.store(a_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], a.to(a_ptr.dtype.element_ty))
 
     @triton.jit
     def _softshrink(p):
@@ -131,8 +133,8 @@ if triton is not None:
         offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
         mmask = offs_m < m
         eye = offs_m[:, None] == offs_m[None, :]
-        G = tl.load(G_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :])
-        a = tl.load(a_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :])
+        G = tl.load(G_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :]).to(tl.float32)
+        a = tl.load(a_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :]).to(tl.float32)
         d = tl.sum(tl.where(eye, G, 0.0), axis=1)
         s = tl.where(mmask, 1.0 / tl.sqrt(tl.maximum(d, 1.1754943508222875e-38)), 0.0)
         K = (s[:, None] * G) * s[None, :]  # G is not needed further: one m x m matrix held
@@ -399,12 +401,16 @@ class _TritonGramSparseCode(torch.autograd.Function):
         dev, f32 = qv.device, torch.float32
         Wf = W.detach().to(f32)
         BH, M, DH, S = plan.BH, plan.M, plan.DH, plan.splits
-        Gp = torch.empty(S, BH, M, M, dtype=f32, device=dev)
-        ap = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
+        # G and F^T v rounded to bf16 under bf16 autocast, as the PyTorch node does: the solve and its replay
+        # in the backward pass read the same values, and the backward keeps half the bytes (fp16 cannot
+        # hold G's small entries: float32 there)
+        kept = torch.bfloat16 if low == torch.bfloat16 else f32
+        Gp = torch.empty(S, BH, M, M, dtype=kept if S == 1 else f32, device=dev)
+        ap = torch.empty(S, BH, M, DH, dtype=kept if S == 1 else f32, device=dev)
         wstr = _strides(Wf)
         _gram_kernel[(BH, S)](qv, Wf, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr,
                               num_warps=plan.warps_tokens, **plan.tokens)
-        G, a = plan.reduce(Gp), plan.reduce(ap)
+        G, a = plan.reduce(Gp).to(kept), plan.reduce(ap).to(kept)
         code, u, bs = (torch.empty(BH, M, DH, dtype=f32, device=dev) for _ in range(3))
         A, s = torch.empty(BH, M, M, dtype=f32, device=dev), torch.empty(BH, M, dtype=f32, device=dev)
         L, tau = torch.empty(BH, dtype=f32, device=dev), torch.empty(BH, dtype=f32, device=dev)
