@@ -36,12 +36,14 @@ def kernels(low="bf16", block_n=64, warps_tokens=8, warps_solve=8, dh=64, m=128,
     tok = dict(BN=block_n, DH=dh, M=m, LOW=lo, UPCAST=False, PREC="tf32")
     solve = dict(STEPS=steps, M=m, DH=dh, SHRINK=True, ENCODE=False, PREC="tf32")
     p = "*" + low
+    kept = "*bf16" if low == "bf16" else "*fp32"  # G and F^T v as the forward pass keeps them
+    gk = {"G_ptr": kept, "a_ptr": kept}
     return [
-        ("gram", tg._gram_kernel, tok, {"qv_ptr": p}, warps_tokens),
-        ("solve", tg._solve_kernel, dict(solve, ITERS=10), {}, warps_solve),
+        ("gram", tg._gram_kernel, tok, {"qv_ptr": p, **gk}, warps_tokens),
+        ("solve", tg._solve_kernel, dict(solve, ITERS=10), gk, warps_solve),
         ("decode", tg._decode_kernel, dict(tok, RESIDUAL=True), {"qv_ptr": p, "out_ptr": p}, warps_tokens),
         ("gcode", tg._gcode_kernel, tok, {"qv_ptr": p, "g_ptr": p}, warps_tokens),
-        ("solve_backward", tg._solve_backward_kernel, solve, {}, warps_solve),
+        ("solve_backward", tg._solve_backward_kernel, solve, gk, warps_solve),
         ("features_backward", tg._features_backward_kernel, dict(tok, RESIDUAL=True),
          {"qv_ptr": p, "g_ptr": p, "gqv_ptr": p}, warps_tokens),
     ]
