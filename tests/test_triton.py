@@ -207,3 +207,20 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         table = out.stdout.split(f"sm_90, {low},")[1].split("\n\n")[0]
         for kernel in ("gram", "solve", "decode", "gcode", "solve_backward", "features_backward"):
             assert f"| {kernel} | 8 |" in table, out.stdout
+
+
+@pytest.mark.parametrize("low", [None, torch.bfloat16])
+def test_lazy_statistics_of_the_kernels(low):
+    # stats="lazy": the kernels write no code or step matrix; the replay from what the backward pass keeps
+    # (G and F^T v in the product dtype, s, L) gives the statistics the kernels write with stats="eager"
+    qv, W, _ = problem(5, 2, 40, 2, 16, 32)
+    qv = qv.to(DEVICE, low or torch.float32)
+    W = W.to(DEVICE, torch.float32)
+    kw = dict(steps=3, low_dtype=low, kernels="triton")
+    out, u, problem_ = fused_attention_core(qv, W, 0.2, **kw)
+    out_lazy, replay = fused_attention_core(qv, W, 0.2, stats="lazy", **kw)
+    assert torch.equal(out, out_lazy)
+    u2, problem2 = replay()
+    assert u2.shape == u.shape and rel(u2, u) < 1e-5
+    for a, b in zip(problem2, problem_):
+        assert a.shape == b.shape and rel(a, b) < 1e-5

@@ -286,11 +286,11 @@ def _node_precision(device_type, tf32, fn, *args):
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                residual, recompute, drop, tf32):
+                residual, recompute, drop, tf32, lazy):
         ctx.device_type, ctx.tf32 = qv.device.type, tf32
         return _node_precision(ctx.device_type, ctx.tf32, _GramSparseCode._forward, ctx, qv, W, S, weight, steps,
                                solver, restart, init, lipschitz, power_iters, low, squaring, residual, recompute,
-                               drop)
+                               drop, lazy)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -298,7 +298,7 @@ class _GramSparseCode(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                 residual, recompute, drop):
+                 residual, recompute, drop, lazy):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -344,11 +344,14 @@ class _GramSparseCode(torch.autograd.Function):
                    recompute, [y is None for y in ys])
         # the statistics outputs in their scaled form (code = u' tau, b / L = bs tau): two passes saved, and
         # nothing more kept alive by a layer's ``last_stats``
-        ctx.mark_non_differentiable(u_scaled, pb.A, pb.bs, L, pb.tau)
+        # lazy (with recompute): instead of the code and the problem, what the backward pass keeps anyway
+        # (G and F^T v in the product dtype, s and L), from which they are replayed when asked for
+        stats = (Gl, al, s, L, pb.tau) if lazy and recompute else (u_scaled, pb.A, pb.bs, L, pb.tau)
+        ctx.mark_non_differentiable(*stats)
         # no zero-filled m x m gradients for the statistics outputs (all non-differentiable, so ``out`` is the
         # only one with a gradient whenever backward runs)
         ctx.set_materialize_grads(False)
-        return out, u_scaled, pb.A, pb.bs, L, pb.tau
+        return (out, *stats)
 
     @staticmethod
     def _backward(ctx, g_out, _gu, _gK, _gb, _gL, _gtau):
@@ -455,7 +458,7 @@ class _GramSparseCode(torch.autograd.Function):
             g_qv = torch.stack([t.transpose(1, 2).to(qv.dtype) for t in parts], 2)
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
-        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(steps, solver, init):
@@ -470,7 +473,7 @@ def _check(steps, solver, init):
 def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
                          low_dtype=None, squaring=None, residual: bool = True, recompute=None, dropout: float = 0.0,
-                         kernels: str = "torch"):
+                         kernels: str = "torch", stats: str = "eager"):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
     values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, u', (I - K / L, b', L, tau))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
@@ -488,10 +491,17 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
 
     ``kernels``: ``"torch"`` (this module's node of PyTorch operations) or ``"triton"`` (the same solve as
     six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D with ISTA; ``recompute``, ``squaring`` do not
-    apply there)."""
+    apply there).
+
+    ``stats="lazy"`` returns ``(out, replay)`` instead, ``replay()`` giving ``(u', (I - K / L, b', L, tau))``
+    when called (:func:`replay_stats`): with ``recompute`` the code and the ``m x m`` step matrix are not
+    kept, only what the backward pass keeps (a layer holds its statistics until its next call: at B 256
+    they would take 50-100 MB a layer)."""
     _check(steps, solver, init)
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if stats not in ("eager", "lazy"):
+        raise ValueError(f"stats must be 'eager' or 'lazy', got {stats!r}")
     if qv.dim() != 5 or qv.shape[2] != (2 if rand_matrix is not None else 1):
         raise ValueError(f"qv must have shape (B, N, {2 if rand_matrix is not None else 1}, h, dh), "
                          f"got {tuple(qv.shape)}")
@@ -503,7 +513,7 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
 
         check_supported(qv, rand_matrix, static, solver, lipschitz, dropout)
         return triton_attention_core(qv, rand_matrix, weight, steps=steps, init=init, power_iters=power_iters,
-                                     low_dtype=low_dtype, residual=residual)
+                                     low_dtype=low_dtype, residual=residual, stats=stats)
     work = torch.float64 if qv.dtype == torch.float64 else torch.float32
     low = low_dtype or work
     tf32 = _uses_tf32(qv.device.type, low)
@@ -513,10 +523,36 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
         low = work
     squaring = qv.device.type == "cuda" if squaring is None else bool(squaring)
     recompute = qv.device.type == "cuda" if recompute is None else bool(recompute)
-    out, u, A, bs, L, tau = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver,
-                                                  bool(restart), init, lipschitz, power_iters, low, squaring,
-                                                  bool(residual), recompute, float(dropout), tf32)
-    return out, u, (A, bs, L, tau)
+    lazy = stats == "lazy"
+    out, *kept = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart), init,
+                                       lipschitz, power_iters, low, squaring, bool(residual), recompute,
+                                       float(dropout), tf32, lazy)
+    if not lazy:
+        u, A, bs, L, tau = kept
+        return out, u, (A, bs, L, tau)
+    if not recompute:  # the code and the step matrix are kept for the backward pass anyway
+        u, A, bs, L, tau = kept
+        return out, lambda: (u, (A, bs, L, tau))
+    Gl, al, s, L, _ = kept
+    return out, replay_stats(Gl, al, s, L, weight, steps=steps, solver=solver, restart=restart, init=init)
+
+
+def replay_stats(G, a, s, L, weight, *, steps, solver="ista", restart=True, init="zeros"):
+    """A callable that returns ``(u', (I - K / L, b', L, tau))`` of a fused solve, as
+    :func:`fused_attention_core` does, by running its iterations again from ``G``, ``F^T v``, ``s`` and
+    ``L`` (float32 work for low-precision ``G``), once, when first called (``stats="lazy"``: a layer's
+    statistics then keep alive only what the backward pass keeps)."""
+    done = []
+
+    def replay():
+        if not done:
+            with torch.no_grad():
+                work = torch.float64 if G.dtype == torch.float64 else torch.float32
+                pb = _Problem(G.to(work), a.to(work), s, L, float(weight))
+                u = _iterate(pb, steps, solver, bool(restart), init)[0]
+                done.append((u, (pb.A, pb.bs, L, pb.tau)))
+        return done[0]
+    return replay
 
 
 def gram_sparse_code(q, v, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",

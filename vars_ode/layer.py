@@ -111,9 +111,17 @@ class LayerStats:
     """
 
     def __init__(self, solver, unit, iterations, code, residual_fn, reduce_fn):
+        # code: a tuple of code tensors, or a callable returning one (computed on first access)
         self.solver, self.unit, self.iterations = solver, unit, iterations
-        self._code, self._residual_fn, self._reduce_fn = code, residual_fn, reduce_fn
+        self._code_src, self._residual_fn, self._reduce_fn = code, residual_fn, reduce_fn
         self._residual = None
+
+    @property
+    def _code(self):
+        if callable(self._code_src):
+            with torch.no_grad():
+                self._code_src = self._code_src()
+        return self._code_src
 
     @property
     def residual(self) -> torch.Tensor:
@@ -501,20 +509,24 @@ class VARSLayer(nn.Module):
             static = st.raw(grid, p)
             readout = self.dictionary_kind == "s" and p > 0  # prefix tokens of VARS-S
         weight = penalty_weight(self.lam, self.convention)
-        out, u, (A, bs, L, tau) = fused_attention_core(
+        out, replay = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
             lipschitz=self.lipschitz, power_iters=dyn.power_iters if dyn is not None else 10, low_dtype=low,
             recompute=self.recompute, dropout=self.attn_drop.p if self.training else 0.0,
-            residual=self.residual == "value" and not readout, kernels=self.kernels)
+            residual=self.residual == "value" and not readout, kernels=self.kernels, stats="lazy")
 
         def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L, code u' tau
+            u, (A, bs, L, tau) = replay()
             K = (torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L
             return kkt_residual_gram(K, bs * (tau * L), u * tau, weight)
 
-        # u' has the zeros of the code u' tau (tau > 0): the counts of LayerStats need no product
+        # the code and the problem are replayed from what the backward pass keeps when first asked for
+        # (stats="lazy"), not held by the layer until its next call; u' has the zeros of the code u' tau
+        # (tau > 0): the counts of LayerStats need no product
         self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, device=qv.device),
-                                     (u,), residual, lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
+                                     lambda: (replay()[0],), residual,
+                                     lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
         if readout:
             v = qv[:, :, -1].transpose(1, 2)
             recon = self._prefix_readout(out.transpose(1, 2), N)

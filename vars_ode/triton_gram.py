@@ -180,8 +180,9 @@ if triton is not None:
     @triton.jit
     def _solve_kernel(G_ptr, a_ptr, s_ptr, code_ptr, u_ptr, A_ptr, bs_ptr, L_ptr, tau_ptr, m, weight, m_rsqrt,
                       ITERS: tl.constexpr, STEPS: tl.constexpr, M: tl.constexpr, DH: tl.constexpr,
-                      SHRINK: tl.constexpr, ENCODE: tl.constexpr, PREC: tl.constexpr):
-        # the solve of one (b, h): s, the code u' tau (for the unit atoms F diag(s)) and the statistics
+                      SHRINK: tl.constexpr, ENCODE: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr):
+        # the solve of one (b, h): s, L, the code u' tau (for the unit atoms F diag(s)) and, with STATS, the
+        # scaled code u', the step matrix and b
         pid = tl.program_id(0)
         offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
         d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS, M, DH, SHRINK, True)
@@ -193,11 +194,12 @@ if triton is not None:
         md = offs_m[:, None] * DH + offs_d[None, :]
         tl.store(s_ptr + pid * M + offs_m, s)
         tl.store(code_ptr + pid * M * DH + md, u * tau)
-        tl.store(u_ptr + pid * M * DH + md, u)
-        tl.store(bs_ptr + pid * M * DH + md, bs)
-        tl.store(A_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], A)
         tl.store(L_ptr + pid, L)
         tl.store(tau_ptr + pid, tau)
+        if STATS:
+            tl.store(u_ptr + pid * M * DH + md, u)
+            tl.store(bs_ptr + pid * M * DH + md, bs)
+            tl.store(A_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], A)
 
     @triton.jit
     def _decode_kernel(qv_ptr, W_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m,
@@ -394,7 +396,7 @@ def _strides(t):
 
 class _TritonGramSparseCode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qv, W, weight, steps, init, power_iters, low, residual):
+    def forward(ctx, qv, W, weight, steps, init, power_iters, low, residual, lazy):
         B, N, _, h, dh = qv.shape
         m = W.shape[-1]
         plan = _Plan(qv, m, low)
@@ -411,13 +413,18 @@ class _TritonGramSparseCode(torch.autograd.Function):
         _gram_kernel[(BH, S)](qv, Wf, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr,
                               num_warps=plan.warps_tokens, **plan.tokens)
         G, a = plan.reduce(Gp).to(kept), plan.reduce(ap).to(kept)
-        code, u, bs = (torch.empty(BH, M, DH, dtype=f32, device=dev) for _ in range(3))
-        A, s = torch.empty(BH, M, M, dtype=f32, device=dev), torch.empty(BH, M, dtype=f32, device=dev)
+        code = torch.empty(BH, M, DH, dtype=f32, device=dev)
+        s = torch.empty(BH, M, dtype=f32, device=dev)
+        if lazy:  # no statistics written: the stores are compiled out (any pointer will do)
+            u = bs = A = code
+        else:
+            u, bs = torch.empty(BH, M, DH, dtype=f32, device=dev), torch.empty(BH, M, DH, dtype=f32, device=dev)
+            A = torch.empty(BH, M, M, dtype=f32, device=dev)
         L, tau = torch.empty(BH, dtype=f32, device=dev), torch.empty(BH, dtype=f32, device=dev)
         shrink, encode = weight > 0, init == "encode"
         _solve_kernel[(BH,)](G, a, s, code, u, A, bs, L, tau, m, float(weight), m ** -0.5, ITERS=power_iters,
                              STEPS=steps, M=M, DH=DH, SHRINK=shrink, ENCODE=encode, PREC=plan.prec,
-                             num_warps=plan.warps_solve)
+                             STATS=not lazy, num_warps=plan.warps_solve)
         out = torch.empty(B, N, h, dh, dtype=low, device=dev)
         _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, s, code, out, N, h, dh, m, *_strides(qv), *wstr,
                                                       *_strides(out), RESIDUAL=residual,
@@ -429,7 +436,10 @@ class _TritonGramSparseCode(torch.autograd.Function):
         def view(t, cols):
             return t.view(B, h, M, -1)[:, :, :m, :cols]
 
-        stats = (view(u, dh), view(A, m), view(bs, dh), L.view(B, h, 1, 1), tau.view(B, h, 1, 1))
+        if lazy:  # what the backward pass keeps, from which replay_stats runs the solve again when asked
+            stats = (view(G, m), view(a, dh), view(s, 1), L.view(B, h, 1, 1), tau.view(B, h, 1, 1))
+        else:
+            stats = (view(u, dh), view(A, m), view(bs, dh), L.view(B, h, 1, 1), tau.view(B, h, 1, 1))
         ctx.mark_non_differentiable(*stats)
         return (out, *stats)
 
@@ -438,7 +448,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
         qv, Wf, G, a, L, s = ctx.saved_tensors
         plan, weight, steps, shrink, encode, residual = ctx.cfg
         if g_out is None:
-            return (None,) * 8
+            return (None,) * 9
         B, N, _, h, dh = qv.shape
         BH, M, DH, S, m = plan.BH, plan.M, plan.DH, plan.splits, plan.m
         dev, f32 = qv.device, torch.float32
@@ -455,7 +465,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
         _features_backward_kernel[(BH, triton.cdiv(N, plan.BN))](
             qv, Wf, s, g_out, Hm, ga, code, g_qv, N, h, dh, m, *_strides(qv), *wstr, *gstr, *_strides(g_qv),
             RESIDUAL=residual, num_warps=plan.warps_tokens, **plan.tokens)
-        return g_qv, None, None, None, None, None, None, None
+        return g_qv, None, None, None, None, None, None, None, None
 
 
 def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
@@ -478,14 +488,19 @@ def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
 
 
 @torch.compiler.disable
-def triton_attention_core(qv, rand_matrix, weight, *, steps, init, power_iters, low_dtype, residual):
+def triton_attention_core(qv, rand_matrix, weight, *, steps, init, power_iters, low_dtype, residual, stats="eager"):
     """:func:`vars_ode.fused.fused_attention_core` with ``kernels="triton"`` (arguments checked there)."""
     low = low_dtype or torch.float32
     if low not in _TL_DTYPES:
         raise ValueError(f"low_dtype must be float32, bfloat16 or float16 for kernels='triton', got {low}")
-    from .fused import _node_precision
-    out, u, A, bs, L, tau = _node_precision(qv.device.type, False, _TritonGramSparseCode.apply, qv, rand_matrix,
-                                            float(weight), int(steps), init, int(power_iters), low, bool(residual))
+    from .fused import _node_precision, replay_stats
+    lazy = stats == "lazy"
+    out, *kept = _node_precision(qv.device.type, False, _TritonGramSparseCode.apply, qv, rand_matrix, float(weight),
+                                 int(steps), init, int(power_iters), low, bool(residual), lazy)
+    if lazy:
+        G, a, s, L, _ = kept
+        return out, replay_stats(G, a, s, L, weight, steps=steps, init=init)
+    u, A, bs, L, tau = kept
     return out, u, (A, bs, L, tau)
 
 
