@@ -51,16 +51,23 @@ def load_other(rev: str | None, file: str | None):
 
 
 def other_core(mod):
-    takes_kernels = "kernels" in inspect.signature(mod.fused_attention_core).parameters
+    """The other version's fused_attention_core, called as the current layer calls it: older versions
+    take no ``kernels`` or ``stats`` argument (their statistics are eager: wrapped as a replay)."""
+    takes = inspect.signature(mod.fused_attention_core).parameters
 
     def core(*args, **kwargs):
-        if not takes_kernels and kwargs.pop("kernels", "torch") != "torch":
+        if "kernels" not in takes and kwargs.pop("kernels", "torch") != "torch":
             raise ValueError("the other fused.py has no kernels argument (PyTorch kernels only)")
+        lazy = kwargs.get("stats") == "lazy"
+        if "stats" not in takes:
+            kwargs.pop("stats", None)
+        elif lazy:
+            return mod.fused_attention_core(*args, **kwargs)
         out, code, problem = mod.fused_attention_core(*args, **kwargs)
         if len(problem) == 3:  # versions that returned the code and b / L unscaled: tau = 1
             A, bs, L = problem
             problem = (A, bs, L, torch.ones_like(L))
-        return out, code, problem
+        return (out, lambda: (code, problem)) if lazy else (out, code, problem)
     return core
 
 
