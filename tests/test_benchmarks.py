@@ -157,3 +157,16 @@ def test_turn_order_puts_each_layer_in_each_position():
             assert sorted(positions) == sorted(list(range(n)) * 2)
         if n > 2:  # and not always after the same layer
             assert len({o[o.index(names[0]) - 1] for o in orders if o.index(names[0]) > 0}) > 1
+
+
+def test_gpu_script_core_table_with_a_triton_sweep(capsys):
+    # --core times the attention cores alone (SDPA, the PyTorch node, the Triton node at each launch
+    # setting of --triton-sweep); the settings are restored after each call
+    from vars_ode import triton_gram
+
+    gpu = load("gpu")
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--skip-training", "--skip-ode", "--blocks",
+                     "identity", "--core", "--triton-sweep", "16/4/4"]) == 0
+    out = capsys.readouterr().out
+    assert "| sdpa |" in out and "| torch node |" in out and "| triton node 16/4/4 |" in out
+    assert triton_gram.CONFIG["block_n"] is None and triton_gram.CONFIG["warps_solve"] is None
