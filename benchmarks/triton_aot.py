@@ -39,10 +39,11 @@ def kernels(low="bf16", block_n=64, warps_tokens=8, warps_solve=8, dh=64, m=128,
     kept = "*bf16" if low == "bf16" else "*fp32"  # G and F^T v as the forward pass keeps them
     gk = {"G_ptr": kept, "a_ptr": kept}
     return [
-        ("gram", tg._gram_kernel, tok, {"qv_ptr": p, **gk}, warps_tokens),
+        ("gram", tg._tokens_kernel, dict(tok, GRAM=True), {"qv_ptr": p, "x_ptr": p, "s_ptr": kept,
+                                                           "G_ptr": kept, "acc_ptr": kept}, warps_tokens),
         ("solve", tg._solve_kernel, dict(solve, ITERS=10, STATS=False), gk, warps_solve),
         ("decode", tg._decode_kernel, dict(tok, RESIDUAL=True), {"qv_ptr": p, "out_ptr": p}, warps_tokens),
-        ("gcode", tg._gcode_kernel, tok, {"qv_ptr": p, "g_ptr": p}, warps_tokens),
+        ("gcode", tg._tokens_kernel, dict(tok, GRAM=False), {"qv_ptr": p, "x_ptr": p}, warps_tokens),
         ("solve_backward", tg._solve_backward_kernel, solve, gk, warps_solve),
         ("features_backward", tg._features_backward_kernel, dict(tok, RESIDUAL=True),
          {"qv_ptr": p, "g_ptr": p, "gqv_ptr": p}, warps_tokens),

@@ -6,10 +6,10 @@ tensors in memory. Here the same computation, with the same results up to roundi
 forward and three backward; the features ``F = exp(q^ W - c)`` never reach memory (each kernel that needs
 them recomputes a tile from the queries):
 
-    forward   gram    per (b, h) and token chunk: q^, F, then G = F^T F and a = F^T v (partial sums)
+    forward   tokens  per (b, h) and token chunk: q^, F, then G = F^T F and a = F^T v (partial sums)
               solve   per (b, h): s = diag(G)^-1/2, L by power iteration, A = I - K / L, ISTA steps
               decode  per (b, h) and token block: F, then out = F (s u) (+ v) in the output layout
-    backward  gcode   per (b, h) and token chunk: F, then (F diag(s))^T g (partial sums)
+    backward  tokens  per (b, h) and token chunk: F, then (F diag(s))^T g (partial sums)
               solve   per (b, h): the steps replayed and reversed: gradients of G, a and s u
               feats   per (b, h) and token block: F, the gradients of F, of q^ and q, and of v, written
                       in ``qv``'s layout
@@ -89,36 +89,43 @@ if triton is not None:
         return Wt, tl.sqrt(tl.sum(Wt * Wt, axis=0))
 
     @triton.jit
-    def _gram_kernel(qv_ptr, W_ptr, G_ptr, a_ptr, N, H, dh, m, chunk, BH,
-                     s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m,
-                     BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr):
-        # partial G = F^T F and a = F^T v of one (b, h) problem over one chunk of its tokens
+    def _tokens_kernel(qv_ptr, W_ptr, s_ptr, x_ptr, G_ptr, acc_ptr, N, H, dh, m, chunk, BH,
+                       s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, x_b, x_n, x_h, x_d,
+                       BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, GRAM: tl.constexpr):
+        # a reduction over one chunk of the tokens of one (b, h), partial sums: with GRAM, G = F^T F and
+        # F^T x (x = v; the forward pass); without, (F diag(s))^T x (x = g, the output's gradient: the
+        # gradient w.r.t. the code u' tau)
         pid, sp = tl.program_id(0), tl.program_id(1)
         b, hh = pid // H, pid % H
         offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
         Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
         dmask, mmask = offs_d < dh, offs_m < m
+        if not GRAM:
+            s = tl.load(s_ptr + pid * M + offs_m)
         G = tl.zeros((M, M), tl.float32)
-        a = tl.zeros((M, DH), tl.float32)
+        acc = tl.zeros((M, DH), tl.float32)
         n0 = sp * chunk
         n1 = tl.minimum(n0 + chunk, N)
-        base = qv_ptr + b * s_b + hh * s_h
         for start in range(n0, n1, BN):
             offs_n = start + offs_t
             nmask = offs_n < n1
             tmask = nmask[:, None] & dmask[None, :]
-            q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
-            v = _tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask)
+            q = _tile(qv_ptr + b * s_b + hh * s_h, offs_n, offs_d, s_n, s_d, tmask)
+            x = _tile(x_ptr + b * x_b + hh * x_h, offs_n, offs_d, x_n, x_d, tmask)
             qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
-            Fl = _low(F, LOW, UPCAST)
-            G += tl.dot(tl.trans(Fl), Fl, input_precision=PREC)
-            a += tl.dot(tl.trans(Fl), _low(v, LOW, UPCAST), input_precision=PREC)
+            if GRAM:
+                Fl = _low(F, LOW, UPCAST)
+                G += tl.dot(tl.trans(Fl), Fl, input_precision=PREC)
+            else:
+                Fl = _low(F * s[None, :], LOW, UPCAST)
+            acc += tl.dot(tl.trans(Fl), _low(x, LOW, UPCAST), input_precision=PREC)
         out = sp * BH + pid
-        # in the buffers' dtype: the product dtype when the chunk is the whole sequence (kept for the
-        # backward pass, as the PyTorch node keeps them), float32 partial sums otherwise
-        tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], G.to(G_ptr.dtype.element_ty))
-        tl.store(a_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], a.to(a_ptr.dtype.element_ty))
+        # in the buffers' dtype: bf16 when the chunk is the whole sequence under bf16 (G and F^T v, kept
+        # for the backward pass as the PyTorch node keeps them), float32 otherwise
+        tl.store(acc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], acc.to(acc_ptr.dtype.element_ty))
+        if GRAM:
+            tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], G.to(G_ptr.dtype.element_ty))
 
     @triton.jit
     def _softshrink(p):
@@ -202,58 +209,39 @@ if triton is not None:
             tl.store(A_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], A)
 
     @triton.jit
+    def _token_block(qv_ptr, W_ptr, s_ptr, N, H, dh, m, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, BN: tl.constexpr,
+                     DH: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr):
+        # the block of tokens of a program of the (B h, token blocks) grid: its (b, h), offsets, mask of
+        # the (tokens, dh) tile, the queries' base pointer, W, the unit queries, 1 / |q|, the atoms F and
+        # the unit atoms F diag(s)
+        pid, blk = tl.program_id(0), tl.program_id(1)
+        b, hh = pid // H, pid % H
+        offs_d, offs_m = tl.arange(0, DH), tl.arange(0, M)
+        offs_n = blk * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        tmask = nmask[:, None] & (offs_d < dh)[None, :]
+        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
+        base = qv_ptr + b * s_b + hh * s_h
+        qn, rn, F = _features(_tile(base, offs_n, offs_d, s_n, s_d, tmask), Wt, cc, nmask, offs_m < m, PREC)
+        Fn = F * tl.load(s_ptr + pid * M + offs_m)[None, :]
+        return b, hh, offs_n, offs_d, offs_m, tmask, base, Wt, qn, rn, F, Fn
+
+    @triton.jit
     def _decode_kernel(qv_ptr, W_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m,
                        s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, o_b, o_n, o_h, o_d,
                        BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
                        UPCAST: tl.constexpr, PREC: tl.constexpr, RESIDUAL: tl.constexpr):
         # out = (F diag(s)) (u' tau) (+ v) for one block of tokens of one (b, h), in the (B, N, h, dh)
         # layout: the unit atoms and the code, both bounded (F and s u can each leave fp16's range)
-        pid, blk = tl.program_id(0), tl.program_id(1)
-        b, hh = pid // H, pid % H
-        offs_d, offs_m = tl.arange(0, DH), tl.arange(0, M)
-        offs_n = blk * BN + tl.arange(0, BN)
-        dmask, mmask, nmask = offs_d < dh, offs_m < m, offs_n < N
-        tmask = nmask[:, None] & dmask[None, :]
-        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
-        base = qv_ptr + b * s_b + hh * s_h
-        q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
-        qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
-        Fn = F * tl.load(s_ptr + pid * M + offs_m)[None, :]
+        pid = tl.program_id(0)
+        b, hh, offs_n, offs_d, offs_m, tmask, base, Wt, qn, rn, F, Fn = _token_block(
+            qv_ptr, W_ptr, s_ptr, N, H, dh, m, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, BN, DH, M, PREC)
         code = tl.load(code_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :])
         out = tl.dot(_low(Fn, LOW, UPCAST), _low(code, LOW, UPCAST), input_precision=PREC)
         if RESIDUAL:
             out += _tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask)
         tl.store(out_ptr + b * o_b + hh * o_h + offs_n[:, None] * o_n + offs_d[None, :] * o_d,
                  out.to(out_ptr.dtype.element_ty), mask=tmask)
-
-    @triton.jit
-    def _gcode_kernel(qv_ptr, W_ptr, s_ptr, g_ptr, gc_ptr, N, H, dh, m, chunk, BH,
-                      s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, g_b, g_n, g_h, g_d,
-                      BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr):
-        # partial (F diag(s))^T g of one (b, h) over one chunk of its tokens (g: the output's gradient):
-        # the gradient w.r.t. the code u' tau
-        pid, sp = tl.program_id(0), tl.program_id(1)
-        b, hh = pid // H, pid % H
-        offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
-        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
-        s = tl.load(s_ptr + pid * M + offs_m)
-        dmask, mmask = offs_d < dh, offs_m < m
-        acc = tl.zeros((M, DH), tl.float32)
-        n0 = sp * chunk
-        n1 = tl.minimum(n0 + chunk, N)
-        base = qv_ptr + b * s_b + hh * s_h
-        for start in range(n0, n1, BN):
-            offs_n = start + offs_t
-            nmask = offs_n < n1
-            tmask = nmask[:, None] & dmask[None, :]
-            q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
-            qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
-            g = _tile(g_ptr + b * g_b + hh * g_h, offs_n, offs_d, g_n, g_d, tmask)
-            Fn = _low(F * s[None, :], LOW, UPCAST)
-            acc += tl.dot(tl.trans(Fn), _low(g, LOW, UPCAST), input_precision=PREC)
-        out = sp * BH + pid
-        tl.store(gc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], acc)
 
     @triton.jit
     def _solve_backward_kernel(G_ptr, a_ptr, L_ptr, gc_ptr, H_ptr, ga_ptr, code_ptr, m, weight,
@@ -319,20 +307,12 @@ if triton is not None:
         # dv = F da (+ g). With Fn = F diag(s): dF = R diag(s), R = Fn H + v (da / s)^T + g (u' tau)^T, so
         # that the gradient through the exponential is R o Fn and dv = Fn (da / s) (+ g); then through
         # the normalisation of the queries to dq, written with dv in qv's layout
-        pid, blk = tl.program_id(0), tl.program_id(1)
-        b, hh = pid // H, pid % H
-        offs_d, offs_m = tl.arange(0, DH), tl.arange(0, M)
-        offs_n = blk * BN + tl.arange(0, BN)
-        dmask, mmask, nmask = offs_d < dh, offs_m < m, offs_n < N
-        tmask = nmask[:, None] & dmask[None, :]
+        pid = tl.program_id(0)
+        b, hh, offs_n, offs_d, offs_m, tmask, base, Wt, qn, rn, F, Fn = _token_block(
+            qv_ptr, W_ptr, s_ptr, N, H, dh, m, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, BN, DH, M, PREC)
         md = offs_m[:, None] * DH + offs_d[None, :]
-        Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
-        base = qv_ptr + b * s_b + hh * s_h
-        q = _tile(base, offs_n, offs_d, s_n, s_d, tmask)
         v = _low(_tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask), LOW, UPCAST)
         g = _tile(g_ptr + b * g_b + hh * g_h, offs_n, offs_d, g_n, g_d, tmask)
-        qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
-        Fn = F * tl.load(s_ptr + pid * M + offs_m)[None, :]
         Fl = _low(Fn, LOW, UPCAST)
         Hm = _low(tl.load(H_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :]), LOW, UPCAST)
         ga = _low(tl.load(ga_ptr + pid * M * DH + md), LOW, UPCAST)
@@ -410,8 +390,9 @@ class _TritonGramSparseCode(torch.autograd.Function):
         Gp = torch.empty(S, BH, M, M, dtype=kept if S == 1 else f32, device=dev)
         ap = torch.empty(S, BH, M, DH, dtype=kept if S == 1 else f32, device=dev)
         wstr = _strides(Wf)
-        _gram_kernel[(BH, S)](qv, Wf, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr,
-                              num_warps=plan.warps_tokens, **plan.tokens)
+        q, v = qv.select(2, 0), qv.select(2, 1)  # (B, N, h, dh) views
+        _tokens_kernel[(BH, S)](q, Wf, Gp, v, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(q), *wstr, *_strides(v),
+                                GRAM=True, num_warps=plan.warps_tokens, **plan.tokens)
         G, a = plan.reduce(Gp).to(kept), plan.reduce(ap).to(kept)
         code = torch.empty(BH, M, DH, dtype=f32, device=dev)
         s = torch.empty(BH, M, dtype=f32, device=dev)
@@ -454,8 +435,9 @@ class _TritonGramSparseCode(torch.autograd.Function):
         dev, f32 = qv.device, torch.float32
         wstr, gstr = _strides(Wf), _strides(g_out)
         gp = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
-        _gcode_kernel[(BH, S)](qv, Wf, s, g_out, gp, N, h, dh, m, plan.chunk, BH, *_strides(qv), *wstr, *gstr,
-                               num_warps=plan.warps_tokens, **plan.tokens)
+        q = qv.select(2, 0)
+        _tokens_kernel[(BH, S)](q, Wf, s, g_out, gp, gp, N, h, dh, m, plan.chunk, BH, *_strides(q), *wstr, *gstr,
+                                GRAM=False, num_warps=plan.warps_tokens, **plan.tokens)
         gc = plan.reduce(gp)
         Hm = torch.empty(BH, M, M, dtype=f32, device=dev)
         ga, code = torch.empty(BH, M, DH, dtype=f32, device=dev), torch.empty(BH, M, DH, dtype=f32, device=dev)
