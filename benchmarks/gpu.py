@@ -429,7 +429,8 @@ def core_table(device, quick, iters, sweep=""):
                 if setting:
                     triton_gram.CONFIG.update(zip(("block_n", "warps_tokens", "warps_solve"), setting))
                 try:
-                    out = fused_attention_core(qv, W, 0.15, steps=3, low_dtype=torch.bfloat16, kernels=kernels)[0]
+                    out = fused_attention_core(qv, W, 0.15, steps=3, low_dtype=torch.bfloat16, kernels=kernels,
+                                               stats="lazy")[0]  # as the layer calls it
                     out.float().sum().backward()
                 finally:
                     triton_gram.CONFIG.update(block_n=None, warps_tokens=None, warps_solve=None)

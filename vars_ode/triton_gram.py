@@ -263,6 +263,7 @@ if triton is not None:
         else:
             u = p
         code = u * tau
+        tl.store(code_ptr + pid * M * DH + md, code)  # stored now: not held through the steps below
         gc = tl.load(gc_ptr + pid * M * DH + md)  # d loss / d (u' tau) for the unit atoms
         g_s = tl.sum(gc * code, axis=1) / s_safe  # out = F diag(s) u' tau
         g_u = gc * tau
@@ -295,7 +296,6 @@ if triton is not None:
         Hm += tl.where(eye, g_d[:, None], 0.0)
         tl.store(H_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], Hm)
         tl.store(ga_ptr + pid * M * DH + md, ga_s)
-        tl.store(code_ptr + pid * M * DH + md, code)
 
     @triton.jit
     def _features_backward_kernel(qv_ptr, W_ptr, s_ptr, g_ptr, H_ptr, ga_ptr, code_ptr, gqv_ptr, N, H, dh,
