@@ -260,6 +260,28 @@ def check_triton(device, quick):
     return ok, rows
 
 
+def triton_kernel_report():
+    """Registers, spilled bytes and shared memory of every Triton kernel of vars_ode.triton_gram compiled
+    in this process (as the card's driver loaded them), one line each; [] without compiled kernels."""
+    from vars_ode import triton_gram
+
+    lines = []
+    for name in dir(triton_gram):
+        fn = getattr(triton_gram, name)
+        for caches in getattr(fn, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                try:
+                    kernel = kernel.result() if hasattr(kernel, "result") else kernel
+                    meta = kernel.metadata
+                    lines.append(f"{name}: {meta.num_warps} warps, {kernel.n_regs} registers, "
+                                 f"{kernel.n_spills} spilled, {meta.shared} B shared")
+                except Exception as exc:  # a diagnostic: Triton versions differ in these attributes
+                    lines.append(f"{name}: {type(exc).__name__}: {exc}")
+    if lines:
+        print("\nTriton kernels compiled here:\n" + "\n".join(sorted(set(lines))))
+    return lines
+
+
 def block_step(block, x, amp, cache=True, tf32=True):
     def step():
         vo.fused.TF32_UNDER_AUTOCAST = tf32
@@ -633,12 +655,14 @@ def main(argv=None):
     kernels = ({name: profile_block(device, args.quick, name=name, path=args.profile)
                 for name in ("vars_d", "vars_d_triton") if name in blocks} if args.profile else None)
     core_rows = core_table(device, args.quick, args.iters, args.triton_sweep) if args.core else None
+    triton_kernels = triton_kernel_report() if device.type == "cuda" else None
     train_rows = None if args.skip_training else training_table(device, args.quick, args.iters, train)
     ode_rows = None if args.skip_ode else ode_table(device, args.quick)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": name, "torch": torch.__version__, "checks": checks, "blocks": block_rows,
-                       "kernels": kernels, "core": core_rows, "train": train_rows, "ode": ode_rows}, fh, indent=1,
+                       "kernels": kernels, "core": core_rows, "triton_kernels": triton_kernels,
+                       "train": train_rows, "ode": ode_rows}, fh, indent=1,
                       default=str)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
