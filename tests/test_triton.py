@@ -183,6 +183,10 @@ def test_bad_kernels_argument_and_uncovered_calls():
         fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", static=torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match="dropout"):
         fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", dropout=0.1)
+    with pytest.raises(ValueError, match="head_dim <= 64 and m .* <= 128; got head_dim 16 and m 256"):
+        fused_attention_core(qv, torch.randn(3, 16, 256), 0.1, steps=3, kernels="triton")
+    with pytest.raises(ValueError, match="got head_dim 128 and m 128"):
+        fused_attention_core(torch.randn(1, 4, 2, 1, 128), torch.randn(1, 128, 128), 0.1, steps=3, kernels="triton")
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's error is for machines without a GPU")
@@ -200,8 +204,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     # and constexpr rules of the compiler, which the interpreter does not apply, are checked here
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
-    out = subprocess.run([sys.executable, str(script), "--arch", "90", "--low", "bf16,fp32"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, str(script), "--arch", "90", "--low", "bf16,fp32"], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for low in ("bf16", "fp32"):
         table = out.stdout.split(f"sm_90, {low},")[1].split("\n\n")[0]

@@ -2,9 +2,9 @@
 
 :mod:`vars_ode.fused` runs a VARS-D solve as one autograd node made of PyTorch operations (an H200
 profile of a VARS-D block's forward and backward counted 227 kernels, most of them the node's passes over
-``(B, h, N, m)`` or ``(B, h, m, m)`` tensors in memory). Here the same computation, with the same results up to rounding, is three kernels
-forward and three backward; the features ``F = exp(q^ W - c)`` never reach memory (each kernel that needs
-them recomputes a tile from the queries):
+``(B, h, N, m)`` or ``(B, h, m, m)`` tensors in memory). Here the same computation, with the same results
+up to rounding, is three kernels forward and three backward; the features ``F = exp(q^ W - c)`` never
+reach memory (each kernel that needs them recomputes a tile from the queries):
 
     forward   tokens  per (b, h) and token chunk: q^, F, then G = F^T F and a = F^T v (partial sums)
               solve   per (b, h): s = diag(G)^-1/2, L by power iteration, A = I - K / L, ISTA steps
@@ -18,7 +18,7 @@ Only the ``(B, h, m, m)`` and ``(B, h, m, dh)`` problem tensors pass between ker
 memory is the layer's input ``qv`` and those (as ``recompute=True`` of the PyTorch node).
 
 Covered: dynamic atoms only (VARS-D), ISTA, ``init`` zeros or encode, ``lipschitz="power"``, no
-dropout on the code, float32 or (under autocast) bf16 / fp16 products over the tokens with float32
+dropout on the code, head_dim up to 64 and up to 128 atoms per head, float32 or (under autocast) bf16 / fp16 products over the tokens with float32
 accumulation; the ``m x m`` iteration is float32. Float64 inputs are refused (use the PyTorch node).
 
 On CUDA devices the kernels are compiled by Triton. Anywhere else they run in Triton's interpreter,
@@ -462,6 +462,12 @@ def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
         raise ValueError(f"kernels='triton' supports lipschitz='power', got {lipschitz!r}")
     if dropout > 0:
         raise ValueError(f"kernels='triton' supports no dropout on the code, got dropout={dropout!r}")
+    dh, m = qv.shape[-1], rand_matrix.shape[-1]
+    if dh > 64 or m > 128:
+        # one m x m float32 matrix per program, and (tokens x m) tiles: beyond these the kernels need more
+        # shared memory than an H100 / H200 block has (benchmarks/triton_aot.py: 294-393 KB at 128 / 128)
+        raise ValueError(f"kernels='triton' is built for head_dim <= 64 and m = rand_feat_dim_ratio * head_dim <= 128; "
+                         f"got head_dim {dh} and m {m}")
     if qv.dtype not in _TL_DTYPES:
         raise ValueError(f"kernels='triton' takes float32, bfloat16 or float16 inputs, got qv of {qv.dtype}")
     if not available(qv.device):
