@@ -117,7 +117,8 @@ def main(argv=None):
             (int(a) for a in args.arch.split(",")), lows, settings):
         limit = SHARED_LIMIT.get(arch)
         print(f"\nsm_{arch}, {low}, block_n {block_n}, warps {warps_tokens} (tokens) / {warps_solve} (solve)\n"
-              "| kernel | warps | registers | spill stores (B) | spill loads (B) | shared (B) |\n|---|---|---|---|---|---|")
+              "| kernel | warps | registers | spill stores (B) | spill loads (B) | shared (B) |\n"
+              "|---|---|---|---|---|---|")
         for r in table(arch, low=low, block_n=block_n, warps_tokens=warps_tokens, warps_solve=warps_solve):
             over = limit is not None and r["shared"] > limit
             ok &= not over

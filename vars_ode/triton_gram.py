@@ -18,8 +18,9 @@ Only the ``(B, h, m, m)`` and ``(B, h, m, dh)`` problem tensors pass between ker
 memory is the layer's input ``qv`` and those (as ``recompute=True`` of the PyTorch node).
 
 Covered: dynamic atoms only (VARS-D), ISTA, ``init`` zeros or encode, ``lipschitz="power"``, no
-dropout on the code, head_dim up to 64 and up to 128 atoms per head, float32 or (under autocast) bf16 / fp16 products over the tokens with float32
-accumulation; the ``m x m`` iteration is float32. Float64 inputs are refused (use the PyTorch node).
+dropout on the code, head_dim up to 64 and up to 128 atoms per head, float32 or (under autocast) bf16 /
+fp16 products over the tokens with float32 accumulation; the ``m x m`` iteration is float32. Float64
+inputs are refused (use the PyTorch node).
 
 On CUDA devices the kernels are compiled by Triton. Anywhere else they run in Triton's interpreter,
 which must be switched on before Triton is first imported (``TRITON_INTERPRET=1``; the test suite does
