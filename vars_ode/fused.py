@@ -25,9 +25,9 @@ which saves that work. Nothing synchronises with the host.
 
 ``low_dtype`` (bf16, used under autocast) runs the products over the tokens (``G``, ``F^T v``, the
 decoding and their gradients) in that precision (fp16 autocast runs them in float32: fp16's range holds
-neither ``G``'s small entries nor the backward's terms in ``diag(G)^(-3/2)``); the features' exponent and the iteration on ``K``
-and ``b`` are float32 (float64 for float64 inputs), on TF32 tensor cores on CUDA devices
-(:data:`TF32_UNDER_AUTOCAST`). An autocast region around the node, or around its backward pass, does
+neither ``G``'s small entries nor the backward's terms in ``diag(G)^(-3/2)``); the features' exponent
+and the iteration on ``K`` and ``b`` are float32 (float64 for float64 inputs), on TF32 tensor cores on
+CUDA devices (:data:`TF32_UNDER_AUTOCAST`). An autocast region around the node, or around its backward pass, does
 not recast its products.
 """
 from __future__ import annotations
