@@ -122,7 +122,8 @@ def test_layer_with_triton_kernels_matches_torch_kernels(kw):
     # the statistics come from the kernels' outputs (code, step matrix, b / L)
     st_ref, st = ref.last_stats, tri.last_stats
     assert rel(st.residual, st_ref.residual) < 1e-4
-    assert torch.equal(st.nonzeros.cpu(), st_ref.nonzeros) if hasattr(st, "nonzeros") else True
+    # non-zero counts per problem: a float32 solve may put an entry on the other side of the threshold
+    assert (st.nnz.cpu() - st_ref.nnz).abs().max() <= 1 and st.nnz.sum() > 0
 
 
 def test_vars_rvt_training_step_with_triton_kernels():
