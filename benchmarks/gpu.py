@@ -163,49 +163,78 @@ def _layer_run(layer, x):
     return y.detach(), dict(zip(names, grads))
 
 
+def _worst_row(label, grads, ref, bounds):
+    # the gradient furthest from its bound relative to it (a NaN first): (label, error, bound)
+    ratio = {n: _rel(grads[n].float(), ref[n]) / bounds[n] for n in ref}
+    worst = next((n for n, r in ratio.items() if r != r), max(ratio, key=ratio.get))
+    return f"{label} (worst: {worst})", _rel(grads[worst].float(), ref[worst]), bounds[worst]
+
+
+def _layer_rows(name, opts, device, quick, device_opts=None, bf16_gradients=False):
+    """Rows of one layer: fp32 forward and gradients on ``device`` (TF32 off) and its bf16 autocast forward,
+    against the layer in float64 on the CPU. A gradient's bound is 2e-3 relative to its largest entry, or
+    4x the error of the same fp32 layer on the CPU where that is larger. ``device_opts``: options of the
+    device's layer only (``kernels="triton"``: the references keep the PyTorch kernels). ``bf16_gradients``:
+    also the bf16 autocast gradients, within 1.5x those of the reference layer on the same device, or 5e-2."""
+    B, N, C, H = (2, 17, 24, 3) if quick else (8, 197, 192, 3)
+
+    def layer(**extra):
+        return vo.VARSLayer(C, H, solver="ista", steps=3, qkv_bias=True, **opts, **extra)
+
+    ref = layer().double()
+    x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    y_ref, g_ref = _layer_run(ref, x)
+    cpu, dev = layer(), layer(**(device_opts or {}))  # fp32 on the CPU, fp32 on the device
+    for lay in (cpu, dev):
+        lay.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    _, g_cpu = _layer_run(cpu, x.detach().float().requires_grad_())
+    dev = dev.to(device)
+    xd = x.detach().float().to(device).requires_grad_()
+    with _full_fp32():
+        y32, g32 = _layer_run(dev, xd)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        if bf16_gradients:
+            y16, g16 = _layer_run(dev, xd)
+            _, g16_ref = _layer_run(cpu.to(device), xd)
+        else:
+            y16 = dev(xd)
+    rows = [(f"{name} layer fp32 forward", _rel(y32, y_ref), 1e-4),
+            _worst_row(f"{name} layer fp32 gradients", g32, g_ref,
+                       {n: max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])) for n in g_ref}),
+            (f"{name} layer bf16 autocast forward", _rel(y16.detach().float(), y_ref), 5e-2)]
+    if bf16_gradients:
+        rows.append(_worst_row(f"{name} layer bf16 autocast gradients", g16, g_ref,
+                               {n: max(5e-2, 1.5 * _rel(g16_ref[n].float(), g_ref[n])) for n in g_ref}))
+    return rows
+
+
+def _report(rows, title="check"):
+    # prints the rows as a table; True when every error is within its bound (a NaN fails)
+    print(f"| {title} | max relative error | bound | ok |\n|---|---|---|---|")
+    ok = True
+    for name, err, bound in rows:
+        good = err <= bound
+        ok &= good
+        print(f"| {name} | {err:.2e} | {bound:.2g} | {'yes' if good else 'NO'} |")
+    return ok
+
+
 def check_correctness(device, quick):
-    """fp32 forward and gradients on ``device`` against float64 on the CPU. A gradient's bound is 2e-3
-    relative to its largest entry, or 4x the error of the same fp32 layer on the CPU where that is larger:
-    some gradients cancel (VARS-SD's convolution kernels at B 8 x N 197: 3.1e-3 in fp32 on the CPU), and
-    what is checked is that the device computes what fp32 can."""
+    """fp32 forward and gradients on ``device`` against float64 on the CPU (see _layer_rows): some
+    gradients cancel (VARS-SD's convolution kernels at B 8 x N 197: 3.1e-3 in fp32 on the CPU), and what
+    is checked is that the device computes what fp32 can. Then a batched LASSO in float64."""
     rows = []
     torch.manual_seed(0)
-    B, N, C, H = (2, 17, 24, 3) if quick else (8, 197, 192, 3)
     image = 4 if quick else 14
     for name, opts in (("VARS-D", dict(dictionary="d")), ("VARS-SD", dict(dictionary="sd")),
                        ("VARS-SD dense", dict(dictionary="sd", static="dense", image_size=image))):
-        ref = vo.VARSLayer(C, H, solver="ista", steps=3, qkv_bias=True, **opts).double()
-        x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
-        y_ref, g_ref = _layer_run(ref, x)
-        layers32 = []
-        for _ in range(2):  # fp32 on the CPU, fp32 on the device
-            layers32.append(vo.VARSLayer(C, H, solver="ista", steps=3, qkv_bias=True, **opts))
-            layers32[-1].load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-        _, g_cpu = _layer_run(layers32[0], x.detach().float().requires_grad_())
-        dev = layers32[1].to(device)
-        xd = x.detach().float().to(device).requires_grad_()
-        with _full_fp32():
-            y32, g32 = _layer_run(dev, xd)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            y16 = dev(xd)
-        rows.append((f"{name} layer fp32 forward", _rel(y32, y_ref), 1e-4))
-        ratio = {n: _rel(g32[n], g_ref[n]) / max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])) for n in g_ref}
-        worst = next((n for n, r in ratio.items() if r != r), max(ratio, key=ratio.get))  # a NaN first
-        rows.append((f"{name} layer fp32 gradients (worst: {worst})", _rel(g32[worst], g_ref[worst]),
-                     max(2e-3, 4 * _rel(g_cpu[worst], g_ref[worst]))))
-        rows.append((f"{name} layer bf16 autocast forward", _rel(y16.detach().float(), y_ref), 5e-2))
+        rows += _layer_rows(name, opts, device, quick)
     P = torch.randn(64, 48, dtype=torch.float64) / 8
     X = torch.randn(32 if quick else 512, 64, dtype=torch.float64)
     cpu = vo.solve(P, X, 0.1, "fista", tol=1e-10).code
     gpu = vo.solve(P.to(device), X.to(device), 0.1, "fista", tol=1e-10).code.cpu()
     rows.append(("LASSO fista float64 (max abs difference)", (gpu - cpu).abs().max().item(), 1e-8))
-    print("| check | max relative error | bound | ok |\n|---|---|---|---|")
-    ok = True
-    for name, err, bound in rows:
-        good = err <= bound  # NaN fails
-        ok &= good
-        print(f"| {name} | {err:.2e} | {bound:.2g} | {'yes' if good else 'NO'} |")
-    return ok, rows
+    return _report(rows), rows
 
 
 def is_triton(name):
@@ -214,58 +243,23 @@ def is_triton(name):
 
 
 def check_triton(device, quick):
-    """The VARS-D layer with ``kernels="triton"`` on ``device`` (fp32 with TF32 off: forward and gradients;
-    bf16 autocast: forward) against the same layer with the PyTorch kernels in float64 on the CPU, with
-    the bounds of check_correctness (the CPU's fp32 error is the PyTorch kernels'). A kernel that fails to
-    compile or run fails its row. Returns (ok, rows) and prints the rows."""
+    """The VARS-D layer with ``kernels="triton"`` on ``device`` against the same layer with the PyTorch
+    kernels (_layer_rows; bf16 gradients too: the first run of the kernels' bf16 tensor-core products,
+    which the interpreter does not have). A kernel that fails to compile or run fails its row. Returns
+    (ok, rows) and prints the rows."""
     from vars_ode import triton_gram
 
     torch.manual_seed(0)
-    B, N, C, H = (2, 17, 24, 3) if quick else (8, 197, 192, 3)
-    rows = []
     if not triton_gram.available(device):
-        rows.append((f"VARS-D triton: no Triton for {device.type} tensors here (TRITON_INTERPRET=1 on CPUs)",
-                     float("nan"), 0.0))
+        rows = [(f"VARS-D triton: no Triton for {device.type} tensors here (TRITON_INTERPRET=1 on CPUs)",
+                 float("nan"), 0.0)]
     else:
         try:
-            ref = vo.VARSLayer(C, H, dictionary="d", solver="ista", steps=3, qkv_bias=True).double()
-            x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
-            y_ref, g_ref = _layer_run(ref, x)
-            cpu = vo.VARSLayer(C, H, dictionary="d", solver="ista", steps=3, qkv_bias=True)
-            dev = vo.VARSLayer(C, H, dictionary="d", solver="ista", steps=3, qkv_bias=True, kernels="triton")
-            for layer in (cpu, dev):
-                layer.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-            _, g_cpu = _layer_run(cpu, x.detach().float().requires_grad_())
-            dev = dev.to(device)
-            xd = x.detach().float().to(device).requires_grad_()
-            with _full_fp32():
-                y32, g32 = _layer_run(dev, xd)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                y16, g16 = _layer_run(dev, xd)
-                _, g16_torch = _layer_run(cpu.to(device), xd)  # the PyTorch kernels on the device, bf16
-            rows.append(("VARS-D triton layer fp32 forward", _rel(y32, y_ref), 1e-4))
-            bounds = {n: max(2e-3, 4 * _rel(g_cpu[n], g_ref[n])) for n in g_ref}
-            ratio = {n: _rel(g32[n], g_ref[n]) / bounds[n] for n in g_ref}
-            worst = next((n for n, r in ratio.items() if r != r), max(ratio, key=ratio.get))
-            rows.append((f"VARS-D triton layer fp32 gradients (worst: {worst})", _rel(g32[worst], g_ref[worst]),
-                         bounds[worst]))
-            rows.append(("VARS-D triton layer bf16 autocast forward", _rel(y16.detach().float(), y_ref), 5e-2))
-            # bf16 gradients (the first run of bf16 tensor-core products: the interpreter has none): within
-            # 1.5x the PyTorch kernels' bf16 error on the same device, or 5e-2
-            bounds = {n: max(5e-2, 1.5 * _rel(g16_torch[n].float(), g_ref[n])) for n in g_ref}
-            ratio = {n: _rel(g16[n].float(), g_ref[n]) / bounds[n] for n in g_ref}
-            worst = next((n for n, r in ratio.items() if r != r), max(ratio, key=ratio.get))
-            rows.append((f"VARS-D triton layer bf16 autocast gradients (worst: {worst})",
-                         _rel(g16[worst].float(), g_ref[worst]), bounds[worst]))
+            rows = _layer_rows("VARS-D triton", dict(dictionary="d"), device, quick,
+                               device_opts=dict(kernels="triton"), bf16_gradients=True)
         except Exception as exc:  # a kernel that does not compile or run on this device fails its check
-            rows.append((f"VARS-D triton: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), 0.0))
-    ok = True
-    print("| check (Triton kernels) | max relative error | bound | ok |\n|---|---|---|---|")
-    for name, err, bound in rows:
-        good = err <= bound
-        ok &= good
-        print(f"| {name} | {err:.2e} | {bound:.2g} | {'yes' if good else 'NO'} |")
-    return ok, rows
+            rows = [(f"VARS-D triton: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), 0.0)]
+    return _report(rows, "check (Triton kernels)"), rows
 
 
 def triton_kernel_report():

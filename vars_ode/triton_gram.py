@@ -331,7 +331,9 @@ if triton is not None:
         tl.store(out + r_k, g_v.to(gqv_ptr.dtype.element_ty), mask=tmask)
 
 
-_TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: the product dtypes the kernels take, as Triton names them
+_TL_DTYPES = ({torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+              if triton is not None else {})
 
 
 def _pow2(n, lo=16):
@@ -343,7 +345,7 @@ class _Plan:
 
     def __init__(self, qv, m, low):
         B, N, _, h, dh = qv.shape
-        self.B, self.N, self.h, self.dh, self.m, self.BH = B, N, h, dh, m, B * h
+        self.m, self.BH = m, B * h
         self.DH, self.M = _pow2(dh), _pow2(m)
         self.BN = CONFIG["block_n"] or min(64, _pow2(N))
         big = self.M * max(self.M, self.DH) >= 128 * 128
@@ -357,7 +359,7 @@ class _Plan:
         splits = min(blocks, max(1, triton.cdiv(programs, self.BH)))
         self.chunk = triton.cdiv(blocks, splits) * self.BN
         self.splits = triton.cdiv(N, self.chunk)
-        self.low = getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[_TL_DTYPES[low]])
+        self.low = _TL_DTYPES[low]
         self.upcast = interpreting()
         # the m x m iteration and the features' exponent: TF32 under autocast (as the PyTorch node), or
         # when the user allows it for float32 products
