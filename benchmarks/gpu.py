@@ -13,9 +13,10 @@
    inputs; timm's Block (fused SDPA) is the baseline measured in the same process and a block without
    attention gives the rest of the block; B 256 x N 196 and B 4 x N 12544. ``--graphs`` also times the
    blocks captured as CUDA graphs (no launch costs). ``--ab-file F`` adds ``NAME@ab`` blocks that run
-   another version of vars_ode/fused.py (an A/B in one process). ``vars_d_triton`` runs the fused node
-   as Triton kernels (vars_ode.triton_gram); it has its own correctness check, and a failure there
-   drops only the Triton variants from the tables (the exit code is still 1). ``--core`` adds a table
+   another version of vars_ode/fused.py (an A/B in one process). ``vars_d_triton`` (and
+   ``vars_sd_dense_triton`` in the training table) runs the fused node as Triton kernels
+   (vars_ode.triton_gram); they have their own correctness check, and a failure there drops only the
+   Triton variants from the tables (the exit code is still 1). ``--core`` adds a table
    of the attention cores alone (SDPA, PyTorch node, Triton node; ``--triton-sweep`` for launch
    settings).
 3. Training steps of vars_rvt_tiny (B 256, 224 px, AdamW, bf16 autocast): images/s and peak memory
@@ -68,6 +69,8 @@ TRAIN_VARIANTS = {
     "vars_d_fp32": dict(attention="vars_d", _tf32=False),
     "vars_d_triton": dict(attention="vars_d", kernels="triton"),
     "vars_sd_dense": dict(attention="vars_sd", static="dense"),
+    # vars_rvt_tiny's heads: 64 dynamic + 32 static atoms, within the kernels' 128 (DeiT-Ti's 128 + 64 are not)
+    "vars_sd_dense_triton": dict(attention="vars_sd", static="dense", kernels="triton"),
 }
 
 
@@ -243,22 +246,27 @@ def is_triton(name):
 
 
 def check_triton(device, quick):
-    """The VARS-D layer with ``kernels="triton"`` on ``device`` against the same layer with the PyTorch
-    kernels (_layer_rows; bf16 gradients too: the first run of the kernels' bf16 tensor-core products,
-    which the interpreter does not have). A kernel that fails to compile or run fails its row. Returns
-    (ok, rows) and prints the rows."""
+    """The VARS-D and dense VARS-SD layers with ``kernels="triton"`` on ``device`` against the same layers
+    with the PyTorch kernels (_layer_rows; bf16 gradients too: the first run of the kernels' bf16
+    tensor-core products, which the interpreter does not have). VARS-SD with 64 dynamic and 64 static
+    atoms per head (``rand_feat_dim_ratio=1``): the kernels take at most 128. A kernel that fails to
+    compile or run fails its row. Returns (ok, rows) and prints the rows."""
     from vars_ode import triton_gram
 
     torch.manual_seed(0)
-    if not triton_gram.available(device):
-        rows = [(f"VARS-D triton: no Triton for {device.type} tensors here (TRITON_INTERPRET=1 on CPUs)",
-                 float("nan"), 0.0)]
-    else:
+    layers = (("VARS-D triton", dict(dictionary="d")),
+              ("VARS-SD dense triton", dict(dictionary="sd", static="dense", image_size=4 if quick else 14,
+                                            rand_feat_dim_ratio=1)))
+    rows = []
+    for name, opts in layers:
+        if not triton_gram.available(device):
+            rows.append((f"{name}: no Triton for {device.type} tensors here (TRITON_INTERPRET=1 on CPUs)",
+                         float("nan"), 0.0))
+            continue
         try:
-            rows = _layer_rows("VARS-D triton", dict(dictionary="d"), device, quick,
-                               device_opts=dict(kernels="triton"), bf16_gradients=True)
+            rows += _layer_rows(name, opts, device, quick, device_opts=dict(kernels="triton"), bf16_gradients=True)
         except Exception as exc:  # a kernel that does not compile or run on this device fails its check
-            rows = [(f"VARS-D triton: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), 0.0)]
+            rows.append((f"{name}: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), 0.0))
     return _report(rows, "check (Triton kernels)"), rows
 
 

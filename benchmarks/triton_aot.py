@@ -3,6 +3,7 @@ ptxas reports for each: registers per thread, spilled bytes, shared memory.
 
     python benchmarks/triton_aot.py                      # sm_90 (H100 / H200)
     python benchmarks/triton_aot.py --arch 90 --sweep    # launch settings side by side
+    python benchmarks/triton_aot.py --static             # and the VARS-SD (static atoms) variants
 
 Triton compiles to PTX and ptxas (shipped with Triton) to machine code for any target on any machine:
 errors that Triton's interpreter does not raise (dtype rules of ``tl.dot``, constexpr rules, shared
@@ -25,15 +26,19 @@ import tempfile
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def kernels(low="bf16", block_n=64, warps_tokens=8, warps_solve=8, dh=64, m=128, steps=3):
+def kernels(low="bf16", block_n=None, warps_tokens=8, warps_solve=8, dh=64, m=128, steps=3, static=False):
     """(name, kernel, constexprs, pointer dtypes, num_warps) of a VARS-D layer's forward and backward,
-    as vars_ode.triton_gram launches them (DeiT-Ti heads by default: dh 64, m 128)."""
+    as vars_ode.triton_gram launches them (DeiT-Ti heads by default: dh 64, m 128 atoms in all); ``static``:
+    a VARS-SD layer's (dense static atoms among the m, and their gradient). ``block_n=None``: the layer's
+    default tile."""
     import triton.language as tl
 
     from vars_ode import triton_gram as tg
 
+    block_n = block_n or default_block(low, static)
+
     lo = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[low]
-    tok = dict(BN=block_n, DH=dh, M=m, LOW=lo, UPCAST=False, PREC="tf32")
+    tok = dict(BN=block_n, DH=dh, M=m, LOW=lo, UPCAST=False, PREC="tf32", STATIC=static)
     solve = dict(STEPS=steps, M=m, DH=dh, SHRINK=True, ENCODE=False, PREC="tf32")
     p = "*" + low
     kept = "*bf16" if low == "bf16" else "*fp32"  # G and F^T v as the forward pass keeps them
@@ -45,9 +50,18 @@ def kernels(low="bf16", block_n=64, warps_tokens=8, warps_solve=8, dh=64, m=128,
         ("decode", tg._decode_kernel, dict(tok, RESIDUAL=True), {"qv_ptr": p, "out_ptr": p}, warps_tokens),
         ("gcode", tg._tokens_kernel, dict(tok, GRAM=False), {"qv_ptr": p, "x_ptr": p}, warps_tokens),
         ("solve_backward", tg._solve_backward_kernel, solve, gk, warps_solve),
-        ("features_backward", tg._features_backward_kernel, dict(tok, RESIDUAL=True),
+        ("features_backward", tg._features_backward_kernel, dict(tok, RESIDUAL=True, GRAD_S=static),
          {"qv_ptr": p, "g_ptr": p, "gqv_ptr": p}, warps_tokens),
     ]
+
+
+def default_block(low, static):
+    """The layer's tokens per tile for these products (vars_ode.triton_gram.block_tokens)."""
+    import torch
+
+    from vars_ode import triton_gram as tg
+
+    return tg.block_tokens({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[low], static)
 
 
 def _signature(kernel, constexprs, pointers):
@@ -88,9 +102,11 @@ def compile_one(kernel, constexprs, pointers, warps, arch):
                 spill_loads=num(r"(\d+) bytes spill loads"), shared=compiled.metadata.shared)
 
 
-def table(arch, **settings):
+def table(arch, only=None, **settings):
     rows = []
     for name, kernel, constexprs, pointers, warps in kernels(**settings):
+        if only is not None and name not in only:
+            continue
         rows.append(dict(kernel=name, warps=warps, **compile_one(kernel, constexprs, pointers, warps, arch)))
     return rows
 
@@ -100,12 +116,14 @@ def main(argv=None):
     ap.add_argument("--arch", default="90", help="compute capabilities, comma-separated (default 90: H100 / H200)")
     ap.add_argument("--low", default="bf16", help="dtypes of the products over the tokens, comma-separated, "
                                                   "from bf16, fp16, fp32 (fp32: a layer without autocast)")
+    ap.add_argument("--static", action="store_true",
+                    help="also the kernels of a VARS-SD layer (dense static atoms: four of the six differ)")
     ap.add_argument("--sweep", action="store_true",
                     help="also block_n 32 / 128 and other warp counts (block_n/warps_tokens/warps_solve)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    settings = [(64, 8, 8)]
+    settings = [(None, 8, 8)]  # the layer's default tile
     if args.sweep:
         settings += [(32, 4, 8), (64, 4, 8), (64, 8, 16), (128, 8, 8), (32, 4, 4)]
     lows = args.low.split(",")
@@ -113,13 +131,17 @@ def main(argv=None):
         if low not in ("bf16", "fp16", "fp32"):
             raise SystemExit(f"--low: {low!r} is not one of bf16, fp16, fp32")
     ok = True
-    for arch, low, (block_n, warps_tokens, warps_solve) in itertools.product(
-            (int(a) for a in args.arch.split(",")), lows, settings):
+    for arch, low, (block_n, warps_tokens, warps_solve), static in itertools.product(
+            (int(a) for a in args.arch.split(",")), lows, settings, (False, True) if args.static else (False,)):
         limit = SHARED_LIMIT.get(arch)
-        print(f"\nsm_{arch}, {low}, block_n {block_n}, warps {warps_tokens} (tokens) / {warps_solve} (solve)\n"
+        block_n = block_n or default_block(low, static)
+        print(f"\nsm_{arch}, {low}, block_n {block_n}, warps {warps_tokens} (tokens) / {warps_solve} (solve)"
+              f"{', static atoms' if static else ''}\n"
               "| kernel | warps | registers | spill stores (B) | spill loads (B) | shared (B) |\n"
               "|---|---|---|---|---|---|")
-        for r in table(arch, low=low, block_n=block_n, warps_tokens=warps_tokens, warps_solve=warps_solve):
+        kernels_ = ("gram", "decode", "gcode", "features_backward") if static else None  # the others: the same
+        for r in table(arch, low=low, block_n=block_n, warps_tokens=warps_tokens, warps_solve=warps_solve,
+                       static=static, only=kernels_):
             over = limit is not None and r["shared"] > limit
             ok &= not over
             print(f"| {r['kernel']} | {r['warps']} | {r['registers']} | {r['spill_stores']} | {r['spill_loads']} "

@@ -19,6 +19,7 @@ def test_gpu_script_cpu_path(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| VARS-D layer fp32 forward |" in out and "| VARS-SD dense layer fp32 gradients" in out
     assert "| VARS-D triton layer fp32 gradients" in out and "| vars_d_triton |" in out
+    assert "| VARS-SD dense triton layer bf16 autocast gradients" in out
     assert "NO |" not in out and "| vars_rvt_tiny train step" in out
     assert "| dopri5@native |" in out and "| rk4@torchdiffeq |" in out
     assert (tmp_path / "r.json").exists()

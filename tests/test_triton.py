@@ -1,5 +1,6 @@
-"""The Triton kernels of the fused VARS-D node (vars_ode.triton_gram, ``kernels="triton"``) against the
-PyTorch node (vars_ode.fused) in float64: forward, code, problem statistics and gradients. Without a GPU
+"""The Triton kernels of the fused VARS-D / dense VARS-SD node (vars_ode.triton_gram, ``kernels="triton"``)
+against the PyTorch node (vars_ode.fused) in float64: forward, code, problem statistics and gradients
+(of the static atoms too). Without a GPU
 the kernels run in Triton's interpreter (tests/conftest.py turns it on), the same kernel code at small
 shapes; on a CUDA machine these tests run them compiled."""
 import contextlib
@@ -38,33 +39,48 @@ def configured(**kw):
         triton_gram.CONFIG.update(saved)
 
 
-def core_run(kernels, qv, W, go, dtype, **kw):
-    # the node's output, code, L and step matrix, and the gradient w.r.t. qv, for the loss <out, go>
+def core_run(kernels, qv, W, go, dtype, static=None, **kw):
+    # the node's output, code, L and step matrix, and the gradients w.r.t. qv (and the static atoms), for
+    # the loss <out, go>
     qv = qv.to(DEVICE, dtype).requires_grad_()
-    Wk = W.to(DEVICE, D64 if dtype == D64 else torch.float32)
-    out, u, (A, bs, L, tau) = fused_attention_core(qv, Wk, kw.pop("weight"), kernels=kernels, recompute=True, **kw)
-    (g,) = torch.autograd.grad(out, qv, go.to(DEVICE, out.dtype))
-    return dict(out=out, code=u * tau, b=bs * tau, L=L, A=A, grad=g)
+    work = D64 if dtype == D64 else torch.float32
+    Wk = W.to(DEVICE, work)
+    Sk = static.to(DEVICE, work).requires_grad_() if static is not None else None
+    out, u, (A, bs, L, tau) = fused_attention_core(qv, Wk, kw.pop("weight"), static=Sk, kernels=kernels,
+                                                   recompute=True, **kw)
+    grads = torch.autograd.grad(out, [qv] + ([Sk] if Sk is not None else []), go.to(DEVICE, out.dtype))
+    res = dict(out=out, code=u * tau, b=bs * tau, L=L, A=A, grad=grads[0])
+    if Sk is not None:
+        res["grad_static"] = grads[1]
+    return res
 
 
-def problem(seed, B, N, h, dh, m):
+def problem(seed, B, N, h, dh, m, ms=0):
+    # queries and values, W, the output's gradient and (ms > 0) static atoms: non-negative maps, as the
+    # layer's, zero on the first token, as on a class token
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, N, 2, h, dh, generator=g, dtype=D64), torch.randn(h, dh, m, generator=g, dtype=D64),
-            torch.randn(B, N, h, dh, generator=g, dtype=D64))
+    qv, W, go = (torch.randn(B, N, 2, h, dh, generator=g, dtype=D64), torch.randn(h, dh, m, generator=g, dtype=D64),
+                 torch.randn(B, N, h, dh, generator=g, dtype=D64))
+    if not ms:
+        return qv, W, go, None
+    S = torch.rand(h, N, ms, generator=g, dtype=D64)
+    S[:, 0] = 0.0
+    return qv, W, go, S
 
 
 @settings(max_examples=25)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 3), N=st.integers(1, 70), h=st.integers(1, 3),
-       dh=st.sampled_from([4, 8, 13, 16]), m=st.sampled_from([3, 8, 16, 21, 32]), steps=st.integers(1, 4),
+       dh=st.sampled_from([4, 8, 13, 16]), m=st.sampled_from([3, 8, 16, 21, 32]), ms=st.sampled_from([0, 0, 5, 16]),
+       steps=st.integers(1, 4),
        weight=st.sampled_from([0.0, 0.02, 0.3]), init=st.sampled_from(["zeros", "encode"]),
        residual=st.booleans(), power_iters=st.sampled_from([1, 10]), block_n=st.sampled_from([None, 16]),
        programs=st.sampled_from([None, 1000]))
-def test_triton_node_matches_torch_node(seed, B, N, h, dh, m, steps, weight, init, residual, power_iters,
+def test_triton_node_matches_torch_node(seed, B, N, h, dh, m, ms, steps, weight, init, residual, power_iters,
                                         block_n, programs):
     # float32 kernels against the PyTorch node in float64; programs=1000 splits the tokens' reductions
-    # into chunks (partial sums), block_n 16 gives several tiles per chunk
-    qv, W, go = problem(seed, B, N, h, dh, m)
-    kw = dict(steps=steps, weight=weight, init=init, residual=residual, power_iters=power_iters)
+    # into chunks (partial sums), block_n 16 gives several tiles per chunk; ms > 0: static atoms (VARS-SD)
+    qv, W, go, S = problem(seed, B, N, h, dh, m, ms)
+    kw = dict(steps=steps, weight=weight, init=init, residual=residual, power_iters=power_iters, static=S)
     ref = core_run("torch", qv, W, go, D64, **kw)
     with configured(block_n=block_n, programs=programs):
         tri = core_run("triton", qv, W, go, torch.float32, **kw)
@@ -83,7 +99,7 @@ def test_low_precision_products_as_accurate_as_the_torch_node(low, programs):
     # F^T v to bf16; with fp16 it computes in float32 (fp16's range cannot hold its G and dG), while the
     # kernels keep fp16 products: they work with the unit atoms F diag(s), whose entries fp16 holds.
     # Both keep G and F^T v for the backward pass in bf16 under bf16 (in float32 under fp16)
-    qv, W, go = problem(3, 2, 150, 3, 64, 128)
+    qv, W, go, _ = problem(3, 2, 150, 3, 64, 128)
     kw = dict(steps=3, weight=0.3, init="zeros", residual=True)
     ref = core_run("torch", qv, W, go, D64, **kw)
     low_torch = core_run("torch", qv, W, go, low, low_dtype=low, **kw)
@@ -97,8 +113,9 @@ def test_low_precision_products_as_accurate_as_the_torch_node(low, programs):
 
 def layer_pair(seed, **kw):
     torch.manual_seed(seed)
-    ref = VARSLayer(48, 3, qkv_bias=True, dictionary="d", **kw).to(D64)
-    tri = VARSLayer(48, 3, qkv_bias=True, dictionary="d", kernels="triton", **kw).to(DEVICE)
+    kw = dict(dict(dictionary="d"), **kw)
+    ref = VARSLayer(48, 3, qkv_bias=True, **kw).to(D64)
+    tri = VARSLayer(48, 3, qkv_bias=True, kernels="triton", **kw).to(DEVICE)
     tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     return ref, tri
 
@@ -109,7 +126,8 @@ def layer_run(layer, x):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(init="encode", lam=0.05, steps=5, qk_norm=True),
-                                dict(residual="none", rand_feat_dim_ratio=1)])
+                                dict(residual="none", rand_feat_dim_ratio=1),
+                                dict(dictionary="sd", static="dense", image_size=7)])
 def test_layer_with_triton_kernels_matches_torch_kernels(kw):
     ref, tri = layer_pair(0, **kw)
     x = torch.randn(2, 50, 48, dtype=D64, requires_grad=True)
@@ -126,14 +144,15 @@ def test_layer_with_triton_kernels_matches_torch_kernels(kw):
     assert (st.nnz.cpu() - st_ref.nnz).abs().max() <= 1 and st.nnz.sum() > 0
 
 
-def test_vars_rvt_training_step_with_triton_kernels():
+@pytest.mark.parametrize("attention, kw", [("vars_d", {}), ("vars_sd", dict(static="dense"))])
+def test_vars_rvt_training_step_with_triton_kernels(attention, kw):
     # a model built with kernels="triton" trains: one step under autocast gives the loss and gradients of
     # the same model with the PyTorch kernels (both with low-precision products: loose bound)
     import timm
 
     torch.manual_seed(0)
-    models = [timm.create_model("vars_rvt_tiny", num_classes=10, img_size=32, attention="vars_d", kernels=k).to(DEVICE)
-              for k in ("torch", "triton")]
+    models = [timm.create_model("vars_rvt_tiny", num_classes=10, img_size=32, attention=attention, kernels=k,
+                                **kw).to(DEVICE) for k in ("torch", "triton")]
     models[1].load_state_dict(models[0].state_dict())
     for model in models:
         model.eval()  # no stochastic depth: the two models compute the same function
@@ -151,7 +170,8 @@ def test_vars_rvt_training_step_with_triton_kernels():
 
 
 @pytest.mark.parametrize("kw, names", [
-    (dict(dictionary="sd"), ["dictionary"]),
+    (dict(dictionary="sd"), ["dictionary"]),  # convolutional templates
+    (dict(dictionary="s", static="dense"), ["dictionary"]),
     (dict(solver="fista"), ["solver"]),
     (dict(lipschitz="eigvalsh", attn_drop=0.1), ["lipschitz", "attn_drop"]),
     (dict(fused=False), ["fused"]),
@@ -180,11 +200,13 @@ def test_bad_kernels_argument_and_uncovered_calls():
         fused_attention_core(qv, W, 0.1, steps=3, kernels="cuda")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         fused_attention_core(qv.double(), W.double(), 0.1, steps=3, kernels="triton")
-    with pytest.raises(ValueError, match="VARS-D"):
-        fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", static=torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="needs dynamic atoms"):
+        fused_attention_core(qv[:, :, 1:], None, 0.1, steps=3, kernels="triton", static=torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match=r"at most 128 atoms .* got head_dim 16 and m \+ m_s = 32 \+ 100 = 132"):
+        fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", static=torch.randn(3, 4, 100))
     with pytest.raises(ValueError, match="dropout"):
         fused_attention_core(qv, W, 0.1, steps=3, kernels="triton", dropout=0.1)
-    with pytest.raises(ValueError, match="head_dim <= 64 and m .* <= 128; got head_dim 16 and m 256"):
+    with pytest.raises(ValueError, match="head_dim <= 64 and at most 128 atoms .* got head_dim 16 and m 256"):
         fused_attention_core(qv, torch.randn(3, 16, 256), 0.1, steps=3, kernels="triton")
     with pytest.raises(ValueError, match="got head_dim 128 and m 128"):
         fused_attention_core(torch.randn(1, 4, 2, 1, 128), torch.randn(1, 128, 128), 0.1, steps=3, kernels="triton")
@@ -201,16 +223,21 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
-    # Triton's compiler and ptxas build the six kernels for sm_90 (H100 / H200) on any machine: the dtype
-    # and constexpr rules of the compiler, which the interpreter does not apply, are checked here
+    # Triton's compiler and ptxas build the six kernels (and the four that differ for static atoms) for sm_90
+    # (H100 / H200) on any machine: the dtype and constexpr rules of the compiler, which the interpreter
+    # does not apply, and the shared memory a launch needs are checked here
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
-    out = subprocess.run([sys.executable, str(script), "--arch", "90", "--low", "bf16,fp32"], env=env,
+    # (the exit status is 1 when a kernel needs more shared memory than the card has)
+    out = subprocess.run([sys.executable, str(script), "--arch", "90", "--low", "bf16,fp32", "--static"], env=env,
                          capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for low in ("bf16", "fp32"):
-        table = out.stdout.split(f"sm_90, {low},")[1].split("\n\n")[0]
-        for kernel in ("gram", "solve", "decode", "gcode", "solve_backward", "features_backward"):
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout
+    tables = out.stdout.split("\nsm_90, ")[1:]
+    assert len(tables) == 4, out.stdout
+    for table in tables:
+        static = table.split("\n")[0].endswith("static atoms")
+        kernels = ["gram", "decode", "gcode", "features_backward"] + ([] if static else ["solve", "solve_backward"])
+        for kernel in kernels:
             assert f"| {kernel} | 8 |" in table, out.stdout
 
 
@@ -218,7 +245,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 def test_lazy_statistics_of_the_kernels(low):
     # stats="lazy": the kernels write no code or step matrix; the replay from what the backward pass keeps
     # (G and F^T v in the product dtype, s, L) gives the statistics the kernels write with stats="eager"
-    qv, W, _ = problem(5, 2, 40, 2, 16, 32)
+    qv, W, _, _ = problem(5, 2, 40, 2, 16, 32)
     qv = qv.to(DEVICE, low or torch.float32)
     W = W.to(DEVICE, torch.float32)
     kw = dict(steps=3, low_dtype=low, kernels="triton")

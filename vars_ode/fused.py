@@ -490,7 +490,7 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     decoding (the layer's ``attn_drop`` in training); the mask is drawn as ``nn.Dropout`` draws it.
 
     ``kernels``: ``"torch"`` (this module's node of PyTorch operations) or ``"triton"`` (the same solve as
-    six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D with ISTA; ``recompute``, ``squaring`` do not
+    six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D or dense VARS-SD with ISTA; ``recompute``, ``squaring`` do not
     apply there).
 
     ``stats="lazy"`` returns ``(out, replay)`` instead, ``replay()`` giving ``(u', (I - K / L, b', L, tau))``
@@ -512,8 +512,8 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
         from .triton_gram import check_supported, triton_attention_core
 
         check_supported(qv, rand_matrix, static, solver, lipschitz, dropout)
-        return triton_attention_core(qv, rand_matrix, weight, steps=steps, init=init, power_iters=power_iters,
-                                     low_dtype=low_dtype, residual=residual, stats=stats)
+        return triton_attention_core(qv, rand_matrix, weight, static=static, steps=steps, init=init,
+                                     power_iters=power_iters, low_dtype=low_dtype, residual=residual, stats=stats)
     work = torch.float64 if qv.dtype == torch.float64 else torch.float32
     low = low_dtype or work
     tf32 = _uses_tf32(qv.device.type, low)

@@ -190,8 +190,9 @@ class VARSLayer(nn.Module):
             pass (``True``: activation memory about that of ``q`` and ``v``) or keep them (``False``: faster);
             ``None``: recompute on CUDA devices, keep elsewhere.
         kernels: what runs the fused path: ``"torch"`` (PyTorch operations) or ``"triton"`` (six Triton
-            kernels, :mod:`vars_ode.triton_gram`; VARS-D with ISTA, ``lipschitz="power"`` and no
-            ``attn_drop``; on CUDA devices, or in Triton's interpreter with ``TRITON_INTERPRET=1``).
+            kernels, :mod:`vars_ode.triton_gram`; VARS-D, or VARS-SD with ``static="dense"``, with ISTA,
+            ``lipschitz="power"``, no ``attn_drop``, head_dim up to 64 and up to 128 atoms per head; on CUDA
+            devices, or in Triton's interpreter with ``TRITON_INTERPRET=1``).
 
     After a forward pass, ``last_stats`` (:class:`LayerStats`) describes the solve.
     """
@@ -279,14 +280,16 @@ class VARSLayer(nn.Module):
         self.fused, self.recompute = fused, recompute
         check_choice("kernels", kernels, KERNELS)
         if kernels == "triton":
-            covered = dict(dictionary=self.dictionary_kind == "d", compat=compat == "paper", fused=fused,
-                           solver=solver == "ista", steps=isinstance(steps, int), grad=grad == "unroll",
+            kind = self.dictionary_kind
+            covered = dict(dictionary=kind == "d" or (kind == "sd" and static == "dense"), compat=compat == "paper",
+                           fused=fused, solver=solver == "ista", steps=isinstance(steps, int), grad=grad == "unroll",
                            lipschitz=lipschitz == "power", attn_drop=attn_drop == 0, record_maps=not record_maps)
             missing = [k for k, ok in covered.items() if not ok]
             if missing:
-                raise ValueError(f"kernels='triton' covers dictionary='d', compat='paper', fused=True, solver='ista' "
-                                 f"with integer steps, grad='unroll', lipschitz='power', attn_drop=0 and "
-                                 f"record_maps=False; these arguments differ: {missing}")
+                raise ValueError(f"kernels='triton' covers dictionary='d' (or 'sd' with static='dense'), "
+                                 f"compat='paper', fused=True, solver='ista' with integer steps, grad='unroll', "
+                                 f"lipschitz='power', attn_drop=0 and record_maps=False; these arguments differ: "
+                                 f"{missing}")
         self.kernels = kernels
         self.last_stats: LayerStats | None = None
         self.last_maps: torch.Tensor | None = None

@@ -1,10 +1,11 @@
-"""The fused VARS-D node as six Triton kernels (``kernels="triton"``).
+"""The fused VARS-D (and dense VARS-SD) node as six Triton kernels (``kernels="triton"``).
 
 :mod:`vars_ode.fused` runs a VARS-D solve as one autograd node made of PyTorch operations (an H200
 profile of a VARS-D block's forward and backward counted 227 kernels, most of them the node's passes over
 ``(B, h, N, m)`` or ``(B, h, m, m)`` tensors in memory). Here the same computation, with the same results
 up to rounding, is three kernels forward and three backward; the features ``F = exp(q^ W - c)`` never
-reach memory (each kernel that needs them recomputes a tile from the queries):
+reach memory (each kernel that needs them recomputes a tile from the queries; with static atoms ``S``
+(VARS-SD, ``static="dense"``) the tile is ``[exp(q^ W - c), S]``, the static atoms' columns loaded):
 
     forward   tokens  per (b, h) and token chunk: q^, F, then G = F^T F and a = F^T v (partial sums)
               solve   per (b, h): s = diag(G)^-1/2, L by power iteration, A = I - K / L, ISTA steps
@@ -12,15 +13,16 @@ reach memory (each kernel that needs them recomputes a tile from the queries):
     backward  tokens  per (b, h) and token chunk: F, then (F diag(s))^T g (partial sums)
               solve   per (b, h): the steps replayed and reversed: gradients of G, a and s u
               feats   per (b, h) and token block: F, the gradients of F, of q^ and q, and of v, written
-                      in ``qv``'s layout
+                      in ``qv``'s layout (and of S per batch entry, summed over the batch after)
 
 Only the ``(B, h, m, m)`` and ``(B, h, m, dh)`` problem tensors pass between kernels. The activation
 memory is the layer's input ``qv`` and those (as ``recompute=True`` of the PyTorch node).
 
-Covered: dynamic atoms only (VARS-D), ISTA, ``init`` zeros or encode, ``lipschitz="power"``, no
-dropout on the code, head_dim up to 64 and up to 128 atoms per head, float32 or (under autocast) bf16 /
-fp16 products over the tokens with float32 accumulation; the ``m x m`` iteration is float32. Float64
-inputs are refused (use the PyTorch node).
+Covered: dynamic atoms (VARS-D) with or without dense static ones (VARS-SD), ISTA, ``init`` zeros or
+encode, ``lipschitz="power"``, no dropout on the code, head_dim up to 64 and up to 128 atoms per head
+(dynamic and static together: vars_rvt_tiny's 64 + 32, not DeiT-Ti's 128 + 64), float32 or (under
+autocast) bf16 / fp16 products over the tokens with float32 accumulation; the ``m x m`` iteration is
+float32. Float64 inputs are refused (use the PyTorch node).
 
 On CUDA devices the kernels are compiled by Triton. Anywhere else they run in Triton's interpreter,
 which must be switched on before Triton is first imported (``TRITON_INTERPRET=1``; the test suite does
@@ -71,14 +73,25 @@ if triton is not None:
         return tl.load(ptr + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _features(q, Wt, cc, nmask, mmask, PREC: tl.constexpr):
-        # unit queries q^ = q / max(|q|, 1e-12), 1 / max(|q|, 1e-12) and the atoms exp(q^ W - c) of a tile
-        # of tokens, zero outside the tokens and atoms
+    def _features(q, Wt, cc, nmask, offs_n, offs_m, m, S_h, ms, sS_n, sS_m, PREC: tl.constexpr,
+                  STATIC: tl.constexpr):
+        # unit queries q^ = q / max(|q|, 1e-12), 1 / max(|q|, 1e-12) and the atoms of a tile of tokens: the
+        # m dynamic ones exp(q^ W - c), then (STATIC) the head's m_s static ones (S_h: the head's (N, m_s)
+        # atoms), columns m to m + m_s; zero outside the tokens and atoms
         rn = 1.0 / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)
         qn = q * rn[:, None]
         z = tl.dot(qn, Wt, input_precision=PREC)
-        F = tl.exp(z - cc[None, :])
-        return qn, rn, tl.where(nmask[:, None] & mmask[None, :], F, 0.0)
+        F = tl.where(nmask[:, None] & (offs_m < m)[None, :], tl.exp(z - cc[None, :]), 0.0)
+        if STATIC:
+            F += _static_tile(S_h, ms, sS_n, sS_m, nmask, offs_n, offs_m, m)
+        return qn, rn, F
+
+    @triton.jit
+    def _static_tile(S_h, ms, sS_n, sS_m, nmask, offs_n, offs_m, m):
+        # the static atoms S[h, tokens, :] placed in columns m to m + m_s of a (tokens, M) tile, zero elsewhere
+        smask = nmask[:, None] & ((offs_m >= m) & (offs_m < m + ms))[None, :]
+        return tl.load(S_h + offs_n[:, None] * sS_n + (offs_m - m)[None, :] * sS_m, mask=smask,
+                       other=0.0).to(tl.float32)
 
     @triton.jit
     def _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m):
@@ -90,10 +103,10 @@ if triton is not None:
         return Wt, tl.sqrt(tl.sum(Wt * Wt, axis=0))
 
     @triton.jit
-    def _tokens_kernel(qv_ptr, W_ptr, s_ptr, x_ptr, G_ptr, acc_ptr, N, H, dh, m, chunk, BH,
-                       s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, x_b, x_n, x_h, x_d,
+    def _tokens_kernel(qv_ptr, W_ptr, S_ptr, s_ptr, x_ptr, G_ptr, acc_ptr, N, H, dh, m, ms, chunk, BH,
+                       s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, sS_h, sS_n, sS_m, x_b, x_n, x_h, x_d,
                        BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
-                       UPCAST: tl.constexpr, PREC: tl.constexpr, GRAM: tl.constexpr):
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, STATIC: tl.constexpr, GRAM: tl.constexpr):
         # a reduction over one chunk of the tokens of one (b, h), partial sums: with GRAM, G = F^T F and
         # F^T x (x = v; the forward pass); without, (F diag(s))^T x (x = g, the output's gradient: the
         # gradient w.r.t. the code u' tau)
@@ -101,7 +114,7 @@ if triton is not None:
         b, hh = pid // H, pid % H
         offs_d, offs_m, offs_t = tl.arange(0, DH), tl.arange(0, M), tl.arange(0, BN)
         Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
-        dmask, mmask = offs_d < dh, offs_m < m
+        dmask = offs_d < dh
         if not GRAM:
             s = tl.load(s_ptr + pid * M + offs_m)
         G = tl.zeros((M, M), tl.float32)
@@ -114,7 +127,8 @@ if triton is not None:
             tmask = nmask[:, None] & dmask[None, :]
             q = _tile(qv_ptr + b * s_b + hh * s_h, offs_n, offs_d, s_n, s_d, tmask)
             x = _tile(x_ptr + b * x_b + hh * x_h, offs_n, offs_d, x_n, x_d, tmask)
-            qn, rn, F = _features(q, Wt, cc, nmask, mmask, PREC)
+            qn, rn, F = _features(q, Wt, cc, nmask, offs_n, offs_m, m, S_ptr + hh * sS_h, ms, sS_n, sS_m, PREC,
+                                  STATIC)
             if GRAM:
                 Fl = _low(F, LOW, UPCAST)
                 G += tl.dot(tl.trans(Fl), Fl, input_precision=PREC)
@@ -210,8 +224,9 @@ if triton is not None:
             tl.store(A_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :], A)
 
     @triton.jit
-    def _token_block(qv_ptr, W_ptr, s_ptr, N, H, dh, m, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, BN: tl.constexpr,
-                     DH: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr):
+    def _token_block(qv_ptr, W_ptr, S_ptr, s_ptr, N, H, dh, m, ms, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, sS_h,
+                     sS_n, sS_m, BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
+                     STATIC: tl.constexpr):
         # the block of tokens of a program of the (B h, token blocks) grid: its (b, h), offsets, mask of
         # the (tokens, dh) tile, the queries' base pointer, W, the unit queries, 1 / |q|, the atoms F and
         # the unit atoms F diag(s)
@@ -223,20 +238,22 @@ if triton is not None:
         tmask = nmask[:, None] & (offs_d < dh)[None, :]
         Wt, cc = _weights(W_ptr, hh, dh, m, offs_d, offs_m, sW_h, sW_d, sW_m)
         base = qv_ptr + b * s_b + hh * s_h
-        qn, rn, F = _features(_tile(base, offs_n, offs_d, s_n, s_d, tmask), Wt, cc, nmask, offs_m < m, PREC)
+        qn, rn, F = _features(_tile(base, offs_n, offs_d, s_n, s_d, tmask), Wt, cc, nmask, offs_n, offs_m, m,
+                              S_ptr + hh * sS_h, ms, sS_n, sS_m, PREC, STATIC)
         Fn = F * tl.load(s_ptr + pid * M + offs_m)[None, :]
         return b, hh, offs_n, offs_d, offs_m, tmask, base, Wt, qn, rn, F, Fn
 
     @triton.jit
-    def _decode_kernel(qv_ptr, W_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m,
-                       s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, o_b, o_n, o_h, o_d,
+    def _decode_kernel(qv_ptr, W_ptr, S_ptr, s_ptr, code_ptr, out_ptr, N, H, dh, m, ms,
+                       s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, sS_h, sS_n, sS_m, o_b, o_n, o_h, o_d,
                        BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
-                       UPCAST: tl.constexpr, PREC: tl.constexpr, RESIDUAL: tl.constexpr):
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, STATIC: tl.constexpr, RESIDUAL: tl.constexpr):
         # out = (F diag(s)) (u' tau) (+ v) for one block of tokens of one (b, h), in the (B, N, h, dh)
         # layout: the unit atoms and the code, both bounded (F and s u can each leave fp16's range)
         pid = tl.program_id(0)
         b, hh, offs_n, offs_d, offs_m, tmask, base, Wt, qn, rn, F, Fn = _token_block(
-            qv_ptr, W_ptr, s_ptr, N, H, dh, m, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, BN, DH, M, PREC)
+            qv_ptr, W_ptr, S_ptr, s_ptr, N, H, dh, m, ms, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, sS_h, sS_n, sS_m,
+            BN, DH, M, PREC, STATIC)
         code = tl.load(code_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :])
         out = tl.dot(_low(Fn, LOW, UPCAST), _low(code, LOW, UPCAST), input_precision=PREC)
         if RESIDUAL:
@@ -299,18 +316,21 @@ if triton is not None:
         tl.store(ga_ptr + pid * M * DH + md, ga_s)
 
     @triton.jit
-    def _features_backward_kernel(qv_ptr, W_ptr, s_ptr, g_ptr, H_ptr, ga_ptr, code_ptr, gqv_ptr, N, H, dh,
-                                  m, s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, g_b, g_n, g_h, g_d,
-                                  r_b, r_n, r_k, r_h, r_d,
+    def _features_backward_kernel(qv_ptr, W_ptr, S_ptr, s_ptr, g_ptr, H_ptr, ga_ptr, code_ptr, gqv_ptr, gS_ptr,
+                                  N, H, dh, m, ms, s_b, s_n, s_k, s_h, s_d, sW_h, sW_d, sW_m, sS_h, sS_n, sS_m,
+                                  g_b, g_n, g_h, g_d, r_b, r_n, r_k, r_h, r_d, t_b, t_h, t_n, t_m,
                                   BN: tl.constexpr, DH: tl.constexpr, M: tl.constexpr, LOW: tl.constexpr,
-                                  UPCAST: tl.constexpr, PREC: tl.constexpr, RESIDUAL: tl.constexpr):
+                                  UPCAST: tl.constexpr, PREC: tl.constexpr, STATIC: tl.constexpr,
+                                  GRAD_S: tl.constexpr, RESIDUAL: tl.constexpr):
         # G = F^T F, a = F^T v, out = F (s u) (+ v): dF = F (dG + dG^T) + v da^T + g (s u)^T and
         # dv = F da (+ g). With Fn = F diag(s): dF = R diag(s), R = Fn H + v (da / s)^T + g (u' tau)^T, so
         # that the gradient through the exponential is R o Fn and dv = Fn (da / s) (+ g); then through
-        # the normalisation of the queries to dq, written with dv in qv's layout
+        # the normalisation of the queries to dq, written with dv in qv's layout. With GRAD_S, the static
+        # atoms' columns of dF = R diag(s) are written for this b ((B, h, N, m_s), summed over b after)
         pid = tl.program_id(0)
         b, hh, offs_n, offs_d, offs_m, tmask, base, Wt, qn, rn, F, Fn = _token_block(
-            qv_ptr, W_ptr, s_ptr, N, H, dh, m, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, BN, DH, M, PREC)
+            qv_ptr, W_ptr, S_ptr, s_ptr, N, H, dh, m, ms, s_b, s_n, s_h, s_d, sW_h, sW_d, sW_m, sS_h, sS_n, sS_m,
+            BN, DH, M, PREC, STATIC)
         md = offs_m[:, None] * DH + offs_d[None, :]
         v = _low(_tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask), LOW, UPCAST)
         g = _tile(g_ptr + b * g_b + hh * g_h, offs_n, offs_d, g_n, g_d, tmask)
@@ -329,6 +349,11 @@ if triton is not None:
         out = gqv_ptr + b * r_b + hh * r_h + offs_n[:, None] * r_n + offs_d[None, :] * r_d
         tl.store(out, (g_qn * rn[:, None]).to(gqv_ptr.dtype.element_ty), mask=tmask)
         tl.store(out + r_k, g_v.to(gqv_ptr.dtype.element_ty), mask=tmask)
+        if GRAD_S:
+            smask = (offs_n < N)[:, None] & ((offs_m >= m) & (offs_m < m + ms))[None, :]
+            dS = R * tl.load(s_ptr + pid * M + offs_m)[None, :]
+            tl.store(gS_ptr + b * t_b + hh * t_h + offs_n[:, None] * t_n + (offs_m - m)[None, :] * t_m, dS,
+                     mask=smask)
 
 
 #: the product dtypes the kernels take, as Triton names them
@@ -340,14 +365,21 @@ def _pow2(n, lo=16):
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
+def block_tokens(low, static):
+    """Tokens per tile of the token kernels (``CONFIG["block_n"]`` unset): 64, or 32 for float32 products with
+    static atoms, where the Gram kernel's pipelined loads of 64 tokens take 245,760 bytes of shared memory
+    at 128 atoms and dh 64 (``benchmarks/triton_aot.py --static``), over the H100's 232,448."""
+    return 32 if static and low == torch.float32 else 64
+
+
 class _Plan:
     """Tile sizes, grids and precisions of one call."""
 
-    def __init__(self, qv, m, low):
+    def __init__(self, qv, m, low, static):
         B, N, _, h, dh = qv.shape
         self.m, self.BH = m, B * h
         self.DH, self.M = _pow2(dh), _pow2(m)
-        self.BN = CONFIG["block_n"] or min(64, _pow2(N))
+        self.BN = CONFIG["block_n"] or min(block_tokens(low, static), _pow2(N))
         big = self.M * max(self.M, self.DH) >= 128 * 128
         self.warps_tokens = CONFIG["warps_tokens"] or (8 if big else 4)
         self.warps_solve = CONFIG["warps_solve"] or (8 if big else 4)
@@ -379,23 +411,28 @@ def _strides(t):
 
 class _TritonGramSparseCode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qv, W, weight, steps, init, power_iters, low, residual, lazy):
+    def forward(ctx, qv, W, S, weight, steps, init, power_iters, low, residual, lazy):
         B, N, _, h, dh = qv.shape
-        m = W.shape[-1]
-        plan = _Plan(qv, m, low)
+        md, ms = W.shape[-1], (S.shape[-1] if S is not None else 0)
+        m = md + ms  # the dynamic atoms, then the static ones
+        plan = _Plan(qv, m, low, S is not None)
         dev, f32 = qv.device, torch.float32
         Wf = W.detach().to(f32)
-        BH, M, DH, S = plan.BH, plan.M, plan.DH, plan.splits
+        # no static atoms: any pointer will do, the loads are compiled out
+        Sx = S.detach() if S is not None else Wf
+        sstr = _strides(S) if S is not None else (0, 0, 0)
+        static = dict(STATIC=S is not None)
+        BH, M, DH, P = plan.BH, plan.M, plan.DH, plan.splits
         # G and F^T v rounded to bf16 under bf16 autocast, as the PyTorch node does: the solve and its replay
         # in the backward pass read the same values, and the backward keeps half the bytes (fp16 cannot
         # hold G's small entries: float32 there)
         kept = torch.bfloat16 if low == torch.bfloat16 else f32
-        Gp = torch.empty(S, BH, M, M, dtype=kept if S == 1 else f32, device=dev)
-        ap = torch.empty(S, BH, M, DH, dtype=kept if S == 1 else f32, device=dev)
+        Gp = torch.empty(P, BH, M, M, dtype=kept if P == 1 else f32, device=dev)
+        ap = torch.empty(P, BH, M, DH, dtype=kept if P == 1 else f32, device=dev)
         wstr = _strides(Wf)
         q, v = qv.select(2, 0), qv.select(2, 1)  # (B, N, h, dh) views
-        _tokens_kernel[(BH, S)](q, Wf, Gp, v, Gp, ap, N, h, dh, m, plan.chunk, BH, *_strides(q), *wstr, *_strides(v),
-                                GRAM=True, num_warps=plan.warps_tokens, **plan.tokens)
+        _tokens_kernel[(BH, P)](q, Wf, Sx, Gp, v, Gp, ap, N, h, dh, md, ms, plan.chunk, BH, *_strides(q), *wstr, *sstr,
+                                *_strides(v), GRAM=True, num_warps=plan.warps_tokens, **plan.tokens, **static)
         G, a = plan.reduce(Gp).to(kept), plan.reduce(ap).to(kept)
         code = torch.empty(BH, M, DH, dtype=f32, device=dev)
         s = torch.empty(BH, M, dtype=f32, device=dev)
@@ -410,11 +447,11 @@ class _TritonGramSparseCode(torch.autograd.Function):
                              STEPS=steps, M=M, DH=DH, SHRINK=shrink, ENCODE=encode, PREC=plan.prec,
                              STATS=not lazy, num_warps=plan.warps_solve)
         out = torch.empty(B, N, h, dh, dtype=low, device=dev)
-        _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, s, code, out, N, h, dh, m, *_strides(qv), *wstr,
-                                                      *_strides(out), RESIDUAL=residual,
-                                                      num_warps=plan.warps_tokens, **plan.tokens)
-        ctx.save_for_backward(qv, Wf, G, a, L, s)
-        ctx.cfg = (plan, float(weight), steps, shrink, encode, residual)
+        _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, Sx, s, code, out, N, h, dh, md, ms, *_strides(qv),
+                                                      *wstr, *sstr, *_strides(out), RESIDUAL=residual,
+                                                      num_warps=plan.warps_tokens, **plan.tokens, **static)
+        ctx.save_for_backward(qv, Wf, S, G, a, L, s)
+        ctx.cfg = (plan, md, float(weight), steps, shrink, encode, residual)
         ctx.set_materialize_grads(False)
 
         def view(t, cols):
@@ -429,36 +466,46 @@ class _TritonGramSparseCode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, *_):
-        qv, Wf, G, a, L, s = ctx.saved_tensors
-        plan, weight, steps, shrink, encode, residual = ctx.cfg
+        qv, Wf, S, G, a, L, s = ctx.saved_tensors
+        plan, md, weight, steps, shrink, encode, residual = ctx.cfg
         if g_out is None:
-            return (None,) * 9
+            return (None,) * 10
         B, N, _, h, dh = qv.shape
-        BH, M, DH, S, m = plan.BH, plan.M, plan.DH, plan.splits, plan.m
+        BH, M, DH, P, m = plan.BH, plan.M, plan.DH, plan.splits, plan.m
+        ms = m - md
         dev, f32 = qv.device, torch.float32
         wstr, gstr = _strides(Wf), _strides(g_out)
-        gp = torch.empty(S, BH, M, DH, dtype=f32, device=dev)
+        Sx = S if S is not None else Wf
+        sstr = _strides(S) if S is not None else (0, 0, 0)
+        static = dict(STATIC=S is not None)
+        gp = torch.empty(P, BH, M, DH, dtype=f32, device=dev)
         q = qv.select(2, 0)
-        _tokens_kernel[(BH, S)](q, Wf, s, g_out, gp, gp, N, h, dh, m, plan.chunk, BH, *_strides(q), *wstr, *gstr,
-                                GRAM=False, num_warps=plan.warps_tokens, **plan.tokens)
+        _tokens_kernel[(BH, P)](q, Wf, Sx, s, g_out, gp, gp, N, h, dh, md, ms, plan.chunk, BH, *_strides(q), *wstr,
+                                *sstr, *gstr, GRAM=False, num_warps=plan.warps_tokens, **plan.tokens, **static)
         gc = plan.reduce(gp)
         Hm = torch.empty(BH, M, M, dtype=f32, device=dev)
         ga, code = torch.empty(BH, M, DH, dtype=f32, device=dev), torch.empty(BH, M, DH, dtype=f32, device=dev)
         _solve_backward_kernel[(BH,)](G, a, L, gc, Hm, ga, code, m, weight, STEPS=steps, M=M, DH=DH, SHRINK=shrink,
                                       ENCODE=encode, PREC=plan.prec, num_warps=plan.warps_solve)
         g_qv = torch.empty_like(qv)
+        # the static atoms' gradient per batch entry (float32), summed over the batch below: no atomics, the
+        # same sum on every run
+        g_Sb = torch.empty(B, h, N, ms, dtype=f32, device=dev) if S is not None and ctx.needs_input_grad[2] else None
         _features_backward_kernel[(BH, triton.cdiv(N, plan.BN))](
-            qv, Wf, s, g_out, Hm, ga, code, g_qv, N, h, dh, m, *_strides(qv), *wstr, *gstr, *_strides(g_qv),
-            RESIDUAL=residual, num_warps=plan.warps_tokens, **plan.tokens)
-        return g_qv, None, None, None, None, None, None, None, None
+            qv, Wf, Sx, s, g_out, Hm, ga, code, g_qv, g_Sb if g_Sb is not None else Hm, N, h, dh, md, ms,
+            *_strides(qv), *wstr, *sstr, *gstr, *_strides(g_qv), *(_strides(g_Sb) if g_Sb is not None else (0,) * 4),
+            RESIDUAL=residual, GRAD_S=g_Sb is not None, num_warps=plan.warps_tokens, **plan.tokens, **static)
+        g_S = g_Sb.sum(0).to(S.dtype) if g_Sb is not None else None
+        return g_qv, None, g_S, None, None, None, None, None, None, None
 
 
 def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
     """Raise a ValueError naming what ``kernels="triton"`` does not cover for these arguments."""
     if triton is None:
         raise ValueError("kernels='triton' needs the triton package")
-    if rand_matrix is None or static is not None:
-        raise ValueError("kernels='triton' covers dynamic atoms only (VARS-D): rand_matrix given, static=None")
+    if rand_matrix is None:
+        raise ValueError("kernels='triton' needs dynamic atoms (VARS-D, or VARS-SD with static='dense'): "
+                         "rand_matrix given, got None")
     if solver != "ista":
         raise ValueError(f"kernels='triton' supports solver='ista', got {solver!r}")
     if lipschitz != "power":
@@ -466,11 +513,14 @@ def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
     if dropout > 0:
         raise ValueError(f"kernels='triton' supports no dropout on the code, got dropout={dropout!r}")
     dh, m = qv.shape[-1], rand_matrix.shape[-1]
-    if dh > 64 or m > 128:
+    ms = static.shape[-1] if static is not None else 0
+    if dh > 64 or m + ms > 128:
         # one m x m float32 matrix per program, and (tokens x m) tiles: beyond these the kernels need more
         # shared memory than an H100 / H200 block has (benchmarks/triton_aot.py: 294-393 KB at 128 / 128)
-        raise ValueError(f"kernels='triton' is built for head_dim <= 64 and m = rand_feat_dim_ratio * head_dim <= 128; "
-                         f"got head_dim {dh} and m {m}")
+        atoms = f"m {m}" if static is None else f"m + m_s = {m} + {ms} = {m + ms}"
+        raise ValueError(f"kernels='triton' is built for head_dim <= 64 and at most 128 atoms per head (m = "
+                         f"rand_feat_dim_ratio * head_dim, plus num_static_atoms for VARS-SD); got head_dim {dh} "
+                         f"and {atoms}")
     if qv.dtype not in _TL_DTYPES:
         raise ValueError(f"kernels='triton' takes float32, bfloat16 or float16 inputs, got qv of {qv.dtype}")
     if not available(qv.device):
@@ -479,15 +529,16 @@ def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
 
 
 @torch.compiler.disable
-def triton_attention_core(qv, rand_matrix, weight, *, steps, init, power_iters, low_dtype, residual, stats="eager"):
+def triton_attention_core(qv, rand_matrix, weight, *, static=None, steps, init, power_iters, low_dtype, residual,
+                          stats="eager"):
     """:func:`vars_ode.fused.fused_attention_core` with ``kernels="triton"`` (arguments checked there)."""
     low = low_dtype or torch.float32
     if low not in _TL_DTYPES:
         raise ValueError(f"low_dtype must be float32, bfloat16 or float16 for kernels='triton', got {low}")
     from .fused import _node_precision, replay_stats
     lazy = stats == "lazy"
-    out, *kept = _node_precision(qv.device.type, False, _TritonGramSparseCode.apply, qv, rand_matrix, float(weight),
-                                 int(steps), init, int(power_iters), low, bool(residual), lazy)
+    out, *kept = _node_precision(qv.device.type, False, _TritonGramSparseCode.apply, qv, rand_matrix, static,
+                                 float(weight), int(steps), init, int(power_iters), low, bool(residual), lazy)
     if lazy:
         G, a, s, L, _ = kept
         return out, replay_stats(G, a, s, L, weight, steps=steps, init=init)
