@@ -3,7 +3,12 @@ measured in benchmarks/, never in tests), and their correctness gates work."""
 import importlib.util
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# toy sizes: one intra-op thread (beside the other test worker, two threads made the CPU path of gpu.py
+# take 221-267 s instead of 31 s alone)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(name):
