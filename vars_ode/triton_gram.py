@@ -60,10 +60,26 @@ def available(device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _rne_bf16(x):
+        # float32 x rounded to bf16's 8 significant bits, to nearest with ties to even, as float32: the
+        # interpreter's casts to bf16 truncate (toward zero), where the card's and PyTorch's round to nearest
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _cast(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+        # x.to(DT), rounded to nearest in the interpreter too (UPCAST; see _rne_bf16)
+        if UPCAST:
+            if DT == tl.bfloat16:
+                x = _rne_bf16(x)
+        return x.to(DT)
+
+    @triton.jit
     def _low(x, LOW: tl.constexpr, UPCAST: tl.constexpr):
         # round to the product dtype; UPCAST (the interpreter, whose dot has no bf16) back to float32,
         # which multiplies the rounded values exactly and accumulates in float32 as the tensor cores do
-        y = x.to(LOW)
+        y = _cast(x, LOW, UPCAST)
         if UPCAST:
             y = y.to(tl.float32)
         return y
@@ -138,9 +154,9 @@ if triton is not None:
         out = sp * BH + pid
         # in the buffers' dtype: bf16 when the chunk is the whole sequence under bf16 (G and F^T v, kept
         # for the backward pass as the PyTorch node keeps them), float32 otherwise
-        tl.store(acc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], acc.to(acc_ptr.dtype.element_ty))
+        tl.store(acc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], _cast(acc, acc_ptr.dtype.element_ty, UPCAST))
         if GRAM:
-            tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], G.to(G_ptr.dtype.element_ty))
+            tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], _cast(G, G_ptr.dtype.element_ty, UPCAST))
 
     @triton.jit
     def _softshrink(p):
@@ -259,7 +275,7 @@ if triton is not None:
         if RESIDUAL:
             out += _tile(base + s_k, offs_n, offs_d, s_n, s_d, tmask)
         tl.store(out_ptr + b * o_b + hh * o_h + offs_n[:, None] * o_n + offs_d[None, :] * o_d,
-                 out.to(out_ptr.dtype.element_ty), mask=tmask)
+                 _cast(out, out_ptr.dtype.element_ty, UPCAST), mask=tmask)
 
     @triton.jit
     def _solve_backward_kernel(G_ptr, a_ptr, L_ptr, gc_ptr, H_ptr, ga_ptr, code_ptr, m, weight,
@@ -347,8 +363,8 @@ if triton is not None:
         g_qn = tl.dot(R * Fn, tl.trans(Wt), input_precision=PREC)  # through the exponential
         g_qn -= qn * tl.sum(qn * g_qn, axis=1)[:, None]  # q^ = q / |q|
         out = gqv_ptr + b * r_b + hh * r_h + offs_n[:, None] * r_n + offs_d[None, :] * r_d
-        tl.store(out, (g_qn * rn[:, None]).to(gqv_ptr.dtype.element_ty), mask=tmask)
-        tl.store(out + r_k, g_v.to(gqv_ptr.dtype.element_ty), mask=tmask)
+        tl.store(out, _cast(g_qn * rn[:, None], gqv_ptr.dtype.element_ty, UPCAST), mask=tmask)
+        tl.store(out + r_k, _cast(g_v, gqv_ptr.dtype.element_ty, UPCAST), mask=tmask)
         if GRAD_S:
             smask = (offs_n < N)[:, None] & ((offs_m >= m) & (offs_m < m + ms))[None, :]
             dS = R * tl.load(s_ptr + pid * M + offs_m)[None, :]
