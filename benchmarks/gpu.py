@@ -661,19 +661,28 @@ def main(argv=None):
             ok = False
             blocks = [b for b in blocks if not is_triton(b)]
             train = [t for t in train if not is_triton(t)]
-    block_rows = block_table(device, args.quick, args.iters, blocks, graphs=args.graphs)
-    kernels = ({name: profile_block(device, args.quick, name=name, path=args.profile)
-                for name in ("vars_d", "vars_d_triton") if name in blocks} if args.profile else None)
-    core_rows = core_table(device, args.quick, args.iters, args.triton_sweep) if args.core else None
-    triton_kernels = triton_kernel_report() if device.type == "cuda" else None
-    train_rows = None if args.skip_training else training_table(device, args.quick, args.iters, train)
-    ode_rows = None if args.skip_ode else ode_table(device, args.quick)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": name, "torch": torch.__version__, "checks": checks, "blocks": block_rows,
-                       "kernels": kernels, "core": core_rows, "triton_kernels": triton_kernels,
-                       "train": train_rows, "ode": ode_rows}, fh, indent=1,
-                      default=str)
+    results = {"device": name, "torch": torch.__version__, "checks": checks}
+
+    def record(key, value):
+        # the JSON is rewritten after every section: a run stopped by a time limit keeps what it measured
+        results[key] = value
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1, default=str)
+
+    record("blocks", block_table(device, args.quick, args.iters, blocks, graphs=args.graphs))
+    if args.profile:
+        record("kernels", {name: profile_block(device, args.quick, name=name, path=args.profile)
+                           for name in ("vars_d", "vars_d_triton") if name in blocks})
+    if args.core:
+        record("core", core_table(device, args.quick, args.iters, args.triton_sweep))
+    if device.type == "cuda":
+        record("triton_kernels", triton_kernel_report())
+    if not args.skip_training:
+        record("train", training_table(device, args.quick, args.iters, train))
+    if not args.skip_ode:
+        record("ode", ode_table(device, args.quick))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 
