@@ -170,12 +170,14 @@ def test_turn_order_puts_each_layer_in_each_position():
 
 def test_gpu_script_core_table_with_a_triton_sweep(capsys):
     # --core times the attention cores alone (SDPA, the PyTorch node, the Triton node at each launch
-    # setting of --triton-sweep); the settings are restored after each call
+    # setting of --triton-sweep); the settings are restored after each call, and a setting the kernels
+    # cannot run (24 tokens per tile: Triton's tiles are powers of two) is left out with the reason
     from vars_ode import triton_gram
 
     gpu = load("gpu")
     assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--skip-training", "--skip-ode", "--blocks",
-                     "identity", "--core", "--triton-sweep", "16/4/4"]) == 0
+                     "identity", "--core", "--triton-sweep", "16/4/4,24/4/4"]) == 0
     out = capsys.readouterr().out
     assert "| sdpa |" in out and "| torch node |" in out and "| triton node 16/4/4 |" in out
+    assert "triton node 24/4/4: left out" in out and "| triton node 24/4/4 |" not in out
     assert triton_gram.CONFIG["block_n"] is None and triton_gram.CONFIG["warps_solve"] is None
