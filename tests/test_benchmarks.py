@@ -181,3 +181,30 @@ def test_gpu_script_core_table_with_a_triton_sweep(capsys):
     assert "| sdpa |" in out and "| torch node |" in out and "| triton node 16/4/4 |" in out
     assert "triton node 24/4/4: left out" in out and "| triton node 24/4/4 |" not in out
     assert triton_gram.CONFIG["block_n"] is None and triton_gram.CONFIG["warps_solve"] is None
+
+
+def test_gpu_training_table_leaves_out_a_variant_that_fails(capsys, monkeypatch):
+    # a training variant that raises on the device (here: a solver the layer refuses) is left out with
+    # its reason; the others are timed
+    import torch
+
+    gpu = load("gpu")
+    monkeypatch.setitem(gpu.TRAIN_VARIANTS, "broken", dict(attention="vars_d", solver="no-such-solver"))
+    out = gpu.training_table(torch.device("cpu"), True, 1, ["self", "broken", "vars_d"])
+    assert set(out) == {"self", "vars_d"}
+    assert "training variant broken: left out, ValueError" in capsys.readouterr().out
+
+
+def test_gpu_block_table_leaves_out_a_variant_that_fails(capsys, monkeypatch):
+    # a block variant that raises on the device is left out of the timings with its reason (NaN in its
+    # row); the others are timed
+    import math
+
+    import torch
+
+    gpu = load("gpu")
+    monkeypatch.setitem(gpu.VARIANTS, "broken", dict(dictionary="d", solver="ista", steps=3, lam=-1.0))
+    rows = gpu.block_table(torch.device("cpu"), True, 1, ["timm", "broken", "vars_d"])
+    assert "block variant broken, B 2 x N 16: left out" in capsys.readouterr().out
+    for row in rows:
+        assert math.isnan(row["broken"][0]) and row["vars_d"][0] > 0 and row["timm"][0] > 0
