@@ -490,8 +490,8 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     decoding (the layer's ``attn_drop`` in training); the mask is drawn as ``nn.Dropout`` draws it.
 
     ``kernels``: ``"torch"`` (this module's node of PyTorch operations) or ``"triton"`` (the same solve as
-    six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D or dense VARS-SD with ISTA; ``recompute``, ``squaring`` do not
-    apply there).
+    six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D or dense VARS-SD with ISTA; ``recompute``,
+    ``squaring`` do not apply there).
 
     ``stats="lazy"`` returns ``(out, replay)`` instead, ``replay()`` giving ``(u', (I - K / L, b', L, tau))``
     when called (:func:`replay_stats`): with ``recompute`` the code and the ``m x m`` step matrix are not

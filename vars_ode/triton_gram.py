@@ -154,9 +154,11 @@ if triton is not None:
         out = sp * BH + pid
         # in the buffers' dtype: bf16 when the chunk is the whole sequence under bf16 (G and F^T v, kept
         # for the backward pass as the PyTorch node keeps them), float32 otherwise
-        tl.store(acc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :], _cast(acc, acc_ptr.dtype.element_ty, UPCAST))
+        tl.store(acc_ptr + out * M * DH + offs_m[:, None] * DH + offs_d[None, :],
+                 _cast(acc, acc_ptr.dtype.element_ty, UPCAST))
         if GRAM:
-            tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :], _cast(G, G_ptr.dtype.element_ty, UPCAST))
+            tl.store(G_ptr + out * M * M + offs_m[:, None] * M + offs_m[None, :],
+                     _cast(G, G_ptr.dtype.element_ty, UPCAST))
 
     @triton.jit
     def _softshrink(p):
@@ -425,6 +427,14 @@ def _strides(t):
     return tuple(t.stride())
 
 
+def _static_args(S, other):
+    # the static atoms' tensor and strides (h, N, m_s), and the STATIC flag; without static atoms any
+    # tensor will do as the pointer (the loads are compiled out)
+    if S is None:
+        return other, (0, 0, 0), dict(STATIC=False)
+    return S.detach(), _strides(S), dict(STATIC=True)
+
+
 class _TritonGramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, init, power_iters, low, residual, lazy):
@@ -434,10 +444,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
         plan = _Plan(qv, m, low, S is not None)
         dev, f32 = qv.device, torch.float32
         Wf = W.detach().to(f32)
-        # no static atoms: any pointer will do, the loads are compiled out
-        Sx = S.detach() if S is not None else Wf
-        sstr = _strides(S) if S is not None else (0, 0, 0)
-        static = dict(STATIC=S is not None)
+        Sx, sstr, static = _static_args(S, Wf)
         BH, M, DH, P = plan.BH, plan.M, plan.DH, plan.splits
         # G and F^T v rounded to bf16 under bf16 autocast, as the PyTorch node does: the solve and its replay
         # in the backward pass read the same values, and the backward keeps half the bytes (fp16 cannot
@@ -491,9 +498,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
         ms = m - md
         dev, f32 = qv.device, torch.float32
         wstr, gstr = _strides(Wf), _strides(g_out)
-        Sx = S if S is not None else Wf
-        sstr = _strides(S) if S is not None else (0, 0, 0)
-        static = dict(STATIC=S is not None)
+        Sx, sstr, static = _static_args(S, Wf)
         gp = torch.empty(P, BH, M, DH, dtype=f32, device=dev)
         q = qv.select(2, 0)
         _tokens_kernel[(BH, P)](q, Wf, Sx, s, g_out, gp, gp, N, h, dh, md, ms, plan.chunk, BH, *_strides(q), *wstr,
