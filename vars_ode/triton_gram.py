@@ -30,6 +30,8 @@ so on machines without a GPU): slow, for tests of the same kernel code on small 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -47,7 +49,12 @@ CONFIG = {"block_n": None, "warps_tokens": None, "warps_solve": None, "programs"
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)  # Triton 3.4 and later; before, the environment variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def available(device) -> bool:
