@@ -46,7 +46,7 @@ def kernels(low="bf16", block_n=None, warps_tokens=8, warps_solve=8, dh=64, m=12
     return [
         ("gram", tg._tokens_kernel, dict(tok, GRAM=True), {"qv_ptr": p, "x_ptr": p, "s_ptr": kept,
                                                            "G_ptr": kept, "acc_ptr": kept}, warps_tokens),
-        ("solve", tg._solve_kernel, dict(solve, ITERS=10, STATS=False), gk, warps_solve),
+        ("solve", tg._solve_kernel, dict(solve, ITERS=10, NORM=tg.norm_every(m), STATS=False), gk, warps_solve),
         ("decode", tg._decode_kernel, dict(tok, RESIDUAL=True), {"qv_ptr": p, "out_ptr": p}, warps_tokens),
         ("gcode", tg._tokens_kernel, dict(tok, GRAM=False), {"qv_ptr": p, "x_ptr": p}, warps_tokens),
         ("solve_backward", tg._solve_backward_kernel, solve, gk, warps_solve),

@@ -30,6 +30,7 @@ so on machines without a GPU): slow, for tests of the same kernel code on small 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -172,8 +173,8 @@ if triton is not None:
         return tl.where(p > 1.0, p - 1.0, tl.where(p < -1.0, p + 1.0, 0.0))
 
     @triton.jit
-    def _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS: tl.constexpr, M: tl.constexpr,
-                 DH: tl.constexpr, SHRINK: tl.constexpr, FROM_G: tl.constexpr):
+    def _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS: tl.constexpr, NORM: tl.constexpr,
+                 M: tl.constexpr, DH: tl.constexpr, SHRINK: tl.constexpr, FROM_G: tl.constexpr):
         # the rescaled problem of one (b, h): d = diag(G), s = d^-1/2, L (power iteration on
         # K = diag(s) G diag(s), or read back when not FROM_G), the step matrix A = I - K / L, tau = w / L
         # (1 when w = 0) and bs = a s / w (a s / L when w = 0)
@@ -182,16 +183,26 @@ if triton is not None:
         eye = offs_m[:, None] == offs_m[None, :]
         G = tl.load(G_ptr + pid * M * M + offs_m[:, None] * M + offs_m[None, :]).to(tl.float32)
         a = tl.load(a_ptr + pid * M * DH + offs_m[:, None] * DH + offs_d[None, :]).to(tl.float32)
-        d = tl.sum(tl.where(eye, G, 0.0), axis=1)
+        d = tl.load(G_ptr + pid * M * M + offs_m * (M + 1)).to(tl.float32)  # the diagonal, read directly
         s = tl.where(mmask, 1.0 / tl.sqrt(tl.maximum(d, 1.1754943508222875e-38)), 0.0)
         K = (s[:, None] * G) * s[None, :]  # G is not needed further: one m x m matrix held
         if FROM_G:
-            # the largest eigenvalue of K from the normalised ones vector
+            # the largest eigenvalue of K from the normalised ones vector. K is symmetric, so K v is a sum
+            # over K's rows or over its columns: the steps alternate, and each one's result is already laid
+            # out for the next (no exchange of v between the threads in between). |K v| <= trace(K) |v|
+            # <= m |v| (unit diagonal): v is normalised only every NORM steps and after the last
             v = tl.where(mmask, m_rsqrt, 0.0)
-            for _ in range(ITERS):
-                v = tl.sum(K * v[None, :], axis=1)
-                v = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1.1754943508222875e-38)
-            L = tl.sum(v * tl.sum(K * v[None, :], axis=1), axis=0)
+            for k in tl.static_range(ITERS):
+                if k % 2 == 0:
+                    v = tl.sum(K * v[None, :], axis=1)
+                else:
+                    v = tl.sum(K * v[:, None], axis=0)
+                if (k + 1) % NORM == 0 or k == ITERS - 1:
+                    v = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1.1754943508222875e-38)
+            if ITERS % 2 == 0:
+                L = tl.sum(v * tl.sum(K * v[None, :], axis=1), axis=0)
+            else:
+                L = tl.sum(v * tl.sum(K * v[:, None], axis=0), axis=0)
         else:
             L = tl.load(L_ptr + pid)
         A = tl.where(eye, 1.0, 0.0) - K * (1.0 / L)
@@ -226,13 +237,15 @@ if triton is not None:
 
     @triton.jit
     def _solve_kernel(G_ptr, a_ptr, s_ptr, code_ptr, u_ptr, A_ptr, bs_ptr, L_ptr, tau_ptr, m, weight, m_rsqrt,
-                      ITERS: tl.constexpr, STEPS: tl.constexpr, M: tl.constexpr, DH: tl.constexpr,
-                      SHRINK: tl.constexpr, ENCODE: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr):
+                      ITERS: tl.constexpr, NORM: tl.constexpr, STEPS: tl.constexpr, M: tl.constexpr,
+                      DH: tl.constexpr, SHRINK: tl.constexpr, ENCODE: tl.constexpr, PREC: tl.constexpr,
+                      STATS: tl.constexpr):
         # the solve of one (b, h): s, L, the code u' tau (for the unit atoms F diag(s)) and, with STATS, the
         # scaled code u', the step matrix and b
         pid = tl.program_id(0)
         offs_m, offs_d = tl.arange(0, M), tl.arange(0, DH)
-        d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS, M, DH, SHRINK, True)
+        d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, m_rsqrt, ITERS, NORM, M, DH, SHRINK,
+                                       True)
         y, p = _replay(A, bs, L, STEPS - 1, ENCODE, SHRINK, PREC)
         if SHRINK:
             u = _softshrink(p)
@@ -298,7 +311,7 @@ if triton is not None:
         mmask = offs_m < m
         eye = offs_m[:, None] == offs_m[None, :]
         md = offs_m[:, None] * DH + offs_d[None, :]
-        d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, 1.0, 1, M, DH, SHRINK, False)
+        d, s, L, A, tau, bs = _problem(G_ptr, a_ptr, L_ptr, pid, m, weight, 1.0, 1, 1, M, DH, SHRINK, False)
         s_safe = tl.where(mmask, s, 1.0)
         y, p = _replay(A, bs, L, STEPS - 1, ENCODE, SHRINK, PREC)
         if SHRINK:
@@ -390,6 +403,12 @@ def _pow2(n, lo=16):
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
+def norm_every(m):
+    """Power steps between normalisations in the solve kernel: ``|K v| <= m |v|``, and ``m^k`` stays within
+    the cube root of float32's range (as vars_ode.fused's power iteration on CPUs)."""
+    return max(1, int(math.log(torch.finfo(torch.float32).max) / (3 * math.log(max(m, 2)))))
+
+
 def block_tokens(low, static):
     """Tokens per tile of the token kernels (``CONFIG["block_n"]`` unset): 64, or 32 for float32 products with
     static atoms, where the Gram kernel's pipelined loads of 64 tokens take 245,760 bytes of shared memory
@@ -474,8 +493,8 @@ class _TritonGramSparseCode(torch.autograd.Function):
         L, tau = torch.empty(BH, dtype=f32, device=dev), torch.empty(BH, dtype=f32, device=dev)
         shrink, encode = weight > 0, init == "encode"
         _solve_kernel[(BH,)](G, a, s, code, u, A, bs, L, tau, m, float(weight), m ** -0.5, ITERS=power_iters,
-                             STEPS=steps, M=M, DH=DH, SHRINK=shrink, ENCODE=encode, PREC=plan.prec,
-                             STATS=not lazy, num_warps=plan.warps_solve)
+                             NORM=norm_every(m), STEPS=steps, M=M, DH=DH, SHRINK=shrink, ENCODE=encode,
+                             PREC=plan.prec, STATS=not lazy, num_warps=plan.warps_solve)
         out = torch.empty(B, N, h, dh, dtype=low, device=dev)
         _decode_kernel[(BH, triton.cdiv(N, plan.BN))](qv, Wf, Sx, s, code, out, N, h, dh, md, ms, *_strides(qv),
                                                       *wstr, *sstr, *_strides(out), RESIDUAL=residual,
