@@ -450,54 +450,60 @@ def profile_block(device, quick, name="vars_d", top=25, path=None):
 
 
 def core_table(device, quick, iters, sweep=""):
-    """Forward+backward of the attention cores alone under bf16 (no projections or norms), DeiT-Ti heads
-    (3 x 64, m 128): SDPA on q, k, v; vars_ode.fused_attention_core with the PyTorch kernels and with the
-    Triton kernels, the latter at the launch settings of ``sweep`` ("block_n/warps_tokens/warps_solve",
-    comma-separated) besides the defaults. Eager CUDA-event timings, rounds with the order rotated."""
+    """Forward+backward of the attention cores alone under bf16 (no projections or norms): SDPA on q, k, v;
+    vars_ode.fused_attention_core with the PyTorch kernels and with the Triton kernels. DeiT-Ti heads
+    (3 x 64, m 128) at both block shapes, the Triton kernels also at the launch settings of ``sweep``
+    ("block_n/warps_tokens/warps_solve", comma-separated); vars_rvt_tiny's heads (6 x 32, m 64, and 32
+    static atoms more for VARS-SD dense, with their gradient) at the training shape. Eager CUDA-event
+    timings, rounds with the order rotated."""
     from vars_ode import triton_gram
     from vars_ode.fused import fused_attention_core
 
-    h, dh, m = 3, 64, 128
-    shapes = [(2, 16), (1, 64)] if quick else [(256, 196), (4, 12544)]
     settings = [None] + [tuple(int(v) for v in spec.split("/")) for spec in sweep.split(",") if spec]
-    W = torch.randn(h, dh, m, device=device)
+    small = [(2, 16), (1, 64)] if quick else None
+    configs = [("DeiT-Ti VARS-D heads", 3, 64, 128, 0, small or [(256, 196), (4, 12544)], settings),
+               ("vars_rvt_tiny VARS-D heads", 6, 32, 64, 0, small or [(256, 196)], [None]),
+               ("vars_rvt_tiny VARS-SD dense heads", 6, 32, 64, 32, small or [(256, 196)], [None])]
     results = []
-    for B, N in shapes:
-        qkv = torch.randn(B, h, N, 3, dh, device=device, dtype=torch.bfloat16)
-        qv = torch.randn(B, N, 2, h, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+    for label, h, dh, m, ms, shapes, config_settings in configs:
+        W = torch.randn(h, dh, m, device=device)
+        for B, N in shapes:
+            qkv = torch.randn(B, h, N, 3, dh, device=device, dtype=torch.bfloat16)
+            qv = torch.randn(B, N, 2, h, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+            S = torch.randn(h, N, ms, device=device, requires_grad=True) if ms else None
 
-        def sdpa(qkv=qkv):
-            q, k, v = qkv.detach().requires_grad_().unbind(-2)
-            F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+            def sdpa(qkv=qkv):
+                q, k, v = qkv.detach().requires_grad_().unbind(-2)
+                F.scaled_dot_product_attention(q, k, v).float().sum().backward()
 
-        def node(kernels, setting, qv=qv):
-            def run():
-                if setting:
-                    triton_gram.CONFIG.update(zip(("block_n", "warps_tokens", "warps_solve"), setting))
-                try:
-                    out = fused_attention_core(qv, W, 0.15, steps=3, low_dtype=torch.bfloat16, kernels=kernels,
-                                               stats="lazy")[0]  # as the layer calls it
-                    out.float().sum().backward()
-                finally:
-                    triton_gram.CONFIG.update(block_n=None, warps_tokens=None, warps_solve=None)
-            return run
+            def node(kernels, setting, qv=qv, W=W, S=S):
+                def run():
+                    if setting:
+                        triton_gram.CONFIG.update(zip(("block_n", "warps_tokens", "warps_solve"), setting))
+                    try:
+                        out = fused_attention_core(qv, W, 0.15, static=S, steps=3, low_dtype=torch.bfloat16,
+                                                   kernels=kernels, stats="lazy")[0]  # as the layer calls it
+                        out.float().sum().backward()
+                    finally:
+                        triton_gram.CONFIG.update(block_n=None, warps_tokens=None, warps_solve=None)
+                return run
 
-        steps = {"sdpa": sdpa, "torch node": node("torch", None)}
-        if triton_gram.available(device):
-            for setting in settings:
-                run = node("triton", setting)
-                label = "triton node" + (" %d/%d/%d" % setting if setting else "")
-                try:  # a launch setting the card cannot run (shared memory, registers) is left out, said why
-                    run()
-                except Exception as exc:
-                    print(f"{label}: left out, {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                steps[label] = run
-        ms = rounds_ms(steps, device, iters)
-        results.append({"B": B, "N": N, **ms})
-        print(f"\n| attention core alone, B {B} x N {N}, bf16 fwd+bwd | ms | / SDPA |\n|---|---|---|")
-        for name, t in ms.items():
-            print(f"| {name} | {t:.3f} | {t / ms['sdpa']:.2f}x |")
+            steps = {"sdpa": sdpa, "torch node": node("torch", None)}
+            if triton_gram.available(device):
+                for setting in config_settings:
+                    run = node("triton", setting)
+                    name = "triton node" + (" %d/%d/%d" % setting if setting else "")
+                    try:  # a launch setting the card cannot run (shared memory, registers) is left out, said why
+                        run()
+                    except Exception as exc:
+                        print(f"{label}, {name}: left out, {type(exc).__name__}: {str(exc)[:200]}")
+                        continue
+                    steps[name] = run
+            times = rounds_ms(steps, device, iters)
+            results.append({"heads": label, "B": B, "N": N, **times})
+            print(f"\n| attention core alone, {label}, B {B} x N {N}, bf16 fwd+bwd | ms | / SDPA |\n|---|---|---|")
+            for name, t in times.items():
+                print(f"| {name} | {t:.3f} | {t / times['sdpa']:.2f}x |")
     return results
 
 

@@ -179,7 +179,10 @@ def test_gpu_script_core_table_with_a_triton_sweep(capsys):
                      "identity", "--core", "--triton-sweep", "16/4/4,24/4/4"]) == 0
     out = capsys.readouterr().out
     assert "| sdpa |" in out and "| torch node |" in out and "| triton node 16/4/4 |" in out
-    assert "triton node 24/4/4: left out" in out and "| triton node 24/4/4 |" not in out
+    assert "DeiT-Ti VARS-D heads, triton node 24/4/4: left out" in out and "| triton node 24/4/4 |" not in out
+    # vars_rvt_tiny's heads, with static atoms too: the node with and without Triton
+    table = out.split("attention core alone, vars_rvt_tiny VARS-SD dense heads")[1]
+    assert "| torch node |" in table and "| triton node |" in table
     assert triton_gram.CONFIG["block_n"] is None and triton_gram.CONFIG["warps_solve"] is None
 
 
