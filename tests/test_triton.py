@@ -187,6 +187,20 @@ def test_layer_refuses_what_the_kernels_do_not_cover(kw, names):
         assert repr(name) in str(err.value)
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(dictionary="sd", static="dense"), "got head_dim 64 and 192 atoms .*plus num_static_atoms = 64"),
+    (dict(dictionary="d", rand_feat_dim_ratio=3), "got head_dim 64 and 192 atoms"),
+    (dict(dictionary="d", num_heads=1), "got head_dim 192 and 384 atoms"),
+])
+def test_layer_refuses_sizes_beyond_the_kernels_when_built(kw, message):
+    # DeiT-Ti width with VARS-SD dense (128 + 64 atoms), too many dynamic atoms, too wide a head: refused
+    # when the layer is built, not at its first call; vars_rvt_tiny's VARS-SD dense heads (64 + 32) pass
+    heads = kw.pop("num_heads", 3)
+    with pytest.raises(ValueError, match=message):
+        VARSLayer(192, heads, kernels="triton", **kw)
+    VARSLayer(192, 6, kernels="triton", dictionary="sd", static="dense")
+
+
 def test_bad_kernels_argument_and_uncovered_calls():
     with pytest.raises(ValueError, match="kernels"):
         VARSLayer(48, 3, dictionary="d", kernels="cuda")
