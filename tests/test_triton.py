@@ -188,9 +188,9 @@ def test_layer_refuses_what_the_kernels_do_not_cover(kw, names):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(dictionary="sd", static="dense"), "got head_dim 64 and 192 atoms .*plus num_static_atoms = 64"),
-    (dict(dictionary="d", rand_feat_dim_ratio=3), "got head_dim 64 and 192 atoms"),
-    (dict(dictionary="d", num_heads=1), "got head_dim 192 and 384 atoms"),
+    (dict(dictionary="sd", static="dense"), r"got head_dim 64 and m \+ m_s = 128 \+ 64 = 192: use kernels='torch'"),
+    (dict(dictionary="d", rand_feat_dim_ratio=3), "got head_dim 64 and m 192: use kernels='torch'"),
+    (dict(dictionary="d", num_heads=1), "got head_dim 192 and m 384: use kernels='torch'"),
 ])
 def test_layer_refuses_sizes_beyond_the_kernels_when_built(kw, message):
     # DeiT-Ti width with VARS-SD dense (128 + 64 atoms), too many dynamic atoms, too wide a head: refused

@@ -290,13 +290,9 @@ class VARSLayer(nn.Module):
                                  f"compat='paper', fused=True, solver='ista' with integer steps, grad='unroll', "
                                  f"lipschitz='power', attn_drop=0 and record_maps=False; these arguments differ: "
                                  f"{missing}")
-            atoms = self.num_features + ((num_static_atoms or head_dim) if kind == "sd" else 0)
-            if head_dim > 64 or atoms > 128:  # the kernels' sizes (vars_ode.triton_gram.check_supported)
-                raise ValueError(
-                    f"kernels='triton' is built for head_dim <= 64 and at most 128 atoms per head; got head_dim "
-                    f"{head_dim} and {atoms} atoms (rand_feat_dim_ratio * head_dim = {self.num_features}"
-                    + (f", plus num_static_atoms = {num_static_atoms or head_dim}" if kind == "sd" else "")
-                    + "): use kernels='torch', or fewer atoms")
+            from .triton_gram import check_sizes  # when the layer is built, as the options above
+
+            check_sizes(head_dim, self.num_features, (num_static_atoms or head_dim) if kind == "sd" else None)
         self.kernels = kernels
         self.last_stats: LayerStats | None = None
         self.last_maps: torch.Tensor | None = None

@@ -46,6 +46,8 @@ except ImportError:  # pragma: no cover - torch ships with triton on Linux
 #: number of programs the reductions over the tokens aim for (they split the tokens of a (b, h) problem
 #: into chunks when ``B h`` is smaller; ``None``: four per multiprocessor on CUDA devices, 1 elsewhere).
 CONFIG = {"block_n": None, "warps_tokens": None, "warps_solve": None, "programs": None}
+#: the largest heads the kernels are built for (:func:`check_sizes`)
+MAX_HEAD_DIM, MAX_ATOMS = 64, 128
 
 
 def interpreting() -> bool:
@@ -546,6 +548,18 @@ class _TritonGramSparseCode(torch.autograd.Function):
         return g_qv, None, g_S, None, None, None, None, None, None, None
 
 
+def check_sizes(head_dim, m, m_s=None):
+    """Raise a ValueError when heads of ``head_dim`` with ``m`` dynamic and ``m_s`` static atoms (``None``: no
+    static atoms) are beyond what the kernels are built for. One ``m x m`` float32 matrix per program, and
+    (tokens x m) tiles: beyond head_dim 64 or 128 atoms in all the kernels need more shared memory than an
+    H100 / H200 block has (benchmarks/triton_aot.py: 294-393 KB at 128 / 128)."""
+    if head_dim > MAX_HEAD_DIM or m + (m_s or 0) > MAX_ATOMS:
+        atoms = f"m {m}" if m_s is None else f"m + m_s = {m} + {m_s} = {m + m_s}"
+        raise ValueError(f"kernels='triton' is built for head_dim <= {MAX_HEAD_DIM} and at most {MAX_ATOMS} atoms "
+                         f"per head (m = rand_feat_dim_ratio * head_dim, plus m_s = num_static_atoms for VARS-SD); "
+                         f"got head_dim {head_dim} and {atoms}: use kernels='torch', or fewer atoms")
+
+
 def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
     """Raise a ValueError naming what ``kernels="triton"`` does not cover for these arguments."""
     if triton is None:
@@ -559,15 +573,7 @@ def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
         raise ValueError(f"kernels='triton' supports lipschitz='power', got {lipschitz!r}")
     if dropout > 0:
         raise ValueError(f"kernels='triton' supports no dropout on the code, got dropout={dropout!r}")
-    dh, m = qv.shape[-1], rand_matrix.shape[-1]
-    ms = static.shape[-1] if static is not None else 0
-    if dh > 64 or m + ms > 128:
-        # one m x m float32 matrix per program, and (tokens x m) tiles: beyond these the kernels need more
-        # shared memory than an H100 / H200 block has (benchmarks/triton_aot.py: 294-393 KB at 128 / 128)
-        atoms = f"m {m}" if static is None else f"m + m_s = {m} + {ms} = {m + ms}"
-        raise ValueError(f"kernels='triton' is built for head_dim <= 64 and at most 128 atoms per head (m = "
-                         f"rand_feat_dim_ratio * head_dim, plus num_static_atoms for VARS-SD); got head_dim {dh} "
-                         f"and {atoms}")
+    check_sizes(qv.shape[-1], rand_matrix.shape[-1], static.shape[-1] if static is not None else None)
     if qv.dtype not in _TL_DTYPES:
         raise ValueError(f"kernels='triton' takes float32, bfloat16 or float16 inputs, got qv of {qv.dtype}")
     if not available(qv.device):
@@ -593,4 +599,5 @@ def triton_attention_core(qv, rand_matrix, weight, *, static=None, steps, init, 
     return out, u, (A, bs, L, tau)
 
 
-__all__ = ["CONFIG", "available", "interpreting", "check_supported", "triton_attention_core"]
+__all__ = ["CONFIG", "MAX_HEAD_DIM", "MAX_ATOMS", "available", "interpreting", "check_sizes", "check_supported",
+           "triton_attention_core"]
