@@ -73,6 +73,25 @@ def test_static_templates_normalised_and_translation_atoms():
     torch.testing.assert_close(P.norm(dim=-2), torch.ones(1, 2, 50, dtype=D64))
 
 
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_template_gradient_in_the_parameters_layout(padding):
+    # the depthwise convolution's weight gradient comes back channels-last ((25, 1, 5, 1) for (C r, 1, 5, 5));
+    # the templates' gradient must have the parameter's strides (DistributedDataParallel's buckets copy and
+    # warn otherwise), with the same values as the gradient taken without the layout step
+    torch.manual_seed(5)
+    sd = StaticDictionary(8, 2, atoms_per_channel=3, kernel_size=5, padding=padding)  # float32: the oneDNN kernels
+    x = torch.randn(2, 2, 1 + 36, 4)
+    atoms = sd.bind((6, 6), 1)
+    (atoms.decode(atoms.encode(x)) ** 2).sum().backward()
+    assert sd.kernel.grad.stride() == sd.kernel.stride() == (25, 25, 5, 1)
+    k = sd.kernel.detach().clone().requires_grad_()
+    kn = k / k.flatten(1).norm(dim=-1)[:, None, None, None]
+    from vars_ode.dictionaries import StaticAtoms
+    ref = StaticAtoms(kn, 2, 3, (6, 6), 1, padding)
+    (ref.decode(ref.encode(x)) ** 2).sum().backward()
+    torch.testing.assert_close(sd.kernel.grad, k.grad, rtol=0, atol=0)
+
+
 def test_dynamic_gram_matches_brute_force():
     torch.manual_seed(3)
     B, h, N, dh, m = 2, 2, 9, 4, 8

@@ -313,6 +313,24 @@ class UnionAtoms(Atoms):
         return UnionAtoms(self.dynamic.with_roots(roots[:1]), self.static.with_roots(roots[1:]))
 
 
+class _GradInOwnLayout(torch.autograd.Function):
+    """The identity, whose gradient comes back in the input's own strides. The depthwise convolution's weight
+    gradient is channels-last (strides ``(25, 1, 5, 1)`` for ``(C r, 1, 5, 5)`` templates, equal to the
+    parameter's but for the size-1 dimension), which DistributedDataParallel's gradient buckets, laid out
+    like the parameter, take only through a copy, with a warning at every step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.layout = x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g.stride() == ctx.layout:
+            return g
+        return torch.empty_strided(g.shape, ctx.layout, dtype=g.dtype, device=g.device).copy_(g)
+
+
 class StaticDictionary(nn.Module):
     """VARS-S templates: ``P^T`` a depthwise convolution over the token grid, ``P`` its transpose.
 
@@ -342,7 +360,8 @@ class StaticDictionary(nn.Module):
 
     def normalized_kernel(self, dtype=None) -> torch.Tensor:
         """``(C * r, 1, k, k)`` templates of unit L2 norm."""
-        k = self.kernel if dtype is None else self.kernel.to(dtype)
+        k = _GradInOwnLayout.apply(self.kernel)
+        k = k if dtype is None else k.to(dtype)
         return k / k.flatten(1).norm(dim=-1).clamp_min(torch.finfo(k.dtype).tiny)[:, None, None, None]
 
     def bind(self, grid: tuple, num_prefix_tokens: int = 0, *, dtype=None) -> StaticAtoms:
@@ -586,7 +605,7 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
         ODE function evaluations).
     """
     from .solvers import SOLVERS, native
-    from .solvers.ode import ADAMS, DEFAULT_STEP_SIZE, FIXED_STEP, choose_integrator
+    from .solvers.ode import ADAMS, DEFAULT_STEP_SIZE, FIXED_STEP, _eager, choose_integrator
 
     check_choice("solver", solver, SOLVERS)
     check_choice("grad", grad, OPERATOR_GRAD_MODES)
@@ -717,8 +736,8 @@ def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, step
             ts = torch.tensor(pts, dtype=B_[0].dtype, device=dev)
             if grad == "adjoint":
                 params = tuple(t for t in (*atoms_.roots(), *B_) if t.requires_grad)
-                return odeint_adjoint(f, st, ts, adjoint_params=params, **kw)
-            return odeint(f, st, ts, **kw)
+                return _eager(odeint_adjoint, f, st, ts, adjoint_params=params, **kw)
+            return _eager(odeint, f, st, ts, **kw)
 
         def codes(st):
             return _tmap(_soft, st[n:], thr)

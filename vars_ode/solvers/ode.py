@@ -73,6 +73,14 @@ def choose_integrator(integrator: str, method: str, grad: str) -> str:
     return integrator
 
 
+@torch.compiler.disable
+def _eager(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` outside torch.compile's graphs. torchdiffeq's step loops decide on the host
+    from the data (accepted steps, event times), and its fixed-grid code calls ``torch.unique``, whose output
+    shape Inductor cannot lower: a compiled layer runs the integration eagerly, as a graph break."""
+    return fn(*args, **kwargs)
+
+
 def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
               options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
               alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
@@ -123,10 +131,10 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
         kw = dict(rtol=rtol, atol=atol, method=method, options=options)
         if grad == "adjoint":
             params = tuple(p for p in (Ks, Bs, thr) if isinstance(p, torch.Tensor) and p.requires_grad)
-            sol = odeint_adjoint(f, state, ts, adjoint_params=params,
-                                 adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
+            sol = _eager(odeint_adjoint, f, state, ts, adjoint_params=params,
+                         adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
         else:
-            sol = odeint(f, state, ts, **kw)
+            sol = _eager(odeint, f, state, ts, **kw)
         return sol[0][-1], sol[1][-1]
 
     if t_end is not None:
