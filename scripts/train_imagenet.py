@@ -26,7 +26,9 @@ Examples:
 Checkpoints (``<output_dir>/checkpoint.pth``) are written atomically after every epoch and hold the
 model, optimiser, scheduler, EMA, grad scaler, every RNG state and the arguments; ``--resume`` continues
 bit-for-bit (CPU, fixed seed): the data order and all augmentation randomness of an epoch are a function
-of (seed, epoch, rank) only.
+of (seed, epoch, rank) only. ``--resume auto`` continues from ``<output_dir>/checkpoint.pth`` when there is one
+and starts afresh otherwise, so that one command serves the first launch and every restart
+(``torchrun --max-restarts``, a requeued cluster job).
 """
 from __future__ import annotations
 
@@ -114,7 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--output_dir", "--output-dir", default="output", help="checkpoint, log.csv, results.json")
-    p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    p.add_argument("--resume", default="",
+                   help="checkpoint to continue from (or to evaluate with --eval); 'auto': <output_dir>/checkpoint.pth "
+                        "when it exists, else a fresh start (for torchrun --max-restarts and job requeues)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimiser steps per epoch")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: never during training)")
     p.add_argument("--print-freq", type=int, default=50)
@@ -421,6 +425,16 @@ def main(argv=None) -> int:
 
     # ---- data: validated before any model is built -------------------------------------------
     train_set, val_set, info = build_data(args)
+    if args.resume == "auto":
+        last = out_dir / "checkpoint.pth" if out_dir else None
+        args.resume = str(last) if last is not None and last.is_file() else ""
+        if world > 1:  # rank 0 decides for all (every rank must load the same checkpoint, or none)
+            import torch.distributed as dist
+            choice = [args.resume]
+            dist.broadcast_object_list(choice, src=0)
+            args.resume = choice[0]
+        if master and not args.resume:
+            print(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
     if args.resume and not Path(args.resume).is_file():
         raise DatasetError(f"--resume {args.resume}: no such checkpoint file")
     if master and out_dir:
