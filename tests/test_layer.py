@@ -439,3 +439,30 @@ def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
     assert len(eager) == len(compiled) > 3
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=0, atol=5e-3 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("kwargs", [dict(dictionary="s"), dict(dictionary="sd"), dict(dictionary="sd", solver="fista"),
+                                    dict(dictionary="d", fused=False), dict(dictionary="sd", solver="rk4", steps=1)],
+                         ids=["s", "sd", "sd-fista", "d-generic", "sd-rk4"])
+def test_torch_compile_fullgraph_generic_path_with_statistics(kwargs):
+    # the operator-form and generic Gram-form paths compile as one graph (their statistics kept the atoms
+    # object, which torch.compile cannot carry out of a graph: "Reconstruction failure"); the compiled
+    # layer's output, gradients and statistics are the eager layer's
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    layer = VARSLayer(16, 2, **kwargs)
+    x = torch.randn(2, 17, 16)
+
+    def run(f):
+        layer.zero_grad()
+        y = f(x)
+        y.sum().backward()
+        st = layer.last_stats
+        return [y.detach(), st.residual, st.nnz.float(), st.sparsity] + [p.grad.clone() for p in layer.parameters()
+                                                                         if p.grad is not None]
+
+    # aot_eager: the graph capture (where the statistics broke it) and AOT autograd, without the C++ compiler
+    eager, compiled = run(layer), run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    assert len(eager) == len(compiled) > 5
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))

@@ -106,9 +106,13 @@ class Atoms:
         """Per-problem tensor (broadcastable to ``(B, h, dh)``) -> broadcastable to block ``i``."""
         raise NotImplementedError
 
+    def reduce_dims(self, i: int):
+        """The dimensions of block ``i`` over which a code's atoms run (those :meth:`reduce` reduces)."""
+        raise NotImplementedError
+
     def reduce(self, i: int, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Block ``i`` tensor -> per-problem ``(B, h, dh)`` by ``op`` in ``{"sum", "amax"}`` over atoms."""
-        raise NotImplementedError
+        return _reduce_dims(t, self.reduce_dims(i), op)
 
     def roots(self) -> tuple:
         """Tensors from which everything the operator uses is computed, none a function of another."""
@@ -117,6 +121,18 @@ class Atoms:
     def with_roots(self, roots: tuple) -> "Atoms":
         """The same operator rebuilt from other root tensors (the ODE adjoint solves on detached copies)."""
         raise NotImplementedError
+
+    def recipe(self) -> tuple:
+        """``(factory, args, kwargs)``: plain values and detached tensors from which :func:`rebuild` makes the
+        same operator, without gradients. A layer's statistics keep this instead of the object, which
+        torch.compile cannot carry out of a compiled graph."""
+        raise NotImplementedError
+
+
+def rebuild(recipe: tuple) -> Atoms:
+    """The operator of :meth:`Atoms.recipe`."""
+    factory, args, kwargs = recipe
+    return factory(*args, **kwargs)
 
 
 def _reduce_dims(t, dims, op):
@@ -168,11 +184,14 @@ class DynamicAtoms(Atoms):
     def expand(self, i, t):
         return _bcast(t, lambda s: s.unsqueeze(-2))
 
-    def reduce(self, i, t, op="sum"):
-        return _reduce_dims(t, -2, op)
+    def reduce_dims(self, i):
+        return -2
 
     def roots(self):
         return (self.raw,)
+
+    def recipe(self):
+        return DynamicAtoms, (self.raw.detach(),), dict(lipschitz=self.lipschitz_method, power_iters=self.power_iters)
 
     def with_roots(self, roots):
         return DynamicAtoms(roots[0], lipschitz=self.lipschitz_method, power_iters=self.power_iters)
@@ -231,11 +250,14 @@ class StaticAtoms(Atoms):
     def expand(self, i, t):
         return _bcast(t, lambda s: s[..., None, None, None])
 
-    def reduce(self, i, t, op="sum"):
-        return _reduce_dims(t, (-3, -2, -1), op)
+    def reduce_dims(self, i):
+        return (-3, -2, -1)
 
     def roots(self):
         return (self.kernel,)
+
+    def recipe(self):
+        return StaticAtoms, (self.kernel.detach(), self.h, self.r, (self.H, self.W), self.p, self.padding), {}
 
     def with_roots(self, roots):
         return StaticAtoms(roots[0], self.h, self.r, (self.H, self.W), self.p, self.padding)
@@ -303,14 +325,21 @@ class UnionAtoms(Atoms):
     def expand(self, i, t):
         return (self.dynamic if i == 0 else self.static).expand(0, t)
 
-    def reduce(self, i, t, op="sum"):
-        return (self.dynamic if i == 0 else self.static).reduce(0, t, op)
+    def reduce_dims(self, i):
+        return (self.dynamic if i == 0 else self.static).reduce_dims(0)
 
     def roots(self):
         return self.dynamic.roots() + self.static.roots()
 
+    def recipe(self):
+        return _union_of, (self.dynamic.recipe(), self.static.recipe()), {}
+
     def with_roots(self, roots):
         return UnionAtoms(self.dynamic.with_roots(roots[:1]), self.static.with_roots(roots[1:]))
+
+
+def _union_of(dynamic: tuple, static: tuple) -> UnionAtoms:
+    return UnionAtoms(rebuild(dynamic), rebuild(static))
 
 
 class _GradInOwnLayout(torch.autograd.Function):

@@ -79,7 +79,7 @@ from torch import nn
 
 from ._validation import check_choice
 from .dictionaries import (DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary,
-                           kkt_residual_operator, solve_operator)
+                           kkt_residual_operator, rebuild, solve_operator)
 from .fused import FUSED_SOLVERS, KERNELS, fused_attention_core
 from .gradients import ImplicitLasso
 from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
@@ -96,6 +96,12 @@ RESIDUALS = ("value", "none")
 STATIC_KINDS = ("conv", "dense")
 LAYER_GRAD_MODES = ("unroll", "implicit", "adjoint")
 _DEFAULT = "default"
+
+
+def _reduce_atoms(i, t, op="sum"):
+    # per-problem counts of a Gram-form code (B, h, m, dh): over the atoms, dimension -2 (a module-level
+    # function, not a bound method of the atoms, which torch.compile could not keep in the layer's statistics)
+    return t.sum(-2) if op == "sum" else t.amax(-2)
 
 
 class LayerStats:
@@ -531,8 +537,7 @@ class VARSLayer(nn.Module):
         # (stats="lazy"), not held by the layer until its next call; u' has the zeros of the code u' tau
         # (tau > 0): the counts of LayerStats need no product
         self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, device=qv.device),
-                                     lambda: (replay()[0],), residual,
-                                     lambda i, t, op="sum": t.sum(-2) if op == "sum" else t.amax(-2))
+                                     lambda: (replay()[0],), residual, _reduce_atoms)
         if readout:
             v = qv[:, :, -1].transpose(1, 2)
             recon = self._prefix_readout(out.transpose(1, 2), N)
@@ -583,15 +588,19 @@ class VARSLayer(nn.Module):
             Kd, Bd = K.detach(), Bm.detach()
             self.last_stats = LayerStats(self.solver, unit, iters.amax(), (code[0].detach(),),
                                          lambda: kkt_residual_gram(Kd, Bd, code[0].detach(), weight),
-                                         atoms.reduce)
+                                         _reduce_atoms)
         else:
             init = Bc if self.init == "encode" else "zeros"
             code, iters = solve_operator(atoms, Bc, weight, self.solver, steps=self.steps, tol=self.tol,
                                          max_iter=self.max_iter, grad="unroll" if self.grad == "implicit" else self.grad,
                                          init=init, options=opts, record=record)
             cd, Bd = tuple(c.detach() for c in code), tuple(b.detach() for b in Bc)
+            # the operator as a recipe of detached tensors, and its blocks' atom dimensions: not the atoms
+            # object, which keeps the autograd graph alive and which torch.compile cannot keep in a statistic
+            recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
             self.last_stats = LayerStats(self.solver, unit, iters, cd,
-                                         lambda: kkt_residual_operator(atoms, cd, Bd, weight), atoms.reduce)
+                                         lambda: kkt_residual_operator(rebuild(recipe), cd, Bd, weight),
+                                         lambda i, t, op="sum": t.sum(dims[i]) if op == "sum" else t.amax(dims[i]))
         code = tuple(self.attn_drop(c) for c in code)
         recon = self._prefix_readout(atoms.decode(code), N)
         if record is not None:
