@@ -20,7 +20,9 @@
    of the attention cores alone (SDPA, PyTorch node, Triton node; ``--triton-sweep`` for launch
    settings).
 3. Training steps of vars_rvt_tiny (B 256, 224 px, AdamW, bf16 autocast): images/s and peak memory
-   (model and optimiser state included), attention="self" as the baseline.
+   (model and optimiser state included), attention="self" as the baseline. ``--train-graphs`` adds
+   ``NAME+graph`` rows: the whole step (forward, backward, AdamW) captured as one CUDA graph, against
+   ``self+graph`` (the eager steps are bound by the host's launches, and vary by 13% between runs).
 4. Solvers to a KKT residual of 1e-4 on layer-sized Gram systems (fp32; 192 systems of 128 atoms with
    64 problems each, as VARS-D at B 64), with the Lipschitz constants computed once and timed apart:
    work, milliseconds and host reads (vars_ode.sync) of ISTA, FISTA and the ODE methods through
@@ -29,6 +31,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import pathlib
@@ -517,9 +520,45 @@ def train_step(model, opt, images, labels):
     return step
 
 
-def training_table(device, quick, iters, variants):
+def graphed_train_step(model, images, labels, capture=True, warmup=3):
+    """A whole training step (bf16 autocast forward, backward, AdamW) captured as one CUDA graph: returns the
+    graph's replay, which runs the step on the same ``images`` and ``labels`` with no launch from the host.
+    The optimiser is capturable (its step count on the device); the warm-up steps run on a side stream, as
+    capture requires. ``capture=False`` (any device) returns the same step uncaptured, after the warm-up."""
+    cuda = images.device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=cuda)
+
+    def step():
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+
+    def eager():
+        opt.zero_grad(set_to_none=True)
+        step()
+
+    side = torch.cuda.Stream() if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+        for _ in range(warmup):
+            eager()
+    if not (cuda and capture):
+        return eager
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the captured backward writes the gradients afresh at every replay
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def training_table(device, quick, iters, variants, graphs=()):
     """Images/s (median over rounds with the order rotated) and peak memory of a whole training step,
-    model and optimiser state included (each variant measured alone)."""
+    model and optimiser state included (each variant measured alone). ``graphs``: variants also timed as
+    whole training steps captured in CUDA graphs (``NAME+graph``; CUDA only), where the host's launches,
+    which bound the eager steps, cost nothing."""
     import timm
     B, size = (4, 32) if quick else (256, 224)
     images = torch.randn(B, 3, size, size, device=device)
@@ -569,11 +608,34 @@ def training_table(device, quick, iters, variants):
     ms = rounds_ms(runs, device, iters)
     out = {name: (B / ms[name] * 1e3, mem[name]) for name in variants}
     del runs
+    graphs = [g for g in graphs if g in variants]
+    if graphs and device.type != "cuda":
+        print("CUDA graphs need a CUDA device: no +graph rows")
+    elif graphs:
+        gc.collect()
+        torch.cuda.empty_cache()
+        captured = {}
+        for name in graphs:
+            kw, tf32, _ = variant(name, TRAIN_VARIANTS)
+            try:
+                vo.fused.TF32_UNDER_AUTOCAST = tf32  # fixed at capture
+                model = timm.create_model("vars_rvt_tiny", num_classes=1000, img_size=size, **kw).to(device)
+                captured[name + "+graph"] = graphed_train_step(model, images, labels)
+            except Exception as exc:  # a variant that cannot be captured is left out, not the table
+                print(f"training variant {name}+graph: left out, {type(exc).__name__}: {str(exc)[:200]}")
+            finally:
+                vo.fused.TF32_UNDER_AUTOCAST = True
+        ms = rounds_ms(captured, device, iters)
+        out.update({name: (B / ms[name] * 1e3, float("nan")) for name in captured})
+        del captured
+        gc.collect()
+        torch.cuda.empty_cache()
     s = out["self"]
     print(f"\n| vars_rvt_tiny train step, B {B}, {size} px | images/s (ratio) | peak MiB (ratio) |\n|---|---|---|")
     for name, (ips, mib) in out.items():
-        print(f"| {name} | {ips:.0f} ({ips / s[0]:.2f}x) | {mib:.0f} ({mib / s[1]:.2f}x) |")
-    print("targets: VARS-D >= 0.9x the images/s of self, <= 1.1x its peak memory")
+        ref = out.get("self+graph", s) if name.endswith("+graph") else s
+        print(f"| {name} | {ips:.0f} ({ips / ref[0]:.2f}x) | {mib:.0f} ({mib / s[1]:.2f}x) |")
+    print("targets: VARS-D >= 0.9x the images/s of self, <= 1.1x its peak memory (+graph rows: against self+graph)")
     return out
 
 
@@ -632,6 +694,9 @@ def main(argv=None):
     ap.add_argument("--blocks", default=",".join(VARIANTS), help=f"block variants, from {list(VARIANTS)}")
     ap.add_argument("--train", default=",".join(TRAIN_VARIANTS), help=f"training variants, from {list(TRAIN_VARIANTS)}")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--train-graphs", nargs="?", const="self,vars_d,vars_d_triton,vars_sd_dense_triton", default="",
+                    help="also time these training variants as whole steps captured in CUDA graphs (NAME+graph; "
+                         "default self,vars_d,vars_d_triton,vars_sd_dense_triton; about 10 s each)")
     ap.add_argument("--skip-ode", action="store_true", help="skip the solver table (section 4)")
     ap.add_argument("--profile", help="append a kernel profile of the VARS-D block to this file")
     ap.add_argument("--graphs", action="store_true", help="also time timm, VARS-D and VARS-SD dense blocks as CUDA graphs")
@@ -668,9 +733,9 @@ def main(argv=None):
             if b not in VARIANTS or VARIANTS[b] in (None, "identity"):
                 raise SystemExit(f"--ab-variants: {b!r} is not a VARS block variant of {list(VARIANTS)}")
             blocks.append(b + "@ab")
-    for t in train:
+    for t in train + [t for t in args.train_graphs.split(",") if t]:
         if t not in TRAIN_VARIANTS:
-            raise SystemExit(f"--train: unknown variant {t!r}; choose from {list(TRAIN_VARIANTS)}")
+            raise SystemExit(f"--train / --train-graphs: unknown variant {t!r}; choose from {list(TRAIN_VARIANTS)}")
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     import timm
@@ -714,7 +779,8 @@ def main(argv=None):
     if device.type == "cuda":
         record("triton_kernels", triton_kernel_report())
     if not args.skip_training:
-        record("train", training_table(device, args.quick, args.iters, train))
+        record("train", training_table(device, args.quick, args.iters, train,
+                                       graphs=[t for t in args.train_graphs.split(",") if t]))
     if not args.skip_ode:
         record("ode", ode_table(device, args.quick))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -193,9 +193,34 @@ def test_gpu_training_table_leaves_out_a_variant_that_fails(capsys, monkeypatch)
 
     gpu = load("gpu")
     monkeypatch.setitem(gpu.TRAIN_VARIANTS, "broken", dict(attention="vars_d", solver="no-such-solver"))
-    out = gpu.training_table(torch.device("cpu"), True, 1, ["self", "broken", "vars_d"])
+    out = gpu.training_table(torch.device("cpu"), True, 1, ["self", "broken", "vars_d"], graphs=["vars_d"])
     assert set(out) == {"self", "vars_d"}
-    assert "training variant broken: left out, ValueError" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "training variant broken: left out, ValueError" in text
+    assert "CUDA graphs need a CUDA device: no +graph rows" in text
+
+
+def test_gpu_graphed_training_step_is_the_eager_step():
+    # the step that the +graph rows capture (capture=False on the CPU: the same step uncaptured, after its
+    # warm-up) trains a model as the eager table's step does: equal weights after four steps, which moved
+    import timm
+    import torch
+
+    gpu = load("gpu")
+    torch.manual_seed(0)
+    a = timm.create_model("vars_rvt_tiny", num_classes=10, img_size=32, attention="vars_d")
+    b = timm.create_model("vars_rvt_tiny", num_classes=10, img_size=32, attention="vars_d")
+    start = {k: v.clone() for k, v in a.state_dict().items()}
+    b.load_state_dict(start)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    eager = gpu.train_step(a, torch.optim.AdamW(a.parameters(), lr=1e-4), images, labels)
+    for _ in range(4):
+        eager()
+    gpu.graphed_train_step(b, images, labels, capture=False, warmup=3)()
+    after_a, after_b = a.state_dict(), b.state_dict()
+    for k in start:
+        torch.testing.assert_close(after_b[k], after_a[k], rtol=0, atol=0, msg=k)
+    assert sum(not torch.equal(after_a[k], start[k]) for k in start) > 10
 
 
 def test_gpu_block_table_leaves_out_a_variant_that_fails(capsys, monkeypatch):
