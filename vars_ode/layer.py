@@ -79,7 +79,7 @@ from torch import nn
 
 from ._validation import check_choice
 from .dictionaries import (DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary,
-                           kkt_residual_operator, rebuild, solve_operator)
+                           _reduce_dims, kkt_residual_operator, rebuild, solve_operator)
 from .fused import FUSED_SOLVERS, KERNELS, fused_attention_core
 from .gradients import ImplicitLasso
 from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
@@ -101,7 +101,7 @@ _DEFAULT = "default"
 def _reduce_atoms(i, t, op="sum"):
     # per-problem counts of a Gram-form code (B, h, m, dh): over the atoms, dimension -2 (a module-level
     # function, not a bound method of the atoms, which torch.compile could not keep in the layer's statistics)
-    return t.sum(-2) if op == "sum" else t.amax(-2)
+    return _reduce_dims(t, -2, op)
 
 
 class LayerStats:
@@ -600,7 +600,7 @@ class VARSLayer(nn.Module):
             recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
             self.last_stats = LayerStats(self.solver, unit, iters, cd,
                                          lambda: kkt_residual_operator(rebuild(recipe), cd, Bd, weight),
-                                         lambda i, t, op="sum": t.sum(dims[i]) if op == "sum" else t.amax(dims[i]))
+                                         lambda i, t, op="sum": _reduce_dims(t, dims[i], op))
         code = tuple(self.attn_drop(c) for c in code)
         recon = self._prefix_readout(atoms.decode(code), N)
         if record is not None:
