@@ -20,8 +20,10 @@ def load(name):
 
 def test_gpu_script_cpu_path(capsys, tmp_path):
     gpu = load("gpu")
-    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--json", str(tmp_path / "r.json")]) == 0
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--json", str(tmp_path / "r.json"),
+                     "--train-graphs"]) == 0
     out = capsys.readouterr().out
+    assert "CUDA graphs need a CUDA device: no +graph rows" in out
     assert "| VARS-D layer fp32 forward |" in out and "| VARS-SD dense layer fp32 gradients" in out
     assert "| VARS-D triton layer fp32 gradients" in out and "| vars_d_triton |" in out
     assert "| VARS-SD dense triton layer bf16 autocast gradients" in out
@@ -30,7 +32,7 @@ def test_gpu_script_cpu_path(capsys, tmp_path):
     import json
 
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert {"checks", "blocks", "train", "ode", "seconds"} <= set(saved) and saved["blocks"]
+    assert {"checks", "blocks", "train", "ode", "train_graphs", "seconds"} <= set(saved) and saved["blocks"]
 
 
 def test_gpu_script_ab_variants_run_the_other_node(capsys, tmp_path):
@@ -193,11 +195,11 @@ def test_gpu_training_table_leaves_out_a_variant_that_fails(capsys, monkeypatch)
 
     gpu = load("gpu")
     monkeypatch.setitem(gpu.TRAIN_VARIANTS, "broken", dict(attention="vars_d", solver="no-such-solver"))
-    out = gpu.training_table(torch.device("cpu"), True, 1, ["self", "broken", "vars_d"], graphs=["vars_d"])
+    out = gpu.training_table(torch.device("cpu"), True, 1, ["self", "broken", "vars_d"])
     assert set(out) == {"self", "vars_d"}
-    text = capsys.readouterr().out
-    assert "training variant broken: left out, ValueError" in text
-    assert "CUDA graphs need a CUDA device: no +graph rows" in text
+    assert "training variant broken: left out, ValueError" in capsys.readouterr().out
+    assert gpu.graph_training_table(torch.device("cpu"), True, 1, ["vars_d"]) == {}
+    assert "CUDA graphs need a CUDA device: no +graph rows" in capsys.readouterr().out
 
 
 def test_gpu_graphed_training_step_is_the_eager_step():
