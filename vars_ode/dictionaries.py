@@ -222,9 +222,9 @@ class StaticAtoms(Atoms):
         g = x[:, :, self.p:, :].permute(0, 2, 1, 3).reshape(B, self.H, self.W, C).permute(0, 3, 1, 2)
         if self.padding == "circular":
             g = F.pad(g, (self.pad,) * 4, mode="circular")
-            y = F.conv2d(g, self.kernel, groups=C)
+            y = _templates_conv(g, self.kernel, 0, C)
         else:
-            y = F.conv2d(g, self.kernel, padding=self.pad, groups=C)
+            y = _templates_conv(g, self.kernel, self.pad, C)
         return (y.reshape(B, h, dh, r, self.H, self.W),)
 
     def decode(self, code):
@@ -233,10 +233,9 @@ class StaticAtoms(Atoms):
         C = h * dh
         u = u.reshape(B, C * r, H, W)
         if self.padding == "circular":
-            y = F.conv_transpose2d(u, self.kernel, groups=C)
-            y = _unwrap_circular(y, self.pad, H, W)
+            y = _unwrap_circular(_templates_conv_t(u, self.kernel, 0, C), self.pad, H, W)
         else:
-            y = F.conv_transpose2d(u, self.kernel, padding=self.pad, groups=C)
+            y = _templates_conv_t(u, self.kernel, self.pad, C)
         y = y.reshape(B, h, dh, H * W).transpose(-1, -2)
         if self.p:
             y = F.pad(y, (0, 0, self.p, 0))
@@ -261,6 +260,87 @@ class StaticAtoms(Atoms):
 
     def with_roots(self, roots):
         return StaticAtoms(roots[0], self.h, self.r, (self.H, self.W), self.p, self.padding)
+
+
+def _conv_by_template(x, kernel, pad, C):
+    # conv2d(x, kernel, padding=pad, groups=C) for r = kernel.shape[0] / C templates per channel, as r
+    # depthwise convolutions of one template each (channel c r + j of the result: template j of channel c).
+    # In memory (B, H', W', C, r): channels-last, as oneDNN's own result, the layout that the code's
+    # element-wise steps and the gradients downstream have always had
+    r = kernel.shape[0] // C
+    kv = kernel.unflatten(0, (C, r))
+    ys = [F.conv2d(x, kv[:, j], padding=pad, groups=C).permute(0, 2, 3, 1) for j in range(r)]
+    return torch.stack(ys, -1).permute(0, 3, 4, 1, 2).flatten(1, 2)
+
+
+def _conv_t_by_template(u, kernel, pad, C):
+    # conv_transpose2d(u, kernel, padding=pad, groups=C): the sum over the r templates of one depthwise
+    # transposed convolution each
+    r = kernel.shape[0] // C
+    u, kv = u.unflatten(1, (C, r)), kernel.unflatten(0, (C, r))
+    y = F.conv_transpose2d(u[:, :, 0], kv[:, 0], padding=pad, groups=C)
+    for j in range(1, r):
+        y = y + F.conv_transpose2d(u[:, :, j], kv[:, j], padding=pad, groups=C)
+    return y
+
+
+def _kernel_grad(g, inp, kernel, pad, C, transposed):
+    # the gradient w.r.t. the kernel of conv2d (conv_transpose2d when ``transposed``) with groups C, as one call
+    # (faster than template by template)
+    return torch.ops.aten.convolution_backward(g, inp, kernel, None, [1, 1], [pad, pad], [1, 1], transposed, [0, 0],
+                                               C, [False, True, False])[1]
+
+
+class _TemplateConv(torch.autograd.Function):
+    """``conv2d(x, kernel, padding=pad, groups=C)`` with ``r`` output channels per group (the templates'
+    ``P^T``), computed template by template. On the CPU oneDNN runs a depthwise convolution with one output per
+    channel several times faster than one with ``r`` (``benchmarks/RESULTS.md``); the kernel's gradient is one
+    call, which is the faster there."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, pad, C):
+        ctx.save_for_backward(x, kernel)
+        ctx.pad, ctx.C = pad, C
+        return _conv_by_template(x, kernel, pad, C)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, kernel = ctx.saved_tensors
+        gx = _conv_t_by_template(g, kernel, ctx.pad, ctx.C) if ctx.needs_input_grad[0] else None
+        gk = _kernel_grad(g, x, kernel, ctx.pad, ctx.C, False) if ctx.needs_input_grad[1] else None
+        return gx, gk, None, None
+
+
+class _TemplateConvT(torch.autograd.Function):
+    """``conv_transpose2d(u, kernel, padding=pad, groups=C)`` (the templates' ``P``), template by template, as
+    :class:`_TemplateConv`."""
+
+    @staticmethod
+    def forward(ctx, u, kernel, pad, C):
+        ctx.save_for_backward(u, kernel)
+        ctx.pad, ctx.C = pad, C
+        return _conv_t_by_template(u, kernel, pad, C)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, kernel = ctx.saved_tensors
+        gu = _conv_by_template(g, kernel, ctx.pad, ctx.C) if ctx.needs_input_grad[0] else None
+        gk = _kernel_grad(g, u, kernel, ctx.pad, ctx.C, True) if ctx.needs_input_grad[1] else None
+        return gu, gk, None, None
+
+
+def _templates_conv(x, kernel, pad, C):
+    # P^T on the grid: template by template on CPUs (measured there), one grouped convolution elsewhere
+    if x.device.type == "cpu":
+        return _TemplateConv.apply(x, kernel, pad, C)
+    return F.conv2d(x, kernel, padding=pad, groups=C)
+
+
+def _templates_conv_t(u, kernel, pad, C):
+    # P on the grid, as _templates_conv
+    if u.device.type == "cpu":
+        return _TemplateConvT.apply(u, kernel, pad, C)
+    return F.conv_transpose2d(u, kernel, padding=pad, groups=C)
 
 
 def _unwrap_circular(y, p, H, W):
