@@ -60,6 +60,8 @@ VARIANTS = {
     "vars_d_fp32": dict(dictionary="d", _tf32=False),
     "vars_d_triton": dict(dictionary="d", kernels="triton"),  # the node as six Triton kernels
     "vars_sd": dict(dictionary="sd"),
+    # the convolutional templates template by template (vars_ode.dictionaries.BY_TEMPLATE_DEVICES), as on CPUs
+    "vars_sd_by_template": dict(dictionary="sd", _by_template=True),
     "vars_sd_dense": dict(dictionary="sd", static="dense"),
     "vars_sd_dense32": dict(dictionary="sd", static="dense", num_static_atoms=32),  # the default is head_dim (64)
 }
@@ -304,6 +306,24 @@ def block_step(block, x, amp, cache=True, tf32=True):
     return step
 
 
+class _ByTemplate(torch.nn.Module):
+    # a block whose convolutional templates run template by template on its device (the choice is made in the
+    # forward pass, which records the autograd functions that the backward pass then runs)
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        devices = vo.dictionaries.BY_TEMPLATE_DEVICES
+        added = x.device.type not in devices
+        devices.add(x.device.type)
+        try:
+            return self.block(x)
+        finally:
+            if added:
+                devices.discard(x.device.type)
+
+
 class _NoAttention(torch.nn.Module):
     # the identity in the attention's place (timm's Block passes attn_mask / is_causal keywords)
     def forward(self, x, *args, **kwargs):
@@ -334,6 +354,9 @@ def make_block(dim, heads, name, device):
         if opts == "identity":
             block.attn = _NoAttention()
         return block.to(device)
+    opts = dict(opts)
+    if opts.pop("_by_template", False):
+        return _ByTemplate(make_block(dim, heads, "vars_sd", device))
     cls = vo.VARSLayer.configure(**opts)
     if other:
         from ab_fused import with_core

@@ -238,3 +238,35 @@ def test_gpu_block_table_leaves_out_a_variant_that_fails(capsys, monkeypatch):
     assert "block variant broken, B 2 x N 16: left out" in capsys.readouterr().out
     for row in rows:
         assert math.isnan(row["broken"][0]) and row["vars_d"][0] > 0 and row["timm"][0] > 0
+
+
+def test_gpu_by_template_block_switches_the_templates_for_its_forward_only(monkeypatch):
+    # vars_sd_by_template runs the convolutional templates template by template on its device (here the CPU,
+    # taken out of BY_TEMPLATE_DEVICES first), the same block as vars_sd otherwise, and restores the setting
+    import torch
+
+    import vars_ode as vo
+
+    gpu = load("gpu")
+    monkeypatch.setattr(vo.dictionaries, "BY_TEMPLATE_DEVICES", set())
+    torch.manual_seed(0)
+    block = gpu.make_block(24, 3, "vars_sd_by_template", torch.device("cpu"))
+    plain = gpu.make_block(24, 3, "vars_sd", torch.device("cpu"))
+    plain.load_state_dict(block.block.state_dict())
+    x = torch.randn(2, 17, 24, requires_grad=True)
+
+    def names(out):
+        seen, stack = set(), [out.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is not None and fn not in seen:
+                seen.add(fn)
+                stack += [f for f, _ in fn.next_functions]
+        return {type(f).__name__ for f in seen}
+
+    out, ref = block(x), plain(x)
+    assert vo.dictionaries.BY_TEMPLATE_DEVICES == set()
+    assert "_TemplateConvBackward" in names(out) and "_TemplateConvBackward" not in names(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g, gr = torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)

@@ -329,16 +329,22 @@ class _TemplateConvT(torch.autograd.Function):
         return gu, gk, None, None
 
 
+#: device types on which the convolutional templates run template by template (:class:`_TemplateConv`); elsewhere
+#: as one grouped convolution. Measured faster on CPUs; on CUDA devices not yet measured
+#: (``benchmarks/gpu.py``'s ``vars_sd_by_template`` block times it)
+BY_TEMPLATE_DEVICES = {"cpu"}
+
+
 def _templates_conv(x, kernel, pad, C):
-    # P^T on the grid: template by template on CPUs (measured there), one grouped convolution elsewhere
-    if x.device.type == "cpu":
+    # P^T on the grid: template by template on the BY_TEMPLATE_DEVICES, one grouped convolution elsewhere
+    if x.device.type in BY_TEMPLATE_DEVICES:
         return _TemplateConv.apply(x, kernel, pad, C)
     return F.conv2d(x, kernel, padding=pad, groups=C)
 
 
 def _templates_conv_t(u, kernel, pad, C):
     # P on the grid, as _templates_conv
-    if u.device.type == "cpu":
+    if u.device.type in BY_TEMPLATE_DEVICES:
         return _TemplateConvT.apply(u, kernel, pad, C)
     return F.conv_transpose2d(u, kernel, padding=pad, groups=C)
 
