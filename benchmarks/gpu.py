@@ -533,11 +533,12 @@ def core_table(device, quick, iters, sweep=""):
     return results
 
 
-def train_step(model, opt, images, labels):
+def train_step(model, opt, images, labels, cache=True):
+    # ``cache``: autocast's weight cache (off for CUDA graph capture)
     def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(images), labels)
         opt.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, cache_enabled=cache):
+            loss = F.cross_entropy(model(images), labels)
         loss.backward()
         opt.step()
     return step
@@ -550,17 +551,7 @@ def graphed_train_step(model, images, labels, capture=True, warmup=3):
     capture requires. ``capture=False`` (any device) returns the same step uncaptured, after the warm-up."""
     cuda = images.device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=cuda)
-
-    def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, cache_enabled=False):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-
-    def eager():
-        opt.zero_grad(set_to_none=True)
-        step()
-
+    eager = train_step(model, opt, images, labels, cache=False)
     side = torch.cuda.Stream() if cuda else None
     if cuda:
         side.wait_stream(torch.cuda.current_stream())
@@ -571,9 +562,8 @@ def graphed_train_step(model, images, labels, capture=True, warmup=3):
         return eager
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)  # the captured backward writes the gradients afresh at every replay
-    with torch.cuda.graph(graph):
-        step()
+    with torch.cuda.graph(graph):  # the gradients, None at the capture's start, are written afresh at every replay
+        eager()
     return graph.replay
 
 

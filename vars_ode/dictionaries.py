@@ -292,41 +292,25 @@ def _kernel_grad(g, inp, kernel, pad, C, transposed):
 
 
 class _TemplateConv(torch.autograd.Function):
-    """``conv2d(x, kernel, padding=pad, groups=C)`` with ``r`` output channels per group (the templates'
-    ``P^T``), computed template by template. On the CPU oneDNN runs a depthwise convolution with one output per
-    channel several times faster than one with ``r`` (``benchmarks/RESULTS.md``); the kernel's gradient is one
-    call, which is the faster there."""
+    """``conv2d(x, kernel, padding=pad, groups=C)`` with ``r`` output channels per group (the templates' ``P^T``),
+    or with ``transposed`` its adjoint ``conv_transpose2d`` (``P``), computed template by template; each one's
+    input gradient is the other. On the CPU oneDNN runs a depthwise convolution with one output per channel
+    several times faster than one with ``r`` (``benchmarks/RESULTS.md``); the kernel's gradient is one call,
+    which is the faster there."""
 
     @staticmethod
-    def forward(ctx, x, kernel, pad, C):
+    def forward(ctx, x, kernel, pad, C, transposed):
         ctx.save_for_backward(x, kernel)
-        ctx.pad, ctx.C = pad, C
-        return _conv_by_template(x, kernel, pad, C)
+        ctx.pad, ctx.C, ctx.transposed = pad, C, transposed
+        return (_conv_t_by_template if transposed else _conv_by_template)(x, kernel, pad, C)
 
     @staticmethod
     def backward(ctx, g):
         x, kernel = ctx.saved_tensors
-        gx = _conv_t_by_template(g, kernel, ctx.pad, ctx.C) if ctx.needs_input_grad[0] else None
-        gk = _kernel_grad(g, x, kernel, ctx.pad, ctx.C, False) if ctx.needs_input_grad[1] else None
-        return gx, gk, None, None
-
-
-class _TemplateConvT(torch.autograd.Function):
-    """``conv_transpose2d(u, kernel, padding=pad, groups=C)`` (the templates' ``P``), template by template, as
-    :class:`_TemplateConv`."""
-
-    @staticmethod
-    def forward(ctx, u, kernel, pad, C):
-        ctx.save_for_backward(u, kernel)
-        ctx.pad, ctx.C = pad, C
-        return _conv_t_by_template(u, kernel, pad, C)
-
-    @staticmethod
-    def backward(ctx, g):
-        u, kernel = ctx.saved_tensors
-        gu = _conv_by_template(g, kernel, ctx.pad, ctx.C) if ctx.needs_input_grad[0] else None
-        gk = _kernel_grad(g, u, kernel, ctx.pad, ctx.C, True) if ctx.needs_input_grad[1] else None
-        return gu, gk, None, None
+        adjoint = _conv_by_template if ctx.transposed else _conv_t_by_template
+        gx = adjoint(g, kernel, ctx.pad, ctx.C) if ctx.needs_input_grad[0] else None
+        gk = _kernel_grad(g, x, kernel, ctx.pad, ctx.C, ctx.transposed) if ctx.needs_input_grad[1] else None
+        return gx, gk, None, None, None
 
 
 #: device types on which the convolutional templates run template by template (:class:`_TemplateConv`); elsewhere
@@ -338,14 +322,14 @@ BY_TEMPLATE_DEVICES = {"cpu"}
 def _templates_conv(x, kernel, pad, C):
     # P^T on the grid: template by template on the BY_TEMPLATE_DEVICES, one grouped convolution elsewhere
     if x.device.type in BY_TEMPLATE_DEVICES:
-        return _TemplateConv.apply(x, kernel, pad, C)
+        return _TemplateConv.apply(x, kernel, pad, C, False)
     return F.conv2d(x, kernel, padding=pad, groups=C)
 
 
 def _templates_conv_t(u, kernel, pad, C):
     # P on the grid, as _templates_conv
     if u.device.type in BY_TEMPLATE_DEVICES:
-        return _TemplateConvT.apply(u, kernel, pad, C)
+        return _TemplateConv.apply(u, kernel, pad, C, True)
     return F.conv_transpose2d(u, kernel, padding=pad, groups=C)
 
 
