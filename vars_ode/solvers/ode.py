@@ -76,8 +76,8 @@ def choose_integrator(integrator: str, method: str, grad: str) -> str:
 @torch.compiler.disable
 def _eager(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` outside torch.compile's graphs. torchdiffeq's step loops decide on the host
-    from the data (accepted steps, event times), and its fixed-grid code calls ``torch.unique``, whose output
-    shape Inductor cannot lower: a compiled layer runs the integration eagerly, as a graph break."""
+    from the data (accepted and rejected steps), and its adaptive methods call ``torch.unique`` as they start
+    (``rk_common``), whose output shape Inductor cannot lower: a compiled layer runs the integration eagerly, as a graph break."""
     return fn(*args, **kwargs)
 
 
