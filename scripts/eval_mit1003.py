@@ -15,7 +15,6 @@ fixation. The continuous ``<name>_fixMap.jpg`` maps are not used by NSS.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vars_ode.robustness import DatasetError, attention_maps, nss  # noqa: E402
-from vars_ode.robustness.cli import add_model_args, load_image, model_from_args, run_cli  # noqa: E402
+from vars_ode.robustness.cli import ArgumentParser, add_model_args, load_image, model_from_args, run_cli  # noqa: E402
 
 STIMULUS_EXT = (".jpeg", ".jpg", ".png")
 
@@ -64,7 +63,7 @@ def load_fixations(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", "--data_path", required=True, help="MIT1003 root")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--output_dir", "--output-dir", default="")

@@ -14,7 +14,6 @@ photo/, art_painting/, cartoon/, sketch/ (PACS's kfold folder).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -27,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vars_ode.robustness import DatasetError, NormalizedModel, check_image_folder, evaluate  # noqa: E402
-from vars_ode.robustness.cli import IMAGENET_MEAN, IMAGENET_STD, add_model_args, model_from_args, run_cli  # noqa: E402
+from vars_ode.robustness.cli import (IMAGENET_MEAN, IMAGENET_STD, ArgumentParser, add_model_args,  # noqa: E402
+                                     model_from_args, run_cli)
 
 
 def check_pacs(root: Path) -> tuple[list[str], list[str]]:
@@ -96,7 +96,7 @@ def finetune_and_test(args, root: Path, domains: list[str], classes: list[str], 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", "--data_path", required=True, help="PACS root: <domain>/<class>/<image>")
     p.add_argument("--target", nargs="*", default=None, help="held-out domain(s) (default: each in turn)")
     p.add_argument("--epochs", type=int, default=10)
@@ -115,6 +115,10 @@ def main(argv=None) -> int:
         if t not in domains:
             raise DatasetError(f"--target {t!r} is not a domain of {root}: {domains}")
     res = {t: finetune_and_test(args, root, domains, classes, t) for t in targets}
+    dropped = getattr(args, "dropped_tensors", [])
+    if dropped:
+        print(f"note: {len(dropped)} tensors of the checkpoint did not fit and were initialised afresh: "
+              f"{dropped[:5]}", file=sys.stderr)
     print("| Model | " + " | ".join(targets) + " | mean |\n|---|" + "---|" * (len(targets) + 1))
     print(f"| {args.model} ({args.attention}) | " + " | ".join(f"{res[t]:.2f}" for t in targets) +
           f" | {sum(res.values()) / len(res):.2f} |")
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "pacs_results.json").write_text(json.dumps(
             {"model": args.model, "attention": args.attention, "checkpoint": args.checkpoint or None,
-             "accuracy": res, "classes": classes}, indent=2))
+             "accuracy": res, "classes": classes, "reinitialised_tensors": dropped}, indent=2))
     return 0
 
 

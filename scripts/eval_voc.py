@@ -20,7 +20,6 @@ Layout (``--data-path``, e.g. VOCdevkit/VOC2012): JPEGImages/<id>.jpg, Segmentat
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vars_ode.robustness import DatasetError, SegmentationMeter, attention_maps  # noqa: E402
-from vars_ode.robustness.cli import add_model_args, load_image, model_from_args, run_cli  # noqa: E402
+from vars_ode.robustness.cli import ArgumentParser, add_model_args, load_image, model_from_args, run_cli  # noqa: E402
 
 
 def check_voc(root: Path, split: str) -> list[str]:
@@ -57,7 +56,7 @@ def check_voc(root: Path, split: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", "--data_path", required=True, help="VOC2012 root")
     p.add_argument("--split", default="val")
     p.add_argument("--threshold", type=float, default=0.3)

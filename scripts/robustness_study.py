@@ -23,7 +23,6 @@ Fashion-MNIST (``apt-get install dataset-fashion-mnist`` or --fmnist-path) and
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,14 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vars_ode.robustness import (IMAGENET_C_CORRUPTIONS, DatasetError, find_fashion_mnist, mean_std,  # noqa: E402
                                  missing_vars_models, require_imagecorruptions)
-from vars_ode.robustness.cli import parse_kwargs  # noqa: E402
+from vars_ode.models.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from vars_ode.robustness.cli import ArgumentParser, parse_kwargs  # noqa: E402
 
 TRAIN = ROOT / "scripts" / "train_imagenet.py"
 NAMES = {"self": "Self-attention", "performer": "Performer", "vars_s": "VARS-S", "vars_d": "VARS-D",
@@ -47,7 +46,7 @@ QUICK_CORRUPTIONS = ["gaussian_noise", "motion_blur", "contrast"]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vars_deit_tiny")
     p.add_argument("--attentions", nargs="+", default=["self", "performer", "vars_s", "vars_d", "vars_sd"],
                    help="attention= values; 'none' passes no attention (plain timm models)")
@@ -130,7 +129,13 @@ def one_run(a, attention: str, seed: int) -> dict:
     if a.threads:
         common += ["--threads", str(a.threads)]
     ckpt = out / "checkpoint.pth"
-    done = ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 >= a.epochs
+    done = False
+    if ckpt.is_file():
+        try:
+            done = load_checkpoint_file(ckpt)["epoch"] + 1 >= a.epochs
+        except CheckpointError as e:  # a run killed while writing: start this run again
+            print(f"note: {e}; training this run again", file=sys.stderr)
+            ckpt.unlink()
     if not done:
         train = common + ["--epochs", str(a.epochs), "--lr", str(a.lr), "--eval-every", "0"]
         if a.subset:

@@ -48,7 +48,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vars_ode.robustness.cli import parse_kwargs, run_cli  # noqa: E402
+from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
+                                       official_state_dict)
+from vars_ode.robustness.cli import ArgumentParser, parse_kwargs, run_cli  # noqa: E402
 from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError,  # noqa: E402
                                  NormalizedModel, TensorImageDataset, autocast, check_image_folder,
                                  check_train_val_root, create_model, evaluate, fashion_mnist_c, fgsm_attack,
@@ -57,72 +59,167 @@ from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNI
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # small-image defaults for the offline data sets; the recipe's values (None in argparse) otherwise
-SMALL_DATA_DEFAULTS = dict(aa="none", mixup=0.0, cutmix=0.0, reprob=0.0, warmup_epochs=1, drop_path=0.0)
+SMALL_DATA_DEFAULTS = dict(aa="none", mixup=0.0, cutmix=0.0, reprob=0.0, warmup_epochs=1, drop_path=0.0,
+                           repeated_aug=False)
 RECIPE_DEFAULTS = dict(aa="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, reprob=0.25, warmup_epochs=5,
-                       drop_path=0.1)
+                       drop_path=0.1, repeated_aug=True)
 DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashion-mnist": 28, "digits": 8}
 
 
 # ------------------------------------------------------------------------------------------------
 # arguments
 # ------------------------------------------------------------------------------------------------
+#: official model names (bfshi/VARS robust_models.py) -> ours; with a VARS attention the official names
+#: also select the official-compatible layers (compat="official"), so released checkpoints load as they are
+OFFICIAL_MODELS = {"rvt_tiny": "vars_rvt_tiny", "rvt_small": "vars_rvt_small", "rvt_base": "vars_rvt_base"}
+#: the official RVT+ variants (learned position masks in the first softmax blocks): not built here
+OFFICIAL_PLUS_MODELS = ("rvt_tiny_plus", "rvt_small_plus", "rvt_base_plus")
+#: official --attention values -> ours
+OFFICIAL_ATTENTIONS = {"self-att": "self", "perf": "performer"}
+ATTENTION_CHOICES = ("self", "performer", "vars_s", "vars_d", "vars_sd", "gfnet", *OFFICIAL_ATTENTIONS)
+#: official --data-set values: IMNET is ImageNet; the others are not supported here
+DATA_SETS = ("imagenet", "IMNET", "fashion-mnist", "digits")
+UNSUPPORTED_DATA_SETS = ("CIFAR", "INAT", "INAT19")
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
+    return v
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("VARS training and robustness evaluation", add_help=True)
+    """Every flag of the official main.py (same spelling, same default) plus ours.
+
+    Official flags whose feature is not built here are accepted with their official default and refused
+    with a one-line error when set to anything else (see :data:`UNSUPPORTED`)."""
+    p = ArgumentParser("VARS training and robustness evaluation", add_help=True)
+    p.add_argument("-c", "--config", default="", metavar="FILE",
+                   help="YAML file of argument defaults (keys are the flags' names with '_'); the command line wins")
     # data
     p.add_argument("--data-path", "--data_path", default=None, help="ImageFolder root with train/ and val/")
-    p.add_argument("--data-set", "--data_set", default="imagenet", choices=["imagenet", "fashion-mnist", "digits"],
-                   help="imagenet: ImageFolder at --data-path; fashion-mnist / digits: offline data")
+    p.add_argument("--data-set", "--data_set", default="imagenet", choices=DATA_SETS + UNSUPPORTED_DATA_SETS,
+                   help="imagenet (official name IMNET): ImageFolder at --data-path; fashion-mnist / digits: offline data")
+    p.add_argument("--data_type", default="folder", choices=["folder", "tar"], help="official; only 'folder'")
+    p.add_argument("--inat-category", default="name", help="official (iNaturalist only; unused here)")
     p.add_argument("--fmnist-path", default=None, help="folder of the Fashion-MNIST IDX files "
                    "(default: $FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--input-size", "--input_size", type=int, default=None,
+    p.add_argument("--input-size", "--input_size", type=positive_int, default=None,
                    help="image side (default 224 / 28 / 8 for imagenet / fashion-mnist / digits)")
-    p.add_argument("--subset", type=int, default=None, help="train on a fixed random subset of N images")
-    p.add_argument("--eval-subset", type=int, default=None, help="evaluate on at most N images of each set")
-    p.add_argument("--num_workers", "--num-workers", type=int, default=8)
-    p.add_argument("--pin-mem", action="store_true")
+    p.add_argument("--subset", type=positive_int, default=None, help="train on a fixed random subset of N images")
+    p.add_argument("--eval-subset", type=positive_int, default=None, help="evaluate on at most N images of each set")
+    p.add_argument("--num_workers", "--num-workers", type=non_negative_int, default=10)
+    p.add_argument("--pin-mem", dest="pin_mem", action="store_true", default=True,
+                   help="pin host memory (default on; used on CUDA only)")
+    p.add_argument("--no-pin-mem", dest="pin_mem", action="store_false")
     # model
-    p.add_argument("--model", default="vars_rvt_tiny", help="any timm-registered model")
-    p.add_argument("--attention", default=None, help="self | performer | vars_s | vars_d | vars_sd (| gfnet)")
-    p.add_argument("--lam", type=float, default=None, help="VARS sparsity weight (model default if unset)")
-    p.add_argument("--num_step", "--num-step", type=int, default=None, help="VARS solver steps")
-    p.add_argument("--rand_feat_dim_ratio", "--rand-feat-dim-ratio", type=float, default=None)
+    p.add_argument("--model", default="vars_rvt_tiny",
+                   help="any timm-registered model; official names rvt_tiny / rvt_small / rvt_base are aliases")
+    p.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
+                   help="self | performer | vars_s | vars_d | vars_sd (| gfnet); official self-att / perf too")
+    p.add_argument("--lam", type=float, default=None, help="VARS sparsity weight (model default: 0.3)")
+    p.add_argument("--num_step", "--num-step", type=positive_int, default=None,
+                   help="VARS solver steps (model default: 5 official-compatible, 3 paper)")
+    p.add_argument("--rand_feat_dim_ratio", "--rand-feat-dim-ratio", type=float, default=None,
+                   help="random features per head dimension (model default: 2)")
     p.add_argument("--solver", default=None, help="VARS solver name (ista, fista, an ODE method, ...)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model keywords, values as Python literals (patch_size=4)")
+    p.add_argument("--drop", type=float, default=0.0, help="dropout rate (official; default 0)")
     p.add_argument("--drop-path", type=float, default=None, help="drop path rate (recipe 0.1)")
+    p.add_argument("--finetune", default="", help="start training from these weights (model only; a head of "
+                   "another size is re-initialised)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm pretrained weights (the VARS hosts have none to download: use --finetune FILE)")
+    p.add_argument("--use_patch_aug", action="store_true", help="official RVT patch augmentation (not supported)")
     # optimisation (the paper's recipe)
-    p.add_argument("--batch-size", "--batch_size", type=int, default=64, help="per process")
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch-size", "--batch_size", type=positive_int, default=64, help="per process")
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("--start_epoch", type=non_negative_int, default=0, help="first epoch of a run without --resume")
+    p.add_argument("--opt", default="adamw", help="timm optimizer name")
+    p.add_argument("--opt-eps", type=float, default=1e-8)
+    p.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    p.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 512 images (scaled by global batch)")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=int, default=None, help="recipe 5")
+    p.add_argument("--sched", default="cosine", help="timm scheduler name")
+    p.add_argument("--lr-noise", type=float, nargs="+", default=None)
+    p.add_argument("--lr-noise-pct", type=float, default=0.67)
+    p.add_argument("--lr-noise-std", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=None, help="recipe 5")
     p.add_argument("--warmup-lr", type=float, default=1e-6)
     p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--decay-epochs", type=float, default=30)
+    p.add_argument("--cooldown-epochs", type=non_negative_int, default=10,
+                   help="official; as there, the run still ends after --epochs")
+    p.add_argument("--patience-epochs", type=non_negative_int, default=10)
+    p.add_argument("--decay-rate", "--dr", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=None)
     p.add_argument("--aa", default=None, help="auto-augment policy (recipe rand-m9-mstd0.5-inc1; 'none' off)")
     p.add_argument("--color-jitter", type=float, default=0.4)
     p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--train-interpolation", default="bicubic")
+    p.add_argument("--repeated-aug", dest="repeated_aug", action="store_true", default=None,
+                   help="repeated augmentation sampler (recipe on; off for the offline data sets)")
+    p.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false")
     p.add_argument("--mixup", type=float, default=None, help="recipe 0.8")
     p.add_argument("--cutmix", type=float, default=None, help="recipe 1.0")
+    p.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    p.add_argument("--mixup-prob", type=float, default=1.0)
+    p.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    p.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"])
     p.add_argument("--reprob", type=float, default=None, help="random erasing probability (recipe 0.25)")
+    p.add_argument("--remode", default="pixel")
+    p.add_argument("--recount", type=positive_int, default=1)
+    p.add_argument("--resplit", action="store_true")
+    p.add_argument("--teacher-model", default="regnety_160", help="official distillation (not supported)")
+    p.add_argument("--teacher-path", default="")
+    p.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"])
+    p.add_argument("--distillation-alpha", type=float, default=0.5)
+    p.add_argument("--distillation-tau", type=float, default=1.0)
+    p.add_argument("--model-ema", dest="model_ema", action="store_true", default=True)
+    p.add_argument("--no-model-ema", dest="model_ema", action="store_false")
     p.add_argument("--model-ema-decay", type=float, default=0.99996)
-    p.add_argument("--no-model-ema", action="store_true")
+    p.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA weights on the CPU")
     p.add_argument("--eval-ema", action="store_true", help="--eval uses the checkpoint's EMA weights")
     # run
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 unless --amp-dtype float16)")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--amp", dest="amp", action="store_true", default=None,
+                   help="autocast (default on CUDA: bfloat16 where the card has it, else float16 as the official code)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="full precision")
+    p.add_argument("--amp-dtype", default=None, choices=["bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--output_dir", "--output-dir", default="output", help="checkpoint, log.csv, results.json")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--output_dir", "--output-dir", default="",
+                   help="checkpoint, log.csv, results.json (official default '': nothing is saved)")
     p.add_argument("--resume", default="",
                    help="checkpoint to continue from (or to evaluate with --eval); 'auto': <output_dir>/checkpoint.pth "
                         "when it exists, else a fresh start (for torchrun --max-restarts and job requeues)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimiser steps per epoch")
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: never during training)")
-    p.add_argument("--print-freq", type=int, default=50)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoints that weights-only loading refuses (full pickle: the file can run code)")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None, help="cap the optimiser steps per epoch")
+    p.add_argument("--eval-every", type=non_negative_int, default=1,
+                   help="evaluate every N epochs (0: never during training)")
+    p.add_argument("--print-freq", type=positive_int, default=50)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--log-wandb", action="store_true", help="log to Weights & Biases (when wandb is installed)")
+    p.add_argument("--experiment", default="", help="W&B run name")
+    # distributed (torchrun sets the environment; torch.distributed.launch also passes --local_rank)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by python -m torch.distributed.launch; LOCAL_RANK from the environment wins")
+    p.add_argument("--world_size", type=positive_int, default=1, help="official; the environment's WORLD_SIZE is used")
+    p.add_argument("--dist_url", default="env://", help="torch.distributed init method")
+    p.add_argument("--dist-eval", action="store_true",
+                   help="official; evaluation is always sharded over the processes here (exactly, no padding)")
     # evaluation (the official flags)
     p.add_argument("--eval", action="store_true", help="evaluate only, write <output_dir>/results.json")
     p.add_argument("--inc_path", default=None, help="ImageNet-C root (<corruption>/<severity>/<class>/img); "
@@ -134,12 +231,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fgsm_test", action="store_true", help="accuracy under FGSM (eps 1/255)")
     p.add_argument("--ce-baseline", default=None, choices=["alexnet", "none"],
                    help="mCE normalisation (default: alexnet for ImageNet-C, none for Fashion-MNIST-C)")
-    p.add_argument("--corruptions", nargs="*", default=None, help="corruptions to evaluate (default all found)")
+    p.add_argument("--corruptions", nargs="*", default=None,
+                   help="corruptions to evaluate (default: every folder found; the mCE uses the 15 benchmark "
+                        "ones, the others are reported apart)")
     return p
 
 
+#: official flags accepted for the command lines to run, but whose feature is not built here:
+#: (flag, dest, official default, why)
+UNSUPPORTED = (
+    ("--use_patch_aug", "use_patch_aug", False, "RVT's patch-wise augmentation is not part of the VARS recipe"),
+    ("--distillation-type", "distillation_type", "none", "knowledge distillation is not supported"),
+    ("--teacher-path", "teacher_path", "", "knowledge distillation is not supported"),
+    ("--data_type", "data_type", "folder", "only ImageFolder trees are read (no tar archives)"),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse (``-c config.yaml`` first, as timm's train.py), refuse what is not supported, resolve."""
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        import yaml
+        try:
+            with open(pre.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            parser.error(f"-c {pre.config}: {' '.join(str(e).split())}")
+        if not isinstance(cfg, dict):
+            parser.error(f"-c {pre.config}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
+        if unknown:
+            parser.error(f"-c {pre.config}: unknown keys {unknown}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+    args = parser.parse_args(argv)
+    for flag, dest, default, why in UNSUPPORTED:
+        if getattr(args, dest) != default:
+            parser.error(f"{flag} {getattr(args, dest)!r} is not supported: {why}")
+    if args.data_set in UNSUPPORTED_DATA_SETS:
+        parser.error(f"--data-set {args.data_set} is not supported (IMNET / imagenet, fashion-mnist, digits)")
+    if args.model in OFFICIAL_PLUS_MODELS:
+        parser.error(f"--model {args.model} (RVT+ with learned position masks) is not supported; "
+                     f"use {args.model.removesuffix('_plus')}")
+    return resolve_args(args)
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the dataset-dependent defaults (None in the parser) and parse --model-kwargs."""
+    """Official names -> ours, the dataset-dependent defaults (None in the parser), --model-kwargs."""
+    if args.data_set == "IMNET":
+        args.data_set = "imagenet"
+    args.attention = OFFICIAL_ATTENTIONS.get(args.attention, args.attention)
+    args.official_model = args.model in OFFICIAL_MODELS
+    args.model = OFFICIAL_MODELS.get(args.model, args.model)
     table = RECIPE_DEFAULTS if args.data_set == "imagenet" else SMALL_DATA_DEFAULTS
     for k, v in table.items():
         if getattr(args, k) is None:
@@ -147,8 +291,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.input_size is None:
         args.input_size = DEFAULT_INPUT_SIZE[args.data_set]
     args.model_kwargs_dict = parse_kwargs(args.model_kwargs)
+    if args.official_model and args.attention in ("vars_d", "vars_sd"):
+        args.model_kwargs_dict.setdefault("compat", "official")
     if args.ce_baseline is None:
         args.ce_baseline = "alexnet" if args.data_set == "imagenet" else "none"
+    if args.eval and args.finetune:
+        raise ValueError("--finetune trains from weights; to evaluate a checkpoint use --eval --resume FILE")
     return args
 
 
@@ -156,9 +304,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # small helpers: distributed, seeding, checkpoints, logging
 # ------------------------------------------------------------------------------------------------
 def init_distributed(args):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; init env:// when WORLD_SIZE > 1."""
+    """torchrun / torch.distributed.launch set RANK / WORLD_SIZE / LOCAL_RANK; init when WORLD_SIZE > 1.
+
+    The local rank is LOCAL_RANK from the environment, else the official --local_rank flag."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else 0))
+    args.local_rank = local_rank
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda"):
@@ -170,8 +322,21 @@ def init_distributed(args):
         device = torch.device(args.device)
     if world > 1:
         import torch.distributed as dist
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=args.dist_url)
     return rank, world, device
+
+
+def amp_setting(args, device) -> torch.dtype | None:
+    """The autocast dtype: on by default on CUDA (bfloat16 where the card has it, else the official
+    float16), off on other devices unless --amp; --no-amp turns it off."""
+    enabled = args.amp if args.amp is not None else device.type == "cuda"
+    if not enabled:
+        return None
+    if args.amp_dtype is not None:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
 
 
 def seed_all(seed: int) -> None:
@@ -187,14 +352,22 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def rng_state(loader_gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every random state, as tensors and plain Python values (weights-only loadable)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "loader": loader_gen.get_state()}
 
 
 def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    np.random.set_state(npst)
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -347,41 +520,150 @@ def validate_eval_paths(args, info):
 # ------------------------------------------------------------------------------------------------
 def make_loader(ds, args, rank, world):
     return torch.utils.data.DataLoader(shard(ds, rank, world), batch_size=args.batch_size, shuffle=False,
-                                       num_workers=args.num_workers, pin_memory=args.pin_mem)
+                                       num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available())
 
 
-def run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype) -> dict:
-    """Every evaluation asked for; returns the results dict (percentages)."""
+def imagenet_c_transform(size: int):
+    """The official ImageNet-C protocol: the stored 224 x 224 images are only centre-cropped (a no-op at
+    224) and turned into [0, 1] pixels; the model wrapper then normalises with ImageNet's mean and std.
+    No resize: resampling would smooth the noise corruptions and change the mCE."""
+    from torchvision import transforms as T
+    return T.Compose([T.CenterCrop(size), T.ToTensor()])
+
+
+class EvalProgress:
+    """Results of the finished evaluation sets, kept in ``<output_dir>/eval_progress.json`` and rewritten
+    (atomically, by rank 0) as each set finishes, so an interrupted evaluation resumes where it stopped.
+
+    The file holds a fingerprint of what is evaluated (checkpoint file, model, options, subset); a file
+    with another fingerprint is started afresh. Rank 0 reads the file and sends it to every rank."""
+
+    def __init__(self, path: Path | None, fingerprint: dict, master: bool, world: int):
+        self.path, self.fingerprint, self.master = path, fingerprint, master
+        done: dict = {}
+        if master and path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if saved.get("fingerprint") == fingerprint:
+                done = saved.get("results", {})
+                if done:
+                    print(f"resuming the evaluation: {len(done)} sets already done ({path})", flush=True)
+            elif saved:
+                print(f"note: {path} is of another evaluation (checkpoint, model or options differ); "
+                      "starting afresh", flush=True)
+        if world > 1:
+            import torch.distributed as dist
+            box = [done]
+            dist.broadcast_object_list(box, src=0)
+            done = box[0]
+        self.results = done
+
+    def get(self, key: str):
+        return self.results.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.results[key] = value
+        if self.master and self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "results": self.results}, indent=1))
+            os.replace(tmp, self.path)
+
+
+def eval_fingerprint(args, amp_dtype) -> dict:
+    ckpt = Path(args.resume) if args.resume else None
+    stat = ckpt.stat() if ckpt is not None and ckpt.is_file() else None
+    return {"checkpoint": str(ckpt.resolve()) if ckpt else None,
+            "checkpoint_bytes": stat.st_size if stat else None,
+            "checkpoint_mtime_ns": stat.st_mtime_ns if stat else None,
+            "model": args.model, "attention": args.attention, "model_kwargs": sorted(args.model_kwargs_dict.items(), key=str),
+            "layer": [args.lam, args.num_step, args.rand_feat_dim_ratio, args.solver], "input_size": args.input_size,
+            "eval_subset": args.eval_subset, "eval_ema": args.eval_ema, "seed": args.seed,
+            "amp": str(amp_dtype), "data_set": args.data_set, "corruptions": args.corruptions}
+
+
+def corruption_summary(errors: dict, ce_baseline: str) -> dict:
+    """mCE as in the paper (Table 2) and the official code: over the 15 benchmark corruptions, each
+    normalised by AlexNet's error; any other corruption (ImageNet-C's extra ones, which have no
+    AlexNet error) is reported apart with its unnormalised mean error. With ``ce_baseline="none"``
+    (Fashion-MNIST-C) every corruption counts, unnormalised."""
+    out = {"corruption_errors": errors, "mCE_normalization": ce_baseline}
+    if ce_baseline != "alexnet":
+        out["mCE"], out["CE"] = mean_corruption_error(errors, None)
+        return out
+    bench = {c: e for c, e in errors.items() if c in ALEXNET_ERRORS}
+    extra = {c: e for c, e in errors.items() if c not in ALEXNET_ERRORS}
+    if bench:
+        out["mCE"], out["CE"] = mean_corruption_error(bench, ALEXNET_ERRORS)
+        out["corruption_acc1"] = 100.0 * (1.0 - float(np.mean([np.mean(e) for e in bench.values()])))
+    out["mCE_corruptions"] = sorted(bench)
+    out["mCE_complete"] = len(bench) == len(ALEXNET_ERRORS)
+    if extra:
+        out["extra_corruption_errors"] = {c: 100.0 * float(np.mean(e)) for c, e in extra.items()}
+    return out
+
+
+def run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype, out_dir: Path | None = None) -> dict:
+    """Every evaluation asked for, with the official protocols; returns the results dict (percentages).
+
+    Clean / -A / -R / -Sketch / PGD / FGSM images go through the validation transform (resize to
+    256/224 of the input size, centre crop), ImageNet-C images through :func:`imagenet_c_transform`
+    (centre crop only); -A / -R keep the logits of their 200 classes. Each set's accuracy is printed
+    and recorded in :class:`EvalProgress` as soon as it is known."""
     from torchvision.datasets import ImageFolder
+    master = rank == 0
     net = NormalizedModel(model, info["mean"], info["std"]).to(device).eval()
     res = {"model": args.model, "attention": args.attention,
-           "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    res["acc1"] = evaluate(net, make_loader(val_set, args, rank, world), device, amp_dtype)["acc1"]
+           "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+           "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "none"}
+    progress = EvalProgress(out_dir / "eval_progress.json" if out_dir else None, eval_fingerprint(args, amp_dtype),
+                            master, world)
+    show = master and not args.no_progress
+
+    def run_set(key: str, label: str, ds, **kw) -> float:
+        done = progress.get(key)
+        if done is not None:
+            if master:
+                print(f"{label}: acc1 {done:.2f}% (done before)", flush=True)
+            return done
+        acc = evaluate(net, make_loader(ds, args, rank, world), device, amp_dtype,
+                       progress=label if show else None, **kw)["acc1"]
+        progress.put(key, acc)
+        if master:
+            print(f"{label}: acc1 {acc:.2f}%", flush=True)
+        return acc
+
+    res["acc1"] = run_set("clean", "clean", val_set)
     if args.inc_path:
-        errors = {}
         if args.data_set == "fashion-mnist":
             sets = fashion_mnist_c(args.inc_path, args.corruptions, num_images=args.eval_subset,
-                                   fmnist_root=args.fmnist_path, verbose=rank == 0)
+                                   fmnist_root=args.fmnist_path, verbose=master)
             tf = val_set.dataset.transform if isinstance(val_set, torch.utils.data.Subset) else val_set.transform
-            items = [(c, s, TensorImageDataset(x, y, tf)) for (c, s), (x, y) in sets.items()]
+            items = [(c, s, lambda x=x, y=y: TensorImageDataset(x, y, tf)) for (c, s), (x, y) in sets.items()]
         else:
-            tf = imagefolder_transforms(args, False)
-            items = [(c, s, maybe_subset(ImageFolder(str(f), transform=tf), args.eval_subset))
-                     for c, s, f in imagenet_c_folders(args.inc_path, args.corruptions,
-                                                       expected_classes=info["classes"])]
-        for c, s, ds in items:
-            acc = evaluate(net, make_loader(ds, args, rank, world), device, amp_dtype)["acc1"]
+            tf = imagenet_c_transform(args.input_size)
+            folders = imagenet_c_folders(args.inc_path, args.corruptions, expected_classes=info["classes"])
+            order = {c: i for i, c in enumerate(ALEXNET_ERRORS)}  # the 15 benchmark corruptions first
+            folders.sort(key=lambda t: (order.get(t[0], len(order)), t[0], t[1]))
+            items = [(c, s, lambda f=f: maybe_subset(ImageFolder(str(f), transform=tf), args.eval_subset))
+                     for c, s, f in folders]
+        errors = {}
+        for i, (c, s, make) in enumerate(items):
+            key = f"imagenet_c/{c}/{s}"
+            ds = None if progress.get(key) is not None else make()
+            acc = run_set(key, f"corruption {c} severity {s} [{i + 1}/{len(items)}]", ds)
             errors.setdefault(c, []).append(1.0 - acc / 100.0)
-        baseline = ALEXNET_ERRORS if args.ce_baseline == "alexnet" else None
-        res["mCE"], res["CE"] = mean_corruption_error(errors, baseline)
-        res["mCE_normalization"] = args.ce_baseline
-        res["corruption_errors"] = errors
-    for key, flag, subset in (("imagenet_a_acc1", "ina_path", "a"), ("imagenet_r_acc1", "inr_path", "r"),
-                              ("imagenet_sketch_acc1", "insk_path", None)):
+        res.update(corruption_summary(errors, args.ce_baseline))
+        if master and args.ce_baseline == "alexnet" and not res["mCE_complete"]:
+            print(f"note: mCE over {len(res['mCE_corruptions'])} of the 15 benchmark corruptions: not comparable "
+                  "with Table 2", flush=True)
+    for key, flag, subset, label in (("imagenet_a_acc1", "ina_path", "a", "ImageNet-A"),
+                                     ("imagenet_r_acc1", "inr_path", "r", "ImageNet-R"),
+                                     ("imagenet_sketch_acc1", "insk_path", None, "ImageNet-Sketch")):
         path = getattr(args, flag)
         if not path:
             continue
-        ds = maybe_subset(ImageFolder(path, transform=imagefolder_transforms(args, False)), args.eval_subset)
         n_folders = len(check_image_folder(path, f"--{flag}"))
         indices = None
         if subset is not None and info["num_classes"] == 1000:
@@ -390,14 +672,16 @@ def run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype) -
                 raise DatasetError(f"--{flag} {path} must have 200 class folders, found {n_folders}")
         elif n_folders != info["num_classes"]:
             raise DatasetError(f"--{flag} {path} has {n_folders} classes but the model has {info['num_classes']}")
-        res[key] = evaluate(net, make_loader(ds, args, rank, world), device, amp_dtype, class_indices=indices)["acc1"]
+        ds = maybe_subset(ImageFolder(path, transform=imagefolder_transforms(args, False)), args.eval_subset)
+        res[key] = run_set(key.removesuffix("_acc1"), label, ds, class_indices=indices)
+    # attacks: the gradient in full precision, the final forward under the run's autocast (as the official code)
     if args.pgd_test:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         attack = lambda m, x, y: pgd_attack(m, x, y, generator=gen)  # noqa: E731  eps 1/255, 5 x 0.5/255
-        res["pgd_acc1"] = evaluate(net, make_loader(val_set, args, rank, world), device, None, attack=attack)["acc1"]
+        res["pgd_acc1"] = run_set("pgd", "PGD (eps 1/255, 5 steps)", val_set, attack=attack)
     if args.fgsm_test:
-        res["fgsm_acc1"] = evaluate(net, make_loader(val_set, args, rank, world), device, None,
-                                    attack=lambda m, x, y: fgsm_attack(m, x, y))["acc1"]
+        res["fgsm_acc1"] = run_set("fgsm", "FGSM (eps 1/255)", val_set,
+                                   attack=lambda m, x, y: fgsm_attack(m, x, y))
     return res
 
 
@@ -413,21 +697,71 @@ def markdown_row(res: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
+def read_checkpoint(path, args, what: str = "--resume") -> dict:
+    """A checkpoint file as a dict (a bare state dict becomes {"model": ...}); one-line errors."""
+    ckpt = load_checkpoint_file(path, trusted=args.trust_checkpoint, what=what)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
+    if not any(k in ckpt for k in ("model", "model_ema", "state_dict")):
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return {"model": ckpt}
+        raise CheckpointError(f"{what} {path} has no 'model' entry (keys: {sorted(map(str, ckpt))[:8]})")
+    if "model" not in ckpt and "state_dict" in ckpt:
+        ckpt = dict(ckpt, model=ckpt["state_dict"])
+    return ckpt
+
+
+def load_model_weights(model: nn.Module, ckpt: dict, path, key: str = "model", what: str = "--resume") -> None:
+    """Strict names-and-shapes load of ``ckpt[key]`` (DDP / compile prefixes stripped); the error
+    names the first mismatched keys and shapes and the model options that may explain them."""
+    state = official_state_dict(ckpt, key=key)
+    try:
+        check_state_dict(model, state, limit=5, what=f"{what} {path}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (is it a checkpoint of --model {ckpt_arg(ckpt, 'model')} --attention "
+                              f"{ckpt_arg(ckpt, 'attention')}?)") from None
+    model.load_state_dict(state, strict=True)
+
+
+def ckpt_arg(ckpt: dict, name: str):
+    a = ckpt.get("args")
+    a = vars(a) if isinstance(a, argparse.Namespace) else a
+    return a.get(name, "?") if isinstance(a, dict) else "?"
+
+
+def finetune_weights(model: nn.Module, args) -> None:
+    """--finetune: the model's weights from a file (ours or official), a classifier of another size left
+    at its initialisation, every other tensor strict."""
+    ckpt = read_checkpoint(args.finetune, args, what="--finetune")
+    state = official_state_dict(ckpt, key="model")
+    own = model.state_dict()
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    dropped = [k for k in list(state) if k.startswith(head + ".") and k in own and state[k].shape != own[k].shape]
+    for k in dropped:
+        del state[k]
+    missing_head = {k: own[k] for k in own if k.startswith(head + ".") and k not in state}
+    check_state_dict(model, {**state, **missing_head}, limit=5, what=f"--finetune {args.finetune}")
+    model.load_state_dict(state, strict=False)
+    return dropped
+
+
 def main(argv=None) -> int:
-    args = resolve_args(get_args_parser().parse_args(argv))
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(args)
     master = rank == 0
     out_dir = Path(args.output_dir) if args.output_dir else None
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype] if args.amp else None
+    amp_dtype = amp_setting(args, device)
     seed_all(args.seed + rank)
 
     # ---- data: validated before any model is built -------------------------------------------
     train_set, val_set, info = build_data(args)
     if args.resume == "auto":
-        last = out_dir / "checkpoint.pth" if out_dir else None
-        args.resume = str(last) if last is not None and last.is_file() else ""
+        if out_dir is None:
+            raise ValueError("--resume auto needs --output_dir (it continues from <output_dir>/checkpoint.pth)")
+        last = out_dir / "checkpoint.pth"
+        args.resume = str(last) if last.is_file() else ""
         if world > 1:  # rank 0 decides for all (every rank must load the same checkpoint, or none)
             import torch.distributed as dist
             choice = [args.resume]
@@ -435,49 +769,73 @@ def main(argv=None) -> int:
             args.resume = choice[0]
         if master and not args.resume:
             print(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-    if args.resume and not Path(args.resume).is_file():
-        raise DatasetError(f"--resume {args.resume}: no such checkpoint file")
+    ckpt = read_checkpoint(args.resume, args) if args.resume else None  # read (and checked) before the model
+    if args.finetune:
+        load_checkpoint_file(args.finetune, trusted=args.trust_checkpoint, what="--finetune")
     if master and out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- model --------------------------------------------------------------------------------
     layer_kwargs = dict(lam=args.lam, num_step=args.num_step, rand_feat_dim_ratio=args.rand_feat_dim_ratio,
                         solver=args.solver)
+    extra = dict(args.model_kwargs_dict)
+    if args.drop:
+        extra.setdefault("drop_rate", args.drop)
     model = create_model(args.model, num_classes=info["num_classes"], in_chans=info["in_chans"],
                          img_size=args.input_size, attention=args.attention, drop_path_rate=args.drop_path,
-                         layer_kwargs=layer_kwargs, **args.model_kwargs_dict).to(device)
+                         layer_kwargs=layer_kwargs, pretrained=args.pretrained, **extra).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     if master:
+        precision = (f"mixed precision ({str(amp_dtype).removeprefix('torch.')} autocast)" if amp_dtype is not None
+                     else "full precision (float32)")
         print(f"model {args.model} (attention={args.attention}): {n_params / 1e6:.3f} M parameters, "
-              f"{len(train_set)} training / {len(val_set)} validation images, device {device}, world {world}")
+              f"{len(train_set)} training / {len(val_set)} validation images, device {device}, world {world}, "
+              f"{precision}", flush=True)
 
     # ---- evaluation only ------------------------------------------------------------------------
     if args.eval:
-        if args.resume:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-            key = "model_ema" if args.eval_ema and ckpt.get("model_ema") else "model"
-            state = ckpt[key]
-            if key == "model_ema":  # ModelEmaV3 state: keys prefixed with "module."
-                state = {k.removeprefix("module."): v for k, v in state.items()}
-            model.load_state_dict(state)
+        if ckpt is not None:
+            key = "model"
+            if args.eval_ema:
+                if ckpt.get("model_ema") is None:
+                    raise CheckpointError(f"--eval-ema: {args.resume} has no EMA weights (model_ema)")
+                key = "model_ema"
+            load_model_weights(model, ckpt, args.resume, key=key)
         elif master:
             print("warning: --eval without --resume evaluates a randomly initialised model", file=sys.stderr)
-        res = run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype)
+        res = run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype, out_dir)
         res["checkpoint"] = args.resume or None
         if master:
             print(markdown_row(res))
             if out_dir:
                 (out_dir / "results.json").write_text(json.dumps(res, indent=2))
                 print(f"wrote {out_dir / 'results.json'}")
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
         return 0
+
+    if ckpt is not None and not ("optimizer" in ckpt and "epoch" in ckpt):
+        raise CheckpointError(f"--resume {args.resume} holds weights only (no optimizer state or epoch): it cannot "
+                              f"continue a run; to start training from these weights use --finetune {args.resume}")
+    if args.finetune:
+        dropped = finetune_weights(model, args)
+        if master:
+            print(f"finetuning from {args.finetune}" + (f" ({', '.join(dropped)} re-initialised)" if dropped else ""))
 
     # ---- loaders: data order per epoch = f(seed, epoch) ----------------------------------------
     from torch.utils.data.distributed import DistributedSampler
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
+    if args.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+        sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, shuffle=True)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                     drop_last=True)
     loader_gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                               num_workers=args.num_workers, pin_memory=args.pin_mem,
+                                               num_workers=args.num_workers,
+                                               pin_memory=args.pin_mem and device.type == "cuda",
                                                drop_last=True, generator=loader_gen,
                                                persistent_workers=False)
     steps_per_epoch = len(train_loader)
@@ -497,36 +855,64 @@ def main(argv=None) -> int:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
     lr = args.lr * args.batch_size * world / 512.0
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=args.weight_decay)
-    lr_scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                                          warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False,
-                                          updates_per_epoch=steps_per_epoch)
+    opt_kw = {"eps": args.opt_eps} if args.opt_eps is not None else {}
+    if args.opt_betas:
+        opt_kw["betas"] = tuple(args.opt_betas)
+    try:
+        optimizer = create_optimizer_v2(model, args.opt, lr=lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum, **opt_kw)
+        lr_scheduler, _ = create_scheduler_v2(
+            optimizer, args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+            min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+            noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
+            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    except (AssertionError, KeyError, TypeError) as e:
+        raise ValueError(f"--opt {args.opt} / --sched {args.sched}: {type(e).__name__}: {e}") from None
+    if lr_scheduler is None:
+        raise ValueError(f"--sched {args.sched!r} is not a timm scheduler")
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=info["num_classes"])
         criterion = SoftTargetCrossEntropy()
     elif args.smoothing > 0:
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    model_ema = None if args.no_model_ema else ModelEmaV3(model, decay=args.model_ema_decay)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- resume -----------------------------------------------------------------------------------
-    start_epoch, global_step, resume_rng = 0, 0, None
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+    start_epoch, global_step, resume_rng = args.start_epoch, args.start_epoch * steps_per_epoch, None
+    if ckpt is not None:
+        load_model_weights(model, ckpt, args.resume)
+        ours = "global_step" in ckpt  # written by this script; else the official main.py's format
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"--resume {args.resume}: its optimizer state does not fit --opt {args.opt} "
+                                  f"({' '.join(str(e).split())})") from None
+        start_epoch = int(ckpt["epoch"]) + 1
+        if ours:
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            global_step = int(ckpt["global_step"])
+        else:  # official: per-epoch scheduler state; our per-step schedule follows from the step count
+            global_step = start_epoch * steps_per_epoch
+            lr_scheduler.step_update(num_updates=global_step)
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if model_ema is not None and ckpt.get("model_ema") is not None:
-            model_ema.load_state_dict(ckpt["model_ema"])
-        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
-        resume_rng = ckpt["rng"][rank] if isinstance(ckpt["rng"], list) and rank < len(ckpt["rng"]) else None
+            ema_state = {"module." + k: v for k, v in official_state_dict(ckpt, key="model_ema").items()}
+            model_ema.load_state_dict(ema_state)
+        rngs = ckpt.get("rng")
+        resume_rng = rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else None
         if master:
-            print(f"resumed from {args.resume}: epoch {ckpt['epoch']} done, step {global_step}")
+            print(f"resumed from {args.resume}: epoch {ckpt['epoch']} done, step {global_step}"
+                  + ("" if ours else " (official checkpoint)"))
     if resume_rng is not None:
         set_rng_state(resume_rng, loader_gen)
     if master and out_dir:
@@ -537,17 +923,22 @@ def main(argv=None) -> int:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = None
+    writer = wandb_run = None
     if master and out_dir:
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out_dir / "tensorboard"))
         except ImportError:
             pass
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
+    if master and args.log_wandb:
+        try:
+            import wandb
+            wandb_run = wandb.init(project="vars_ode", name=args.experiment or None, config=vars(args),
+                                   dir=str(out_dir) if out_dir else None)
+        except ImportError:
+            print("warning: --log-wandb: wandb is not installed (pip install wandb); not logging to W&B",
+                  file=sys.stderr)
+    from tqdm import tqdm
 
     # ---- training loop ------------------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):
@@ -555,11 +946,11 @@ def main(argv=None) -> int:
         # (seed, epoch, rank), so a resumed run repeats the uninterrupted run exactly
         seed_all(epoch_seed(args.seed, epoch, rank))
         loader_gen.manual_seed(epoch_seed(args.seed, epoch, rank))
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch_seed(args.seed, epoch, 0) if args.repeated_aug else epoch)
         train_model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master or args.no_progress,
-                   leave=False) if tqdm else None
+                   leave=False, dynamic_ncols=True)
         for step, (images, targets) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
@@ -584,13 +975,9 @@ def main(argv=None) -> int:
                 model_ema.update(model, step=global_step)
             seen += images.shape[0]
             loss_sum += loss_value
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                bar.update(1)
-            elif master and not args.no_progress and step % args.print_freq == 0:
-                print(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss_value:.4f}", flush=True)
-        if bar is not None:
-            bar.close()
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.update(1)
+        bar.close()
         lr_scheduler.step(epoch + 1)
         elapsed = time.time() - t0
         row = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
@@ -600,8 +987,10 @@ def main(argv=None) -> int:
             row["val_acc1"] = evaluate(NormalizedModel(model, info["mean"], info["std"]).to(device),
                                        make_loader(val_set, args, rank, world), device, amp_dtype)["acc1"]
             if model_ema is not None:
-                row["ema_acc1"] = evaluate(NormalizedModel(model_ema.module, info["mean"], info["std"]).to(device),
-                                           make_loader(val_set, args, rank, world), device, amp_dtype)["acc1"]
+                ema_net = NormalizedModel(model_ema.module, info["mean"], info["std"])
+                ema_dev = next(model_ema.module.parameters()).device
+                row["ema_acc1"] = evaluate(ema_net.to(ema_dev), make_loader(val_set, args, rank, world), ema_dev,
+                                           amp_dtype if ema_dev.type == device.type else None)["acc1"]
             set_rng_state(rng, loader_gen)
         if master:
             print(f"epoch {epoch}: loss {row['train_loss']:.4f}, val acc1 {row.get('val_acc1', float('nan')):.2f}, "
@@ -622,15 +1011,32 @@ def main(argv=None) -> int:
                          "lr_scheduler": lr_scheduler.state_dict(),
                          "model_ema": model_ema.state_dict() if model_ema is not None else None,
                          "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step,
-                         "rng": states, "args": vars(args), "classes": info["classes"]},
+                         "rng": states, "args": plain_args(args), "classes": info["classes"]},
                         out_dir / "checkpoint.pth")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in row.items() if v != ""}, step=epoch)
     if writer is not None:
         writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def plain_args(args) -> dict:
+    """The arguments as plain Python values (a checkpoint stays weights-only loadable)."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return str(v)
+    return {k: plain(v) for k, v in vars(args).items()}
 
 
 if __name__ == "__main__":

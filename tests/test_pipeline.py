@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from vars_ode.models import load_checkpoint_file as load_ckpt  # weights-only: our checkpoints must load so
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1",
@@ -78,7 +80,7 @@ def read_log(path: Path) -> list[dict]:
 # training, checkpointing, resumption
 # ------------------------------------------------------------------------------------------------
 def test_train_two_epochs_then_resume(trained, data):
-    ckpt = torch.load(trained / "checkpoint.pth", map_location="cpu", weights_only=False)
+    ckpt = load_ckpt(trained / "checkpoint.pth")
     for key in ("model", "optimizer", "epoch", "lr_scheduler", "model_ema", "scaler", "rng", "args", "global_step"):
         assert key in ckpt, key
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6
@@ -92,7 +94,7 @@ def test_train_two_epochs_then_resume(trained, data):
     r = train("--data-path", data / "imagenet", "--epochs", "3", "--max-steps-per-epoch", "3", "--output_dir", out,
               "--resume", trained / "checkpoint.pth")
     assert "resumed from" in r.stdout
-    ckpt2 = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    ckpt2 = load_ckpt(out / "checkpoint.pth")
     assert ckpt2["epoch"] == 2 and ckpt2["global_step"] == 9
     assert [int(r["epoch"]) for r in read_log(out / "log.csv")] == [0, 1, 2]
     assert any(not torch.equal(ckpt["model"][k], ckpt2["model"][k]) for k in ckpt["model"])
@@ -132,13 +134,13 @@ def test_sigkill_and_resume_is_bitwise_identical(data, tmp_path):
     proc.wait()
     proc.stderr.close()
     assert still_running, "training finished before the kill; the test needs longer epochs"
-    at_kill = torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"]
+    at_kill = load_ckpt(ckpt_path)["epoch"]
     assert at_kill < 3
 
     r = train(*args, "--output_dir", killed, "--resume", ckpt_path)
     assert "resumed from" in r.stdout
-    a = torch.load(full / "checkpoint.pth", map_location="cpu", weights_only=False)
-    b = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    a = load_ckpt(full / "checkpoint.pth")
+    b = load_ckpt(ckpt_path)
     assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"] == 24
     _assert_same_tensors(a["model"], b["model"], "model")
     _assert_same_tensors(a["model_ema"], b["model_ema"], "model_ema")
@@ -177,8 +179,8 @@ def test_torchrun_two_processes_resume_and_evaluate(data, tmp_path):
     assert "resumed from" not in runs[1].stdout and "resumed from" in runs[2].stdout
     for r in runs:  # the templates' gradient comes back in the parameter's layout (no bucket copy)
         assert "Grad strides do not match" not in r.stderr, r.stderr[-2000:]
-    a = torch.load(full / "checkpoint.pth", map_location="cpu", weights_only=False)
-    b = torch.load(part / "checkpoint.pth", map_location="cpu", weights_only=False)
+    a = load_ckpt(full / "checkpoint.pth")
+    b = load_ckpt(part / "checkpoint.pth")
     assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])
     assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 6
     _assert_same_tensors(a["model"], b["model"], "model")
@@ -197,8 +199,8 @@ def test_different_seed_gives_different_weights(data, tmp_path):
     args = ["--data-path", data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "2"]
     train(*args, "--seed", "0", "--output_dir", tmp_path / "s0")
     train(*args, "--seed", "1", "--output_dir", tmp_path / "s1")
-    a = torch.load(tmp_path / "s0" / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(tmp_path / "s1" / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    a = load_ckpt(tmp_path / "s0" / "checkpoint.pth")["model"]
+    b = load_ckpt(tmp_path / "s1" / "checkpoint.pth")["model"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -273,7 +275,7 @@ def test_registered_vars_model_trains(data, tmp_path):
             "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "4", "--data-path",
             data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "2", "--output_dir", tmp_path)
     assert "attention=vars_sd" in r.stdout
-    assert torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert load_ckpt(tmp_path / "checkpoint.pth")["epoch"] == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ._attention import ATTENTIONS, attention_class, check_attention_kwargs
 from ._factory import create_host, host_cfg
 
 __all__ = ["ConvEmbedding", "ConvHeadPooling", "ConvMlp", "LinearMlp", "MLP_TYPES", "PoolingTransformer",
-           "RVTBlock", "RVTStage", "vars_rvt_tiny"]
+           "RVTBlock", "RVTStage", "vars_rvt_base", "vars_rvt_small", "vars_rvt_tiny"]
 
 MLP_TYPES = ("conv", "linear")
 
@@ -319,7 +319,8 @@ class PoolingTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-default_cfgs = generate_default_cfgs({"vars_rvt_tiny": host_cfg()})
+default_cfgs = generate_default_cfgs({"vars_rvt_tiny": host_cfg(), "vars_rvt_small": host_cfg(),
+                                     "vars_rvt_base": host_cfg()})
 
 
 @register_model
@@ -333,3 +334,18 @@ def vars_rvt_tiny(pretrained: bool = False, **kwargs) -> PoolingTransformer:
     """
     model_args = dict(base_dims=(32, 32), depth=(10, 2), heads=(6, 12), mlp_ratio=4., mlp_type="conv")
     return create_host(PoolingTransformer, "vars_rvt_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vars_rvt_small(pretrained: bool = False, **kwargs) -> PoolingTransformer:
+    """RVT-S (official ``rvt_small``): one stage, width 384 (base_dim 64 x 6 heads), depth 12, conv MLP."""
+    model_args = dict(base_dims=(64,), depth=(12,), heads=(6,), mlp_ratio=4., mlp_type="conv")
+    return create_host(PoolingTransformer, "vars_rvt_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vars_rvt_base(pretrained: bool = False, **kwargs) -> PoolingTransformer:
+    """RVT-B (official ``rvt_base``): one stage, width 768 (base_dim 64 x 12 heads), depth 12; the
+    official code uses the plain two-layer MLP at width 768 (``mlp_type="linear"``)."""
+    model_args = dict(base_dims=(64,), depth=(12,), heads=(12,), mlp_ratio=4., mlp_type="linear")
+    return create_host(PoolingTransformer, "vars_rvt_base", pretrained, **dict(model_args, **kwargs))

@@ -4,14 +4,30 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .engine import create_model
 
-__all__ = ["add_model_args", "model_from_args", "load_weights", "parse_kwargs", "run_cli", "load_image"]
+__all__ = ["ArgumentParser", "add_model_args", "model_from_args", "load_weights", "parse_kwargs", "run_cli",
+           "load_image", "MAX_DROPPED_FRACTION"]
+
+#: ``load_weights(drop_mismatched=True)`` refuses a checkpoint when more than this fraction of the
+#: model's tensors would keep their initial values (a different model, not a different head)
+MAX_DROPPED_FRACTION = 0.25
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--drop`` never means ``--drop-path``) whose errors are one
+    line, ``error: ...``, with exit status 2 (no usage block)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"error: {message} (see --help)\n")
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -31,6 +47,8 @@ def add_model_args(p: argparse.ArgumentParser, default_classes: int = 1000) -> N
     g.add_argument("--checkpoint", "--resume", dest="checkpoint", default="",
                    help="weights: a train_imagenet.py checkpoint ({'model': ...}) or a plain state dict")
     g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that weights-only loading refuses (full pickle: it can run code)")
     g.add_argument("--device", default=None, help="cuda | cpu (default cuda when available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None)
@@ -49,28 +67,39 @@ def parse_kwargs(items) -> dict:
     return out
 
 
-def load_weights(model: nn.Module, path, ema: bool = False, drop_mismatched: bool = False) -> list[str]:
+def load_weights(model: nn.Module, path, ema: bool = False, drop_mismatched: bool = False,
+                 trusted: bool = False, max_dropped_fraction: float = MAX_DROPPED_FRACTION) -> list[str]:
     """Load weights from ``path`` into ``model``; returns the keys left at their initial value.
 
-    ``drop_mismatched`` skips tensors whose shape differs (e.g. a 1000-class head when fine-tuning on
-    7 PACS classes) instead of failing.
+    The file is read by :func:`vars_ode.models.load_checkpoint_file` (weights only unless
+    ``trusted``). Without ``drop_mismatched`` names and shapes must match exactly (a
+    :class:`~vars_ode.models.CheckpointError` names the first differences). ``drop_mismatched`` skips
+    tensors whose shape differs or that the checkpoint lacks (e.g. a 1000-class head when fine-tuning
+    on 7 PACS classes), but refuses when more than ``max_dropped_fraction`` of the model's tensors
+    would be skipped: that is a different model, not a different head.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt
-    if isinstance(ckpt, dict):
-        if ema and ckpt.get("model_ema") is not None:
-            state = {k.removeprefix("module."): v for k, v in ckpt["model_ema"].items()}
-        elif "model" in ckpt:
-            state = ckpt["model"]
-        elif "state_dict" in ckpt:
-            state = ckpt["state_dict"]
+    from ..models.checkpoint import CheckpointError, check_state_dict, load_checkpoint_file, official_state_dict
+    ckpt = load_checkpoint_file(path, trusted=trusted)
+    if isinstance(ckpt, dict) and ema and ckpt.get("model_ema") is None:
+        raise CheckpointError(f"checkpoint {path} has no EMA weights (model_ema); drop --ema")
+    key = "model_ema" if ema else ("model" if isinstance(ckpt, dict) and "model" in ckpt else "state_dict")
+    state = official_state_dict(ckpt, key=key) if isinstance(ckpt, dict) and key in ckpt else official_state_dict(ckpt)
     own = model.state_dict()
-    if drop_mismatched:
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing, unexpected = model.load_state_dict(state, strict=not drop_mismatched)
+    if not drop_mismatched:
+        check_state_dict(model, state, limit=5, what=f"checkpoint {path}")
+        model.load_state_dict(state, strict=True)
+        return []
+    unexpected = sorted(k for k in state if k not in own)
     if unexpected:
-        raise ValueError(f"checkpoint {path} has keys the model lacks: {unexpected[:5]}")
-    return list(missing)
+        raise CheckpointError(f"checkpoint {path} has keys the model lacks: {unexpected[:5]}")
+    kept = {k: v for k, v in state.items() if tuple(own[k].shape) == tuple(v.shape)}
+    dropped = sorted(k for k in own if k not in kept)
+    if len(dropped) > max_dropped_fraction * len(own):
+        raise CheckpointError(f"checkpoint {path} fits only {len(kept)} of the model's {len(own)} tensors "
+                              f"({len(dropped)} would keep their initial values, more than "
+                              f"{max_dropped_fraction:.0%}; first: {dropped[:5]}): wrong --model or options?")
+    model.load_state_dict(kept, strict=False)
+    return dropped
 
 
 def model_from_args(args, num_classes: int | None = None, in_chans: int = 3) -> nn.Module:
@@ -86,10 +115,10 @@ def model_from_args(args, num_classes: int | None = None, in_chans: int = 3) -> 
                          img_size=args.input_size, attention=args.attention, layer_kwargs=layer,
                          **parse_kwargs(args.model_kwargs))
     if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
         missing = load_weights(model, args.checkpoint, ema=args.ema,
-                               drop_mismatched=num_classes is not None and num_classes != args.num_classes)
+                               drop_mismatched=num_classes is not None and num_classes != args.num_classes,
+                               trusted=getattr(args, "trust_checkpoint", False))
+        args.dropped_tensors = missing
         if missing:
             print(f"note: {len(missing)} tensors not in the checkpoint keep their initialisation "
                   f"(e.g. {missing[:3]})", file=sys.stderr)
@@ -99,15 +128,12 @@ def model_from_args(args, num_classes: int | None = None, in_chans: int = 3) -> 
 
 
 def run_cli(main) -> None:
-    """Run ``main()``; dataset / argument errors print ``error: ...`` and exit with status 2."""
-    from .datasets import DatasetError
+    """Run ``main()``; bad input (a ValueError: dataset, checkpoint or argument errors) prints one line
+    ``error: ...`` on stderr and exits with status 2, without a traceback."""
     try:
         sys.exit(main())
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
 
 

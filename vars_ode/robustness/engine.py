@@ -71,7 +71,7 @@ def missing_vars_models(attentions: Sequence[str] = VARS_ATTENTIONS, model: str 
 
 def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size: int | None = None,
                  attention: str | None = None, drop_path_rate: float | None = None,
-                 layer_kwargs: dict | None = None, **model_kwargs) -> nn.Module:
+                 layer_kwargs: dict | None = None, pretrained: bool = False, **model_kwargs) -> nn.Module:
     """``timm.create_model(name, ...)`` passing only the options that are set.
 
     Arguments:
@@ -80,9 +80,12 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
             when None.
         layer_kwargs: VARS layer options (lam, num_step, rand_feat_dim_ratio, solver); None values are
             dropped; ``num_step`` is retried as ``steps`` / ``num_steps`` if the model rejects it.
+        pretrained: timm's ``pretrained`` (the VARS hosts need a weight file:
+            ``pretrained_cfg_overlay=dict(file=...)``).
         model_kwargs: any other timm keyword (patch_size, embed_dim, depth, ...).
     Raises:
-        ValueError naming the model and the rejected option.
+        ValueError naming the model and the rejected option, or the keyword whose value the model
+        could not be built with (e.g. ``patch_size='four'``).
     """
     import timm
     _import_vars_models()
@@ -111,11 +114,11 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
                 aliases[k] = list(_ALIASES[k][1:])
     while True:
         try:
-            return timm.create_model(name, pretrained=False, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
         except TypeError as e:
             m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
             if not m:
-                raise
+                raise _build_error(name, model_kwargs, e) from e
             bad = m.group(1)
             if bad in _OPTIONAL and bad in kwargs and bad not in model_kwargs:
                 if bad == "in_chans" and in_chans != 3:
@@ -132,6 +135,48 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
                 f"model {name!r} does not accept {opt}={kwargs.get(bad)!r} (timm said: {e}). Options such "
                 f"as --attention/--lam/--num_step/--rand_feat_dim_ratio/--solver need a VARS host model "
                 f"({', '.join(VARS_MODELS)}); drop them for plain timm models.") from e
+        except (AssertionError, ZeroDivisionError, RuntimeError) as e:
+            if not model_kwargs:
+                raise
+            raise _build_error(name, model_kwargs, e) from e
+        except ValueError as e:
+            if not model_kwargs:
+                raise
+            raise _build_error(name, model_kwargs, e) from e
+
+
+def _build_error(name: str, model_kwargs: dict, e: Exception) -> ValueError:
+    """A one-line error for a model that could not be built with the given keywords: name the keywords
+    whose value has another type than the model's default (``patch_size='four'`` where 16 is expected)."""
+    import inspect
+    import timm
+    suspects = []
+    try:
+        from timm.models import model_entrypoint
+        sigs = [inspect.signature(model_entrypoint(name))]
+        for mod in (getattr(timm.models, "vision_transformer", None),):
+            if mod is not None and hasattr(mod, "VisionTransformer"):
+                sigs.append(inspect.signature(mod.VisionTransformer.__init__))
+        import vars_ode.models as vm
+        for c in (vm.PoolingTransformer, vm.DeiTStar, vm.GFNetStar):
+            sigs.append(inspect.signature(c.__init__))
+        for k, v in model_kwargs.items():
+            for sig in sigs:
+                p = sig.parameters.get(k)
+                if p is None or p.default is inspect.Parameter.empty or p.default is None:
+                    continue
+                d = p.default
+                ok = isinstance(v, type(d)) or (isinstance(d, (int, float)) and isinstance(v, (int, float))
+                                                and not isinstance(v, bool)) or (isinstance(d, (tuple, list))
+                                                                                 and isinstance(v, (tuple, list)))
+                if not ok:
+                    suspects.append(f"{k}={v!r} (expected {type(d).__name__}, like the default {d!r})")
+                break
+    except Exception:  # noqa: BLE001 - the hint is best effort; the original error is reported anyway
+        pass
+    what = "; ".join(suspects) if suspects else ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
+    return ValueError(f"model {name!r} could not be built with {what or 'these options'}: "
+                      f"{type(e).__name__}: {' '.join(str(e).split())}")
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None):
@@ -151,7 +196,7 @@ def _world():
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
              class_indices: Sequence[int] | None = None, attack: Callable | None = None,
-             max_batches: int | None = None) -> dict[str, float]:
+             max_batches: int | None = None, progress: str | None = None) -> dict[str, float]:
     """Top-1 accuracy of ``model`` on ``loader``'s (pixels in [0, 1], label) batches.
 
     Arguments:
@@ -161,6 +206,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
         attack: ``attack(model, images, labels) -> adversarial images`` (e.g. ``pgd_attack``), run with
             gradients enabled and in full precision.
         max_batches: stop after this many batches (quick checks).
+        progress: show a tqdm bar with this description (None: no bar).
     Returns:
         {"acc1": percent, "n": images, "correct": count}; counts are summed over ranks when
         torch.distributed is initialised (each rank must see its own shard of the data).
@@ -170,6 +216,11 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
     correct = torch.zeros((), dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     idx = None if class_indices is None else torch.as_tensor(list(class_indices), device=device)
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+        bar = tqdm(total=len(loader) if max_batches is None else min(len(loader), max_batches), desc=progress,
+                   leave=False, dynamic_ncols=True)
     for b, (images, labels) in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
@@ -183,6 +234,10 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
             logits = logits.index_select(1, idx)
         correct += (logits.argmax(1) == labels).sum()
         total += labels.numel()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     import torch.distributed as dist
     if _world()[1] > 1:
         dist.all_reduce(correct)
