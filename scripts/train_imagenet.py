@@ -229,6 +229,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--insk_path", default=None, help="ImageNet-Sketch ImageFolder root (1000 wnid folders)")
     p.add_argument("--pgd_test", action="store_true", help="accuracy under PGD (eps 1/255, 5 steps of 0.5/255)")
     p.add_argument("--fgsm_test", action="store_true", help="accuracy under FGSM (eps 1/255)")
+    p.add_argument("--save-logits", action="store_true",
+                   help="--eval also writes the clean set's logits and labels to <output_dir>/logits.pt")
     p.add_argument("--ce-baseline", default=None, choices=["alexnet", "none"],
                    help="mCE normalisation (default: alexnet for ImageNet-C, none for Fashion-MNIST-C)")
     p.add_argument("--corruptions", nargs="*", default=None,
@@ -583,6 +585,24 @@ def eval_fingerprint(args, amp_dtype) -> dict:
             "amp": str(amp_dtype), "data_set": args.data_set, "corruptions": args.corruptions}
 
 
+def gather_shards(tensors: list, rank: int, world: int) -> list:
+    """Undo :func:`shard`: rank r holds items r, r + world, ...; returns the full tensors (on every rank)."""
+    if world == 1:
+        return tensors
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, tensors)
+    out = []
+    for i in range(len(tensors)):
+        pieces = [p[i] for p in parts]
+        n = sum(len(x) for x in pieces)
+        full = torch.empty((n, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+        for r, x in enumerate(pieces):
+            full[r::world] = x
+        out.append(full)
+    return out
+
+
 def corruption_summary(errors: dict, ce_baseline: str) -> dict:
     """mCE as in the paper (Table 2) and the official code: over the 15 benchmark corruptions, each
     normalised by AlexNet's error; any other corruption (ImageNet-C's extra ones, which have no
@@ -634,6 +654,13 @@ def run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype, o
             print(f"{label}: acc1 {acc:.2f}%", flush=True)
         return acc
 
+    if args.save_logits and out_dir is not None:
+        r = evaluate(net, make_loader(val_set, args, rank, world), device, amp_dtype, keep_logits=True,
+                     progress="clean" if show else None)
+        logits, targets = gather_shards([r["logits"], r["targets"]], rank, world)
+        if master:
+            torch.save({"logits": logits, "targets": targets}, out_dir / "logits.pt")
+        progress.put("clean", r["acc1"])
     res["acc1"] = run_set("clean", "clean", val_set)
     if args.inc_path:
         if args.data_set == "fashion-mnist":

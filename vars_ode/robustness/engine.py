@@ -196,7 +196,8 @@ def _world():
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
              class_indices: Sequence[int] | None = None, attack: Callable | None = None,
-             max_batches: int | None = None, progress: str | None = None) -> dict[str, float]:
+             max_batches: int | None = None, progress: str | None = None,
+             keep_logits: bool = False) -> dict[str, float]:
     """Top-1 accuracy of ``model`` on ``loader``'s (pixels in [0, 1], label) batches.
 
     Arguments:
@@ -207,6 +208,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
             gradients enabled and in full precision.
         max_batches: stop after this many batches (quick checks).
         progress: show a tqdm bar with this description (None: no bar).
+        keep_logits: also return this process's float32 logits (after the class subset) and labels,
+            in loader order, as "logits" (N, K) and "targets" (N,) on the CPU.
     Returns:
         {"acc1": percent, "n": images, "correct": count}; counts are summed over ranks when
         torch.distributed is initialised (each rank must see its own shard of the data).
@@ -217,6 +220,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
     total = torch.zeros((), dtype=torch.float64, device=device)
     idx = None if class_indices is None else torch.as_tensor(list(class_indices), device=device)
     bar = None
+    kept: list = []
     if progress is not None:
         from tqdm import tqdm
         bar = tqdm(total=len(loader) if max_batches is None else min(len(loader), max_batches), desc=progress,
@@ -234,6 +238,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
             logits = logits.index_select(1, idx)
         correct += (logits.argmax(1) == labels).sum()
         total += labels.numel()
+        if keep_logits:
+            kept.append((logits.detach().cpu(), labels.detach().cpu()))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -244,7 +250,11 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_d
         dist.all_reduce(total)
     model.train(was_training)
     n = int(total.item())
-    return {"acc1": 100.0 * correct.item() / max(n, 1), "n": n, "correct": int(correct.item())}
+    out = {"acc1": 100.0 * correct.item() / max(n, 1), "n": n, "correct": int(correct.item())}
+    if keep_logits:
+        out["logits"] = torch.cat([k[0] for k in kept]) if kept else torch.zeros(0, 0)
+        out["targets"] = torch.cat([k[1] for k in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
