@@ -213,11 +213,13 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], l
     """Raise :class:`CheckpointError` (a ValueError) naming the missing keys, unexpected keys and shape
     mismatches (the first ``limit`` of each, in key order), on one line."""
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
+    # in the model's order (the checkpoint's for unexpected keys): the first ones named are the first
+    # layers that differ
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
+        for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
