@@ -48,6 +48,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from vars_ode.models._factory import EVAL_CROP_PCT  # noqa: E402  (the hosts' pretrained_cfg crop_pct)
 from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
                                        official_state_dict)
 from vars_ode.robustness.cli import ArgumentParser, parse_kwargs, run_cli  # noqa: E402
@@ -458,7 +459,7 @@ def imagefolder_transforms(args, train: bool):
     # the clamp removes bicubic overshoot so that attacks start from valid pixels)
     from torchvision.transforms import v2 as T
     tf = create_transform(args.input_size, is_training=False, interpolation="bicubic",
-                          crop_pct=1.0 if args.input_size < 64 else 0.875, normalize=False)
+                          crop_pct=1.0 if args.input_size < 64 else EVAL_CROP_PCT, normalize=False)
     return T.Compose([tf, Clamp01()])
 
 

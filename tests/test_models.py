@@ -389,3 +389,106 @@ def test_performer_rejects_attention_dropout_and_masks():
         PerformerAttention(8, num_heads=2, attn_drop=0.1)
     with pytest.raises(ValueError, match="attn_mask"):
         PerformerAttention(8, num_heads=2)(torch.randn(1, 3, 8), attn_mask=torch.ones(3, 3, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# timm's conventions on every host
+TIMM_HOSTS = [("vars_deit_tiny", "vars_d"), ("vars_rvt_tiny", "vars_sd"), ("vars_gfnet_tiny", "gfnet")]
+
+
+@pytest.mark.parametrize("name,attention", TIMM_HOSTS)
+def test_grad_checkpointing_gives_the_same_gradients(name, attention):
+    def grads(ckpt):
+        torch.manual_seed(0)
+        model = timm.create_model(name, attention=attention, num_classes=3, img_size=32, **SHALLOW[name])
+        model.set_grad_checkpointing(ckpt)
+        torch.manual_seed(1)
+        model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys() and len(plain) > 10
+    for n in plain:
+        torch.testing.assert_close(recomputed[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name,attention", TIMM_HOSTS)
+def test_group_matcher_gives_layer_decay_groups(name, attention):
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+    model = timm.create_model(name, attention=attention, num_classes=3, img_size=32, **SHALLOW[name])
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    grouped = [n for names in groups.values() for n in names]
+    assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())  # every parameter placed once
+    assert len(groups) >= 3  # stem, blocks, ..., head
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.5)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] < 0.3
+
+
+@pytest.mark.parametrize("name,attention", TIMM_HOSTS)
+def test_features_only(name, attention):
+    torch.manual_seed(0)
+    kw = dict(attention=attention, img_size=64, **SHALLOW[name])
+    model = timm.create_model(name, num_classes=3, **kw).eval()
+    feats = timm.create_model(name, features_only=True, **kw).eval()
+    missing, unexpected = feats.model.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("head.", "norm.", "blocks.", "transformers.", "pools."))
+                               for k in unexpected)  # only the pruned head / norm / later blocks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = feats(x)
+    info = feats.feature_info
+    assert len(maps) == len(info.channels()) >= 1
+    for m, c, r in zip(maps, info.channels(), info.reduction()):
+        assert m.shape == (2, c, 64 // r, 64 // r), (m.shape, c, r)
+    if name == "vars_rvt_tiny":  # the last stage's map is what the classifier pools
+        with torch.no_grad():
+            torch.testing.assert_close(maps[-1], model.forward_features(x))
+
+
+def test_pretrained_cfg_matches_the_evaluation_and_the_model():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "_ti_cfg", Path(__file__).resolve().parents[1] / "scripts" / "train_imagenet.py")
+    ti = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ti)
+    tf = ti.imagefolder_transforms(ti.parse_args(["--data-path", "x"]), False)
+    resize = next(t for t in tf.transforms[0].transforms if type(t).__name__ == "Resize")
+    for name in MODEL_NAMES + ("vars_rvt_small", "vars_rvt_base"):
+        with torch.device("meta"):
+            model = timm.create_model(name, attention="self")
+        cfg = model.pretrained_cfg
+        assert cfg["crop_pct"] == 0.875 and resize.size in (256, [256])  # 224 / 0.875: the official 256
+        assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+        assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
+
+
+def test_pretrained_without_a_file_is_an_error_and_a_file_loads_safely(tmp_path):
+    import argparse
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay=dict\(file="):
+        timm.create_model("vars_rvt_tiny", attention="vars_d", pretrained=True)
+    src = _official_model("vars_d", seed=5).eval()
+    path = tmp_path / "official.pth"  # official layout: DDP prefixes, an argparse Namespace in "args"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()},
+                "args": argparse.Namespace(model="rvt_tiny")}, path)
+    got = timm.create_model("vars_rvt_tiny", attention="vars_d", compat="official", img_size=32, num_classes=4,
+                            pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(got(x), src(x))
+    # another number of classes: the head keeps its initialisation, the rest loads
+    seven = timm.create_model("vars_rvt_tiny", attention="vars_d", compat="official", img_size=32, num_classes=7,
+                              pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(seven.patch_embed.proj[0].weight, src.patch_embed.proj[0].weight)
+    # a file that runs code is refused (timm's own loader would unpickle it)
+    marker = tmp_path / "ran"
+
+    class Touch:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"model": src.state_dict(), "x": Touch()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="--trust-checkpoint"):
+        timm.create_model("vars_rvt_tiny", attention="vars_d", compat="official", img_size=32, num_classes=4,
+                          pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "evil.pth")))
+    assert not marker.exists()

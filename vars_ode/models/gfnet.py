@@ -22,12 +22,14 @@ interpretation of the table, not the authors' code (they released none for GFNet
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .._validation import check_choice
 from ._attention import (ATTENTIONS, _normalize_layer_kwargs, attention_class, check_attention_kwargs,
@@ -251,6 +253,9 @@ class GFNetStar(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, "feat_ratio") else patch_size
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"blocks.{i}") for i in range(depth)]
 
         trunc_normal_(self.pos_embed, std=.02)
         self.apply(self._init_weights)
@@ -269,6 +274,56 @@ class GFNetStar(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): stem and positions, blocks in order, norm last."""
+        return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's feature API: the tokens after each block in ``indices`` (int: the last n blocks) as
+        (B, C, h, w) maps (or NHWC / NLC); ``norm`` applies the final LayerNorm to them."""
+        if output_fmt not in ("NCHW", "NHWC", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW', 'NHWC' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        h, w = self.grid_size
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                if output_fmt != "NLC":
+                    y = y.reshape(y.shape[0], h, w, -1)
+                    y = y if output_fmt == "NHWC" else y.permute(0, 3, 1, 2)
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last one in ``indices`` (and the norm / head); returns the indices."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -282,7 +337,7 @@ class GFNetStar(nn.Module):
         """(B, in_chans, H, W) -> normalised tokens (B, N, C)."""
         x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
         for blk in self.blocks:
-            x = blk(x)
+            x = self._run_block(blk, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

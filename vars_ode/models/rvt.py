@@ -20,12 +20,14 @@ layer also uses the official names (``compat="official"``).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import DropPath, to_2tuple
 from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .._validation import check_choice
 from ._attention import ATTENTIONS, attention_class, check_attention_kwargs
@@ -185,6 +187,7 @@ class RVTStage(nn.Module):
         super().__init__()
         drop_path = list(drop_path) or [0.] * depth
         self.depth = depth
+        self.grad_checkpointing = False
         self.blocks = nn.ModuleList([
             RVTBlock(dim, num_heads, attn_layer, mlp_ratio=mlp_ratio, mlp_type=mlp_type, qkv_bias=qkv_bias,
                      drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
@@ -194,7 +197,10 @@ class RVTStage(nn.Module):
         B, C, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)                 # (B, N, C)
         for blk in self.blocks:
-            x = blk(x, (h, w))
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, (h, w), use_reentrant=False)
+            else:
+                x = blk(x, (h, w))
         return x.transpose(1, 2).reshape(B, C, h, w)
 
 
@@ -289,10 +295,71 @@ class PoolingTransformer(nn.Module):
         self.norm = nn.LayerNorm(widths[-1], eps=1e-6)
         self.head_drop = nn.Identity()
         self.head = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.num_stages = n_stages
+        stem_reduction = 16  # 7x7/2 conv, 3x3/2 max-pool, 4x4/4 conv
+        self.feature_info = [dict(num_chs=widths[s], reduction=stem_reduction * 2 ** s, module=f"transformers.{s}")
+                             for s in range(n_stages)]
 
     @torch.jit.ignore
     def no_weight_decay(self):
         return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): the stem, then blocks (or stages) in order,
+        each pooling after its stage, the final norm last."""
+        if coarse:
+            blocks = [(r"^transformers\.(\d+)", None), (r"^pools\.(\d+)", (99999,))]
+        else:
+            blocks = [(r"^transformers\.(\d+)\.blocks\.(\d+)", None), (r"^pools\.(\d+)", (99999,)),
+                      (r"^norm", (99999,))]
+        return dict(stem=r"^patch_embed", blocks=blocks)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        for stage in self.transformers:
+            stage.grad_checkpointing = enable
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's feature API: the output map of each stage in ``indices`` (int: the last n stages).
+
+        Returns the list of (B, C_s, h_s, w_s) maps (or NHWC), or (final map, list); ``norm`` applies the
+        final LayerNorm (over channels) to the last stage's map."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.transformers), indices)
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        last = len(self.transformers) - 1
+        for s, stage in enumerate(self.transformers):
+            if stop_early and s > max_index:
+                break
+            x = stage(x)
+            if s in take:
+                y = x
+                if norm and s == self.num_stages - 1 and isinstance(self.norm, nn.LayerNorm):
+                    y = self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
+            if s < last:
+                x = self.pools[s](x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one in ``indices`` (and the norm / head); returns the indices."""
+        take, max_index = feature_take_indices(len(self.transformers), indices)
+        self.transformers = self.transformers[:max_index + 1]
+        self.pools = self.pools[:max_index]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def get_classifier(self) -> nn.Module:
         return self.head
