@@ -206,3 +206,22 @@ def test_error_exit_in_a_real_process(folder, tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPTS / "train_imagenet.py"), *TINY, "--data-path", str(folder),
                         "--eval", "--resume", str(path)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and r.stderr.startswith("error: --resume") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_resume_continues_an_official_format_training_checkpoint(ti, folder, tmp_path, capsys):
+    """The official main.py's checkpoint (no RNG states or step count, an argparse Namespace, an EMA
+    state without the wrapper prefix, a per-epoch scheduler state) continues with --resume."""
+    base = [*TINY, "--data-path", str(folder), "--eval-every", "0"]
+    assert ti.main([*base, "--output_dir", str(tmp_path / "a"), "--epochs", "1"]) == 0
+    ours = load_checkpoint_file(tmp_path / "a" / "checkpoint.pth")
+    official = {"model": ours["model"], "optimizer": ours["optimizer"], "lr_scheduler": {"t_initial": 300},
+                "epoch": 0, "scaler": {}, "args": argparse.Namespace(model="vit", epochs=300),
+                "model_ema": {k.removeprefix("module."): v for k, v in ours["model_ema"].items()}}
+    torch.save(official, tmp_path / "official.pth")
+    capsys.readouterr()
+    assert ti.main([*base, "--output_dir", str(tmp_path / "b"), "--epochs", "2",
+                    "--resume", str(tmp_path / "official.pth")]) == 0
+    assert "epoch 0 done, step 2 (official checkpoint)" in capsys.readouterr().out
+    after = load_checkpoint_file(tmp_path / "b" / "checkpoint.pth")
+    assert after["epoch"] == 1 and after["global_step"] == 4
+    assert any(not torch.equal(after["model"][k], ours["model"][k]) for k in ours["model"])
