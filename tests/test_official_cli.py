@@ -297,3 +297,35 @@ def test_official_format_checkpoint_gives_the_in_memory_logits(ti, inc_data, tmp
         want = model((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
     torch.testing.assert_close(got["logits"], want, rtol=1e-5, atol=1e-5)
     assert got["targets"].tolist() == [val[i][1] for i in range(len(val))]
+
+
+def test_hubconf_entry_points_build_the_hosts():
+    names = ("vars_deit_tiny", "vars_rvt_tiny", "vars_gfnet_tiny", "vars_rvt_small", "vars_rvt_base")
+    spec = importlib.util.spec_from_file_location("_hubconf", REPO / "hubconf.py")
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)
+    assert all(callable(getattr(hub, n)) for n in names) and "timm" in hub.dependencies
+    model = torch.hub.load(str(REPO), "vars_rvt_tiny", source="local", attention="vars_d", img_size=32,
+                           num_classes=3, depth=(1, 1))
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+        torch.hub.load(str(REPO), "vars_deit_tiny", source="local", pretrained=True)
+
+
+def test_citation_and_license_files():
+    import yaml
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    ref = cff["preferred-citation"]
+    assert ref["title"] == "Visual Attention Emerges from Recurrent Sparse Reconstruction" and ref["year"] == 2022
+    assert [a["family-names"] for a in ref["authors"]] == ["Shi", "Song", "Joshi", "Darrell", "Wang"]
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_config_file_sets_defaults_and_the_command_line_wins(ti, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: rvt_tiny\nattention: vars_sd\nbatch_size: 32\nlr: 0.001\n")
+    a = ti.parse_args(["-c", str(cfg), "--data-path", "x", "--batch-size", "16"])
+    assert (a.model, a.attention, a.batch_size, a.lr) == ("vars_rvt_tiny", "vars_sd", 16, 0.001)
+    cfg.write_text("no_such_flag: 1\n")
+    with pytest.raises(SystemExit):
+        ti.parse_args(["-c", str(cfg), "--data-path", "x"])
