@@ -4,31 +4,55 @@
 Read top to bottom: arguments, distributed setup, data (validated before anything else), model,
 optimiser / schedule / EMA / mixup, resume, evaluation-only path, training loop.
 
-The defaults are the paper's recipe (official repository bfshi/VARS, main.py): AdamW with lr 5e-4 per
-512 images (scaled by the global batch / 512), weight decay 0.05, cosine schedule with 5 warm-up
-epochs, 300 epochs, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0, label smoothing 0.1,
-random erasing 0.25, drop path 0.1, EMA 0.99996. With ``--data-set fashion-mnist|digits`` the
-augmentation defaults switch to small-image ones (random crop with padding, flip for Fashion-MNIST,
-no RandAugment / mixup / cutmix / erasing, 1 warm-up epoch); any explicit flag wins.
+The defaults are the paper's recipe and every flag of the official main.py (bfshi/VARS) is accepted with
+its official spelling and default: AdamW with lr 5e-4 per 512 images (scaled by the global batch / 512),
+weight decay 0.05, cosine schedule with 5 warm-up epochs, 300 epochs, RandAugment rand-m9-mstd0.5-inc1,
+mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25, drop path 0.1, repeated augmentation,
+EMA 0.99996, and mixed precision on CUDA (bfloat16 where the card has it, else the official float16;
+``--no-amp`` for float32). The official model names (rvt_tiny, rvt_small, rvt_base) and attention names
+(self-att, perf) are aliases; with an official model name, vars_d / vars_sd use the official-compatible
+layers (``compat="official"``), so a released checkpoint loads with ``--resume`` as it is. Official flags
+whose feature is not built here (distillation, patch augmentation, tar data, CIFAR / iNat, the RVT+
+models) stop with a one-line error naming the flag. With ``--data-set fashion-mnist|digits`` the
+augmentation defaults switch to small-image ones (random crop with padding, flip for Fashion-MNIST, no
+RandAugment / mixup / cutmix / erasing / repeated augmentation, 1 warm-up epoch); any explicit flag wins.
+``-c config.yaml`` sets defaults from a file, as timm's train.py.
+
+Evaluation follows the official protocols: clean, ImageNet-A / -R (their 200 classes' logits) /
+-Sketch, PGD and FGSM on the validation transform (resize to 256/224 of the side, centre crop);
+ImageNet-C images centre-cropped only (no resampling). The mCE is over the 15 benchmark corruptions,
+normalised by AlexNet's errors; other corruption folders are reported apart. Each set's result is
+printed and saved in ``<output_dir>/eval_progress.json`` as it finishes, and a rerun of the same command
+continues where an interrupted evaluation stopped.
 
 Examples:
-    # the paper's setting, 8 GPUs
-    torchrun --nproc_per_node 8 scripts/train_imagenet.py --data-path /data/imagenet \\
-        --model vars_rvt_tiny --attention vars_sd --batch-size 64 --amp --output_dir runs/rvt_sd
-    # evaluate a checkpoint on the robustness benchmarks
-    python scripts/train_imagenet.py --eval --resume runs/rvt_sd/checkpoint.pth --data-path /data/imagenet \\
-        --model vars_rvt_tiny --attention vars_sd --inc_path /data/imagenet-c --ina_path /data/imagenet-a \\
-        --inr_path /data/imagenet-r --insk_path /data/imagenet-sketch --pgd_test --fgsm_test
+    # the official README commands (main.py -> scripts/train_imagenet.py)
+    python -m torch.distributed.launch --nproc_per_node=8 --master_port 12345 scripts/train_imagenet.py \
+        --model rvt_tiny --data-path /data/imagenet --output_dir runs/rvt_d --num_workers 8 --batch-size 128 \
+        --attention vars_d
+    python scripts/train_imagenet.py --model rvt_tiny --data-path /data/imagenet --eval \
+        --resume runs/rvt_d/checkpoint.pth --attention vars_d --inc_path /data/imagenet-c \
+        --ina_path /data/imagenet-a --inr_path /data/imagenet-r --insk_path /data/imagenet-sketch \
+        --pgd_test --fgsm_test --output_dir runs/rvt_d/eval
+    # the same with torchrun and our names
+    torchrun --nproc_per_node 8 scripts/train_imagenet.py --data-path /data/imagenet \
+        --model vars_rvt_tiny --attention vars_sd --batch-size 64 --output_dir runs/rvt_sd --resume auto
     # offline, CPU
-    python scripts/train_imagenet.py --data-set fashion-mnist --device cpu --model deit_tiny_patch16_224 \\
-        --model-kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 --epochs 5 --batch-size 128
+    python scripts/train_imagenet.py --data-set fashion-mnist --device cpu --model deit_tiny_patch16_224 \
+        --model-kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 --epochs 5 --batch-size 128 \
+        --output_dir runs/fmnist
 
 Checkpoints (``<output_dir>/checkpoint.pth``) are written atomically after every epoch and hold the
-model, optimiser, scheduler, EMA, grad scaler, every RNG state and the arguments; ``--resume`` continues
-bit-for-bit (CPU, fixed seed): the data order and all augmentation randomness of an epoch are a function
-of (seed, epoch, rank) only. ``--resume auto`` continues from ``<output_dir>/checkpoint.pth`` when there is one
-and starts afresh otherwise, so that one command serves the first launch and every restart
-(``torchrun --max-restarts``, a requeued cluster job).
+model, optimiser, scheduler, EMA, grad scaler, every RNG state and the arguments, as tensors and plain
+Python values: every checkpoint is read with weights-only loading (``--trust-checkpoint`` opts in to
+full unpickling for a trusted file that needs it). ``--resume`` continues bit-for-bit (CPU, fixed seed):
+the data order and all augmentation randomness of an epoch are a function of (seed, epoch, rank) only;
+a checkpoint of the official main.py continues from its epoch. ``--resume auto`` continues from
+``<output_dir>/checkpoint.pth`` when there is one and starts afresh otherwise, so that one command serves
+the first launch and every restart (``torchrun --max-restarts``, a requeued cluster job). ``--finetune
+FILE`` starts a new run from a file's weights (a classifier of another size is re-initialised). Bad
+input (a dataset layout, a checkpoint that is unreadable, of another model or weights-only for
+``--resume``, a flag value) ends with one line ``error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
@@ -806,6 +830,9 @@ def main(argv=None) -> int:
     # ---- model --------------------------------------------------------------------------------
     layer_kwargs = dict(lam=args.lam, num_step=args.num_step, rand_feat_dim_ratio=args.rand_feat_dim_ratio,
                         solver=args.solver)
+    if args.pretrained and args.model.startswith("vars_"):
+        raise ValueError(f"--pretrained: {args.model} has no released weights to download; start from a weight "
+                         f"file with --finetune FILE (or evaluate one with --eval --resume FILE)")
     extra = dict(args.model_kwargs_dict)
     if args.drop:
         extra.setdefault("drop_rate", args.drop)

@@ -150,7 +150,7 @@ def _one_line_error(ti, argv, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", ["truncated", "other_model", "weights_only", "code", "bad_kwarg"])
+@pytest.mark.parametrize("case", ["truncated", "other_model", "weights_only", "code", "bad_kwarg", "pretrained"])
 def test_script_turns_bad_input_into_one_line(ti, folder, tmp_path, capsys, case):
     path = tmp_path / "ckpt.pth"
     argv = [*TINY, "--data-path", str(folder), "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
@@ -180,6 +180,9 @@ def test_script_turns_bad_input_into_one_line(ti, folder, tmp_path, capsys, case
         torch.save({"model": {}, "x": Touch(marker)}, path)
         msg = _one_line_error(ti, [*argv, "--eval", "--resume", str(path)], capsys)
         assert "--trust-checkpoint" in msg and not marker.exists()
+    elif case == "pretrained":
+        msg = _one_line_error(ti, [*argv, "--model", "vars_deit_tiny", "--pretrained"], capsys)
+        assert "--pretrained: vars_deit_tiny has no released weights" in msg and "--finetune FILE" in msg
     else:
         argv[argv.index("patch_size=4")] = "patch_size=four"
         msg = _one_line_error(ti, argv, capsys)
@@ -225,3 +228,22 @@ def test_resume_continues_an_official_format_training_checkpoint(ti, folder, tmp
     after = load_checkpoint_file(tmp_path / "b" / "checkpoint.pth")
     assert after["epoch"] == 1 and after["global_step"] == 4
     assert any(not torch.equal(after["model"][k], ours["model"][k]) for k in ours["model"])
+
+
+def test_one_loading_function_for_the_whole_project():
+    """Every torch.load of the scripts, hosts and robustness code goes through load_checkpoint_file."""
+    import re
+    offenders = []
+    for folder in (REPO / "scripts", REPO / "vars_ode" / "models", REPO / "vars_ode" / "robustness"):
+        for f in sorted(folder.glob("*.py")):
+            text = f.read_text()
+            if f.name == "checkpoint.py":
+                # the one function: weights-only, full unpickling only behind trusted=True
+                calls = re.findall(r"torch\.load\([^)]*\)", text)
+                assert sorted(c.split("weights_only=")[1] for c in calls) == ["False)", "True)"], calls
+                assert re.search(r"if trusted:\s+warnings\.warn\(.*?\)\s+return torch\.load\([^)]*weights_only=False\)",
+                                 text, re.S)
+                continue
+            if "torch.load(" in text or "weights_only=False" in text:
+                offenders.append(f.name)
+    assert not offenders, offenders

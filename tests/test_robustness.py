@@ -185,6 +185,41 @@ def test_normalized_model_attack_in_pixel_space():
     torch.testing.assert_close(pgd_attack(net, x, y), expected, rtol=0, atol=1e-7)
 
 
+def _official_attack(model, x_n, y, steps, alpha, random_init=False):
+    """The official evaluation's attack (bfshi/VARS engine.py), rewritten here: signed-gradient steps
+    in normalised space with per-channel eps / std and step / std, clamped to the ball and to the
+    normalised images of [0, 1]."""
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    eps, alpha = (1 / 255) / std, alpha / std
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    adv = torch.max(torch.min(x_n.clone(), hi), lo)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(adv), y), adv)
+        adv = adv.detach() + alpha * g.sign()
+        adv = torch.max(torch.min(adv, x_n + eps), x_n - eps)
+        adv = torch.max(torch.min(adv, hi), lo)
+    return adv
+
+
+def test_attacks_match_the_official_normalised_space_formulation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(32, 5)).eval()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    net = NormalizedModel(model, mean, std)
+    x = torch.rand(6, 3, 8, 8)
+    y = torch.randint(0, 5, (6,))
+    to_n = lambda p: (p - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
+    ours_pgd = pgd_attack(net, x, y, random_start=False)  # eps 1/255, 5 steps of 0.5/255
+    torch.testing.assert_close(to_n(ours_pgd), _official_attack(model, to_n(x), y, 5, 0.5 / 255), rtol=0, atol=1e-5)
+    ours_fgsm = fgsm_attack(net, x, y)  # eps 1/255, one step of 1/255
+    torch.testing.assert_close(to_n(ours_fgsm), _official_attack(model, to_n(x), y, 1, 1 / 255), rtol=0, atol=1e-5)
+    assert (ours_pgd - x).abs().max() > 0.9 / 255  # the attack moved the images
+
+
 def test_attack_lowers_accuracy_of_evaluate():
     model, lin = _linear_binary(d=4)
     with torch.no_grad():

@@ -139,10 +139,6 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
             if not model_kwargs:
                 raise
             raise _build_error(name, model_kwargs, e) from e
-        except ValueError as e:
-            if not model_kwargs:
-                raise
-            raise _build_error(name, model_kwargs, e) from e
 
 
 def _build_error(name: str, model_kwargs: dict, e: Exception) -> ValueError:
