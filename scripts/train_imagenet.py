@@ -311,6 +311,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.attention = OFFICIAL_ATTENTIONS.get(args.attention, args.attention)
     args.official_model = args.model in OFFICIAL_MODELS
     args.model = OFFICIAL_MODELS.get(args.model, args.model)
+    if args.official_model and args.attention is None:
+        args.attention = "self"  # the official default (self-att) goes with the official model names
     table = RECIPE_DEFAULTS if args.data_set == "imagenet" else SMALL_DATA_DEFAULTS
     for k, v in table.items():
         if getattr(args, k) is None:
