@@ -326,6 +326,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.ce_baseline = "alexnet" if args.data_set == "imagenet" else "none"
     if args.eval and args.finetune:
         raise ValueError("--finetune trains from weights; to evaluate a checkpoint use --eval --resume FILE")
+    if args.save_logits and not args.output_dir:
+        raise ValueError("--save-logits writes <output_dir>/logits.pt: give --output_dir")
+    for flag in ("resume", "finetune"):
+        if str(getattr(args, flag)).startswith(("http://", "https://")):
+            raise ValueError(f"--{flag} {getattr(args, flag)}: download the file first and pass its path "
+                             "(checkpoints are read from local files only)")
     return args
 
 

@@ -193,10 +193,12 @@ def test_official_flags_parse_with_official_meanings(ti):
     (["--data-set", "CIFAR"], "--data-set CIFAR"),
     (["--model", "rvt_tiny_plus"], "rvt_tiny_plus"),
     (["--attention", "softmax"], "--attention"),
+    (["--resume", "https://example.org/vars_d.pth"], "download the file first"),
+    (["--eval", "--save-logits"], "--output_dir"),
 ])
 def test_unsupported_or_bad_flags_give_one_line_errors(ti, argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        ti.parse_args(["--data-path", "x", *argv])
+        ti.run_cli(lambda: ti.parse_args(["--data-path", "x", *argv]))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and flag in err, err
