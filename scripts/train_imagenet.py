@@ -789,10 +789,9 @@ def ckpt_arg(ckpt: dict, name: str):
     return a.get(name, "?") if isinstance(a, dict) else "?"
 
 
-def finetune_weights(model: nn.Module, args) -> None:
+def finetune_weights(model: nn.Module, ckpt: dict, path) -> list:
     """--finetune: the model's weights from a file (ours or official), a classifier of another size left
-    at its initialisation, every other tensor strict."""
-    ckpt = read_checkpoint(args.finetune, args, what="--finetune")
+    at its initialisation, every other tensor strict; returns the re-initialised keys."""
     state = official_state_dict(ckpt, key="model")
     own = model.state_dict()
     head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
@@ -800,7 +799,7 @@ def finetune_weights(model: nn.Module, args) -> None:
     for k in dropped:
         del state[k]
     missing_head = {k: own[k] for k in own if k.startswith(head + ".") and k not in state}
-    check_state_dict(model, {**state, **missing_head}, limit=5, what=f"--finetune {args.finetune}")
+    check_state_dict(model, {**state, **missing_head}, limit=5, what=f"--finetune {path}")
     model.load_state_dict(state, strict=False)
     return dropped
 
@@ -830,8 +829,10 @@ def main(argv=None) -> int:
         if master and not args.resume:
             print(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
     ckpt = read_checkpoint(args.resume, args) if args.resume else None  # read (and checked) before the model
-    if args.finetune:
-        load_checkpoint_file(args.finetune, trusted=args.trust_checkpoint, what="--finetune")
+    if ckpt is not None and not args.eval and not ("optimizer" in ckpt and "epoch" in ckpt):
+        raise CheckpointError(f"--resume {args.resume} holds weights only (no optimizer state or epoch): it cannot "
+                              f"continue a run; to start training from these weights use --finetune {args.resume}")
+    finetune = read_checkpoint(args.finetune, args, what="--finetune") if args.finetune else None
     if master and out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -879,11 +880,8 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
         return 0
 
-    if ckpt is not None and not ("optimizer" in ckpt and "epoch" in ckpt):
-        raise CheckpointError(f"--resume {args.resume} holds weights only (no optimizer state or epoch): it cannot "
-                              f"continue a run; to start training from these weights use --finetune {args.resume}")
-    if args.finetune:
-        dropped = finetune_weights(model, args)
+    if finetune is not None:
+        dropped = finetune_weights(model, finetune, args.finetune)
         if master:
             print(f"finetuning from {args.finetune}" + (f" ({', '.join(dropped)} re-initialised)" if dropped else ""))
 
