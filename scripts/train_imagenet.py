@@ -9,11 +9,12 @@ its official spelling and default: AdamW with lr 5e-4 per 512 images (scaled by 
 weight decay 0.05, cosine schedule with 5 warm-up epochs, 300 epochs, RandAugment rand-m9-mstd0.5-inc1,
 mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25, drop path 0.1, repeated augmentation,
 EMA 0.99996, and mixed precision on CUDA (bfloat16 where the card has it, else the official float16;
-``--no-amp`` for float32). The official model names (rvt_tiny, rvt_small, rvt_base) and attention names
+``--no-amp`` for float32). The official model names (rvt_tiny, rvt_small, rvt_base, their RVT+ ``_plus``
+variants with learned position masks) and attention names
 (self-att, perf) are aliases; with an official model name, vars_d / vars_sd use the official-compatible
 layers (``compat="official"``), so a released checkpoint loads with ``--resume`` as it is. Official flags
-whose feature is not built here (distillation, patch augmentation, tar data, CIFAR / iNat, the RVT+
-models) stop with a one-line error naming the flag. With ``--data-set fashion-mnist|digits`` the
+whose feature is not built here (distillation, patch augmentation, tar data, CIFAR / iNat) stop with a
+one-line error naming the flag. With ``--data-set fashion-mnist|digits`` the
 augmentation defaults switch to small-image ones (random crop with padding, flip for Fashion-MNIST, no
 RandAugment / mixup / cutmix / erasing / repeated augmentation, 1 warm-up epoch); any explicit flag wins.
 ``-c config.yaml`` sets defaults from a file, as timm's train.py.
@@ -97,8 +98,10 @@ DEFAULT_INPUT_SIZE = {"imagenet": 224, "fashion-mnist": 28, "digits": 8}
 #: official model names (bfshi/VARS robust_models.py) -> ours; with a VARS attention the official names
 #: also select the official-compatible layers (compat="official"), so released checkpoints load as they are
 OFFICIAL_MODELS = {"rvt_tiny": "vars_rvt_tiny", "rvt_small": "vars_rvt_small", "rvt_base": "vars_rvt_base"}
-#: the official RVT+ variants (learned position masks in the first softmax blocks): not built here
-OFFICIAL_PLUS_MODELS = ("rvt_tiny_plus", "rvt_small_plus", "rvt_base_plus")
+#: the official RVT+ variants: the RVT model whose first blocks (10 / 5 / 5) have learned position masks
+#: (softmax attention only, ``masked_blocks``)
+OFFICIAL_PLUS_MODELS = {"rvt_tiny_plus": ("rvt_tiny", 10), "rvt_small_plus": ("rvt_small", 5),
+                        "rvt_base_plus": ("rvt_base", 5)}
 #: official --attention values -> ours
 OFFICIAL_ATTENTIONS = {"self-att": "self", "perf": "performer"}
 ATTENTION_CHOICES = ("self", "performer", "vars_s", "vars_d", "vars_sd", "gfnet", *OFFICIAL_ATTENTIONS)
@@ -147,7 +150,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pin-mem", dest="pin_mem", action="store_false")
     # model
     p.add_argument("--model", default="vars_rvt_tiny",
-                   help="any timm-registered model; official names rvt_tiny / rvt_small / rvt_base are aliases")
+                   help="any timm-registered model; official names rvt_tiny / rvt_small / rvt_base (and _plus) are aliases")
     p.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
                    help="self | performer | vars_s | vars_d | vars_sd (| gfnet); official self-att / perf too")
     p.add_argument("--lam", type=float, default=None, help="VARS sparsity weight (model default: 0.3)")
@@ -298,9 +301,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{flag} {getattr(args, dest)!r} is not supported: {why}")
     if args.data_set in UNSUPPORTED_DATA_SETS:
         parser.error(f"--data-set {args.data_set} is not supported (IMNET / imagenet, fashion-mnist, digits)")
-    if args.model in OFFICIAL_PLUS_MODELS:
-        parser.error(f"--model {args.model} (RVT+ with learned position masks) is not supported; "
-                     f"use {args.model.removesuffix('_plus')}")
+    if args.model in OFFICIAL_PLUS_MODELS and args.attention not in (None, "self", "self-att"):
+        parser.error(f"--model {args.model} (RVT+: learned position masks in softmax attention) runs with "
+                     f"--attention self-att only; the official VARS / Performer blocks ignore the masks: use "
+                     f"--model {OFFICIAL_PLUS_MODELS[args.model][0]}")
     return resolve_args(args)
 
 
@@ -309,6 +313,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.data_set == "IMNET":
         args.data_set = "imagenet"
     args.attention = OFFICIAL_ATTENTIONS.get(args.attention, args.attention)
+    masked_blocks = 0
+    if args.model in OFFICIAL_PLUS_MODELS:
+        args.model, masked_blocks = OFFICIAL_PLUS_MODELS[args.model]
     args.official_model = args.model in OFFICIAL_MODELS
     args.model = OFFICIAL_MODELS.get(args.model, args.model)
     if args.official_model and args.attention is None:
@@ -320,6 +327,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.input_size is None:
         args.input_size = DEFAULT_INPUT_SIZE[args.data_set]
     args.model_kwargs_dict = parse_kwargs(args.model_kwargs)
+    if masked_blocks:
+        args.model_kwargs_dict.setdefault("masked_blocks", masked_blocks)
     if args.official_model and args.attention in ("vars_d", "vars_sd"):
         args.model_kwargs_dict.setdefault("compat", "official")
     if args.ce_baseline is None:

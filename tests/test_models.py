@@ -492,3 +492,27 @@ def test_pretrained_without_a_file_is_an_error_and_a_file_loads_safely(tmp_path)
         timm.create_model("vars_rvt_tiny", attention="vars_d", compat="official", img_size=32, num_classes=4,
                           pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "evil.pth")))
     assert not marker.exists()
+
+
+def test_rvt_plus_position_masks_follow_the_official_formula():
+    """RVT+ (official rvt_tiny_plus): the first blocks' softmax logits are scaled by sigmoid(att_mask)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vars_rvt_tiny", attention="self", masked_blocks=2, img_size=32, num_classes=3,
+                              depth=(3, 1)).eval()
+    masks = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("att_mask")}
+    assert masks == {"transformers.0.blocks.0.attn.att_mask": (6, 4, 4), "transformers.0.blocks.1.attn.att_mask": (6, 4, 4)}
+    attn = model.transformers[0].blocks[1].attn
+    with torch.no_grad():
+        attn.att_mask.normal_()
+        x = torch.randn(2, 4, 192)  # 32 px -> a 2 x 2 token grid
+        qkv = attn.qkv(x).reshape(2, 4, 3, 6, 32).permute(2, 0, 3, 1, 4)
+        logits = (qkv[0] @ qkv[1].transpose(-2, -1)) * 32 ** -0.5 * torch.sigmoid(attn.att_mask)
+        want = attn.proj((logits.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(2, 4, 192))
+        torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+    with torch.device("meta"):  # the official rvt_tiny_plus: 10 masked blocks of (6, 196, 196)
+        full = timm.create_model("vars_rvt_tiny", attention="self", masked_blocks=10)
+    assert sum(k.endswith("att_mask") for k in full.state_dict()) == 10
+    assert full.state_dict()["transformers.0.blocks.9.attn.att_mask"].shape == (6, 196, 196)
+    with pytest.raises(ValueError, match="masked_blocks"):
+        timm.create_model("vars_rvt_tiny", attention="vars_d", masked_blocks=10)

@@ -179,6 +179,8 @@ def test_official_flags_parse_with_official_meanings(ti):
     # the official model names come with the official default attention (self-att); ours keep the host's
     assert ti.parse_args(base + ["--model", "rvt_tiny"]).attention == "self"
     assert ti.parse_args(base + ["--model", "vars_rvt_tiny"]).attention is None
+    plus = ti.parse_args(base + ["--model", "rvt_small_plus"])  # RVT+: position masks in the first 5 blocks
+    assert (plus.model, plus.attention, plus.model_kwargs_dict) == ("vars_rvt_small", "self", {"masked_blocks": 5})
     d = ti.parse_args(base)  # official defaults
     assert (d.num_workers, d.pin_mem, d.repeated_aug, d.model_ema, d.opt, d.sched, d.output_dir, d.cooldown_epochs) \
         == (10, True, True, True, "adamw", "cosine", "", 10)
@@ -191,7 +193,7 @@ def test_official_flags_parse_with_official_meanings(ti):
     (["--distillation-type", "soft"], "--distillation-type"),
     (["--use_patch_aug"], "--use_patch_aug"),
     (["--data-set", "CIFAR"], "--data-set CIFAR"),
-    (["--model", "rvt_tiny_plus"], "rvt_tiny_plus"),
+    (["--model", "rvt_tiny_plus", "--attention", "vars_d"], "--model rvt_tiny"),
     (["--attention", "softmax"], "--attention"),
     (["--resume", "https://example.org/vars_d.pth"], "download the file first"),
     (["--eval", "--save-logits"], "--output_dir"),

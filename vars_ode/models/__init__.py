@@ -23,7 +23,7 @@ from .checkpoint import (OFFICIAL_RENAMES, SAFE_GLOBALS, CheckpointError, check_
 from .deit import DeiTStar, vars_deit_tiny
 from .gfnet import GFNET_MIXERS, GFNetBlock, GFNetStar, StaticSparseCoding, vars_gfnet_tiny
 from .layers import ConvPatchEmbed, GlobalFilter
-from .performer import PerformerAttention, SelfAttention, positive_random_features
+from .performer import MaskedSelfAttention, PerformerAttention, SelfAttention, positive_random_features
 from .rvt import (MLP_TYPES, ConvEmbedding, ConvHeadPooling, ConvMlp, LinearMlp, PoolingTransformer, RVTBlock,
                   RVTStage, vars_rvt_base, vars_rvt_small, vars_rvt_tiny)
 
@@ -33,10 +33,11 @@ MODEL_NAMES = ("vars_deit_tiny", "vars_rvt_tiny", "vars_gfnet_tiny")
 EXTRA_MODEL_NAMES = ("vars_rvt_small", "vars_rvt_base")
 
 __all__ = [
-    "ATTENTIONS", "CheckpointError", "SAFE_GLOBALS", "load_checkpoint_file", "save_safetensors", "EXTRA_MODEL_NAMES", "GFNET_MIXERS", "MLP_TYPES", "MODEL_NAMES", "OFFICIAL_RENAMES", "VARS_ATTENTIONS",
-    "ConvEmbedding", "ConvHeadPooling", "ConvMlp", "ConvPatchEmbed", "DeiTStar", "GFNetBlock", "GFNetStar",
-    "GlobalFilter", "LinearMlp", "PerformerAttention", "PoolingTransformer", "RVTBlock", "RVTStage",
-    "SelfAttention", "StaticSparseCoding", "attention_class", "check_state_dict", "load_official_checkpoint", "official_state_dict",
-    "positive_random_features", "vars_deit_tiny", "vars_gfnet_tiny", "vars_rvt_base", "vars_rvt_small",
-    "vars_rvt_tiny",
+    "ATTENTIONS", "EXTRA_MODEL_NAMES", "GFNET_MIXERS", "MLP_TYPES", "MODEL_NAMES", "OFFICIAL_RENAMES",
+    "SAFE_GLOBALS", "VARS_ATTENTIONS", "CheckpointError", "ConvEmbedding", "ConvHeadPooling", "ConvMlp",
+    "ConvPatchEmbed", "DeiTStar", "GFNetBlock", "GFNetStar", "GlobalFilter", "LinearMlp",
+    "MaskedSelfAttention", "PerformerAttention", "PoolingTransformer", "RVTBlock", "RVTStage", "SelfAttention",
+    "StaticSparseCoding", "attention_class", "check_state_dict", "load_checkpoint_file",
+    "load_official_checkpoint", "official_state_dict", "positive_random_features", "save_safetensors",
+    "vars_deit_tiny", "vars_gfnet_tiny", "vars_rvt_base", "vars_rvt_small", "vars_rvt_tiny",
 ]

@@ -28,7 +28,40 @@ import torch.nn.functional as F
 from timm.layers import Attention as SelfAttention
 from torch import nn
 
-__all__ = ["PerformerAttention", "SelfAttention", "positive_random_features"]
+__all__ = ["MaskedSelfAttention", "PerformerAttention", "SelfAttention", "positive_random_features"]
+
+
+class MaskedSelfAttention(SelfAttention):
+    """Softmax attention with RVT+'s learned position-aware scaling (the official ``rvt_*_plus`` models):
+    the scaled logits ``q.k / sqrt(d)`` are multiplied by ``sigmoid(att_mask)``, a learned
+    (heads, N, N) table for a fixed number N of tokens, before the softmax.
+
+    ``att_mask`` starts at zero (every logit halved); the official code leaves it uninitialised.
+    As a host's attention layer: ``functools.partial(MaskedSelfAttention, num_tokens=N)``.
+
+    Shapes:
+        forward: x (B, N, C) -> (B, N, C), N = ``num_tokens``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, num_tokens: int = 196, **kwargs) -> None:
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        self.num_tokens = int(num_tokens)
+        self.att_mask = nn.Parameter(torch.zeros(num_heads, self.num_tokens, self.num_tokens))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("MaskedSelfAttention takes no attn_mask / is_causal (its mask is learned)")
+        B, N, C = x.shape
+        if N != self.num_tokens:
+            raise ValueError(f"MaskedSelfAttention has a learned mask for {self.num_tokens} tokens, got {N}")
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = (attn * torch.sigmoid(self.att_mask)).softmax(dim=-1)
+        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
 
 
 def positive_random_features(x: torch.Tensor, proj: torch.Tensor, *, normalize: bool = True,

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from .._validation import check_choice
 from ._attention import ATTENTIONS, attention_class, check_attention_kwargs
 from ._factory import create_host, host_cfg
+from .performer import MaskedSelfAttention
 
 __all__ = ["ConvEmbedding", "ConvHeadPooling", "ConvMlp", "LinearMlp", "MLP_TYPES", "PoolingTransformer",
            "RVTBlock", "RVTStage", "vars_rvt_base", "vars_rvt_small", "vars_rvt_tiny"]
@@ -148,7 +149,7 @@ class RVTBlock(nn.Module):
 
     Arguments:
         dim, num_heads: width and heads.
-        attn_layer: attention class, called as ``attn_layer(dim, num_heads=, qkv_bias=, attn_drop=,
+        attn_layer: attention class (or callable), called as ``attn_layer(dim, num_heads=, qkv_bias=, attn_drop=,
             proj_drop=)``; its forward maps (B, N, C) -> (B, N, C).
         mlp_type: "conv" (:class:`ConvMlp`) or "linear" (:class:`LinearMlp`).
 
@@ -183,14 +184,15 @@ class RVTStage(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, attn_layer: type, mlp_ratio: float = 4.,
                  mlp_type: str = "conv", qkv_bias: bool = True, drop: float = 0., attn_drop: float = 0.,
-                 drop_path: Sequence[float] = ()) -> None:
+                 drop_path: Sequence[float] = (), first_attn_layer: Optional[Any] = None,
+                 first_blocks: int = 0) -> None:
         super().__init__()
         drop_path = list(drop_path) or [0.] * depth
         self.depth = depth
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList([
-            RVTBlock(dim, num_heads, attn_layer, mlp_ratio=mlp_ratio, mlp_type=mlp_type, qkv_bias=qkv_bias,
-                     drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
+            RVTBlock(dim, num_heads, first_attn_layer if i < first_blocks else attn_layer, mlp_ratio=mlp_ratio,
+                     mlp_type=mlp_type, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +224,10 @@ class PoolingTransformer(nn.Module):
         attn_drop_rate: attention dropout.
         drop_path_rate: stochastic depth, rising linearly as ``drop_path_rate * i / total_depth``.
         global_pool: only "avg" (average over the final grid).
+        masked_blocks: RVT+ (the official ``rvt_*_plus``): the first ``masked_blocks`` blocks of the first
+            stage use softmax attention with a learned position-aware scaling
+            (:class:`~vars_ode.models.MaskedSelfAttention`); only with ``attention="self"`` (the official
+            VARS blocks ignore the mask).
 
     Shapes:
         forward: (B, in_chans, H, W) -> (B, num_classes);
@@ -245,9 +251,15 @@ class PoolingTransformer(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             global_pool: str = "avg",
+            masked_blocks: int = 0,
     ) -> None:
         super().__init__()
         check_choice("attention", attention, ATTENTIONS)
+        if not isinstance(masked_blocks, int) or isinstance(masked_blocks, bool) or masked_blocks < 0:
+            raise ValueError(f"masked_blocks must be a non-negative integer, got {masked_blocks!r}")
+        if masked_blocks and attention != "self":
+            raise ValueError(f"masked_blocks (RVT+ position masks) needs attention='self', got {attention!r}: the "
+                             "official VARS and Performer blocks do not use the mask")
         check_choice("global_pool", global_pool, ("avg",))
         if not (len(base_dims) == len(depth) == len(heads)) or not depth:
             raise ValueError(f"base_dims, depth and heads must have one (equal) length per stage, got "
@@ -282,10 +294,12 @@ class PoolingTransformer(nn.Module):
         for s in range(n_stages):
             self.grid_sizes.append(grid)
             attn_layer = attention_class(attention, grid_size=grid, num_prefix_tokens=0, **attention_kwargs)
+            masked = partial(MaskedSelfAttention, num_tokens=grid[0] * grid[1]) if s == 0 and masked_blocks else None
             self.transformers.append(RVTStage(
                 widths[s], depth[s], heads[s], attn_layer, mlp_ratio=mlp_ratio, mlp_type=mlp_types[s],
                 qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[start:start + depth[s]]))
+                drop_path=dpr[start:start + depth[s]], first_attn_layer=masked,
+                first_blocks=masked_blocks if s == 0 else 0))
             start += depth[s]
             if s < n_stages - 1:
                 pool = ConvHeadPooling(widths[s], widths[s + 1], stride=2)
