@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vars_ode.robustness import DatasetError, attention_maps, nss  # noqa: E402
-from vars_ode.robustness.cli import ArgumentParser, add_model_args, load_image, model_from_args, run_cli  # noqa: E402
+from vars_ode.robustness.cli import (ArgumentParser, add_model_args, load_image, model_from_args,  # noqa: E402
+                                     positive_int, run_cli)
 
 STIMULUS_EXT = (".jpeg", ".jpg", ".png")
 
@@ -65,7 +66,7 @@ def load_fixations(path: Path, shape: tuple[int, int]) -> np.ndarray:
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", "--data_path", required=True, help="MIT1003 root")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=positive_int, default=None)
     p.add_argument("--output_dir", "--output-dir", default="")
     add_model_args(p)
     args = p.parse_args(argv)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vars_ode.robustness import DatasetError, NormalizedModel, check_image_folder, evaluate  # noqa: E402
 from vars_ode.robustness.cli import (IMAGENET_MEAN, IMAGENET_STD, ArgumentParser, add_model_args,  # noqa: E402
-                                     model_from_args, run_cli)
+                                     model_from_args, non_negative_int, positive_int, run_cli)
 
 
 def check_pacs(root: Path) -> tuple[list[str], list[str]]:
@@ -99,12 +99,12 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", "--data_path", required=True, help="PACS root: <domain>/<class>/<image>")
     p.add_argument("--target", nargs="*", default=None, help="held-out domain(s) (default: each in turn)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", "--batch_size", type=int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", "--batch_size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    p.add_argument("--num_workers", "--num-workers", type=int, default=4)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
+    p.add_argument("--num_workers", "--num-workers", type=non_negative_int, default=4)
     p.add_argument("--output_dir", "--output-dir", default="")
     add_model_args(p)
     args = p.parse_args(argv)

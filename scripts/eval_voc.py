@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vars_ode.robustness import DatasetError, SegmentationMeter, attention_maps  # noqa: E402
-from vars_ode.robustness.cli import ArgumentParser, add_model_args, load_image, model_from_args, run_cli  # noqa: E402
+from vars_ode.robustness.cli import (ArgumentParser, add_model_args, load_image, model_from_args,  # noqa: E402
+                                     positive_int, run_cli)
 
 
 def check_voc(root: Path, split: str) -> list[str]:
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-path", "--data_path", required=True, help="VOC2012 root")
     p.add_argument("--split", default="val")
     p.add_argument("--threshold", type=float, default=0.3)
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=positive_int, default=None)
     p.add_argument("--output_dir", "--output-dir", default="")
     add_model_args(p)
     args = p.parse_args(argv)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from vars_ode.robustness import (IMAGENET_C_CORRUPTIONS, DatasetError, find_fashion_mnist, mean_std,  # noqa: E402
                                  missing_vars_models, require_imagecorruptions)
 from vars_ode.models.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
-from vars_ode.robustness.cli import ArgumentParser, parse_kwargs  # noqa: E402
+from vars_ode.robustness.cli import ArgumentParser, parse_kwargs, positive_int  # noqa: E402
 
 TRAIN = ROOT / "scripts" / "train_imagenet.py"
 NAMES = {"self": "Self-attention", "performer": "Performer", "vars_s": "VARS-S", "vars_d": "VARS-D",
@@ -51,16 +51,16 @@ def get_args(argv=None):
                    help="attention= values; 'none' passes no attention (plain timm models)")
     p.add_argument("--model-kwargs", nargs="*", default=["patch_size=4", "embed_dim=96", "depth=4", "num_heads=3"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="default 10 (quick: 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 64)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default 10 (quick: 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 128 (quick: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="per 512 images")
-    p.add_argument("--subset", type=int, default=None, help="training images (quick: 512)")
-    p.add_argument("--eval-subset", type=int, default=None, help="test images (default 2000, quick: 100)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--subset", type=positive_int, default=None, help="training images (quick: 512)")
+    p.add_argument("--eval-subset", type=positive_int, default=None, help="test images (default 2000, quick: 100)")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     p.add_argument("--corruptions", nargs="*", default=None, help="default all 15 (quick: 3)")
     p.add_argument("--fmnist-path", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--output_dir", "--output-dir", default="runs/robustness_study")
     p.add_argument("--quick", action="store_true", help="a tiny run to check the pipeline")
     a = p.parse_args(argv)

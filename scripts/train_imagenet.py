@@ -76,7 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vars_ode.models._factory import EVAL_CROP_PCT  # noqa: E402  (the hosts' pretrained_cfg crop_pct)
 from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
                                        official_state_dict)
-from vars_ode.robustness.cli import ArgumentParser, parse_kwargs, run_cli  # noqa: E402
+from vars_ode.robustness.cli import (ArgumentParser, non_negative_int, parse_kwargs, positive_int,  # noqa: E402
+                                     run_cli)
 from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError,  # noqa: E402
                                  NormalizedModel, TensorImageDataset, autocast, check_image_folder,
                                  check_train_val_root, create_model, evaluate, fashion_mnist_c, fgsm_attack,
@@ -108,20 +109,6 @@ ATTENTION_CHOICES = ("self", "performer", "vars_s", "vars_d", "vars_sd", "gfnet"
 #: official --data-set values: IMNET is ImageNet; the others are not supported here
 DATA_SETS = ("imagenet", "IMNET", "fashion-mnist", "digits")
 UNSUPPORTED_DATA_SETS = ("CIFAR", "INAT", "INAT19")
-
-
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
-    return v
 
 
 def get_args_parser() -> argparse.ArgumentParser:

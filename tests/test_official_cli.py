@@ -333,3 +333,18 @@ def test_config_file_sets_defaults_and_the_command_line_wins(ti, tmp_path):
     cfg.write_text("no_such_flag: 1\n")
     with pytest.raises(SystemExit):
         ti.parse_args(["-c", str(cfg), "--data-path", "x"])
+
+
+@pytest.mark.parametrize("name, argv, flag", [
+    ("eval_pacs", ["--data-path", "x", "--epochs", "0"], "--epochs"),
+    ("eval_voc", ["--data-path", "x", "--max-images", "-1"], "--max-images"),
+    ("eval_mit1003", ["--data-path", "x", "--input-size", "0"], "--input-size"),
+    ("robustness_study", ["--batch-size", "0"], "--batch-size"),
+])
+def test_every_script_refuses_non_positive_sizes(name, argv, flag, capsys, monkeypatch):
+    import runpy
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(SCRIPTS / f"{name}.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: argument {flag}") and err.count("\n") == 1, err

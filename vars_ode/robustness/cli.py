@@ -10,12 +10,28 @@ import torch.nn as nn
 
 from .engine import create_model
 
-__all__ = ["ArgumentParser", "add_model_args", "model_from_args", "load_weights", "parse_kwargs", "run_cli",
-           "load_image", "MAX_DROPPED_FRACTION"]
+__all__ = ["ArgumentParser", "MAX_DROPPED_FRACTION", "add_model_args", "load_image", "load_weights", "model_from_args",
+           "non_negative_int", "parse_kwargs", "positive_int", "run_cli"]
 
 #: ``load_weights(drop_mismatched=True)`` refuses a checkpoint when more than this fraction of the
 #: model's tensors would keep their initial values (a different model, not a different head)
 MAX_DROPPED_FRACTION = 0.25
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (the error names the value)."""
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
+    return v
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,13 +53,13 @@ def add_model_args(p: argparse.ArgumentParser, default_classes: int = 1000) -> N
     g.add_argument("--model", default="vars_rvt_tiny", help="any timm-registered model")
     g.add_argument("--attention", default=None, help="self | performer | vars_s | vars_d | vars_sd (| gfnet)")
     g.add_argument("--lam", type=float, default=None)
-    g.add_argument("--num_step", "--num-step", type=int, default=None)
+    g.add_argument("--num_step", "--num-step", type=positive_int, default=None)
     g.add_argument("--rand_feat_dim_ratio", "--rand-feat-dim-ratio", type=float, default=None)
     g.add_argument("--solver", default=None)
     g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model keywords (Python literals)")
-    g.add_argument("--num-classes", type=int, default=default_classes, help="classes of the checkpoint's head")
-    g.add_argument("--input-size", "--input_size", type=int, default=224)
+    g.add_argument("--num-classes", type=positive_int, default=default_classes, help="classes of the checkpoint's head")
+    g.add_argument("--input-size", "--input_size", type=positive_int, default=224)
     g.add_argument("--checkpoint", "--resume", dest="checkpoint", default="",
                    help="weights: a train_imagenet.py checkpoint ({'model': ...}) or a plain state dict")
     g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
@@ -51,7 +67,7 @@ def add_model_args(p: argparse.ArgumentParser, default_classes: int = 1000) -> N
                    help="load a checkpoint that weights-only loading refuses (full pickle: it can run code)")
     g.add_argument("--device", default=None, help="cuda | cpu (default cuda when available)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--threads", type=positive_int, default=None)
 
 
 def parse_kwargs(items) -> dict:
