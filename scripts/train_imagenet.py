@@ -224,8 +224,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None, help="cap the optimiser steps per epoch")
     p.add_argument("--eval-every", type=non_negative_int, default=1,
                    help="evaluate every N epochs (0: never during training)")
-    p.add_argument("--print-freq", type=positive_int, default=50)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--print-freq", type=positive_int, default=50,
+                   help="when stderr is not a terminal (a log file): a loss line every N steps instead of a bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-step lines")
     p.add_argument("--log-wandb", action="store_true", help="log to Weights & Biases (when wandb is installed)")
     p.add_argument("--experiment", default="", help="W&B run name")
     # distributed (torchrun sets the environment; torch.distributed.launch also passes --local_rank)
@@ -668,7 +669,7 @@ def run_evaluation(model, val_set, info, args, device, rank, world, amp_dtype, o
            "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "none"}
     progress = EvalProgress(out_dir / "eval_progress.json" if out_dir else None, eval_fingerprint(args, amp_dtype),
                             master, world)
-    show = master and not args.no_progress
+    show = master and not args.no_progress and sys.stderr.isatty()  # bars on a terminal; a log gets the per-set lines
 
     def run_set(key: str, label: str, ds, **kw) -> float:
         done = progress.get(key)
@@ -1006,7 +1007,8 @@ def main(argv=None) -> int:
         sampler.set_epoch(epoch_seed(args.seed, epoch, 0) if args.repeated_aug else epoch)
         train_model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master or args.no_progress,
+        lines = master and not args.no_progress and not sys.stderr.isatty()  # a log file: plain lines
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master or args.no_progress or lines,
                    leave=False, dynamic_ncols=True)
         for step, (images, targets) in enumerate(train_loader):
             if step >= steps_per_epoch:
@@ -1034,6 +1036,9 @@ def main(argv=None) -> int:
             loss_sum += loss_value
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             bar.update(1)
+            if lines and (step % args.print_freq == 0 or step + 1 == steps_per_epoch):
+                print(f"epoch {epoch} step {step + 1}/{steps_per_epoch} loss {loss_value:.4f} "
+                      f"lr {optimizer.param_groups[0]['lr']:.3e}", flush=True)
         bar.close()
         lr_scheduler.step(epoch + 1)
         elapsed = time.time() - t0
