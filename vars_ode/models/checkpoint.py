@@ -18,7 +18,6 @@ files are read with safetensors.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import re
