@@ -348,3 +348,17 @@ def test_every_script_refuses_non_positive_sizes(name, argv, flag, capsys, monke
         runpy.run_path(str(SCRIPTS / f"{name}.py"), run_name="__main__")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: argument {flag}") and err.count("\n") == 1, err
+
+
+def test_official_optimiser_schedule_and_ema_flags_reach_the_run(ti, inc_data, tmp_path):
+    out = tmp_path / "out"
+    assert ti.main(["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1",
+                    "num_heads=2", "--input-size", "16", "--device", "cpu", "--num_workers", "0", "--no-progress",
+                    "--data-path", str(inc_data / "imagenet"), "--batch-size", "2", "--epochs", "1",
+                    "--opt", "sgd", "--momentum", "0.8", "--sched", "step", "--decay-epochs", "1", "--dr", "0.5",
+                    "--model-ema-force-cpu", "--mixup-mode", "pair", "--drop", "0.1", "--output_dir", str(out)]) == 0
+    from vars_ode.models import load_checkpoint_file
+    ckpt = load_checkpoint_file(out / "checkpoint.pth")
+    assert ckpt["optimizer"]["param_groups"][0]["momentum"] == 0.8  # timm's SGD, not AdamW
+    assert ckpt["lr_scheduler"]["decay_rate"] == 0.5 and "decay_t" in ckpt["lr_scheduler"]  # StepLRScheduler
+    assert ckpt["args"]["drop"] == 0.1 and ckpt["args"]["mixup_mode"] == "pair"
