@@ -61,7 +61,7 @@ print(f"P: 3x2, L = {L:.3f}, lam = {lam:.3f}, LASSO minimiser {lasso.tolist()}")
 # `(2, 1, 1)` keep it; `(1, 1, 1)` and `(1, 2, 1)` do not. The red set is `{u : g(u) = LASSO minimiser}`; white
 # dots are where the trajectories end.
 
-# %%
+# %% tags=["figure:phase_portraits"]
 SETTINGS = [(1.0, 2.0, 2.0), (2.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 2.0, 1.0)]
 starts = torch.tensor([[-1.0, 0.9], [1.0, -0.9], [0.9, 1.0]], dtype=DT)
 fig, axs = plt.subplots(1, 4, figsize=(21, 5.4))

@@ -11,7 +11,8 @@ notebook's default size (``SIZE = "small"`` in its parameters cell), figures inc
 reads on a code host. ``tests/test_notebooks.py`` executes every source and fails when the stored
 outputs are stale: a different cell, a different number of figures, or a text output that no longer
 matches (numbers within one unit of their last printed digit; cells tagged ``volatile``, such as
-timings, only by their number of lines).
+timings, only by their number of lines). The first figure of a cell tagged ``figure:NAME`` is also
+written to ``notebooks/figures/NAME.png`` (the figures shown in the README).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ PATTERN = "[0-9][0-9]_*.py"
 KERNEL = "vars-ode-notebooks"
 TIMEOUT = 600   # seconds per cell
 VOLATILE = "volatile"
+FIGURE_TAG = "figure:"
+FIGURES = HERE / "figures"
 
 
 def sources() -> list[Path]:
@@ -198,6 +201,21 @@ def write(nb: nbformat.NotebookNode, path: Path) -> None:
     path.write_text(nbformat.writes(nb) + "\n")
 
 
+def figures(nb: nbformat.NotebookNode) -> dict[str, bytes]:
+    """``{name: PNG bytes}``: the first figure of each code cell tagged ``figure:NAME`` (the README's)."""
+    import base64
+
+    out = {}
+    for cell in nb.cells:
+        for tag in cell.metadata.get("tags", []):
+            if tag.startswith(FIGURE_TAG):
+                png = next((o.data["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})), None)
+                if png is None:
+                    raise ValueError(f"cell tagged {tag} has no figure")
+                out[tag[len(FIGURE_TAG):]] = base64.b64decode(png)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="prefixes of the notebooks to run (default: all)")
@@ -223,6 +241,10 @@ def main(argv=None) -> int:
             else:
                 write(nb, target)
                 print("wrote", target.relative_to(ROOT), f"({target.stat().st_size / 1e6:.2f} MB)")
+                for fig_name, png in figures(nb).items():
+                    FIGURES.mkdir(exist_ok=True)
+                    (FIGURES / f"{fig_name}.png").write_bytes(png)
+                    print("wrote", (FIGURES / f"{fig_name}.png").relative_to(ROOT))
     return 1 if stale else 0
 
 

@@ -104,6 +104,18 @@ def test_stored_notebook_is_executed_with_its_figures(name):
     assert "".join(t for _, t in rn.text_outputs(after)).strip(), "the conclusions cell printed nothing"
 
 
+def test_readme_figures_are_the_stored_notebook_figures():
+    exported = {}
+    for name in NAMES:
+        exported.update(rn.figures(stored(name)))
+    assert len(exported) >= 3, sorted(exported)
+    for fig_name, png in exported.items():
+        path = rn.FIGURES / f"{fig_name}.png"
+        assert path.is_file(), f"{path} missing: run notebooks/run_notebooks.py"
+        assert path.read_bytes() == png, f"{path.name} differs from its notebook's figure: run notebooks/run_notebooks.py"
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes_and_its_stored_outputs_are_current(name, executions):
     result = executions[name].result()

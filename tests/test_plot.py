@@ -195,8 +195,9 @@ def test_attention_overlay_draws_the_maps_of_attention_maps():
         np.testing.assert_allclose(ims[1].get_array(), want[k], rtol=1e-6)
         assert ims[1].get_clim() == pytest.approx((want.min(), want.max()), rel=1e-6)
         assert a.get_title() == f"step {k}"
-    fig, axes = vp.attention_overlay(torch.rand(8, 8, 3), want, steps=[0, T - 1], colorbar=False)
+    fig, axes = vp.attention_overlay(torch.rand(8, 8, 3), want, steps=[0, T - 1], colorbar=False, first_step=1)
     assert len(axes) == 2 and len(fig.axes) == 2
+    assert [a.get_title() for a in axes] == ["step 1", f"step {T}"]
     given = plt.subplots(1, 3)[1]
     fig, axes = vp.attention_overlay(image, maps[0], steps=[0], ax=given)
     assert axes[0] is given[0]

@@ -360,15 +360,17 @@ def _map_grid(maps, grid, prefix_tokens):
 
 
 def attention_overlay(image, maps, *, steps=None, grid=None, prefix_tokens="auto", cmap: str = "inferno",
-                      alpha: float = 0.6, colorbar: bool = True, ax=None, title=None):
+                      alpha: float = 0.6, colorbar: bool = True, first_step: int = 0, ax=None, title=None):
     """Per-iteration attention maps drawn over the image, one panel per step, with one colour bar.
 
     ``image``: ``(H, W)``, ``(C, H, W)`` or ``(H, W, C)`` with one or three channels (min-max scaled
     for display). ``maps``: ``(T, N)``, one image's entry of :func:`vars_ode.attention_maps` (``T``
     recorded iterations, ``N`` tokens, prefix tokens first: they are dropped, ``"auto"`` as the
     layer: ``N - floor(sqrt(N))**2``, and the rest reshaped to ``grid``, square by default), or
-    ``(T, h, w)``. ``steps``: which of the ``T`` maps to draw (default all). All panels share one
-    colour scale. ``ax``: a sequence of at least ``len(steps)`` axes. Returns ``(fig, axes)``.
+    ``(T, h, w)``. ``steps``: which of the ``T`` maps to draw (default all); panel titles number them
+    from ``first_step`` (``1`` for :func:`vars_ode.attention_maps`, whose first map is the iterate
+    after one step). All panels share one colour scale. ``ax``: a sequence of at least ``len(steps)``
+    axes. Returns ``(fig, axes)``.
     """
     img = _image_hw(image)
     grids = _map_grid(maps, grid, prefix_tokens)
@@ -394,11 +396,12 @@ def attention_overlay(image, maps, *, steps=None, grid=None, prefix_tokens="auto
         a.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         im = a.imshow(grids[s], cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest",
                       extent=(-0.5, W - 0.5, H - 0.5, -0.5))
-        a.set_title(f"step {s}", fontsize=9)
+        a.set_title(f"step {s + first_step}", fontsize=9)
         a.set_xticks([])
         a.set_yticks([])
     if colorbar:
-        fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02, label="share of the reconstruction")
+        cb = fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig, axes
