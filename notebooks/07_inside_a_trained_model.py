@@ -24,15 +24,19 @@
 # are trained once (a few CPU minutes) and cached in `notebooks/checkpoints/`; later runs load them.
 
 # %% tags=["parameters"]
-# Parameters: "small" runs in seconds once the checkpoints exist (the test suite uses it); "large" for closer study.
+# Parameters: "small" runs in seconds once the checkpoints exist (the test suite uses it); "large" for closer study;
+# "tiny" trains in seconds (the test suite checks the training path with it).
 SIZE = "small"
 
 # %%
-CFG = {"small": dict(dim=64, depth=4, heads=4, train_images=60_000, epochs=1, batch=128, lr=2e-3, seed=0,
+CFG = {"tiny": dict(dim=16, depth=1, heads=2, train_images=256, epochs=1, batch=128, lr=2e-3, seed=0,
+                    eval_images=16, map_images=1, noise=0.3, max_steps=3),
+       "small": dict(dim=64, depth=4, heads=4, train_images=60_000, epochs=1, batch=128, lr=2e-3, seed=0,
                      eval_images=64, map_images=1, noise=0.3, max_steps=8),
        "large": dict(dim=96, depth=6, heads=4, train_images=60_000, epochs=5, batch=128, lr=2e-3, seed=0,
                      eval_images=5000, map_images=4, noise=0.3, max_steps=12)}
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -52,7 +56,7 @@ torch.set_num_threads(1)   # small models: a second thread only adds synchronisa
 assert SIZE in CFG, f"SIZE must be one of {list(CFG)}"
 cfg = CFG[SIZE]
 print("SIZE =", SIZE, cfg)
-CKPT = Path("checkpoints")
+CKPT = Path(os.environ.get("VARS_ODE_CHECKPOINTS", "checkpoints"))
 CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 KINDS = {"VARS-D": dict(dictionary="d"), "VARS-SD": dict(dictionary="sd", static="dense", grid_size=(7, 7))}
 

@@ -196,6 +196,14 @@ def differences(stored: nbformat.NotebookNode, fresh: nbformat.NotebookNode) -> 
     return diffs
 
 
+def set_size(nb: nbformat.NotebookNode, size: str) -> None:
+    """Replace ``SIZE = "small"`` in the parameters cell."""
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    if 'SIZE = "small"' not in cell.source:
+        raise ValueError("the parameters cell does not set SIZE = \"small\"")
+    cell.source = cell.source.replace('SIZE = "small"', f"SIZE = {size!r}")
+
+
 def write(nb: nbformat.NotebookNode, path: Path) -> None:
     nbformat.validate(nb)
     path.write_text(nbformat.writes(nb) + "\n")
@@ -221,7 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("names", nargs="*", help="prefixes of the notebooks to run (default: all)")
     ap.add_argument("--check", action="store_true", help="compare with the stored outputs, write nothing")
     ap.add_argument("--out", type=Path, default=None, help="write the executed notebooks to this folder instead")
+    ap.add_argument("--size", default=None, help="run at this SIZE instead of the notebook's default (with --out)")
     args = ap.parse_args(argv)
+    if args.size is not None and args.out is None:
+        ap.error("--size needs --out: the stored notebooks are executed at their default size")
     chosen = [p for p in sources() if not args.names or any(p.name.startswith(n) for n in args.names)]
     if not chosen:
         print("no notebook matches", args.names)
@@ -229,7 +240,10 @@ def main(argv=None) -> int:
     stale = 0
     with kernel() as name:
         for py in chosen:
-            nb = execute(read_source(py), name)
+            nb = read_source(py)
+            if args.size is not None:
+                set_size(nb, args.size)
+            nb = execute(nb, name)
             target = py.with_suffix(".ipynb")
             if args.out is not None:
                 args.out.mkdir(parents=True, exist_ok=True)

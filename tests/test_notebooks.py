@@ -48,25 +48,36 @@ def stored(name):
     return nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
 
 
+TINY = "07_inside_a_trained_model@tiny"     # notebook 07 at its tiny size: trains into a temporary folder
+
+
 @pytest.fixture(scope="session")
 def executions(request, tmp_path_factory):
-    """``{name: future}``: the selected sources executed in the background, ``WORKERS`` at a time, the
-    longest first."""
+    """``{name: future}``: the selected notebook runs in the background, ``WORKERS`` at a time, the longest
+    first. A future gives ``(completed process, executed notebook path, checkpoint folder)``, or None when
+    Fashion-MNIST is missing for notebook 07."""
     out = tmp_path_factory.mktemp("executed")
     skip = fashion_mnist_missing()
+    items = {getattr(item, "originalname", None): item for item in request.session.items}
     wanted = [item.callspec.params["name"] for item in request.session.items
               if getattr(item, "originalname", None) == "test_notebook_executes_and_its_stored_outputs_are_current"]
-    wanted = sorted(wanted, key=lambda n: (n not in LONGEST, n))
+    if "test_trained_model_notebook_trains_at_tiny_size" in items:
+        wanted.append(TINY)
+    wanted = sorted(wanted, key=lambda n: (n.split("@")[0] not in LONGEST, n))
 
-    def run(name):
+    def run(key):
+        name, _, size = key.partition("@")
         if name in NEEDS_FASHION_MNIST and skip:
             return None
-        proc = subprocess.run([sys.executable, str(NOTEBOOKS / "run_notebooks.py"), "--out", str(out), name],
-                              capture_output=True, text=True, cwd=ROOT)
-        return proc, out / f"{name}.ipynb"
+        folder = out / (size or "small")
+        args = ["--out", str(folder)] + (["--size", size] if size else [])
+        env = dict(os.environ, VARS_ODE_CHECKPOINTS=str(folder / "checkpoints")) if size else None
+        proc = subprocess.run([sys.executable, str(NOTEBOOKS / "run_notebooks.py"), *args, name],
+                              capture_output=True, text=True, cwd=ROOT, env=env)
+        return proc, folder / f"{name}.ipynb", folder / "checkpoints"
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        yield {name: pool.submit(run, name) for name in wanted}
+        yield {key: pool.submit(run, key) for key in wanted}
 
 
 def test_sources_and_notebooks_are_paired():
@@ -121,13 +132,33 @@ def test_notebook_executes_and_its_stored_outputs_are_current(name, executions):
     result = executions[name].result()
     if result is None:
         pytest.skip(f"{name} needs Fashion-MNIST (Debian package dataset-fashion-mnist): {fashion_mnist_missing()}")
-    proc, path = result
+    proc, path, _ = result
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     fresh = nbformat.read(path, as_version=4)
     assert not [o for c in fresh.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     diffs = rn.differences(stored(name), fresh)
     assert not diffs, f"stored outputs of {name} are stale (python notebooks/run_notebooks.py {name[:2]}):\n" + \
         "\n".join(diffs)
+
+
+def test_trained_model_checkpoints_are_stored():
+    """Notebook 07 loads its models: the test suite never trains them at the small size."""
+    for kind in ("vars_d", "vars_sd"):
+        path = NOTEBOOKS / "checkpoints" / f"fmnist_{kind}_small.pt"
+        assert path.is_file() and path.stat().st_size < 1_000_000, path
+
+
+def test_trained_model_notebook_trains_at_tiny_size(executions):
+    """The training path of notebook 07, at its tiny size, into a temporary checkpoint folder."""
+    result = executions[TINY].result()
+    if result is None:
+        pytest.skip(f"needs Fashion-MNIST (Debian package dataset-fashion-mnist): {fashion_mnist_missing()}")
+    proc, path, checkpoints = result
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["fmnist_vars_d_tiny.pt", "fmnist_vars_sd_tiny.pt"]
+    nb = nbformat.read(path, as_version=4)
+    printed = "".join(t for c in nb.cells if c.cell_type == "code" for _, t in rn.text_outputs(c))
+    assert "training VARS-D" in printed and "SIZE = tiny" in printed and "4. VARS-SD" in printed
 
 
 # ----------------------------------------------------------------------------------------------
