@@ -217,7 +217,8 @@ def figures(nb: nbformat.NotebookNode) -> dict[str, bytes]:
     for cell in nb.cells:
         for tag in cell.metadata.get("tags", []):
             if tag.startswith(FIGURE_TAG):
-                png = next((o.data["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})), None)
+                png = next((o.data["image/png"] for o in cell.get("outputs", [])
+                            if "image/png" in o.get("data", {})), None)
                 if png is None:
                     raise ValueError(f"cell tagged {tag} has no figure")
                 out[tag[len(FIGURE_TAG):]] = base64.b64decode(png)
