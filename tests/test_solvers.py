@@ -180,7 +180,10 @@ def test_active_set_reaches_machine_precision_on_many_problems():
     # a fixed budget: FISTA iterations then one Newton step, never worse than FISTA alone
     fixed = vo.solve(P, X, 0.1, "active_set", tol=0, max_iter=30)
     plain = vo.solve(P, X, 0.1, "fista", tol=0, max_iter=30)
-    assert bool((fixed.stats.residual <= plain.stats.residual).all())
+    # never worse than FISTA alone: where the Newton step is not taken the two are the same point, whose
+    # residuals may differ by rounding (1 + 3e-14 times on some problems), so compare within that
+    assert bool((fixed.stats.residual <= plain.stats.residual * (1 + 1e-9) + 1e-15).all())
+    assert int((fixed.stats.residual < 1e-12).sum()) >= 10  # and the Newton step finishes many of them
     assert bool((fixed.stats.residual < 1e-9).any())  # the support was already right for some
 
 

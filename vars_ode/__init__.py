@@ -34,3 +34,6 @@ __all__ += ["Atoms", "DICTIONARIES", "DenseStaticDictionary", "DynamicDictionary
 from .models import ATTENTIONS, PerformerAttention, load_official_checkpoint  # noqa: E402
 
 __all__ += ["ATTENTIONS", "PerformerAttention", "load_official_checkpoint"]
+
+# figures; matplotlib.pyplot is imported only when a function draws
+from . import plot  # noqa: E402,F401
