@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from vars_ode import solve_gram
 from vars_ode.dictionaries import (DynamicDictionary, StaticDictionary, UnionDictionary, draw_features,
-                                   kkt_residual_operator, positive_random_features, solve_operator)
+                                   positive_random_features)
+from vars_ode.lasso import kkt_residual_operator
+from vars_ode.solvers import solve_operator
 
 D64 = torch.float64
 

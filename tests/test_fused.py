@@ -139,6 +139,7 @@ def test_power_in_float32_with_tiny_and_empty_atoms(seed, m, iters, small, zero)
 def test_gradients_with_static_atoms_against_autograd():
     """Hand-written backward vs autograd through the same computation written with plain tensor ops
     (L detached in both, as in the layer)."""
+    from vars_ode.lasso import GramOperator
     from vars_ode.solvers.iterative import fista
 
     g = torch.Generator().manual_seed(0)
@@ -162,7 +163,7 @@ def test_gradients_with_static_atoms_against_autograd():
                 z = u - (K @ u - b) / L
                 u = torch.sign(z) * torch.relu(z.abs() - 0.05 / L)
         else:
-            u, _ = fista(K, b, 0.05, L, b, tol=0, max_iter=3)
+            u = fista(GramOperator(K), (b,), 0.05, L.squeeze(-1), (b,), tol=0, max_iter=3)[0][0]
         ref = torch.autograd.grad(((P @ u) * w).sum(), (q, v, S))
         for a, r in zip(got, ref):
             assert rel(a, r) < 1e-10

@@ -10,6 +10,7 @@ import vars_ode as vo
 from conftest import make_problem
 from vars_ode.dynamics import GramVARSDynamics
 from vars_ode.solvers import native
+from vars_ode.solvers.ode import DEFAULT_STEP_SIZES
 from vars_ode.sync import count_host_syncs
 
 
@@ -81,7 +82,7 @@ def test_each_column_keeps_its_own_step_size(seed):
     for i in (0, 4, 8):
         (Wi, Ui), rki = run(X[i:i + 1])
         torch.testing.assert_close(U[:, i:i + 1], Ui, rtol=0, atol=1e-5 * max(1.0, Ui.abs().max().item()))
-        assert abs(int(rk.evaluations[0, i]) - int(rki.evaluations[0, 0])) <= 0.25 * int(rki.evaluations[0, 0])
+        assert abs(int(rk.evaluations[i]) - int(rki.evaluations[0])) <= 0.25 * int(rki.evaluations[0])
     # the problems end with different numbers of steps: none is held to another's step size
     assert int(rk.evaluations.min()) < int(rk.evaluations.max())
 
@@ -95,14 +96,17 @@ def test_native_reads_the_device_far_less_often_than_torchdiffeq():
                 sol = vo.solve(P, X, 0.1, method, integrator=integrator, **kw)
             reads[integrator, method, "t_end" in kw] = syncs.count
             evals[integrator, method, "t_end" in kw] = int(sol.stats.iterations.max())
-    # fixed horizon: 80 rk4 steps; torchdiffeq reads at least once a step, native only in solve's own checks
-    assert reads["torchdiffeq", "rk4", True] >= 80
+    # fixed horizon: 20 / step rk4 steps; torchdiffeq reads at least once a step, native only in solve's own checks
+    assert reads["torchdiffeq", "rk4", True] >= 20 / DEFAULT_STEP_SIZES["rk4"]
     assert reads["native", "rk4", True] <= 3
     # steady state: one read per doubling window plus the solve's checks
     assert reads["native", "rk4", False] <= 20 < reads["torchdiffeq", "rk4", False]
-    # adaptive: at most one read per check_every (16) attempts of six evaluations, plus the windows
+    # adaptive: about one read per check_every (16) attempts of six evaluations, plus a few at the end of each
+    # window (the last steps are counted out by the remaining time, and a rejected one is read again)
     n = evals["native", "dopri5", False]
-    assert reads["native", "dopri5", False] <= n / (6 * 16) + 25
+    windows = []
+    vo.solve(P, X, 0.1, "dopri5", tol=1e-5, integrator="native", trace=windows)
+    assert reads["native", "dopri5", False] <= n / (6 * 16) + 5 * len(windows)
     assert reads["torchdiffeq", "dopri5", False] > evals["torchdiffeq", "dopri5", False] / 6
 
 

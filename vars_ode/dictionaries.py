@@ -47,9 +47,9 @@ part. Appended to the random features they keep the small Gram form of VARS-D (a
 :class:`DynamicAtoms` over ``m + m_s`` raw columns), which the convolutional templates, being
 ``r * H * W`` atoms per channel, cannot.
 
-:func:`solve_operator` runs ISTA, FISTA or any torchdiffeq method on an :class:`Atoms` in operator
-form (``gram_apply`` instead of a matrix); it is what the layer uses for the static and union
-dictionaries, whose Gram matrices (``rHW x rHW`` per channel) are too large to form.
+Bound atoms are :class:`vars_ode.lasso.Operator` s: every solver of :mod:`vars_ode.solvers` runs on them
+(:func:`vars_ode.solvers.solve_operator`), in operator form (``gram_apply`` instead of a matrix) for the static
+and union dictionaries, whose Gram matrices (``rHW x rHW`` per channel) are too large to form.
 """
 from __future__ import annotations
 
@@ -60,27 +60,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_positive
-from .ops import _soft, lipschitz_constant
+from .lasso import Operator, _bcast, reduce_over
+from .ops import lipschitz_constant
 
 PADDINGS = ("zeros", "circular")
-OPERATOR_GRAD_MODES = ("unroll", "adjoint")
 
 
-def _bcast(t, fn):
-    # per-problem tensors of 0 dims (a global lam) broadcast everywhere as they are
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
-        return t
-    return fn(t)
-
-
-class Atoms:
-    """The dictionary of one input: ``P`` as an operator. Subclasses implement the methods below.
-
-    Codes are tuples of tensors (blocks); signals are ``(B, h, N, dh)``.
+class Atoms(Operator):
+    """The dictionary of one input: ``P`` as an operator (a :class:`vars_ode.lasso.Operator` for ``K = P^T P``,
+    with ``encode`` and ``decode`` besides). Codes are tuples of tensors (blocks); signals are ``(B, h, N, dh)``;
+    per-problem tensors broadcast to ``(B, h, dh)``.
     """
-
-    #: number of code blocks
-    num_blocks = 1
 
     def encode(self, x: torch.Tensor) -> tuple:
         """``P^T x``: ``(B, h, N, dh)`` signal -> code tuple."""
@@ -94,34 +84,6 @@ class Atoms:
         """``P^T P u``, code tuple -> code tuple."""
         return self.encode(self.decode(code))
 
-    def gram(self) -> torch.Tensor:
-        """The Gram matrix ``K = P^T P`` where it is small; raises otherwise."""
-        raise NotImplementedError(f"{type(self).__name__} has no explicit Gram matrix; use gram_apply")
-
-    def lipschitz(self) -> torch.Tensor:
-        """Bound on the largest eigenvalue of ``P^T P``, per problem, broadcastable to ``(B, h, dh)``."""
-        raise NotImplementedError
-
-    def expand(self, i: int, t):
-        """Per-problem tensor (broadcastable to ``(B, h, dh)``) -> broadcastable to block ``i``."""
-        raise NotImplementedError
-
-    def reduce_dims(self, i: int):
-        """The dimensions of block ``i`` over which a code's atoms run (those :meth:`reduce` reduces)."""
-        raise NotImplementedError
-
-    def reduce(self, i: int, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Block ``i`` tensor -> per-problem ``(B, h, dh)`` by ``op`` in ``{"sum", "amax"}`` over atoms."""
-        return _reduce_dims(t, self.reduce_dims(i), op)
-
-    def roots(self) -> tuple:
-        """Tensors from which everything the operator uses is computed, none a function of another."""
-        return ()
-
-    def with_roots(self, roots: tuple) -> "Atoms":
-        """The same operator rebuilt from other root tensors (the ODE adjoint solves on detached copies)."""
-        raise NotImplementedError
-
     def recipe(self) -> tuple:
         """``(factory, args, kwargs)``: plain values and detached tensors from which :func:`rebuild` makes the
         same operator, without gradients. A layer's statistics keep this instead of the object, which
@@ -133,10 +95,6 @@ def rebuild(recipe: tuple) -> Atoms:
     """The operator of :meth:`Atoms.recipe`."""
     factory, args, kwargs = recipe
     return factory(*args, **kwargs)
-
-
-def _reduce_dims(t, dims, op):
-    return t.sum(dims) if op == "sum" else t.amax(dims)
 
 
 class DynamicAtoms(Atoms):
@@ -621,287 +579,3 @@ class DenseStaticDictionary(nn.Module):
 
     def extra_repr(self):
         return f"num_heads={self.num_heads}, num_atoms={self.num_atoms}, grid={self.grid}"
-
-
-# ---------------------------------------------------------------------------------------------
-# operator-form solvers
-
-
-def _tmap(fn, *ts):
-    return tuple(fn(*args) for args in zip(*ts))
-
-
-def kkt_residual_operator(atoms: Atoms, code: tuple, B: tuple, weight) -> torch.Tensor:
-    """KKT residual of ``code`` for ``min 0.5 u^T P^T P u - u^T b + weight ||u||_1``, per problem ``(B, h, dh)``."""
-    Ku = atoms.gram_apply(code)
-    out = None
-    for i, (u, k, b) in enumerate(zip(code, Ku, B)):
-        w = atoms.expand(i, weight)
-        g = k - b
-        viol = torch.where(u != 0, (g + w * torch.sign(u)).abs(), torch.relu(g.abs() - w))
-        r = atoms.reduce(i, viol, "amax")
-        out = r if out is None else torch.maximum(out, r)
-    return out
-
-
-class _OperatorLCA(nn.Module):
-    """The coupled field of Eq. 8-9 projected on the atoms (as :class:`vars_ode.GramVARSDynamics`),
-    with ``K`` applied as an operator, on the problem rescaled by ``L``. State: ``(W blocks, U blocks)``."""
-
-    def __init__(self, atoms, Bs, Ls, thr, alpha, beta, gamma):
-        super().__init__()
-        self.atoms, self.Bs, self.Ls, self.thr = atoms, Bs, Ls, thr
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
-        self.nfe = 0
-
-    def Ka(self, a):
-        return _tmap(lambda k, L: k / L, self.atoms.gram_apply(a), self.Ls)
-
-    def initial_state(self, code):
-        Ka = self.Ka(code)
-        W = _tmap(lambda b, k: (b + k) / self.alpha, self.Bs, Ka)
-        U = _tmap(lambda c, t: c + torch.sign(c) * t, code, self.thr)
-        return W + U
-
-    def forward(self, t, state):
-        self.nfe += 1
-        n = len(state) // 2
-        W, U = state[:n], state[n:]
-        a = _tmap(_soft, U, self.thr)
-        Ka = self.Ka(a)
-        dW = _tmap(lambda w, k, b: -self.alpha * w + k + b, W, Ka, self.Bs)
-        dU = _tmap(lambda u, k, aa, w: -self.beta * u - self.gamma * (k - aa) + w, U, Ka, a, W)
-        return dW + dU
-
-
-def solve_operator(atoms: Atoms, B: tuple, weight, solver: str = "ista", *, steps=3, tol: float = 0.0,
-                   max_iter: int = 10_000, grad: str = "unroll", init="zeros", L=None, options: dict | None = None,
-                   record: list | None = None, check_every: int = 10):
-    """Solve ``min_u 0.5 ||P u - x||^2 + weight ||u||_1`` per problem with ``P`` given as an operator.
-
-    Arguments:
-        atoms: the bound dictionary.
-        B: code tuple ``P^T x``.
-        weight: the L1 weight, a float or a tensor broadcastable to ``(B, h, dh)``.
-        solver: ``"ista"``, ``"fista"`` or a torchdiffeq method (integrating Eq. 8-9 rescaled by ``L``, so
-            one unit of time is about one ISTA step).
-        steps: iterations (ista / fista) or the integration horizon (ODE); ``None`` iterates until the
-            KKT residual is at most ``tol`` (checked every ``check_every`` iterations, or after every
-            doubling window for ODE solvers) or ``max_iter`` iterations / evaluations are spent.
-        grad: ``"unroll"`` or, with an ODE solver, ``"adjoint"``.
-        init: ``"zeros"``, ``"encode"`` (``u0 = P^T x``) or a code tuple.
-        L: per-problem Lipschitz bound (default ``atoms.lipschitz()``); detached.
-        options: ``rtol``, ``atol``, ``options`` (torchdiffeq's), ``window`` (first window of the steady-state
-            mode), ``alpha``, ``beta``, ``gamma``, ``integrator`` for ODE solvers; ``restart`` for fista.
-            ``integrator`` is ``"auto"`` (default: the fixed-step methods of
-            :mod:`vars_ode.solvers.native`, which do not wait on the device at each step, except with
-            ``record`` or ``grad="adjoint"``), ``"torchdiffeq"`` or ``"native"`` (fixed-step methods only
-            here; the adaptive native methods need the Gram form).
-        record: a list that receives the (detached) code after every iteration / unit of time.
-
-    Returns:
-        ``(code tuple, iterations)``; ``iterations`` is a 0-dim long tensor (ISTA / FISTA iterations or
-        ODE function evaluations).
-    """
-    from .solvers import SOLVERS, native
-    from .solvers.ode import ADAMS, DEFAULT_STEP_SIZE, FIXED_STEP, _eager, choose_integrator
-
-    check_choice("solver", solver, SOLVERS)
-    check_choice("grad", grad, OPERATOR_GRAD_MODES)
-    if solver == "active_set":
-        raise ValueError("solver 'active_set' needs the Gram matrix, which the static and union dictionaries "
-                         "never form (they run in operator form); use 'ista', 'fista' or an ODE solver")
-    is_ode = solver not in ("ista", "fista")
-    if grad == "adjoint" and not is_ode:
-        raise ValueError(f"grad='adjoint' needs an ODE solver, got solver={solver!r}")
-    options = dict(options or {})
-    n = len(B)
-    dev = B[0].device
-    L = (atoms.lipschitz() if L is None else L)
-    L = torch.as_tensor(L, dtype=B[0].dtype, device=dev).detach().clamp_min(torch.finfo(B[0].dtype).tiny)
-    Ls = tuple(atoms.expand(i, L) for i in range(n))
-    ws = tuple(atoms.expand(i, weight) for i in range(n))
-    if isinstance(init, str):
-        check_choice("init", init, ("zeros", "encode"))
-        u = tuple(torch.zeros_like(b) for b in B) if init == "zeros" else tuple(B)
-    else:
-        u = tuple(init)
-
-    def residual(code):
-        return kkt_residual_operator(atoms, code, B, weight)
-
-    def rec(code):
-        if record is not None:
-            record.append(tuple(c.detach() for c in code))
-
-    zero_start = isinstance(init, str) and init == "zeros"  # then K u0 = 0: skip the first product
-
-    if solver in ("ista", "fista"):
-        restart = options.pop("restart", True) if solver == "fista" else True
-        if options:
-            valid = "valid options: ['restart']" if solver == "fista" else "it takes none"
-            raise ValueError(f"unknown option(s) {sorted(options)} for solver {solver!r}; {valid}")
-        # A step is u <- S_{w/L}(u + b/L - K u / L). With a positive float weight the iterate is the code
-        # divided by its threshold tau = w / L, so that the shrinkage is softshrink(., 1): three passes
-        # over the code per step instead of eight; the code itself is tau times the iterate.
-        invL = tuple(1.0 / Li for Li in Ls)
-        if not isinstance(weight, torch.Tensor) and weight > 0:
-            taus = tuple(w / Li for w, Li in zip(ws, Ls))
-            bs = tuple(b / w for b, w in zip(B, ws))
-            u = tuple(ui / ti for ui, ti in zip(u, taus))
-
-            def shrink(ps):
-                return tuple(F.softshrink(p, 1.0) for p in ps)
-
-            def real(code):
-                return tuple(c * t for c, t in zip(code, taus))
-        else:
-            thrs = tuple(w / Li for w, Li in zip(ws, Ls))
-            bs = tuple(b * il for b, il in zip(B, invL))
-
-            def shrink(ps):
-                return tuple(_soft(p, t) for p, t in zip(ps, thrs))
-
-            def real(code):
-                return code
-
-        def step(y, first):
-            if first and zero_start:  # K u0 = 0: skip the product
-                return shrink(tuple(y_ + b for y_, b in zip(y, bs)))
-            Ky = atoms.gram_apply(y)
-            return shrink(tuple(torch.addcmul(yi + b, k, il, value=-1.0) for yi, k, b, il in zip(y, Ky, bs, invL)))
-
-        y, t, it = u, torch.ones((), dtype=B[0].dtype, device=dev), 0
-        while steps is None or it < steps:
-            if steps is None and it % check_every == 0 and (it >= max_iter or bool(residual(real(u)).amax() <= tol)):
-                break
-            un = step(y, it == 0)
-            if solver == "fista":
-                tn = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-                beta = (t - 1) / tn
-                if restart:  # the test is invariant under the positive scaling of each problem
-                    bad = sum(atoms.reduce(i, (yi - ni) * (ni - ui)) for i, (yi, ni, ui) in enumerate(zip(y, un, u))) > 0
-                    beta = torch.where(bad, torch.zeros_like(bad, dtype=beta.dtype), beta)
-                    tn = torch.where(bad, torch.ones_like(beta), tn)
-                y = tuple(ni + atoms.expand(i, beta) * (ni - ui) for i, (ni, ui) in enumerate(zip(un, u)))
-                t = tn
-            else:
-                y = un
-            u, it = un, it + 1
-            if record is not None:
-                rec(real(u))
-        return real(u), torch.full((), it, dtype=torch.long, device=dev)
-
-    # ODE solvers
-    from torchdiffeq import odeint, odeint_adjoint
-
-    alpha, beta_, gamma = (float(options.pop(k, d)) for k, d in (("alpha", 1.0), ("beta", 2.0), ("gamma", 2.0)))
-    rtol = options.pop("rtol", 1e-3 if steps is not None else min(1e-3, max(tol * 1e-2, 1e-10)))
-    atol = options.pop("atol", rtol * 1e-2)
-    window = float(options.pop("window", 4.0))
-    ode_opts = dict(options.pop("options", None) or {})
-    integrator = options.pop("integrator", "auto")
-    if options:
-        raise ValueError(f"unknown option(s) {sorted(options)} for solver {solver!r}; valid options: "
-                         "['alpha', 'atol', 'beta', 'gamma', 'integrator', 'options', 'rtol', 'window']")
-    engine = choose_integrator("torchdiffeq" if integrator == "auto" and record is not None else integrator,
-                               solver, grad)
-    if engine == "native" and solver not in native.FIXED_TABLEAUX:
-        raise ValueError(f"integrator='native' in operator form has the fixed-step methods "
-                         f"{list(native.FIXED_TABLEAUX)}, got {solver!r}; the adaptive native methods need a "
-                         "Gram-form dictionary (dictionary 'd', or a dense static part)")
-    if solver in FIXED_STEP:
-        ode_opts.setdefault("step_size", 0.1 if solver == "explicit_adams" else DEFAULT_STEP_SIZE)
-    if solver in ADAMS:
-        ode_opts.setdefault("max_order", 4)
-    if solver == "scipy_solver":
-        ode_opts.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory
-    step = native.fixed_step_size(solver, ode_opts) if engine == "native" else None
-    thr = _tmap(lambda w, Li: w / Li / (alpha * beta_), ws, Ls)
-    kw = dict(rtol=rtol, atol=atol, method=solver, options=ode_opts)
-
-    def run(atoms_, B_, u_):
-        # the whole ODE solve on (atoms_, B_, u_); returns (codes..., nfe)
-        f = _OperatorLCA(atoms_, _tmap(lambda b, Li: b / Li, B_, Ls), Ls, thr, alpha, beta_, gamma)
-        state = f.initial_state(u_)
-
-        def integrate(st, pts):
-            if engine == "native":
-                # piecewise between the output times; each piece on torchdiffeq's grid from its start
-                out = [st]
-                for a, b in zip(pts[:-1], pts[1:]):
-                    out.append(native.integrate_fixed(f, out[-1], a, b, solver, step))
-                return tuple([o[i] for o in out] for i in range(len(st)))
-            ts = torch.tensor(pts, dtype=B_[0].dtype, device=dev)
-            if grad == "adjoint":
-                params = tuple(t for t in (*atoms_.roots(), *B_) if t.requires_grad)
-                return _eager(odeint_adjoint, f, st, ts, adjoint_params=params, **kw)
-            return _eager(odeint, f, st, ts, **kw)
-
-        def codes(st):
-            return _tmap(_soft, st[n:], thr)
-
-        if steps is not None:
-            T = float(steps)
-            grid = [0.0] + ([float(s) for s in range(1, math.ceil(T))] if record is not None else []) + [T]
-            traj = integrate(state, grid)
-            for j in range(1, len(grid) - 1):
-                rec(codes(tuple(s[j] for s in traj)))
-            out = codes(tuple(s[-1] for s in traj))
-            rec(out)
-            return out, f.nfe
-        t0, span = 0.0, window
-        while True:
-            out = codes(state)
-            if f.nfe >= max_iter or bool(kkt_residual_operator(atoms_, out, B_, weight).amax() <= tol):
-                return out, f.nfe
-            traj = integrate(state, [t0, t0 + span])
-            state = tuple(s[-1] for s in traj)
-            rec(codes(state))
-            t0, span = t0 + span, min(2 * span, 256.0)
-
-    if grad != "adjoint":
-        code, nfe = run(atoms, tuple(B), u)
-    else:
-        roots = atoms.roots()
-        nr, nb = len(roots), len(B)
-        box = {}
-
-        def run_flat(*proxies):
-            code, box["nfe"] = run(atoms.with_roots(proxies[:nr]), proxies[nr:nr + nb], proxies[nr + nb:])
-            return code
-
-        code = _CutGraph.apply(run_flat, *roots, *B, *u)
-        nfe = box["nfe"]
-    return tuple(code), torch.full((), nfe, dtype=torch.long, device=dev)
-
-
-class _CutGraph(torch.autograd.Function):
-    """``fn(*inputs)`` computed on detached copies of ``inputs``, differentiated back onto them.
-
-    torchdiffeq's adjoint differentiates the field with respect to its ``adjoint_params`` by autograd;
-    if one of them (``P^T x``) is computed from another (the atoms), the shared path would be counted
-    twice. Running the solve on independent leaf copies and returning their gradients for the real
-    inputs keeps every path once, so ``B`` and the atoms may come from the same graph.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, *inputs):
-        proxies = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
-        with torch.enable_grad():
-            outs = tuple(fn(*proxies))
-        ctx.proxies, ctx.outs = proxies, outs
-        return tuple(o.detach() for o in outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        want = [i for i, p in enumerate(ctx.proxies) if p.requires_grad]
-        pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
-        got = [None] * len(ctx.proxies)
-        if want and pairs:
-            gs = torch.autograd.grad([o for o, _ in pairs], [ctx.proxies[i] for i in want], [g for _, g in pairs],
-                                     allow_unused=True)
-            for i, g in zip(want, gs):
-                got[i] = g
-        del ctx.outs, ctx.proxies
-        return (None, *got)

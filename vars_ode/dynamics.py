@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._validation import as_lam, check_tensor
+from .lasso import GramOperator
 from .ops import _soft, penalty_weight
 
 
@@ -170,46 +171,102 @@ class ReducedVARSDynamics(_Dynamics):
         return (_mv(self.P, self.code(u)) + self.x) / self.alpha
 
 
-class GramVARSDynamics(nn.Module):
-    """The coupled field (Eq. 8-9) in Gram form, for many problems sharing a Gram matrix.
+class VARSField(nn.Module):
+    """The coupled field of Eq. 8-9 projected on the atoms, for any :class:`vars_ode.lasso.Operator`.
 
     ``w = P^T z`` obeys ``dw/dt = -alpha w + K g(u) + b`` and ``du/dt = -beta u - gamma (K - I) g(u) + w``:
-    the projection of Eq. 8-9 onto the atoms is closed, so the iteration never touches the
-    signal dimension ``d`` (nor the token count of an attention layer).
+    the projection of Eq. 8-9 onto the atoms is closed, so the field never touches the signal dimension
+    (nor the token count of an attention layer). Every ODE solver of the library integrates this field.
+
+    Arguments:
+        op: the operator ``K``; B: code tuple ``b``; threshold: code tuple of thresholds (each broadcastable
+        to its block); scale: optional code tuple of factors applied to ``K g(u)`` (``1 / L`` for the rescaled
+        problem). ``active`` (a tuple of per-block multipliers, or one tensor for a one-block code) freezes
+        the problems where it is zero.
+
+    The state is ``(W blocks..., U blocks...)``. ``nfe`` counts evaluations.
+    """
+
+    def __init__(self, op, B: tuple, threshold: tuple, alpha=1.0, beta=2.0, gamma=2.0, *, scale=None, active=None):
+        super().__init__()
+        self.op, self.Bs, self.thr, self.scale = op, tuple(B), tuple(threshold), scale
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.active = active
+        self.nfe = 0
+
+    def Ka(self, a: tuple) -> tuple:
+        Ka = self.op.gram_apply(a)
+        return Ka if self.scale is None else tuple(k * s for k, s in zip(Ka, self.scale))
+
+    def code(self, state) -> tuple:
+        """``g(u)`` of a state, block by block."""
+        n = len(self.Bs)
+        return tuple(_soft(u, t) for u, t in zip(state[n:], self.thr))
+
+    def initial_state(self, code=None):
+        """``(W, U)`` at ``g(u) = code`` (zero when ``None``) with ``W`` at its equilibrium for that code."""
+        if code is None:
+            return tuple(b / self.alpha for b in self.Bs) + tuple(torch.zeros_like(b) for b in self.Bs)
+        Ka = self.Ka(tuple(code))
+        W = tuple((b + k) / self.alpha for b, k in zip(self.Bs, Ka))
+        # u0 with g(u0) = code: move each non-zero entry out by the threshold
+        return W + tuple(c + torch.sign(c) * t for c, t in zip(code, self.thr))
+
+    def forward(self, t, state):
+        self.nfe += 1
+        n = len(self.Bs)
+        W, U = state[:n], state[n:]
+        a = tuple(_soft(u, th) for u, th in zip(U, self.thr))
+        Ka = self.Ka(a)
+        dW = tuple(-self.alpha * w + k + b for w, k, b in zip(W, Ka, self.Bs))
+        dU = tuple(-self.beta * u - self.gamma * (k - aa) + w for u, k, aa, w in zip(U, Ka, a, W))
+        if self.active is not None:
+            act = (self.active,) * n if isinstance(self.active, torch.Tensor) else self.active
+            dW = tuple(d * m for d, m in zip(dW, act))
+            dU = tuple(d * m for d, m in zip(dU, act))
+        return dW + dU
+
+
+class GramVARSDynamics(VARSField):
+    """:class:`VARSField` for many problems sharing a Gram matrix, on plain tensors.
 
     Arguments:
         K: ``(..., m, m)``; B: ``(..., m, k)`` (each column a problem); threshold: broadcastable
-        to ``(..., 1, k)``. ``active`` (optional bool ``(..., 1, k)``) freezes the other columns.
+        to ``(..., 1, k)``. ``active`` (optional ``(..., 1, k)``) freezes the other columns.
 
     The state is ``(W, U)``, both ``(..., m, k)``. ``nfe`` counts evaluations.
     """
 
     def __init__(self, K, B, threshold, alpha=1.0, beta=2.0, gamma=2.0, active=None):
-        super().__init__()
-        self.K, self.B, self.threshold = K, B, threshold
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
-        self.active = active
-        self.nfe = 0
+        super().__init__(GramOperator(K), (B,), (threshold,), alpha, beta, gamma, active=active)
+
+    # K, B and threshold read and replace the operator, b and the threshold the field integrates
+    @property
+    def K(self):
+        return self.op.K
+
+    @K.setter
+    def K(self, value):
+        self.op = GramOperator(value)
+
+    @property
+    def B(self):
+        return self.Bs[0]
+
+    @B.setter
+    def B(self, value):
+        self.Bs = (value,)
+
+    @property
+    def threshold(self):
+        return self.thr[0]
+
+    @threshold.setter
+    def threshold(self, value):
+        self.thr = (value,)
 
     def initial_state(self, code=None):
-        W = self.B / self.alpha
-        if code is None:
-            return W, torch.zeros_like(self.B)
-        # u0 with g(u0) = code: move each non-zero entry out by the threshold.
-        W = W + (self.K @ code) / self.alpha
-        return W, code + torch.sign(code) * self.threshold
-
-    def forward(self, t, state):
-        self.nfe += 1
-        W, U = state
-        a = _soft(U, self.threshold)
-        Ka = self.K @ a
-        dW = -self.alpha * W + Ka + self.B
-        dU = -self.beta * U - self.gamma * (Ka - a) + W
-        if self.active is not None:
-            dW = dW * self.active
-            dU = dU * self.active
-        return dW, dU
+        return super().initial_state(None if code is None else (code,))
 
 
 def lca_field(K: torch.Tensor, b: torch.Tensor, u: torch.Tensor, threshold) -> torch.Tensor:

@@ -509,11 +509,17 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
         raise ValueError(f"static must have shape (h, N, m_s) = ({qv.shape[3]}, {qv.shape[1]}, m_s), "
                          f"got {tuple(static.shape)}")
     if kernels == "triton":
-        from .triton_gram import check_supported, triton_attention_core
+        from .triton_gram import check_supported, triton_gram_node
 
         check_supported(qv, rand_matrix, static, solver, lipschitz, dropout)
-        return triton_attention_core(qv, rand_matrix, weight, static=static, steps=steps, init=init,
-                                     power_iters=power_iters, low_dtype=low_dtype, residual=residual, stats=stats)
+        low = low_dtype or torch.float32
+        out, *kept = _node_precision(qv.device.type, False, triton_gram_node, qv, rand_matrix, static, weight, steps,
+                                     init, power_iters, low, residual, stats == "lazy", _uses_tf32(qv.device.type, low))
+        if stats == "lazy":
+            G, a, s, L, _ = kept
+            return out, replay_stats(G, a, s, L, weight, steps=steps, init=init)
+        u, A, bs, L, tau = kept
+        return out, u, (A, bs, L, tau)
     work = torch.float64 if qv.dtype == torch.float64 else torch.float32
     low = low_dtype or work
     tf32 = _uses_tf32(qv.device.type, low)

@@ -10,14 +10,26 @@ Three ways, chosen by ``solve(..., grad=...)``:
   iterations: with ``v_S = K_SS^{-1} g_S`` (``g`` the incoming gradient) and ``v`` zero off ``S``,
   ``dL/db = v``, ``dL/dK = -v u*^T`` and ``dL/dw = -v . sign(u*)``.
 * ``"adjoint"``: torchdiffeq's adjoint method through the ODE solve (ODE solvers only).
+
+The implicit gradient of any :class:`vars_ode.lasso.Operator` (:func:`implicit_code`) needs no matrix: ``v``
+solves ``(D K D + I - D) v = D g`` by conjugate gradients with the operator (``D`` the support mask), and
+the gradients of ``K``'s own inputs (a layer's features and templates), of ``b`` and of ``w`` come from
+one differentiable application of the operator, ``F = b - K u* - w sign(u*)``, back-propagated with ``v``.
+Memory does not depend on the number of iterations the solve took.
 """
 from __future__ import annotations
 
 import torch
 
+from .lasso import Operator, tmap
 from .ops import support_system
 
-GRAD_MODES = ("unroll", "implicit", "adjoint")
+#: the gradient modes, with what each needs
+GRAD_MODES = {
+    "unroll": "autograd through every iteration or stage",
+    "implicit": "the implicit function theorem at the solution (on its active set)",
+    "adjoint": "torchdiffeq's adjoint method (ODE solvers only)",
+}
 IMPLICIT_SOLVES = ("direct", "cg")
 
 
@@ -78,3 +90,92 @@ class ImplicitLasso(torch.autograd.Function):
         gw = -(V * torch.sign(code)).sum(-2, keepdim=True)
         gB = V
         return gK.sum_to_size(Kshape), gB.sum_to_size(Bshape), gw.sum_to_size(wshape), None, None, None
+
+
+def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, check_every: int = 8) -> tuple:
+    """Conjugate gradients for ``(D K D + I - D) X = R`` per problem, ``K`` applied by ``op``; ``D`` masks."""
+    def apply(V):
+        KV = op.gram_apply(tmap(torch.mul, D, V))
+        return tuple(d * k + (1 - d) * v for d, k, v in zip(D, KV, V))
+
+    def dot(a, b):
+        return sum(op.reduce(i, x * y) for i, (x, y) in enumerate(zip(a, b)))
+
+    X = tuple(torch.zeros_like(r) for r in R)
+    Rk, Pk = R, R
+    rs = dot(Rk, Rk)
+    tiny = torch.finfo(rs.dtype).tiny
+    stop = (rtol * rtol) * rs.clamp_min(tiny)
+    for it in range(iters):
+        AP = apply(Pk)
+        denom = dot(Pk, AP)
+        alpha = torch.where(denom > 0, rs / denom.clamp_min(tiny), torch.zeros_like(rs))
+        a = tuple(op.expand(i, alpha) for i in range(op.num_blocks))
+        X = tuple(x + ai * p for x, ai, p in zip(X, a, Pk))
+        Rk = tuple(r - ai * ap for r, ai, ap in zip(Rk, a, AP))
+        rs_new = dot(Rk, Rk)
+        if (it + 1) % check_every == 0 and bool((rs_new <= stop).all()):
+            break
+        b = rs_new / rs.clamp_min(tiny)
+        bb = tuple(op.expand(i, b) for i in range(op.num_blocks))
+        Pk = tuple(r + bi * p for r, bi, p in zip(Rk, bb, Pk))
+        rs = rs_new
+    return X
+
+
+class _ImplicitAdjoint(torch.autograd.Function):
+    """Zeros forward; backward maps the incoming gradient ``g`` of ``u*`` to ``v`` (the adjoint solve)."""
+
+    @staticmethod
+    def forward(ctx, solve, *F):
+        ctx.solve = solve
+        return tuple(torch.zeros_like(f) for f in F)
+
+    @staticmethod
+    def backward(ctx, *G):
+        G = tuple(torch.zeros(()) if g is None else g for g in G)
+        return (None, *ctx.solve(G))
+
+
+def implicit_code(op: Operator, B: tuple, w, code: tuple, method: str = "cg", *, cg_iters: int = 500,
+                  cg_rtol: float | None = None) -> tuple:
+    """``code`` (a solution computed without gradients) made differentiable at the fixed point.
+
+    Arguments:
+        op: the operator, with the autograd graph of its inputs; B: ``b`` (code tuple, with its graph);
+        w: the L1 weight (float or per-problem tensor); code: the solution.
+        method: ``"cg"`` (conjugate gradients with ``op``; any operator) or ``"direct"`` (a dense solve per
+            problem, for operators with a Gram matrix).
+
+    Returns the code tuple, equal to ``code``, whose gradient is the implicit one.
+    """
+    code = tuple(c.detach() for c in code)
+    D = tuple((c != 0).to(c.dtype) for c in code)
+    if method == "direct" and not op.has_gram:
+        raise ValueError(f"implicit_solve='direct' needs a Gram matrix, which {type(op).__name__} does not form; "
+                         "use implicit_solve='cg'")
+    dtype = code[0].dtype
+    rtol = cg_rtol if cg_rtol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+    Kd = op.gram().detach() if method == "direct" else None
+
+    def solve(G):
+        with torch.no_grad():
+            R = tuple(d * g for d, g in zip(D, G))
+            if method == "direct":
+                M = support_system(Kd, D[0])
+                r = R[0].transpose(-1, -2).unsqueeze(-1)
+                sol, info = torch.linalg.solve_ex(M, r)
+                if bool((info != 0).any()):
+                    sol = torch.linalg.pinv(M) @ r
+                V = (sol.squeeze(-1).transpose(-1, -2),)
+            else:
+                V = _operator_cg(op, D, R, cg_iters, rtol)
+            return tuple(d * v for d, v in zip(D, V))
+
+    with torch.enable_grad():
+        Ku = op.gram_apply(code)
+        F = tuple(b - k - op.expand(i, w) * torch.sign(c) for i, (b, k, c) in enumerate(zip(B, Ku, code)))
+        if not any(f.requires_grad for f in F):
+            return code
+        zeros = _ImplicitAdjoint.apply(solve, *F)
+    return tuple(c + z for c, z in zip(code, zeros))

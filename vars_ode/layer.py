@@ -78,12 +78,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice
-from .dictionaries import (DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary,
-                           _reduce_dims, kkt_residual_operator, rebuild, solve_operator)
+from .dictionaries import DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary, rebuild
 from .fused import FUSED_SOLVERS, KERNELS, fused_attention_core
-from .gradients import ImplicitLasso
-from .ops import CONVENTIONS, kkt_residual_gram, lipschitz_constant, penalty_weight
-from .solvers import ODE_SOLVERS, SOLVERS
+from .lasso import kkt_residual_operator, reduce_over
+from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
+from .solvers import SOLVERS, check_solver, solve_problem
+from .solvers.ode import FIXED_STEP, LAYER_RTOL, ODE_METHODS
 
 #: accepted names of the three dictionaries
 DICTIONARIES = {
@@ -94,14 +94,13 @@ DICTIONARIES = {
 COMPATS = ("paper", "official")
 RESIDUALS = ("value", "none")
 STATIC_KINDS = ("conv", "dense")
-LAYER_GRAD_MODES = ("unroll", "implicit", "adjoint")
 _DEFAULT = "default"
 
 
 def _reduce_atoms(i, t, op="sum"):
     # per-problem counts of a Gram-form code (B, h, m, dh): over the atoms, dimension -2 (a module-level
     # function, not a bound method of the atoms, which torch.compile could not keep in the layer's statistics)
-    return _reduce_dims(t, -2, op)
+    return reduce_over(t, -2, op)
 
 
 class LayerStats:
@@ -390,22 +389,20 @@ class VARSLayer(nn.Module):
 
     def _check_solver(self, solver, steps, tol, grad):
         # shared by __init__ and set_solver; returns (steps, tol) with tol's default resolved
-        check_choice("solver", solver, SOLVERS)
-        check_choice("grad", grad, LAYER_GRAD_MODES)
+        check_solver(solver, grad)
+        is_ode = SOLVERS[solver].ode
         if steps is not None:
             ok = (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0) or (
-                solver in ODE_SOLVERS and isinstance(steps, float) and steps > 0)
+                is_ode and isinstance(steps, float) and steps > 0)
             if not ok:
                 raise ValueError(f"steps must be a positive integer (a positive float for ODE solvers) or None, got {steps!r}")
         if tol is None:
             tol = 1e-4 if steps is None else 0.0
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
             raise ValueError(f"tol must be a non-negative float or None, got {tol!r}")
-        if grad == "adjoint" and solver not in ODE_SOLVERS:
-            raise ValueError(f"grad='adjoint' needs an ODE solver (one of {list(ODE_SOLVERS)}), got solver={solver!r}")
-        if grad == "implicit" and not self.gram_form:
-            raise ValueError(f"grad='implicit' is implemented for dictionary 'd' (or static='dense') only, got "
-                             f"dictionary {self.dictionary_kind!r}; use grad='unroll' (or 'adjoint' with an ODE solver)")
+        if SOLVERS[solver].needs_gram and not self.gram_form:
+            raise ValueError(f"solver {solver!r} needs the Gram matrix, which dictionary {self.dictionary_kind!r} with "
+                             "static='conv' does not form; use static='dense', or 'ista', 'fista' or an ODE solver")
         if self.compat == "official":
             if solver != "ista" or grad != "unroll":
                 raise ValueError(f"compat='official' runs the official unrolled ISTA loop: solver must be 'ista' and grad "
@@ -544,63 +541,47 @@ class VARSLayer(nn.Module):
             out = (recon + v.to(recon.dtype) if self.residual == "value" else recon).transpose(1, 2)
         return out
 
-    def _sparse_paper(self, q, v, N):
+    def _bind(self, q, v, N):
+        # the dictionary of this input, as an operator (vars_ode.dictionaries.Atoms)
         kind = self.dictionary_kind
-        weight = penalty_weight(self.lam, self.convention)
         if kind == "d":
-            atoms = self.dictionary.bind(q)
-        elif self.gram_form:
+            return self.dictionary.bind(q)
+        grid, p = self._grid(N)
+        if self.gram_form:
             dyn, st = self._parts()
-            grid, p = self._grid(N)
-            atoms = st.bind(grid, p, batch=v.shape[0], dynamic_raw=dyn.bind(q).raw if dyn is not None else None,
-                            lipschitz=self.lipschitz)
-        else:
-            grid, p = self._grid(N)
-            if kind == "s":
-                atoms = self.dictionary.bind(grid, p, dtype=v.dtype)
-            else:
-                atoms = self.dictionary.bind(q, grid, p, dtype=v.dtype)
+            return st.bind(grid, p, batch=v.shape[0], dynamic_raw=dyn.bind(q).raw if dyn is not None else None,
+                           lipschitz=self.lipschitz)
+        if kind == "s":
+            return self.dictionary.bind(grid, p, dtype=v.dtype)
+        return self.dictionary.bind(q, grid, p, dtype=v.dtype)
+
+    def _sparse_paper(self, q, v, N):
+        # every dictionary and solver through the one pipeline, vars_ode.solvers.solve_problem
+        weight = penalty_weight(self.lam, self.convention)
+        atoms = self._bind(q, v, N)
         Bc = atoms.encode(v)
         record = [] if self.record_maps else None
+        spec = SOLVERS[self.solver]
         opts = dict(self.solver_options)
-        is_ode = self.solver in ODE_SOLVERS
-        unit = "function evaluations" if is_ode else "iterations"
-
-        if self.gram_form and record is None:
-            K = atoms.gram()
-            Bm = Bc[0]
-            L = lipschitz_constant(K.detach(), self.lipschitz, iters=atoms.power_iters)[..., None, None]
-            u0 = Bm if self.init == "encode" else torch.zeros_like(Bm)
-            fn = SOLVERS[self.solver][0]
-            if is_ode:
-                opts["grad"] = "unroll" if self.grad == "implicit" else self.grad
-                if self.steps is not None:
-                    opts["t_end"] = self.steps
-            budget = dict(tol=self.tol, max_iter=self.max_iter) if self.steps is None else dict(
-                tol=0.0, max_iter=self.steps if not is_ode else self.max_iter)
-            if self.grad == "implicit":
-                with torch.no_grad():
-                    code, iters = fn(K.detach(), Bm.detach(), weight, L, u0.detach(), **budget, **opts)
-                code = ImplicitLasso.apply(K, Bm, Bm.new_full((1, 1, 1, Bm.shape[-1]), weight), code)
-            else:
-                code, iters = fn(K, Bm, weight, L, u0, **budget, **opts)
-            code = (code,)
-            Kd, Bd = K.detach(), Bm.detach()
-            self.last_stats = LayerStats(self.solver, unit, iters.amax(), (code[0].detach(),),
-                                         lambda: kkt_residual_gram(Kd, Bd, code[0].detach(), weight),
-                                         _reduce_atoms)
+        if record is not None:
+            opts["record"] = record
+        if self.steps is None:
+            budget = dict(tol=self.tol, max_iter=self.max_iter)
+        elif spec.ode:
+            budget = dict(tol=0.0, max_iter=self.max_iter, t_end=self.steps)
+            if self.solver in ODE_METHODS and self.solver not in FIXED_STEP:
+                opts.setdefault("rtol", LAYER_RTOL)
         else:
-            init = Bc if self.init == "encode" else "zeros"
-            code, iters = solve_operator(atoms, Bc, weight, self.solver, steps=self.steps, tol=self.tol,
-                                         max_iter=self.max_iter, grad="unroll" if self.grad == "implicit" else self.grad,
-                                         init=init, options=opts, record=record)
-            cd, Bd = tuple(c.detach() for c in code), tuple(b.detach() for b in Bc)
-            # the operator as a recipe of detached tensors, and its blocks' atom dimensions: not the atoms
-            # object, which keeps the autograd graph alive and which torch.compile cannot keep in a statistic
-            recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
-            self.last_stats = LayerStats(self.solver, unit, iters, cd,
-                                         lambda: kkt_residual_operator(rebuild(recipe), cd, Bd, weight),
-                                         lambda i, t, op="sum": _reduce_dims(t, dims[i], op))
+            budget = dict(tol=0.0, max_iter=self.steps)
+        code, iters = solve_problem(atoms, Bc, weight, self.solver, grad=self.grad,
+                                    init=tuple(Bc) if self.init == "encode" else None, **budget, **opts)
+        cd, Bd = tuple(c.detach() for c in code), tuple(b.detach() for b in Bc)
+        # the operator as a recipe of detached tensors, and its blocks' atom dimensions: not the atoms
+        # object, which keeps the autograd graph alive and which torch.compile cannot keep in a statistic
+        recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
+        self.last_stats = LayerStats(self.solver, spec.unit, iters.amax(), cd,
+                                     lambda: kkt_residual_operator(rebuild(recipe), cd, Bd, weight),
+                                     lambda i, t, op="sum": reduce_over(t, dims[i], op))
         code = tuple(self.attn_drop(c) for c in code)
         recon = self._prefix_readout(atoms.decode(code), N)
         if record is not None:

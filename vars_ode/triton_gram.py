@@ -421,7 +421,7 @@ def block_tokens(low, static):
 class _Plan:
     """Tile sizes, grids and precisions of one call."""
 
-    def __init__(self, qv, m, low, static):
+    def __init__(self, qv, m, low, static, tf32):
         B, N, _, h, dh = qv.shape
         self.m, self.BH = m, B * h
         self.DH, self.M = _pow2(dh), _pow2(m)
@@ -441,8 +441,7 @@ class _Plan:
         self.upcast = interpreting()
         # the m x m iteration and the features' exponent: TF32 under autocast (as the PyTorch node), or
         # when the user allows it for float32 products
-        from .fused import _uses_tf32
-        tf32 = _uses_tf32(qv.device.type, low) or torch.backends.cuda.matmul.allow_tf32
+        tf32 = tf32 or torch.backends.cuda.matmul.allow_tf32
         self.prec = "tf32" if tf32 and not self.upcast else "ieee"
         self.tokens = dict(BN=self.BN, DH=self.DH, M=self.M, LOW=self.low, UPCAST=self.upcast, PREC=self.prec)
 
@@ -465,11 +464,11 @@ def _static_args(S, other):
 
 class _TritonGramSparseCode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qv, W, S, weight, steps, init, power_iters, low, residual, lazy):
+    def forward(ctx, qv, W, S, weight, steps, init, power_iters, low, residual, lazy, tf32):
         B, N, _, h, dh = qv.shape
         md, ms = W.shape[-1], (S.shape[-1] if S is not None else 0)
         m = md + ms  # the dynamic atoms, then the static ones
-        plan = _Plan(qv, m, low, S is not None)
+        plan = _Plan(qv, m, low, S is not None, tf32)
         dev, f32 = qv.device, torch.float32
         Wf = W.detach().to(f32)
         Sx, sstr, static = _static_args(S, Wf)
@@ -520,7 +519,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
         qv, Wf, S, G, a, L, s = ctx.saved_tensors
         plan, md, weight, steps, shrink, encode, residual = ctx.cfg
         if g_out is None:
-            return (None,) * 10
+            return (None,) * 11
         B, N, _, h, dh = qv.shape
         BH, M, DH, P, m = plan.BH, plan.M, plan.DH, plan.splits, plan.m
         ms = m - md
@@ -545,7 +544,7 @@ class _TritonGramSparseCode(torch.autograd.Function):
             *_strides(qv), *wstr, *sstr, *gstr, *_strides(g_qv), *(_strides(g_Sb) if g_Sb is not None else (0,) * 4),
             RESIDUAL=residual, GRAD_S=g_Sb is not None, num_warps=plan.warps_tokens, **plan.tokens, **static)
         g_S = g_Sb.sum(0).to(S.dtype) if g_Sb is not None else None
-        return g_qv, None, g_S, None, None, None, None, None, None, None
+        return g_qv, None, g_S, None, None, None, None, None, None, None, None
 
 
 def check_sizes(head_dim, m, m_s=None):
@@ -582,22 +581,16 @@ def check_supported(qv, rand_matrix, static, solver, lipschitz, dropout):
 
 
 @torch.compiler.disable
-def triton_attention_core(qv, rand_matrix, weight, *, static=None, steps, init, power_iters, low_dtype, residual,
-                          stats="eager"):
-    """:func:`vars_ode.fused.fused_attention_core` with ``kernels="triton"`` (arguments checked there)."""
-    low = low_dtype or torch.float32
+def triton_gram_node(qv, rand_matrix, static, weight, steps, init, power_iters, low, residual, lazy, tf32):
+    """The Triton backend of :func:`vars_ode.fused.fused_attention_core` (which checks the arguments, sets the
+    node's precisions and builds the statistics): ``(out, *kept)``; ``kept`` is ``(u, A, b', L, tau)``, or with
+    ``lazy`` what the backward pass keeps (``G``, ``F^T v``, ``s``, ``L``, ...). ``tf32``: TF32 for the
+    ``m x m`` iteration and the features' exponent."""
     if low not in _TL_DTYPES:
         raise ValueError(f"low_dtype must be float32, bfloat16 or float16 for kernels='triton', got {low}")
-    from .fused import _node_precision, replay_stats
-    lazy = stats == "lazy"
-    out, *kept = _node_precision(qv.device.type, False, _TritonGramSparseCode.apply, qv, rand_matrix, static,
-                                 float(weight), int(steps), init, int(power_iters), low, bool(residual), lazy)
-    if lazy:
-        G, a, s, L, _ = kept
-        return out, replay_stats(G, a, s, L, weight, steps=steps, init=init)
-    u, A, bs, L, tau = kept
-    return out, u, (A, bs, L, tau)
+    return _TritonGramSparseCode.apply(qv, rand_matrix, static, float(weight), int(steps), init, int(power_iters),
+                                       low, bool(residual), lazy, bool(tf32))
 
 
 __all__ = ["CONFIG", "MAX_HEAD_DIM", "MAX_ATOMS", "available", "interpreting", "check_sizes", "check_supported",
-           "triton_attention_core"]
+           "triton_gram_node"]

@@ -70,12 +70,11 @@ class StaticSparseCoding(nn.Module):
                  max_iter: int = 10_000, solver_options: Optional[dict] = None, init: str = "zeros",
                  atoms_per_channel: int = 1, kernel_size: Optional[int] = None, padding: str = "circular") -> None:
         super().__init__()
-        from ..dictionaries import OPERATOR_GRAD_MODES, StaticDictionary
+        from ..dictionaries import StaticDictionary
         from ..ops import penalty_weight
-        from ..solvers import SOLVERS
+        from ..solvers import check_solver
 
-        check_choice("solver", solver, SOLVERS)
-        check_choice("grad", grad, OPERATOR_GRAD_MODES)
+        check_solver(solver, grad)
         check_choice("init", init, ("zeros", "encode"))
         if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0:
             raise ValueError(f"lam must be a non-negative float, got {lam!r}")
@@ -120,7 +119,7 @@ class StaticSparseCoding(nn.Module):
         return cls(dim, grid_size, **{k: v for k, v in kwargs.items() if k in own})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..dictionaries import solve_operator
+        from ..solvers import solve_operator
 
         B, N, C = x.shape
         sig = x.unsqueeze(1)                                        # (B, 1, N, C): one head of C channels

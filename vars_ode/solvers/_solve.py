@@ -1,29 +1,19 @@
-"""``solve`` and ``solve_gram``: one entry point for every solver and gradient mode."""
+"""One pipeline for every solver and gradient mode: :func:`solve_problem` (an operator, ``b``, ``w``), and the
+entries built on it: :func:`solve` (a dictionary and signals), :func:`solve_gram` (a Gram matrix) and
+:func:`solve_operator` (a layer's atoms)."""
 from __future__ import annotations
 
 import math
-from functools import partial
-
 import torch
 
 from .._validation import FLOAT_DTYPES, as_lam, check_choice, check_tensor
-from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, ImplicitLasso
+from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, implicit_code
+from ..lasso import GramOperator, Operator
 from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_residual_gram, lipschitz_constant, penalty_weight
-from . import iterative, ode
 from ._types import Solution, SolverStats, Status
+from .registry import SOLVERS
 
-#: Every valid solver name, mapped to ``(function, unit of SolverStats.iterations)``. A new solver
-#: is one function with the signature of :func:`vars_ode.solvers.iterative.ista` and a line here.
-SOLVERS = {
-    "ista": (iterative.ista, "iterations"),
-    "fista": (iterative.fista, "iterations"),
-    "active_set": (iterative.active_set, "iterations"),
-    **{name: (partial(ode.ode_solve, method=name), "function evaluations") for name in ode.ODE_METHODS},
-}
-ODE_SOLVERS = tuple(ode.ODE_METHODS)
 INITS = ("zeros", "encode")
-DEFAULT_MAX_ITER = 10_000  #: ista / fista / active_set iterations
-DEFAULT_MAX_EVALS = 1_000_000  #: vector-field evaluations for ODE solvers
 
 
 def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: float = 1e-6,
@@ -154,27 +144,114 @@ def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, t
                        init=init, xnorm2=xnorm2, implicit_solve=implicit_solve, L=L, **options)
 
 
-def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2, implicit_solve, L, **options):
+def check_solver(solver: str, grad: str):
+    """ValueError unless ``solver`` is registered and ``grad`` is a gradient mode it allows."""
     check_choice("solver", solver, SOLVERS)
     check_choice("grad", grad, GRAD_MODES)
+    if grad == "adjoint" and not SOLVERS[solver].ode:
+        raise ValueError(f"grad='adjoint' needs an ODE solver (one of {[n for n, s in SOLVERS.items() if s.ode]}), "
+                         f"got solver={solver!r}; use grad='unroll' or 'implicit'")
+
+
+def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_iter: int, grad: str = "unroll",
+                  L=None, init=None, implicit_solve: str = "cg", **options):
+    """Solve ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` for every problem of ``op`` (no validation: the entries
+    validate). Every path of the library ends here.
+
+    Arguments:
+        op: :class:`vars_ode.lasso.Operator`; B: code tuple ``b``; w: L1 weight (float or per-problem tensor).
+        solver: a name of :data:`SOLVERS`; tol, max_iter: the stopping rule (``tol = 0``: the whole budget).
+        grad: ``"unroll"``, ``"implicit"`` (solve without a graph, then :func:`vars_ode.gradients.implicit_code`
+            with ``implicit_solve``) or ``"adjoint"`` (ODE solvers).
+        L: per-problem Lipschitz bound (default ``op.lipschitz()``), detached.
+        init: code tuple or ``None`` (zeros).
+        options: the solver's options (``t_end`` for a fixed horizon of an ODE solver, ``record``, ...).
+
+    Returns ``(code tuple, work per problem)``.
+    """
+    spec = SOLVERS[solver]
+    if spec.needs_gram and not op.has_gram:
+        raise ValueError(f"solver {solver!r} needs the Gram matrix, which {type(op).__name__} does not form "
+                         "(the convolutional static atoms run in operator form); use 'ista', 'fista' or an ODE solver")
+    if L is None:
+        L = op.lipschitz()
+    L = torch.as_tensor(L).detach()
+    if spec.ode:
+        options["grad"] = "unroll" if grad == "implicit" else grad
+    if grad == "implicit":
+        with torch.no_grad():
+            code, iters = spec.fn(op, tuple(b.detach() for b in B), _detach(w), L,
+                                  None if init is None else tuple(c.detach() for c in init),
+                                  tol=tol, max_iter=max_iter, **options)
+        return implicit_code(op, B, w, code, implicit_solve), iters
+    return spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter, **options)
+
+
+def _detach(t):
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def solve_operator(atoms: Operator, B: tuple, weight, solver: str = "ista", *, steps=3, tol: float = 0.0,
+                   max_iter: int = 10_000, grad: str = "unroll", init="zeros", L=None, options: dict | None = None,
+                   record: list | None = None, check_every="auto", implicit_solve: str = "cg"):
+    """Solve ``min_u 0.5 ||P u - x||^2 + weight ||u||_1`` per problem with ``P`` given as an operator (a
+    layer's bound dictionary, :class:`vars_ode.dictionaries.Atoms`, or any :class:`vars_ode.lasso.Operator`).
+
+    Arguments:
+        atoms: the operator. B: code tuple ``P^T x``. weight: the L1 weight, a float or a per-problem tensor.
+        solver: any name of :data:`SOLVERS` (ODE solvers integrate Eq. 8-9 rescaled by ``L``, so one unit of
+            time is about one ISTA step).
+        steps: iterations (ista / fista), or the integration horizon (ODE); ``None`` iterates until the
+            KKT residual is at most ``tol`` or ``max_iter`` iterations / evaluations are spent.
+        grad: ``"unroll"``, ``"implicit"`` (conjugate gradients with the operator) or ``"adjoint"`` (ODE).
+        init: ``"zeros"``, ``"encode"`` (``u0 = P^T x``) or a code tuple.
+        L: per-problem Lipschitz bound (default ``atoms.lipschitz()``); detached.
+        options: the solver's options (``rtol``, ``atol``, ``options``, ``integrator``, ... for ODE solvers;
+            ``restart`` for fista).
+        record: a list that receives the (detached) code after every iteration / unit of time.
+        check_every: residual checks of ista / fista when solving to ``tol``.
+
+    Returns:
+        ``(code tuple, iterations)``; ``iterations`` is a 0-dim long tensor (the largest over the problems).
+    """
+    check_solver(solver, grad)
+    options = dict(options or {})
+    spec = SOLVERS[solver]
+    if isinstance(init, str):
+        check_choice("init", init, INITS)
+        init = None if init == "zeros" else tuple(B)
+    if record is not None:
+        options["record"] = record
+    if steps is not None:
+        if spec.ode:
+            options["t_end"] = steps
+            budget = dict(tol=0.0, max_iter=max_iter)
+        else:
+            budget = dict(tol=0.0, max_iter=int(steps))
+    else:
+        budget = dict(tol=tol, max_iter=max_iter)
+        if solver in ("ista", "fista"):
+            options.setdefault("check_every", check_every)
+    code, iters = solve_problem(atoms, tuple(B), weight, solver, grad=grad, L=L, init=init,
+                                implicit_solve=implicit_solve, **budget, **options)
+    return tuple(code), iters.amax()
+
+
+def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2, implicit_solve, L, **options):
+    check_solver(solver, grad)
     check_choice("lipschitz", lipschitz, LIPSCHITZ_METHODS)
     check_choice("implicit_solve", implicit_solve, IMPLICIT_SOLVES)
     if "convention" in options:
         check_choice("convention", options.pop("convention"), CONVENTIONS)
-    if grad == "adjoint" and solver not in ODE_SOLVERS:
-        raise ValueError(f"grad='adjoint' needs an ODE solver (one of {list(ODE_SOLVERS)}), got solver={solver!r}; "
-                         "use grad='unroll' or 'implicit' with ista / fista")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    spec = SOLVERS[solver]
     if max_iter is None:
-        max_iter = DEFAULT_MAX_EVALS if solver in ODE_SOLVERS else DEFAULT_MAX_ITER
+        max_iter = spec.max_iter
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if K.dtype != B.dtype or K.dtype not in FLOAT_DTYPES:
         raise ValueError(f"K and B must share a floating dtype, got {K.dtype} and {B.dtype}")
-    fn, unit = SOLVERS[solver]
-    if solver in ODE_SOLVERS:
-        options["grad"] = grad
 
     # Problems with non-finite inputs are replaced by harmless ones and reported, so they
     # cannot disturb the others (adaptive ODE step control sees the whole batch).
@@ -197,17 +274,16 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     L = torch.where(torch.isfinite(L), L, torch.ones((), dtype=L.dtype, device=L.device))
 
     if isinstance(init, str):
-        u0 = torch.zeros_like(Bf) if init == "zeros" else Bf.detach().clone()
+        u0 = None if init == "zeros" else (Bf.detach().clone(),)
     else:
-        u0 = torch.where(finite, init.expand(Bf.shape), torch.zeros((), dtype=B.dtype, device=B.device))
-        u0 = u0.detach()
+        u0 = (torch.where(finite, init.expand(Bf.shape), torch.zeros((), dtype=B.dtype, device=B.device)).detach(),)
 
-    if grad == "implicit":
-        with torch.no_grad():
-            code, iters = fn(K.detach(), Bf.detach(), Wf.detach(), L, u0, tol=tol, max_iter=max_iter, **options)
-        code = ImplicitLasso.apply(K, Bf, Wf, code, implicit_solve)
-    else:
-        code, iters = fn(K, Bf, Wf, L, u0, tol=tol, max_iter=max_iter, **options)
+    # per-problem tensors in the problems' shape (..., k); L broadcasts over the columns
+    w = Wf.squeeze(-2)
+    Lp = L.squeeze(-1) if L.dim() >= 2 else L
+    code, iters = solve_problem(GramOperator(K), (Bf,), w, solver, tol=tol, max_iter=max_iter, grad=grad, L=Lp,
+                                init=u0, implicit_solve=implicit_solve, **options)
+    code = code[0]
 
     with torch.no_grad():
         cd = code.detach()
@@ -226,7 +302,7 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     if not all_finite:
         code = torch.where(finite, code, torch.full((), math.nan, dtype=code.dtype, device=code.device))
         residual = torch.where(finite.squeeze(-2), residual, torch.full_like(residual, math.nan))
-    stats = SolverStats(iterations=iters.squeeze(-2).expand(converged.shape), residual=residual, objective=objective,
-                        nnz=nnz, converged=converged, status=status, solver=solver, unit=unit,
+    stats = SolverStats(iterations=iters.expand(converged.shape), residual=residual, objective=objective,
+                        nnz=nnz, converged=converged, status=status, solver=solver, unit=spec.unit,
                         trace=options.get("trace") or [])
     return Solution(code=code, reconstruction=None, output=None, stats=stats)

@@ -1,7 +1,10 @@
-"""Proximal-gradient solvers in Gram form: ISTA (Eq. 12) and FISTA.
+"""Proximal-gradient solvers: ISTA (Eq. 12), FISTA and FISTA with Newton steps on the active set.
 
-Both iterate on ``K = P^T P`` (``(..., m, m)``) and ``B = P^T X`` (``(..., m, k)``, one problem per
-column), so the signal dimension never enters the loop. Problems whose KKT residual reaches
+Each is written once against :class:`vars_ode.lasso.Operator`: it applies ``K = P^T P`` to codes (tuples of
+blocks) and sees ``b = P^T x``, never ``P`` or the signals, so the signal dimension (the token count of a
+layer) never enters the loop. The Gram form (``K`` a matrix, one problem per column) and a layer's
+convolutional templates run through the same lines. Per-problem tensors (``w``, ``L``, iteration counts)
+have the problems' shape (:mod:`vars_ode.lasso`). Problems whose KKT residual reaches
 ``tol`` are frozen; the loop ends when all are, or after ``max_iter`` iterations. With ``tol = 0``
 the loop runs exactly ``max_iter`` iterations and never synchronises with the host.
 
@@ -20,13 +23,18 @@ import numbers
 
 import torch
 
+from ..lasso import Operator, tmap
 from ..ops import _soft, support_system
 
 
-def _residual_from_grad(grad, u, w):
-    on = (grad + w * torch.sign(u)).abs()
-    off = torch.relu(grad.abs() - w)
-    return torch.where(u != 0, on, off).amax(dim=-2, keepdim=True)
+def _residual_from_grad(op: Operator, grad: tuple, u: tuple, w) -> torch.Tensor:
+    out = None
+    for i, (g, ui) in enumerate(zip(grad, u)):
+        wi = op.expand(i, w)
+        viol = torch.where(ui != 0, (g + wi * torch.sign(ui)).abs(), torch.relu(g.abs() - wi))
+        r = op.reduce(i, viol, "amax")
+        out = r if out is None else torch.maximum(out, r)
+    return out
 
 
 def _soft_fast(v, thr):
@@ -62,23 +70,22 @@ class _Freezer:
     residual is at or below ``tol`` keep the iterate of that moment; the batch iterates on (a
     converged problem only moves within its tolerance) until all have stopped or the budget ends."""
 
-    def __init__(self, like, tol, check_every, trace, max_iter):
+    def __init__(self, op, like, tol, check_every, trace, max_iter):
         check_every = _check_every(check_every)
         if check_every == "auto" and trace is not None:
             check_every = 1  # a trace asks for the whole history
-        self.tol, self.check_every, self.trace, self.max_iter = tol, check_every, trace, max_iter
-        shape = like.shape[:-2] + (1, like.shape[-1])
-        self.done = torch.zeros(shape, dtype=torch.bool, device=like.device)
-        self.iters = torch.zeros(shape, dtype=torch.long, device=like.device)
+        self.op, self.tol, self.check_every, self.trace, self.max_iter = op, tol, check_every, trace, max_iter
+        self.done = op.problems_like(like, False, torch.bool)
+        self.iters = op.problems_like(like, 0, torch.long)
         self.kept = like
 
     def check(self, it, u, grad, w) -> bool:
         """True when every problem has stopped."""
         if self.tol <= 0 or not check_due(it, self.check_every, self.max_iter):
             return False
-        r = _residual_from_grad(grad, u, w)
+        r = _residual_from_grad(self.op, grad, u, w)
         new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
-        self.kept = torch.where(new, u, self.kept)
+        self.kept = self.op.where(new, u, self.kept)
         self.iters = torch.where(new, torch.full_like(self.iters, it), self.iters)
         self.done = self.done | new
         if self.trace is not None:
@@ -89,57 +96,80 @@ class _Freezer:
         if self.tol <= 0:
             return u, torch.full_like(self.iters, it)
         iters = torch.where(self.done, self.iters, torch.full_like(self.iters, it))
-        return torch.where(self.done, self.kept, u), iters
+        return self.op.where(self.done, self.kept, u), iters
 
 
-def ista(K, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, **unused):
-    """Eq. 12: ``u <- S_{w/L}(u - (K u - B) / L)``. Returns ``(code, iterations)``.
+def _steps(op, w, L):
+    n = op.num_blocks
+    step = tuple(1.0 / op.expand(i, L) for i in range(n))
+    thr = tuple(op.expand(i, w) * s for i, s in enumerate(step))
+    return step, thr
 
-    With ``tol > 0`` the KKT residual is checked on the schedule of ``check_every`` (see the module
-    docstring; a check costs a few element-wise operations and one host read, the product ``K u`` is
-    shared with the step)."""
+
+def _record(record, code):
+    if record is not None:
+        record.append(tuple(c.detach() for c in code))
+
+
+def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, record=None, **unused):
+    """Eq. 12: ``u <- S_{w/L}(u - (K u - b) / L)``. Returns ``(code, iterations)``.
+
+    ``init`` is a code tuple, or ``None`` for zeros (whose first product is skipped). With ``tol > 0`` the
+    KKT residual is checked on the schedule of ``check_every`` (see the module docstring; a check costs a
+    few element-wise operations and one host read, the product ``K u`` is shared with the step). ``record``
+    (a list) receives the code after every iteration."""
     _reject(unused, "ista", ("check_every",))
-    u = init
-    step = 1.0 / L
-    thr = w * step
-    fr = _Freezer(B, tol, check_every, trace, max_iter)
+    step, thr = _steps(op, w, L)
+    zero = init is None
+    u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
+    fr = _Freezer(op, u, tol, check_every, trace, max_iter)
     it = 0
     for it in range(max_iter + 1):
-        grad = K @ u - B
+        if tol <= 0 and it == max_iter:
+            break
+        if zero and it == 0:
+            grad = tuple(-b for b in B)
+        else:
+            grad = tmap(torch.sub, op.gram_apply(u), B)
         if fr.check(it, u, grad, w) or it == max_iter:
             break
-        u = _soft_fast(u - step * grad, thr)
+        u = tuple(_soft_fast(ui - s * g, t) for ui, g, s, t in zip(u, grad, step, thr))
+        _record(record, u)
     return fr.result(u, it)
 
 
-def fista(K, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True, trace=None, **unused):
+def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True, trace=None, record=None, **unused):
     """FISTA (Beck & Teboulle, 2009) with optional gradient-based adaptive restart
     (O'Donoghue & Candes, 2015). One product with ``K`` per iteration. Returns ``(code, iterations)``."""
     _reject(unused, "fista", ("check_every", "restart"))
-    u = init
-    step = 1.0 / L
-    thr = w * step
-    Ku = K @ u
+    step, thr = _steps(op, w, L)
+    zero = init is None
+    u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
+    Ku = tuple(torch.zeros_like(b) for b in B) if zero else op.gram_apply(u)
     y, Ky = u, Ku
-    t = torch.ones(B.shape[:-2] + (1, B.shape[-1]), dtype=B.dtype, device=B.device)
-    fr = _Freezer(B, tol, check_every, trace, max_iter)
+    t = op.problems_like(u, 1.0)
+    fr = _Freezer(op, u, tol, check_every, trace, max_iter)
     it = 0
     for it in range(max_iter + 1):
-        if fr.check(it, u, Ku - B, w) or it == max_iter:
+        if fr.check(it, u, tmap(torch.sub, Ku, B), w) or it == max_iter:
             break
-        u_next = _soft_fast(y - step * (Ky - B), thr)
-        Ku_next = K @ u_next
+        u_next = tuple(_soft_fast(yi - s * (k - b), th) for yi, k, b, s, th in zip(y, Ky, B, step, thr))
+        last = tol <= 0 and it + 1 == max_iter
+        Ku_next = Ku if last else op.gram_apply(u_next)  # the last product of a fixed budget is never used
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
         beta = (t - 1) / t_next
-        diff = u_next - u
+        diff = tmap(torch.sub, u_next, u)
         if restart:
             # restart the momentum where it points uphill: (y - u_next) . (u_next - u) > 0
-            bad = ((y - u_next) * diff).sum(-2, keepdim=True) > 0
+            bad = sum(op.reduce(i, (yi - ni) * d) for i, (yi, ni, d) in enumerate(zip(y, u_next, diff))) > 0
             beta = torch.where(bad, torch.zeros_like(beta), beta)
             t_next = torch.where(bad, torch.ones_like(t_next), t_next)
-        y = u_next + beta * diff
-        Ky = Ku_next + beta * (Ku_next - Ku)
+        bs = tuple(op.expand(i, beta) for i in range(op.num_blocks))
+        y = tuple(ni + b * d for ni, b, d in zip(u_next, bs, diff))
+        if not last:
+            Ky = tuple(kn + b * (kn - k) for kn, b, k in zip(Ku_next, bs, Ku))
         u, Ku, t = u_next, Ku_next, t_next
+        _record(record, u)
     return fr.result(u, it)
 
 
@@ -148,7 +178,7 @@ def _reject(unused, solver, known):
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {solver!r}; valid options: {sorted(known)}")
 
 
-def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, **unused):
+def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, **unused):
     """FISTA with Newton polishing on the active set, for solutions to machine precision.
 
     Chunks of FISTA iterations (``first_chunk``, then doubling) alternate with a polish step: on
@@ -157,34 +187,41 @@ def active_set(K, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, *
     residual is at or below ``tol``, which happens as soon as FISTA has found the support and signs;
     the others continue with FISTA. ``max_iter`` bounds the FISTA iterations; polish steps count
     as one iteration each. With ``tol = 0``: ``max_iter`` FISTA iterations and one polish step.
-    Returns ``(code, iterations)``.
+    Needs an operator with a Gram matrix (:attr:`Operator.has_gram`). Returns ``(code, iterations)``.
     """
     _reject(unused, "active_set", ("first_chunk",))
+    K = op.gram()
+    wk = op.expand(0, w)
+
+    def resid(c):
+        return _residual_from_grad(op, tmap(torch.sub, op.gram_apply(c), B), c, w)
+
+    def polish(c):
+        return (_polish(K, B[0], wk, c[0]),)
+
     if tol <= 0:
         # fixed budget (an attention layer's `steps`): FISTA, then one Newton step on the support
         # found, kept where it lowers the KKT residual; no host synchronisation
-        u, iters = fista(K, B, w, L, init, tol=0, max_iter=max_iter)
-        cand = _polish(K, B, w, u)
-        better = _residual_from_grad(K @ cand - B, cand, w) < _residual_from_grad(K @ u - B, u, w)
-        return torch.where(better, cand, u), iters + 1
+        u, iters = fista(op, B, w, L, init, tol=0, max_iter=max_iter)
+        cand = polish(u)
+        return op.where(resid(cand) < resid(u), cand, u), iters + 1
     u = init
-    iters = torch.zeros(B.shape[:-2] + (1, B.shape[-1]), dtype=torch.long, device=B.device)
+    iters = op.problems_like(B, 0, torch.long)
     spent, chunk = 0, int(first_chunk)
     while spent < max_iter:
         n = min(chunk, max_iter - spent)
-        u, it = fista(K, B, w, L, u, tol=tol, max_iter=n)
+        u, it = fista(op, B, w, L, u, tol=tol, max_iter=n)
         iters = iters + it
         spent += n
-        r = _residual_from_grad(K @ u - B, u, w)
+        r = resid(u)
         todo = (r > tol) & torch.isfinite(r)
         if trace is not None:
             trace.append((spent, float(r.amax())))
         if not bool(todo.any()):
             break
-        cand = _polish(K, B, w, u)
-        rc = _residual_from_grad(K @ cand - B, cand, w)
-        take = todo & (rc <= tol)
-        u = torch.where(take, cand, u)
+        cand = polish(u)
+        take = todo & (resid(cand) <= tol)
+        u = op.where(take, cand, u)
         iters = iters + todo
         if not bool((todo & ~take).any()):
             break

@@ -12,14 +12,15 @@ device:
 * adaptive (``dopri5``, ``bosh3``): the step size, the time and the accept / reject decision are
   kept *per problem* (per column of the Gram system), as tensors. A rejected column keeps its state;
   a column at the end of the interval takes steps of length zero. The host looks at the device once
-  every ``check_every`` attempts (is every column at ``t1``?). The step-size rule is torchdiffeq's
+  at most every ``check_every`` attempts (is every column at ``t1``, and how many steps does the slowest still need?). The step-size rule is torchdiffeq's
   (safety 0.9, growth at most 10, shrink at least 0.2 after a rejection, exponent ``1 / order``), as
   is the first step (Hairer, Norsett and Wanner, II.4), both evaluated per column. Because the
   columns no longer share one step size, the evaluations differ from torchdiffeq's, whose error norm
   spans the whole batch; the solution agrees to the tolerance.
 
-The state is a tuple of tensors ``(..., m, k)``: problems are columns (the last dimension), and the
-error norm of a column is the largest root-mean-square over the tuple's tensors, taken over the
+The state is a tuple of tensors mapped onto the problems by a :class:`vars_ode.lasso.Operator` (by default the
+Gram form: tensors ``(..., m, k)`` whose columns are problems); the error norm of a problem is the largest
+root-mean-square over the tuple's tensors, taken over its atoms (for the Gram form, the
 ``m`` rows. Gradients flow through the stages (unrolled); step-size control is detached.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..lasso import GramOperator
 
 # (c, A, b): nodes, lower-triangular stage coefficients (row i has i entries), weights.
 FIXED_TABLEAUX = {
@@ -67,15 +70,17 @@ ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every",
 
 
 def _combine(y, dt, ks, coeffs):
-    """``y + dt * sum_j coeffs[j] ks[j]`` for every tensor of the tuple state, skipping zero weights."""
+    """``y + dt * sum_j coeffs[j] ks[j]`` for every tensor of the tuple state, skipping zero weights; ``dt`` a
+    float or a tuple with one step (broadcastable) per tensor of the state."""
     out = []
     for i, yi in enumerate(y):
+        h = dt[i] if isinstance(dt, tuple) else dt
         acc = None
         for c, k in zip(coeffs, ks):
             if c != 0.0:
                 term = k[i] * c
                 acc = term if acc is None else acc + term
-        out.append(yi if acc is None else yi + dt * acc)
+        out.append(yi if acc is None else yi + h * acc)
     return tuple(out)
 
 
@@ -111,19 +116,6 @@ def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float):
     return y
 
 
-def _column_rms(t: torch.Tensor) -> torch.Tensor:
-    return t.pow(2).mean(-2, keepdim=True).sqrt()
-
-
-def _mixed(ts) -> torch.Tensor:
-    """Per-column norm of a tuple: the largest RMS over its tensors, ``(..., 1, k)``."""
-    out = None
-    for t in ts:
-        r = _column_rms(t)
-        out = r if out is None else torch.maximum(out, r)
-    return out
-
-
 class AdaptiveRK:
     """A per-column embedded Runge-Kutta integrator (``dopri5`` or ``bosh3``) that keeps its step
     sizes between calls of :meth:`integrate` (one call per time window).
@@ -132,22 +124,26 @@ class AdaptiveRK:
         f: the vector field, ``f(t, state) -> tuple`` like ``state``; ``t`` is passed as a float.
         method: ``"dopri5"`` or ``"bosh3"``.
         rtol, atol: tolerances of the local error per column.
-        cols: the shape ``(..., 1, k)`` of one problem per column.
+        cols: the problems' shape (``(..., k)`` for one problem per column).
+        layout: the :class:`vars_ode.lasso.Operator` whose ``norm`` and ``expand`` map the state onto the
+            problems (default: the Gram form, one problem per column of every tensor of the state).
         options: ``safety`` (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``first_step`` (per-column
-            Hairer estimate), ``check_every`` (attempts between two looks at the device, 16),
+            Hairer estimate), ``check_every`` (the most attempts between two looks at the device, 16; each look also
+            estimates the steps still needed, and the next look comes after that many),
             ``max_num_steps`` (attempts per call, 2**31 - 1).
 
-    ``attempts`` counts attempted steps; ``evaluations`` (a ``(..., 1, k)`` long tensor) counts, per
+    ``attempts`` counts attempted steps; ``evaluations`` (a long tensor of the problems' shape) counts, per
     column, the evaluations spent while that column was still short of the window's end.
     """
 
-    def __init__(self, f, method: str, rtol: float, atol: float, cols, dtype, device, options=None):
+    def __init__(self, f, method: str, rtol: float, atol: float, cols, dtype, device, options=None, layout=None):
         options = dict(options or {})
         unknown = sorted(set(options) - set(ADAPTIVE_OPTIONS))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for integrator='native' with method {method!r}; "
                              f"valid options: {list(ADAPTIVE_OPTIONS)}")
         self.f, self.method = f, method
+        self.layout = layout if layout is not None else GramOperator(None)
         self.c, self.A, self.b, b_low, self.order = ADAPTIVE_TABLEAUX[method]
         self.e = tuple(hi - lo for hi, lo in zip(self.b, b_low))
         self.rtol, self.atol = float(rtol), float(atol)
@@ -162,6 +158,7 @@ class AdaptiveRK:
         self.dt = None if first is None else torch.full(cols, float(first), dtype=dtype, device=device)
         self.evaluations = torch.zeros(cols, dtype=torch.long, device=device)
         self.attempts = 0
+        self._burst = 1  # attempts between two host reads: 2, 4, 8, ... up to check_every
         self.k1 = None
 
     def _first_step(self, y, f0):
@@ -169,16 +166,26 @@ class AdaptiveRK:
         with torch.no_grad():
             yd, fd = tuple(t.detach() for t in y), tuple(t.detach() for t in f0)
             scale = tuple(self.atol + self.rtol * t.abs() for t in yd)
-            d0 = _mixed(tuple(a / s for a, s in zip(yd, scale)))
-            d1 = _mixed(tuple(a / s for a, s in zip(fd, scale)))
+            d0 = self._norm(tuple(a / s for a, s in zip(yd, scale)))
+            d1 = self._norm(tuple(a / s for a, s in zip(fd, scale)))
             tiny = (d0 < 1e-5) | (d1 < 1e-5)
             h0 = torch.where(tiny, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
-            f1 = self.f(0.0, tuple(a + h0 * b for a, b in zip(yd, fd)))
-            d2 = _mixed(tuple((a - b) / s for a, b, s in zip(f1, fd, scale))) / h0
+            f1 = self.f(0.0, tuple(a + self._x(j, h0) * b for j, (a, b) in enumerate(zip(yd, fd))))
+            d2 = self._norm(tuple((a - b) / s for a, b, s in zip(f1, fd, scale))) / h0
             dmax = torch.maximum(d1, d2)
             h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
                              (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / (self.order + 1)))
             return torch.minimum(100 * h0, h1)
+
+    def _norm(self, ts):
+        return self.layout.norm(ts)
+
+    def _x(self, j, t):
+        # a per-problem tensor, broadcastable to entry j of the state
+        return self.layout.expand(j % self.layout.num_blocks, t)
+
+    def _where(self, mask, a, b):
+        return tuple(torch.where(self._x(j, mask), x, y) for j, (x, y) in enumerate(zip(a, b)))
 
     def integrate(self, y, t0: float, t1: float):
         """Advance every column from ``t0`` to ``t1``; returns the state at ``t1``."""
@@ -193,30 +200,38 @@ class AdaptiveRK:
         t = torch.zeros_like(self.dt)  # time since t0, per column
         n = 0
         while True:
-            for _ in range(min(self.check_every, self.max_num_steps - n)):
-                y, t = self._attempt(y, t, t0, span)
-                n += 1
-            if bool((t >= span).all()):  # the only host read, once every check_every attempts
+            # the only host read: how many steps of its current size the slowest problem still needs (zero: all
+            # are at t1); that many attempts run before the next read, at most 2, 4, 8, ... from the first call
+            # (the first steps may grow tenfold an attempt; the step sizes then carry over to later windows) and
+            # at most check_every
+            with torch.no_grad():
+                need = float(((span - t) / self.dt).clamp_min(0).amax())
+            if need == 0:
                 return y
             if n >= self.max_num_steps:
                 raise RuntimeError(f"{self.method}: options['max_num_steps'] = {self.max_num_steps} attempts were "
                                    f"not enough to reach t = {t1} (at t = {t0 + float(t.amin())} for the slowest problem)")
+            self._burst = min(2 * self._burst, self.check_every)
+            for _ in range(min(self._burst, max(1, math.ceil(need - 1e-9)), self.max_num_steps - n)):
+                y, t = self._attempt(y, t, t0, span)
+                n += 1
 
     def _attempt(self, y, t, t0, span):
         live = t < span
         h = torch.minimum(self.dt, span - t).clamp_min(0.0)  # zero for columns at the end
+        hs = tuple(self._x(j, h) for j in range(len(y)))
         ks = [self.k1]
         for row in self.A[1:]:
-            y_new = _combine(y, h, ks, row)
+            y_new = _combine(y, hs, ks, row)
             ks.append(self.f(t0, y_new))
         # FSAL: the last row of A is b, so the last stage was evaluated at the new point y_new
-        err = tuple(h * sum(k[i] * e for k, e in zip(ks, self.e) if e != 0.0) for i in range(len(y)))
+        err = tuple(hs[i] * sum(k[i] * e for k, e in zip(ks, self.e) if e != 0.0) for i in range(len(y)))
         self.evaluations += live.long() * (len(self.c) - 1)
         self.attempts += 1
         with torch.no_grad():
             scale = tuple(self.atol + self.rtol * torch.maximum(a.detach().abs(), b.detach().abs())
                           for a, b in zip(y, y_new))
-            ratio = _mixed(tuple(e.detach() / s for e, s in zip(err, scale)))
+            ratio = self._norm(tuple(e.detach() / s for e, s in zip(err, scale)))
             # a non-finite error (a diverging column) ends that column: its state becomes non-finite
             # and is reported so by the caller's residual, instead of shrinking the step for ever
             broken = ~torch.isfinite(ratio)
@@ -231,14 +246,14 @@ class AdaptiveRK:
             new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal), proposal)
             self.dt = torch.where(live, new_dt, self.dt).clamp(min=1e-12, max=max(span, 1e-12))
             t = torch.where(broken, torch.full_like(t, span), torch.where(accept, t + h, t))
-        y = tuple(torch.where(accept, a, b) for a, b in zip(y_new, y))
-        self.k1 = tuple(torch.where(accept, a, b) for a, b in zip(ks[-1], self.k1))
+        y = self._where(accept, y_new, y)
+        self.k1 = self._where(accept, ks[-1], self.k1)
         return y, t
 
 
 def integrate_adaptive(f, y, t0: float, t1: float, method: str, rtol: float, atol: float, options=None):
     """One-shot :class:`AdaptiveRK` integration of ``y`` from ``t0`` to ``t1``; returns ``(y(t1), integrator)``."""
     ref = y[0]
-    cols = ref.shape[:-2] + (1, ref.shape[-1])
+    cols = ref.shape[:-2] + (ref.shape[-1],)
     rk = AdaptiveRK(f, method, rtol, atol, cols, ref.dtype, ref.device, options)
     return rk.integrate(y, t0, t1), rk

@@ -1,8 +1,9 @@
-"""torchdiffeq solvers on the coupled z/u dynamics (Eq. 8-9), in Gram form.
+"""The ODE solvers: the coupled z/u dynamics of Eq. 8-9 (:class:`vars_ode.dynamics.VARSField`) integrated
+by torchdiffeq's methods or by :mod:`vars_ode.solvers.native`, for any :class:`vars_ode.lasso.Operator`.
 
-The problem is first rescaled by its Lipschitz constant ``L`` (``K -> K/L``, ``B -> B/L``,
+The problem is first rescaled by its Lipschitz constant ``L`` (``K -> K/L``, ``b -> b/L``,
 ``w -> w/L``): the minimiser is unchanged, the spectrum of ``K`` is bounded by one and the flow is
-no longer stiff. In these units one unit of time is close to one ISTA iteration.
+no longer stiff at the top of the spectrum. In these units one unit of time is close to one ISTA iteration.
 
 Two modes:
 
@@ -17,15 +18,15 @@ Integrators (``integrator=``):
 * ``"torchdiffeq"``: torchdiffeq's ``odeint`` (or ``odeint_adjoint``). It synchronises with the device
   at every step: the fixed-step loop compares the step's time with the output times, and the
   adaptive methods read their error ratio to accept or reject the step. Their error norm is the
-  largest root-mean-square over the problems (columns), not torchdiffeq's RMS over the whole state,
+  largest root-mean-square over the problems, not torchdiffeq's RMS over the whole state,
   in which converged problems would loosen the tolerance of the others; ``options={"norm": ...}``
   replaces it.
 * ``"native"`` (:mod:`vars_ode.solvers.native`): the fixed-step methods ``euler``, ``midpoint``,
   ``heun2``, ``heun3``, ``rk4`` (torchdiffeq's tableaux and grid, the same result) and the adaptive
   ``dopri5`` and ``bosh3`` with one step size per problem, which look at the device once every
   ``options["check_every"]`` attempts (default 16) instead of at every step. Unrolled gradients only.
-* ``"auto"`` (default): ``"native"`` for the fixed-step methods it has (the result does not change),
-  torchdiffeq for everything else, and always with ``grad="adjoint"``.
+* ``"auto"`` (default): ``"native"`` for every method it has, torchdiffeq for the others and always with
+  ``grad="adjoint"``.
 """
 from __future__ import annotations
 
@@ -33,36 +34,43 @@ import math
 
 import torch
 from torchdiffeq import odeint, odeint_adjoint
-from torchdiffeq._impl.odeint import SOLVERS as _TDE_SOLVERS
 
 from .._validation import check_choice
-from ..dynamics import GramVARSDynamics
-from ..ops import _soft, kkt_residual_gram
+from ..dynamics import VARSField
+from ..lasso import kkt_residual_operator, tmap
+from ..ops import _soft
 from . import native
 
+#: torchdiffeq's methods (the keys of its solver table, ``torchdiffeq._impl.odeint.SOLVERS``, which is private:
+#: ``tests/test_solvers.py`` checks this tuple against it).
+TORCHDIFFEQ_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2",
+                       "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
 #: torchdiffeq methods that take a fixed step (``options={"step_size": ...}``).
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
-ODE_METHODS = tuple(_TDE_SOLVERS)
-DEFAULT_STEP_SIZE = 0.25
+ODE_METHODS = TORCHDIFFEQ_METHODS
+#: The default step of each fixed-step method, in units of the problem rescaled by ``L``. The rescaled field's
+#: eigenvalues are real and lie in ``[-(3 + sqrt 5) / 2, 0)`` = ``[-2.62, 0)`` (``theory/energy_and_stability.md``);
+#: each step is about two thirds of the method's stability limit on the negative axis (euler, midpoint, heun2: 2;
+#: heun3: 2.51; rk4: 2.79), since the power-iteration ``L`` of a layer may fall slightly below the top eigenvalue.
+#: Over a layer's horizon of 3 they stay within 1e-2 (euler), 2.4e-3 (midpoint) and 1.1e-3 (rk4) of the exact
+#: flow relative to the output's scale, where 3 ISTA steps are 2-3e-2 from it (benchmarks/RESULTS.md); at a
+#: steady state the step does not move the equilibrium, only the cost.
+DEFAULT_STEP_SIZES = {"euler": 0.5, "midpoint": 0.5, "heun2": 0.5, "heun3": 0.75, "rk4": 0.75,
+                      "explicit_adams": 0.1, "implicit_adams": 0.25, "fixed_adams": 0.25}
 RTOL_FACTOR = {"fehlberg2": 1e-2}
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
 
 INTEGRATORS = ("auto", "torchdiffeq", "native")
 
 ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_end",
-               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator")
-
-
-def _worst_column_rms(state):
-    with torch.no_grad():
-        return native._mixed(tuple(t.detach() for t in state)).amax()
+               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator", "record")
 
 
 def choose_integrator(integrator: str, method: str, grad: str) -> str:
     """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad`` (see the module docstring)."""
     check_choice("integrator", integrator, INTEGRATORS)
     if integrator == "auto":
-        return "native" if method in native.FIXED_TABLEAUX and grad != "adjoint" else "torchdiffeq"
+        return "native" if method in native.NATIVE_METHODS and grad != "adjoint" else "torchdiffeq"
     if integrator == "native":
         if method not in native.NATIVE_METHODS:
             raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
@@ -77,31 +85,44 @@ def choose_integrator(integrator: str, method: str, grad: str) -> str:
 def _eager(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` outside torch.compile's graphs. torchdiffeq's step loops decide on the host
     from the data (accepted and rejected steps), and its adaptive methods call ``torch.unique`` as they start
-    (``rk_common``), whose output shape Inductor cannot lower: a compiled layer runs the integration eagerly, as a graph break."""
+    (``rk_common``), whose output shape Inductor cannot lower; the native adaptive methods read the device
+    between bursts of steps (each read would be a graph break and a recompilation): a compiled layer runs
+    these integrations eagerly, as one graph break."""
     return fn(*args, **kwargs)
 
 
-def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
+def default_rtol(method: str, tol: float) -> float:
+    """The relative tolerance of the adaptive methods for a KKT tolerance ``tol``; ``tol = 0`` (a fixed horizon)
+    gives 1e-3 (a layer asks for :data:`LAYER_RTOL` instead). Near a steady state an explicit adaptive method runs
+    at its stability limit and its iterates wander by about the tolerance, so the tolerance follows ``tol``
+    (measured: rtol = tol stalls just above tol, rtol = tol / 10 converges, much tighter only costs evaluations;
+    fehlberg2 needs tol / 100)."""
+    return min(1e-3, max(tol * RTOL_FACTOR.get(method, 0.1), 1e-12)) if tol > 0 else 1e-3
+
+
+#: The relative tolerance of adaptive methods in an attention layer's fixed horizon (``VARSLayer(steps=T)``): over a
+#: horizon of 3, dopri5 then stays within 1e-4 of the exact flow relative to the output's scale in 38 evaluations
+#: (1.2e-5 in 50 at 1e-3), where 3 ISTA steps are 2e-2 from that flow (benchmarks/RESULTS.md).
+LAYER_RTOL = 1e-2
+
+
+def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
               options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
               alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
-              integrator="auto", **unused):
-    """Returns ``(code, evaluations)``; ``evaluations`` is ``(..., 1, k)``."""
+              integrator="auto", record=None, **unused):
+    """Integrate Eq. 8-9 on the problem ``(op, B, w)`` rescaled by ``L``; returns ``(code, evaluations)``,
+    ``evaluations`` per problem. ``init`` is a code tuple or ``None`` (zeros). ``record`` (a list) receives
+    the code at every unit of time of a fixed horizon, or after every window of the steady-state mode."""
     if unused:
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
-    scale = 1.0 / L
-    Ks, Bs, ws = K * scale, B * scale, w * scale
-    thr = ws / (alpha * beta)
+    n = op.num_blocks
     if rtol is None:
-        # Near a steady state an explicit adaptive method runs at its stability limit and its
-        # iterates wander by about the tolerance, so the tolerance follows `tol` (measured: rtol = tol
-        # stalls just above tol, rtol = tol / 10 converges, much tighter only costs evaluations;
-        # fehlberg2 needs tol / 100).
-        rtol = min(1e-3, max(tol * RTOL_FACTOR.get(method, 0.1), 1e-12)) if tol > 0 else 1e-3
+        rtol = default_rtol(method, tol)
     if atol is None:
         atol = rtol * 1e-2
     options = dict(options or {})
     if method in FIXED_STEP:
-        options.setdefault("step_size", 0.1 if method == "explicit_adams" else DEFAULT_STEP_SIZE)
+        options.setdefault("step_size", DEFAULT_STEP_SIZES[method])
     if method in ADAMS:
         # torchdiffeq's default order (12) has a tiny stability region: it diverges here
         options.setdefault("max_order", 4)
@@ -112,52 +133,128 @@ def ode_solve(K, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=No
         # torchdiffeq's default error norm is the RMS over the whole state: converged (frozen) problems
         # add zeros to it and loosen the tolerance of the others, which then wander at their stability
         # limit without reaching `tol`. The worst problem's RMS keeps each problem's own tolerance.
-        options.setdefault("norm", _worst_column_rms)
-    f = GramVARSDynamics(Ks, Bs, thr, alpha, beta, gamma)
-    state = f.initial_state(init)
-    cols = B.shape[:-2] + (1, B.shape[-1])
-    if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
-        native_integrate = native.AdaptiveRK(f, method, rtol, atol, cols, B.dtype, B.device, options).integrate
-    elif engine == "native":
-        step = native.fixed_step_size(method, options)
+        options.setdefault("norm", lambda state: op.norm(tuple(t.detach() for t in state)).amax())
+    L = torch.as_tensor(L).detach()
+    scale = tuple(1.0 / op.expand(i, L) for i in range(n))
+    if init is None:
+        init = tuple(torch.zeros_like(b) for b in B)
+    ref = B[0]
 
-        def native_integrate(state, t0, t1):
-            return native.integrate_fixed(f, state, t0, t1, method, step)
+    def rec(code):
+        if record is not None:
+            record.append(tuple(c.detach() for c in code))
 
-    def integrate(state, t0, t1):
-        if engine == "native":
-            return native_integrate(state, t0, t1)
-        ts = torch.tensor([t0, t1], dtype=B.dtype, device=B.device)
-        kw = dict(rtol=rtol, atol=atol, method=method, options=options)
-        if grad == "adjoint":
-            params = tuple(p for p in (Ks, Bs, thr) if isinstance(p, torch.Tensor) and p.requires_grad)
-            sol = _eager(odeint_adjoint, f, state, ts, adjoint_params=params,
-                         adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
+    def run(op_, B_, u_, w_):
+        """The whole solve on (op_, B_, u_, w_); returns (code, evaluations per problem)."""
+        thr = tuple(op.expand(i, w_) * s / (alpha * beta) for i, s in enumerate(scale))
+        f = VARSField(op_, tmap(torch.mul, B_, scale), thr, alpha, beta, gamma, scale=scale)
+        state = f.initial_state(u_)
+        if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
+            rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
+                                   options, layout=op)
+
+            def integrate(st, t0, t1):
+                # its step loop reads the device between bursts of steps: eager under torch.compile
+                return _eager(rk.integrate, st, t0, t1)
+        elif engine == "native":
+            step = native.fixed_step_size(method, options)
+
+            def integrate(st, t0, t1):
+                return native.integrate_fixed(f, st, t0, t1, method, step)
         else:
-            sol = _eager(odeint, f, state, ts, **kw)
-        return sol[0][-1], sol[1][-1]
+            def integrate(st, t0, t1):
+                ts = torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device)
+                kw = dict(rtol=rtol, atol=atol, method=method, options=options)
+                if grad == "adjoint":
+                    params = tuple(p for p in (*op_.roots(), *B_, w_)
+                                   if isinstance(p, torch.Tensor) and p.requires_grad)
+                    sol = _eager(odeint_adjoint, f, st, ts, adjoint_params=params,
+                                 adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
+                else:
+                    sol = _eager(odeint, f, st, ts, **kw)
+                return tuple(x[-1] for x in sol)
 
-    if t_end is not None:
-        state = integrate(state, 0.0, float(t_end))
-        evals = torch.full(cols, f.nfe, dtype=torch.long, device=B.device)
-        return _soft(state[1], thr), evals
+        def codes(st):
+            return tuple(_soft(u, th) for u, th in zip(st[n:], thr))
 
-    active = torch.ones(cols, dtype=torch.bool, device=B.device)
-    evals = torch.zeros(cols, dtype=torch.long, device=B.device)
-    t, span = 0.0, float(window)
-    code = _soft(state[1], thr)
-    while True:
-        r = kkt_residual_gram(K, B, code, w).unsqueeze(-2)
-        active = active & (r > tol) & torch.isfinite(r)
-        if trace is not None:
-            trace.append((f.nfe, float(r.amax())))
-        if not bool(active.any()) or f.nfe >= max_iter or t >= t_max:
-            break
-        f.active = active.to(B.dtype)
-        before = f.nfe
-        t1 = min(t + span, t_max)
-        state = integrate(state, t, t1)
-        evals = evals + (f.nfe - before) * active
-        code = _soft(state[1], thr)
-        t, span = t1, min(span * 2, max_window)
-    return code, evals
+        if t_end is not None:
+            T = float(t_end)
+            marks = [float(j) for j in range(1, math.ceil(T))] if record is not None else []
+            t0 = 0.0
+            for t1 in marks + [T]:
+                state = integrate(state, t0, t1)
+                rec(codes(state))
+                t0 = t1
+            return codes(state), op.problems_like(B_, f.nfe, torch.long)
+
+        active = op.problems_like(B_, True, torch.bool)
+        evals = op.problems_like(B_, 0, torch.long)
+        t, span = 0.0, float(window)
+        code = codes(state)
+        while True:
+            r = kkt_residual_operator(op_, code, B_, w_)
+            active = active & (r > tol) & torch.isfinite(r)
+            if trace is not None:
+                trace.append((f.nfe, float(r.amax())))
+            if not bool(active.any()) or f.nfe >= max_iter or t >= t_max:
+                break
+            act = active.to(ref.dtype)
+            f.active = tuple(op.expand(i, act) for i in range(n))
+            before = f.nfe
+            t1 = min(t + span, t_max)
+            state = integrate(state, t, t1)
+            evals = evals + (f.nfe - before) * active
+            code = codes(state)
+            rec(code)
+            t, span = t1, min(span * 2, max_window)
+        return code, evals
+
+    if grad != "adjoint":
+        return run(op, tuple(B), tuple(init), w)
+    # torchdiffeq's adjoint differentiates the field with respect to its adjoint_params by autograd; B and
+    # the operator's roots may come from one graph (a layer's features), so the solve runs on detached
+    # copies, whose gradients are then passed back onto the real inputs
+    roots = op.roots()
+    nr, nb = len(roots), len(B)
+    w_grad = isinstance(w, torch.Tensor) and w.requires_grad
+    box = {}
+
+    def run_flat(*proxies):
+        code, box["evals"] = run(op.with_roots(proxies[:nr]), proxies[nr:nr + nb], proxies[nr + nb:nr + 2 * nb],
+                                 proxies[-1] if w_grad else w)
+        return code
+
+    code = _CutGraph.apply(run_flat, *roots, *B, *init, *((w,) if w_grad else ()))
+    return tuple(code), box["evals"]
+
+
+class _CutGraph(torch.autograd.Function):
+    """``fn(*inputs)`` computed on detached copies of ``inputs``, differentiated back onto them.
+
+    torchdiffeq's adjoint differentiates the field with respect to its ``adjoint_params`` by autograd;
+    if one of them (``P^T x``) is computed from another (the atoms), the shared path would be counted
+    twice. Running the solve on independent leaf copies and returning their gradients for the real
+    inputs keeps every path once, so ``B`` and the atoms may come from the same graph.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        proxies = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
+        with torch.enable_grad():
+            outs = tuple(fn(*proxies))
+        ctx.proxies, ctx.outs = proxies, outs
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        want = [i for i, p in enumerate(ctx.proxies) if p.requires_grad]
+        pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
+        got = [None] * len(ctx.proxies)
+        if want and pairs:
+            # the inner graph is kept (it holds no trajectory under the adjoint) so that the outer one can be
+            # differentiated again (retain_graph, gradcheck)
+            gs = torch.autograd.grad([o for o, _ in pairs], [ctx.proxies[i] for i in want], [g for _, g in pairs],
+                                     allow_unused=True, retain_graph=True)
+            for i, g in zip(want, gs):
+                got[i] = g
+        return (None, *got)

@@ -1,0 +1,173 @@
+"""The LASSO problem as every solver sees it: ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` with ``K = P^T P``.
+
+A solver never sees ``P`` or the signals, only an :class:`Operator` (how to apply ``K``, a Lipschitz bound,
+how per-problem quantities map onto the code) and the right-hand side ``b = P^T x``. One interface serves
+
+* :class:`GramOperator`: ``K`` as a matrix ``(..., m, m)``; a code is one block ``(..., m, k)`` whose
+  columns are problems (:func:`vars_ode.solve`, :func:`vars_ode.solve_gram`, the dynamic and dense-static
+  dictionaries of a layer);
+* the atoms of a layer's dictionaries (:class:`vars_ode.dictionaries.Atoms`): convolutional templates and
+  the union of templates and random features, where ``K`` is applied as ``P^T (P u)`` and never formed.
+
+Codes are tuples of blocks (one per kind of atom). Per-problem tensors (``w``, ``L``, residuals, iteration
+counts, status) have the problems' shape, the *reduced* shape: ``(..., k)`` for a Gram operator, ``(B, h, dh)``
+for a layer's atoms. :meth:`Operator.expand` makes one broadcastable to a block and :meth:`Operator.reduce`
+takes a block back to it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops import _soft
+
+
+def _bcast(t, fn):
+    # per-problem tensors of 0 dims (a global lam) broadcast everywhere as they are
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    return fn(t)
+
+
+def reduce_over(t, dims, op="sum"):
+    """``t`` summed (``op="sum"``) or maximised (``"amax"``) over ``dims``."""
+    return t.sum(dims) if op == "sum" else t.amax(dims)
+
+
+def tmap(fn, *ts):
+    """``fn`` applied block by block to tuples of blocks."""
+    return tuple(fn(*args) for args in zip(*ts))
+
+
+class Operator:
+    """``K = P^T P`` of a batch of LASSO problems, applied to codes that are tuples of blocks.
+
+    Subclasses implement :meth:`gram_apply`, :meth:`lipschitz`, :meth:`expand` and :meth:`reduce_dims`;
+    :meth:`gram` where ``K`` is small enough to form (solvers that factorise ``K``, such as ``active_set``,
+    need it). ``roots`` / ``with_roots`` (the tensors the operator is computed from, and the same operator
+    on other ones) are needed by the ODE adjoint only.
+    """
+
+    #: number of code blocks
+    num_blocks = 1
+
+    def gram_apply(self, code: tuple) -> tuple:
+        """``K u``: code tuple -> code tuple."""
+        raise NotImplementedError
+
+    def gram(self) -> torch.Tensor:
+        """The matrix ``K`` where it is small; raises otherwise."""
+        raise NotImplementedError(f"{type(self).__name__} has no explicit Gram matrix; use gram_apply")
+
+    @property
+    def has_gram(self) -> bool:
+        """Whether :meth:`gram` gives a matrix."""
+        return type(self).gram is not Operator.gram
+
+    def lipschitz(self) -> torch.Tensor:
+        """A bound on the largest eigenvalue of ``K`` per problem (broadcastable to the problems' shape)."""
+        raise NotImplementedError
+
+    def expand(self, i: int, t):
+        """Per-problem tensor -> broadcastable to block ``i`` (0-dim tensors and floats pass unchanged)."""
+        raise NotImplementedError
+
+    def reduce_dims(self, i: int):
+        """The dimensions of block ``i`` over which a code's atoms run (those :meth:`reduce` reduces)."""
+        raise NotImplementedError
+
+    def reduce(self, i: int, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Block ``i`` tensor -> per-problem, by ``op`` in ``{"sum", "amax"}`` over the atoms."""
+        return reduce_over(t, self.reduce_dims(i), op)
+
+    def problems_like(self, code: tuple, fill=0, dtype=None) -> torch.Tensor:
+        """A per-problem tensor of the problems' full shape, filled with ``fill``."""
+        r = self.reduce(0, code[0], "amax")
+        return torch.full(r.shape, fill, dtype=dtype or r.dtype, device=r.device)
+
+    def where(self, mask: torch.Tensor, a: tuple, b: tuple) -> tuple:
+        """Per problem, the blocks of ``a`` where ``mask`` holds, those of ``b`` elsewhere."""
+        return tuple(torch.where(self.expand(i, mask), x, y) for i, (x, y) in enumerate(zip(a, b)))
+
+    def norm(self, ts: tuple) -> torch.Tensor:
+        """Per-problem error norm of a tuple whose entry ``j`` is shaped like block ``j % num_blocks``: the
+        largest root-mean-square over the entries, each taken over its atoms."""
+        out = None
+        for j, t in enumerate(ts):
+            i = j % self.num_blocks
+            dims = self.reduce_dims(i)
+            n = 1
+            for d in (dims if isinstance(dims, tuple) else (dims,)):
+                n *= t.shape[d]
+            r = (self.reduce(i, t.pow(2)) / n).sqrt()
+            out = r if out is None else torch.maximum(out, r)
+        return out
+
+    def roots(self) -> tuple:
+        """Tensors from which everything the operator uses is computed, none a function of another."""
+        return ()
+
+    def with_roots(self, roots: tuple) -> "Operator":
+        """The same operator rebuilt from other root tensors (the ODE adjoint solves on detached copies)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rebuilt from its roots")
+
+
+class GramOperator(Operator):
+    """``K`` given as a matrix ``(..., m, m)``; a code is one block ``(..., m, k)``, each column a problem,
+    and per-problem tensors are ``(..., k)``."""
+
+    def __init__(self, K: torch.Tensor):
+        self.K = K
+
+    def gram_apply(self, code):
+        return (self.K @ code[0],)
+
+    def gram(self):
+        return self.K
+
+    def lipschitz(self):
+        from .ops import lipschitz_constant
+
+        return lipschitz_constant(self.K.detach()).unsqueeze(-1)
+
+    def expand(self, i, t):
+        return _bcast(t, lambda s: s.unsqueeze(-2))
+
+    def reduce_dims(self, i):
+        return -2
+
+    def roots(self):
+        return (self.K,)
+
+    def with_roots(self, roots):
+        return GramOperator(roots[0])
+
+
+def kkt_residual_operator(op: Operator, code: tuple, B: tuple, weight, Ku: tuple | None = None) -> torch.Tensor:
+    """KKT residual per problem: the infinity norm of the minimum-norm subgradient of
+    ``0.5 u^T K u - u^T b + weight ||u||_1`` at ``code``, zero exactly at a minimiser.
+
+    ``B`` is the code tuple ``b``; ``weight`` a float or a per-problem tensor; ``Ku`` (``K u``) when already
+    computed."""
+    Ku = op.gram_apply(code) if Ku is None else Ku
+    out = None
+    for i, (u, k, b) in enumerate(zip(code, Ku, B)):
+        w = op.expand(i, weight)
+        g = k - b
+        viol = torch.where(u != 0, (g + w * torch.sign(u)).abs(), torch.relu(g.abs() - w))
+        r = op.reduce(i, viol, "amax")
+        out = r if out is None else torch.maximum(out, r)
+    return out
+
+
+def objective(op: Operator, code: tuple, B: tuple, weight, Ku: tuple | None = None) -> torch.Tensor:
+    """``0.5 u^T K u - u^T b + weight ||u||_1`` per problem (the LASSO objective less ``0.5 ||x||^2``)."""
+    Ku = op.gram_apply(code) if Ku is None else Ku
+    out = 0
+    for i, (u, k, b) in enumerate(zip(code, Ku, B)):
+        out = out + op.reduce(i, 0.5 * u * k - u * b + op.expand(i, weight) * u.abs())
+    return out
+
+
+def soft(code: tuple, thr: tuple) -> tuple:
+    """Block-wise soft threshold."""
+    return tmap(_soft, code, thr)
