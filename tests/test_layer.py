@@ -508,3 +508,34 @@ def test_torch_compile_fullgraph_generic_path_with_statistics(kwargs):
     assert len(eager) == len(compiled) > 5
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))
+
+
+def test_layers_and_models_pickle_whole_and_load_in_a_fresh_process(tmp_path):
+    # torch.save of a whole layer after a forward pass (its statistics hold closures over that pass) and of a
+    # timm model built with a configured layer class (VARSLayer.configure: no importable name); a new
+    # interpreter loads both and gives the same outputs
+    import pickle
+    import subprocess
+    import sys
+
+    import timm
+
+    torch.manual_seed(0)
+    layer = VARSLayer(16, 2, dictionary="sd", solver="rk4")
+    x = torch.randn(2, 17, 16)
+    y = layer(x)
+    assert layer.last_stats is not None
+    model = timm.create_model("vars_deit_tiny", attention="vars_d", img_size=32, patch_size=8, num_classes=3).eval()
+    xi = torch.randn(1, 3, 32, 32)
+    ym = model(xi)
+    assert type(model.blocks[0].attn).__name__ == "VARSLayerConfigured"
+    again = pickle.loads(pickle.dumps(model))
+    assert torch.equal(again(xi), ym)
+    torch.save({"layer": layer, "model": model, "x": x, "xi": xi, "y": y, "ym": ym}, tmp_path / "whole.pt")
+    code = ("import sys, torch\nimport vars_ode\n"
+            "d = torch.load(sys.argv[1], weights_only=False)\n"
+            "assert torch.equal(d['layer'](d['x']), d['y'])\n"
+            "assert torch.equal(d['model'](d['xi']), d['ym'])\nprint('same')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "whole.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]

@@ -24,7 +24,7 @@ The dynamic dictionary is solved in Gram form (``K = Phi^T Phi``: ``(B, h, m, m)
 form them (and the decoding); with ``steps`` ISTA / FISTA iterations and unrolled gradients (the
 default) the whole solve is one fused autograd node (:mod:`vars_ode.fused`) that keeps no ``N x m``
 tensor for the backward pass. The static and union dictionaries are solved in operator form
-(:func:`vars_ode.dictionaries.solve_operator`). Fixed budgets (``steps`` given) never synchronise
+(:func:`vars_ode.solvers.solve_problem` on the bound atoms). Fixed budgets (``steps`` given) never synchronise
 with the host, except inside torchdiffeq (``grad="adjoint"``, the methods that
 :mod:`vars_ode.solvers.native` does not have, or ``solver_options={"integrator": "torchdiffeq"}``),
 whose step loops wait on the device at every step. Under
@@ -64,7 +64,7 @@ time one ISTA step; the paper's Eq. 14 leaves the normalisation out).
 
 :func:`replace_attention` swaps timm ``Attention`` modules for VARS layers in a built model and
 :func:`attention_maps` records the per-iteration maps of every VARS layer (paper Figs. 3, 5, 7). While
-recording, every dictionary is solved in operator form (:func:`vars_ode.dictionaries.solve_operator`,
+recording, every dictionary is solved in operator form (:func:`vars_ode.solvers.solve_problem`,
 the same iterates as the Gram-form path, with unrolled gradients), so that each iterate can be decoded.
 """
 from __future__ import annotations
@@ -163,7 +163,8 @@ class VARSLayer(nn.Module):
         steps: ISTA / FISTA iterations, or the ODE horizon in the same units; ``None`` solves to a KKT
             residual of ``tol`` (default 1e-4) within ``max_iter``. Default 3 (paper), 5 for ``compat="official"``.
         lam: L1 weight (non-negative; ``convention`` as in :mod:`vars_ode.ops`).
-        grad: ``"unroll"``, ``"implicit"`` (dictionary ``"d"``) or ``"adjoint"`` (ODE solvers).
+        grad: ``"unroll"``, ``"implicit"`` (every dictionary; conjugate gradients where ``K`` is not formed) or
+            ``"adjoint"`` (ODE solvers).
         compat: ``"paper"`` or ``"official"`` (see the module docstring).
         qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, device, dtype:
             as timm's ``Attention``. ``qk_norm`` normalises the queries (keys are tied to them);
@@ -367,6 +368,21 @@ class VARSLayer(nn.Module):
             "__init__": __init__, "_configured_defaults": merged, "__module__": cls.__module__,
             "__doc__": f"{cls.__name__} with defaults {desc}.",
         })
+
+    # pickling (torch.save of a whole layer or model, sending it to another process): the statistics and maps of
+    # the last forward pass hold closures over that pass and are not saved; a configured class
+    # (VARSLayer.configure) is rebuilt from its base class and defaults, since it has no importable name
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["last_stats"], state["last_maps"] = None, None
+        return state
+
+    def __reduce_ex__(self, protocol):
+        defaults = type(self).__dict__.get("_configured_defaults")
+        if defaults is None:
+            return super().__reduce_ex__(protocol)
+        base = next(c for c in type(self).__mro__[1:] if "_configured_defaults" not in c.__dict__)
+        return _rebuild_configured, (base, defaults, self.__getstate__())
 
     def set_solver(self, solver: str | None = None, *, steps=_DEFAULT, tol=_DEFAULT, grad: str | None = None,
                    solver_options: dict | None = None) -> "VARSLayer":
@@ -634,6 +650,14 @@ class VARSLayer(nn.Module):
             with torch.no_grad():
                 self.last_maps = torch.stack([(phi @ c).abs().mean((1, 3)) for c in record[1:]], 1)
         return phi @ u
+
+
+def _rebuild_configured(base, defaults, state):
+    # the unpickling side of VARSLayer.__reduce_ex__ for a layer of a configured class
+    cls = base.configure(**defaults)
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
 
 
 def _check_grid(grid_size):
