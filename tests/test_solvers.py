@@ -231,3 +231,46 @@ def test_a_trace_gets_every_iteration_and_max_iter_is_checked():
     sol = vo.solve(P, x, 0.05, "ista", tol=1e-8, check_every=k, max_iter=exact, trace=trace)
     assert [it for it, _ in trace] == list(range(0, exact, k)) + [exact] and trace[-1][1] <= 1e-8
     assert bool(sol.stats.converged) and int(sol.stats.iterations) == exact
+
+
+def _gram_probe_problem():
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    return P, x, P.T @ P, P.T @ x.T
+
+
+@pytest.mark.parametrize("probe, name", [
+    (lambda P, x, K, B: vo.solve_gram(K.half(), B.half(), 0.1), "K and B"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, 0.1, L=torch.ones(3, dtype=K.dtype)), "L"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, 0.1, L=0.0), "L"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, 0.1, L=-1.0), "L"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, 0.1, L=float("nan")), "L"),
+    (lambda P, x, K, B: vo.solve(P, x, 0.1, L=float("inf")), "L"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, float("-inf")), "lam"),
+    (lambda P, x, K, B: vo.solve(P, x, float("-inf")), "lam"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, torch.ones(3, dtype=K.dtype)), "lam"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, 0.1, xnorm2=torch.ones(3, dtype=K.dtype)), "xnorm2"),
+    (lambda P, x, K, B: vo.solve_gram(K, B, 0.1, init=torch.ones(3, 3, dtype=K.dtype)), "init"),
+    (lambda P, x, K, B: vo.solve(torch.zeros(8, 0), torch.zeros(8), 0.1), "P"),
+    (lambda P, x, K, B: vo.solve_gram(torch.zeros(0, 0), torch.zeros(0, 3), 0.1), "K"),
+])
+def test_bad_arguments_are_refused_before_any_work_with_their_name(probe, name):
+    # each of these was accepted (a NaN code, a silently changed output shape, L replaced by 1) or failed deep
+    # inside the solver (IndexError, a broadcasting RuntimeError) before
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        probe(*_gram_probe_problem())
+
+
+def test_implicit_gradient_warns_for_problems_short_of_the_equilibrium():
+    P, x, _, _ = _gram_probe_problem()
+    P.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match=r"5 of 5 problems stopped above tol"):
+        short = vo.solve(P, x, 0.1, "fista", tol=1e-8, max_iter=3, grad="implicit")
+    assert not bool(short.stats.converged.any())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no warning
+        sol = vo.solve(P, x, 0.1, "fista", tol=1e-8, max_iter=5000, grad="implicit")
+    assert bool(sol.stats.converged.all())
+    g = torch.autograd.grad(sol.code.sum(), P)[0]
+    assert torch.isfinite(g).all() and g.abs().max() > 0

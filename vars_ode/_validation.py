@@ -10,6 +10,9 @@ from typing import Iterable
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the dtypes the solvers iterate in (vo.solve, vo.solve_gram); half precision is cast up by the caller (a
+#: layer under autocast iterates in float32)
+SOLVE_DTYPES = (torch.float32, torch.float64)
 
 
 def check_tensor(name: str, value, *, min_dim: int = 0) -> torch.Tensor:
@@ -42,9 +45,9 @@ def as_lam(lam, *, like: torch.Tensor, name: str = "lam") -> torch.Tensor:
         lam_t = torch.tensor(float(lam), dtype=like.dtype, device=like.device)
     else:
         raise ValueError(f"{name} must be a non-negative float or tensor, got {type(lam).__name__}")
-    finite = torch.isfinite(lam_t)
-    if bool(((lam_t < 0) & finite).any()):
-        raise ValueError(f"{name} must be non-negative, got a minimum of {lam_t[finite].min().item():g}")
+    # NaN marks a problem as non-finite (reported per problem); a negative value, -inf included, is an error
+    if bool((lam_t < 0).any()):
+        raise ValueError(f"{name} must be non-negative, got a minimum of {lam_t[lam_t < 0].min().item():g}")
     return lam_t
 
 

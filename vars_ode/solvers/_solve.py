@@ -4,11 +4,13 @@ entries built on it: :func:`solve` (a dictionary and signals), :func:`solve_gram
 from __future__ import annotations
 
 import math
+import warnings
+
 import torch
 
-from .._validation import FLOAT_DTYPES, as_lam, check_choice, check_tensor
+from .._validation import SOLVE_DTYPES, as_lam, check_choice, check_tensor
 from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, implicit_code
-from ..lasso import GramOperator, Operator
+from ..lasso import GramOperator, Operator, kkt_residual_operator
 from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_residual_gram, lipschitz_constant, penalty_weight
 from ._types import Solution, SolverStats, Status
 from .registry import SOLVERS
@@ -57,6 +59,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
     if x.dtype != P.dtype:
         raise ValueError(f"x must have the same dtype as P ({P.dtype}), got {x.dtype}")
     d, m = P.shape[-2:]
+    if d == 0 or m == 0:
+        raise ValueError(f"P must have at least one row and one atom, got shape {tuple(P.shape)}")
     if x.shape[-1] != d:
         raise ValueError(f"x must have P.shape[-2] = {d} entries in its last dimension, got shape {tuple(x.shape)}")
     lam_t = as_lam(lam, like=x)
@@ -128,6 +132,8 @@ def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, t
     """
     check_tensor("K", K, min_dim=2)
     check_tensor("B", B, min_dim=2)
+    if K.shape[-1] == 0:
+        raise ValueError(f"K must have at least one atom (a non-empty last dimension), got shape {tuple(K.shape)}")
     if K.shape[-1] != K.shape[-2]:
         raise ValueError(f"K must be square in its last two dimensions, got shape {tuple(K.shape)}")
     if B.shape[-2] != K.shape[-1]:
@@ -183,8 +189,21 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
             code, iters = spec.fn(op, tuple(b.detach() for b in B), _detach(w), L,
                                   None if init is None else tuple(c.detach() for c in init),
                                   tol=tol, max_iter=max_iter, **options)
+            if tol > 0:
+                _warn_short_of_equilibrium(op, code, B, w, tol)
         return implicit_code(op, B, w, code, implicit_solve), iters
     return spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter, **options)
+
+
+def _warn_short_of_equilibrium(op, code, B, w, tol):
+    # the implicit gradient is that of the equilibrium: say so when some problems did not reach it
+    r = kkt_residual_operator(op, tuple(code), tuple(b.detach() for b in B), _detach(w))
+    short = torch.isfinite(r) & (r > tol)
+    n = int(short.sum())
+    if n:
+        warnings.warn(f"grad='implicit': {n} of {short.numel()} problems stopped above tol = {tol:g} (KKT residual up to "
+                      f"{float(r[short].max()):.3g}); their gradient is that of the equilibrium, which they did not "
+                      "reach: raise max_iter, or use grad='unroll'", RuntimeWarning, stacklevel=3)
 
 
 def _detach(t):
@@ -237,6 +256,16 @@ def solve_operator(atoms: Operator, B: tuple, weight, solver: str = "ista", *, s
     return tuple(code), iters.amax()
 
 
+def _broadcasts_to(shape, want) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``want`` without enlarging it."""
+    if len(shape) > len(want):
+        return False
+    try:
+        return tuple(torch.broadcast_shapes(shape, want)) == tuple(want)
+    except RuntimeError:
+        return False
+
+
 def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2, implicit_solve, L, **options):
     check_solver(solver, grad)
     check_choice("lipschitz", lipschitz, LIPSCHITZ_METHODS)
@@ -250,8 +279,27 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
         max_iter = spec.max_iter
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if K.dtype != B.dtype or K.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"K and B must share a floating dtype, got {K.dtype} and {B.dtype}")
+    if K.dtype not in SOLVE_DTYPES or B.dtype != K.dtype:
+        raise ValueError(f"K and B must both be float32 or both float64 (cast half precision up first), got "
+                         f"{K.dtype} and {B.dtype}")
+    try:
+        cols = torch.broadcast_shapes(K.shape[:-2], B.shape[:-2], W.shape[:-2]) + (1, B.shape[-1])
+        torch.broadcast_shapes(W.shape, cols)
+    except RuntimeError:
+        raise ValueError(f"lam must broadcast to the problems (..., 1, k) = {(*K.shape[:-2], 1, B.shape[-1])} of K "
+                         f"{tuple(K.shape)} and B {tuple(B.shape)}, got shape {tuple(W.shape)}") from None
+    if L is not None:
+        if not isinstance(L, torch.Tensor) and not (isinstance(L, (int, float)) and not isinstance(L, bool)):
+            raise ValueError(f"L must be a positive float or tensor, got {type(L).__name__}")
+        Lt = torch.as_tensor(L)
+        if not bool((torch.isfinite(Lt) & (Lt > 0)).all()):
+            raise ValueError(f"L must be finite and positive, got values in [{Lt.min().item():g}, {Lt.max().item():g}]")
+        if Lt.dim() and not _broadcasts_to(Lt.shape, cols[:-2] + (1, 1)):
+            raise ValueError(f"L must have one value per dictionary, broadcastable to K's leading dimensions "
+                             f"{tuple(cols[:-2])}, got shape {tuple(Lt.shape[:-2])}")
+    for name, t, want in (("xnorm2", xnorm2, cols), ("init", init, cols[:-2] + B.shape[-2:])):
+        if isinstance(t, torch.Tensor) and not _broadcasts_to(t.shape, want):
+            raise ValueError(f"{name} must broadcast to {tuple(want)}, got shape {tuple(t.shape)}")
 
     # Problems with non-finite inputs are replaced by harmless ones and reported, so they
     # cannot disturb the others (adaptive ODE step control sees the whole batch).
@@ -264,7 +312,6 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
         K = torch.where(finite_K, K, eye)
         B = torch.where(finite, B, torch.zeros((), dtype=B.dtype, device=B.device))
         W = torch.where(torch.isfinite(W), W, torch.zeros((), dtype=B.dtype, device=B.device))
-    cols = torch.broadcast_shapes(K.shape[:-2], B.shape[:-2], W.shape[:-2]) + (1, B.shape[-1])
     Wf = W.expand(cols)
     Bf = B.expand(cols[:-2] + B.shape[-2:])
     if L is None:
