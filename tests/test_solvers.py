@@ -274,3 +274,15 @@ def test_implicit_gradient_warns_for_problems_short_of_the_equilibrium():
     assert bool(sol.stats.converged.all())
     g = torch.autograd.grad(sol.code.sum(), P)[0]
     assert torch.isfinite(g).all() and g.abs().max() > 0
+
+
+def test_ode_solves_out_of_reach_end_within_the_default_budget():
+    # a tolerance the problem's scale puts out of reach (x * 1e30) and tol = 0 ("run the budget") ended only
+    # after 1,000,000 evaluations before (minutes); they now end at the default budget with status max_iter
+    from vars_ode.solvers.registry import DEFAULT_MAX_EVALS
+
+    P, x, _, _ = _gram_probe_problem()
+    for X, tol in ((x * 1e30, 1e-6), (x, 0.0)):
+        sol = vo.solve(P, X, 0.1, "dopri5", tol=tol)
+        assert bool((sol.stats.status == int(vo.Status.MAX_ITER)).all())
+        assert DEFAULT_MAX_EVALS <= int(sol.stats.iterations.max()) <= 1.1 * DEFAULT_MAX_EVALS

@@ -33,7 +33,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         tol: KKT residual at which a problem counts as converged and is frozen; ``0`` runs the whole
             budget (no early stop, no host synchronisation in ista / fista).
         max_iter: iterations for ista / fista / active_set (default 10,000); function evaluations for
-            ODE solvers (default 1,000,000; checked between integration windows). The coupled ODE
+            ODE solvers (default 20,000, a few seconds for a small problem; checked between integration windows, so a
+            solve may pass it by one window). The coupled ODE
             needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
         lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
