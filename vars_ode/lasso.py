@@ -149,10 +149,14 @@ def kkt_residual_operator(op: Operator, code: tuple, B: tuple, weight, Ku: tuple
     ``B`` is the code tuple ``b``; ``weight`` a float or a per-problem tensor; ``Ku`` (``K u``) when already
     computed."""
     Ku = op.gram_apply(code) if Ku is None else Ku
+    return residual_from_grad(op, tmap(torch.sub, Ku, B), code, weight)
+
+
+def residual_from_grad(op: Operator, grad: tuple, code: tuple, weight) -> torch.Tensor:
+    """:func:`kkt_residual_operator` from the gradient ``K u - b`` of the smooth part (a solver has it at hand)."""
     out = None
-    for i, (u, k, b) in enumerate(zip(code, Ku, B)):
+    for i, (g, u) in enumerate(zip(grad, code)):
         w = op.expand(i, weight)
-        g = k - b
         viol = torch.where(u != 0, (g + w * torch.sign(u)).abs(), torch.relu(g.abs() - w))
         r = op.reduce(i, viol, "amax")
         out = r if out is None else torch.maximum(out, r)

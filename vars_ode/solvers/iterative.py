@@ -23,18 +23,8 @@ import numbers
 
 import torch
 
-from ..lasso import Operator, tmap
+from ..lasso import Operator, residual_from_grad, tmap
 from ..ops import _soft, support_system
-
-
-def _residual_from_grad(op: Operator, grad: tuple, u: tuple, w) -> torch.Tensor:
-    out = None
-    for i, (g, ui) in enumerate(zip(grad, u)):
-        wi = op.expand(i, w)
-        viol = torch.where(ui != 0, (g + wi * torch.sign(ui)).abs(), torch.relu(g.abs() - wi))
-        r = op.reduce(i, viol, "amax")
-        out = r if out is None else torch.maximum(out, r)
-    return out
 
 
 def _soft_fast(v, thr):
@@ -83,7 +73,7 @@ class _Freezer:
         """True when every problem has stopped."""
         if self.tol <= 0 or not check_due(it, self.check_every, self.max_iter):
             return False
-        r = _residual_from_grad(self.op, grad, u, w)
+        r = residual_from_grad(self.op, grad, u, w)
         new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
         self.kept = self.op.where(new, u, self.kept)
         self.iters = torch.where(new, torch.full_like(self.iters, it), self.iters)
@@ -194,7 +184,7 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, 
     wk = op.expand(0, w)
 
     def resid(c):
-        return _residual_from_grad(op, tmap(torch.sub, op.gram_apply(c), B), c, w)
+        return residual_from_grad(op, tmap(torch.sub, op.gram_apply(c), B), c, w)
 
     def polish(c):
         return (_polish(K, B[0], wk, c[0]),)
