@@ -539,3 +539,23 @@ def test_layers_and_models_pickle_whole_and_load_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "whole.pt")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(static="dense", image_size=0), "image_size"),
+                                          (dict(kernel_size=0), "kernel_size"),
+                                          (dict(atoms_per_channel=True), "atoms_per_channel")])
+def test_layer_sizes_are_checked_when_it_is_built(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be a positive integer"):
+        VARSLayer(16, 2, **kwargs)
+
+
+@pytest.mark.parametrize("dictionary", ["d", "s", "sd"])
+@pytest.mark.parametrize("kwargs", [{}, dict(solver="dopri5"), dict(steps=None, tol=1e-3, grad="implicit")])
+def test_layer_refuses_no_tokens_and_passes_an_empty_batch(dictionary, kwargs):
+    layer = VARSLayer(16, 2, dictionary=dictionary, **kwargs)
+    with pytest.raises(ValueError, match="x has no tokens"):
+        layer(torch.randn(2, 0, 16))
+    x = torch.randn(0, 5, 16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 5, 16) and x.grad.shape == (0, 5, 16)

@@ -142,6 +142,18 @@ class GramOperator(Operator):
         return GramOperator(roots[0])
 
 
+def tol_scale(op: Operator, B: tuple) -> torch.Tensor:
+    """Per problem, ``max(1, ||b||_inf)`` (``||P^T x||_inf`` for a signal ``x``: the smallest weight at which the
+    code is zero), the unit of a tolerance: a problem has converged when its KKT residual is at most
+    ``tol * tol_scale``. Absolute for problems of unit scale or less, relative above; 1 where ``b`` is not finite."""
+    s = None
+    with torch.no_grad():
+        for i, b in enumerate(B):
+            r = op.reduce(i, b.detach().abs(), "amax")
+            s = r if s is None else torch.maximum(s, r)
+        return torch.where(torch.isfinite(s), s.clamp_min(1.0), torch.ones((), dtype=s.dtype, device=s.device))
+
+
 def kkt_residual_operator(op: Operator, code: tuple, B: tuple, weight, Ku: tuple | None = None) -> torch.Tensor:
     """KKT residual per problem: the infinity norm of the minimum-norm subgradient of
     ``0.5 u^T K u - u^T b + weight ||u||_1`` at ``code``, zero exactly at a minimiser.

@@ -103,6 +103,10 @@ def _reduce_atoms(i, t, op="sum"):
     return reduce_over(t, -2, op)
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 class LayerStats:
     """Statistics of a layer's last forward pass; tensor fields are computed on first access, detached.
 
@@ -236,9 +240,12 @@ class VARSLayer(nn.Module):
         check_choice("static", static, STATIC_KINDS)
         if static == "dense" and compat == "official":
             raise ValueError("static='dense' is for compat='paper' (the official 'sd' has its own learned atoms)")
-        if num_static_atoms is not None and not (isinstance(num_static_atoms, int) and num_static_atoms > 0
-                                                 and not isinstance(num_static_atoms, bool)):
+        if num_static_atoms is not None and not _positive_int(num_static_atoms):
             raise ValueError(f"num_static_atoms must be a positive integer or None, got {num_static_atoms!r}")
+        for name, v in (("image_size", image_size), ("atoms_per_channel", atoms_per_channel),
+                        ("kernel_size", kernel_size)):
+            if not _positive_int(v):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.static = static
         self.gram_form = self.dictionary_kind == "d" or (static == "dense" and compat == "paper")
         check_choice("init", init, ("zeros", "encode"))
@@ -472,6 +479,8 @@ class VARSLayer(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
         B, N, C = x.shape
+        if N == 0:
+            raise ValueError(f"x has no tokens: shape {tuple(x.shape)}; a sparse reconstruction needs N >= 1")
         h, dh = self.num_heads, self.head_dim
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         k = 1 if self.dictionary_kind == "s" else 2
@@ -595,7 +604,7 @@ class VARSLayer(nn.Module):
         # the operator as a recipe of detached tensors, and its blocks' atom dimensions: not the atoms
         # object, which keeps the autograd graph alive and which torch.compile cannot keep in a statistic
         recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
-        self.last_stats = LayerStats(self.solver, spec.unit, iters.amax(), cd,
+        self.last_stats = LayerStats(self.solver, spec.unit, iters.amax() if iters.numel() else iters.new_zeros(()), cd,
                                      lambda: kkt_residual_operator(rebuild(recipe), cd, Bd, weight),
                                      lambda i, t, op="sum": reduce_over(t, dims[i], op))
         code = tuple(self.attn_drop(c) for c in code)

@@ -10,7 +10,7 @@ import torch
 
 from .._validation import SOLVE_DTYPES, as_lam, check_choice, check_tensor
 from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, implicit_code
-from ..lasso import GramOperator, Operator, kkt_residual_operator
+from ..lasso import GramOperator, Operator, kkt_residual_operator, tol_scale
 from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_residual_gram, lipschitz_constant, penalty_weight
 from ._types import Solution, SolverStats, Status
 from .registry import SOLVERS
@@ -30,8 +30,10 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         lam: non-negative float or tensor broadcastable to the leading dimensions.
         solver: ``"ista"``, ``"fista"`` or a torchdiffeq method (``"dopri5"``, ``"rk4"``, ...), which
             integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady state.
-        tol: KKT residual at which a problem counts as converged and is frozen; ``0`` runs the whole
-            budget (no early stop, no host synchronisation in ista / fista).
+        tol: KKT residual at which a problem counts as converged and is frozen, in units of
+            ``max(1, ||P^T x||_inf)`` per problem (:func:`vars_ode.lasso.tol_scale`): absolute for problems of unit
+            scale or less, relative above, so a problem scaled by 1e30 converges as the unscaled one; ``0`` runs
+            the whole budget (no early stop, no host synchronisation in ista / fista).
         max_iter: iterations for ista / fista / active_set (default 10,000); function evaluations for
             ODE solvers (default 20,000, a few seconds for a small problem; checked between integration windows, so a
             solve may pass it by one window). The coupled ODE
@@ -117,7 +119,8 @@ def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, t
     """Gram-form entry: solve ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` for every column ``b`` of ``B``.
 
     Arguments:
-        K: ``(..., m, m)`` Gram matrix ``P^T P``.
+        K: ``(..., m, m)`` Gram matrix ``P^T P``: symmetric positive semi-definite, assumed and not checked
+            (checking costs as much as a few iterations; a non-symmetric K has no LASSO behind it).
         B: ``(..., m, k)`` right-hand sides ``P^T X``, one problem per column; leading dimensions
             broadcast with ``K``'s.
         lam: float or tensor broadcastable to ``(..., 1, k)``.
@@ -180,6 +183,9 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
     if spec.needs_gram and not op.has_gram:
         raise ValueError(f"solver {solver!r} needs the Gram matrix, which {type(op).__name__} does not form "
                          "(the convolutional static atoms run in operator form); use 'ista', 'fista' or an ODE solver")
+    if all(b.numel() == 0 for b in B):  # no problems (an empty batch): nothing to solve
+        code = tuple(torch.zeros_like(b) if init is None else i for b, i in zip(B, init or B))
+        return code, op.problems_like(tuple(B), 0, torch.long)
     if L is None:
         L = op.lipschitz()
     L = torch.as_tensor(L).detach()
@@ -329,9 +335,21 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     # per-problem tensors in the problems' shape (..., k); L broadcasts over the columns
     w = Wf.squeeze(-2)
     Lp = L.squeeze(-1) if L.dim() >= 2 else L
-    code, iters = solve_problem(GramOperator(K), (Bf,), w, solver, tol=tol, max_iter=max_iter, grad=grad, L=Lp,
-                                init=u0, implicit_solve=implicit_solve, **options)
-    code = code[0]
+    # the tolerance is relative to each problem's scale (lasso.tol_scale): a problem with ||b||_inf = s > 1 is
+    # solved in units of s (b / s, w / s: the code scales by 1 / s, and so does its KKT residual), then scaled back
+    op = GramOperator(K)
+    scale = tol_scale(op, (Bf,)).unsqueeze(-2) if tol > 0 else None
+    if scale is not None and not bool((scale > 1).any()):
+        scale = None  # all problems at unit scale or below: the tolerance is absolute, nothing to rescale
+    if scale is None:
+        code, iters = solve_problem(op, (Bf,), w, solver, tol=tol, max_iter=max_iter, grad=grad, L=Lp, init=u0,
+                                    implicit_solve=implicit_solve, **options)
+        code = code[0]
+    else:
+        code, iters = solve_problem(op, (Bf / scale,), w / scale.squeeze(-2), solver, tol=tol, max_iter=max_iter,
+                                    grad=grad, L=Lp, init=None if u0 is None else (u0[0] / scale,),
+                                    implicit_solve=implicit_solve, **options)
+        code = code[0] * scale
 
     with torch.no_grad():
         cd = code.detach()
@@ -343,7 +361,7 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
         objective = quad + l1 + const
         nnz = (cd != 0).sum(-2)
         ok = finite.squeeze(-2) & torch.isfinite(residual)
-        converged = ok & (residual <= tol)
+        converged = ok & (residual <= tol * tol_scale(op, (Bf,)))
         status = torch.full(converged.shape, int(Status.MAX_ITER), dtype=torch.long, device=B.device)
         status = torch.where(converged, torch.full_like(status, int(Status.CONVERGED)), status)
         status = torch.where(ok, status, torch.full_like(status, int(Status.NONFINITE)))

@@ -29,7 +29,9 @@ class SolverStats:
         converged: ``residual <= tol``.
         status: :class:`Status` codes as an integer tensor.
         solver, unit: the solver's name and what ``iterations`` counts.
-        trace: optional list of ``(iteration, max residual over active problems)`` pairs.
+        trace: optional list of ``(iteration, max residual over active problems)`` pairs (from ``vo.solve`` and
+            ``vo.solve_gram``, each residual in units of the problem's :func:`vars_ode.lasso.tol_scale`, the
+            quantity ``tol`` is compared with).
     """
 
     iterations: torch.Tensor

@@ -204,8 +204,9 @@ class AdaptiveRK:
             # are at t1); that many attempts run before the next read, at most 2, 4, 8, ... from the first call
             # (the first steps may grow tenfold an attempt; the step sizes then carry over to later windows) and
             # at most check_every
-            with torch.no_grad():
-                need = float(((span - t) / self.dt).clamp_min(0).amax())
+            with torch.no_grad():  # a column whose step size is not finite (a NaN problem) needs nothing more
+                need = ((span - t) / self.dt).nan_to_num(nan=0.0, posinf=float(self.max_num_steps))
+                need = float(need.clamp_min(0).amax()) if need.numel() else 0.0
             if need == 0:
                 return y
             if n >= self.max_num_steps:
