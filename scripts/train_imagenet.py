@@ -79,7 +79,7 @@ from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_
 from vars_ode.robustness.cli import (ArgumentParser, non_negative_int, parse_kwargs, positive_int,  # noqa: E402
                                      run_cli)
 from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError,  # noqa: E402
-                                 NormalizedModel, TensorImageDataset, autocast, check_image_folder,
+                                 BatchAugment, NormalizedModel, TensorImageDataset, autocast, check_image_folder,
                                  check_train_val_root, create_model, evaluate, fashion_mnist_c, fgsm_attack,
                                  find_fashion_mnist, imagenet_c_folders, imagenet_subset_indices,
                                  load_digits_arrays, load_fashion_mnist, mean_corruption_error, pgd_attack)
@@ -465,6 +465,8 @@ def small_transforms(train: bool, size: int, native: int, mean, std, flip: bool,
     """Transforms for in-memory (C, H, W) float pixels. Training output is normalised; evaluation
     output stays in [0, 1] pixels (the model is wrapped in NormalizedModel for evaluation)."""
     from torchvision.transforms import v2 as T
+    if train and size == native and reprob == 0:  # the common case, one batch at a time
+        return BatchAugment(max(1, size // 14), flip, mean, std)
     ops = []
     if size != native:
         ops += [T.Resize((size, size), antialias=True), Clamp01()]

@@ -404,20 +404,38 @@ def test_eval_mit1003(tmp_path):
 # the offline study
 # ------------------------------------------------------------------------------------------------
 def test_robustness_study_reports_what_is_missing(tmp_path):
-    r = run("robustness_study.py", "--model", "vars_no_such_host", "--fmnist-path", tmp_path / "none", "--quick",
-            "--output_dir", tmp_path, check=False)
+    r = run("robustness_study.py", "--model", "vars_no_such_host", "--fmnist-path", tmp_path / "none", "--preset", "toy",
+            "--output-dir", tmp_path, check=False)
     assert r.returncode == 2
     assert "vars_no_such_host" in r.stderr and "dataset-fashion-mnist" in r.stderr
 
 
-def test_robustness_study_quick_pipeline(fake_fmnist, tmp_path):
+def test_robustness_study_toy_end_to_end_and_resumes(fake_fmnist, tmp_path):
+    """The whole study at a toy size: two rows, one seed, two optimiser steps; a second call trains nothing."""
     _require_imagecorruptions()
-    r = run("robustness_study.py", "--model", "vit_tiny_patch16_224", "--attentions", "none", "--model-kwargs",
-            "patch_size=4", "embed_dim=16", "depth=1", "num_heads=2", "--seeds", "0", "1", "--quick",
-            "--fmnist-path", fake_fmnist, "--batch-size", "8", "--max-steps-per-epoch", "2", "--eval-subset", "8",
-            "--corruptions", "contrast", "--output_dir", tmp_path)
-    assert "| Attention | Params (M) | Clean ↑ | mCE ↓ | PGD ↑ |" in r.stdout
-    study = json.loads((tmp_path / "study.json").read_text())
-    runs = study["results"]["none"]
-    assert len(runs) == 2 and all("mCE" in x and "pgd_acc1" in x for x in runs)
-    assert " ± " in (tmp_path / "study.md").read_text()
+    out = tmp_path / "study"
+    args = ["--preset", "toy", "--subset", "32", "--fmnist-path", fake_fmnist, "--output-dir", out]
+    r = run("robustness_study.py", *args)
+    for f in ("results.json", "results.md", "results.png"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["rows"]) == ["self", "vars_d"] and res["missing"] == []
+    d = res["rows"]["vars_d"]
+    assert set(d["vs_self"]) == {"clean_acc", "mean_corruption_acc", "pgd1_acc", "pgd4_acc", "fgsm1_acc"}
+    assert res["rows"]["self"]["relative_ce"]["mean"] == pytest.approx(100.0)
+    layer = d["internal"]["clean"]["blocks.0.attn"]
+    assert layer["kkt_residual_mean"] > 0 and 0 <= layer["sparsity"] <= 1 and len(layer["entropy"]) == 3
+    assert res["rows"]["self"]["internal"]["clean"] is None
+    run_dir = out / "runs" / "vars_d-seed0"
+    npz = np.load(run_dir / "eval.npz")
+    assert npz["clean"].shape == (16,) and npz["corrupt"].shape == (2, 5, 16) and npz["pgd1"].shape == (16,)
+    assert "| VARS-D (ISTA 3) | 1 |" in r.stdout
+    # a second invocation reuses every finished run: no training, no evaluation
+    logs = {p: p.read_text() for p in out.glob("runs/*/*.log")}
+    stamp = (run_dir / "checkpoint.pth").stat().st_mtime_ns
+    run("robustness_study.py", *args)
+    assert {p: p.read_text() for p in out.glob("runs/*/*.log")} == logs
+    assert (run_dir / "checkpoint.pth").stat().st_mtime_ns == stamp
+    # other settings are refused, not mixed into the same folder
+    r = run("robustness_study.py", *args, "--epochs", "2", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "other settings (epochs)" in r.stderr

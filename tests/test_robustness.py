@@ -478,3 +478,86 @@ def test_attention_maps_reduce_library_dict_output(monkeypatch):
     model.num_prefix_tokens = 1
     out = attention_maps(model, torch.zeros(2, 3, 2, 2), normalize=False)
     torch.testing.assert_close(out, per_layer["blocks.1.attn"][:, -1, 1:].reshape(2, 2, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# the study's statistics
+# ----------------------------------------------------------------------------------------------
+def test_paired_seed_interval_is_the_t_interval_from_the_table():
+    from vars_ode.robustness.study import paired_seed_interval
+    d = [1.0, 2.5, 0.4]
+    m, s = np.mean(d), np.std(d, ddof=1)
+    t975_2 = 4.302652729911275  # Student t, 2 degrees of freedom, 97.5% quantile (printed tables)
+    mean, lo, hi = paired_seed_interval(d)
+    assert mean == pytest.approx(m)
+    assert (lo, hi) == pytest.approx((m - t975_2 * s / np.sqrt(3), m + t975_2 * s / np.sqrt(3)), rel=1e-9)
+    assert paired_seed_interval([0.7]) == (0.7, None, None)
+    assert paired_seed_interval([2.0, 2.0]) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="empty"):
+        paired_seed_interval([])
+
+
+@settings(max_examples=20, deadline=None)
+@given(p=st.floats(0.05, 0.95), n=st.integers(2_000, 6_000), seed=st.integers(0, 2**16))
+def test_bootstrap_interval_matches_the_normal_interval_for_large_samples(p, n, seed):
+    """For a mean of n independent {-1, 0, 1} differences the bootstrap interval is close to
+    mean +- 1.96 sd / sqrt(n), and it contains the sample mean."""
+    from vars_ode.robustness.study import bootstrap_interval
+    rng = np.random.default_rng(seed)
+    d = (rng.random(n) < p).astype(float) - (rng.random(n) < 0.5).astype(float)
+    mean, lo, hi = bootstrap_interval(d, n_resamples=2000, seed=seed)
+    half = 1.959964 * d.std(ddof=1) / np.sqrt(n)
+    assert lo <= mean <= hi and mean == pytest.approx(d.mean())
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.12)
+    assert (lo + hi) / 2 == pytest.approx(d.mean(), abs=0.15 * half)
+
+
+def test_attention_entropy_uniform_one_hot_and_prefix():
+    from vars_ode.robustness.study import attention_entropy
+    maps = torch.zeros(2, 3, 1 + 16)
+    maps[:, 0, 1:] = 1.0                  # uniform over the 16 patches
+    maps[:, 1, 5] = 3.0                   # all on one patch
+    maps[:, 2, 1:9] = 2.0                 # uniform over half of them
+    maps[:, :, 0] = 100.0                 # the class token is dropped
+    h = attention_entropy(maps)
+    assert h.tolist() == pytest.approx([np.log(16), 0.0, np.log(8)], abs=1e-12)
+
+
+def test_verdict_reads_the_intervals():
+    from vars_ode.robustness.study import verdict
+    c = lambda lo, hi, ilo, ihi: {"seed_ci": [lo, hi], "image_ci": [ilo, ihi]}  # noqa: E731
+    assert verdict(c(0.2, 1.0, 0.1, 0.9)).startswith("higher than self-attention")
+    assert verdict(c(-2.0, -0.1, -1.0, -0.5)).startswith("lower than self-attention")
+    assert "not supported" in verdict(c(-0.5, 1.0, 0.1, 0.9))
+    assert verdict(c(-0.5, 1.0, -0.1, 0.9)) == "no difference supported"
+    assert verdict(c(None, None, 0.1, 0.9)).startswith("one seed pair")
+
+
+def test_batch_augment_is_a_per_image_crop_and_flip():
+    """Each image is its own zero-padded crop (offsets 0..2p) and flip, then normalised; checked against
+    slicing each image by hand with the same random draws."""
+    from vars_ode.robustness import BatchAugment
+    x = torch.rand(64, 2, 9, 7)
+    aug = BatchAugment(2, True, (0.3, 0.5), (0.2, 0.4))
+    torch.manual_seed(3)
+    out = aug(x)
+    torch.manual_seed(3)
+    i, j, f = torch.randint(0, 5, (64, 1, 1, 1)), torch.randint(0, 5, (64, 1, 1, 1)), torch.rand(64) < 0.5
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for k in range(64):
+        ref = xp[k, :, int(i[k]):int(i[k]) + 9, int(j[k]):int(j[k]) + 7]
+        ref = ref.flip(-1) if f[k] else ref
+        ref = (ref - torch.tensor([0.3, 0.5]).view(2, 1, 1)) / torch.tensor([0.2, 0.4]).view(2, 1, 1)
+        assert torch.equal(out[k], ref), k
+    assert set(i.flatten().tolist()) == set(range(5)) and 10 < int(f.sum()) < 54
+    assert aug(x[0]).shape == (2, 9, 7)
+
+
+def test_tensor_dataset_applies_a_batched_transform_once_per_batch():
+    from vars_ode.robustness import BatchAugment
+    imgs = np.random.default_rng(0).integers(0, 256, (10, 6, 6)).astype(np.uint8)
+    ds = TensorImageDataset(imgs, np.arange(10), BatchAugment(0, False, (0.5,), (0.25,)))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=10)))
+    ref = torch.stack([ds[k][0] for k in range(10)])
+    assert torch.allclose(batch[0], ref) and batch[1].tolist() == list(range(10))
+    assert torch.allclose(ref, (torch.from_numpy(imgs).float()[:, None] / 255 - 0.5) / 0.25)

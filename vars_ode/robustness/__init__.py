@@ -8,7 +8,7 @@ Attacks (:mod:`.attacks`): PGD (L-inf, eps 1/255, step 0.5/255, 5 steps, random 
 and ImageNet-C trees, Fashion-MNIST IDX files, scikit-learn digits, Fashion-MNIST-C generation.
 """
 from .attacks import NormalizedModel, fgsm_attack, pgd_attack
-from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, TensorImageDataset,
+from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, BatchAugment, DatasetError, TensorImageDataset,
                        check_image_folder, check_train_val_root, corrupt_images, fashion_mnist_c,
                        find_fashion_mnist, imagenet_c_folders, load_digits_arrays, load_fashion_mnist,
                        read_idx, require_imagecorruptions)
@@ -19,7 +19,8 @@ from .metrics import (ALEXNET_ERRORS, IMAGENET_C_CORRUPTIONS, SegmentationMeter,
                       mean_std, normalize_map, nss, top1_accuracy)
 
 __all__ = [
-    "ALEXNET_ERRORS", "IMAGENET_C_CORRUPTIONS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "VARS_ATTENTIONS",
+    "ALEXNET_ERRORS", "BatchAugment", "IMAGENET_C_CORRUPTIONS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
+    "VARS_ATTENTIONS",
     "VARS_MODELS", "DatasetError", "NormalizedModel", "SegmentationMeter", "TensorImageDataset", "accuracy",
     "attention_maps", "autocast", "check_image_folder", "check_train_val_root", "corrupt_images",
     "corruption_error", "create_model", "evaluate", "fashion_mnist_c", "fgsm_attack", "find_fashion_mnist",
