@@ -1,6 +1,11 @@
 import os
 
-import torch
+# pytest-xdist runs two workers on two cores, each with its own thread pool (and so do the scripts and
+# notebook kernels the tests start): threads that wait must sleep, not spin, or the workers slow each
+# other down several times over (set before torch loads OpenMP; inherited by subprocesses)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels (vars_ode.triton_gram) run in Triton's interpreter, which has to be on
 # before triton is first imported (timm imports it): torch alone does not import it.

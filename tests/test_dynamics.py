@@ -24,7 +24,7 @@ def rescaled(P, x, lam, c=1.0):
 
 
 @given(st.integers(0, 10**6), st.floats(0.05, 0.4))
-@settings(max_examples=5)
+@settings(max_examples=3)
 def test_equilibrium_of_eq8_9_is_the_lasso_and_eq11(seed, lam):
     P, x = make_problem(seed, 14, 7)
     Ps, xs, lams = rescaled(P, x, lam)

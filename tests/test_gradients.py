@@ -44,7 +44,7 @@ def test_gradcheck_implicit_gram_form():
 
 def test_gradcheck_adjoint_ode_smooth_field():
     # lam = 0: the field is smooth, so the adjoint gradient must match finite differences tightly
-    P, x, lam = inputs(4, d=8, m=4)
+    P, x, lam = inputs(4, d=6, m=3)
     f = lambda P, x: vo.solve(P, x, 0.0, "dopri5", grad="adjoint", t_end=2.0, L=3.0,  # noqa: E731
                               rtol=1e-11, atol=1e-13).code
     assert gradcheck(f, (P, x), eps=1e-6, atol=1e-6)

@@ -88,7 +88,7 @@ def test_each_column_keeps_its_own_step_size(seed):
 
 
 def test_native_reads_the_device_far_less_often_than_torchdiffeq():
-    P, X = make_problem(5, 32, 16, batch=(64,))
+    P, X = make_problem(5, 32, 16, batch=(16,))
     reads, evals = {}, {}
     for integrator in ("torchdiffeq", "native"):
         for method, kw in (("rk4", dict(t_end=20.0)), ("rk4", dict(tol=1e-5)), ("dopri5", dict(tol=1e-5))):
