@@ -597,7 +597,10 @@ def plot_study(summary: dict, path) -> None:
                 ax[2].plot(range(1, len(e) + 1), e, ls, marker=".", label=f"{row['label']}, {kind}")
     ax[2].set(xlabel="iteration (ODE: unit of time)", ylabel="entropy (nats)",
               title="attention-map entropy, last layer")
-    ax[2].legend(fontsize=6)
+    if ax[2].lines:
+        ax[2].legend(fontsize=6)
+    else:
+        ax[2].text(0.5, 0.5, "no VARS row finished yet", ha="center", va="center", transform=ax[2].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
