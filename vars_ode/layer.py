@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_choice
+from ._validation import check_choice, check_positive
 from .dictionaries import DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary, rebuild
 from .fused import FUSED_SOLVERS, KERNELS, fused_attention_core
 from .lasso import kkt_residual_operator, reduce_over
@@ -101,10 +101,6 @@ def _reduce_atoms(i, t, op="sum"):
     # per-problem counts of a Gram-form code (B, h, m, dh): over the atoms, dimension -2 (a module-level
     # function, not a bound method of the atoms, which torch.compile could not keep in the layer's statistics)
     return reduce_over(t, -2, op)
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 class LayerStats:
@@ -240,12 +236,10 @@ class VARSLayer(nn.Module):
         check_choice("static", static, STATIC_KINDS)
         if static == "dense" and compat == "official":
             raise ValueError("static='dense' is for compat='paper' (the official 'sd' has its own learned atoms)")
-        if num_static_atoms is not None and not _positive_int(num_static_atoms):
-            raise ValueError(f"num_static_atoms must be a positive integer or None, got {num_static_atoms!r}")
+        check_positive("num_static_atoms", num_static_atoms, allow_none=True, integer=True)
         for name, v in (("image_size", image_size), ("atoms_per_channel", atoms_per_channel),
                         ("kernel_size", kernel_size)):
-            if not _positive_int(v):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            check_positive(name, v, integer=True)
         self.static = static
         self.gram_form = self.dictionary_kind == "d" or (static == "dense" and compat == "paper")
         check_choice("init", init, ("zeros", "encode"))
