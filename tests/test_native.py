@@ -9,7 +9,9 @@ from torchdiffeq import odeint
 import vars_ode as vo
 from conftest import make_problem
 from vars_ode.dynamics import GramVARSDynamics
-from vars_ode.solvers import native
+from vars_ode.dynamics import VARSField
+from vars_ode.lasso import GramOperator
+from vars_ode.solvers import gram_ode, native
 from vars_ode.solvers.ode import DEFAULT_STEP_SIZES
 from vars_ode.sync import count_host_syncs
 
@@ -141,7 +143,6 @@ def test_native_adaptive_stops_with_a_clear_error_at_max_num_steps():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(integrator="native", solver="dopri8"), "integrator='native' has the methods"),
-    (dict(integrator="native", solver="rk4", grad="adjoint"), "grad='adjoint' needs integrator"),
     (dict(integrator="fast", solver="rk4"), "integrator must be one of"),
     (dict(integrator="native", solver="dopri5", options={"step": 1}), r"unknown option\(s\) \['step'\]"),
     (dict(integrator="native", solver="rk4", options={"perturb": True}), r"unknown option\(s\) \['perturb'\]"),
@@ -177,3 +178,79 @@ def test_torchdiffeq_adaptive_path_keeps_each_problems_tolerance():
     sol = vo.solve(P, x, 0.1, "dopri5", tol=1e-4, max_iter=20_000, integrator="torchdiffeq")
     assert bool(sol.stats.converged.all()), sol.stats.summary()
     assert int(sol.stats.iterations.max()) < 5_000
+
+
+def _taped_field(seed, k=5, active=False):
+    # the rescaled VARS field of 3 dictionaries x k signals, its inputs leaves with gradients
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(3, 14, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    X = torch.randn(3, 14, k, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    K = P.transpose(-1, -2) @ P
+    s = 1 / torch.linalg.eigvalsh(K.detach())[..., -1:].unsqueeze(-1)
+    f = VARSField(GramOperator(K * s), ((P.transpose(-1, -2) @ X) * s,), (w * s / 4,))
+    if active:  # some problems frozen, as in the steady-state mode's windows
+        f.active = (torch.rand(3, 1, k, generator=g) < 0.6).to(torch.float64)
+    return (P, X, w), f
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["stages", "checkpointed"])
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun3", "rk4", "dopri5", "bosh3"])
+def test_gram_node_reverse_pass_equals_autograd_through_the_steps(method, checkpoint):
+    # the hand-written reverse pass (gram_ode) against autograd through the same native steps, float64: every
+    # input (atoms, signals, the L1 weight through the threshold), fixed and adaptive methods, frozen problems
+    for active in (False, True):
+        grads, outs = [], []
+        for node in (False, True):
+            leaves, f = _taped_field(7, active=active)
+            y0 = f.initial_state()
+            if method in native.ADAPTIVE_TABLEAUX:
+                rk = native.AdaptiveRK(f, method, 1e-4, 1e-6, (3, 5), torch.float64, "cpu")
+
+                def integrate(y, tape=None):
+                    rk.tape = tape
+                    return rk.integrate(y, 0.0, 3.0)
+            else:
+                def integrate(y, tape=None):
+                    return native.integrate_fixed(f, y, 0.0, 3.0, method, 0.5, tape=tape)
+            W, U = gram_ode.integrate_gram(integrate, f, y0, checkpoint) if node else integrate(y0)
+            loss = (f.code((W, U))[0].sin() * torch.arange(5.0, dtype=torch.float64)).sum() + W.pow(2).sum()
+            outs.append(U.detach())
+            grads.append(torch.autograd.grad(loss, leaves))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        for a, b in zip(grads[1], grads[0]):
+            assert float(b.abs().max()) > 0
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_native_adjoint_is_the_gradient_of_the_computed_trajectory(method):
+    # grad="adjoint" on a Gram operator: the discrete adjoint (one state kept per step), equal to the unrolled
+    # gradient, in vo.solve to a tolerance (steady-state windows, frozen problems) and in a VARS-D layer
+    P, X = make_problem(4, 16, 8, batch=(6,))
+    grads = {}
+    for grad in ("unroll", "adjoint"):
+        Pg = P.clone().requires_grad_(True)
+        sol = vo.solve(Pg, X, 0.1, method, tol=1e-4, grad=grad)
+        grads[grad] = torch.autograd.grad((sol.code.sin()).sum(), Pg)[0]
+    torch.testing.assert_close(grads["adjoint"], grads["unroll"], rtol=1e-10, atol=1e-12)
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 16, dtype=torch.float64)
+    lg = {}
+    for grad in ("unroll", "adjoint"):
+        torch.manual_seed(1)
+        layer = vo.VARSLayer(16, 2, dictionary="d", solver=method, steps=3.0, grad=grad).double()
+        layer(x).sin().sum().backward()
+        lg[grad] = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert len(lg["adjoint"]) == len(lg["unroll"]) > 2
+    for a, b in zip(lg["adjoint"], lg["unroll"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_native_adjoint_needs_a_gram_operator():
+    # the convolutional templates (operator form): the discrete adjoint is for Gram operators; auto picks
+    # torchdiffeq's continuous adjoint there, and integrator="native" says why it cannot
+    layer = vo.VARSLayer(8, 2, dictionary="sd", solver="rk4", steps=1.0, grad="adjoint", kernel_size=3,
+                         atoms_per_channel=2, solver_options={"integrator": "native"})
+    with pytest.raises(ValueError, match="grad='adjoint' .* Gram matrix only"):
+        layer(torch.randn(1, 16, 8))

@@ -209,7 +209,10 @@ def test_bad_kernels_argument_and_uncovered_calls():
     layer.set_solver("fista")
     with pytest.raises(ValueError, match="solver='ista'"):
         layer(torch.randn(1, 4, 48))
-    layer.set_solver("dopri5", steps=2.0)
+    layer.set_solver("dopri5", steps=2.0)  # fused (vars_ode.fused integrates it), but not in Triton's kernels
+    with pytest.raises(ValueError, match="supports solver='ista', got 'dopri5'"):
+        layer(torch.randn(1, 4, 48))
+    layer.set_solver("dopri5", steps=2.0, solver_options={"integrator": "torchdiffeq"})
     with pytest.raises(ValueError, match="needs the fused path"):
         layer(torch.randn(1, 4, 48))
     qv, W = torch.randn(1, 4, 2, 3, 16), torch.randn(3, 16, 32)

@@ -218,8 +218,11 @@ class VARSField(nn.Module):
         W, U = state[:n], state[n:]
         a = tuple(_soft(u, th) for u, th in zip(U, self.thr))
         Ka = self.Ka(a)
-        dW = tuple(-self.alpha * w + k + b for w, k, b in zip(W, Ka, self.Bs))
-        dU = tuple(-self.beta * u - self.gamma * (k - aa) + w for u, k, aa, w in zip(U, Ka, a, W))
+        al, be, ga = float(self.alpha), float(self.beta), float(self.gamma)
+        # b - alpha w + K a and w - beta u - gamma (K a - a), accumulated in place into fresh tensors (a
+        # few kernels an evaluation; autograd saves none of these sums)
+        dW = tuple(torch.add(b, w, alpha=-al).add_(k) for w, k, b in zip(W, Ka, self.Bs))
+        dU = tuple(torch.add(w, u, alpha=-be).add_(k, alpha=-ga).add_(aa, alpha=ga) for u, k, aa, w in zip(U, Ka, a, W))
         if self.active is not None:
             act = (self.active,) * n if isinstance(self.active, torch.Tensor) else self.active
             dW = tuple(d * m for d, m in zip(dW, act))

@@ -16,6 +16,11 @@ constant factor per atom, which the normalisation cancels (the generic path subt
 maximum instead: the same atoms). The iteration runs on the code divided by its threshold ``w / L``,
 so that the shrinkage is ``softshrink(., 1)``, one kernel, for every problem at once.
 
+With an :class:`ODESpec` the node integrates Eq. 8-9 over a horizon instead of iterating (a native Runge-Kutta
+method, fixed or adaptive, on the same scaled problem: threshold 1/2 in units of ``tau``), and reverses the
+integration with :func:`vars_ode.solvers.gram_ode.reverse`; the rest of the node (features, Gram matrix,
+power iteration, decoding and their gradients) is shared with ISTA.
+
 The backward pass is written by hand. The node keeps its input (the ``qv`` projection), ``G`` and
 ``F^T v`` (both small: ``m x m`` and ``m x dh`` per head) and per-atom vectors. With ``recompute=True``
 (the default on CUDA devices) it recomputes the features (one product and one exponential) and
@@ -39,9 +44,15 @@ import torch
 import torch.nn.functional as nnf
 
 from ._workspace import scratch
+from .dynamics import VARSField
+from .lasso import GramOperator
 from .ops import lipschitz_constant
+from .solvers import gram_ode, native
+from .solvers.ode import settings as ode_settings
 
 FUSED_SOLVERS = ("ista", "fista")
+#: the ODE methods the node integrates itself (natively, on its scaled problem; ``steps`` is then the horizon)
+FUSED_ODE_METHODS = native.NATIVE_METHODS
 KERNELS = ("torch", "triton")
 # the power iteration on CPUs runs over groups of problems whose matrices take about this many bytes, so
 # that each group's stay in the cores' caches across its iterations (a pass over all of a layer's m x m
@@ -200,6 +211,56 @@ def _iterate(pb, steps, solver, restart, init):
     return u, ys, ps, betas
 
 
+class ODESpec:
+    """How the node integrates Eq. 8-9 instead of iterating: ``method`` (native), horizon ``t_end``, ``rtol``,
+    ``atol`` and ``options`` as :func:`vars_ode.solvers.ode.ode_solve` takes them, ``checkpoint`` (keep one state a
+    step, ``grad="adjoint"``). The forward pass writes the evaluations it spent into ``nfe``."""
+
+    def __init__(self, method, t_end, rtol=None, atol=None, options=None, checkpoint=False):
+        self.method, self.t_end, self.checkpoint = method, float(t_end), bool(checkpoint)
+        self.rtol, self.atol, self.options = ode_settings(method, 0.0, rtol, atol, options)
+        self.nfe = 0
+
+
+class _ODERun:
+    # one integration on the scaled problem, with what its reverse pass needs
+    def __init__(self, pb, spec, init):
+        m = pb.A.shape[-1]
+        self.Ks = torch.eye(m, dtype=pb.A.dtype, device=pb.A.device) - pb.A  # K / L
+        # the threshold w / (L alpha beta) of the rescaled field in units of tau = w / L (zero when w = 0)
+        self.thr = 0.5 if pb.shrink else 0.0
+        self.field = VARSField(GramOperator(self.Ks), (pb.bs,), (self.thr,))
+        self.c0 = pb.bs * pb.L if init == "encode" else None  # u0 = b, scaled
+        y0 = self.field.initial_state(None if self.c0 is None else (self.c0,))
+        self.tape = gram_ode.Tape(spec.checkpoint)
+        if spec.method in native.ADAPTIVE_TABLEAUX:
+            # the generic path's absolute tolerance is in units of b / L: here atol / tau
+            atol = spec.atol / pb.tau if pb.shrink else spec.atol
+            ref = pb.bs
+            rk = native.AdaptiveRK(self.field, spec.method, spec.rtol, atol, ref.shape[:-2] + ref.shape[-1:],
+                                   ref.dtype, ref.device, spec.options)
+            rk.tape = self.tape
+            self.W, self.U = rk.integrate(y0, 0.0, spec.t_end)
+        else:
+            step = native.fixed_step_size(spec.method, spec.options)
+            self.W, self.U = native.integrate_fixed(self.field, y0, 0.0, spec.t_end, spec.method, step, tape=self.tape)
+        spec.nfe = self.field.nfe
+        self.code = nnf.softshrink(self.U, self.thr) if self.thr > 0 else self.U
+
+    def backward(self, g_code, pb, Ks):
+        """``(d loss / d bs, d loss / d A)`` from the gradient of the scaled code (``Ks = I - A`` of the backward
+        pass's problem)."""
+        gU = torch.ops.aten.softshrink_backward(g_code, self.U, self.thr) if self.thr > 0 else g_code
+        gKs, g_bs, _, gW0, gU0 = gram_ode.reverse(self.tape, self.field, Ks, self.thr, (1.0, 2.0, 2.0), None, gU)
+        # the start (VARSField.initial_state): W0 = (bs + Ks c0) / alpha, U0 = c0 + sign(c0) thr, c0 = bs L
+        g_bs.add_(gW0)
+        if self.c0 is not None:
+            _bmm_(gKs, gW0, self.c0.transpose(-1, -2))
+            g_c = _bmm(Ks, gW0, acc=gU0)
+            g_bs.add_(g_c * pb.L)
+        return g_bs, gKs.neg_()
+
+
 def _rowdot(a, b, einsum=None):
     # (a * b).sum(-1) over (B, h, n, d) tensors. On CPUs einsum's batched row products are faster (no
     # temporary); on CUDA devices einsum runs them as B h n products of 1 x d by d x 1, several times
@@ -286,11 +347,11 @@ def _node_precision(device_type, tf32, fn, *args):
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                residual, recompute, drop, tf32, lazy):
+                residual, recompute, drop, tf32, lazy, ode):
         ctx.device_type, ctx.tf32 = qv.device.type, tf32
         return _node_precision(ctx.device_type, ctx.tf32, _GramSparseCode._forward, ctx, qv, W, S, weight, steps,
                                solver, restart, init, lipschitz, power_iters, low, squaring, residual, recompute,
-                               drop, lazy)
+                               drop, lazy, ode)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -298,7 +359,7 @@ class _GramSparseCode(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                 residual, recompute, drop, lazy):
+                 residual, recompute, drop, lazy, ode):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -318,7 +379,12 @@ class _GramSparseCode(torch.autograd.Function):
         else:
             L = lipschitz_constant(G * (s * s.transpose(-1, -2)), lipschitz, iters=power_iters)[..., None, None]
         pb = _Problem(G, a, s, L, weight)
-        u_scaled, ys, ps, betas = _iterate(pb, steps, solver, restart, init)
+        if ode is not None:  # Eq. 8-9 integrated instead of iterated; its tape is kept whatever recompute says
+            ctx.ode_run = _ODERun(pb, ode, init)
+            u_scaled, ys, ps, betas = ctx.ode_run.code, [], [], []
+        else:
+            ctx.ode_run = None
+            u_scaled, ys, ps, betas = _iterate(pb, steps, solver, restart, init)
         # dropout on the code (the layer's attn_drop): the scaled keep-mask of F.dropout, drawn as
         # nn.Dropout would draw it for a tensor of the code's shape
         mask = nnf.dropout(torch.ones_like(u_scaled), drop, True) if drop > 0 else None
@@ -346,7 +412,7 @@ class _GramSparseCode(torch.autograd.Function):
         # nothing more kept alive by a layer's ``last_stats``
         # lazy (with recompute): instead of the code and the problem, what the backward pass keeps anyway
         # (G and F^T v in the product dtype, s and L), from which they are replayed when asked for
-        stats = (Gl, al, s, L, pb.tau) if lazy and recompute else (u_scaled, pb.A, pb.bs, L, pb.tau)
+        stats = (Gl, al, s, L, pb.tau) if lazy and recompute and ode is None else (u_scaled, pb.A, pb.bs, L, pb.tau)
         ctx.mark_non_differentiable(*stats)
         # no zero-filled m x m gradients for the statistics outputs (all non-differentiable, so ``out`` is the
         # only one with a gradient whenever backward runs)
@@ -360,17 +426,22 @@ class _GramSparseCode(torch.autograd.Function):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         G, a = (Gl.to(work) if recompute else None), al.to(work)
+        run = ctx.ode_run
         if recompute:
             F = vl = None
             pb = _Problem(G, a, s, L, weight)
-            u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
+            if run is None:
+                u, ys, ps, betas = _iterate(pb, steps, solver, restart, init)  # the same (scaled) iterates again
+            else:
+                u = run.code
         else:
             F, vl, A, u, *rest = kept
             pb = _Problem(G, a, s, L, weight, A)
-            it = iter(rest)
-            ys = [None if none else next(it) for none in y_none]
-            ps = [next(it) for _ in range(steps)]
-            betas = list(it)
+            if run is None:
+                it = iter(rest)
+                ys = [None if none else next(it) for none in y_none]
+                ps = [next(it) for _ in range(steps)]
+                betas = list(it)
         su = u * (pb.tau * s)
         if mask is not None:
             su = su * mask
@@ -381,36 +452,39 @@ class _GramSparseCode(torch.autograd.Function):
         g_su = _mm_into("g_su", Fl.transpose(-1, -2), gl).to(work)  # (B, h, m, dh)
         g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
         g_u = g_su * (s * pb.tau) if mask is None else g_su * (s * pb.tau) * mask
-        # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
-        g_bs = Q = None  # Q = d loss / d A = -d loss / d (K / L) = sum_t gp_t y_t^T
-        gy_next = gy_next2 = None
-        for t in range(steps - 1, -1, -1):
-            if solver == "fista" and gy_next is not None:
-                # y_{t+1} = u_{t+1} + beta_{t+1} (u_{t+1} - u_t), beta_{t+1} = betas[t]
-                g_u = g_u + (1 + betas[t]) * gy_next
-                if gy_next2 is not None:
-                    g_u = g_u - betas[t + 1] * gy_next2
-            gp = torch.ops.aten.softshrink_backward(g_u, ps[t], 1.0) if pb.shrink else g_u
-            g_bs = gp if g_bs is None else g_bs + gp
-            if ys[t] is not None:
-                if Q is None:
-                    Q = _mm_into("Q", gp, ys[t].transpose(-1, -2))
+        if run is not None:  # the integration in reverse (vars_ode.solvers.gram_ode)
+            g_bs, Q = run.backward(g_u, pb, run.Ks)
+        else:
+            # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
+            g_bs = Q = None  # Q = d loss / d A = -d loss / d (K / L) = sum_t gp_t y_t^T
+            gy_next = gy_next2 = None
+            for t in range(steps - 1, -1, -1):
+                if solver == "fista" and gy_next is not None:
+                    # y_{t+1} = u_{t+1} + beta_{t+1} (u_{t+1} - u_t), beta_{t+1} = betas[t]
+                    g_u = g_u + (1 + betas[t]) * gy_next
+                    if gy_next2 is not None:
+                        g_u = g_u - betas[t + 1] * gy_next2
+                gp = torch.ops.aten.softshrink_backward(g_u, ps[t], 1.0) if pb.shrink else g_u
+                g_bs = gp if g_bs is None else g_bs + gp
+                if ys[t] is not None:
+                    if Q is None:
+                        Q = _mm_into("Q", gp, ys[t].transpose(-1, -2))
+                    else:
+                        _bmm_(Q, gp, ys[t].transpose(-1, -2))
+                if t == 0 and init == "zeros":
+                    break  # u_0 = 0 is a constant: nothing flows further
+                g_y = pb.A @ gp  # A symmetric
+                if solver == "ista":
+                    g_u = g_y
                 else:
-                    _bmm_(Q, gp, ys[t].transpose(-1, -2))
-            if t == 0 and init == "zeros":
-                break  # u_0 = 0 is a constant: nothing flows further
-            g_y = pb.A @ gp  # A symmetric
-            if solver == "ista":
-                g_u = g_y
-            else:
-                gy_next2, gy_next = gy_next, g_y
-                g_u = torch.zeros_like(g_y)
-        if solver == "fista" and init == "encode":
-            g_u = g_u + gy_next  # y_0 = u_0
-            if gy_next2 is not None:
-                g_u = g_u - betas[0] * gy_next2
-        if init == "encode":
-            g_bs = g_bs + g_u * pb.L  # u0 = bs * L
+                    gy_next2, gy_next = gy_next, g_y
+                    g_u = torch.zeros_like(g_y)
+            if solver == "fista" and init == "encode":
+                g_u = g_u + gy_next  # y_0 = u_0
+                if gy_next2 is not None:
+                    g_u = g_u - betas[0] * gy_next2
+            if init == "encode":
+                g_bs = g_bs + g_u * pb.L  # u0 = bs * L
         # bs = a * bscale, bscale = s / w (or s / L when w = 0)
         g_s = g_s + (g_bs * a).sum(-1, keepdim=True) * (pb.bscale / s)
         g_a = (g_bs * pb.bscale).to(low)
@@ -458,10 +532,17 @@ class _GramSparseCode(torch.autograd.Function):
             g_qv = torch.stack([t.transpose(1, 2).to(qv.dtype) for t in parts], 2)
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
-        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-def _check(steps, solver, init):
+def _check(steps, solver, init, ode=None):
+    if ode is not None:
+        if solver != ode.method or not ode.t_end > 0:
+            raise ValueError(f"an ODE solve needs solver = ode.method and a positive horizon, got {solver!r} and "
+                             f"{ode.method!r} to t = {ode.t_end!r}")
+        if init not in ("zeros", "encode"):
+            raise ValueError(f"init must be 'zeros' or 'encode', got {init!r}")
+        return
     if solver not in FUSED_SOLVERS:
         raise ValueError(f"solver must be one of {FUSED_SOLVERS}, got {solver!r}")
     if init not in ("zeros", "encode"):
@@ -473,7 +554,7 @@ def _check(steps, solver, init):
 def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, solver: str = "ista",
                          restart: bool = True, init: str = "zeros", lipschitz: str = "power", power_iters: int = 10,
                          low_dtype=None, squaring=None, residual: bool = True, recompute=None, dropout: float = 0.0,
-                         kernels: str = "torch", stats: str = "eager"):
+                         kernels: str = "torch", stats: str = "eager", ode: ODESpec | None = None):
     """:func:`gram_sparse_code` on a layer's projection ``qv`` ``(B, N, k, h, dh)`` (``k = 2``: queries then
     values; ``k = 1``: values only, with ``rand_matrix=None``), returning ``(out, u', (I - K / L, b', L, tau))``
     with ``out = P u* (+ v)`` already in the ``(B, N, h, dh)`` layout of the output projection. Used by
@@ -493,11 +574,14 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     six Triton kernels, :mod:`vars_ode.triton_gram`: VARS-D or dense VARS-SD with ISTA; ``recompute``,
     ``squaring`` do not apply there).
 
+    ``ode`` (an :class:`ODESpec`, with ``solver`` its method and ``steps`` its horizon): integrate Eq. 8-9
+    instead of iterating; the integration's tape is kept for the backward pass whatever ``recompute`` says.
+
     ``stats="lazy"`` returns ``(out, replay)`` instead, ``replay()`` giving ``(u', (I - K / L, b', L, tau))``
     when called (:func:`replay_stats`): with ``recompute`` the code and the ``m x m`` step matrix are not
     kept, only what the backward pass keeps (a layer holds its statistics until its next call: at B 256
     they would take 50-100 MB a layer)."""
-    _check(steps, solver, init)
+    _check(steps, solver, init, ode)
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if stats not in ("eager", "lazy"):
@@ -532,11 +616,11 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     lazy = stats == "lazy"
     out, *kept = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart), init,
                                        lipschitz, power_iters, low, squaring, bool(residual), recompute,
-                                       float(dropout), tf32, lazy)
+                                       float(dropout), tf32, lazy, ode)
     if not lazy:
         u, A, bs, L, tau = kept
         return out, u, (A, bs, L, tau)
-    if not recompute:  # the code and the step matrix are kept for the backward pass anyway
+    if not recompute or ode is not None:  # the code and the step matrix are kept for the backward pass anyway
         u, A, bs, L, tau = kept
         return out, lambda: (u, (A, bs, L, tau))
     Gl, al, s, L, _ = kept

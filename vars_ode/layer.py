@@ -79,7 +79,7 @@ from torch import nn
 
 from ._validation import check_choice, check_positive
 from .dictionaries import DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary, rebuild
-from .fused import FUSED_SOLVERS, KERNELS, fused_attention_core
+from .fused import FUSED_ODE_METHODS, FUSED_SOLVERS, KERNELS, ODESpec, fused_attention_core
 from .lasso import kkt_residual_operator, reduce_over
 from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
 from .solvers import SOLVERS, check_solver, solve_problem
@@ -516,9 +516,15 @@ class VARSLayer(nn.Module):
     # ------------------------------------------------------------------------------------------
     def _fusable(self) -> bool:
         # the fused path (vars_ode.fused) covers Gram-form dictionaries with a fixed number of ISTA / FISTA
-        # steps and unrolled gradients; everything else takes the generic path
-        return (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps
-                and self.grad == "unroll" and self.solver in FUSED_SOLVERS and isinstance(self.steps, int)
+        # steps and unrolled gradients, and the native ODE methods over a horizon (unrolled or their discrete
+        # adjoint); everything else takes the generic path
+        if not (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps):
+            return False
+        if self.solver in FUSED_ODE_METHODS:
+            return (self.steps is not None and self.grad in ("unroll", "adjoint")
+                    and set(self.solver_options) <= {"rtol", "atol", "options"}
+                    and self.solver_options.get("integrator", "auto") != "torchdiffeq")
+        return (self.grad == "unroll" and self.solver in FUSED_SOLVERS and isinstance(self.steps, int)
                 and set(self.solver_options) <= ({"restart"} if self.solver == "fista" else set()))
 
     def _parts(self):
@@ -537,12 +543,18 @@ class VARSLayer(nn.Module):
             static = st.raw(grid, p)
             readout = self.dictionary_kind == "s" and p > 0  # prefix tokens of VARS-S
         weight = penalty_weight(self.lam, self.convention)
+        ode = None
+        if self.solver in FUSED_ODE_METHODS:
+            opts = dict(self.solver_options)
+            if self.solver not in FIXED_STEP:
+                opts.setdefault("rtol", LAYER_RTOL)
+            ode = ODESpec(self.solver, self.steps, checkpoint=self.grad == "adjoint", **opts)
         out, replay = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
             lipschitz=self.lipschitz, power_iters=dyn.power_iters if dyn is not None else 10, low_dtype=low,
             recompute=self.recompute, dropout=self.attn_drop.p if self.training else 0.0,
-            residual=self.residual == "value" and not readout, kernels=self.kernels, stats="lazy")
+            residual=self.residual == "value" and not readout, kernels=self.kernels, stats="lazy", ode=ode)
 
         def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L, code u' tau
             u, (A, bs, L, tau) = replay()
@@ -552,7 +564,8 @@ class VARSLayer(nn.Module):
         # the code and the problem are replayed from what the backward pass keeps when first asked for
         # (stats="lazy"), not held by the layer until its next call; u' has the zeros of the code u' tau
         # (tau > 0): the counts of LayerStats need no product
-        self.last_stats = LayerStats(self.solver, "iterations", torch.full((), self.steps, device=qv.device),
+        work_done, unit = (ode.nfe, "function evaluations") if ode is not None else (self.steps, "iterations")
+        self.last_stats = LayerStats(self.solver, unit, torch.full((), work_done, device=qv.device),
                                      lambda: (replay()[0],), residual, _reduce_atoms)
         if readout:
             v = qv[:, :, -1].transpose(1, 2)

@@ -27,11 +27,6 @@ from ..lasso import Operator, residual_from_grad, tmap
 from ..ops import _soft, support_system
 
 
-def _soft_fast(v, thr):
-    # sign(v) * max(|v| - thr, 0) as v - clamp(v, -thr, thr): two element-wise kernels
-    return v - torch.clamp(v, -thr, thr) if isinstance(thr, torch.Tensor) and thr.dim() else _soft(v, thr)
-
-
 #: below this iteration the "auto" schedule checks every iteration; from it, at gaps of at most it / 16
 AUTO_EXACT = 32
 
@@ -123,7 +118,7 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
             grad = tmap(torch.sub, op.gram_apply(u), B)
         if fr.check(it, u, grad, w) or it == max_iter:
             break
-        u = tuple(_soft_fast(ui - s * g, t) for ui, g, s, t in zip(u, grad, step, thr))
+        u = tuple(_soft(ui - s * g, t) for ui, g, s, t in zip(u, grad, step, thr))
         _record(record, u)
     return fr.result(u, it)
 
@@ -143,7 +138,7 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     for it in range(max_iter + 1):
         if fr.check(it, u, tmap(torch.sub, Ku, B), w) or it == max_iter:
             break
-        u_next = tuple(_soft_fast(yi - s * (k - b), th) for yi, k, b, s, th in zip(y, Ky, B, step, thr))
+        u_next = tuple(_soft(yi - s * (k - b), th) for yi, k, b, s, th in zip(y, Ky, B, step, thr))
         last = tol <= 0 and it + 1 == max_iter
         Ku_next = Ku if last else op.gram_apply(u_next)  # the last product of a fixed budget is never used
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2

@@ -75,12 +75,19 @@ def _combine(y, dt, ks, coeffs):
     out = []
     for i, yi in enumerate(y):
         h = dt[i] if isinstance(dt, tuple) else dt
-        acc = None
-        for c, k in zip(coeffs, ks):
-            if c != 0.0:
-                term = k[i] * c
-                acc = term if acc is None else acc + term
-        out.append(yi if acc is None else yi + h * acc)
+        terms = [(c, k[i]) for c, k in zip(coeffs, ks) if c != 0.0]
+        if not terms:
+            out.append(yi)
+        elif isinstance(h, torch.Tensor):  # y + h * sum_j c_j k_j, the sum accumulated in place
+            acc = terms[0][1] * terms[0][0]
+            for c, k in terms[1:]:
+                acc.add_(k, alpha=c)
+            out.append(torch.addcmul(yi, h, acc))
+        else:  # y + sum_j (h c_j) k_j: one kernel a term
+            acc = torch.add(yi, terms[0][1], alpha=h * terms[0][0])
+            for c, k in terms[1:]:
+                acc.add_(k, alpha=h * c)
+            out.append(acc)
     return tuple(out)
 
 
@@ -103,15 +110,20 @@ def fixed_step_size(method: str, options: dict) -> float:
     return options["step_size"]
 
 
-def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float):
-    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` with a fixed-step method; returns ``y(t1)``."""
+def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float, tape=None):
+    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` with a fixed-step method; returns ``y(t1)``.
+    ``tape`` (:class:`vars_ode.solvers.gram_ode.Tape`) receives every step's stage inputs."""
     c, A, b = FIXED_TABLEAUX[method]
     grid = fixed_grid(t0, t1, step_size)
     for ta, tb in zip(grid[:-1], grid[1:]):
         dt = tb - ta
-        ks = []
+        ks, stages = [], []
         for ci, row in zip(c, A):
-            ks.append(f(ta + ci * dt, _combine(y, dt, ks, row) if row else y))
+            yi = _combine(y, dt, ks, row) if row else y
+            stages.append(yi)
+            ks.append(f(ta + ci * dt, yi))
+        if tape is not None:
+            tape.add(stages, dt, None, A, b)
         y = _combine(y, dt, ks, b)
     return y
 
@@ -146,7 +158,8 @@ class AdaptiveRK:
         self.layout = layout if layout is not None else GramOperator(None)
         self.c, self.A, self.b, b_low, self.order = ADAPTIVE_TABLEAUX[method]
         self.e = tuple(hi - lo for hi, lo in zip(self.b, b_low))
-        self.rtol, self.atol = float(rtol), float(atol)
+        # atol: a float, or a tensor broadcastable to the state (one per problem: a problem solved in its own units)
+        self.rtol, self.atol = float(rtol), atol if isinstance(atol, torch.Tensor) else float(atol)
         self.safety = float(options.get("safety", 0.9))
         self.ifactor = float(options.get("ifactor", 10.0))
         self.dfactor = float(options.get("dfactor", 0.2))
@@ -160,6 +173,8 @@ class AdaptiveRK:
         self.attempts = 0
         self._burst = 1  # attempts between two host reads: 2, 4, 8, ... up to check_every
         self.k1 = None
+        #: a :class:`vars_ode.solvers.gram_ode.Tape` that receives every attempt's stage inputs, or None
+        self.tape = None
 
     def _first_step(self, y, f0):
         # Hairer, Norsett and Wanner's estimate, per column: a step that changes y by about 1% of its scale.
@@ -221,9 +236,10 @@ class AdaptiveRK:
         live = t < span
         h = torch.minimum(self.dt, span - t).clamp_min(0.0)  # zero for columns at the end
         hs = tuple(self._x(j, h) for j in range(len(y)))
-        ks = [self.k1]
+        ks, stages = [self.k1], [y]
         for row in self.A[1:]:
             y_new = _combine(y, hs, ks, row)
+            stages.append(y_new)
             ks.append(self.f(t0, y_new))
         # FSAL: the last row of A is b, so the last stage was evaluated at the new point y_new
         err = tuple(hs[i] * sum(k[i] * e for k, e in zip(ks, self.e) if e != 0.0) for i in range(len(y)))
@@ -247,6 +263,8 @@ class AdaptiveRK:
             new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal), proposal)
             self.dt = torch.where(live, new_dt, self.dt).clamp(min=1e-12, max=max(span, 1e-12))
             t = torch.where(broken, torch.full_like(t, span), torch.where(accept, t + h, t))
+        if self.tape is not None:
+            self.tape.add(stages, hs, accept, self.A, self.b)
         y = self._where(accept, y_new, y)
         self.k1 = self._where(accept, ks[-1], self.k1)
         return y, t

@@ -24,9 +24,13 @@ Integrators (``integrator=``):
 * ``"native"`` (:mod:`vars_ode.solvers.native`): the fixed-step methods ``euler``, ``midpoint``,
   ``heun2``, ``heun3``, ``rk4`` (torchdiffeq's tableaux and grid, the same result) and the adaptive
   ``dopri5`` and ``bosh3`` with one step size per problem, which look at the device once every
-  ``options["check_every"]`` attempts (default 16) instead of at every step. Unrolled gradients only.
-* ``"auto"`` (default): ``"native"`` for every method it has, torchdiffeq for the others and always with
-  ``grad="adjoint"``.
+  ``options["check_every"]`` attempts (default 16) instead of at every step. On an operator with a Gram matrix
+  (VARS-D, the dense static atoms, :func:`vars_ode.solve`) a differentiated integration is one autograd node with
+  a hand-written reverse pass (:mod:`vars_ode.solvers.gram_ode`); there ``grad="adjoint"`` is its discrete
+  adjoint: the reverse pass keeps one state per step and evaluates each step's stages again, the exact gradient
+  of the computed trajectory. Elsewhere unrolled gradients only.
+* ``"auto"`` (default): ``"native"`` for every method it has, torchdiffeq for the others; with ``grad="adjoint"``
+  native on a Gram operator, torchdiffeq's continuous adjoint otherwise.
 """
 from __future__ import annotations
 
@@ -37,9 +41,9 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from .._validation import check_choice
 from ..dynamics import VARSField
-from ..lasso import kkt_residual_operator, tmap
+from ..lasso import GramOperator, kkt_residual_operator, tmap
 from ..ops import _soft
-from . import native
+from . import gram_ode, native
 
 #: torchdiffeq's methods (the keys of its solver table, ``torchdiffeq._impl.odeint.SOLVERS``, which is private:
 #: ``tests/test_solvers.py`` checks this tuple against it).
@@ -66,18 +70,19 @@ ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_en
                "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator", "record")
 
 
-def choose_integrator(integrator: str, method: str, grad: str) -> str:
-    """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad`` (see the module docstring)."""
+def choose_integrator(integrator: str, method: str, grad: str, gram: bool = False) -> str:
+    """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad``, ``gram``: whether the operator has a Gram
+    matrix of one block (see the module docstring)."""
     check_choice("integrator", integrator, INTEGRATORS)
     if integrator == "auto":
-        return "native" if method in native.NATIVE_METHODS and grad != "adjoint" else "torchdiffeq"
+        return "native" if method in native.NATIVE_METHODS and (grad != "adjoint" or gram) else "torchdiffeq"
     if integrator == "native":
         if method not in native.NATIVE_METHODS:
             raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
                              f"{method!r}; use integrator='torchdiffeq' (or 'auto')")
-        if grad == "adjoint":
-            raise ValueError("integrator='native' differentiates by unrolling; grad='adjoint' needs "
-                             "integrator='torchdiffeq' (or 'auto')")
+        if grad == "adjoint" and not gram:
+            raise ValueError("integrator='native' has grad='adjoint' (its discrete adjoint) on operators with a Gram "
+                             "matrix only; here it needs integrator='torchdiffeq' (or 'auto')")
     return integrator
 
 
@@ -106,16 +111,8 @@ def default_rtol(method: str, tol: float) -> float:
 LAYER_RTOL = 1e-2
 
 
-def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
-              options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
-              alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
-              integrator="auto", record=None, **unused):
-    """Integrate Eq. 8-9 on the problem ``(op, B, w)`` rescaled by ``L``; returns ``(code, evaluations)``,
-    ``evaluations`` per problem. ``init`` is a code tuple or ``None`` (zeros). ``record`` (a list) receives
-    the code at every unit of time of a fixed horizon, or after every window of the steady-state mode."""
-    if unused:
-        raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
-    n = op.num_blocks
+def settings(method: str, tol: float, rtol=None, atol=None, options=None):
+    """``(rtol, atol, options)`` of ``method`` with this module's defaults filled in (a fixed horizon: ``tol = 0``)."""
     if rtol is None:
         rtol = default_rtol(method, tol)
     if atol is None:
@@ -126,7 +123,22 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     if method in ADAMS:
         # torchdiffeq's default order (12) has a tiny stability region: it diverges here
         options.setdefault("max_order", 4)
-    engine = choose_integrator(integrator, method, grad)
+    return rtol, atol, options
+
+
+def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
+              options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
+              alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
+              integrator="auto", record=None, **unused):
+    """Integrate Eq. 8-9 on the problem ``(op, B, w)`` rescaled by ``L``; returns ``(code, evaluations)``,
+    ``evaluations`` per problem. ``init`` is a code tuple or ``None`` (zeros). ``record`` (a list) receives
+    the code at every unit of time of a fixed horizon, or after every window of the steady-state mode."""
+    if unused:
+        raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
+    n = op.num_blocks
+    rtol, atol, options = settings(method, tol, rtol, atol, options)
+    gram = op.has_gram and op.num_blocks == 1
+    engine = choose_integrator(integrator, method, grad, gram)
     if method == "scipy_solver":
         options.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory for a layer
     elif method not in FIXED_STEP and engine == "torchdiffeq":
@@ -147,19 +159,39 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     def run(op_, B_, u_, w_):
         """The whole solve on (op_, B_, u_, w_); returns (code, evaluations per problem)."""
         thr = tuple(op.expand(i, w_) * s / (alpha * beta) for i, s in enumerate(scale))
-        f = VARSField(op_, tmap(torch.mul, B_, scale), thr, alpha, beta, gamma, scale=scale)
+        # on a Gram operator, a native integration with gradients is one node with a hand-written reverse pass
+        # (gram_ode), on K / L formed once; under torch.compile the integration is traced (fixed steps) or runs
+        # eagerly (adaptive) as autograd's
+        node = engine == "native" and gram and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        checkpoint = grad == "adjoint"
+        if node:
+            f = VARSField(GramOperator(op_.gram() * scale[0]), tmap(torch.mul, B_, scale), thr, alpha, beta, gamma)
+        else:
+            f = VARSField(op_, tmap(torch.mul, B_, scale), thr, alpha, beta, gamma, scale=scale)
         state = f.initial_state(u_)
         if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
                                    options, layout=op)
 
+            def taped(st, tape, t0, t1):
+                rk.tape = tape
+                try:
+                    return rk.integrate(st, t0, t1)
+                finally:
+                    rk.tape = None
+
             def integrate(st, t0, t1):
                 # its step loop reads the device between bursts of steps: eager under torch.compile
+                if node:
+                    return _eager(gram_ode.integrate_gram, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
                 return _eager(rk.integrate, st, t0, t1)
         elif engine == "native":
             step = native.fixed_step_size(method, options)
 
             def integrate(st, t0, t1):
+                if node:
+                    return gram_ode.integrate_gram(
+                        lambda y, tape: native.integrate_fixed(f, y, t0, t1, method, step, tape=tape), f, st, checkpoint)
                 return native.integrate_fixed(f, st, t0, t1, method, step)
         else:
             def integrate(st, t0, t1):
@@ -209,7 +241,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             t, span = t1, min(span * 2, max_window)
         return code, evals
 
-    if grad != "adjoint":
+    if grad != "adjoint" or engine == "native":
         return run(op, tuple(B), tuple(init), w)
     # torchdiffeq's adjoint differentiates the field with respect to its adjoint_params by autograd; B and
     # the operator's roots may come from one graph (a layer's features), so the solve runs on detached

@@ -1,0 +1,96 @@
+"""Memory a VARS layer keeps for its backward pass, per ODE solver and gradient mode, in one process.
+
+After one forward pass with gradients, every tensor alive that was not alive before it is what the graph keeps
+until the backward pass: autograd's saved tensors (``saved_tensors_hooks``) and what a node holds on its own,
+such as the Runge-Kutta tape of ``vars_ode.solvers.gram_ode`` (tensors the garbage collector sees); storages
+are counted once, the input and the parameters (alive before) not at all. The rows with ``integrator=torchdiffeq`` run
+the same method through autograd step by step (``torchdiffeq-unroll``) or through torchdiffeq's continuous
+adjoint (``adjoint-torchdiffeq``).
+
+    python benchmarks/ode_memory_cpu.py [--batch 8] [--tokens 197] [--dim 192] [--heads 3]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import warnings
+
+import torch
+
+import vars_ode as vo
+
+ROWS = {
+    "ista 3": dict(solver="ista", steps=3),
+    "euler": dict(solver="euler", steps=3.0),
+    "rk4": dict(solver="rk4", steps=3.0),
+    "rk4 torchdiffeq-unroll": dict(solver="rk4", steps=3.0, solver_options={"integrator": "torchdiffeq"}),
+    "dopri5": dict(solver="dopri5", steps=3.0),
+    "dopri5 adjoint": dict(solver="dopri5", steps=3.0, grad="adjoint"),
+    "dopri5 adjoint-torchdiffeq": dict(solver="dopri5", steps=3.0, grad="adjoint",
+                                                         solver_options={"integrator": "torchdiffeq"}),
+}
+
+
+def live_bytes() -> dict:
+    """Storage pointer -> bytes of every tensor the garbage collector can see."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gc.get_objects() holds deprecated torch objects too
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                    st = obj.untyped_storage()
+                    out[st.data_ptr()] = st.nbytes()
+            except Exception:  # noqa: BLE001 (objects that only look like tensors)
+                continue
+    return out
+
+
+def kept_bytes(layer, x) -> int:
+    gc.collect()
+    before = live_bytes()
+    saved = {}
+
+    def pack(t):  # autograd's saved tensors live in C++, out of the garbage collector's sight
+        st = t.untyped_storage()
+        saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    gc.collect()
+    after = {**live_bytes(), **saved}
+    after.pop(y.untyped_storage().data_ptr(), None)
+    kept = sum(b for p, b in after.items() if p not in before)
+    y.sum().backward()
+    return kept
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=197)
+    ap.add_argument("--dictionary", default="d")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.dim, requires_grad=True)
+    print(f"VARS-{args.dictionary.upper()} layer, dim {args.dim}, {args.heads} heads, batch {args.batch}, "
+          f"{args.tokens} tokens, fp32: bytes kept from the forward pass for the backward pass\n")
+    print("| row | MB kept | vs ista 3 |")
+    print("|---|---|---|")
+    base = None
+    for name in args.rows.split(","):
+        kw = ROWS[name]
+        torch.manual_seed(1)
+        layer = vo.VARSLayer(args.dim, args.heads, dictionary=args.dictionary, **kw)
+        kept_bytes(layer, x)  # warm-up (scratch buffers, lazily built state)
+        b = kept_bytes(layer, x)
+        base = b if base is None else base
+        print(f"| {name} | {b / 2**20:.1f} | {b / base:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""A Runge-Kutta integration of the VARS field on a Gram operator as one autograd node, its reverse pass
+written by hand.
+
+Unrolled through autograd, every evaluation of the field (:class:`vars_ode.dynamics.VARSField`) records a
+dozen elementwise nodes and every Runge-Kutta step a few more; on the small ``m x dh`` blocks of an attention
+layer their bookkeeping, not the ``m x m`` products, is most of the cost. Here the integration runs without
+a graph (:func:`vars_ode.solvers.native.integrate_fixed` or :class:`vars_ode.solvers.native.AdaptiveRK`, any of
+their methods), keeping per stage only the input ``U`` of that evaluation (a reference, no copy), per step
+its size and, for the adaptive methods, which problems accepted it. The reverse pass walks the steps
+backwards. For ``y1 = y0 + h * acc * sum_i b_i k_i`` and ``k_i = f(Y_i)``, ``Y_i = y0 + h sum_{j<i} A_ij k_j``::
+
+    gk_i = h (b_i acc gy1 + sum_{j>i} A_ji gY_j),   gY_i = J_f(Y_i)^T gk_i,   gy0 = gy1 + sum_i gY_i
+
+and with ``a = g(U)`` (the soft threshold), ``s = 1 / L``, the field's transposed Jacobian is::
+
+    gKs = s (gdW - gamma gdU);  ga = [a != 0] (K gKs + gamma gdU)
+    gW = -alpha gdW + gdU;      gU = -beta gdU + ga
+    dK += gKs a^T,  db += gdW,  dthreshold -= sign(a) ga
+
+(``K`` symmetric). The step sizes and the accept decisions are constants, as in the unrolled integrators.
+The gradients equal autograd's through the same steps up to rounding (``tests/test_native.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import _soft
+from .native import _combine
+
+
+class Tape:
+    """What the reverse pass keeps of an integration: per step ``(stages, h, acc, A, b)``, ``stages`` the ``U`` of
+    each stage, or with ``checkpoint=True`` the state ``(W, U)`` at the step's start, from which the reverse pass
+    evaluates the stages again (one state a step instead of one ``U`` a stage, for about one more evaluation
+    a stage).
+
+    The integrators of :mod:`vars_ode.solvers.native` call :meth:`add` once per step (attempt)."""
+
+    def __init__(self, checkpoint: bool = False):
+        self.steps = []
+        self.checkpoint = checkpoint
+
+    def add(self, stage_states, h, accept, A, b):
+        """``stage_states``: the state tuple ``(W, U)`` at which each stage was evaluated; ``h``: the step (a
+        float, or a tuple with one per-problem tensor per entry of the state); ``accept``: per-problem booleans
+        or ``None``; ``A``, ``b``: the tableau's stage rows and weights."""
+        hh = h[0] if isinstance(h, tuple) else h
+        acc = None if accept is None else accept.unsqueeze(-2).to(stage_states[0][1].dtype)
+        kept = stage_states[0] if self.checkpoint else [st[1] for st in stage_states]
+        self.steps.append((kept, hh, acc, A, b))
+
+
+def _stage_inputs(field, y0, h, A):
+    # the U of every stage of one step from its start y0, evaluating the field again
+    ks, Us = [], []
+    for i, row in enumerate(A):
+        y = _combine(y0, h, ks, row) if row else y0
+        Us.append(y[1])
+        if i < len(A) - 1:  # the last stage's slope enters no other stage
+            ks.append(field(0.0, y))
+    return Us
+
+
+def _lin(terms):
+    # sum of c * t over (float coefficient, tensor) pairs, in a fresh tensor
+    out = terms[0][1] * terms[0][0]
+    for c, t in terms[1:]:
+        out.add_(t, alpha=c)
+    return out
+
+
+class _GramODENode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, integrate, field, checkpoint, K, Bs, thr, W0, U0):
+        tape = Tape(checkpoint)
+        W, U = integrate((W0, U0), tape)
+        ctx.tape, ctx.field = tape, field
+        ctx.coeffs = (float(field.alpha), float(field.beta), float(field.gamma))
+        act = field.active
+        ctx.active = act[0] if isinstance(act, tuple) else act
+        ctx.thr_const = None if isinstance(thr, torch.Tensor) else thr
+        ctx.save_for_backward(K, Bs, thr if ctx.thr_const is None else None)
+        return W, U
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gW, gU):
+        K, Bs, thr = ctx.saved_tensors
+        want_K, want_B, want_thr = ctx.needs_input_grad[3:6]
+        field, active_after, nfe = ctx.field, ctx.field.active, ctx.field.nfe
+        field.active = ctx.active  # the window's frozen problems, for the evaluations of a checkpointed tape
+        try:
+            gK, gB, gT, gW, gU = reverse(ctx.tape, field, K, thr if ctx.thr_const is None else ctx.thr_const,
+                                         ctx.coeffs, gW, gU, ctx.active, want_K, want_B, want_thr)
+        finally:
+            field.active, field.nfe = active_after, nfe
+        gK = gK.sum_to_size(K.shape) if gK is not None else None
+        gBs = gB.sum_to_size(Bs.shape) if gB is not None else None
+        gthr = gT.sum_to_size(thr.shape) if gT is not None else None
+        return None, None, None, gK, gBs, gthr, gW, gU
+
+
+def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_B=True, want_thr=False):
+    """The reverse pass of a taped integration of the field ``(alpha, beta, gamma) = coeffs`` on the Gram matrix
+    ``K`` (``(..., m, m)``, broadcastable) with threshold ``thr``, from the gradients ``gW``, ``gU`` of its end
+    (``None``: zero). ``field`` evaluates the stages of a checkpointed tape again. Returns ``(dK, db, dthreshold,
+    gW0, gU0)`` (``dK`` per problem batch, un-reduced; ``None`` where not wanted) and the gradients of the start."""
+    alpha, beta, gamma = coeffs
+    steps = tape.steps
+    ref = steps[0][0][0] if steps else (gU if gU is not None else gW)
+    shape = ref.shape
+    gW = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if gW is None else gW
+    gU = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if gU is None else gU
+    Kx = K.expand(*shape[:-2], *K.shape[-2:])
+    lead = Kx.shape[:-2]
+    K3 = Kx.reshape(-1, *Kx.shape[-2:])
+    Q = torch.zeros_like(Kx) if want_K else None
+    gB = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if want_B else None
+    gT = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if want_thr else None
+
+    def vjp(U, gdW, gdU):
+        if active is not None:
+            gdW, gdU = gdW * active, gdU * active
+        a = _soft(U, thr)
+        gKs = torch.sub(gdW, gdU, alpha=gamma)
+        if Q is not None:
+            Q.view(-1, *Q.shape[-2:]).baddbmm_(gKs.reshape(-1, *shape[-2:]), a.reshape(-1, *shape[-2:]).transpose(-1, -2))
+        ga = torch.bmm(K3, gKs.reshape(-1, *shape[-2:])).view(*lead, *shape[-2:])
+        ga.add_(gdU, alpha=gamma).mul_(a != 0)
+        if gB is not None:
+            gB.add_(gdW)
+        if gT is not None:
+            gT.addcmul_(torch.sign(a), ga, value=-1.0)
+        return torch.add(gdU, gdW, alpha=-alpha), ga.add_(gdU, alpha=-beta)
+
+    gW, gU = _reverse(steps, tape.checkpoint, field, gW, gU, vjp)
+    return Q, gB, gT, gW, gU
+
+
+def _reverse(steps, checkpoint, field, gW, gU, vjp):
+    # the steps of a tape in reverse (module docstring); returns the gradient of the integration's start
+    owned = False
+    for kept, h, acc, A, b in reversed(steps):
+        Us = _stage_inputs(field, kept, h, A) if checkpoint else kept
+        gsW, gsU = (gW, gU) if acc is None else (gW * acc, gU * acc)
+        n = len(Us)
+        gY = [None] * n
+        hf = h if isinstance(h, float) else 1.0  # a float step goes into the coefficients
+        for i in range(n - 1, -1, -1):
+            tw = [(b[i] * hf, gsW)] if b[i] != 0.0 else []
+            tu = [(b[i] * hf, gsU)] if b[i] != 0.0 else []
+            for j in range(i + 1, n):
+                if A[j][i] != 0.0 and gY[j] is not None:
+                    tw.append((A[j][i] * hf, gY[j][0]))
+                    tu.append((A[j][i] * hf, gY[j][1]))
+            if not tw:
+                continue
+            gkW, gkU = _lin(tw), _lin(tu)
+            if not isinstance(h, float):
+                gkW, gkU = gkW.mul_(h), gkU.mul_(h)
+            gY[i] = vjp(Us[i], gkW, gkU)
+        if not owned:  # autograd's incoming gradients are not ours to write into
+            gW, gU, owned = gW.clone(), gU.clone(), True
+        for g in gY:
+            if g is not None:
+                gW.add_(g[0])
+                gU.add_(g[1])
+    return gW, gU
+
+
+def integrate_gram(integrate, field, state, checkpoint: bool = False):
+    """``integrate(state, tape)`` (a native integration of ``field`` over one interval) as one autograd node
+    with the hand-written reverse pass of the module docstring. ``field``: a
+    :class:`vars_ode.dynamics.VARSField` of one block on an operator with a Gram matrix; ``state``: ``(W, U)``;
+    ``checkpoint``: keep one state per step instead of the stages (:class:`Tape`).
+    Returns the state at the interval's end."""
+    if field.scale is not None:
+        raise ValueError("integrate_gram needs a field without scale (fold it into the operator's K)")
+    K = field.op.gram()
+    return _GramODENode.apply(integrate, field, bool(checkpoint), K, field.Bs[0], field.thr[0], state[0], state[1])
