@@ -559,3 +559,18 @@ def test_layer_refuses_no_tokens_and_passes_an_empty_batch(dictionary, kwargs):
     y = layer(x)
     y.sum().backward()
     assert y.shape == (0, 5, 16) and x.grad.shape == (0, 5, 16)
+
+
+def test_set_solver_keeps_options_for_the_same_solver_only():
+    # solver_options belong to a solver: FISTA's restart survives a new tolerance, not a switch to dopri5
+    # (which refused it by name: "unknown option(s) ['restart']")
+    layer = VARSLayer(16, 2, dictionary="d", solver="fista", solver_options={"restart": False})
+    x = torch.randn(1, 9, 16)
+    layer.set_solver(steps=5)
+    assert layer.solver_options == {"restart": False}
+    layer.set_solver("dopri5", steps=2.0)
+    assert layer.solver_options == {}
+    y = layer(x)
+    assert torch.isfinite(y).all() and layer.last_stats.unit == "function evaluations"
+    layer.set_solver("rk4", solver_options={"options": {"step_size": 0.5}})
+    assert layer(x).shape == x.shape and int(layer.last_stats.iterations) == 16

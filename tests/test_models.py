@@ -516,3 +516,11 @@ def test_rvt_plus_position_masks_follow_the_official_formula():
     assert full.state_dict()["transformers.0.blocks.9.attn.att_mask"].shape == (6, 196, 196)
     with pytest.raises(ValueError, match="masked_blocks"):
         timm.create_model("vars_rvt_tiny", attention="vars_d", masked_blocks=10)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(depth=2), "depth"), (dict(heads=[6, 0]), "heads"),
+                                      (dict(base_dims="32"), "base_dims")])
+def test_rvt_stage_lists_are_checked_by_name(kw, name):
+    # an integer where RVT takes one value per stage raised "object of type 'int' has no len()"
+    with pytest.raises(ValueError, match=f"{name} must be a list with one positive integer per stage"):
+        timm.create_model("vars_rvt_tiny", **kw)

@@ -9,7 +9,8 @@ Three ways, chosen by ``solve(..., grad=...)``:
   this identity gives the gradient at the fixed point with one linear solve, whatever the number of
   iterations: with ``v_S = K_SS^{-1} g_S`` (``g`` the incoming gradient) and ``v`` zero off ``S``,
   ``dL/db = v``, ``dL/dK = -v u*^T`` and ``dL/dw = -v . sign(u*)``.
-* ``"adjoint"``: torchdiffeq's adjoint method through the ODE solve (ODE solvers only).
+* ``"adjoint"`` (ODE solvers only): on an operator with a Gram matrix the discrete adjoint of the native
+  integration (:mod:`vars_ode.solvers.gram_ode`: one state kept per step); elsewhere torchdiffeq's adjoint method.
 
 The implicit gradient of any :class:`vars_ode.lasso.Operator` (:func:`implicit_code`) needs no matrix: ``v``
 solves ``(D K D + I - D) v = D g`` by conjugate gradients with the operator (``D`` the support mask), and
@@ -28,7 +29,7 @@ from .ops import support_system
 GRAD_MODES = {
     "unroll": "autograd through every iteration or stage",
     "implicit": "the implicit function theorem at the solution (on its active set)",
-    "adjoint": "torchdiffeq's adjoint method (ODE solvers only)",
+    "adjoint": "the adjoint of the ODE integration (ODE solvers only): discrete on Gram operators, torchdiffeq's elsewhere",
 }
 IMPLICIT_SOLVES = ("direct", "cg")
 

@@ -23,11 +23,12 @@ The dynamic dictionary is solved in Gram form (``K = Phi^T Phi``: ``(B, h, m, m)
 ``(B, h, m, dh)``) with the core solvers, so the token count enters only the two products that
 form them (and the decoding); with ``steps`` ISTA / FISTA iterations and unrolled gradients (the
 default) the whole solve is one fused autograd node (:mod:`vars_ode.fused`) that keeps no ``N x m``
-tensor for the backward pass. The static and union dictionaries are solved in operator form
+tensor for the backward pass; so is an integration to a horizon with a native ODE method (unrolled, or its
+discrete adjoint with ``grad="adjoint"``). The static and union dictionaries are solved in operator form
 (:func:`vars_ode.solvers.solve_problem` on the bound atoms). Fixed budgets (``steps`` given) never synchronise
-with the host, except inside torchdiffeq (``grad="adjoint"``, the methods that
-:mod:`vars_ode.solvers.native` does not have, or ``solver_options={"integrator": "torchdiffeq"}``),
-whose step loops wait on the device at every step. Under
+with the host, except inside torchdiffeq (``grad="adjoint"`` with the convolutional atoms, the methods that
+:mod:`vars_ode.solvers.native` does not have, or ``solver_options={"integrator": "torchdiffeq"}``), whose
+step loops wait on the device at every step, and the adaptive native methods (a read every few attempts). Under
 autocast (bf16 / fp16) the iteration runs in float32; the projections, and on the fused path the
 products over the tokens, follow autocast.
 
@@ -389,8 +390,10 @@ class VARSLayer(nn.Module):
                    solver_options: dict | None = None) -> "VARSLayer":
         """Swap the solver of a built (e.g. trained) layer, with the constructor's checks; returns ``self``.
 
-        Only the arguments given change. A layer trained with ``"ista"`` can be evaluated with ``"dopri5"``
-        over the same horizon (or to its equilibrium with ``steps=None``).
+        Only the arguments given change, except ``solver_options``: they belong to a solver, so a new solver
+        without ``solver_options`` starts from none (FISTA's ``restart`` is no option of dopri5). A layer trained
+        with ``"ista"`` can be evaluated with ``"dopri5"`` over the same horizon (or to its equilibrium with
+        ``steps=None``).
         """
         solver = self.solver if solver is None else solver
         grad = self.grad if grad is None else grad
@@ -399,9 +402,11 @@ class VARSLayer(nn.Module):
         steps, tol = self._check_solver(solver, steps, tol, grad)
         if solver_options is not None and not isinstance(solver_options, dict):
             raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-        self.solver, self.steps, self.tol, self.grad = solver, steps, tol, grad
         if solver_options is not None:
             self.solver_options = dict(solver_options)
+        elif solver != self.solver:
+            self.solver_options = {}
+        self.solver, self.steps, self.tol, self.grad = solver, steps, tol, grad
         return self
 
     def _check_solver(self, solver, steps, tol, grad):
@@ -521,7 +526,9 @@ class VARSLayer(nn.Module):
         if not (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps):
             return False
         if self.solver in FUSED_ODE_METHODS:
-            return (self.steps is not None and self.grad in ("unroll", "adjoint")
+            # under torch.compile the generic path's integration (traced, or eager for the adaptive methods, whose
+            # loop reads the device) compiles in seconds; the node's would be traced through its host reads
+            return (not torch.compiler.is_compiling() and self.steps is not None and self.grad in ("unroll", "adjoint")
                     and set(self.solver_options) <= {"rtol", "atol", "options"}
                     and self.solver_options.get("integrator", "auto") != "torchdiffeq")
         return (self.grad == "unroll" and self.solver in FUSED_SOLVERS and isinstance(self.steps, int)

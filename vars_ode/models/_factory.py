@@ -61,7 +61,10 @@ def create_host(model_cls, variant: str, pretrained: bool = False, **kwargs):
         if pretrained else None
     # default feature indices: every RVT stage; the last three blocks of the single-stage hosts (as timm's ViT)
     depth = model_kw.get("depth", 3)
-    default_out = len(depth) if model_cls.__name__ == "PoolingTransformer" else min(3, int(depth))
+    if model_cls.__name__ == "PoolingTransformer":  # one depth per stage (the model checks the values)
+        default_out = len(depth) if hasattr(depth, "__len__") else 1
+    else:
+        default_out = min(3, int(depth))
     feature_cfg = {"feature_cls": "getter", "out_indices": default_out, **feat_kw.pop("feature_cfg", {})}
     features_only = feat_kw.pop("features_only", False)
     feature_cfg.update(feat_kw)

@@ -261,6 +261,11 @@ class PoolingTransformer(nn.Module):
             raise ValueError(f"masked_blocks (RVT+ position masks) needs attention='self', got {attention!r}: the "
                              "official VARS and Performer blocks do not use the mask")
         check_choice("global_pool", global_pool, ("avg",))
+        for name, v in (("base_dims", base_dims), ("depth", depth), ("heads", heads)):
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or not all(
+                    isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v):
+                raise ValueError(f"{name} must be a list with one positive integer per stage (e.g. depth=[10, 2]), "
+                                 f"got {v!r}")
         if not (len(base_dims) == len(depth) == len(heads)) or not depth:
             raise ValueError(f"base_dims, depth and heads must have one (equal) length per stage, got "
                              f"{list(base_dims)}, {list(depth)}, {list(heads)}")
