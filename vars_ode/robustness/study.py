@@ -42,7 +42,7 @@ import torch
 
 from .attacks import NormalizedModel, fgsm_attack, pgd_attack
 from .datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_c, load_fashion_mnist
-from .metrics import IMAGENET_C_CORRUPTIONS
+from .metrics import IMAGENET_C_CORRUPTIONS, mean_std
 
 __all__ = ["ROWS", "PRESETS", "Row", "StudyConfig", "run_study", "evaluate_run", "summarize", "markdown",
            "plot_study", "paired_seed_interval", "bootstrap_interval", "attention_entropy"]
@@ -423,6 +423,13 @@ METRICS = {"clean_acc": "clean", "mean_corruption_acc": "corrupt", "pgd1_acc": "
            "fgsm1_acc": "fgsm1"}
 
 
+def _stat(values) -> dict:
+    # mean, sample standard deviation (0 for one value) and the values, as results.json keeps them
+    vals = [float(v) for v in values]
+    m, sd = mean_std(vals)
+    return {"mean": m, "std": sd, "values": vals}
+
+
 def summarize(cfg: StudyConfig, out) -> dict:
     """Mean / std over seeds, relative corruption error and paired intervals against self-attention."""
     runs = _load_runs(cfg, Path(out))
@@ -437,12 +444,10 @@ def summarize(cfg: StudyConfig, out) -> dict:
         row = {"label": ROWS[r].label, "seeds": seeds, "params_M": res[0]["params_M"]}
         for k in list(METRICS) + ["train_images_per_s", "eval_images_per_s"]:
             vals = [x[k] for x in res if x.get(k) is not None]
-            row[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                      "values": vals} if vals else None
+            row[k] = _stat(vals) if vals else None
         rce = [100 * np.mean([(100 - np.mean(x["corruption_acc"][c])) / max(base_err[c], 1e-9)
                               for c in cfg.corruptions]) for x in res]
-        row["relative_ce"] = {"mean": float(np.mean(rce)), "std": float(np.std(rce, ddof=1)) if len(rce) > 1 else 0.0,
-                              "values": [float(v) for v in rce]}
+        row["relative_ce"] = _stat(rce)
         row["severity_acc"] = {"mean": [float(np.mean([np.mean([x["corruption_acc"][c][i] for c in cfg.corruptions])
                                                       for x in res])) for i in range(len(SEVERITIES))],
                                "std": [float(np.std([np.mean([x["corruption_acc"][c][i] for c in cfg.corruptions])
