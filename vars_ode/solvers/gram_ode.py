@@ -1,20 +1,23 @@
 """A Runge-Kutta integration of the VARS field on a Gram operator as one autograd node, its reverse pass
 written by hand.
 
-Unrolled through autograd, every evaluation of the field (:class:`vars_ode.dynamics.VARSField`) records a
-dozen elementwise nodes and every Runge-Kutta step a few more; on the small ``m x dh`` blocks of an attention
-layer their bookkeeping, not the ``m x m`` products, is most of the cost. Here the integration runs without
-a graph (:func:`vars_ode.solvers.native.integrate_fixed` or :class:`vars_ode.solvers.native.AdaptiveRK`, any of
-their methods), keeping per stage only the input ``U`` of that evaluation (a reference, no copy), per step
-its size and, for the adaptive methods, which problems accepted it. The reverse pass walks the steps
-backwards. For ``y1 = y0 + h * acc * sum_i b_i k_i`` and ``k_i = f(Y_i)``, ``Y_i = y0 + h sum_{j<i} A_ij k_j``::
+Unrolled through autograd, every evaluation of the field (:class:`vars_ode.dynamics.VARSField`) saves its
+inputs and temporaries for the backward pass. Here the integration runs without a graph
+(:func:`vars_ode.solvers.native.integrate_fixed` or :class:`vars_ode.solvers.native.AdaptiveRK`, any of their
+methods), keeping per stage only the input ``U`` of that evaluation (a reference, no copy), per step its size
+and, for the adaptive methods, which problems accepted it: about half the memory (benchmarks/RESULTS.md). With
+a checkpointed tape it keeps one state per step and evaluates the stages again (``grad="adjoint"``: the
+discrete adjoint). The fused layer node (:mod:`vars_ode.fused`) reverses its integrations with
+:func:`reverse` too. The reverse pass walks the steps backwards. For ``y1 = y0 + h * acc * sum_i b_i k_i`` and
+``k_i = f(Y_i)``, ``Y_i = y0 + h sum_{j<i} A_ij k_j``::
 
     gk_i = h (b_i acc gy1 + sum_{j>i} A_ji gY_j),   gY_i = J_f(Y_i)^T gk_i,   gy0 = gy1 + sum_i gY_i
 
-and with ``a = g(U)`` (the soft threshold), ``s = 1 / L``, the field's transposed Jacobian is::
+and with ``a = g(U)`` (the soft threshold) and ``K`` the field's (already divided by ``L``), the field's
+transposed Jacobian is::
 
-    gKs = s (gdW - gamma gdU);  ga = [a != 0] (K gKs + gamma gdU)
-    gW = -alpha gdW + gdU;      gU = -beta gdU + ga
+    gKs = gdW - gamma gdU;   ga = [a != 0] (K gKs + gamma gdU)
+    gW = -alpha gdW + gdU;   gU = -beta gdU + ga
     dK += gKs a^T,  db += gdW,  dthreshold -= sign(a) ga
 
 (``K`` symmetric). The step sizes and the accept decisions are constants, as in the unrolled integrators.
