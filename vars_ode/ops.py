@@ -42,8 +42,11 @@ def soft_threshold(x: torch.Tensor, threshold) -> torch.Tensor:
 
 
 def _soft(x: torch.Tensor, thr) -> torch.Tensor:
-    # sign(x) * relu(|x| - thr) without validation, for hot loops: x - clamp(x, -thr, thr), two kernels, the same
-    # values bit for bit (x - thr is |x| - thr with the sign of x) and the same gradients
+    # sign(x) * relu(|x| - thr) without validation, for hot loops: x - clamp(x, -thr, thr), two kernels, or for a
+    # float threshold softshrink, one; the same values bit for bit (x - thr is |x| - thr with the sign of x) and
+    # the same gradients
+    if isinstance(thr, float) and thr >= 0:
+        return torch.nn.functional.softshrink(x, thr)
     return x - torch.clamp(x, -thr, thr)
 
 
