@@ -582,7 +582,9 @@ def training_table(device, quick, iters, variants):
 
     def build(name):
         kw, tf32, _ = variant(name, TRAIN_VARIANTS)
-        model = timm.create_model("vars_rvt_tiny", num_classes=1000, img_size=size, **kw).to(device)
+        # --quick: two blocks and one (the full model is 10 and 2): the same code path at a toy cost
+        shallow = {"depth": (2, 1)} if quick else {}
+        model = timm.create_model("vars_rvt_tiny", num_classes=1000, img_size=size, **shallow, **kw).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         step = train_step(model, opt, images, labels)
 
@@ -648,7 +650,8 @@ def graph_training_table(device, quick, iters, variants):
         kw, tf32, _ = variant(name, TRAIN_VARIANTS)
         try:
             vo.fused.TF32_UNDER_AUTOCAST = tf32  # fixed at capture
-            model = timm.create_model("vars_rvt_tiny", num_classes=1000, img_size=size, **kw).to(device)
+            model = timm.create_model("vars_rvt_tiny", num_classes=1000, img_size=size,
+                                      **({"depth": (2, 1)} if quick else {}), **kw).to(device)
             captured[name + "+graph"] = graphed_train_step(model, images, labels)
         except Exception as exc:  # a variant that cannot be captured is left out, not the table
             print(f"training variant {name}+graph: left out, {type(exc).__name__}: {str(exc)[:200]}")

@@ -61,12 +61,18 @@ def interleaved(layers, x, repeats, warmup=2):
     return times
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(ap, batch: int):
+    """``--dim``, ``--heads``, ``--batch``, ``--tokens``: the layer and input of the CPU layer benchmarks (DeiT-Ti's
+    width, heads and 197 tokens by default)."""
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--tokens", type=int, default=197)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(ap, batch=16)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", default="d,sd,sd-dense",

@@ -51,10 +51,7 @@ def dict_kwargs(name: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=197)
+    layer_cpu.add_shape_args(ap, batch=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--horizon", type=float, default=3.0)

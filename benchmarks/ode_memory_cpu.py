@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
+import os
 import warnings
 
 import torch
 
 import vars_ode as vo
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("layer_cpu", os.path.join(_here, "layer_cpu.py"))
+layer_cpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(layer_cpu)
 
 ROWS = {
     "ista 3": dict(solver="ista", steps=3),
@@ -68,10 +75,7 @@ def kept_bytes(layer, x) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=197)
+    layer_cpu.add_shape_args(ap, batch=8)
     ap.add_argument("--dictionary", default="d")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     args = ap.parse_args(argv)
@@ -81,15 +85,19 @@ def main(argv=None):
           f"{args.tokens} tokens, fp32: bytes kept from the forward pass for the backward pass\n")
     print("| row | MB kept | vs ista 3 |")
     print("|---|---|---|")
-    base = None
-    for name in args.rows.split(","):
-        kw = ROWS[name]
+    names = args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {unknown}; rows: {list(ROWS)}")
+    base, out = None, {}
+    for name in names:
         torch.manual_seed(1)
-        layer = vo.VARSLayer(args.dim, args.heads, dictionary=args.dictionary, **kw)
+        layer = vo.VARSLayer(args.dim, args.heads, dictionary=args.dictionary, **ROWS[name])
         kept_bytes(layer, x)  # warm-up (scratch buffers, lazily built state)
-        b = kept_bytes(layer, x)
+        out[name] = b = kept_bytes(layer, x)
         base = b if base is None else base
         print(f"| {name} | {b / 2**20:.1f} | {b / base:.2f}x |", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -274,3 +274,16 @@ def test_gpu_by_template_block_switches_the_templates_for_its_forward_only(monke
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g, gr = torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
     torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_ode_memory_benchmark_counts_what_the_graph_keeps(capsys):
+    # toy size: the ODE node keeps less for its backward pass than autograd through the same rk4 steps, the
+    # discrete adjoint less than the unrolled dopri5, and an unknown row is named
+    bench = load("ode_memory_cpu")
+    res = bench.main(["--batch", "2", "--tokens", "17", "--dim", "24", "--heads", "2",
+                      "--rows", "ista 3,rk4,rk4 torchdiffeq-unroll,dopri5,dopri5 adjoint"])
+    assert min(res.values()) > 0
+    assert res["rk4"] < res["rk4 torchdiffeq-unroll"] and res["dopri5 adjoint"] < res["dopri5"]
+    assert capsys.readouterr().out.count("| dopri5 adjoint |") == 1
+    with pytest.raises(SystemExit, match="unknown row"):
+        bench.main(["--rows", "rk5"])
