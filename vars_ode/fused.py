@@ -233,17 +233,10 @@ class _ODERun:
         self.c0 = pb.bs * pb.L if init == "encode" else None  # u0 = b, scaled
         y0 = self.field.initial_state(None if self.c0 is None else (self.c0,))
         self.tape = gram_ode.Tape(spec.checkpoint)
-        if spec.method in native.ADAPTIVE_TABLEAUX:
-            # the generic path's absolute tolerance is in units of b / L: here atol / tau
-            atol = spec.atol / pb.tau if pb.shrink else spec.atol
-            ref = pb.bs
-            rk = native.AdaptiveRK(self.field, spec.method, spec.rtol, atol, ref.shape[:-2] + ref.shape[-1:],
-                                   ref.dtype, ref.device, spec.options)
-            rk.tape = self.tape
-            self.W, self.U = rk.integrate(y0, 0.0, spec.t_end)
-        else:
-            step = native.fixed_step_size(spec.method, spec.options)
-            self.W, self.U = native.integrate_fixed(self.field, y0, 0.0, spec.t_end, spec.method, step, tape=self.tape)
+        # the generic path's absolute tolerance is in units of b / L: here atol / tau
+        atol = spec.atol / pb.tau if pb.shrink else spec.atol
+        self.W, self.U = native.integrate(self.field, y0, 0.0, spec.t_end, spec.method, spec.rtol, atol, spec.options,
+                                          tape=self.tape)
         spec.nfe = self.field.nfe
         self.code = nnf.softshrink(self.U, self.thr) if self.thr > 0 else self.U
 

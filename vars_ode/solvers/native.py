@@ -270,9 +270,19 @@ class AdaptiveRK:
         return y, t
 
 
-def integrate_adaptive(f, y, t0: float, t1: float, method: str, rtol: float, atol: float, options=None):
-    """One-shot :class:`AdaptiveRK` integration of ``y`` from ``t0`` to ``t1``; returns ``(y(t1), integrator)``."""
+def integrate_adaptive(f, y, t0: float, t1: float, method: str, rtol: float, atol, options=None, tape=None):
+    """One-shot :class:`AdaptiveRK` integration of ``y`` from ``t0`` to ``t1`` (Gram layout: problems are the
+    columns); returns ``(y(t1), integrator)``. ``tape`` as in :func:`integrate_fixed`."""
     ref = y[0]
     cols = ref.shape[:-2] + (ref.shape[-1],)
     rk = AdaptiveRK(f, method, rtol, atol, cols, ref.dtype, ref.device, options)
+    rk.tape = tape
     return rk.integrate(y, t0, t1), rk
+
+
+def integrate(f, y, t0: float, t1: float, method: str, rtol: float, atol, options=None, tape=None):
+    """``y(t1)`` by any native method in the Gram layout: fixed steps (``options["step_size"]``) or adaptive
+    (``rtol``, ``atol``, ``options``)."""
+    if method in ADAPTIVE_TABLEAUX:
+        return integrate_adaptive(f, y, t0, t1, method, rtol, atol, options, tape)[0]
+    return integrate_fixed(f, y, t0, t1, method, fixed_step_size(method, options or {}), tape=tape)
