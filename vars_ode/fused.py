@@ -227,9 +227,10 @@ class _ODERun:
     def __init__(self, pb, spec, init):
         m = pb.A.shape[-1]
         self.Ks = torch.eye(m, dtype=pb.A.dtype, device=pb.A.device) - pb.A  # K / L
+        self.field = VARSField(GramOperator(self.Ks), (pb.bs,), (0.0,))  # Eq. 8-9's alpha, beta, gamma
         # the threshold w / (L alpha beta) of the rescaled field in units of tau = w / L (zero when w = 0)
-        self.thr = 0.5 if pb.shrink else 0.0
-        self.field = VARSField(GramOperator(self.Ks), (pb.bs,), (self.thr,))
+        self.thr = 1.0 / (self.field.alpha * self.field.beta) if pb.shrink else 0.0
+        self.field.thr = (self.thr,)
         self.c0 = pb.bs * pb.L if init == "encode" else None  # u0 = b, scaled
         y0 = self.field.initial_state(None if self.c0 is None else (self.c0,))
         self.tape = gram_ode.Tape(spec.checkpoint)
@@ -240,16 +241,17 @@ class _ODERun:
         spec.nfe = self.field.nfe
         self.code = nnf.softshrink(self.U, self.thr) if self.thr > 0 else self.U
 
-    def backward(self, g_code, pb, Ks):
-        """``(d loss / d bs, d loss / d A)`` from the gradient of the scaled code (``Ks = I - A`` of the backward
-        pass's problem)."""
+    def backward(self, g_code, pb):
+        """``(d loss / d bs, d loss / d A)`` from the gradient of the scaled code."""
+        f = self.field
         gU = torch.ops.aten.softshrink_backward(g_code, self.U, self.thr) if self.thr > 0 else g_code
-        gKs, g_bs, _, gW0, gU0 = gram_ode.reverse(self.tape, self.field, Ks, self.thr, (1.0, 2.0, 2.0), None, gU)
+        gKs, g_bs, _, gW0, gU0 = gram_ode.reverse(self.tape, f, self.Ks, self.thr, (f.alpha, f.beta, f.gamma), None, gU)
         # the start (VARSField.initial_state): W0 = (bs + Ks c0) / alpha, U0 = c0 + sign(c0) thr, c0 = bs L
+        gW0 = gW0 / f.alpha
         g_bs.add_(gW0)
         if self.c0 is not None:
             _bmm_(gKs, gW0, self.c0.transpose(-1, -2))
-            g_c = _bmm(Ks, gW0, acc=gU0)
+            g_c = _bmm(self.Ks, gW0, acc=gU0)
             g_bs.add_(g_c * pb.L)
         return g_bs, gKs.neg_()
 
@@ -446,7 +448,7 @@ class _GramSparseCode(torch.autograd.Function):
         g_s = (g_su * su).sum(-1, keepdim=True) / s  # = sum_dh g_(su) * u
         g_u = g_su * (s * pb.tau) if mask is None else g_su * (s * pb.tau) * mask
         if run is not None:  # the integration in reverse (vars_ode.solvers.gram_ode)
-            g_bs, Q = run.backward(g_u, pb, run.Ks)
+            g_bs, Q = run.backward(g_u, pb)
         else:
             # the iterations in reverse: p_t = A y_t + bs, u_{t+1} = softshrink(p_t, 1)
             g_bs = Q = None  # Q = d loss / d A = -d loss / d (K / L) = sum_t gp_t y_t^T
@@ -533,14 +535,11 @@ def _check(steps, solver, init, ode=None):
         if solver != ode.method or not ode.t_end > 0:
             raise ValueError(f"an ODE solve needs solver = ode.method and a positive horizon, got {solver!r} and "
                              f"{ode.method!r} to t = {ode.t_end!r}")
-        if init not in ("zeros", "encode"):
-            raise ValueError(f"init must be 'zeros' or 'encode', got {init!r}")
-        return
-    if solver not in FUSED_SOLVERS:
+    elif solver not in FUSED_SOLVERS:
         raise ValueError(f"solver must be one of {FUSED_SOLVERS}, got {solver!r}")
     if init not in ("zeros", "encode"):
         raise ValueError(f"init must be 'zeros' or 'encode', got {init!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if ode is None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
 
 
