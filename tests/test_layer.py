@@ -372,6 +372,34 @@ def test_official_state_dict_and_numerics(kind):
             layer(tokens(p=0, side=4, C=C, dtype=D64))
 
 
+def test_compat_official_builds_the_official_class_by_every_route(tmp_path):
+    from vars_ode import OfficialVARSAttention
+
+    C, h, side = 8, 2, 3
+    sd = official_state_dict(C, h, 2 * C // h, "sd", side, False, seed=5)
+    x = tokens(p=0, side=side, C=C, dtype=D64)
+    ref = official_reference(sd, x, h, 0.3, 5, "sd")
+    configured = VARSLayer.configure(dictionary="sd", compat="official", image_size=side)
+    built = [VARSLayer(C, h, dictionary="sd", compat="official", image_size=side),
+             OfficialVARSAttention(C, h, dictionary="sd", image_size=side), configured(C, num_heads=h)]
+    for layer in built:
+        assert type(layer) is OfficialVARSAttention and isinstance(layer, VARSLayer)
+        layer.double().load_state_dict(sd, strict=True)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-12)
+    # a whole layer saved and loaded (pickle) is the same class with the same output
+    torch.save(built[2], tmp_path / "layer.pt")
+    again = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert type(again) is OfficialVARSAttention
+    torch.testing.assert_close(again(x), ref, rtol=1e-10, atol=1e-12)
+    # the paper layer is untouched by the dispatch, also configured
+    assert type(VARSLayer(C, h, dictionary="d")) is VARSLayer
+    assert type(VARSLayer.configure(dictionary="d")(C, num_heads=h)).__mro__[1] is VARSLayer
+    with pytest.raises(ValueError, match="compat='paper'"):
+        OfficialVARSAttention(C, h, compat="paper")
+    with pytest.raises(ValueError, match="static='dense'"):
+        VARSLayer(C, h, compat="official", static="dense")
+
+
 def test_redraw_features_changes_the_dictionary():
     torch.manual_seed(13)
     for compat in ("paper", "official"):

@@ -29,8 +29,9 @@ from .dictionaries import (Atoms, DenseStaticDictionary, DynamicDictionary, Stat
 from ._workspace import release_workspace, set_cpu_workspace, workspace_bytes  # noqa: E402
 from .fused import gram_sparse_code  # noqa: E402
 from .layer import DICTIONARIES, LayerStats, VARSLayer, attention_maps, replace_attention  # noqa: E402
+from .official import OfficialVARSAttention  # noqa: E402  (registers VARSLayer(compat="official"))
 
-__all__ += ["Atoms", "DICTIONARIES", "DenseStaticDictionary", "DynamicDictionary", "LayerStats", "StaticDictionary",
+__all__ += ["Atoms", "DICTIONARIES", "DenseStaticDictionary", "DynamicDictionary", "LayerStats", "OfficialVARSAttention", "StaticDictionary",
             "UnionDictionary", "VARSLayer", "attention_maps", "gram_sparse_code",
             "release_workspace", "replace_attention", "set_cpu_workspace", "workspace_bytes"]
 

@@ -38,24 +38,9 @@ atoms are zero on them, so for ``dictionary="s"`` a prefix token would receive n
 image; it receives instead the mean of the reconstruction over the grid tokens (a global-pool
 read-out, documented choice). For ``"sd"`` the dynamic atoms reconstruct them.
 
-``compat="official"`` reproduces the official code's ``VARS_D`` / ``VARS_SD`` attention modules
-(github bfshi/VARS, ``vars_block.py``) including its parameter names and shapes, so their
-``state_dict`` loads with ``strict=True``:
-
-* ``qkv.weight`` ``(2C, C)`` (``qkv.bias`` with ``qkv_bias``), ``proj.weight`` ``(C, C)``, ``proj.bias`` ``(C,)``;
-* ``rand_matrix`` ``(h, dh, m)``: a frozen Gaussian matrix stored as a parameter (``requires_grad=False``);
-* ``L`` ``(h,)``: an unused parameter of the official module (initialised to 25), kept for loading;
-* ``learned_k`` ``(m', m')`` (``m' = m``, or ``2m`` for ``"sd"``): the matrix ``W`` (init identity) turning
-  ``K`` into ``W K W``; ``learned_lam`` ``(1,)`` and ``learned_L`` ``(1,)`` (init 1);
-* ``"sd"`` only: ``kernel`` ``(1, h, image_size**2, m)``, the learned static atoms at a fixed resolution
-  (``N`` must equal ``image_size**2``: no prefix tokens, no other resolution).
-
-Its numerics: features ``exp(w^T q^ - 1/2) / sqrt(m)`` of L2-normalised queries, concatenated with
-``kernel`` for ``"sd"``, columns normalised over tokens; ``L = max row L1 norm of K + 1`` (detached),
-divided by ``learned_L``; ``lam`` times ``learned_lam``; initial code ``g(P^T v, lam)``; ``steps`` (default
-5) steps ``u <- g(u - (W K W u - P^T v) / L, lam / L)`` with ``g(x, t) = sign(x) GELU(|x| - t)``; output
-``proj(P u)``. The official VARS-S is a whole block (BatchNorm, MLP, FFT templates), not an attention
-module, so ``compat="official"`` accepts ``"d"`` and ``"sd"`` only.
+``compat="official"`` builds :class:`vars_ode.official.OfficialVARSAttention` instead: the official code's
+``VARS_D`` / ``VARS_SD`` attention modules, with their parameter names and numerics (a subclass of this
+layer that replaces its dictionary and solve; see :mod:`vars_ode.official`).
 
 Self-attention as a special case (paper Sec. 3.4): with ``dictionary="d"``, ``lam=0``, ``init="zeros"`` and one
 Euler step of size one (``solver="euler", steps=1, solver_options={"options": {"step_size": 1.0}}``, or one ISTA
@@ -93,6 +78,9 @@ DICTIONARIES = {
     "sd": "sd", "union": "sd", "static+dynamic": "sd", "vars_sd": "sd", "vars-sd": "sd",
 }
 COMPATS = ("paper", "official")
+#: the class that ``VARSLayer(compat=...)`` builds for each ``compat`` other than ``"paper"``; filled by
+#: :mod:`vars_ode.official` when the package is imported
+COMPAT_CLASSES: dict = {}
 RESIDUALS = ("value", "none")
 STATIC_KINDS = ("conv", "dense")
 _DEFAULT = "default"
@@ -204,6 +192,21 @@ class VARSLayer(nn.Module):
     After a forward pass, ``last_stats`` (:class:`LayerStats`) describes the solve.
     """
 
+    #: ``steps`` and ``residual`` when not given
+    default_steps, default_residual = 3, "value"
+
+    def __new__(cls, *args, **kwargs):
+        # VARSLayer(compat="official") (also through a configured class) builds the class of COMPAT_CLASSES
+        merged = {**getattr(cls, "_configured_defaults", {}), **kwargs}
+        compat = merged.get("compat", "paper")
+        target = COMPAT_CLASSES.get(compat) if isinstance(compat, str) else None
+        if target is None or issubclass(cls, target):
+            return super().__new__(cls)
+        obj = super().__new__(target)
+        if not isinstance(obj, cls):  # Python calls __init__ only on an instance of cls (not of a configured class)
+            obj.__init__(*args, **merged)
+        return obj
+
     def __init__(self, dim: int, num_heads: int = 8, *, dictionary: str = "sd", solver: str = "ista", steps=_DEFAULT,
                  lam: float = 0.3, grad: str = "unroll", compat: str = "paper", qkv_bias: bool = False,
                  qk_norm: bool = False, scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
@@ -235,21 +238,19 @@ class VARSLayer(nn.Module):
         self.dictionary_kind = DICTIONARIES[key]
         check_choice("compat", compat, COMPATS)
         check_choice("static", static, STATIC_KINDS)
-        if static == "dense" and compat == "official":
-            raise ValueError("static='dense' is for compat='paper' (the official 'sd' has its own learned atoms)")
         check_positive("num_static_atoms", num_static_atoms, allow_none=True, integer=True)
         for name, v in (("image_size", image_size), ("atoms_per_channel", atoms_per_channel),
                         ("kernel_size", kernel_size)):
             check_positive(name, v, integer=True)
         self.static = static
-        self.gram_form = self.dictionary_kind == "d" or (static == "dense" and compat == "paper")
+        self.gram_form = self.dictionary_kind == "d" or static == "dense"
         check_choice("init", init, ("zeros", "encode"))
         check_choice("lipschitz", lipschitz, ("power", "eigvalsh", "official"))
         check_choice("convention", convention, CONVENTIONS)
         if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0 or not math.isfinite(lam):
             raise ValueError(f"lam must be a non-negative finite float, got {lam!r}")
         if steps == _DEFAULT:
-            steps = 5 if compat == "official" else 3
+            steps = self.default_steps
         self.compat = compat
         steps, tol = self._check_solver(solver, steps, tol, grad)
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
@@ -265,13 +266,10 @@ class VARSLayer(nn.Module):
             if not isinstance(p, (int, float)) or not 0 <= p <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
         if residual == _DEFAULT:
-            residual = "none" if compat == "official" else "value"
+            residual = self.default_residual
         check_choice("residual", residual, RESIDUALS)
         if solver_options is not None and not isinstance(solver_options, dict):
             raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-        if compat == "official" and self.dictionary_kind == "s":
-            raise ValueError("compat='official' supports dictionary 'd' or 'sd': the official VARS-S is a whole "
-                             "block (BatchNorm, MLP, FFT templates); use dictionary='s' with compat='paper'")
         norm_layer = norm_layer or nn.LayerNorm
 
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
@@ -317,31 +315,26 @@ class VARSLayer(nn.Module):
         self.proj = nn.Linear(dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-        if compat == "official":
-            m = self.num_features
-            mm = 2 * m if self.dictionary_kind == "sd" else m
-            fdt = dtype or torch.float32
-            self.rand_matrix = nn.Parameter(torch.randn(num_heads, head_dim, m, device=device, dtype=fdt), requires_grad=False)
-            if self.dictionary_kind == "sd":
-                self.image_size = image_size
-                self.kernel = nn.Parameter(torch.randn(1, num_heads, image_size ** 2, m, device=device, dtype=fdt))
-            self.L = nn.Parameter(torch.full((num_heads,), 25.0, device=device, dtype=fdt), requires_grad=False)
-            self.learned_k = nn.Parameter(torch.eye(mm, device=device, dtype=fdt))
-            self.learned_lam = nn.Parameter(torch.ones(1, device=device, dtype=fdt))
-            self.learned_L = nn.Parameter(torch.ones(1, device=device, dtype=fdt))
-            self.dictionary = None
-        else:
-            if uses_q:
-                dyn = DynamicDictionary(num_heads, head_dim, self.num_features, orthogonal=orthogonal_features,
-                                        lipschitz=lipschitz, device=device, dtype=dtype)
-            if self.dictionary_kind != "d" and static == "dense":
-                st = DenseStaticDictionary(num_heads, num_static_atoms or head_dim,
-                                           grid_size or (image_size, image_size), **dd)
-            elif self.dictionary_kind != "d":
-                st = StaticDictionary(dim, num_heads, atoms_per_channel=atoms_per_channel, kernel_size=kernel_size,
-                                      padding=padding, **dd)
-            self.dictionary = {"d": lambda: dyn, "s": lambda: st, "sd": lambda: UnionDictionary(dyn, st)}[
-                self.dictionary_kind]()
+        self._build_dictionary(dict(orthogonal_features=orthogonal_features, lipschitz=lipschitz,
+                                    atoms_per_channel=atoms_per_channel, kernel_size=kernel_size, padding=padding,
+                                    static=static, num_static_atoms=num_static_atoms, grid_size=grid_size,
+                                    image_size=image_size, device=device, dtype=dtype))
+
+    def _build_dictionary(self, cfg):
+        # the learned and drawn parts of the dictionary (a subclass with other atoms replaces this)
+        dd = dict(device=cfg["device"], dtype=cfg["dtype"])
+        kind, h, dh = self.dictionary_kind, self.num_heads, self.head_dim
+        if kind != "s":
+            dyn = DynamicDictionary(h, dh, self.num_features, orthogonal=cfg["orthogonal_features"],
+                                    lipschitz=cfg["lipschitz"], **dd)
+        if kind != "d" and cfg["static"] == "dense":
+            image_size = cfg["image_size"]
+            st = DenseStaticDictionary(h, cfg["num_static_atoms"] or dh, cfg["grid_size"] or (image_size, image_size),
+                                       **dd)
+        elif kind != "d":
+            st = StaticDictionary(self.dim, h, atoms_per_channel=cfg["atoms_per_channel"],
+                                  kernel_size=cfg["kernel_size"], padding=cfg["padding"], **dd)
+        self.dictionary = {"d": lambda: dyn, "s": lambda: st, "sd": lambda: UnionDictionary(dyn, st)}[kind]()
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -425,21 +418,11 @@ class VARSLayer(nn.Module):
         if SOLVERS[solver].needs_gram and not self.gram_form:
             raise ValueError(f"solver {solver!r} needs the Gram matrix, which dictionary {self.dictionary_kind!r} with "
                              "static='conv' does not form; use static='dense', or 'ista', 'fista' or an ODE solver")
-        if self.compat == "official":
-            if solver != "ista" or grad != "unroll":
-                raise ValueError(f"compat='official' runs the official unrolled ISTA loop: solver must be 'ista' and grad "
-                                 f"'unroll', got solver={solver!r}, grad={grad!r}")
-            if steps is None:
-                raise ValueError("steps=None (solve to equilibrium) is not available with compat='official'")
         return steps, float(tol)
 
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
         """Draw new random features (dynamic and union dictionaries)."""
-        if self.compat == "official":
-            with torch.no_grad():
-                self.rand_matrix.copy_(torch.randn(self.rand_matrix.shape, generator=generator,
-                                                   dtype=torch.float64).to(self.rand_matrix))
-        elif hasattr(self.dictionary, "redraw_features"):
+        if hasattr(self.dictionary, "redraw_features"):
             self.dictionary.redraw_features(generator)
 
     def extra_repr(self):
@@ -506,10 +489,7 @@ class VARSLayer(nn.Module):
                     q = self.q_norm(q)
                 q = q.to(work) if q is not None else None
                 v = v.to(work)
-                if self.compat == "official":
-                    recon = self._sparse_official(q, v)
-                else:
-                    recon = self._sparse_paper(q, v, N)
+                recon = self._sparse(q, v, N)
                 out = (recon + v if self.residual == "value" else recon).transpose(1, 2)
         out = out.to(out_dtype).reshape(B, N, C)
         out = self.norm(out)
@@ -523,7 +503,7 @@ class VARSLayer(nn.Module):
         # the fused path (vars_ode.fused) covers Gram-form dictionaries with a fixed number of ISTA / FISTA
         # steps and unrolled gradients, and the native ODE methods over a horizon (unrolled or their discrete
         # adjoint); everything else takes the generic path
-        if not (self.fused and self.gram_form and self.compat == "paper" and not self.record_maps):
+        if not (self.fused and self.gram_form and not self.record_maps):
             return False
         if self.solver in FUSED_ODE_METHODS:
             # under torch.compile the generic path's integration (traced, or eager for the adaptive methods, whose
@@ -594,8 +574,9 @@ class VARSLayer(nn.Module):
             return self.dictionary.bind(grid, p, dtype=v.dtype)
         return self.dictionary.bind(q, grid, p, dtype=v.dtype)
 
-    def _sparse_paper(self, q, v, N):
-        # every dictionary and solver through the one pipeline, vars_ode.solvers.solve_problem
+    def _sparse(self, q, v, N):
+        # (B, h, N, dh) queries (None for "s") and values -> P u*: every dictionary and solver through the one
+        # pipeline, vars_ode.solvers.solve_problem
         weight = penalty_weight(self.lam, self.convention)
         atoms = self._bind(q, v, N)
         Bc = atoms.encode(v)
@@ -637,43 +618,6 @@ class VARSLayer(nn.Module):
             return recon
         mean = recon[:, :, p:].mean(-2, keepdim=True)
         return torch.cat([mean.expand(-1, -1, p, -1), recon[:, :, p:]], dim=-2)
-
-    # ------------------------------------------------------------------------------------------
-    def _sparse_official(self, q, v):
-        B, h, N, dh = v.shape
-        m = self.num_features
-        qn = F.normalize(q, dim=-1)
-        phi = torch.exp(qn @ self.rand_matrix.to(q.dtype) - qn.norm(dim=-1, keepdim=True) ** 2 / 2) / m ** 0.5
-        if self.dictionary_kind == "sd":
-            if N != self.kernel.shape[2]:
-                raise ValueError(f"compat='official' with dictionary 'sd' has a fixed-resolution kernel of "
-                                 f"{self.kernel.shape[2]} tokens (image_size={self.image_size}), got N = {N}")
-            phi = torch.cat([phi, self.kernel.to(q.dtype).expand(B, -1, -1, -1)], dim=-1)
-        phi = F.normalize(phi, p=2, dim=-2)
-        K = phi.transpose(-1, -2) @ phi
-        Bm = phi.transpose(-1, -2) @ v
-        L = K.abs().sum(-1).amax(-1).detach()[..., None, None] + 1
-        lam = self.learned_lam.to(q.dtype) * self.lam
-        L = L / self.learned_L.to(q.dtype)
-        Wk = self.learned_k.to(q.dtype)
-        Kw = Wk @ K @ Wk
-        gelu_thr = lambda t, thr: torch.sign(t) * F.gelu(t.abs() - thr)  # noqa: E731
-        u = gelu_thr(Bm, lam)
-        record = [u.detach()] if self.record_maps else None
-        for _ in range(self.steps):
-            u = u - (Kw @ u - Bm) / L
-            u = gelu_thr(u, lam / L)
-            if record is not None:
-                record.append(u.detach())
-        Kd, Bd, ud, lamd = Kw.detach(), Bm.detach(), u.detach(), lam.detach()
-        self.last_stats = LayerStats("ista", "iterations", torch.tensor(self.steps), (ud,),
-                                     lambda: kkt_residual_gram(Kd, Bd, ud, lamd), lambda i, t, op="sum": t.sum(-2))
-        u = self.attn_drop(u)
-        if record is not None:
-            with torch.no_grad():
-                self.last_maps = torch.stack([(phi @ c).abs().mean((1, 3)) for c in record[1:]], 1)
-        return phi @ u
-
 
 def _rebuild_configured(base, defaults, state):
     # the unpickling side of VARSLayer.__reduce_ex__ for a layer of a configured class
