@@ -74,6 +74,11 @@ def attention_class(attention: str, *, grid_size: Tuple[int, int], num_prefix_to
         # full-grid templates, like the official VARS-S (full-image FFT templates); this is also what
         # brings the hosts' VARS-S parameter counts to the paper's Table 2
         defaults["kernel_size"] = full_grid_kernel_size(grid_size)
+    if dictionary == "sd" and layer_kwargs.get("compat", "paper") == "paper":
+        # learned maps over the token grid, as the official VARS-SD (whose code made the paper's numbers and the
+        # released weights): the Gram form and its fused node, 2.4x timm's block on an H200 where the paper
+        # text's convolutional templates (static="conv", still available) are 42x; Table 2's parameter counts
+        defaults["static"] = "dense"
     if layer_kwargs.get("compat") == "official" and dictionary == "sd":
         if grid_size[0] != grid_size[1] or num_prefix_tokens:
             raise ValueError(f"compat='official' with attention='vars_sd' needs a square token grid and no prefix "
