@@ -22,7 +22,6 @@ CFG = {"small": dict(N=64, h=16, m=32, C=16, steps=(0, 1, 2, 3, 5, 10, 30, 100, 
                      lams=(0.03, 0.3, 3.0)),
        "large": dict(N=196, h=64, m=128, C=64, steps=(0, 1, 2, 3, 5, 7, 10, 20, 50, 100, 300, 1000, 3000),
                      lams=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))}
-import math
 import time
 
 import matplotlib.pyplot as plt
@@ -38,32 +37,7 @@ assert SIZE in CFG, f"SIZE must be one of {list(CFG)}"
 cfg = CFG[SIZE]
 print("SIZE =", SIZE, cfg)
 
-def positive_random_features(Q, W):
-    """Performer's positive features exp(W^T q - ||q||^2/2)/sqrt(m), row-wise: (N, h) x (h, m) -> (N, m)."""
-    return torch.exp(Q @ W - 0.5 * Q.pow(2).sum(-1, keepdim=True)) / math.sqrt(W.shape[1])
-
-
-def vars_d_problem(N, h, m, C, seed=0):
-    """A VARS-D-like head in isolation: L2-normalised random queries, m positive random features,
-    atoms normalised over tokens (as the official code), C value channels. Returns Phi (N, m), X (N, C)."""
-    g = torch.Generator().manual_seed(seed)
-    Q = torch.nn.functional.normalize(torch.randn(N, h, generator=g, dtype=DT), dim=-1)
-    Phi = positive_random_features(Q, torch.randn(h, m, generator=g, dtype=DT))
-    Phi = Phi / Phi.norm(dim=0, keepdim=True)
-    X = torch.randn(N, C, generator=g, dtype=DT)
-    return Phi, X
-
-
-def ista_path(Phi, X, lam, steps, init="encode"):
-    """Codes after 0..steps ISTA iterations (Eq. 12) for every channel; returns a list of (m, C) tensors."""
-    K, B = Phi.T @ Phi, Phi.T @ X
-    L = float(torch.linalg.eigvalsh(K)[-1])
-    U = B.clone() if init == "encode" else torch.zeros_like(B)
-    out = [U]
-    for _ in range(steps):
-        U = vars_ode.soft_threshold(U - (K @ U - B) / L, lam / L)
-        out.append(U)
-    return out
+from _vars_d_head import ista_path, vars_d_problem  # notebooks/_vars_d_head.py
 
 
 # %%

@@ -38,32 +38,9 @@ assert SIZE in CFG, f"SIZE must be one of {list(CFG)}"
 cfg = CFG[SIZE]
 print("SIZE =", SIZE, cfg)
 
-def positive_random_features(Q, W):
-    """Performer's positive features exp(W^T q - ||q||^2/2)/sqrt(m), row-wise: (N, h) x (h, m) -> (N, m)."""
-    return torch.exp(Q @ W - 0.5 * Q.pow(2).sum(-1, keepdim=True)) / math.sqrt(W.shape[1])
+from vars_ode.dictionaries import positive_random_features
 
-
-def vars_d_problem(N, h, m, C, seed=0):
-    """A VARS-D-like head in isolation: L2-normalised random queries, m positive random features,
-    atoms normalised over tokens (as the official code), C value channels. Returns Phi (N, m), X (N, C)."""
-    g = torch.Generator().manual_seed(seed)
-    Q = torch.nn.functional.normalize(torch.randn(N, h, generator=g, dtype=DT), dim=-1)
-    Phi = positive_random_features(Q, torch.randn(h, m, generator=g, dtype=DT))
-    Phi = Phi / Phi.norm(dim=0, keepdim=True)
-    X = torch.randn(N, C, generator=g, dtype=DT)
-    return Phi, X
-
-
-def ista_path(Phi, X, lam, steps, init="encode"):
-    """Codes after 0..steps ISTA iterations (Eq. 12) for every channel; returns a list of (m, C) tensors."""
-    K, B = Phi.T @ Phi, Phi.T @ X
-    L = float(torch.linalg.eigvalsh(K)[-1])
-    U = B.clone() if init == "encode" else torch.zeros_like(B)
-    out = [U]
-    for _ in range(steps):
-        U = vars_ode.soft_threshold(U - (K @ U - B) / L, lam / L)
-        out.append(U)
-    return out
+from _vars_d_head import ista_path  # notebooks/_vars_d_head.py
 
 import scipy.ndimage as ndi
 from skimage import data
@@ -87,8 +64,7 @@ def tokens(img):
 def maps(img, steps=cfg["steps"], lam=cfg["lam"]):
     T = tokens(img)
     Q = torch.nn.functional.normalize(T @ R_q, dim=-1)
-    Phi = positive_random_features(Q, W_rf)
-    Phi = Phi / Phi.norm(dim=0, keepdim=True)
+    Phi = positive_random_features(Q, W_rf)                # atoms of unit norm over the tokens
     X = T @ R_v
     out = []
     for U in ista_path(Phi, X, lam, steps):

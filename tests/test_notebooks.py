@@ -127,6 +127,7 @@ def test_readme_figures_are_the_stored_notebook_figures():
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.xdist_group("notebooks")  # with pyproject's --dist loadgroup: one worker executes the notebooks, once
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes_and_its_stored_outputs_are_current(name, executions):
     result = executions[name].result()
@@ -148,6 +149,7 @@ def test_trained_model_checkpoints_are_stored():
         assert path.is_file() and path.stat().st_size < 1_000_000, path
 
 
+@pytest.mark.xdist_group("notebooks")
 def test_trained_model_notebook_trains_at_tiny_size(executions):
     """The training path of notebook 07, at its tiny size, into a temporary checkpoint folder."""
     result = executions[TINY].result()
