@@ -4,6 +4,11 @@ import os
 # notebook kernels the tests start): threads that wait must sleep, not spin, or the workers slow each
 # other down several times over (set before torch loads OpenMP; inherited by subprocesses)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# and one thread each: two workers already fill two cores (the scripts started by tests inherit it unless they
+# set their own --threads); VARS_ODE_TEST_THREADS=2 gives each worker two, which measured 9% slower
+# (tests/test_layer.py, test_fused.py, test_native.py: 149 s against 137 s)
+THREADS = int(os.environ.get("VARS_ODE_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import torch  # noqa: E402
 
@@ -23,7 +28,7 @@ settings.register_profile("explore", deadline=None, max_examples=60, derandomize
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vars"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 
 def make_problem(seed: int, d: int, m: int, dtype=torch.float64, batch=()):
