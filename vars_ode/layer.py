@@ -428,7 +428,7 @@ class VARSLayer(nn.Module):
     def extra_repr(self):
         return (f"dim={self.dim}, num_heads={self.num_heads}, dictionary={self.dictionary_kind!r}, solver={self.solver!r}, "
                 f"steps={self.steps}, lam={self.lam}, grad={self.grad!r}, compat={self.compat!r}, residual={self.residual!r}"
-                + (f", static={self.static!r}" if self.dictionary_kind != "d" else "")
+                + (f", static={self.static!r}" if self.dictionary_kind != "d" and self.dictionary is not None else "")
                 + (f", kernels={self.kernels!r}" if self.kernels != "torch" else ""))
 
     # ------------------------------------------------------------------------------------------

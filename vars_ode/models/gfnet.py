@@ -35,7 +35,7 @@ from .._validation import check_choice
 from ._attention import (ATTENTIONS, _normalize_layer_kwargs, attention_class, check_attention_kwargs,
                          full_grid_kernel_size)
 from ._factory import create_host, host_cfg
-from .layers import ConvPatchEmbed, GlobalFilter
+from .layers import ConvPatchEmbed, GlobalFilter, LinearHead
 
 __all__ = ["GFNET_MIXERS", "GFNetBlock", "GFNetStar", "StaticSparseCoding", "vars_gfnet_tiny"]
 
@@ -168,7 +168,7 @@ class GFNetBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(self.mixer(self.norm1(x)))))
 
 
-class GFNetStar(nn.Module):
+class GFNetStar(LinearHead, nn.Module):
     """GFNet with a convolutional stem and a choice of token mixer.
 
     Arguments:
@@ -322,15 +322,6 @@ class GFNetStar(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            check_choice("global_pool", global_pool, ("avg",))
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised tokens (B, N, C)."""

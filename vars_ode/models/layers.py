@@ -1,4 +1,5 @@
-"""Building blocks shared by the host models: the convolutional stem and GFNet's global filter."""
+"""Building blocks shared by the host models: the convolutional stem, GFNet's global filter and the linear
+classifier head of timm's protocol."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,9 @@ import torch
 from timm.layers import to_2tuple
 from torch import nn
 
-__all__ = ["ConvPatchEmbed", "GlobalFilter"]
+from .._validation import check_choice
+
+__all__ = ["ConvPatchEmbed", "GlobalFilter", "LinearHead"]
 
 
 class ConvPatchEmbed(nn.Module):
@@ -151,3 +154,17 @@ class GlobalFilter(nn.Module):
         y = y * torch.view_as_complex(self.complex_weight.to(y.real.dtype).contiguous())
         y = torch.fft.irfft2(y, s=(h, w), dim=(1, 2), norm="ortho")
         return y.reshape(B, N, C).to(dtype)
+
+
+class LinearHead:
+    """timm's classifier protocol for a host whose head is ``Linear(embed_dim, num_classes)`` over average-pooled
+    features (a mixin: the host sets ``embed_dim``, ``num_classes`` and ``head``)."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            check_choice("global_pool", global_pool, ("avg",))
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()

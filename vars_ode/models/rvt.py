@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from .._validation import check_choice
 from ._attention import ATTENTIONS, attention_class, check_attention_kwargs
 from ._factory import create_host, host_cfg
+from .layers import LinearHead
 from .performer import MaskedSelfAttention
 
 __all__ = ["ConvEmbedding", "ConvHeadPooling", "ConvMlp", "LinearMlp", "MLP_TYPES", "PoolingTransformer",
@@ -206,7 +207,7 @@ class RVTStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, h, w)
 
 
-class PoolingTransformer(nn.Module):
+class PoolingTransformer(LinearHead, nn.Module):
     """RVT's pooling transformer with a choice of attention.
 
     Arguments:
@@ -379,15 +380,6 @@ class PoolingTransformer(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            check_choice("global_pool", global_pool, ("avg",))
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> final feature map (B, C_last, h_last, w_last)."""
