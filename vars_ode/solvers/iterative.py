@@ -22,6 +22,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from ..lasso import Operator, residual_from_grad, tmap
 from ..ops import _soft, support_system
@@ -85,10 +86,23 @@ class _Freezer:
 
 
 def _steps(op, w, L):
+    """Per block, the proximal step ``v -> S_{w/L}(v - g / L)`` as a function of ``(v, g)``.
+
+    With a float weight ``w`` it is ``-(1/L) S_w(g - L v)`` (``S`` odd and ``S_{ws}(x) = s S_w(x / s)``): one fused
+    multiply-add, one ``softshrink`` with a scalar threshold and one product, where the threshold ``w / L`` per
+    problem would need a clamp against broadcast bounds; 2.9x faster forward and backward on the convolutional
+    atoms' code (benchmarks/RESULTS.md). The two forms differ by rounding. A per-problem weight takes the latter.
+    """
     n = op.num_blocks
-    step = tuple(1.0 / op.expand(i, L) for i in range(n))
-    thr = tuple(op.expand(i, w) * s for i, s in enumerate(step))
-    return step, thr
+    Ls = tuple(op.expand(i, L) for i in range(n))
+    if isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0:
+        wf = float(w)
+        neg_step = tuple(-1.0 / Li for Li in Ls)
+        return tuple((lambda v, g, Li=Li, ns=ns: F.softshrink(torch.addcmul(g, Li, v, value=-1), wf) * ns)
+                     for Li, ns in zip(Ls, neg_step))
+    step = tuple(1.0 / Li for Li in Ls)
+    thr = tuple(op.expand(i, w) * si for i, si in enumerate(step))
+    return tuple((lambda v, g, si=si, t=t: _soft(v - si * g, t)) for si, t in zip(step, thr))
 
 
 def _record(record, code):
@@ -104,7 +118,7 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
     few element-wise operations and one host read, the product ``K u`` is shared with the step). ``record``
     (a list) receives the code after every iteration."""
     _reject(unused, "ista", ("check_every",))
-    step, thr = _steps(op, w, L)
+    prox = _steps(op, w, L)
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     fr = _Freezer(op, u, tol, check_every, trace, max_iter)
@@ -118,7 +132,7 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
             grad = tmap(torch.sub, op.gram_apply(u), B)
         if fr.check(it, u, grad, w) or it == max_iter:
             break
-        u = tuple(_soft(ui - s * g, t) for ui, g, s, t in zip(u, grad, step, thr))
+        u = tuple(p(ui, g) for p, ui, g in zip(prox, u, grad))
         _record(record, u)
     return fr.result(u, it)
 
@@ -127,7 +141,7 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     """FISTA (Beck & Teboulle, 2009) with optional gradient-based adaptive restart
     (O'Donoghue & Candes, 2015). One product with ``K`` per iteration. Returns ``(code, iterations)``."""
     _reject(unused, "fista", ("check_every", "restart"))
-    step, thr = _steps(op, w, L)
+    prox = _steps(op, w, L)
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     Ku = tuple(torch.zeros_like(b) for b in B) if zero else op.gram_apply(u)
@@ -138,7 +152,7 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     for it in range(max_iter + 1):
         if fr.check(it, u, tmap(torch.sub, Ku, B), w) or it == max_iter:
             break
-        u_next = tuple(_soft(yi - s * (k - b), th) for yi, k, b, s, th in zip(y, Ky, B, step, thr))
+        u_next = tuple(p(yi, k - b) for p, yi, k, b in zip(prox, y, Ky, B))
         last = tol <= 0 and it + 1 == max_iter
         Ku_next = Ku if last else op.gram_apply(u_next)  # the last product of a fixed budget is never used
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
