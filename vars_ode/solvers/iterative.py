@@ -90,7 +90,7 @@ def _steps(op, w, L):
 
     With a float weight ``w`` it is ``-(1/L) S_w(g - L v)`` (``S`` odd and ``S_{ws}(x) = s S_w(x / s)``): one fused
     multiply-add, one ``softshrink`` with a scalar threshold and one product, where the threshold ``w / L`` per
-    problem would need a clamp against broadcast bounds; 2.9x faster forward and backward on the convolutional
+    problem would need a clamp against broadcast bounds; forward + backward 2.9x faster on the convolutional
     atoms' code (benchmarks/RESULTS.md). The two forms differ by rounding. A per-problem weight takes the latter.
     """
     n = op.num_blocks
