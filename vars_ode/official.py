@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dictionaries import positive_random_features
-from .layer import COMPAT_CLASSES, DICTIONARIES, LayerStats, VARSLayer
+from .layer import COMPAT_CLASSES, LayerStats, VARSLayer
 from .ops import kkt_residual_gram
 
 
@@ -50,16 +50,14 @@ class OfficialVARSAttention(VARSLayer):
         if compat != "official":
             raise ValueError(f"OfficialVARSAttention is the compat='official' layer, got compat={compat!r}; "
                              "use VARSLayer for compat='paper'")
-        dictionary = kwargs.get("dictionary", "sd")
-        kind = DICTIONARIES.get(dictionary.lower() if isinstance(dictionary, str) else dictionary)
-        if kind == "s":
-            raise ValueError("compat='official' supports dictionary 'd' or 'sd': the official VARS-S is a whole "
-                             "block (BatchNorm, MLP, FFT templates); use dictionary='s' with compat='paper'")
-        if kwargs.get("static", "conv") == "dense":
-            raise ValueError("static='dense' is for compat='paper' (the official 'sd' has its own learned atoms)")
         super().__init__(dim, num_heads, compat=compat, **kwargs)
 
     def _build_dictionary(self, cfg):
+        if self.dictionary_kind == "s":
+            raise ValueError("compat='official' supports dictionary 'd' or 'sd': the official VARS-S is a whole "
+                             "block (BatchNorm, MLP, FFT templates); use dictionary='s' with compat='paper'")
+        if cfg["static"] == "dense":
+            raise ValueError("static='dense' is for compat='paper' (the official 'sd' has its own learned atoms)")
         h, dh, m = self.num_heads, self.head_dim, self.num_features
         dd = dict(device=cfg["device"], dtype=cfg["dtype"] or torch.float32)
         self.rand_matrix = nn.Parameter(torch.randn(h, dh, m, **dd), requires_grad=False)
