@@ -68,7 +68,7 @@ from .dictionaries import DenseStaticDictionary, DynamicDictionary, StaticDictio
 from .fused import FUSED_ODE_METHODS, FUSED_SOLVERS, KERNELS, ODESpec, fused_attention_core
 from .lasso import kkt_residual_operator, reduce_over
 from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
-from .solvers import SOLVERS, check_solver, solve_problem
+from .solvers import SOLVERS, check_solver, signal_ista, solve_problem
 from .solvers.ode import FIXED_STEP, LAYER_RTOL, ODE_METHODS
 
 #: accepted names of the three dictionaries
@@ -579,9 +579,28 @@ class VARSLayer(nn.Module):
         # pipeline, vars_ode.solvers.solve_problem
         weight = penalty_weight(self.lam, self.convention)
         atoms = self._bind(q, v, N)
+        spec = SOLVERS[self.solver]
+        if (self.solver == "ista" and not self.record_maps and self.init == "zeros"
+                and signal_ista.covers(atoms, weight, self.steps, None, self.grad, self.solver_options)):
+            # the atoms in operator form, a fixed budget: ISTA with its residual on the signal (the same iterates)
+            recon, code = signal_ista.ista_in_signal_space(atoms, v, weight, self.steps, dropout=self.attn_drop)
+            recipe, dims, vd = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks)), v.detach()
+            kept = []
+
+            def code_once():  # the code, formed once when the statistics first ask for it
+                if not kept:
+                    kept.append(code())
+                return kept[0]
+
+            def residual():
+                op = rebuild(recipe)
+                return kkt_residual_operator(op, code_once(), op.encode(vd), weight)
+
+            self.last_stats = LayerStats(self.solver, spec.unit, torch.full((), self.steps, device=v.device), code_once,
+                                         residual, lambda i, t, op="sum": reduce_over(t, dims[i], op))
+            return self._prefix_readout(recon, N)
         Bc = atoms.encode(v)
         record = [] if self.record_maps else None
-        spec = SOLVERS[self.solver]
         opts = dict(self.solver_options)
         if record is not None:
             opts["record"] = record
