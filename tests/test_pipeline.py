@@ -1,7 +1,9 @@
 """End-to-end tests of the scripts on small generated replicas of each dataset layout.
 
-Every script runs in a subprocess on the CPU with a tiny timm ViT (4x4 patches, width 16), so the
-whole file takes a minute or two on two cores.
+Every script runs on the CPU with a tiny timm ViT (4x4 patches, width 16): in the test process through its
+``main(argv)`` (``tests/script_runner.py``: a started interpreter costs more than a tiny script's work), and in
+a started interpreter where a test is about the process itself (SIGKILL, torchrun, the exit status of a
+script's ``__main__`` block).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from script_runner import run_script  # noqa: E402  (tests/)
 from vars_ode.models import load_checkpoint_file as load_ckpt  # weights-only: our checkpoints must load so
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +31,16 @@ TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "em
 CLASSES = ["cat", "dog", "eel"]
 
 
-def run(script: str, *args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    r = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=env, cwd=REPO)
+def run(script: str, *args, timeout: float = 300, check: bool = True, process: bool = False
+        ) -> subprocess.CompletedProcess:
+    """``python scripts/<script> *args``: in this process (``tests/script_runner.py``), or with ``process`` in a
+    started interpreter, as a user's shell runs it."""
+    if process:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+        r = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout, env=env, cwd=REPO)
+    else:
+        r = run_script(script, args)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed ({r.returncode}):\nSTDOUT:\n{r.stdout[-3000:]}\nSTDERR:\n{r.stderr[-3000:]}")
     return r
