@@ -1,8 +1,9 @@
 """The notebooks: percent-format sources ``notebooks/NN_name.py`` paired with ``NN_name.ipynb``, stored
 executed at their small size with their figures.
 
-Every source is executed afresh (two at a time, each in its own kernel, through
-``notebooks/run_notebooks.py --out``) and compared with the stored notebook: a different cell, a
+Every source is executed afresh (one at a time by default, in the background of the worker that holds the
+notebook tests, each in its own kernel, through ``notebooks/run_notebooks.py --out``) and compared with the
+stored notebook: a different cell, a
 different number of figures or a text output that no longer matches fails (regenerate with
 ``python notebooks/run_notebooks.py``).
 """
@@ -29,7 +30,10 @@ spec.loader.exec_module(rn)
 SOURCES = rn.sources()
 NAMES = [p.stem for p in SOURCES]
 MAX_BYTES = 2_000_000
-WORKERS = int(os.environ.get("VARS_ODE_NOTEBOOK_WORKERS", "2"))
+# one kernel at a time: the worker that holds the notebook tests waits for them, so the other xdist worker and one
+# kernel fill the two cores (with two kernels beside it, the notebooks took 306 CPU-s in the suite against 160 s
+# run alone: three processes on two cores)
+WORKERS = int(os.environ.get("VARS_ODE_NOTEBOOK_WORKERS", "1"))
 NEEDS_FASHION_MNIST = {"07_inside_a_trained_model"}
 LONGEST = ("07_inside_a_trained_model", "02_convergence", "06_attractor_in_two_dimensions")
 
