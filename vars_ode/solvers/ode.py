@@ -37,8 +37,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchdiffeq import odeint, odeint_adjoint
-
 from .._validation import check_choice
 from ..dynamics import VARSField
 from ..lasso import GramOperator, kkt_residual_operator, tmap
@@ -194,6 +192,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                         lambda y, tape: native.integrate_fixed(f, y, t0, t1, method, step, tape=tape), f, st, checkpoint)
                 return native.integrate_fixed(f, st, t0, t1, method, step)
         else:
+            from torchdiffeq import odeint, odeint_adjoint  # here: its import (with scipy.integrate's) costs 0.5 s
+
             def integrate(st, t0, t1):
                 ts = torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device)
                 kw = dict(rtol=rtol, atol=atol, method=method, options=options)
