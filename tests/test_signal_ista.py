@@ -29,7 +29,7 @@ def dictionary(kind, h, dh, padding, r, k):
     return un, lambda q, grid, p: un.bind(q, grid, p, dtype=D64)
 
 
-def both(kind, seed, steps, w, padding, prefix, r, k):
+def both(kind, seed, steps, w, padding, prefix, r, k, init="zeros"):
     """(reconstruction, code, gradients) by the signal-space ISTA and by the generic one."""
     torch.manual_seed(seed)
     h, dh, H, W = 2, 3, 4, 5
@@ -43,10 +43,11 @@ def both(kind, seed, steps, w, padding, prefix, r, k):
         x, q = x0.clone().requires_grad_(), q0.clone().requires_grad_()
         atoms = bind(q, (H, W), prefix)
         if signal:
-            recon, code = signal_ista.ista_in_signal_space(atoms, x, w, steps)
+            recon, code = signal_ista.ista_in_signal_space(atoms, x, w, steps, init=init)
             code = code()
         else:
-            u, _ = solve_problem(atoms, atoms.encode(x), w, "ista", tol=0.0, max_iter=steps)
+            b = atoms.encode(x)
+            u, _ = solve_problem(atoms, b, w, "ista", tol=0.0, max_iter=steps, init=b if init == "encode" else None)
             recon, code = atoms.decode(u), tuple(c.detach() for c in u)
         (recon * go).sum().backward()
         grads = [x.grad, q.grad] + [p.grad for p in module.parameters() if p.grad is not None]
@@ -57,9 +58,9 @@ def both(kind, seed, steps, w, padding, prefix, r, k):
 @pytest.mark.parametrize("kind", ["s", "sd", "d"])
 @given(seed=st.integers(0, 2**16), steps=st.integers(1, 4), w=st.sampled_from([0.0, 0.05, 0.4]),
        padding=st.sampled_from(["zeros", "circular"]), prefix=st.integers(0, 2), r=st.integers(1, 3),
-       k=st.sampled_from([1, 3]))
-def test_signal_space_ista_is_the_generic_ista(kind, seed, steps, w, padding, prefix, r, k):
-    (ra, ca, ga), (rb, cb, gb) = both(kind, seed, steps, w, padding, prefix, r, k)
+       k=st.sampled_from([1, 3]), init=st.sampled_from(["zeros", "encode"]))
+def test_signal_space_ista_is_the_generic_ista(kind, seed, steps, w, padding, prefix, r, k, init):
+    (ra, ca, ga), (rb, cb, gb) = both(kind, seed, steps, w, padding, prefix, r, k, init)
     scale = float(rb.abs().max()) + 1e-300
     assert float((ra - rb).abs().max()) <= 1e-12 * scale
     assert len(ca) == len(cb) and all(a.shape == b.shape for a, b in zip(ca, cb))
@@ -73,20 +74,22 @@ def test_signal_space_ista_is_the_generic_ista(kind, seed, steps, w, padding, pr
 
 def test_covers_only_what_it_computes():
     atoms = StaticDictionary(6, 2, dtype=D64).bind((3, 3))
-    assert signal_ista.covers(atoms, 0.1, 3, None, "unroll", {})
-    for args in [(atoms, torch.tensor(0.1), 3, None, "unroll", {}),  # a per-problem weight
-                 (atoms, 0.1, 0, None, "unroll", {}), (atoms, 0.1, None, None, "unroll", {}),
-                 (atoms, 0.1, 3.0, None, "unroll", {}), (atoms, 0.1, True, None, "unroll", {}),
-                 (atoms, 0.1, 3, (torch.zeros(1),), "unroll", {}), (atoms, 0.1, 3, None, "implicit", {}),
-                 (atoms, 0.1, 3, None, "unroll", {"check_every": 2}),
-                 (DynamicDictionary(2, 3, 4, dtype=D64).bind(torch.randn(1, 2, 5, 3, dtype=D64)), 0.1, 3, None,
+    assert signal_ista.covers(atoms, 0.1, 3, "zeros", "unroll", {}) and signal_ista.covers(atoms, 0.1, 3, "encode",
+                                                                                            "unroll", {})
+    for args in [(atoms, torch.tensor(0.1), 3, "zeros", "unroll", {}),  # a per-problem weight
+                 (atoms, 0.1, 0, "zeros", "unroll", {}), (atoms, 0.1, None, "zeros", "unroll", {}),
+                 (atoms, 0.1, 3.0, "zeros", "unroll", {}), (atoms, 0.1, True, "zeros", "unroll", {}),
+                 (atoms, 0.1, 3, "random", "unroll", {}), (atoms, 0.1, 3, "zeros", "implicit", {}),
+                 (atoms, 0.1, 3, "zeros", "unroll", {"check_every": 2}),
+                 (DynamicDictionary(2, 3, 4, dtype=D64).bind(torch.randn(1, 2, 5, 3, dtype=D64)), 0.1, 3, "zeros",
                   "unroll", {})]:  # Gram form: the fused node's
         assert not signal_ista.covers(*args)
 
 
 @pytest.mark.parametrize("kwargs", [dict(dictionary="s"), dict(dictionary="sd"), dict(dictionary="s", steps=1),
                                     dict(dictionary="sd", padding="circular", residual="value"),
-                                    dict(dictionary="s", attn_drop=0.3)])
+                                    dict(dictionary="s", attn_drop=0.3), dict(dictionary="sd", init="encode"),
+                                    dict(dictionary="s", init="encode", steps=1)])
 def test_layer_on_the_signal_space_path_is_the_layer_on_the_generic_path(kwargs):
     # the same layer with a solver option the backend does not cover (check_every, which a fixed budget
     # ignores) takes solve_problem: outputs, every gradient and the statistics agree; with attention dropout

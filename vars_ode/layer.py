@@ -580,10 +580,11 @@ class VARSLayer(nn.Module):
         weight = penalty_weight(self.lam, self.convention)
         atoms = self._bind(q, v, N)
         spec = SOLVERS[self.solver]
-        if (self.solver == "ista" and not self.record_maps and self.init == "zeros"
-                and signal_ista.covers(atoms, weight, self.steps, None, self.grad, self.solver_options)):
+        if (self.solver == "ista" and not self.record_maps
+                and signal_ista.covers(atoms, weight, self.steps, self.init, self.grad, self.solver_options)):
             # the atoms in operator form, a fixed budget: ISTA with its residual on the signal (the same iterates)
-            recon, code = signal_ista.ista_in_signal_space(atoms, v, weight, self.steps, dropout=self.attn_drop)
+            recon, code = signal_ista.ista_in_signal_space(atoms, v, weight, self.steps, dropout=self.attn_drop,
+                                                           init=self.init)
             recipe, dims, vd = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks)), v.detach()
             kept = []
 

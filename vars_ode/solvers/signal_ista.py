@@ -13,7 +13,7 @@ never formed, and the threshold is the scalar ``w`` (``softshrink``). Per step: 
 the code where the generic step (:func:`vars_ode.solvers.iterative.ista`) takes four. Forward + backward of a
 layer (``benchmarks/RESULTS.md``): VARS-S 1.3x, VARS-SD with the templates 1.25x faster.
 
-Covers: a float weight ``w``, ``steps >= 1``, zeros as the initial code, unrolled gradients. The layer chooses it
+Covers: a float weight ``w``, ``steps >= 1``, zeros or ``b = P^T x`` as the initial code, unrolled gradients. The layer chooses it
 (:meth:`vars_ode.VARSLayer._sparse`); everything else takes :func:`vars_ode.solvers.solve_problem`.
 """
 from __future__ import annotations
@@ -22,26 +22,37 @@ import torch
 import torch.nn.functional as F
 
 
+INITS = ("zeros", "encode")
+
+
 def covers(atoms, w, steps, init, grad, options) -> bool:
-    """Whether :func:`ista_in_signal_space` computes what ``solve_problem(atoms, ..., "ista")`` would."""
+    """Whether :func:`ista_in_signal_space` computes what ``solve_problem(atoms, ..., "ista")`` would; ``init``
+    one of :data:`INITS` (``"encode"``: ``solve_problem``'s ``init=atoms.encode(x)``)."""
     return (hasattr(atoms, "decode") and not atoms.has_gram and isinstance(w, float) and w >= 0
-            and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 and init is None
+            and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 and init in INITS
             and grad == "unroll" and not options)
 
 
-def ista_in_signal_space(atoms, x: torch.Tensor, w: float, steps: int, dropout=None):
-    """``steps`` ISTA steps from zeros on the LASSO of ``atoms`` and the signal ``x`` ``(B, h, N, dh)``.
+def ista_in_signal_space(atoms, x: torch.Tensor, w: float, steps: int, dropout=None, init: str = "zeros"):
+    """``steps`` ISTA steps on the LASSO of ``atoms`` and the signal ``x`` ``(B, h, N, dh)``, from zeros or
+    (``init="encode"``) from ``b = P^T x``.
 
     Returns ``(recon, code)``: ``P u`` (with ``dropout``, a callable, applied to the code first) and a function
     giving the code ``u`` (a tuple, detached; for statistics)."""
-    inv = 1.0 / atoms.lipschitz().detach()                   # per problem, (B, h, dh) or broadcastable to it
+    L = atoms.lipschitz().detach()                           # per problem, (B, h, dh) or broadcastable to it
+    inv = 1.0 / L
     on_signal = inv.unsqueeze(-2) if inv.dim() else inv      # over the tokens of each problem's column
 
     def decode(code):
         return atoms.decode(code) * on_signal
 
-    s = tuple(F.softshrink(b, w) for b in atoms.encode(x))  # the first step from zeros: s = S_w(P^T x)
-    for _ in range(steps - 1):
+    if init == "encode":  # s = L b, then every step
+        s = tuple(b * atoms.expand(i, L) for i, b in enumerate(atoms.encode(x)))
+        todo = steps
+    else:  # the first step from zeros: s = S_w(P^T x)
+        s = tuple(F.softshrink(b, w) for b in atoms.encode(x))
+        todo = steps - 1
+    for _ in range(todo):
         g = atoms.encode(decode(s) - x)
         s = tuple(F.softshrink(si - gi, w) for si, gi in zip(s, g))
     recon = decode(s if dropout is None else tuple(dropout(si) for si in s))
