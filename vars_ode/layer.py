@@ -585,20 +585,9 @@ class VARSLayer(nn.Module):
             # the atoms in operator form, a fixed budget: ISTA with its residual on the signal (the same iterates)
             recon, code = signal_ista.ista_in_signal_space(atoms, v, weight, self.steps, dropout=self.attn_drop,
                                                            init=self.init)
-            recipe, dims, vd = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks)), v.detach()
-            kept = []
-
-            def code_once():  # the code, formed once when the statistics first ask for it
-                if not kept:
-                    kept.append(code())
-                return kept[0]
-
-            def residual():
-                op = rebuild(recipe)
-                return kkt_residual_operator(op, code_once(), op.encode(vd), weight)
-
-            self.last_stats = LayerStats(self.solver, spec.unit, torch.full((), self.steps, device=v.device), code_once,
-                                         residual, lambda i, t, op="sum": reduce_over(t, dims[i], op))
+            vd = v.detach()
+            self.last_stats = self._operator_stats(atoms, code, lambda op: op.encode(vd), weight,
+                                                   torch.full((), self.steps, device=v.device))
             return self._prefix_readout(recon, N)
         Bc = atoms.encode(v)
         record = [] if self.record_maps else None
@@ -616,12 +605,8 @@ class VARSLayer(nn.Module):
         code, iters = solve_problem(atoms, Bc, weight, self.solver, grad=self.grad,
                                     init=tuple(Bc) if self.init == "encode" else None, **budget, **opts)
         cd, Bd = tuple(c.detach() for c in code), tuple(b.detach() for b in Bc)
-        # the operator as a recipe of detached tensors, and its blocks' atom dimensions: not the atoms
-        # object, which keeps the autograd graph alive and which torch.compile cannot keep in a statistic
-        recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
-        self.last_stats = LayerStats(self.solver, spec.unit, iters.amax() if iters.numel() else iters.new_zeros(()), cd,
-                                     lambda: kkt_residual_operator(rebuild(recipe), cd, Bd, weight),
-                                     lambda i, t, op="sum": reduce_over(t, dims[i], op))
+        self.last_stats = self._operator_stats(atoms, cd, lambda op: Bd, weight,
+                                               iters.amax() if iters.numel() else iters.new_zeros(()))
         code = tuple(self.attn_drop(c) for c in code)
         recon = self._prefix_readout(atoms.decode(code), N)
         if record is not None:
@@ -629,6 +614,20 @@ class VARSLayer(nn.Module):
                 maps = [self._prefix_readout(atoms.decode(c), N).abs().mean((1, 3)) for c in record]
                 self.last_maps = torch.stack(maps, 1) if maps else None
         return recon
+
+    def _operator_stats(self, atoms, code, b_of, weight, iterations):
+        # LayerStats of a solve on atoms: code, a detached code tuple or a function giving one; b_of(op), b = P^T x.
+        # The operator is kept as a recipe of detached tensors, with its blocks' atom dimensions: not the atoms
+        # object, which keeps the autograd graph alive and which torch.compile cannot keep in a statistic
+        recipe, dims = atoms.recipe(), tuple(atoms.reduce_dims(i) for i in range(atoms.num_blocks))
+
+        def residual():
+            op = rebuild(recipe)
+            return kkt_residual_operator(op, stats._code, b_of(op), weight)
+
+        stats = LayerStats(self.solver, SOLVERS[self.solver].unit, iterations, code, residual,
+                           lambda i, t, op="sum": reduce_over(t, dims[i], op))
+        return stats
 
     def _prefix_readout(self, recon, N):
         if self.dictionary_kind != "s":
