@@ -334,6 +334,8 @@ class _NoAttention(torch.nn.Module):
 
 #: the other version of vars_ode/fused.py for the ``@ab`` variants (``--ab-file``), or None
 OTHER_CORE = None
+#: torch.compile's backend for the ``+compile`` variants (``--compile-backend``)
+COMPILE_BACKEND = "inductor"
 
 
 def variant(name, table=None):
@@ -349,7 +351,8 @@ def make_block(dim, heads, name, device):
     the ``attn_layer`` argument gets the layer swapped in after construction. ``+compile``: the block
     through ``torch.compile(fullgraph=True)`` (compiled at its first call, in the warm-up)."""
     if name.endswith("+compile"):
-        return torch.compile(make_block(dim, heads, name.removesuffix("+compile"), device), fullgraph=True)
+        return torch.compile(make_block(dim, heads, name.removesuffix("+compile"), device), fullgraph=True,
+                             backend=COMPILE_BACKEND)
     opts, _, other = variant(name)
     if opts is None or opts == "identity":
         block = Block(dim, heads, qkv_bias=True)
@@ -738,6 +741,9 @@ def main(argv=None):
     ap.add_argument("--compile", nargs="?", const="timm,vars_d,vars_sd_dense", default="",
                     help="also time these block variants through torch.compile(fullgraph=True) (NAME+compile; "
                          "default timm,vars_d,vars_sd_dense; about a minute of compilation each)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile's backend for the +compile variants (aot_eager: the same graph capture "
+                         "without code generation, seconds instead of a minute on a CPU)")
     ap.add_argument("--core", action="store_true",
                     help="also time the attention cores alone (SDPA, the PyTorch node, the Triton node), bf16")
     ap.add_argument("--triton-sweep", default="",
@@ -745,6 +751,11 @@ def main(argv=None):
                          "separated by commas (e.g. 64/4/8,32/4/8,128/8/16)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise SystemExit(f"--compile-backend: unknown backend {args.compile_backend!r}; choose from "
+                         f"{torch._dynamo.list_backends(exclude_tags=())}")
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = args.compile_backend
     blocks = ["timm"] + [b for b in args.blocks.split(",") if b and b != "timm"]
     train = ["self"] + [t for t in args.train.split(",") if t and t != "self"]
     for b in blocks:

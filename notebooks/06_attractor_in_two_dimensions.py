@@ -238,4 +238,4 @@ for name, code in basin.items():
     spread = float((code - code.mean(0)).abs().max())
     print(f"4. {name}: the ends of {len(code)} starts spread by {spread:.1e}"
           + (f"; a_1 + a_2 = {float(code.sum(1).mean()):.4f} for all (max deviation "
-             f"{float((code.sum(1) - code.sum(1).mean()).abs().max()):.1e})" if name.startswith("two") else "") + ".")
+             f"{float((code.sum(1) - code.sum(1).mean()).abs().max()):.0e}, the integration's tolerance)" if name.startswith("two") else "") + ".")

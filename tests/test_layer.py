@@ -494,12 +494,15 @@ def test_timm_style_options(dictionary):
 def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
     # torchdiffeq's adaptive step loops decide on the host, and call torch.unique, which Inductor cannot lower
     # (the compiled layer failed with "DynamicOutputShapeException: aten._unique2"): the integration runs
-    # eagerly, as a graph break, and the compiled layer gives the eager layer's output and gradients up to the
-    # step controller's sensitivity to rounding (about 5e-4 of the largest entry at rtol 1e-6 in float32)
+    # eagerly, as a graph break. The compiled layer gives the eager layer's output (to 5e-10 of its largest entry in
+    # float64) and its gradients to the integration's tolerance: eagerly, the Gram-form integration is one node with
+    # its own reverse pass; compiled, autograd differentiates the same integrator's steps (about 1e-6 of the largest
+    # entry apart at rtol 1e-6; in float32, rounding flipped accepted steps and took that to 7e-4)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = VARSLayer(16, 2, dictionary=dictionary, solver="dopri5", solver_options={"rtol": 1e-6, "atol": 1e-8})
-    x = torch.randn(2, 17, 16)
+    layer = VARSLayer(16, 2, dictionary=dictionary, solver="dopri5",
+                      solver_options={"rtol": 1e-6, "atol": 1e-8}).double()
+    x = torch.randn(2, 17, 16, dtype=torch.float64)
 
     def run(f):
         layer.zero_grad()
@@ -509,8 +512,8 @@ def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
 
     eager, compiled = run(layer), run(torch.compile(layer))
     assert len(eager) == len(compiled) > 3
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(b, a, rtol=0, atol=5e-3 * float(a.abs().max()))
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        torch.testing.assert_close(b, a, rtol=0, atol=(1e-7 if i == 0 else 1e-4) * float(a.abs().max()))
 
 
 @pytest.mark.parametrize("kwargs", [dict(dictionary="s"), dict(dictionary="sd"), dict(dictionary="sd", solver="fista"),

@@ -1,15 +1,13 @@
 """The notebooks: percent-format sources ``notebooks/NN_name.py`` paired with ``NN_name.ipynb``, stored
 executed at their small size with their figures.
 
-Every source is executed afresh (one at a time by default, in the background of the worker that holds the
-notebook tests, each in its own kernel, through ``notebooks/run_notebooks.py --out``) and compared with the
-stored notebook: a different cell, a
-different number of figures or a text output that no longer matches fails (regenerate with
-``python notebooks/run_notebooks.py``).
+Every source is executed afresh by its own test (in its own kernel, through ``notebooks/run_notebooks.py
+--out``; xdist spreads the tests over its workers, so each notebook runs once) and compared with the stored
+notebook: a different cell, a different number of figures or a text output that no longer matches fails
+(regenerate with ``python notebooks/run_notebooks.py``).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import importlib.util
 import os
@@ -30,10 +28,6 @@ spec.loader.exec_module(rn)
 SOURCES = rn.sources()
 NAMES = [p.stem for p in SOURCES]
 MAX_BYTES = 2_000_000
-# one kernel at a time: the worker that holds the notebook tests waits for them, so the other xdist worker and one
-# kernel fill the two cores (with two kernels beside it, the notebooks took 306 CPU-s in the suite against 160 s
-# run alone: three processes on two cores)
-WORKERS = int(os.environ.get("VARS_ODE_NOTEBOOK_WORKERS", "1"))
 NEEDS_FASHION_MNIST = {"07_inside_a_trained_model"}
 LONGEST = ("07_inside_a_trained_model", "02_convergence", "06_attractor_in_two_dimensions")
 
@@ -55,33 +49,18 @@ def stored(name):
 TINY = "07_inside_a_trained_model@tiny"     # notebook 07 at its tiny size: trains into a temporary folder
 
 
-@pytest.fixture(scope="session")
-def executions(request, tmp_path_factory):
-    """``{name: future}``: the selected notebook runs in the background, ``WORKERS`` at a time, the longest
-    first. A future gives ``(completed process, executed notebook path, checkpoint folder)``, or None when
+def execute(key, tmp_path):
+    """Execute one source (``name`` or ``name@size``) into ``tmp_path`` through ``run_notebooks.py --out``, in
+    its own kernel. Returns ``(completed process, executed notebook path, checkpoint folder)``; skips when
     Fashion-MNIST is missing for notebook 07."""
-    out = tmp_path_factory.mktemp("executed")
-    skip = fashion_mnist_missing()
-    items = {getattr(item, "originalname", None): item for item in request.session.items}
-    wanted = [item.callspec.params["name"] for item in request.session.items
-              if getattr(item, "originalname", None) == "test_notebook_executes_and_its_stored_outputs_are_current"]
-    if "test_trained_model_notebook_trains_at_tiny_size" in items:
-        wanted.append(TINY)
-    wanted = sorted(wanted, key=lambda n: (n.split("@")[0] not in LONGEST, n))
-
-    def run(key):
-        name, _, size = key.partition("@")
-        if name in NEEDS_FASHION_MNIST and skip:
-            return None
-        folder = out / (size or "small")
-        args = ["--out", str(folder)] + (["--size", size] if size else [])
-        env = dict(os.environ, VARS_ODE_CHECKPOINTS=str(folder / "checkpoints")) if size else None
-        proc = subprocess.run([sys.executable, str(NOTEBOOKS / "run_notebooks.py"), *args, name],
-                              capture_output=True, text=True, cwd=ROOT, env=env)
-        return proc, folder / f"{name}.ipynb", folder / "checkpoints"
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        yield {key: pool.submit(run, key) for key in wanted}
+    name, _, size = key.partition("@")
+    if name in NEEDS_FASHION_MNIST and (missing := fashion_mnist_missing()):
+        pytest.skip(f"{name} needs Fashion-MNIST (Debian package dataset-fashion-mnist): {missing}")
+    args = ["--out", str(tmp_path)] + (["--size", size] if size else [])
+    env = dict(os.environ, VARS_ODE_CHECKPOINTS=str(tmp_path / "checkpoints")) if size else None
+    proc = subprocess.run([sys.executable, str(NOTEBOOKS / "run_notebooks.py"), *args, name],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    return proc, tmp_path / f"{name}.ipynb", tmp_path / "checkpoints"
 
 
 def test_sources_and_notebooks_are_paired():
@@ -131,13 +110,10 @@ def test_readme_figures_are_the_stored_notebook_figures():
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.xdist_group("notebooks")  # with pyproject's --dist loadgroup: one worker executes the notebooks, once
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes_and_its_stored_outputs_are_current(name, executions):
-    result = executions[name].result()
-    if result is None:
-        pytest.skip(f"{name} needs Fashion-MNIST (Debian package dataset-fashion-mnist): {fashion_mnist_missing()}")
-    proc, path, _ = result
+# the longest first, so that xdist does not start one of them last
+@pytest.mark.parametrize("name", sorted(NAMES, key=lambda n: (n not in LONGEST, n)))
+def test_notebook_executes_and_its_stored_outputs_are_current(name, tmp_path):
+    proc, path, _ = execute(name, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     fresh = nbformat.read(path, as_version=4)
     assert not [o for c in fresh.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
@@ -153,13 +129,9 @@ def test_trained_model_checkpoints_are_stored():
         assert path.is_file() and path.stat().st_size < 1_000_000, path
 
 
-@pytest.mark.xdist_group("notebooks")
-def test_trained_model_notebook_trains_at_tiny_size(executions):
+def test_trained_model_notebook_trains_at_tiny_size(tmp_path):
     """The training path of notebook 07, at its tiny size, into a temporary checkpoint folder."""
-    result = executions[TINY].result()
-    if result is None:
-        pytest.skip(f"needs Fashion-MNIST (Debian package dataset-fashion-mnist): {fashion_mnist_missing()}")
-    proc, path, checkpoints = result
+    proc, path, checkpoints = execute(TINY, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["fmnist_vars_d_tiny.pt", "fmnist_vars_sd_tiny.pt"]
     nb = nbformat.read(path, as_version=4)
