@@ -510,7 +510,11 @@ def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
         y.sum().backward()
         return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
 
-    eager, compiled = run(layer), run(torch.compile(layer))
+    # Inductor for VARS-D; the convolutional VARS-SD's graphs around the break through aot_eager (the same capture
+    # and graph break without a minute of code generation on two cores; Inductor's code for the templates is
+    # checked by test_torch_compile_fullgraph_generic_path_with_statistics)
+    backend = "inductor" if dictionary == "d" else "aot_eager"
+    eager, compiled = run(layer), run(torch.compile(layer, backend=backend))
     assert len(eager) == len(compiled) > 3
     for i, (a, b) in enumerate(zip(eager, compiled)):
         torch.testing.assert_close(b, a, rtol=0, atol=(1e-7 if i == 0 else 1e-4) * float(a.abs().max()))
