@@ -103,12 +103,15 @@ def test_native_reads_the_device_far_less_often_than_torchdiffeq():
     assert reads["native", "rk4", True] <= 3
     # steady state: one read per doubling window plus the solve's checks
     assert reads["native", "rk4", False] <= 20 < reads["torchdiffeq", "rk4", False]
-    # adaptive: about one read per check_every (16) attempts of six evaluations, plus a few at the end of each
-    # window (the last steps are counted out by the remaining time, and a rejected one is read again)
+    # adaptive, with a GPU's check_every (16): about one read per 16 attempts of six evaluations, plus a few at the
+    # end of each window (the last steps are counted out by the remaining time, and a rejected one is read again);
+    # on CPU tensors the default looks after every attempt (a reduction, no wait)
     n = evals["native", "dopri5", False]
+    assert reads["native", "dopri5", False] >= n / 6 - 1
     windows = []
-    vo.solve(P, X, 0.1, "dopri5", tol=1e-5, integrator="native", trace=windows)
-    assert reads["native", "dopri5", False] <= n / (6 * 16) + 5 * len(windows)
+    with count_host_syncs() as syncs:
+        sol = vo.solve(P, X, 0.1, "dopri5", tol=1e-5, integrator="native", trace=windows, options={"check_every": 16})
+    assert syncs.count <= int(sol.stats.iterations.max()) / (6 * 16) + 5 * len(windows)
     assert reads["torchdiffeq", "dopri5", False] > evals["torchdiffeq", "dopri5", False] / 6
 
 
@@ -254,3 +257,60 @@ def test_native_adjoint_needs_a_gram_operator():
                          atoms_per_channel=2, solver_options={"integrator": "native"})
     with pytest.raises(ValueError, match="grad='adjoint' .* Gram matrix only"):
         layer(torch.randn(1, 16, 8))
+
+
+class _Decay:
+    """y' = -y on one column: the exact flow is exp(-t)."""
+
+    def __call__(self, t, y):
+        return tuple(-a for a in y)
+
+
+def _decay_run(stretch, first_step, t1):
+    y0 = (torch.ones(1, 1, dtype=torch.float64),)
+    options = {"first_step": first_step, "ifactor": 1.0, "safety": 1.0}  # the step stays at first_step
+    if stretch is not None:
+        options["stretch"] = stretch
+    rk = native.AdaptiveRK(_Decay(), "dopri5", 1e-3, 1e-6, (1,), torch.float64, "cpu", options)
+    return rk.integrate(y0, 0.0, t1)[0], rk
+
+
+def test_a_remainder_within_stretch_steps_is_one_step():
+    # steps of 0.5 over 1.04: a step, a step and a sliver of 0.04 without stretch; with the default (1.1), the
+    # remainder 0.54 <= 1.1 x 0.5 is the second step
+    y1, rk1 = _decay_run(1.0, 0.5, 1.04)
+    y2, rk2 = _decay_run(None, 0.5, 1.04)
+    assert (rk1.attempts, rk2.attempts) == (3, 2)
+    exact = torch.exp(torch.tensor(-1.04, dtype=torch.float64))
+    for y in (y1, y2):
+        assert abs(float(y) - float(exact)) < 1e-4
+    # a remainder beyond 1.1 steps is not stretched: 0.6 > 0.55 takes a step and a sliver
+    assert _decay_run(None, 0.5, 1.1)[1].attempts == 3
+    with pytest.raises(ValueError, match=r"options\['stretch'\] must be a number >= 1"):
+        _decay_run(0.9, 0.5, 1.0)
+
+
+def test_cpu_tensors_are_looked_at_after_every_attempt():
+    # a burst planned from the step sizes of its start runs attempts that the growing steps no longer need: on the
+    # CPU the default looks after every attempt; check_every=16 (a GPU's) may run more attempts, never fewer
+    f, y0 = gram_field(0)
+    cols = y0[0].shape[:-2] + (y0[0].shape[-1],)
+    rk_cpu = native.AdaptiveRK(f, "dopri5", 1e-3, 1e-5, cols, y0[0].dtype, "cpu")
+    rk_gpu = native.AdaptiveRK(f, "dopri5", 1e-3, 1e-5, cols, y0[0].dtype, "cpu", {"check_every": 16})
+    assert (rk_cpu.check_every, rk_gpu.check_every) == (1, 16)
+    a, b = rk_cpu.integrate(y0, 0.0, 4.0), rk_gpu.integrate(y0, 0.0, 4.0)
+    assert rk_cpu.attempts <= rk_gpu.attempts
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-12)  # the extra attempts are steps of length zero
+
+
+def test_layer_settings_fill_the_layer_defaults_without_changing_the_callers_options():
+    from vars_ode.solvers.ode import LAYER_FIRST_STEP, LAYER_RTOL, layer_settings
+
+    mine = {"atol": 1e-7, "options": {"safety": 0.8}}
+    got = layer_settings("dopri5", mine)
+    assert got == {"atol": 1e-7, "rtol": LAYER_RTOL, "options": {"safety": 0.8, "first_step": LAYER_FIRST_STEP}}
+    assert mine == {"atol": 1e-7, "options": {"safety": 0.8}}
+    assert layer_settings("bosh3", {"options": {"first_step": 0.1}})["options"]["first_step"] == 0.1
+    assert layer_settings("rk4", {}) == {}
+    assert layer_settings("fehlberg2", {}) == {"rtol": LAYER_RTOL}

@@ -60,7 +60,6 @@ import inspect
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_positive
@@ -69,7 +68,7 @@ from .fused import FUSED_ODE_METHODS, FUSED_SOLVERS, KERNELS, ODESpec, fused_att
 from .lasso import kkt_residual_operator, reduce_over
 from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
 from .solvers import SOLVERS, check_solver, signal_ista, solve_problem
-from .solvers.ode import FIXED_STEP, LAYER_RTOL, ODE_METHODS
+from .solvers.ode import layer_settings
 
 #: accepted names of the three dictionaries
 DICTIONARIES = {
@@ -532,10 +531,8 @@ class VARSLayer(nn.Module):
         weight = penalty_weight(self.lam, self.convention)
         ode = None
         if self.solver in FUSED_ODE_METHODS:
-            opts = dict(self.solver_options)
-            if self.solver not in FIXED_STEP:
-                opts.setdefault("rtol", LAYER_RTOL)
-            ode = ODESpec(self.solver, self.steps, checkpoint=self.grad == "adjoint", **opts)
+            ode = ODESpec(self.solver, self.steps, checkpoint=self.grad == "adjoint",
+                          **layer_settings(self.solver, self.solver_options))
         out, replay = fused_attention_core(
             qv, dyn.rand_matrix if dyn is not None else None, weight, static=static, steps=self.steps,
             solver=self.solver, restart=self.solver_options.get("restart", True), init=self.init,
@@ -598,8 +595,7 @@ class VARSLayer(nn.Module):
             budget = dict(tol=self.tol, max_iter=self.max_iter)
         elif spec.ode:
             budget = dict(tol=0.0, max_iter=self.max_iter, t_end=self.steps)
-            if self.solver in ODE_METHODS and self.solver not in FIXED_STEP:
-                opts.setdefault("rtol", LAYER_RTOL)
+            opts = layer_settings(self.solver, opts)
         else:
             budget = dict(tol=0.0, max_iter=self.steps)
         code, iters = solve_problem(atoms, Bc, weight, self.solver, grad=self.grad,
