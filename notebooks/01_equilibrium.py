@@ -22,6 +22,9 @@ CFG = {"small": dict(d=20, m=30, T=80.0, samples=201, rtol=1e-8, energy_samples=
        "large": dict(d=60, m=90, T=300.0, samples=1001, rtol=1e-10, energy_samples=1001)}
 import math
 import time
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm.auto outside a widget frontend
 
 import matplotlib.pyplot as plt
 import numpy as np

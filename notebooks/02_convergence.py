@@ -24,6 +24,9 @@ CFG = {"small": dict(d=20, m=40, tols=(1e-2, 1e-4), max_work=10_000, sweep_tol=1
                      conds=(1, 10, 100, 1000), ratios=(0.5, 1, 2, 4, 8), lams=(0.02, 0.05, 0.1, 0.2, 0.4, 0.8))}
 import math
 import time
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm.auto outside a widget frontend
 
 import matplotlib.pyplot as plt
 import numpy as np

@@ -24,6 +24,9 @@ CFG = {"small": dict(side=128, patch=16, h=32, m=64, C=32, steps=8, lam=0.3,
                      images=("astronaut", "chelsea", "coffee", "rocket"))}
 import math
 import time
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm.auto outside a widget frontend
 
 import matplotlib.pyplot as plt
 import numpy as np

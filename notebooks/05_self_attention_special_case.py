@@ -23,6 +23,9 @@ CFG = {"small": dict(N=64, h=16, m=32, C=16, steps=(0, 1, 2, 3, 5, 10, 30, 100, 
        "large": dict(N=196, h=64, m=128, C=64, steps=(0, 1, 2, 3, 5, 10, 30, 100, 300, 1000, 3000),
                      lams=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0), eq_tol=1e-10, eq_iter=300_000)}
 import time
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm.auto outside a widget frontend
 
 import matplotlib.pyplot as plt
 import numpy as np

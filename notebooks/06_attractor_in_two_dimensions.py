@@ -29,6 +29,9 @@ SIZE = "small"
 CFG = {"small": dict(grid=21, t_max=15.0, basin=9, scales=(1.0, 3.0)),
        "large": dict(grid=41, t_max=40.0, basin=25, scales=(1.0, 2.0, 4.0, 8.0))}
 import math
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm.auto outside a widget frontend
 
 import matplotlib.pyplot as plt
 import numpy as np
