@@ -9,7 +9,7 @@ row the host reads of one forward (``vars_ode.sync.count_host_syncs``).
     python benchmarks/layer_solvers_cpu.py [--dicts d,sd,sd-dense,s] [--rows ...] [--repeats 3]
 
 Row names: ``ista``, ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, ``fista-eq`` (``steps=None``,
-``tol=1e-4``, ``grad="implicit"``), ``fista-eq-unroll``, ``timm`` (timm's Attention, for the ISTA ratio).
+``tol=1e-4``, ``grad="implicit"``; ``admm-eq`` the same with ADMM, any ``<solver>-eq``), ``fista-eq-unroll``, ``timm`` (timm's Attention, for the ISTA ratio).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ _spec = importlib.util.spec_from_file_location("layer_cpu", os.path.join(_here, 
 layer_cpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(layer_cpu)
 
-ROWS = ("ista", "euler", "rk4", "dopri5", "dopri5-adjoint", "fista-eq", "timm")
+ROWS = ("ista", "euler", "rk4", "dopri5", "dopri5-adjoint", "fista-eq", "admm-eq", "timm")
 
 
 def row_kwargs(row: str, horizon: float, tol: float) -> dict:
@@ -39,8 +39,8 @@ def row_kwargs(row: str, horizon: float, tol: float) -> dict:
         return dict(solver="ista", steps=3)
     if row.endswith("-adjoint"):
         return dict(solver=row[:-len("-adjoint")], steps=horizon, grad="adjoint")
-    if row.startswith("fista-eq"):
-        return dict(solver="fista", steps=None, tol=tol, grad="unroll" if row.endswith("unroll") else "implicit")
+    if "-eq" in row:  # "<solver>-eq" (implicit gradient) or "<solver>-eq-unroll"
+        return dict(solver=row.split("-eq")[0], steps=None, tol=tol, grad="unroll" if row.endswith("unroll") else "implicit")
     return dict(solver=row, steps=horizon)
 
 

@@ -1,7 +1,8 @@
 """The table of solvers: one name, one function, and what the function covers.
 
 A solver is a function ``fn(op, B, w, L, init, *, tol, max_iter, **options) -> (code, iterations)`` written
-against :class:`vars_ode.lasso.Operator` (see :mod:`vars_ode.solvers.iterative` for three of them):
+against :class:`vars_ode.lasso.Operator` (see :mod:`vars_ode.solvers.iterative` for three of them and
+:mod:`vars_ode.solvers.admm` for a fourth):
 ``B`` and ``init`` are code tuples (``init`` may be ``None``: zeros), ``w`` the L1 weight and ``L`` the
 Lipschitz bound (floats or per-problem tensors), ``tol`` the KKT residual at which a problem may stop
 (``0``: run exactly the budget), ``max_iter`` the budget; it returns the code tuple and the work per problem.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from . import iterative, ode
+from . import admm, iterative, ode
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ DEFAULT_MAX_EVALS = 20_000
 register_solver("ista", iterative.ista)
 register_solver("fista", iterative.fista)
 register_solver("active_set", iterative.active_set, needs_gram=True)
+register_solver("admm", admm.admm, needs_gram=True)
 for _m in ode.ODE_METHODS:
     register_solver(_m, partial(ode.ode_solve, method=_m), unit="function evaluations", ode=True,
                     max_iter=DEFAULT_MAX_EVALS)

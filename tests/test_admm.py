@@ -1,0 +1,160 @@
+"""ADMM (vars_ode/solvers/admm.py): the LASSO minimiser against scikit-learn, per problem, with its own stopping and
+rho; fewer iterations than FISTA on a layer's ill-conditioned Gram matrices; the layer's equilibrium and gradients."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.linear_model import Lasso
+
+import vars_ode as vo
+from conftest import make_problem
+from vars_ode.dictionaries import draw_features, positive_random_features
+from vars_ode.sync import count_host_syncs
+
+
+def sklearn_lasso(P, x, lam):
+    d = P.shape[-2]
+    return torch.from_numpy(Lasso(alpha=lam / d, fit_intercept=False, tol=1e-14, max_iter=10**6)
+                            .fit(P.numpy(), x.numpy()).coef_)
+
+
+def feature_problem(seed, tokens=100, atoms=48, signals=8, head_dim=32):
+    """A layer's kind of problem: the layer's positive random features of Gaussian queries (all atoms in one
+    orthant, so K = Phi^T Phi has one large and many small eigenvalues), columns of unit norm over the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, tokens, head_dim, generator=g, dtype=torch.float64)
+    feats = draw_features(1, head_dim, atoms, generator=g, dtype=torch.float64)
+    Phi = positive_random_features(q, feats)[0, 0]
+    return Phi, torch.randn(signals, tokens, generator=g, dtype=torch.float64)
+
+
+@given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
+def test_admm_matches_scikit_learn(seed, d, m, lam):
+    P, x = make_problem(seed, d, m, batch=(3,))
+    sol = vo.solve(P, x, lam, "admm", tol=1e-11, max_iter=50_000)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    for i in range(3):
+        assert (sol.code[i] - sklearn_lasso(P, x[i], lam)).abs().max() < 1e-7
+    # exact zeros off the support, and the KKT conditions checked independently of the solver
+    g = (sol.code @ P.T - x) @ P
+    on = sol.code != 0
+    assert torch.allclose(g[on], -lam * torch.sign(sol.code[on]), atol=1e-9)
+    assert bool((g[~on].abs() <= lam + 1e-9).all())
+
+
+def test_admm_per_problem_weights_and_batched_dictionaries():
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(4, 20, 10, generator=g, dtype=torch.float64) / 20**0.5
+    x = torch.randn(4, 20, generator=g, dtype=torch.float64)
+    lam = torch.tensor([0.05, 0.1, 0.2, 0.4], dtype=torch.float64)
+    sol = vo.solve(P, x, lam, "admm", tol=1e-11)
+    assert bool(sol.stats.converged.all())
+    for i in range(4):
+        assert (sol.code[i] - sklearn_lasso(P[i], x[i], float(lam[i]))).abs().max() < 1e-7
+    # one dictionary shared by many signals with their own weights: one rho and one inverse for all of them
+    P1, X = make_problem(4, 24, 12, batch=(6,))
+    lam = torch.linspace(0.05, 0.3, 6, dtype=torch.float64)
+    sol = vo.solve(P1, X, lam, "admm", tol=1e-11)
+    for i in range(6):
+        assert (sol.code[i] - sklearn_lasso(P1, X[i], float(lam[i]))).abs().max() < 1e-7
+
+
+def test_admm_needs_far_fewer_iterations_than_fista_on_feature_dictionaries():
+    for seed in range(3):
+        Phi, x = feature_problem(seed)
+        K = Phi.T @ Phi
+        ev = torch.linalg.eigvalsh(K)
+        assert ev[-1] / ev[0] > 500  # the conditioning that slows FISTA
+        a = vo.solve(Phi, x, 0.05, "admm", tol=1e-8)
+        f = vo.solve(Phi, x, 0.05, "fista", tol=1e-8, max_iter=100_000)
+        assert bool(a.stats.converged.all()) and bool(f.stats.converged.all())
+        assert (a.code - f.code).abs().max() < 1e-5
+        assert int(a.stats.iterations.max()) * 4 < int(f.stats.iterations.max()), (a.stats.iterations, f.stats.iterations)
+
+
+def test_residual_balancing_recovers_from_a_poor_rho():
+    Phi, x = feature_problem(5)
+    ref = vo.solve(Phi, x, 0.05, "active_set", tol=1e-12).code
+    fixed = vo.solve(Phi, x, 0.05, "admm", tol=1e-8, rho=10.0, adapt=0, max_iter=3000)
+    adapted = vo.solve(Phi, x, 0.05, "admm", tol=1e-8, rho=10.0, max_iter=3000)
+    assert bool(adapted.stats.converged.all())
+    assert (adapted.code - ref).abs().max() < 1e-6
+    n_fixed = torch.where(fixed.stats.converged, fixed.stats.iterations, torch.full_like(fixed.stats.iterations, 3000))
+    assert int(adapted.stats.iterations.max()) * 3 < int(n_fixed.max())
+
+
+def test_fixed_budget_runs_exactly_and_never_reads_the_device():
+    Phi, x = feature_problem(6)
+    with count_host_syncs() as reads:
+        sol = vo.solve(Phi, x, 0.05, "admm", tol=0, max_iter=7)
+    with count_host_syncs() as reads_fista:
+        vo.solve(Phi, x, 0.05, "fista", tol=0, max_iter=7)
+    assert bool((sol.stats.iterations == 7).all())
+    assert reads.count == reads_fista.count  # those of the statistics at the end, none in the loop
+    # the iterate after 7 iterations, written out by hand from the splitting (scaled form, relaxation 1.6)
+    K, B = Phi.T @ Phi, Phi.T @ x.T
+    rho = 0.01 * torch.linalg.eigvalsh(K)[-1]
+    inv = torch.linalg.inv(K + rho * torch.eye(K.shape[0], dtype=K.dtype))
+    z, y = torch.zeros_like(B), torch.zeros_like(B)
+    for _ in range(7):
+        u = inv @ (B + rho * (z - y))
+        a = 1.6 * u + (1 - 1.6) * z + y
+        z = torch.sign(a) * torch.relu(a.abs() - 0.05 / rho)
+        y = a - z
+    assert torch.allclose(sol.code, z.T, atol=1e-10)
+
+
+def test_admm_in_a_layer_reaches_the_equilibrium_with_the_implicit_gradient():
+    torch.manual_seed(0)
+    kw = dict(dictionary="d", steps=None, tol=1e-9, grad="implicit", max_iter=20_000, dtype=torch.float64)
+    a = vo.VARSLayer(16, 2, solver="admm", **kw)
+    f = vo.VARSLayer(16, 2, solver="fista", **kw)
+    f.load_state_dict(a.state_dict())
+    x = torch.randn(2, 17, 16, dtype=torch.float64, requires_grad=True)
+    ya, yf = a(x), f(x)
+    assert float(a.last_stats.residual.max()) <= 1e-9
+    assert int(a.last_stats.iterations) < int(f.last_stats.iterations)
+    assert torch.allclose(ya, yf, atol=1e-7)
+    w = torch.randn_like(ya)
+    ga = torch.autograd.grad((ya * w).sum(), [x, a.qkv.weight])
+    gf = torch.autograd.grad((yf * w).sum(), [x, f.qkv.weight])
+    for p, q in zip(ga, gf):
+        assert torch.allclose(p, q, atol=1e-6 * float(q.abs().max()))
+
+
+def test_admm_unrolled_gradients_of_a_fixed_budget():
+    # L (and with it rho) is a constant of the iteration (the solver detaches it): fixed for the finite differences
+    P, x = make_problem(2, 10, 6, batch=(2,))
+    lam = torch.tensor(0.1, dtype=torch.float64)
+    args = (P.requires_grad_(), x.requires_grad_(), lam.requires_grad_())
+    f = lambda P, x, lam: vo.solve(P, x, lam, "admm", tol=0, max_iter=8, L=3.0).code  # noqa: E731
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
+    # and in a layer, where the layer's own steps are ADMM iterations
+    layer = vo.VARSLayer(8, 2, dictionary="d", solver="admm", steps=4, dtype=torch.float64)
+    layer(torch.randn(1, 5, 8, dtype=torch.float64)).sum().backward()
+    assert int(layer.last_stats.iterations) == 4 and layer.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(rho=0.0), "rho"), (dict(rho=100.0), "rho"), (dict(relax=2.0), "relax"), (dict(relax=0), "relax"),
+    (dict(adapt=-1), "adapt"), (dict(adapt=1.5), "adapt"), (dict(restart=True), "restart"),
+])
+def test_bad_options(options, match):
+    P, x = make_problem(0, 12, 6)
+    with pytest.raises(ValueError, match=match):
+        vo.solve(P, x, 0.1, "admm", **options)
+
+
+def test_admm_refuses_operators_without_a_gram_matrix():
+    with pytest.raises(ValueError, match="admm"):
+        vo.VARSLayer(16, 2, dictionary="s", solver="admm", steps=2)
+
+
+def test_float32_layer_problem_to_the_layer_tolerance():
+    # float32: the tolerance of a layer (1e-4) is reached, as FISTA's, on the features of a layer
+    Phi, x = feature_problem(8, tokens=100, atoms=48, signals=32)
+    a = vo.solve(Phi.float(), x.float(), 0.1, "admm", tol=1e-4)
+    ref = vo.solve(Phi, x, 0.1, "active_set", tol=1e-12).code
+    assert bool(a.stats.converged.all())
+    assert np.isfinite(a.code.numpy()).all() and (a.code.double() - ref).abs().max() < 1e-2
