@@ -92,14 +92,14 @@ def test_fixed_budget_runs_exactly_and_never_reads_the_device():
         vo.solve(Phi, x, 0.05, "fista", tol=0, max_iter=7)
     assert bool((sol.stats.iterations == 7).all())
     assert reads.count == reads_fista.count  # those of the statistics at the end, none in the loop
-    # the iterate after 7 iterations, written out by hand from the splitting (scaled form, relaxation 1.6)
+    # the iterate after 7 iterations, written out by hand from the splitting (scaled form, relaxation 1.8)
     K, B = Phi.T @ Phi, Phi.T @ x.T
     rho = 0.01 * torch.linalg.eigvalsh(K)[-1]
     inv = torch.linalg.inv(K + rho * torch.eye(K.shape[0], dtype=K.dtype))
     z, y = torch.zeros_like(B), torch.zeros_like(B)
     for _ in range(7):
         u = inv @ (B + rho * (z - y))
-        a = 1.6 * u + (1 - 1.6) * z + y
+        a = 1.8 * u + (1 - 1.8) * z + y
         z = torch.sign(a) * torch.relu(a.abs() - 0.05 / rho)
         y = a - z
     assert torch.allclose(sol.code, z.T, atol=1e-10)
@@ -158,3 +158,4 @@ def test_float32_layer_problem_to_the_layer_tolerance():
     ref = vo.solve(Phi, x, 0.1, "active_set", tol=1e-12).code
     assert bool(a.stats.converged.all())
     assert np.isfinite(a.code.numpy()).all() and (a.code.double() - ref).abs().max() < 1e-2
+

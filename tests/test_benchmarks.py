@@ -122,7 +122,7 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5,dopri5@native",
                               "--problems", "3"])
     out = capsys.readouterr().out
-    assert out.count("| vars_ode") == 6 and "default check_every" in out
+    assert out.count("| vars_ode") == 7 and "default check_every" in out and "| vars_ode admm" in out
     assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
 
 
@@ -293,3 +293,16 @@ def test_ode_memory_benchmark_counts_what_the_graph_keeps(capsys):
     with pytest.raises(SystemExit, match="unknown row"):
         bench.main(["--rows", "rk5"])
 
+
+
+def test_layer_solvers_benchmark_runs(capsys):
+    res = load("layer_solvers_cpu").main(["--dicts", "d,s", "--rows", "ista,euler,fista-eq,admm-eq,timm", "--dim", "16",
+                                          "--heads", "2", "--batch", "2", "--tokens", "17", "--repeats", "1",
+                                          "--threads", "1", "--tol", "1e-3"])
+    out = capsys.readouterr().out
+    # both equilibrium rows reach the tolerance; ADMM is refused for the convolutional atoms (no Gram matrix), with
+    # the reason in the table
+    for row in ("fista-eq", "admm-eq"):
+        assert res[("d", row)]["residual"] <= 1e-3 and res[("d", row)]["ratio"] > 0
+    assert res[("d", "euler")]["work"] == 6 and ("d", "timm") in res
+    assert "| s | admm-eq | - |" in out and "Gram matrix" in out

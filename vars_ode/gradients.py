@@ -95,7 +95,8 @@ class ImplicitLasso(torch.autograd.Function):
 
 def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, check_every: int = 8,
                  patience: int = 4) -> tuple:
-    """Conjugate gradients for ``(D K D + I - D) X = R`` per problem, ``K`` applied by ``op``; ``D`` masks.
+    """Conjugate gradients for ``(D K D + I - D) X = R`` per problem, ``K`` applied by ``op``; ``D`` masks, and ``R``
+    zero where ``D`` is (as ``X`` then is).
 
     A problem stops (its iterate is frozen) once its residual is ``rtol`` times its first; the iterate
     returned per problem is the one of smallest true residual ``||R - A X||`` seen at a check (every
@@ -105,8 +106,9 @@ def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, chec
     nearly singular, where CG in float32 stalls and then diverges instead of converging (measured on a
     4-layer VARS-D ViT: 500 iterations in every backward pass, residuals 80x the right-hand side's)."""
     def apply(V):
-        KV = op.gram_apply(tmap(torch.mul, D, V))
-        return tuple(d * k + (1 - d) * v for d, k, v in zip(D, KV, V))
+        # (D K D + I - D) V = D K V for the V of this loop: R is zero off the support, and so is every
+        # combination of it (X, the residuals, the directions), exactly
+        return tuple(d * k for d, k in zip(D, op.gram_apply(V)))
 
     def dot(a, b):
         return sum(op.reduce(i, x * y) for i, (x, y) in enumerate(zip(a, b)))

@@ -40,7 +40,7 @@ import numbers
 
 import torch
 
-from .iterative import _Freezer, _record, _reject
+from .iterative import _Freezer, _record, _reject, check_due
 
 #: options: rho (a multiple of L), relax (alpha), adapt (iterations between rho updates; 0: fixed), check_every
 OPTIONS = ("rho", "relax", "adapt", "check_every")
@@ -73,7 +73,7 @@ def _per_matrix(t, batch):
     return t.amax(dims, keepdim=True) if dims else t
 
 
-def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.6, adapt=8, check_every=4, trace=None,
+def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, check_every=4, trace=None,
          record=None, **unused):
     """ADMM on the LASSO of ``op`` (see the module docstring). Returns ``(code, iterations)``.
 
@@ -92,39 +92,49 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.6, adapt=8, chec
     scale = _per_matrix(torch.as_tensor(op.expand(0, L), dtype=b.dtype, device=b.device).detach(), batch)
     r = rho * scale
     wk = op.expand(0, w)
-    inv = _inverse(K, r, eye)
-    z = torch.zeros_like(b) if init is None else init[0]
-    y = torch.zeros_like(b)
-    fr = _Freezer(op, (z,), tol, check_every, trace, max_iter)
+    # the iteration runs on Z = rho z and the unscaled dual Lam = rho y, so that the threshold is w itself (a
+    # scalar clamp for a float weight) and a change of rho leaves Lam as it is; K / rho and rho (K + rho I)^{-1}
+    # are formed once per rho
+    Kr, invr = K / r, r * _inverse(K, r, eye)
+    Z = torch.zeros_like(b) if init is None else r * init[0]
+    Lam = torch.zeros_like(b)
+    fr = _Freezer(op, (Z,), tol, check_every, trace, max_iter)
     lo, hi = RHO_RANGE[0] * scale, RHO_RANGE[1] * scale
-    thr = wk / r
     tiny = torch.finfo(b.dtype).tiny
     it = 0
     for it in range(max_iter + 1):
         if tol <= 0 and it == max_iter:
             break
-        g = K @ z - b
-        if fr.check(it, (z,), (g,), w) or it == max_iter:
-            break
-        # u = z - d, and a = alpha u + (1 - alpha) z + y = z + y - alpha d; z_new = a - clamp(a), y_new = clamp(a)
-        d = inv @ torch.addcmul(g, r, y)
-        a = torch.add(z, y).sub_(d, alpha=relax)
-        c = torch.clamp(a, -thr, thr)
-        z_prev, z, y = z, a - c, c
-        _record(record, (z,))
+        if tol > 0 and check_due(it, fr.check_every, max_iter):
+            # at a check, K z - b as the KKT residual of the returned code is computed (vars_ode.lasso), so that a
+            # problem stopped at tol has that residual to the last bit
+            z = Z / r
+            g = K @ z - b
+            if fr.check(it, (z,), (g,), w) or it == max_iter:
+                break
+        else:
+            g = Kr @ Z - b  # K z - b
+        # u = z - d, and a = alpha u + (1 - alpha) z + y = z + y - alpha d; z_new = a - clamp(a), y_new = clamp(a);
+        # times rho: D = rho d, A = rho a, bounds +-w
+        D = invr @ (g + Lam)
+        A = torch.add(Z, Lam).sub_(D, alpha=relax)
+        C = torch.clamp(A, -wk, wk)
+        Z_prev, Z, Lam = Z, A - C, C
+        if record is not None:
+            _record(record, (Z / r,))
         if tol > 0 and adapt and (it + 1) % adapt == 0:
-            # residual balancing, per matrix: the relative primal residual against the relative dual one
-            u = z_prev - d
-            primal = (u - z).pow(2).sum_to_size(batch).sqrt() / torch.maximum(
-                u.pow(2).sum_to_size(batch), z.pow(2).sum_to_size(batch)).sqrt().clamp_min(tiny)
-            dual = (z - z_prev).pow(2).sum_to_size(batch).sqrt() / y.pow(2).sum_to_size(batch).sqrt().clamp_min(tiny)
+            # residual balancing, per matrix: the relative primal residual ||u - z|| / max(||u||, ||z||) against
+            # the relative dual one ||z - z_prev|| / ||y|| (both the same in the scaled variables)
+            U = Z_prev - D
+            primal = (U - Z).pow(2).sum_to_size(batch).sqrt() / torch.maximum(
+                U.pow(2).sum_to_size(batch), Z.pow(2).sum_to_size(batch)).sqrt().clamp_min(tiny)
+            dual = (Z - Z_prev).pow(2).sum_to_size(batch).sqrt() / Lam.pow(2).sum_to_size(batch).sqrt().clamp_min(tiny)
             factor = (primal / dual.clamp_min(tiny)).sqrt().clamp(0.1, 10.0)
             factor = torch.where((factor > 2) | (factor < 0.5), factor, torch.ones_like(factor))
             new = torch.minimum(torch.maximum(r * factor, lo), hi)
             if bool((new != r).any()):
-                y = y * (r / new)
+                Z = Z * (new / r)
                 r = new
-                inv = _inverse(K, r, eye)
-                thr = wk / r
-    code, iters = fr.result((z,), it)
+                Kr, invr = K / r, r * _inverse(K, r, eye)
+    code, iters = fr.result((Z / r,), it)
     return code, iters
