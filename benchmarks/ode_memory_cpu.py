@@ -42,6 +42,9 @@ ROWS = {
     "eq 1e-3 implicit": dict(solver="fista", steps=None, tol=1e-3, grad="implicit"),
     "eq 1e-2 unroll": dict(solver="fista", steps=None, tol=1e-2, grad="unroll"),
     "eq 1e-3 unroll": dict(solver="fista", steps=None, tol=1e-3, grad="unroll"),
+    "admm eq 1e-2 implicit": dict(solver="admm", steps=None, tol=1e-2, grad="implicit"),
+    "admm eq 1e-4 implicit": dict(solver="admm", steps=None, tol=1e-4, grad="implicit"),
+    "admm eq 1e-4 unroll": dict(solver="admm", steps=None, tol=1e-4, grad="unroll"),
 }
 
 
