@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 02 - Convergence of the solvers
 #
-# How fast does each solver drive the KKT residual of Eq. 10 down, counted in iterations or vector-field evaluations (one product with `K` each) and in wall time, at several tolerances; and how do the costs move with `lam` and with the conditioning of `P`? ODE solvers integrate the coupled dynamics rescaled by `L` (one time unit ~ one ISTA step).
+# How fast does each solver drive the KKT residual of Eq. 10 down, counted in iterations or vector-field evaluations (one product with `K` each; an ADMM iteration is two products, with `K` and with the inverse of `K + rho I`) and in wall time, at several tolerances; and how do the costs move with `lam` and with the conditioning of `P`? ODE solvers integrate the coupled dynamics rescaled by `L` (one time unit ~ one ISTA step).
 
 # %% tags=["parameters"]
 # Parameters: "small" runs in seconds (the test suite uses it); "large" for closer study.
@@ -40,7 +40,7 @@ DT = torch.float64
 assert SIZE in CFG, f"SIZE must be one of {list(CFG)}"
 cfg = CFG[SIZE]
 print("SIZE =", SIZE, cfg)
-SOLVERS = ["ista", "fista", "euler", "rk4", "dopri5"]
+SOLVERS = ["ista", "fista", "admm", "euler", "rk4", "dopri5"]
 # ODE solvers check convergence between integration windows: short constant windows give a fine trace
 ODE_OPTS = dict(window=2.0, max_window=2.0)
 
@@ -116,7 +116,7 @@ plt.show()
 
 # %%
 tol = cfg["sweep_tol"]
-sweep_solvers = ["ista", "fista", "dopri5"]
+sweep_solvers = ["ista", "fista", "admm", "dopri5"]
 def sweep(problems):
     out = {s: [] for s in sweep_solvers}
     nnz = []
@@ -151,17 +151,20 @@ def first_below(tr, t):
     hits = [w for w, r in tr if r <= t]
     return hits[0] if hits else None
 print(f"1. To KKT residual {tight:g} on a {cfg['d']}x{cfg['m']} problem: " + ", ".join(
-    f"{s} {work[s]} {'iterations' if s in ('ista', 'fista') else 'evaluations'}" for s in SOLVERS) + ".")
-print(f"2. FISTA needed {work['ista'] / max(work['fista'], 1):.1f}x fewer iterations "
-      f"than ISTA; dopri5 spent {work['dopri5'] / max(work['ista'], 1):.1f} evaluations per ISTA iteration.")
+    f"{s} {work[s]} {'iterations' if s in ('ista', 'fista', 'admm') else 'evaluations'}" for s in SOLVERS) + ".")
+print(f"2. FISTA needed {work['ista'] / max(work['fista'], 1):.1f}x fewer iterations than ISTA, ADMM "
+      f"{work['fista'] / max(work['admm'], 1):.1f}x fewer than FISTA (two products with an m x m matrix each: "
+      f"K and the inverse of K + rho I, formed once); dopri5 spent {work['dopri5'] / max(work['ista'], 1):.1f} "
+      "evaluations per ISTA iteration.")
 loose = max(cfg["tols"])
 print(f"3. Per tolerance (work): " + "; ".join(
     f"tol {t:g}: " + ", ".join(f"{r['solver']} {r['work']}" for r in rows if r["tol"] == t) for t in cfg["tols"]))
 print(f"4. Work to KKT {tol:g} against lam ratios {list(cfg['lams'])}: nnz {nnz_lam}; ista work {by_lam['ista']}, fista {by_lam['fista']}, "
-      f"dopri5 {by_lam['dopri5']}.")
-print(f"5. Against m/d {list(cfg['ratios'])}: ista work {by_ratio['ista']}, fista {by_ratio['fista']}, dopri5 {by_ratio['dopri5']}.")
+      f"admm {by_lam['admm']}, dopri5 {by_lam['dopri5']}.")
+print(f"5. Against m/d {list(cfg['ratios'])}: ista work {by_ratio['ista']}, fista {by_ratio['fista']}, admm {by_ratio['admm']}, "
+      f"dopri5 {by_ratio['dopri5']}.")
 print(f"6. Against cond(P) {list(cfg['conds'])}: ista work {by_cond['ista']}, fista {by_cond['fista']}, "
-      f"dopri5 {by_cond['dopri5']} (nan: not converged within {cfg['max_work']}).")
+      f"admm {by_cond['admm']}, dopri5 {by_cond['dopri5']} (nan: not converged within {cfg['max_work']}).")
 
 # %% [markdown]
 # Wall times (they change from run to run and from machine to machine):
