@@ -123,3 +123,21 @@ def test_operator_cg_stops_instead_of_diverging_on_a_rank_deficient_gram():
     ref = torch.stack([torch.linalg.solve(torch.diag(D[:, j]) @ K @ torch.diag(D[:, j]) + torch.diag(1 - D[:, j]),
                                           R[:, j]) for j in range(100)], 1)
     torch.testing.assert_close(X[:, :100].double(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_support_solve_cholesky_with_a_minimum_norm_fallback():
+    # the direct implicit solve, column by column: (D K D + I - D) v = r by Cholesky; a support whose atoms are
+    # linearly dependent (two equal atoms, both active) makes K_SS singular, and that column alone takes pinv's
+    # answer (the factorisation of an exactly singular matrix can succeed with a pivot of rounding size)
+    from vars_ode.gradients import _support_solve
+    g = torch.Generator().manual_seed(4)
+    P = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    P[:, 1] = P[:, 0]
+    K = P.T @ P
+    D = torch.tensor([[1., 1.], [1., 0.], [0., 1.], [1., 1.]], dtype=torch.float64)
+    R = D * torch.randn(4, 2, generator=g, dtype=torch.float64)
+    V = _support_solve(K, D, R)
+    M = D.T[:, :, None] * K * D.T[:, None, :]
+    M.diagonal(dim1=-2, dim2=-1).add_(1 - D.T)
+    assert torch.allclose(V[:, 0], torch.linalg.pinv(M[0]) @ R[:, 0], atol=1e-10)
+    assert torch.allclose(V[:, 1], torch.linalg.solve(M[1], R[:, 1]), atol=1e-12)

@@ -58,6 +58,28 @@ def _cg(K, D, R, iters, tol):
     return X
 
 
+def _support_solve(K, D, R):
+    """``V`` with ``(D K D + I - D) V = R`` column by column (``D``: ``(..., m, k)`` support masks), by a batched
+    Cholesky factorisation; a column whose system is singular to working precision (a singular ``K_SS``: atoms on
+    the support that are linearly dependent) takes the least-squares solution of minimum norm (``pinv``).
+
+    Cholesky rather than LU: ``torch.linalg.solve`` on batches of 160 x 160 and larger systems stopped in MKL's
+    ``SLASWP`` ("Parameter 6 was incorrect on entry") and never returned with two threads, torch 2.14.1 on the
+    project's CPU (``vo.solve`` of a 300 x 192 dictionary with ``grad="implicit"``)."""
+    M = support_system(K, D)
+    r = R.transpose(-1, -2).unsqueeze(-1)
+    C, info = torch.linalg.cholesky_ex(M)
+    sol = torch.cholesky_solve(r, C)
+    # singular to working precision: a pivot below m eps of the largest (then cond(M) > 1 / (m eps), where pinv
+    # drops singular values too); an exactly singular K_SS often factorises with a pivot of rounding size
+    piv = C.diagonal(dim1=-2, dim2=-1).pow(2)
+    bad = (info != 0) | ~(piv.amin(-1) > M.shape[-1] * torch.finfo(M.dtype).eps * piv.amax(-1))
+    if bool(bad.any()):
+        sol = sol.clone()
+        sol[bad] = torch.linalg.pinv(M[bad]) @ r.expand(*bad.shape, *r.shape[-2:])[bad]
+    return sol.squeeze(-1).transpose(-1, -2)
+
+
 class ImplicitLasso(torch.autograd.Function):
     """``code = ImplicitLasso.apply(K, B, w, code_star, method, cg_iters)``: identity in the forward
     pass, implicit differentiation of the LASSO fixed point in the backward pass.
@@ -81,12 +103,7 @@ class ImplicitLasso(torch.autograd.Function):
         if ctx.method == "cg":
             V = _cg(K, D, rhs, ctx.cg_iters, tol=torch.finfo(G.dtype).eps * float(rhs.abs().max().clamp_min(1)))
         else:
-            M = support_system(K, D)
-            r = rhs.transpose(-1, -2).unsqueeze(-1)
-            sol, info = torch.linalg.solve_ex(M, r)
-            if bool((info != 0).any()):
-                sol = torch.linalg.pinv(M) @ r
-            V = sol.squeeze(-1).transpose(-1, -2)
+            V = _support_solve(K, D, rhs)
         gK = -(V @ code.transpose(-1, -2))
         gw = -(V * torch.sign(code)).sum(-2, keepdim=True)
         gB = V
@@ -197,12 +214,7 @@ def implicit_code(op: Operator, B: tuple, w, code: tuple, method: str = "cg", *,
         with torch.no_grad():
             R = tuple(d * g for d, g in zip(D, G))
             if method == "direct":
-                M = support_system(Kd, D[0])
-                r = R[0].transpose(-1, -2).unsqueeze(-1)
-                sol, info = torch.linalg.solve_ex(M, r)
-                if bool((info != 0).any()):
-                    sol = torch.linalg.pinv(M) @ r
-                V = (sol.squeeze(-1).transpose(-1, -2),)
+                V = (_support_solve(Kd, D[0], R[0]),)
             else:
                 V = _operator_cg(op, D, R, cg_iters, rtol)
             return tuple(d * v for d, v in zip(D, V))
