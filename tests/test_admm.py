@@ -159,3 +159,18 @@ def test_float32_layer_problem_to_the_layer_tolerance():
     assert bool(a.stats.converged.all())
     assert np.isfinite(a.code.numpy()).all() and (a.code.double() - ref).abs().max() < 1e-2
 
+
+
+def test_auto_check_schedule_reads_less_and_stops_soon_after_tol():
+    # "auto": a first check at iteration 8, then where the residual's rate predicts tol (2 to 16 iterations on);
+    # against a check at every iteration: the same tolerance reached, a few reads instead of one per iteration
+    Phi, x = feature_problem(9, signals=16)
+    with count_host_syncs() as every_reads:
+        every = vo.solve(Phi, x, 0.05, "admm", tol=1e-9, check_every=1)
+    with count_host_syncs() as auto_reads:
+        auto = vo.solve(Phi, x, 0.05, "admm", tol=1e-9)
+    assert bool(auto.stats.converged.all()) and bool(every.stats.converged.all())
+    n_every, n_auto = int(every.stats.iterations.max()), int(auto.stats.iterations.max())
+    assert n_every <= n_auto <= n_every + 16
+    assert auto_reads.count * 3 < every_reads.count, (auto_reads.count, every_reads.count)  # rho updates read too
+    assert (auto.code - every.code).abs().max() < 1e-7

@@ -69,7 +69,7 @@ class _Freezer:
         """True when every problem has stopped."""
         if self.tol <= 0 or not check_due(it, self.check_every, self.max_iter):
             return False
-        r = residual_from_grad(self.op, grad, u, w)
+        r = self.residual = residual_from_grad(self.op, grad, u, w)
         new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
         self.kept = self.op.where(new, u, self.kept)
         self.iters = torch.where(new, torch.full_like(self.iters, it), self.iters)
