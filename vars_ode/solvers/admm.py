@@ -95,7 +95,8 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     ``alpha`` in (0, 2); 1 is plain ADMM), ``adapt`` (iterations between updates of ``rho`` when ``tol > 0``;
     0 keeps it fixed), ``check_every`` (``"auto"``, the default: the first check of the residual at iteration 8, each
     next one where the rate since the last predicts that the slowest running problem reaches ``tol``, 2 to 16
-    iterations ahead; or a positive integer: every so many iterations, and at ``max_iter``). A check costs about
+    iterations ahead, or with a ``trace`` every iteration; or a positive integer: every so many iterations, and at
+    ``max_iter``). A check costs about
     half an iteration and one host read. ``record`` receives ``z`` after every iteration."""
     _reject(unused, "admm", OPTIONS)
     _check_options(rho, relax, adapt)
@@ -117,7 +118,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     fr = _Freezer(op, (Z,), tol, check_every, trace, max_iter)
     lo, hi = RHO_RANGE[0] * scale, RHO_RANGE[1] * scale
     tiny = torch.finfo(b.dtype).tiny
-    predict = check_every == "auto"
+    predict = check_every == "auto" and trace is None  # a trace asks for the whole history: every iteration
     if predict:
         fr.check_every = 1  # the schedule is kept here; the freezer checks whenever asked
     next_check, last = FIRST_CHECK, None
