@@ -521,8 +521,9 @@ def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
 
 
 @pytest.mark.parametrize("kwargs", [dict(dictionary="s"), dict(dictionary="sd"), dict(dictionary="sd", solver="fista"),
-                                    dict(dictionary="d", fused=False), dict(dictionary="sd", solver="rk4", steps=1)],
-                         ids=["s", "sd", "sd-fista", "d-generic", "sd-rk4"])
+                                    dict(dictionary="d", fused=False), dict(dictionary="sd", solver="rk4", steps=1),
+                                    dict(dictionary="d", solver="admm", steps=4)],
+                         ids=["s", "sd", "sd-fista", "d-generic", "sd-rk4", "d-admm"])
 def test_torch_compile_fullgraph_generic_path_with_statistics(kwargs):
     # the operator-form and generic Gram-form paths compile as one graph (their statistics kept the atoms
     # object, which torch.compile cannot carry out of a graph: "Reconstruction failure"); the compiled
