@@ -612,3 +612,27 @@ def test_set_solver_keeps_options_for_the_same_solver_only():
     assert torch.isfinite(y).all() and layer.last_stats.unit == "function evaluations"
     layer.set_solver("rk4", solver_options={"options": {"step_size": 0.5}})
     assert layer(x).shape == x.shape and int(layer.last_stats.iterations) == 16
+
+
+def test_equilibrium_survives_timm_create_model():
+    # timm.create_model drops every keyword whose value is None, so steps=None reached the layers as their default
+    # (3 steps, with an implicit gradient of an equilibrium never reached); steps="equilibrium" is None, and the
+    # training script's --model-kwargs steps=None is passed on so
+    import timm
+
+    from vars_ode.robustness.cli import parse_kwargs
+    from vars_ode.robustness.engine import create_model
+
+    kw = dict(attention="vars_d", patch_size=4, embed_dim=16, depth=1, num_heads=2, in_chans=1, img_size=8,
+              num_classes=3)
+    dropped = timm.create_model("vars_deit_tiny", solver="admm", steps=None, **kw)
+    assert [m.steps for m in dropped.modules() if isinstance(m, VARSLayer)] == [3]  # what timm does with None
+    for model in (timm.create_model("vars_deit_tiny", solver="admm", steps="equilibrium", tol=1e-3, **kw),
+                  create_model("vars_deit_tiny", **dict(kw, **parse_kwargs(["solver='admm'", "steps=None", "tol=1e-3"])))):
+        layer, = [m for m in model.modules() if isinstance(m, VARSLayer)]
+        assert layer.steps is None and layer.tol == 1e-3
+        model(torch.randn(2, 1, 8, 8))
+        assert float(layer.last_stats.residual.max()) <= 1e-3 and int(layer.last_stats.iterations) > 3
+    assert VARSLayer(8, 2, dictionary="d").set_solver(steps="equilibrium").steps is None
+    with pytest.raises(ValueError, match="steps"):
+        VARSLayer(8, 2, dictionary="d", steps="forever")

@@ -83,6 +83,8 @@ COMPAT_CLASSES: dict = {}
 RESIDUALS = ("value", "none")
 STATIC_KINDS = ("conv", "dense")
 _DEFAULT = "default"
+#: ``steps=EQUILIBRIUM`` is ``steps=None`` (solve to ``tol``), spelt so that it survives ``timm.create_model``
+EQUILIBRIUM = "equilibrium"
 
 
 def _reduce_atoms(i, t, op="sum"):
@@ -151,7 +153,8 @@ class VARSLayer(nn.Module):
         steps: ISTA / FISTA iterations, or the ODE horizon in the same units; ``None`` solves to a KKT
             residual of ``tol`` (default 1e-4) within ``max_iter``. Default 3 (paper), 5 for ``compat="official"``.
             For the equilibrium of ``"d"`` or ``static="dense"``, ``solver="admm"`` takes tens of iterations
-            where ``"fista"`` takes hundreds (:mod:`vars_ode.solvers.admm`).
+            where ``"fista"`` takes hundreds (:mod:`vars_ode.solvers.admm`). ``"equilibrium"`` is the same as
+            ``None``, for ``timm.create_model``, which drops every keyword argument whose value is ``None``.
         lam: L1 weight (non-negative; ``convention`` as in :mod:`vars_ode.ops`).
         grad: ``"unroll"``, ``"implicit"`` (every dictionary; conjugate gradients where ``K`` is not formed) or
             ``"adjoint"`` (ODE solvers).
@@ -405,6 +408,8 @@ class VARSLayer(nn.Module):
 
     def _check_solver(self, solver, steps, tol, grad):
         # shared by __init__ and set_solver; returns (steps, tol) with tol's default resolved
+        if isinstance(steps, str) and steps == EQUILIBRIUM:
+            steps = None
         check_solver(solver, grad)
         is_ode = SOLVERS[solver].ode
         if steps is not None:

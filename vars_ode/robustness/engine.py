@@ -98,6 +98,10 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"model {name!r} is not registered with timm.{hint} Similar names: {close}")
     kwargs = dict(model_kwargs)
+    if "steps" in kwargs and kwargs["steps"] is None:
+        # timm.create_model drops keyword arguments whose value is None; for a VARS layer steps=None means "to the
+        # equilibrium", spelt so that it reaches the layer
+        kwargs["steps"] = "equilibrium"
     kwargs["num_classes"] = num_classes
     kwargs["in_chans"] = in_chans
     if img_size is not None:

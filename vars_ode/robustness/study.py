@@ -73,7 +73,7 @@ ROWS: dict[str, Row] = {
     "vars_d_fista": Row("VARS-D, FISTA 3", "vars_d", {"solver": "fista"}),
     "vars_d_dopri5": Row("VARS-D, dopri5 to t=3", "vars_d", {"solver": "dopri5"}),
     "vars_d_eq": Row("VARS-D, equilibrium (ADMM to tol 1e-3, implicit)", "vars_d",
-                     {"solver": "admm", "steps": None, "tol": 1e-3, "grad": "implicit"}),
+                     {"solver": "admm", "steps": "equilibrium", "tol": 1e-3, "grad": "implicit"}),
 }
 
 

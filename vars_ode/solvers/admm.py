@@ -79,7 +79,8 @@ def _next_check(it, fr, tol, last):
     # the iteration of the next check, from the largest residual of the problems still running and the rate at
     # which it fell since the last check (ADMM converges linearly): the predicted iteration at which it reaches
     # tol, at least 2 and at most 16 iterations ahead (4 while no rate is known)
-    worst = float(torch.where(fr.done, torch.zeros_like(fr.residual), fr.residual).amax())
+    r = fr.residual.detach()
+    worst = float(torch.where(fr.done, torch.zeros_like(r), r).amax())
     gap = 4
     if last is not None and 0 < worst < last[1]:
         rate = math.log(worst / last[1]) / (it - last[0])       # log of the factor per iteration, < 0
