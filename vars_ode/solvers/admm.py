@@ -16,19 +16,20 @@ the point). The product ``K z`` it needs is the gradient at ``z``, so the KKT re
 code costs no product.
 
 Where FISTA's rate depends on the condition number of ``K / L`` (the smallest eigenvalues of a layer's
-``Phi^T Phi`` are about ``1e-4 L``), ADMM's depends on how ``rho`` sits between the extremes of the spectrum.
+``Phi^T Phi`` are about ``2e-4 L``), ADMM's depends on how ``rho`` sits between the extremes of the spectrum.
 ``rho`` defaults to ``0.01 L`` (``L`` the largest eigenvalue), near ``sqrt(lambda_min L)`` for the layers of
 the library; with ``tol > 0`` it is adapted by residual balancing (Boyd et al., Sec. 3.4.1, with the residuals
 normalised as in OSQP, Stellato et al. 2020): every ``adapt`` iterations, per matrix, ``rho`` is multiplied by
 ``sqrt(primal / dual)`` (clipped to [0.1, 10], applied when it is above 2 or below 1/2), where the primal
 residual is ``||u - z||`` relative to ``max(||u||, ||z||)`` and the dual one ``||z - z_prev||`` relative to
-``||y||``, and the inverse is formed again. From ``rho = 10 L`` the layer problems of
-``benchmarks/RESULTS.md`` converge within 2x the iterations from the default. Measured there: a
-DeiT-Ti-width VARS-D layer's problems to a KKT residual of 1e-4, 36 iterations against FISTA's 384.
+``||y||``, and the inverse is formed again: started from ``rho = L`` (100 times the default) the layer problems
+of the sweeps in ``benchmarks/RESULTS.md`` took 1.7-2.5x the default's iterations (10-30x without it). Measured
+there: a DeiT-Ti-width VARS-D layer's problems to a KKT residual of 1e-4, 36-44 iterations against FISTA's 384;
+the study's smaller model (50 tokens for 64 features, a singular ``K``) 100-270 against FISTA's 250-930.
 
-Precision: an iteration multiplies rounding errors of ``K z - b`` by up to ``L / rho`` (100 by default), so
-in float32 the residual stalls near ``1e-4`` of ``max(|b|)`` times ``eps * L / rho`` (measured: about 3e-6
-on the Quick start problem, where FISTA reaches 1e-6); for tighter tolerances use float64 or FISTA. A fixed
+Precision: an iteration multiplies rounding errors of ``K z - b`` by up to ``L / rho`` (100 by default), so in
+float32 the residual stalls at a level that grows with ``L / rho`` (measured: about 3e-6 on the Quick start
+problem, where FISTA reaches 1e-6); for tighter tolerances use float64 or FISTA. A fixed
 budget (``tol = 0``: a layer's ``steps``) runs exactly ``max_iter`` iterations with the initial ``rho`` and
 never reads the device.
 
