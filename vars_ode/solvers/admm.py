@@ -23,7 +23,7 @@ normalised as in OSQP, Stellato et al. 2020): every ``adapt`` iterations, per ma
 ``sqrt(primal / dual)`` (clipped to [0.1, 10], applied when it is above 2 or below 1/2), where the primal
 residual is ``||u - z||`` relative to ``max(||u||, ||z||)`` and the dual one ``||z - z_prev||`` relative to
 ``||y||``, and the inverse is formed again: started from ``rho = L`` (100 times the default) the layer problems
-of the sweeps in ``benchmarks/RESULTS.md`` took 1.7-2.5x the default's iterations (10-30x without it). Measured
+of the sweeps in ``benchmarks/RESULTS.md`` took 1.7-2.5x the default's iterations. Measured
 there: a DeiT-Ti-width VARS-D layer's problems to a KKT residual of 1e-4, 36-44 iterations against FISTA's 384;
 the study's smaller model (50 tokens for 64 features, a singular ``K``) 100-270 against FISTA's 250-930.
 
