@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layer import EQUILIBRIUM
+
 __all__ = ["VARS_MODELS", "VARS_ATTENTIONS", "create_model", "missing_vars_models", "evaluate",
            "attention_maps", "last_attention_module", "autocast"]
 
@@ -101,7 +103,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
     if "steps" in kwargs and kwargs["steps"] is None:
         # timm.create_model drops keyword arguments whose value is None; for a VARS layer steps=None means "to the
         # equilibrium", spelt so that it reaches the layer
-        kwargs["steps"] = "equilibrium"
+        kwargs["steps"] = EQUILIBRIUM
     kwargs["num_classes"] = num_classes
     kwargs["in_chans"] = in_chans
     if img_size is not None:

@@ -61,9 +61,8 @@ def _check_options(rho, relax, adapt):
 
 def _inverse(K, r, eye):
     # (K + r I)^{-1} through its Cholesky factor: symmetric positive definite for r > 0 (a matrix with non-finite
-    # entries gives non-finite columns, which the stopping rule marks; the others go on). (The LU route,
-    # torch.linalg.inv, stopped in MKL's SLASWP with "Parameter 6 was incorrect" on batches of 160 x 160 and
-    # larger matrices with two threads, torch 2.14.1 on this CPU.)
+    # entries gives non-finite columns, which the stopping rule marks; the others go on). Not LU: see
+    # vars_ode.gradients._support_solve
     return torch.cholesky_inverse(torch.linalg.cholesky_ex(K + r * eye)[0])
 
 
@@ -98,8 +97,8 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     0 keeps it fixed), ``check_every`` (``"auto"``, the default: the first check of the residual at iteration 8, each
     next one where the rate since the last predicts that the slowest running problem reaches ``tol``, 2 to 16
     iterations ahead, or with a ``trace`` every iteration; or a positive integer: every so many iterations, and at
-    ``max_iter``). A check costs about
-    half an iteration and one host read. ``record`` receives ``z`` after every iteration."""
+    ``max_iter``). A check costs about half an iteration and one host read. ``record`` receives ``z`` after every
+    iteration."""
     _reject(unused, "admm", OPTIONS)
     _check_options(rho, relax, adapt)
     if op.num_blocks != 1:
@@ -117,12 +116,12 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     Kr, invr = K / r, r * _inverse(K, r, eye)
     Z = torch.zeros_like(b) if init is None else r * init[0]
     Lam = torch.zeros_like(b)
-    fr = _Freezer(op, (Z,), tol, check_every, trace, max_iter)
+    # "auto" without a trace: the schedule is kept here (_next_check) and the freezer checks whenever asked; with
+    # a trace, which asks for the whole history, the freezer checks every iteration
+    predict = check_every == "auto" and trace is None
+    fr = _Freezer(op, (Z,), tol, 1 if predict else check_every, trace, max_iter)
     lo, hi = RHO_RANGE[0] * scale, RHO_RANGE[1] * scale
     tiny = torch.finfo(b.dtype).tiny
-    predict = check_every == "auto" and trace is None  # a trace asks for the whole history: every iteration
-    if predict:
-        fr.check_every = 1  # the schedule is kept here; the freezer checks whenever asked
     next_check, last = FIRST_CHECK, None
     it = 0
     for it in range(max_iter + 1):
