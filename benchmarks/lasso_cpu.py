@@ -61,7 +61,7 @@ def main(argv=None):
         kw = {} if every is None else {"check_every": every}
         t, sol = best_of(lambda: vo.solve(P, X, args.lam, solver, tol=tol, max_iter=200_000, **kw))
         err = (sol.code - ref).abs().max().item()
-        default = {"active_set": "", "admm": ", default check_every 4"}.get(solver, ", default check_every 'auto'")
+        default = {"active_set": ""}.get(solver, ", default check_every 'auto'")
         label = f"vars_ode {solver} (tol {tol:g}" + (default if every is None else f", check_every {every}") + ")"
         rows.append((label, t, err, f"{int(sol.stats.iterations.max())}"))
     print(f"{args.problems} LASSO problems, P {args.d}x{args.m}" + (" per problem" if args.per_problem else "")

@@ -174,3 +174,24 @@ def test_auto_check_schedule_reads_less_and_stops_soon_after_tol():
     assert n_every <= n_auto <= n_every + 16
     assert auto_reads.count * 3 < every_reads.count, (auto_reads.count, every_reads.count)  # rho updates read too
     assert (auto.code - every.code).abs().max() < 1e-7
+
+
+def test_float32_implicit_gradient_is_as_accurate_as_the_forward_solve():
+    # the conjugate gradients of the backward stop at the forward's tolerance (not below the float32 floor): the
+    # float32 gradient is as far from the exact one (float64, tol 1e-12) as the float64 gradient at the same tol
+    import copy
+    torch.manual_seed(0)
+    base = vo.VARSLayer(32, 2, dictionary="d", qkv_bias=True, dtype=torch.float64)
+    x, wout = torch.randn(2, 2, 50, 32, dtype=torch.float64).unbind(0)
+
+    def grad(dtype, tol):
+        layer = copy.deepcopy(base).to(dtype).set_solver("admm", steps=None, tol=tol, grad="implicit")
+        xx = x.to(dtype).requires_grad_()
+        g = torch.autograd.grad((layer(xx).double() * wout).sum(), [xx, layer.qkv.weight])
+        return torch.cat([t.double().flatten() for t in g])
+
+    exact = grad(torch.float64, 1e-12)
+    for tol in (1e-3, 1e-4):
+        err32, err64 = ((grad(dt, tol) - exact).norm() / exact.norm() for dt in (torch.float32, torch.float64))
+        assert err32 <= 2 * err64 + 1e-5, (tol, float(err32), float(err64))
+        assert err64 < 10 * tol

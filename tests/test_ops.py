@@ -76,3 +76,26 @@ def test_bad_input_names_the_argument(problem, bad, match):
     P, x = problem
     with pytest.raises(ValueError, match=match):
         bad(P, x)
+
+
+def _violation_by_cases(g, u, w):
+    # the optimality conditions written case by case, in float64
+    on = (g + w * np.sign(u)) if np.isfinite(w) else np.where(u != 0, np.inf, 0.0)
+    return np.where(u != 0, np.abs(on), np.maximum(np.abs(g) - w, 0.0))
+
+
+@given(st.lists(st.tuples(st.floats(-10, 10, allow_subnormal=False), st.sampled_from([-2.0, -0.5, 0.0, 0.0, 0.7, 3.0])),
+                min_size=1, max_size=40),
+       st.sampled_from([0.0, 0.1, 1.0, 5.0, float("inf")]), st.booleans(), st.booleans())
+def test_kkt_violation_matches_the_two_cases_to_the_last_bit(pairs, w, tensor_weight, track):
+    # the branch-free form |g + w s| - (1 - |s|) min(|g|, w) against the cases, with and without a graph (the
+    # untracked form works in place); an infinite weight: zero codes satisfy it, non-zero ones violate it
+    from vars_ode.ops import kkt_violation
+    g = torch.tensor([p[0] for p in pairs], dtype=torch.float64, requires_grad=track)
+    u = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    weight = torch.full((1,), w, dtype=torch.float64) if tensor_weight else w
+    got = kkt_violation(g, u, weight).detach().numpy()
+    want = _violation_by_cases(g.detach().numpy(), u.numpy(), w)
+    finite = np.isfinite(want)
+    assert np.array_equal(got[finite], want[finite])
+    assert (got[~finite] >= torch.finfo(torch.float64).max / 2).all()  # +inf, or the largest float

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .lasso import Operator, tmap
+from .lasso import GramOperator, Operator, tmap
 from .ops import support_system
 
 #: the gradient modes, with what each needs
@@ -32,30 +32,6 @@ GRAD_MODES = {
     "adjoint": "the adjoint of the ODE integration (ODE solvers only): discrete on Gram operators, torchdiffeq's elsewhere",
 }
 IMPLICIT_SOLVES = ("direct", "cg")
-
-
-def _masked_system_apply(K, D, V):
-    # (D K D + I - D) V for column masks D (..., m, k): each column has its own active set.
-    return D * (K @ (D * V)) + (1 - D) * V
-
-
-def _cg(K, D, R, iters, tol):
-    X = torch.zeros_like(R)
-    Rk = R.clone()
-    Pk = Rk.clone()
-    rs = (Rk * Rk).sum(-2, keepdim=True)
-    for _ in range(iters):
-        AP = _masked_system_apply(K, D, Pk)
-        denom = (Pk * AP).sum(-2, keepdim=True)
-        alpha = torch.where(denom > 0, rs / denom.clamp_min(torch.finfo(R.dtype).tiny), torch.zeros_like(rs))
-        X = X + alpha * Pk
-        Rk = Rk - alpha * AP
-        rs_new = (Rk * Rk).sum(-2, keepdim=True)
-        if float(rs_new.max().sqrt()) <= tol:
-            break
-        Pk = Rk + (rs_new / rs.clamp_min(torch.finfo(R.dtype).tiny)) * Pk
-        rs = rs_new
-    return X
 
 
 def _support_solve(K, D, R):
@@ -101,7 +77,7 @@ class ImplicitLasso(torch.autograd.Function):
         D = (code != 0).to(G.dtype)
         rhs = D * G
         if ctx.method == "cg":
-            V = _cg(K, D, rhs, ctx.cg_iters, tol=torch.finfo(G.dtype).eps * float(rhs.abs().max().clamp_min(1)))
+            (V,) = _operator_cg(GramOperator(K), (D,), (rhs,), ctx.cg_iters, default_cg_rtol(G.dtype))
         else:
             V = _support_solve(K, D, rhs)
         gK = -(V @ code.transpose(-1, -2))
@@ -110,6 +86,7 @@ class ImplicitLasso(torch.autograd.Function):
         return gK.sum_to_size(Kshape), gB.sum_to_size(Bshape), gw.sum_to_size(wshape), None, None, None
 
 
+@torch.no_grad()
 def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, check_every: int = 8,
                  patience: int = 4) -> tuple:
     """Conjugate gradients for ``(D K D + I - D) X = R`` per problem, ``K`` applied by ``op``; ``D`` masks, and ``R``
@@ -122,10 +99,13 @@ def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, chec
     ``patience`` checks: with a rank-deficient ``K`` (more atoms than tokens) some supports make the system
     nearly singular, where CG in float32 stalls and then diverges instead of converging (measured on a
     4-layer VARS-D ViT: 500 iterations in every backward pass, residuals 80x the right-hand side's)."""
+    # runs without a graph (the backward of an implicit gradient), so the iterates are updated in place: an
+    # iteration is one product and about eight element-wise passes, which cost as much as the product when each
+    # allocates (benchmarks/RESULTS.md, eighth session)
     def apply(V):
         # (D K D + I - D) V = D K V for the V of this loop: R is zero off the support, and so is every
         # combination of it (X, the residuals, the directions), exactly
-        return tuple(d * k for d, k in zip(D, op.gram_apply(V)))
+        return tuple(k.mul_(d) for d, k in zip(D, op.gram_apply(V)))
 
     def dot(a, b):
         return sum(op.reduce(i, x * y) for i, (x, y) in enumerate(zip(a, b)))
@@ -134,27 +114,30 @@ def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, chec
         return tuple(op.expand(i, t) for i in range(op.num_blocks))
 
     def true_rs(V):
-        res = tuple(r - av for r, av in zip(R, apply(V)))
+        res = tuple(av.sub_(r) for r, av in zip(R, apply(V)))  # A V - R: the same norm
         return dot(res, res)
 
     X = tuple(torch.zeros_like(r) for r in R)
-    Rk, Pk = R, R
+    Rk = tuple(r.clone() for r in R)
+    Pk = tuple(r.clone() for r in R)
     rs = dot(Rk, Rk)
     tiny = torch.finfo(rs.dtype).tiny
     stop = (rtol * rtol) * rs.clamp_min(tiny)
     running = rs > stop
-    best_rs, best_X = rs.clone(), X
+    best_rs, best_X = rs.clone(), tuple(x.clone() for x in X)  # X changes in place
     ref_rs = rs.clone()  # per problem: the residual at its last halving
     stalled = torch.zeros_like(rs, dtype=torch.long)
+    iters_done = 0
     for it in range(iters):
+        iters_done = it + 1
         AP = apply(Pk)
         denom = dot(Pk, AP)
         alpha = torch.where(running & (denom > 0), rs / denom.clamp_min(tiny), torch.zeros_like(rs))
-        a = per_block(alpha)
-        X = tuple(x + ai * p for x, ai, p in zip(X, a, Pk))
-        Rk = tuple(r - ai * ap for r, ai, ap in zip(Rk, a, AP))
+        for x, ai, p, r, ap in zip(X, per_block(alpha), Pk, Rk, AP):
+            x.addcmul_(ai, p)
+            r.addcmul_(ai, ap, value=-1)
         rs_new = torch.where(running, dot(Rk, Rk), rs)
-        if (it + 1) % check_every == 0:
+        if iters_done % check_every == 0:
             # judged by the true residual: in float32 the recurrence's drifts from it on near-singular systems
             true = true_rs(X)
             better = true < best_rs
@@ -167,12 +150,20 @@ def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, chec
             if not bool(running.any()):
                 break
         b = torch.where(running, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
-        Pk = tuple(r + bi * p for r, bi, p in zip(Rk, per_block(b), Pk))
+        for p, bi, r in zip(Pk, per_block(b), Rk):
+            p.mul_(bi).add_(r)
         rs = rs_new
-    if iters % check_every:  # the last iterate, when the loop ended between two checks
+    if iters_done % check_every:  # the last iterate, when the loop ended between two checks
         true = true_rs(X)
         best_X = tuple(torch.where(m, x, bx) for m, x, bx in zip(per_block(true < best_rs), X, best_X))
     return best_X
+
+
+def default_cg_rtol(dtype) -> float:
+    """The residual, relative to the right-hand side's, at which conjugate gradients stop by default: 1e-10 in
+    float64, 1e-5 in float32 (the floor below which float32 CG stalls). A solve to a tolerance ``tol`` asks for
+    ``max(tol, default_cg_rtol(dtype))`` (:func:`vars_ode.solvers.solve_problem`)."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
@@ -198,6 +189,8 @@ def implicit_code(op: Operator, B: tuple, w, code: tuple, method: str = "cg", *,
         w: the L1 weight (float or per-problem tensor); code: the solution.
         method: ``"cg"`` (conjugate gradients with ``op``; any operator) or ``"direct"`` (a dense solve per
             problem, for operators with a Gram matrix).
+        cg_iters, cg_rtol: the conjugate gradients' budget and relative stopping residual (default
+            :func:`default_cg_rtol`).
 
     Returns the code tuple, equal to ``code``, whose gradient is the implicit one.
     """
@@ -207,7 +200,7 @@ def implicit_code(op: Operator, B: tuple, w, code: tuple, method: str = "cg", *,
         raise ValueError(f"implicit_solve='direct' needs a Gram matrix, which {type(op).__name__} does not form; "
                          "use implicit_solve='cg'")
     dtype = code[0].dtype
-    rtol = cg_rtol if cg_rtol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+    rtol = cg_rtol if cg_rtol is not None else default_cg_rtol(dtype)
     Kd = op.gram().detach() if method == "direct" else None
 
     def solve(G):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _soft
+from .ops import _soft, kkt_violation
 
 
 def _bcast(t, fn):
@@ -169,8 +169,7 @@ def residual_from_grad(op: Operator, grad: tuple, code: tuple, weight) -> torch.
     out = None
     for i, (g, u) in enumerate(zip(grad, code)):
         w = op.expand(i, weight)
-        viol = torch.where(u != 0, (g + w * torch.sign(u)).abs(), torch.relu(g.abs() - w))
-        r = op.reduce(i, viol, "amax")
+        r = op.reduce(i, kkt_violation(g, u, w), "amax")
         out = r if out is None else torch.maximum(out, r)
     return out
 

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from .._validation import SOLVE_DTYPES, as_lam, check_choice, check_tensor
-from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, implicit_code
+from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, default_cg_rtol, implicit_code
 from ..lasso import GramOperator, Operator, kkt_residual_operator, tol_scale
 from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_residual_gram, lipschitz_constant, penalty_weight
 from ._types import Solution, SolverStats, Status
@@ -198,7 +198,10 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
                                   tol=tol, max_iter=max_iter, **options)
             if tol > 0:
                 _warn_short_of_equilibrium(op, code, B, w, tol)
-        return implicit_code(op, B, w, code, implicit_solve), iters
+        # the adjoint system is solved as precisely as the forward problem was (tol, relative), not more: at a
+        # layer's tol = 1e-4 the forward's own inexactness moves the gradient by about 2e-4 (relative), the
+        # conjugate gradients' stop by 5e-5 more (benchmarks/RESULTS.md, eighth session)
+        return implicit_code(op, B, w, code, implicit_solve, cg_rtol=max(tol, default_cg_rtol(code[0].dtype))), iters
     return spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter, **options)
 
 

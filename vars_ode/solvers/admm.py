@@ -63,7 +63,26 @@ def _inverse(K, r, eye):
     # (K + r I)^{-1} through its Cholesky factor: symmetric positive definite for r > 0 (a matrix with non-finite
     # entries gives non-finite columns, which the stopping rule marks; the others go on). Not LU: see
     # vars_ode.gradients._support_solve
-    return torch.cholesky_inverse(torch.linalg.cholesky_ex(K + r * eye)[0])
+    # inverse of the factor, then its Gram product: on the project's CPU 2x faster than torch.cholesky_inverse
+    # for batches of 128 x 128 matrices (benchmarks/RESULTS.md, eighth session)
+    C = torch.linalg.cholesky_ex(K + r * eye)[0]
+    Ci = torch.linalg.solve_triangular(C, eye.expand_as(C), upper=False)
+    return Ci.mT @ Ci
+
+
+def _add_product(E, M, X):
+    # E += M @ X in place: one batched GEMM that adds into E where the batch shapes allow (no pass of its own)
+    if M.shape[:-2] == X.shape[:-2] == E.shape[:-2] and E.is_contiguous() and M.is_contiguous() and X.is_contiguous():
+        n = M.shape[-1]
+        E.view(-1, n, E.shape[-1]).baddbmm_(M.reshape(-1, n, n), X.view(-1, n, X.shape[-1]))
+    else:
+        E.add_(M @ X)
+
+
+def _norm(t, batch):
+    # the Euclidean norm of t over the problems of each matrix K (batch: K's batch shape + (1, 1)), one pass
+    n = torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True)
+    return n if n.shape == batch else n.square().sum_to_size(batch).sqrt()
 
 
 def _per_matrix(t, batch):
@@ -112,10 +131,18 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     wk = op.expand(0, w)
     # the iteration runs on Z = rho z and the unscaled dual Lam = rho y, so that the threshold is w itself (a
     # scalar clamp for a float weight) and a change of rho leaves Lam as it is; K / rho and rho (K + rho I)^{-1}
-    # are formed once per rho
+    # are formed once per rho. A = Z + Lam (the point before the threshold: Z = A - clamp(A), Lam = clamp(A))
+    # is kept as a variable of its own, one pass fewer per iteration
     Kr, invr = K / r, r * _inverse(K, r, eye)
     Z = torch.zeros_like(b) if init is None else r * init[0]
     Lam = torch.zeros_like(b)
+    A = Z.clone()
+    # without a graph to record (grad="implicit", inference) the iteration writes into buffers of its own: the
+    # element-wise passes of an iteration cost more than its two products when every pass allocates (measured in
+    # benchmarks/RESULTS.md); with one, new tensors
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (K, b, Z, torch.as_tensor(wk))))
+    if inplace:
+        E, D = torch.empty_like(b), torch.empty_like(b)
     # "auto" without a trace: the schedule is kept here (_next_check) and the freezer checks whenever asked; with
     # a trace, which asks for the whole history, the freezer checks every iteration
     predict = check_every == "auto" and trace is None
@@ -127,6 +154,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     for it in range(max_iter + 1):
         if tol <= 0 and it == max_iter:
             break
+        balance = tol > 0 and adapt and (it + 1) % adapt == 0
         if tol > 0 and (it >= next_check or it == max_iter if predict else check_due(it, fr.check_every, max_iter)):
             # at a check, K z - b as the KKT residual of the returned code is computed (vars_ode.lasso), so that a
             # problem stopped at tol has that residual to the last bit
@@ -136,28 +164,39 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
                 break
             if predict:
                 next_check, last = _next_check(it, fr, tol, last)
+            E = torch.add(g, Lam, out=E if inplace else None)
+        elif inplace:
+            torch.sub(Lam, b, out=E)
+            _add_product(E, Kr, Z)  # K z - b + y (times rho)
         else:
-            g = Kr @ Z - b  # K z - b
+            E = Kr @ Z - b + Lam
         # u = z - d, and a = alpha u + (1 - alpha) z + y = z + y - alpha d; z_new = a - clamp(a), y_new = clamp(a);
         # times rho: D = rho d, A = rho a, bounds +-w
-        D = invr @ (g + Lam)
-        A = torch.add(Z, Lam).sub_(D, alpha=relax)
-        C = torch.clamp(A, -wk, wk)
-        Z_prev, Z, Lam = Z, A - C, C
+        Z_prev = Z.clone() if inplace and balance else Z
+        if inplace:
+            torch.matmul(invr, E, out=D)
+            A.sub_(D, alpha=relax)
+            torch.clamp(A, -wk, wk, out=Lam)
+            torch.sub(A, Lam, out=Z)
+        else:
+            D = invr @ E
+            A = A - relax * D
+            Lam = torch.clamp(A, -wk, wk)
+            Z = A - Lam
         if record is not None:
             _record(record, (Z / r,))
-        if tol > 0 and adapt and (it + 1) % adapt == 0:
+        if balance:
             # residual balancing, per matrix: the relative primal residual ||u - z|| / max(||u||, ||z||) against
             # the relative dual one ||z - z_prev|| / ||y|| (both the same in the scaled variables)
             U = Z_prev - D
-            primal = (U - Z).pow(2).sum_to_size(batch).sqrt() / torch.maximum(
-                U.pow(2).sum_to_size(batch), Z.pow(2).sum_to_size(batch)).sqrt().clamp_min(tiny)
-            dual = (Z - Z_prev).pow(2).sum_to_size(batch).sqrt() / Lam.pow(2).sum_to_size(batch).sqrt().clamp_min(tiny)
+            primal = _norm(U - Z, batch) / torch.maximum(_norm(U, batch), _norm(Z, batch)).clamp_min(tiny)
+            dual = _norm(Z - Z_prev, batch) / _norm(Lam, batch).clamp_min(tiny)
             factor = (primal / dual.clamp_min(tiny)).sqrt().clamp(0.1, 10.0)
             factor = torch.where((factor > 2) | (factor < 0.5), factor, torch.ones_like(factor))
             new = torch.minimum(torch.maximum(r * factor, lo), hi)
             if bool((new != r).any()):
-                Z = Z * (new / r)
+                Z = Z.mul_(new / r) if inplace else Z * (new / r)
+                A = torch.add(Z, Lam, out=A if inplace else None)
                 r = new
                 Kr, invr = K / r, r * _inverse(K, r, eye)
     code, iters = fr.result((Z / r,), it)

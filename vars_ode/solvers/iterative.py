@@ -71,12 +71,17 @@ class _Freezer:
             return False
         r = self.residual = residual_from_grad(self.op, grad, u, w)
         new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
-        self.kept = self.op.where(new, u, self.kept)
-        self.iters = torch.where(new, torch.full_like(self.iters, it), self.iters)
-        self.done = self.done | new
+        done = self.done | new
+        # one host read for both answers; the iterate is copied into the kept one only when a problem stopped
+        # (a selection over every element of the code, the cost of an iteration's element-wise pass or more)
+        state = int(new.any().to(torch.uint8) * 2 + done.all().to(torch.uint8))
+        if state >= 2:
+            self.kept = self.op.where(new, u, self.kept)
+            self.iters = torch.where(new, torch.full_like(self.iters, it), self.iters)
+        self.done = done
         if self.trace is not None:
             self.trace.append((it, float(torch.where(self.done, torch.zeros_like(r), r).amax())))
-        return bool(self.done.all())
+        return bool(state & 1)
 
     def result(self, u, it):
         if self.tol <= 0:
