@@ -79,6 +79,17 @@ def _add_product(E, M, X):
         E.add_(M @ X)
 
 
+def _reinvert(K, r, invr, changed, eye, inplace):
+    # rho (K + rho I)^{-1} formed again for the matrices where ``changed`` (shape K's batch + (1, 1)) holds; the
+    # others keep theirs. A new tensor when autograd records (the old one is saved by earlier iterations)
+    m = K.shape[-1]
+    sel = changed.reshape(-1)
+    Kf, rf = K.reshape(-1, m, m), r.reshape(-1, 1, 1)
+    out = invr if inplace else invr.clone()
+    out.view(-1, m, m)[sel] = rf[sel] * _inverse(Kf[sel], rf[sel], eye)
+    return out
+
+
 def _norm(t, batch):
     # the Euclidean norm of t over the problems of each matrix K (batch: K's batch shape + (1, 1)), one pass
     n = torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True)
@@ -194,10 +205,16 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
             factor = (primal / dual.clamp_min(tiny)).sqrt().clamp(0.1, 10.0)
             factor = torch.where((factor > 2) | (factor < 0.5), factor, torch.ones_like(factor))
             new = torch.minimum(torch.maximum(r * factor, lo), hi)
-            if bool((new != r).any()):
+            changed = new != r
+            n_changed = int(changed.sum())
+            if n_changed:
                 Z = Z.mul_(new / r) if inplace else Z * (new / r)
                 A = torch.add(Z, Lam, out=A if inplace else None)
                 r = new
-                Kr, invr = K / r, r * _inverse(K, r, eye)
+                Kr = K / r
+                if n_changed == changed.numel():
+                    invr = r * _inverse(K, r, eye)
+                else:  # only the matrices whose rho moved (with one K per problem, a few of hundreds late on)
+                    invr = _reinvert(K, r, invr, changed, eye, inplace)
     code, iters = fr.result((Z / r,), it)
     return code, iters
