@@ -141,3 +141,20 @@ def test_support_solve_cholesky_with_a_minimum_norm_fallback():
     M.diagonal(dim1=-2, dim2=-1).add_(1 - D.T)
     assert torch.allclose(V[:, 0], torch.linalg.pinv(M[0]) @ R[:, 0], atol=1e-10)
     assert torch.allclose(V[:, 1], torch.linalg.solve(M[1], R[:, 1]), atol=1e-12)
+
+
+def test_operator_cg_with_an_operator_that_returns_its_input():
+    # K = I given by an operator whose gram_apply returns the code itself: the conjugate gradients, which write
+    # into the products, must not write into their own directions; the solution of (D I D + I - D) X = R is R
+    from vars_ode.gradients import _operator_cg
+    from vars_ode.lasso import GramOperator
+
+    class Identity(GramOperator):
+        def gram_apply(self, code):
+            return tuple(code)
+
+    R = torch.randn(3, 6, 4, dtype=torch.float64)
+    D = (torch.rand(3, 6, 4) > 0.4).double()
+    op = Identity(torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
+    (X,) = _operator_cg(op, (D,), (D * R,), 50, 1e-12)
+    assert torch.allclose(X, D * R, atol=1e-12)

@@ -105,7 +105,7 @@ def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, chec
     def apply(V):
         # (D K D + I - D) V = D K V for the V of this loop: R is zero off the support, and so is every
         # combination of it (X, the residuals, the directions), exactly
-        return tuple(k.mul_(d) for d, k in zip(D, op.gram_apply(V)))
+        return tuple(_owned(k, v).mul_(d) for d, k, v in zip(D, op.gram_apply(V), V))
 
     def dot(a, b):
         return sum(op.reduce(i, x * y) for i, (x, y) in enumerate(zip(a, b)))
@@ -157,6 +157,11 @@ def _operator_cg(op: Operator, D: tuple, R: tuple, iters: int, rtol: float, chec
         true = true_rs(X)
         best_X = tuple(torch.where(m, x, bx) for m, x, bx in zip(per_block(true < best_rs), X, best_X))
     return best_X
+
+
+def _owned(t, source):
+    # t, or a copy where it shares memory with source (an operator that returns its input, as the identity would)
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 def default_cg_rtol(dtype) -> float:

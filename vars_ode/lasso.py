@@ -51,7 +51,8 @@ class Operator:
     num_blocks = 1
 
     def gram_apply(self, code: tuple) -> tuple:
-        """``K u``: code tuple -> code tuple."""
+        """``K u``: code tuple -> code tuple, in new tensors (the conjugate gradients of the implicit gradient
+        write into them; one that shares the input's memory is copied first)."""
         raise NotImplementedError
 
     def gram(self) -> torch.Tensor:
