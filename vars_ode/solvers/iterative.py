@@ -66,9 +66,11 @@ class _Freezer:
         self.kept = like
 
     def check(self, it, u, grad, w) -> bool:
-        """True when every problem has stopped."""
+        """True when every problem has stopped. ``grad``: the code tuple ``K u - b``, or a function giving it
+        (evaluated only when a check is due)."""
         if self.tol <= 0 or not check_due(it, self.check_every, self.max_iter):
             return False
+        grad = grad() if callable(grad) else grad
         r = self.residual = residual_from_grad(self.op, grad, u, w)
         new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
         done = self.done | new
@@ -155,23 +157,24 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     fr = _Freezer(op, u, tol, check_every, trace, max_iter)
     it = 0
     for it in range(max_iter + 1):
-        if fr.check(it, u, tmap(torch.sub, Ku, B), w) or it == max_iter:
+        if fr.check(it, u, lambda: tmap(torch.sub, Ku, B), w) or it == max_iter:
             break
         u_next = tuple(p(yi, k - b) for p, yi, k, b in zip(prox, y, Ky, B))
         last = tol <= 0 and it + 1 == max_iter
         Ku_next = Ku if last else op.gram_apply(u_next)  # the last product of a fixed budget is never used
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
         beta = (t - 1) / t_next
-        diff = tmap(torch.sub, u_next, u)
         if restart:
             # restart the momentum where it points uphill: (y - u_next) . (u_next - u) > 0
-            bad = sum(op.reduce(i, (yi - ni) * d) for i, (yi, ni, d) in enumerate(zip(y, u_next, diff))) > 0
+            bad = sum(op.reduce(i, (yi - ni) * (ni - ui)) for i, (yi, ni, ui) in enumerate(zip(y, u_next, u))) > 0
             beta = torch.where(bad, torch.zeros_like(beta), beta)
             t_next = torch.where(bad, torch.ones_like(t_next), t_next)
-        bs = tuple(op.expand(i, beta) for i in range(op.num_blocks))
-        y = tuple(ni + b * d for ni, b, d in zip(u_next, bs, diff))
+        # y = u_next + beta (u_next - u), and K y from the products already made: one pass each (lerp towards the
+        # previous point with weight -beta)
+        nbs = tuple(op.expand(i, -beta) for i in range(op.num_blocks))
+        y = tuple(torch.lerp(ni, ui, nb) for ni, ui, nb in zip(u_next, u, nbs))
         if not last:
-            Ky = tuple(kn + b * (kn - k) for kn, b, k in zip(Ku_next, bs, Ku))
+            Ky = tuple(torch.lerp(kn, k, nb) for kn, k, nb in zip(Ku_next, Ku, nbs))
         u, Ku, t = u_next, Ku_next, t_next
         _record(record, u)
     return fr.result(u, it)
