@@ -306,3 +306,15 @@ def test_layer_solvers_benchmark_runs(capsys):
         assert res[("d", row)]["residual"] <= 1e-3 and res[("d", row)]["ratio"] > 0
     assert res[("d", "euler")]["work"] == 6 and ("d", "timm") in res
     assert "| s | admm-eq | - |" in out and "Gram matrix" in out
+
+
+def test_study_rows_benchmark_runs(capsys):
+    # real Fashion-MNIST images (the package the study needs), a tiny batch, one repeat; the equilibrium row
+    # reports its layers' iterations
+    bench = load("study_rows_cpu")
+    bench.main(["vars_d", "vars_d_eq", "--images", "4", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| vars_d")]
+    assert len(rows) == 2 and rows[0].endswith("| 3, 3, 3, 3 |")
+    eq_iters = [int(v) for v in rows[1].split("|")[3].split(",")]
+    assert len(eq_iters) == 4 and min(eq_iters) > 3
