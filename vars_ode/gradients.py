@@ -74,7 +74,7 @@ class ImplicitLasso(torch.autograd.Function):
     def backward(ctx, G):
         K, code = ctx.saved_tensors
         Kshape, Bshape, wshape = ctx.shapes
-        D = (code != 0).to(G.dtype)
+        D = torch.sign(code).abs_().to(G.dtype)  # the support mask as 0 / 1 (no boolean pass)
         rhs = D * G
         if ctx.method == "cg":
             (V,) = _operator_cg(GramOperator(K), (D,), (rhs,), ctx.cg_iters, default_cg_rtol(G.dtype))
@@ -200,7 +200,7 @@ def implicit_code(op: Operator, B: tuple, w, code: tuple, method: str = "cg", *,
     Returns the code tuple, equal to ``code``, whose gradient is the implicit one.
     """
     code = tuple(c.detach() for c in code)
-    D = tuple((c != 0).to(c.dtype) for c in code)
+    D = tuple(torch.sign(c).abs_() for c in code)  # support masks, 0 / 1 (no boolean pass)
     if method == "direct" and not op.has_gram:
         raise ValueError(f"implicit_solve='direct' needs a Gram matrix, which {type(op).__name__} does not form; "
                          "use implicit_solve='cg'")

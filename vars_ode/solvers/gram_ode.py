@@ -129,7 +129,11 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
         if Q is not None:
             Q.view(-1, *Q.shape[-2:]).baddbmm_(gKs.reshape(-1, *shape[-2:]), a.reshape(-1, *shape[-2:]).transpose(-1, -2))
         ga = torch.bmm(K3, gKs.reshape(-1, *shape[-2:])).view(*lead, *shape[-2:])
-        ga.add_(gdU, alpha=gamma).mul_(a != 0)
+        ga.add_(gdU, alpha=gamma)
+        # times [a != 0] = [|U| > thr]: softshrink's own backward kernel for a float threshold, else |sign(a)| (a
+        # boolean mask costs several float passes on the CPU: benchmarks/RESULTS.md, eighth session)
+        ga = (torch.ops.aten.softshrink_backward(ga, U, thr) if isinstance(thr, float)
+              else ga.mul_(torch.sign(a).abs_()))
         if gB is not None:
             gB.add_(gdW)
         if gT is not None:

@@ -207,9 +207,6 @@ class AdaptiveRK:
         # a per-problem tensor, broadcastable to entry j of the state
         return self.layout.expand(j % self.layout.num_blocks, t)
 
-    def _where(self, mask, a, b):
-        return tuple(torch.where(self._x(j, mask), x, y) for j, (x, y) in enumerate(zip(a, b)))
-
     def integrate(self, y, t0: float, t1: float):
         """Advance every column from ``t0`` to ``t1``; returns the state at ``t1``."""
         # the first stage is evaluated afresh in every call: the field may have changed in between
@@ -254,13 +251,12 @@ class AdaptiveRK:
             stages.append(y_new)
             ks.append(self.f(t0, y_new))
         # FSAL: the last row of A is b, so the last stage was evaluated at the new point y_new
-        err = tuple(hs[i] * sum(k[i] * e for k, e in zip(ks, self.e) if e != 0.0) for i in range(len(y)))
         self.evaluations += live.long() * (len(self.c) - 1)
         self.attempts += 1
         with torch.no_grad():
-            scale = tuple(self.atol + self.rtol * torch.maximum(a.detach().abs(), b.detach().abs())
-                          for a, b in zip(y, y_new))
-            ratio = self._norm(tuple(e.detach() / s for e, s in zip(err, scale)))
+            # the local error h sum_j e_j k_j relative to atol + rtol max(|y|, |y_new|), per column: the sum and
+            # the quotient accumulated in place, and h (>= 0, one per column) applied to the norm, not to the state
+            ratio = h * self._norm(tuple(self._error_over_scale(i, ks, y, y_new) for i in range(len(y))))
             # a non-finite error (a diverging column) ends that column: its state becomes non-finite
             # and is reported so by the caller's residual, instead of shrinking the step for ever
             broken = ~torch.isfinite(ratio)
@@ -277,9 +273,23 @@ class AdaptiveRK:
             t = torch.where(broken, torch.full_like(t, span), torch.where(accept, t + h, t))
         if self.tape is not None:
             self.tape.add(stages, hs, accept, self.A, self.b)
-        y = self._where(accept, y_new, y)
-        self.k1 = self._where(accept, ks[-1], self.k1)
+        # the accepted columns take the new state: a lerp with weight 0 or 1 (exact for finite values; a column
+        # with a non-finite state is broken, hence accepted, and stays non-finite), one pass where torch.where on
+        # a boolean mask costs several on the CPU (benchmarks/RESULTS.md, eighth session)
+        w = accept.to(h.dtype)
+        y = tuple(torch.lerp(a, b, self._x(j, w)) for j, (a, b) in enumerate(zip(y, y_new)))
+        self.k1 = tuple(torch.lerp(a, b, self._x(j, w)) for j, (a, b) in enumerate(zip(self.k1, ks[-1])))
         return y, t
+
+    def _error_over_scale(self, i, ks, y, y_new):
+        # entry i of (sum_j e_j k_j) / (atol + rtol max(|y|, |y_new|)), without a graph
+        terms = [(e, k[i].detach()) for k, e in zip(ks, self.e) if e != 0.0]
+        err = terms[0][1] * terms[0][0]
+        for e, k in terms[1:]:
+            err.add_(k, alpha=e)
+        scale = torch.maximum(y[i].detach().abs(), y_new[i].detach().abs()).mul_(self.rtol)
+        scale.add_(self.atol)
+        return err.div_(scale)
 
 
 def integrate_adaptive(f, y, t0: float, t1: float, method: str, rtol: float, atol, options=None, tape=None):
