@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..layer import EQUILIBRIUM
 from .attacks import NormalizedModel, fgsm_attack, pgd_attack
 from .datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_c, load_fashion_mnist
 from .metrics import IMAGENET_C_CORRUPTIONS, mean_std
@@ -73,7 +74,7 @@ ROWS: dict[str, Row] = {
     "vars_d_fista": Row("VARS-D, FISTA 3", "vars_d", {"solver": "fista"}),
     "vars_d_dopri5": Row("VARS-D, dopri5 to t=3", "vars_d", {"solver": "dopri5"}),
     "vars_d_eq": Row("VARS-D, equilibrium (ADMM to tol 1e-3, implicit)", "vars_d",
-                     {"solver": "admm", "steps": "equilibrium", "tol": 1e-3, "grad": "implicit"}),
+                     {"solver": "admm", "steps": EQUILIBRIUM, "tol": 1e-3, "grad": "implicit"}),
 }
 
 

@@ -60,11 +60,10 @@ def _check_options(rho, relax, adapt):
 
 
 def _inverse(K, r, eye):
-    # (K + r I)^{-1} through its Cholesky factor: symmetric positive definite for r > 0 (a matrix with non-finite
-    # entries gives non-finite columns, which the stopping rule marks; the others go on). Not LU: see
-    # vars_ode.gradients._support_solve
-    # inverse of the factor, then its Gram product: on the project's CPU 2x faster than torch.cholesky_inverse
-    # for batches of 128 x 128 matrices (benchmarks/RESULTS.md, eighth session)
+    # (K + r I)^{-1} = C^{-T} C^{-1} from its Cholesky factor C (symmetric positive definite for r > 0; a matrix
+    # with non-finite entries gives non-finite columns, which the stopping rule marks, the others go on): on the
+    # project's CPU 2x faster than torch.cholesky_inverse for batches of 128 x 128 (benchmarks/RESULTS.md, eighth
+    # session). Not LU: see vars_ode.gradients._support_solve
     C = torch.linalg.cholesky_ex(K + r * eye)[0]
     Ci = torch.linalg.solve_triangular(C, eye.expand_as(C), upper=False)
     return Ci.mT @ Ci
