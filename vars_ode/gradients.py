@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .lasso import GramOperator, Operator, tmap
-from .ops import support_system
+from .ops import support_solve, support_system
 
 #: the gradient modes, with what each needs
 GRAD_MODES = {
@@ -36,24 +36,23 @@ IMPLICIT_SOLVES = ("direct", "cg")
 
 def _support_solve(K, D, R):
     """``V`` with ``(D K D + I - D) V = R`` column by column (``D``: ``(..., m, k)`` support masks), by a batched
-    Cholesky factorisation; a column whose system is singular to working precision (a singular ``K_SS``: atoms on
-    the support that are linearly dependent) takes the least-squares solution of minimum norm (``pinv``).
+    Cholesky factorisation of each support block (:func:`vars_ode.ops.support_solve`); a column whose system is
+    singular to working precision (a singular ``K_SS``: atoms on the support that are linearly dependent) takes the
+    least-squares solution of minimum norm (``pinv``).
 
     Cholesky rather than LU: ``torch.linalg.solve`` on batches of 160 x 160 and larger systems stopped in MKL's
     ``SLASWP`` ("Parameter 6 was incorrect on entry") and never returned with two threads, torch 2.14.1 on the
     project's CPU (``vo.solve`` of a 300 x 192 dictionary with ``grad="implicit"``)."""
-    M = support_system(K, D)
-    r = R.transpose(-1, -2).unsqueeze(-1)
-    C, info = torch.linalg.cholesky_ex(M)
-    sol = torch.cholesky_solve(r, C)
-    # singular to working precision: a pivot below m eps of the largest (then cond(M) > 1 / (m eps), where pinv
-    # drops singular values too); an exactly singular K_SS often factorises with a pivot of rounding size
-    piv = C.diagonal(dim1=-2, dim2=-1).pow(2)
-    bad = (info != 0) | ~(piv.amin(-1) > M.shape[-1] * torch.finfo(M.dtype).eps * piv.amax(-1))
+    V, ok = support_solve(K, D, R)
+    # an exactly singular K_SS often factorises with a pivot of rounding size: ``ok`` checks the pivots too
+    bad = ~ok
     if bool(bad.any()):
-        sol = sol.clone()
-        sol[bad] = torch.linalg.pinv(M[bad]) @ r.expand(*bad.shape, *r.shape[-2:])[bad]
-    return sol.squeeze(-1).transpose(-1, -2)
+        M = support_system(K, D)
+        r = R.transpose(-1, -2).unsqueeze(-1).expand(*M.shape[:-1], 1)
+        Vt = V.transpose(-1, -2).clone()
+        Vt[bad] = (torch.linalg.pinv(M[bad]) @ r[bad]).squeeze(-1)
+        V = Vt.transpose(-1, -2)
+    return V
 
 
 class ImplicitLasso(torch.autograd.Function):

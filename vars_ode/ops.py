@@ -175,3 +175,48 @@ def support_system(K: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     M = K.unsqueeze(-3) * Dt.unsqueeze(-1) * Dt.unsqueeze(-2)
     M.diagonal(dim1=-2, dim2=-1).add_(1 - Dt)
     return M
+
+
+def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compact: bool = True):
+    """Solve ``(D_j K D_j + I - D_j) v_j = r_j`` for every column ``j`` (the system of :func:`support_system`) by a
+    batched Cholesky factorisation of each column's support block ``K_SS`` alone; off the support ``v_j = r_j``.
+
+    ``K``: ``(..., m, m)``; ``mask``: ``(..., m, k)`` (non-zero where active); ``R``: ``(..., m, k)``.
+    With ``compact`` the systems are ``s x s``, ``s`` the largest support of any column (one host read), instead of
+    ``m x m``: a column's support indices come first and the remaining slots of the block are identity rows. The
+    triangular solves are two ``solve_triangular`` calls (``cholesky_solve`` took 5x as long on batches of
+    128 x 128 systems here, benchmarks/RESULTS.md).
+
+    Returns ``(V, ok)``: ``V`` ``(..., m, k)``; ``ok`` ``(..., k)``, false where the factorisation failed or its
+    smallest pivot is below ``m eps`` times its largest (a singular ``K_SS`` to working precision, for which ``V``
+    is not to be trusted)."""
+    m = K.shape[-1]
+    batch = torch.broadcast_shapes(K.shape[:-2], mask.shape[:-2], R.shape[:-2])
+    k = mask.shape[-1]
+    Dt = mask.to(K.dtype).transpose(-1, -2).expand(*batch, k, m)  # (..., k, m)
+    Rt = R.transpose(-1, -2).expand(*batch, k, m)
+    s = (int(Dt.sum(-1).amax()) if Dt.numel() else 0) if compact else m
+    if s == 0:  # no column has a support: the system is the identity
+        return Rt.transpose(-1, -2).clone(), torch.ones(Dt.shape[:-1], dtype=torch.bool, device=K.device)
+    # each column's support first (a stable sort of the 0 / 1 mask of inactive entries), cut to s slots
+    idx = torch.argsort((Dt == 0).to(torch.uint8), dim=-1, stable=True)[..., :s]  # (..., k, s)
+    act = torch.gather(Dt, -1, idx)
+    # K[b, idx_i, idx_j] by advanced indexing (index tensors broadcast, none materialised at full size)
+    nb = len(batch)
+    Kx = K.reshape((1,) * (nb - (K.dim() - 2)) + tuple(K.shape))
+    index = []
+    for d, size in enumerate(Kx.shape[:-2]):
+        shape = [1] * (nb + 3)
+        shape[d] = size
+        index.append(torch.arange(size, device=K.device).view(shape) if size > 1
+                     else torch.zeros((), dtype=torch.long, device=K.device))
+    M = Kx[(*index, idx.unsqueeze(-1), idx.unsqueeze(-2))]  # (..., k, s, s)
+    M = M * act.unsqueeze(-1) * act.unsqueeze(-2)
+    M.diagonal(dim1=-2, dim2=-1).add_(1 - act)
+    C, info = torch.linalg.cholesky_ex(M)
+    rc = torch.gather(Rt, -1, idx).unsqueeze(-1)
+    v = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, rc, upper=False), upper=True)
+    V = Rt.scatter(-1, idx, v.squeeze(-1))
+    piv = C.diagonal(dim1=-2, dim2=-1).pow(2)
+    ok = (info == 0) & (piv.amin(-1) > m * torch.finfo(K.dtype).eps * piv.amax(-1))
+    return V.transpose(-1, -2), ok

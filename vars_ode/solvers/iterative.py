@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lasso import Operator, residual_from_grad, tmap
-from ..ops import _soft, support_system
+from ..ops import _soft, support_solve
 
 
 #: below this iteration the "auto" schedule checks every iteration; from it, at gaps of at most it / 16
@@ -203,14 +203,14 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, 
     def resid(c):
         return residual_from_grad(op, tmap(torch.sub, op.gram_apply(c), B), c, w)
 
-    def polish(c):
-        return (_polish(K, B[0], wk, c[0]),)
+    def polish(c, compact=True):
+        return (_polish(K, B[0], wk, c[0], compact),)
 
     if tol <= 0:
         # fixed budget (an attention layer's `steps`): FISTA, then one Newton step on the support
         # found, kept where it lowers the KKT residual; no host synchronisation
         u, iters = fista(op, B, w, L, init, tol=0, max_iter=max_iter)
-        cand = polish(u)
+        cand = polish(u, compact=False)
         return op.where(resid(cand) < resid(u), cand, u), iters + 1
     u = init
     iters = op.problems_like(B, 0, torch.long)
@@ -236,17 +236,11 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, 
     return u, iters
 
 
-def _polish(K, B, w, u):
-    """Solve ``K_SS v_S = b_S - w sign(u_S)`` on each column's support ``S``; ``v`` is zero off ``S``.
-
-    The system of a column is ``D K D + (I - D)`` with ``D`` its support mask: symmetric positive
-    definite when ``K_SS`` is, so a batched Cholesky factorisation serves every column at once.
-    Columns whose factorisation fails come back unchanged.
+def _polish(K, B, w, u, compact=True):
+    """Solve ``K_SS v_S = b_S - w sign(u_S)`` on each column's support ``S``; ``v`` is zero off ``S``
+    (:func:`vars_ode.ops.support_solve`; ``compact=False`` keeps the ``m x m`` systems and reads nothing from the
+    device). Columns whose factorisation fails or is singular to working precision come back unchanged.
     """
     D = (u != 0).to(K.dtype)
-    M = support_system(K, D)
-    rhs = (D * (B - w * torch.sign(u))).transpose(-1, -2).unsqueeze(-1)
-    C, info = torch.linalg.cholesky_ex(M)
-    sol = torch.cholesky_solve(rhs, C).squeeze(-1).transpose(-1, -2)
-    ok = (info == 0).unsqueeze(-2)
-    return torch.where(ok & torch.isfinite(sol), D * sol, u)
+    sol, ok = support_solve(K, D, D * (B - w * torch.sign(u)), compact=compact)
+    return torch.where(ok.unsqueeze(-2) & torch.isfinite(sol), sol, u)
