@@ -191,8 +191,8 @@ def implicit_code(op: Operator, B: tuple, w, code: tuple, method: str = "cg", *,
     Arguments:
         op: the operator, with the autograd graph of its inputs; B: ``b`` (code tuple, with its graph);
         w: the L1 weight (float or per-problem tensor); code: the solution.
-        method: ``"cg"`` (conjugate gradients with ``op``; any operator) or ``"direct"`` (a dense solve per
-            problem, for operators with a Gram matrix).
+        method: ``"cg"`` (conjugate gradients with ``op``; any operator) or ``"direct"`` (a Cholesky solve of each
+            problem's support block, for operators with a Gram matrix).
         cg_iters, cg_rtol: the conjugate gradients' budget and relative stopping residual (default
             :func:`default_cg_rtol`).
 

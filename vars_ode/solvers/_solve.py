@@ -42,7 +42,7 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
             float or a tensor broadcastable to ``P``'s leading dimensions).
         init: ``"zeros"``, ``"encode"`` (``P^T x``, the paper's initialisation) or a ``(..., m)`` tensor.
-        implicit_solve: ``"direct"`` (dense solve per problem) or ``"cg"`` (conjugate gradients).
+        implicit_solve: ``"direct"`` (Cholesky solve of each problem's support block) or ``"cg"`` (conjugate gradients).
         options: solver options: ``check_every`` (ista / fista: ``"auto"``, the default, or a positive integer;
             see :mod:`vars_ode.solvers.iterative`), ``restart`` (fista); ``rtol``,
             ``atol``, ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
