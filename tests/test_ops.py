@@ -130,3 +130,19 @@ def test_support_solve_matches_a_dense_solve_column_by_column(seed, layout, dens
                 continue
             M = np.diag(dj.numpy()) @ Kb[i].numpy() @ np.diag(dj.numpy()) + np.diag(1 - dj.numpy())
             np.testing.assert_allclose(V[i][:, j].numpy(), np.linalg.solve(M, Rb[i][:, j].numpy()), rtol=1e-9, atol=1e-9)
+
+
+def test_support_solve_with_a_non_finite_mask_entry_fails_that_column_only():
+    # a NaN in one column's mask (a code that went non-finite) marks that column as failed; the others are solved
+    from vars_ode.ops import support_solve
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    K = P.T @ P
+    D = (torch.rand(5, 3, generator=g) < 0.6).double()
+    D[0, 1] = float("nan")
+    R = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    V, ok = support_solve(K, D, R)
+    assert ok.tolist() == [True, False, True]
+    for j in (0, 2):
+        M = torch.diag(D[:, j]) @ K @ torch.diag(D[:, j]) + torch.diag(1 - D[:, j])
+        assert torch.allclose(V[:, j], torch.linalg.solve(M, R[:, j]), atol=1e-10)

@@ -195,11 +195,12 @@ def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compa
     k = mask.shape[-1]
     Dt = mask.to(K.dtype).transpose(-1, -2).expand(*batch, k, m)  # (..., k, m)
     Rt = R.transpose(-1, -2).expand(*batch, k, m)
-    s = (int(Dt.sum(-1).amax()) if Dt.numel() else 0) if compact else m
+    inactive = Dt == 0  # a NaN entry of the mask counts as active (its column then fails, below)
+    s = (m - int(inactive.sum(-1).amin()) if Dt.numel() else 0) if compact else m
     if s == 0:  # no column has a support: the system is the identity
         return Rt.transpose(-1, -2).clone(), torch.ones(Dt.shape[:-1], dtype=torch.bool, device=K.device)
     # each column's support first (a stable sort of the 0 / 1 mask of inactive entries), cut to s slots
-    idx = torch.argsort((Dt == 0).to(torch.uint8), dim=-1, stable=True)[..., :s]  # (..., k, s)
+    idx = torch.argsort(inactive.to(torch.uint8), dim=-1, stable=True)[..., :s]  # (..., k, s)
     act = torch.gather(Dt, -1, idx)
     # K[b, idx_i, idx_j] by advanced indexing (index tensors broadcast, none materialised at full size)
     nb = len(batch)
