@@ -181,7 +181,7 @@ def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compa
     """Solve ``(D_j K D_j + I - D_j) v_j = r_j`` for every column ``j`` (the system of :func:`support_system`) by a
     batched Cholesky factorisation of each column's support block ``K_SS`` alone; off the support ``v_j = r_j``.
 
-    ``K``: ``(..., m, m)``; ``mask``: ``(..., m, k)`` (non-zero where active); ``R``: ``(..., m, k)``.
+    ``K``: ``(..., m, m)``; ``mask``: ``(..., m, k)``, 1 where active and 0 elsewhere; ``R``: ``(..., m, k)``.
     With ``compact`` the systems are ``s x s``, ``s`` the largest support of any column (one host read), instead of
     ``m x m``: a column's support indices come first and the remaining slots of the block are identity rows. The
     triangular solves are two ``solve_triangular`` calls (``cholesky_solve`` took 5x as long on batches of
