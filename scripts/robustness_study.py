@@ -48,15 +48,18 @@ def get_args(argv=None):
     p.add_argument("--report", action="store_true", help="only rebuild results.* from the finished runs")
     a = p.parse_args(argv)
     cfg = dataclasses.replace(PRESETS[a.preset])
-    if a.rows:
-        cfg.rows = list(a.rows) if "self" in a.rows else ["self", *a.rows]
     if a.seeds:
         cfg.seeds = {r: list(range(a.seeds)) for r in ROWS}
     for name in ("epochs", "batch_size", "subset", "model", "model_kwargs"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
-    cfg.seeds = {r: cfg.seeds.get(r, [0]) for r in cfg.rows}
-    a.cfg = cfg
+    # the report covers the preset's rows and any asked for, so that running some rows keeps the others
+    # in results.*; the runs are those of --rows (default: all of the report's)
+    report_rows = list(cfg.rows) + [r for r in (a.rows or []) if r not in cfg.rows]
+    a.report_cfg = dataclasses.replace(cfg, rows=report_rows,
+                                       seeds={r: cfg.seeds.get(r, [0]) for r in report_rows})
+    run_rows = report_rows if not a.rows else (list(a.rows) if "self" in a.rows else ["self", *a.rows])
+    a.cfg = dataclasses.replace(cfg, rows=run_rows, seeds={r: cfg.seeds.get(r, [0]) for r in run_rows})
     a.output_dir = Path(a.output_dir or (ROOT / "results" / "fmnist" if a.preset == "full" else f"runs/study-{a.preset}"))
     return a
 
@@ -85,11 +88,11 @@ def main(argv=None) -> int:
     a = get_args(argv)
     if a.report:
         try:
-            s = summarize(a.cfg, a.output_dir)
+            s = summarize(a.report_cfg, a.output_dir)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        write_report(a.cfg, s, a.output_dir)
+        write_report(a.report_cfg, s, a.output_dir)
         print((a.output_dir / "results.md").read_text())
         return 0
     problems = preflight(a)
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         run_study(a.cfg, a.output_dir, jobs=a.jobs, threads=a.threads, fmnist_path=a.fmnist_path,
-                  log=lambda m: print(m, flush=True))
+                  log=lambda m: print(m, flush=True), report_cfg=a.report_cfg)
     except ValueError as e:  # settings that do not match the runs already in the folder
         print(f"error: {e}", file=sys.stderr)
         return 2

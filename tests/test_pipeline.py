@@ -445,6 +445,9 @@ def test_robustness_study_toy_end_to_end_and_resumes(fake_fmnist, tmp_path):
     run("robustness_study.py", *args)
     assert {p: p.read_text() for p in out.glob("runs/*/*.log")} == logs
     assert (run_dir / "checkpoint.pth").stat().st_mtime_ns == stamp
+    # running some rows (here only the finished baseline) keeps the other rows in the report
+    run("robustness_study.py", *args, "--rows", "self")
+    assert list(json.loads((out / "results.json").read_text())["rows"]) == ["self", "vars_d"]
     # other settings are refused, not mixed into the same folder (the script prints this as "error: ...")
     import dataclasses
 

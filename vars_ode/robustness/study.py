@@ -370,8 +370,10 @@ def one_run(cfg: StudyConfig, row: str, seed: int, out: Path, threads: int, fmni
 # the study: runs, summary, report
 # ----------------------------------------------------------------------------------------------
 def run_study(cfg: StudyConfig, out, jobs: int = 1, threads: int | None = None, fmnist_path=None,
-              log=print) -> dict:
-    """Run every (row, seed) not yet finished, ``jobs`` at a time; then write the report."""
+              log=print, report_cfg: StudyConfig | None = None) -> dict:
+    """Run every (row, seed) of ``cfg`` not yet finished, ``jobs`` at a time; then write the report of
+    ``report_cfg`` (default ``cfg``: a study run a few rows at a time passes all its rows here)."""
+    report_cfg = report_cfg or cfg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = [r for r in cfg.rows if r not in ROWS]
@@ -398,13 +400,13 @@ def run_study(cfg: StudyConfig, out, jobs: int = 1, threads: int | None = None, 
             log(f"[{time.time() - t0:8.0f}s] done  {r} seed {s}: clean {res['clean_acc']:.2f}%")
             with lock:  # the report of the runs finished so far (once the baseline has one)
                 if (_run_dir(out, BASELINE, cfg.seeds[BASELINE][0]) / "eval.json").is_file():
-                    write_report(cfg, summarize(cfg, out), out)
+                    write_report(report_cfg, summarize(report_cfg, out), out)
         return res
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(job, todo))
-    summary = summarize(cfg, out)
-    write_report(cfg, summary, out)
+    summary = summarize(report_cfg, out)
+    write_report(report_cfg, summary, out)
     return summary
 
 
