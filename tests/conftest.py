@@ -31,6 +31,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vars"))
 torch.set_num_threads(THREADS)
 
 
+def sklearn_lasso(P, x, lam):
+    """The reference minimiser of ``0.5 ||P a - x||^2 + lam ||a||_1`` by scikit-learn's coordinate descent (its
+    objective is divided by ``d``); ``x`` of shape ``(d,)`` or ``(n, d)`` (one problem per row)."""
+    from sklearn.linear_model import Lasso
+    d = P.shape[-2]
+    model = Lasso(alpha=lam / d, fit_intercept=False, tol=1e-14, max_iter=10**6)
+    return torch.from_numpy(model.fit(P.numpy(), x.numpy().T).coef_)
+
+
 def make_problem(seed: int, d: int, m: int, dtype=torch.float64, batch=()):
     """A random, well-posed LASSO instance: P with unit-variance columns scaled by 1/sqrt(d)."""
     g = torch.Generator().manual_seed(seed)

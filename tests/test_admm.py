@@ -5,18 +5,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from sklearn.linear_model import Lasso
 
 import vars_ode as vo
-from conftest import make_problem
+from conftest import make_problem, sklearn_lasso
 from vars_ode.dictionaries import draw_features, positive_random_features
 from vars_ode.sync import count_host_syncs
-
-
-def sklearn_lasso(P, x, lam):
-    d = P.shape[-2]
-    return torch.from_numpy(Lasso(alpha=lam / d, fit_intercept=False, tol=1e-14, max_iter=10**6)
-                            .fit(P.numpy(), x.numpy()).coef_)
 
 
 def feature_problem(seed, tokens=100, atoms=48, signals=8, head_dim=32):

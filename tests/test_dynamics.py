@@ -3,17 +3,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.linear_model import Lasso
 from torchdiffeq import odeint
 
 import vars_ode as vo
-from conftest import make_problem
-
-
-def sk(P, x, lam):
-    d = P.shape[0]
-    return torch.from_numpy(Lasso(alpha=lam / d, fit_intercept=False, tol=1e-14, max_iter=10**6)
-                            .fit(P.numpy(), x.numpy()).coef_)
+from conftest import make_problem, sklearn_lasso as sk
 
 
 def rescaled(P, x, lam, c=1.0):

@@ -102,11 +102,12 @@ def test_kkt_violation_matches_the_two_cases_to_the_last_bit(pairs, w, tensor_we
 
 
 @given(st.integers(0, 10_000), st.sampled_from(["shared", "per_problem", "both"]), st.floats(0.0, 1.0),
-       st.booleans(), st.booleans())
-def test_support_solve_matches_a_dense_solve_column_by_column(seed, layout, density, compact, dependent):
+       st.booleans(), st.booleans(), st.booleans())
+def test_support_solve_matches_a_dense_solve_column_by_column(seed, layout, density, compact, dependent, shifted):
     # (D_j K D_j + I - D_j) v_j = r_j for every column j, against numpy's solve of the full m x m system of each
     # column; supports of any size (none, all), K shared by the columns or one per problem (broadcast both ways);
-    # with two equal atoms both active the system is singular and `ok` must say so
+    # with two equal atoms both active the system is singular and `ok` must say so, unless a positive shift
+    # (K_SS + shift_j I, one per column, as implicit_euler's steps use) makes it definite
     from vars_ode.ops import support_solve
     g = torch.Generator().manual_seed(seed)
     m, k, d = 6, 4, 9
@@ -117,18 +118,21 @@ def test_support_solve_matches_a_dense_solve_column_by_column(seed, layout, dens
     K = P.mT @ P
     D = (torch.rand(*db, m, k, generator=g, dtype=torch.float64) < density).double()
     R = torch.randn(*db, m, k, generator=g, dtype=torch.float64)
-    V, ok = support_solve(K, D, R, compact=compact)
     batch = torch.broadcast_shapes(kb, db)
+    shift = 0.1 + torch.rand(*batch, k, generator=g, dtype=torch.float64) if shifted else None
+    V, ok = support_solve(K, D, R, compact=compact, shift=shift)
     assert V.shape == batch + (m, k) and ok.shape == batch + (k,)
     Kb, Db, Rb = K.expand(*batch, m, m), D.expand(*batch, m, k), R.expand(*batch, m, k)
     for i in np.ndindex(*batch):
         for j in range(k):
             dj = Db[i][:, j]
-            singular = dependent and bool(dj[0] and dj[1])
+            singular = dependent and bool(dj[0] and dj[1]) and not shifted
             assert bool(ok[i][j]) == (not singular)
             if singular:
                 continue
             M = np.diag(dj.numpy()) @ Kb[i].numpy() @ np.diag(dj.numpy()) + np.diag(1 - dj.numpy())
+            if shifted:
+                M += np.diag(dj.numpy() * float(shift[i][j]))
             np.testing.assert_allclose(V[i][:, j].numpy(), np.linalg.solve(M, Rb[i][:, j].numpy()), rtol=1e-9, atol=1e-9)
 
 

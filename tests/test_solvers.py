@@ -6,16 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.linear_model import Lasso
 
 import vars_ode as vo
-from conftest import make_problem
-
-
-def sklearn_lasso(P, x, lam):
-    d = P.shape[-2]
-    model = Lasso(alpha=lam / d, fit_intercept=False, tol=1e-14, max_iter=10**6, selection="cyclic")
-    return torch.from_numpy(model.fit(P.numpy(), x.numpy()).coef_)
+from conftest import make_problem, sklearn_lasso
 
 
 problems = st.tuples(st.integers(0, 10**6), st.integers(12, 30), st.integers(4, 12), st.floats(0.02, 0.5))
@@ -170,7 +163,7 @@ def test_bad_input(problem, call, match):
 
 def test_solvers_registry_lists_every_torchdiffeq_method():
     from torchdiffeq._impl.odeint import SOLVERS as TDE
-    assert {"ista", "fista", "active_set", "admm"} | set(TDE) == set(vo.SOLVERS)
+    assert {"ista", "fista", "active_set", "admm", "implicit_euler"} | set(TDE) == set(vo.SOLVERS)
 
 
 def test_active_set_reaches_machine_precision_on_many_problems():

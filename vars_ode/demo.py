@@ -1,4 +1,5 @@
-"""Offline demo: one LASSO solved by ISTA, FISTA and dopri5 (the coupled ODE of Eq. 8-9),
+"""Offline demo: one LASSO solved by ISTA, FISTA, dopri5 and implicit_euler (the coupled ODE of Eq. 8-9, explicit
+and implicit),
 compared with each other and, when scikit-learn is installed, with its ``Lasso``.
 
 Run ``python -m vars_ode --help`` for the options.
@@ -20,7 +21,7 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=0.1, help="L1 weight (Eq. 10 convention)")
     ap.add_argument("--tol", type=float, default=1e-8, help="KKT residual to stop at")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--solvers", default="ista,fista,dopri5", help="comma-separated names from vars_ode.SOLVERS")
+    ap.add_argument("--solvers", default="ista,fista,dopri5,implicit_euler", help="comma-separated names from vars_ode.SOLVERS")
     args = ap.parse_args(argv)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -28,14 +29,14 @@ def main(argv=None):
     x = torch.randn(args.d, generator=g, dtype=torch.float64)
     print(f"LASSO 0.5||P u - x||^2 + {args.lam}||u||_1 with P {args.d}x{args.m} (float64), tol {args.tol:g}\n")
     codes = {}
-    print(f"{'solver':<10}{'work':>10} {'unit':<22}{'KKT residual':>14}{'objective':>14}{'nnz':>6}{'seconds':>9}")
+    print(f"{'solver':<16}{'work':>10} {'unit':<22}{'KKT residual':>14}{'objective':>14}{'nnz':>6}{'seconds':>9}")
     for name in args.solvers.split(","):
         t0 = time.perf_counter()
         sol = solve(P, x, args.lam, name, tol=args.tol, max_iter=1_000_000)
         dt = time.perf_counter() - t0
         s = sol.stats
         codes[name] = sol.code
-        print(f"{name:<10}{int(s.iterations):>10} {s.unit:<22}{float(s.residual):>14.2e}{float(s.objective):>14.8f}"
+        print(f"{name:<16}{int(s.iterations):>10} {s.unit:<22}{float(s.residual):>14.2e}{float(s.objective):>14.8f}"
               f"{int(s.nnz):>6}{dt:>9.3f}")
     names = list(codes)
     print("\nlargest difference between codes:")

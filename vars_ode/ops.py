@@ -177,9 +177,10 @@ def support_system(K: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return M
 
 
-def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compact: bool = True):
+def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compact: bool = True, shift=None):
     """Solve ``(D_j K D_j + I - D_j) v_j = r_j`` for every column ``j`` (the system of :func:`support_system`) by a
     batched Cholesky factorisation of each column's support block ``K_SS`` alone; off the support ``v_j = r_j``.
+    ``shift`` (a float or a tensor broadcastable to the columns, ``(..., k)``) solves ``K_SS + shift_j I`` instead.
 
     ``K``: ``(..., m, m)``; ``mask``: ``(..., m, k)``, 1 where active and 0 elsewhere; ``R``: ``(..., m, k)``.
     With ``compact`` the systems are ``s x s``, ``s`` the largest support of any column (one host read), instead of
@@ -214,6 +215,8 @@ def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compa
     M = Kx[(*index, idx.unsqueeze(-1), idx.unsqueeze(-2))]  # (..., k, s, s)
     M = M * act.unsqueeze(-1) * act.unsqueeze(-2)
     M.diagonal(dim1=-2, dim2=-1).add_(1 - act)
+    if shift is not None:
+        M.diagonal(dim1=-2, dim2=-1).add_(act * torch.as_tensor(shift, dtype=M.dtype, device=M.device).unsqueeze(-1))
     C, info = torch.linalg.cholesky_ex(M)
     rc = torch.gather(Rt, -1, idx).unsqueeze(-1)
     v = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, rc, upper=False), upper=True)

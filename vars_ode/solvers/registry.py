@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from . import admm, iterative, ode
+from . import admm, implicit_euler, iterative, ode
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ DEFAULT_MAX_ITER = 10_000  #: ista / fista / active_set iterations
 #: vector-field evaluations for ODE solvers: a few seconds on a CPU for a small problem (about 5 s for 100
 #: problems of 64 x 48), and enough for the library's problems to 1e-6 (the Quick start's: 14,465 for dopri5)
 DEFAULT_MAX_EVALS = 20_000
+#: implicit_euler's steps (one factorisation of the supports each)
+DEFAULT_MAX_STEPS = 1_000
 
 register_solver("ista", iterative.ista)
 register_solver("fista", iterative.fista)
@@ -90,5 +92,7 @@ register_solver("admm", admm.admm, needs_gram=True)
 for _m in ode.ODE_METHODS:
     register_solver(_m, partial(ode.ode_solve, method=_m), unit="function evaluations", ode=True,
                     max_iter=DEFAULT_MAX_EVALS)
-#: the library's own ODE solvers (the torchdiffeq methods)
-ODE_SOLVERS = tuple(ode.ODE_METHODS)
+register_solver("implicit_euler", implicit_euler.implicit_euler, unit="steps", ode=True, needs_gram=True,
+                max_iter=DEFAULT_MAX_STEPS)
+#: the library's own ODE solvers (the torchdiffeq methods and the stiff implicit_euler)
+ODE_SOLVERS = tuple(ode.ODE_METHODS) + ("implicit_euler",)

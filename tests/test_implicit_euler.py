@@ -1,0 +1,119 @@
+"""implicit_euler, the stiff method: its equilibrium is the LASSO minimiser, its fixed horizon follows the flow of
+Eq. 8-9 (first order), its gradients are those of the problem, and it refuses what it cannot do."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vars_ode as vo
+from conftest import make_problem, sklearn_lasso
+
+
+@given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
+@settings(max_examples=8)
+def test_equilibrium_is_the_lasso_minimiser(seed, d, m, lam):
+    P, X = make_problem(seed, d, m, batch=(6,))
+    sol = vo.solve(P, X, lam, "implicit_euler", tol=1e-10)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
+
+
+def test_ill_conditioned_problem_in_few_steps():
+    # K with condition number 1e6: the explicit methods' step is bounded by the fast end of the spectrum and
+    # their time by the slow end; the implicit steps are not. Work is counted in steps (one factorisation each).
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    U, _, Vh = torch.linalg.svd(P, full_matrices=False)
+    P = U @ torch.diag(torch.logspace(0, -3, 24, dtype=torch.float64)) @ Vh
+    X = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    sol = vo.solve(P, X, 0.05, "implicit_euler", tol=1e-8, max_iter=400)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert (sol.code - sklearn_lasso(P, X, 0.05)).abs().max().item() < 1e-5
+    rk4 = vo.solve(P, X, 0.05, "rk4", tol=1e-8, max_iter=4000)
+    assert not bool(rk4.stats.converged.all())  # 4,000 evaluations are far from enough for the explicit method
+
+
+@pytest.mark.parametrize("first_step", [0.25, 1.0, 4.0, 64.0])
+def test_any_first_step_converges(first_step):
+    # long first steps are Newton steps that can cycle between supports: the floor halves until they stop cycling
+    P, X = make_problem(11, 32, 24, batch=(30,))
+    sol = vo.solve(P, X, 0.1, "implicit_euler", tol=1e-9, first_step=first_step)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert (sol.code - sklearn_lasso(P, X, 0.1)).abs().max().item() < 1e-6
+
+
+def test_fixed_horizon_is_first_order_in_the_step():
+    # against the flow integrated by rk4 with a fine step: halving the step halves the error
+    P, X = make_problem(5, 20, 12, batch=(4,))
+    ref = vo.solve(P, X, 0.1, "rk4", tol=0.0, t_end=2.0, options={"step_size": 1 / 256}).code
+    errors = []
+    for h in (0.1, 0.05, 0.025, 0.0125):
+        code = vo.solve(P, X, 0.1, "implicit_euler", tol=0.0, t_end=2.0, step_size=h).code
+        errors.append((code - ref).abs().max().item())
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert errors[-1] < 5e-3 and all(0.8 < r < 1.3 for r in rates), (errors, rates)
+
+
+def test_fixed_horizon_records_every_unit_of_time_like_rk4():
+    P, X = make_problem(6, 16, 10, batch=(3,))
+    rec_ie, rec_rk = [], []
+    vo.solve(P, X, 0.1, "implicit_euler", tol=0.0, t_end=3.0, step_size=0.01, record=rec_ie)
+    vo.solve(P, X, 0.1, "rk4", tol=0.0, t_end=3.0, options={"step_size": 0.01}, record=rec_rk)
+    assert len(rec_ie) == len(rec_rk) == 3
+    for a, b in zip(rec_ie, rec_rk):
+        assert (a[0] - b[0]).abs().max().item() < 2e-2
+
+
+def test_implicit_gradient_at_the_equilibrium_matches_fista():
+    P, X = make_problem(8, 18, 10, batch=(5,))
+    R = torch.randn(5, 18, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = {}
+    for s in ("fista", "implicit_euler"):
+        Pr, Xr = P.clone().requires_grad_(True), X.clone().requires_grad_(True)
+        out = vo.solve(Pr, Xr, 0.1, s, tol=1e-11, max_iter=100_000, grad="implicit").output
+        grads[s] = torch.autograd.grad((out * R).sum(), (Pr, Xr))
+    for a, b in zip(grads["fista"], grads["implicit_euler"]):
+        assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
+
+
+def test_unrolled_gradient_of_a_horizon_is_exact():
+    P, X = make_problem(9, 10, 6, batch=(3,))
+    P.requires_grad_(True)
+    X.requires_grad_(True)
+    # L given: the default is computed from P without a gradient (it sets the time scale of the horizon)
+    f = lambda P, X: vo.solve(P, X, 0.1, "implicit_euler", tol=0.0, t_end=2.0, step_size=0.25,  # noqa: E731
+                              L=3.0).output
+    assert torch.autograd.gradcheck(f, (P, X), eps=1e-6, atol=1e-6)
+
+
+def test_layer_runs_it_for_gram_dictionaries_and_refuses_convolutional_templates():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    for kw in (dict(dictionary="d"), dict(dictionary="sd", static="dense", num_static_atoms=4)):
+        layer = vo.VARSLayer(16, 2, solver="implicit_euler", steps=3.0, dtype=torch.float64, **kw)
+        y = layer(x)
+        layer.set_solver("rk4", steps=3.0, solver_options={"options": {"step_size": 1 / 64}})
+        # the same flow to the same horizon: first order with 6 steps of 0.5 against rk4's fine steps
+        assert (y - layer(x)).abs().max().item() < 0.2 * y.abs().max().item()
+        layer.set_solver("implicit_euler", steps=None, tol=1e-8, grad="implicit")
+        y_eq = layer(x)
+        layer.set_solver("active_set", steps=None, tol=1e-10, grad="implicit")
+        assert (y_eq - layer(x)).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="needs the Gram matrix"):
+        vo.VARSLayer(16, 2, dictionary="s", solver="implicit_euler", steps=3.0, image_size=3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(grad="adjoint", t_end=1.0), "no adjoint"),
+    (dict(first_step=0.0), "first_step must be a finite float, positive"),
+    (dict(growth=0.5), "growth must be a finite float, at least 1"),
+    (dict(reject=math.nan), "reject must be"),
+    (dict(step_size=-1.0), "step_size must be"),
+    (dict(rtol=1e-3), r"unknown option\(s\) \['rtol'\] for solver 'implicit_euler'"),
+])
+def test_bad_options_are_named(kwargs, match):
+    P, X = make_problem(1, 8, 4, batch=(2,))
+    with pytest.raises(ValueError, match=match):
+        vo.solve(P, X, 0.1, "implicit_euler", tol=1e-6, **kwargs)
