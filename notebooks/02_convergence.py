@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 02 - Convergence of the solvers
 #
-# How fast does each solver drive the KKT residual of Eq. 10 down, counted in iterations or vector-field evaluations (one product with `K` each; an ADMM iteration is two products, with `K` and with the inverse of `K + rho I`) and in wall time, at several tolerances; and how do the costs move with `lam` and with the conditioning of `P`? ODE solvers integrate the coupled dynamics rescaled by `L` (one time unit ~ one ISTA step).
+# How fast does each solver drive the KKT residual of Eq. 10 down, counted in iterations or vector-field evaluations (one product with `K` each; an ADMM iteration is two products, with `K` and with the inverse of `K + rho I`; an `implicit_euler` step is one Cholesky factorisation of the support of `K`) and in wall time, at several tolerances; and how do the costs move with `lam` and with the conditioning of `P`? ODE solvers integrate the coupled dynamics rescaled by `L` (one time unit ~ one ISTA step).
 
 # %% tags=["parameters"]
 # Parameters: "small" runs in seconds (the test suite uses it); "large" for closer study.
@@ -40,12 +40,13 @@ DT = torch.float64
 assert SIZE in CFG, f"SIZE must be one of {list(CFG)}"
 cfg = CFG[SIZE]
 print("SIZE =", SIZE, cfg)
-SOLVERS = ["ista", "fista", "admm", "euler", "rk4", "dopri5"]
-# ODE solvers check convergence between integration windows: short constant windows give a fine trace
+SOLVERS = ["ista", "fista", "admm", "euler", "rk4", "dopri5", "implicit_euler"]
+# explicit ODE solvers check convergence between integration windows: short constant windows give a fine trace
+# (implicit_euler checks after every step)
 ODE_OPTS = dict(window=2.0, max_window=2.0)
 
 def run(P, x, lam, solver, tol, **kw):
-    opts = ODE_OPTS if solver in vars_ode.ODE_SOLVERS else {}
+    opts = ODE_OPTS if solver in vars_ode.ODE_SOLVERS and solver != "implicit_euler" else {}
     trace = []
     t0 = time.perf_counter()
     sol = vars_ode.solve(P, x, lam, solver, tol=tol, max_iter=cfg["max_work"], trace=trace, **opts, **kw)
@@ -93,9 +94,9 @@ for tol in cfg["tols"]:
         sol, _, sec = run(P, x, lam, s, tol)
         rows.append(dict(tol=tol, solver=s, work=int(sol.stats.iterations), seconds=sec,
                          residual=float(sol.stats.residual), converged=bool(sol.stats.converged)))
-print(f"{'tol':>8} {'solver':>8} {'work':>8} {'residual':>10} conv     (wall times: the right-hand figure)")
+print(f"{'tol':>8} {'solver':>14} {'work':>8} {'residual':>10} conv     (wall times: the right-hand figure)")
 for r in rows:
-    print(f"{r['tol']:8.0e} {r['solver']:>8} {r['work']:8d} {r['residual']:10.1e} {r['converged']}")
+    print(f"{r['tol']:8.0e} {r['solver']:>14} {r['work']:8d} {r['residual']:10.1e} {r['converged']}")
 fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
 for s in SOLVERS:
     rs = [r for r in rows if r["solver"] == s]
@@ -116,7 +117,7 @@ plt.show()
 
 # %%
 tol = cfg["sweep_tol"]
-sweep_solvers = ["ista", "fista", "admm", "dopri5"]
+sweep_solvers = ["ista", "fista", "admm", "dopri5", "implicit_euler"]
 def sweep(problems):
     out = {s: [] for s in sweep_solvers}
     nnz = []
@@ -151,20 +152,22 @@ def first_below(tr, t):
     hits = [w for w, r in tr if r <= t]
     return hits[0] if hits else None
 print(f"1. To KKT residual {tight:g} on a {cfg['d']}x{cfg['m']} problem: " + ", ".join(
-    f"{s} {work[s]} {'iterations' if s in ('ista', 'fista', 'admm') else 'evaluations'}" for s in SOLVERS) + ".")
+    f"{s} {work[s]} {vars_ode.SOLVERS[s].unit}" for s in SOLVERS) + ".")
 print(f"2. FISTA needed {work['ista'] / max(work['fista'], 1):.1f}x fewer iterations than ISTA, ADMM "
       f"{work['fista'] / max(work['admm'], 1):.1f}x fewer than FISTA (two products with an m x m matrix each: "
       f"K and the inverse of K + rho I, formed once); dopri5 spent {work['dopri5'] / max(work['ista'], 1):.1f} "
-      "evaluations per ISTA iteration.")
+      f"evaluations per ISTA iteration, and implicit_euler, whose step is not bound by the stiffness, took "
+      f"{work['implicit_euler']} steps.")
 loose = max(cfg["tols"])
 print(f"3. Per tolerance (work): " + "; ".join(
     f"tol {t:g}: " + ", ".join(f"{r['solver']} {r['work']}" for r in rows if r["tol"] == t) for t in cfg["tols"]))
 print(f"4. Work to KKT {tol:g} against lam ratios {list(cfg['lams'])}: nnz {nnz_lam}; ista work {by_lam['ista']}, fista {by_lam['fista']}, "
-      f"admm {by_lam['admm']}, dopri5 {by_lam['dopri5']}.")
+      f"admm {by_lam['admm']}, dopri5 {by_lam['dopri5']}, implicit_euler {by_lam['implicit_euler']}.")
 print(f"5. Against m/d {list(cfg['ratios'])}: ista work {by_ratio['ista']}, fista {by_ratio['fista']}, admm {by_ratio['admm']}, "
-      f"dopri5 {by_ratio['dopri5']}.")
+      f"dopri5 {by_ratio['dopri5']}, implicit_euler {by_ratio['implicit_euler']}.")
 print(f"6. Against cond(P) {list(cfg['conds'])}: ista work {by_cond['ista']}, fista {by_cond['fista']}, "
-      f"admm {by_cond['admm']}, dopri5 {by_cond['dopri5']} (nan: not converged within {cfg['max_work']}).")
+      f"admm {by_cond['admm']}, dopri5 {by_cond['dopri5']}, implicit_euler {by_cond['implicit_euler']} "
+      f"(nan: not converged within {cfg['max_work']}).")
 
 # %% [markdown]
 # Wall times (they change from run to run and from machine to machine):
