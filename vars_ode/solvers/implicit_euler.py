@@ -24,7 +24,10 @@ Two modes, as for the other ODE solvers (:mod:`vars_ode.solvers.ode`):
   is small), and Newton steps on a field with kinks can cycle between supports: a step longer than ``first_step``
   after which the field's norm grew (more than ``reject`` times, default 1) is undone and ``h`` divided by 4, down
   to a floor, ``first_step`` at the start. Steps at the floor are always taken; one after which the norm grew
-  halves the problem's floor, so that its steps come to follow the flow, which converges. Problems whose KKT
+  halves the problem's floor (not below 1/16), so that its steps come to follow the flow, which converges. The
+  flow itself is slow where the solution's support is not unique (a support larger than the signal dimension on
+  the way, ``K_AA`` singular: eigenvalues near 0); there neither this method nor dopri5 gets far (FISTA and
+  ``active_set`` do). Problems whose KKT
   residual is at or below ``tol`` are frozen. The work counted is steps (one factorisation each), rejected ones
   included; ``record`` receives the code after every step.
 * fixed horizon (``t_end=T``): ``ceil(T / step_size)`` equal steps (first order in ``h``); ``record`` receives the
@@ -48,6 +51,9 @@ OPTIONS = ("first_step", "growth", "max_step", "reject", "step_size", "t_end", "
 
 #: an accepted step at least doubles the next one (up to ``growth``)
 MIN_GROWTH = 2.0
+
+#: the smallest floor of the step (an explicit Euler step is stable up to about 0.76 in the rescaled time)
+MIN_FLOOR = 1.0 / 16
 
 #: the fixed step of a horizon (``t_end``), in the rescaled field's time
 DEFAULT_STEP_SIZE = 0.5
@@ -156,8 +162,10 @@ def implicit_euler(op, B, w, L, init, *, tol, max_iter, first_step=1.0, growth=1
         grew = new_norm > reject * norm
         floor = h <= h_min
         accept = moved & (~grew | floor)
-        # a floor step after which the norm grew halves the floor: the steps at it then follow the flow more closely
-        h_min = torch.where(moved & grew & floor, h_min / 2, h_min)
+        # a floor step after which the norm grew halves the floor, down to MIN_FLOOR: the steps at it then follow
+        # the flow more closely (the norm of the field is not monotone along the flow itself: unbounded, the floor
+        # fell to 1e-6 and the problem stalled)
+        h_min = torch.where(moved & grew & floor, (h_min / 2).clamp(min=min(MIN_FLOOR, float(first_step))), h_min)
         # switched evolution relaxation, at least doubling: grow h as the field's norm falls; quarter it after a
         # rejected step (the ratio alone stays near 1 while the support changes, which takes hundreds of steps on an
         # ill-conditioned K: 1,000 against 140-170 for a condition number of 1e6 of K)
