@@ -28,16 +28,21 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         P: ``(..., d, m)`` dictionary; x: ``(..., d)`` signals. Leading dimensions broadcast (one
             dictionary for many signals is the fast path).
         lam: non-negative float or tensor broadcastable to the leading dimensions.
-        solver: ``"ista"``, ``"fista"`` or a torchdiffeq method (``"dopri5"``, ``"rk4"``, ...), which
-            integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady state.
+        solver: ``"ista"``, ``"fista"``, ``"active_set"``, ``"admm"``, a torchdiffeq method (``"dopri5"``,
+            ``"rk4"``, ...), which integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady
+            state, or ``"implicit_euler"`` (the same dynamics with implicit steps, for stiff problems).
         tol: KKT residual at which a problem counts as converged and is frozen, in units of
             ``max(1, ||P^T x||_inf)`` per problem (:func:`vars_ode.lasso.tol_scale`): absolute for problems of unit
             scale or less, relative above, so a problem scaled by 1e30 converges as the unscaled one; ``0`` runs
-            the whole budget (no early stop, no host synchronisation in ista / fista).
+            the whole budget (no early stop, no host synchronisation in ista / fista). In float32 the residual
+            itself is rounded at about ``1e-7 ||K|| ||u||``: a tolerance near it (1e-6 on the Quick start
+            problem) stops problems whose residual, computed again at the end, reads just above it, and they
+            come back with ``converged`` False.
         max_iter: iterations for ista / fista / active_set (default 10,000); function evaluations for
             ODE solvers (default 20,000, a few seconds for a small problem; checked between integration windows, so a
             solve may pass it by one window). The coupled ODE
-            needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md).
+            needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md);
+            steps for ``"implicit_euler"`` (default 1,000).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
         lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
             float or a tensor broadcastable to ``P``'s leading dimensions).
@@ -47,7 +52,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             see :mod:`vars_ode.solvers.iterative`), ``restart`` (fista); ``rtol``,
             ``atol``, ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
             ``t_end`` (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
-            :mod:`vars_ode.solvers.ode`) for ODE solvers; ``trace=[]`` collects the residual history.
+            :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
+            ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
+            (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history.
 
     Returns:
         :class:`Solution` with ``code (..., m)``, ``reconstruction (..., d)``, ``output (..., d)`` and
