@@ -2,6 +2,7 @@
 Eq. 8-9 (first order), its gradients are those of the problem, and it refuses what it cannot do."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,6 +34,35 @@ def test_ill_conditioned_problem_in_few_steps():
     assert (sol.code - sklearn_lasso(P, X, 0.05)).abs().max().item() < 1e-5
     rk4 = vo.solve(P, X, 0.05, "rk4", tol=1e-8, max_iter=4000)
     assert not bool(rk4.stats.converged.all())  # 4,000 evaluations are far from enough for the explicit method
+
+
+@pytest.mark.parametrize("h", [0.3, 2.0, 50.0])
+def test_steps_solve_the_dense_linearised_system(h):
+    # the solver reduces (I - h J) delta = h f(y) on the 2m-dimensional state (w, u) to one system on each
+    # problem's support; here the dense system is written out in numpy from Eq. 8-9 rescaled by L and solved
+    # whole, step by step, for small steps and for long (Newton-like) ones
+    alpha, beta, gamma, lam, L = 1.0, 2.0, 2.0, 0.1, 2.5
+    g = torch.Generator().manual_seed(7)
+    P = torch.randn(14, 9, generator=g, dtype=torch.float64) / 3
+    X = torch.randn(3, 14, generator=g, dtype=torch.float64)
+    K, B = (P.T @ P).numpy(), (P.T @ X.T).numpy()
+    m = K.shape[0]
+    thr = lam / (L * alpha * beta)
+    soft = lambda u: np.sign(u) * np.maximum(np.abs(u) - thr, 0)  # noqa: E731
+    for n in (1, 2, 4):
+        got = vo.solve_gram(torch.from_numpy(K), torch.from_numpy(B), lam, "implicit_euler", tol=0.0, t_end=n * h,
+                            step_size=h, L=L).code.numpy()
+        for j in range(B.shape[1]):
+            w, u = B[:, j] / (L * alpha), np.zeros(m)
+            for _ in range(n):
+                a = soft(u)
+                f = np.concatenate([-alpha * w + (K @ a + B[:, j]) / L, -beta * u - gamma * (K @ a / L - a) + w])
+                D = np.diag((np.abs(u) > thr).astype(float))
+                J = np.block([[-alpha * np.eye(m), K @ D / L],
+                              [np.eye(m), -beta * np.eye(m) - gamma * (K / L - np.eye(m)) @ D]])
+                delta = np.linalg.solve(np.eye(2 * m) - h * J, h * f)
+                w, u = w + delta[:m], u + delta[m:]
+            np.testing.assert_allclose(got[:, j], soft(u), rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("first_step", [0.25, 1.0, 4.0, 64.0])
