@@ -157,8 +157,8 @@ def implicit_euler(op, B, w, L, init, *, tol, max_iter, first_step=1.0, growth=1
         new, moved = step(state, F, h, live)
         F_new = f(0.0, new)
         new_norm = op.norm(tuple(t.detach() for t in F_new))
-        # a step up to first_step follows the flow (accepted: the flow converges); a longer one must not let the
-        # field's norm grow more than ``reject`` times (long steps are Newton-like and can cycle between supports)
+        # a step at the floor follows the flow and is taken; a longer one must not let the field's norm grow more
+        # than ``reject`` times (long steps are Newton-like and can cycle between supports)
         grew = new_norm > reject * norm
         floor = h <= h_min
         accept = moved & (~grew | floor)
