@@ -423,7 +423,8 @@ class VARSLayer(nn.Module):
             raise ValueError(f"tol must be a non-negative float or None, got {tol!r}")
         if SOLVERS[solver].needs_gram and not self.gram_form:
             raise ValueError(f"solver {solver!r} needs the Gram matrix, which dictionary {self.dictionary_kind!r} with "
-                             "static='conv' does not form; use static='dense', or 'ista', 'fista' or an ODE solver")
+                             "static='conv' does not form; use static='dense', or one of "
+                             f"{sorted(n for n, sp in SOLVERS.items() if not sp.needs_gram)}")
         return steps, float(tol)
 
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
