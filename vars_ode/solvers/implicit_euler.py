@@ -43,7 +43,7 @@ import math
 import torch
 
 from ..dynamics import VARSField
-from ..lasso import residual_from_grad, tmap
+from ..lasso import kkt_residual_operator
 from ..ops import _soft, support_solve
 
 OPTIONS = ("first_step", "growth", "max_step", "reject", "step_size", "t_end", "alpha", "beta", "gamma",
@@ -136,9 +136,6 @@ def implicit_euler(op, B, w, L, init, *, tol, max_iter, first_step=1.0, growth=1
                 rec(state)
         return code_of(state), op.problems_like(B, n, torch.long)
 
-    def residual(st):
-        a = code_of(st)
-        return residual_from_grad(op, tmap(torch.sub, op.gram_apply(a), B), a, w)
 
     h_min = op.problems_like(B, min(float(first_step), h_cap))  # per problem: the floor of the step
     h = h_min.clone()
@@ -148,7 +145,7 @@ def implicit_euler(op, B, w, L, init, *, tol, max_iter, first_step=1.0, growth=1
     norm = op.norm(tuple(t.detach() for t in F))
     spent = 0
     while True:
-        r = residual(state)
+        r = kkt_residual_operator(op, code_of(state), B, w)
         live = live & (r > tol) & torch.isfinite(r)
         if trace is not None:
             trace.append((spent, float(torch.where(live, r, torch.zeros_like(r)).amax())))

@@ -94,5 +94,5 @@ for _m in ode.ODE_METHODS:
                     max_iter=DEFAULT_MAX_EVALS)
 register_solver("implicit_euler", implicit_euler.implicit_euler, unit="steps", ode=True, needs_gram=True,
                 max_iter=DEFAULT_MAX_STEPS)
-#: the library's own ODE solvers (the torchdiffeq methods and the stiff implicit_euler)
-ODE_SOLVERS = tuple(ode.ODE_METHODS) + ("implicit_euler",)
+#: the library's own ODE solvers (the torchdiffeq methods and the stiff implicit_euler), as registered above
+ODE_SOLVERS = tuple(name for name, spec in SOLVERS.items() if spec.ode)
