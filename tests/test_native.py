@@ -197,11 +197,15 @@ def _taped_field(seed, k=5, active=False):
     return (P, X, w), f
 
 
+@pytest.mark.parametrize("scratch", [False, True], ids=["fresh", "scratch"])
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["stages", "checkpointed"])
 @pytest.mark.parametrize("method", ["euler", "midpoint", "heun3", "rk4", "dopri5", "bosh3"])
-def test_gram_node_reverse_pass_equals_autograd_through_the_steps(method, checkpoint):
+def test_gram_node_reverse_pass_equals_autograd_through_the_steps(method, checkpoint, scratch, monkeypatch):
     # the hand-written reverse pass (gram_ode) against autograd through the same native steps, float64: every
-    # input (atoms, signals, the L1 weight through the threshold), fixed and adaptive methods, frozen problems
+    # input (atoms, signals, the L1 weight through the threshold), fixed and adaptive methods, frozen problems;
+    # the node's integration and reverse pass with fresh tensors, and writing into reused buffers (which large
+    # states do; here every state: a stage the tape keeps in a reused buffer would be overwritten)
+    monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", 0 if scratch else 2 ** 62)
     for active in (False, True):
         grads, outs = [], []
         for node in (False, True):
@@ -309,7 +313,8 @@ def test_layer_settings_fill_the_layer_defaults_without_changing_the_callers_opt
 
     mine = {"atol": 1e-7, "options": {"safety": 0.8}}
     got = layer_settings("dopri5", mine)
-    assert got == {"atol": 1e-7, "rtol": LAYER_RTOL, "options": {"safety": 0.8, "first_step": LAYER_FIRST_STEP}}
+    assert got == {"atol": 1e-7, "rtol": LAYER_RTOL, "options": {"safety": 0.8, "first_step": LAYER_FIRST_STEP["dopri5"]}}
+    assert layer_settings("bosh3", {})["options"] == {"first_step": LAYER_FIRST_STEP["bosh3"]}
     assert mine == {"atol": 1e-7, "options": {"safety": 0.8}}
     assert layer_settings("bosh3", {"options": {"first_step": 0.1}})["options"]["first_step"] == 0.1
     assert layer_settings("rk4", {}) == {}

@@ -13,6 +13,7 @@ import vars_ode as vo
 from vars_ode import VARSLayer
 from vars_ode import _workspace as workspace
 from vars_ode._workspace import scratch
+from vars_ode.solvers import native
 
 D64 = torch.float64
 CPU = torch.device("cpu")
@@ -95,8 +96,14 @@ def same(a, b):
     dict(dictionary="sd", static="dense", num_static_atoms=5, solver="ista", steps=3),
     dict(dictionary="sd", static="dense", num_static_atoms=5, solver="fista", steps=4, init="encode", recompute=True),
     dict(dictionary="d", solver="ista", steps=2, recompute=False),
+    # the ODE integrators and their reverse pass write stages, slopes and stage gradients into scratch buffers
+    dict(dictionary="d", solver="rk4", steps=2.0),
+    dict(dictionary="d", solver="bosh3", steps=2.0, grad="adjoint"),
+    dict(dictionary="sd", static="dense", num_static_atoms=5, solver="dopri5", steps=2.0),
 ])
-def test_reused_buffers_change_nothing(workspace_on, kw):
+def test_reused_buffers_change_nothing(workspace_on, kw, monkeypatch):
+    # the ODE integrators reuse buffers for large states only; here for every state
+    monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", 0)
     model = stack(0, **kw)
     xs = [torch.randn(2, 10, 24, dtype=D64), torch.randn(3, 10, 24, dtype=D64), torch.randn(2, 10, 24, dtype=D64)]
     vo.set_cpu_workspace(False)

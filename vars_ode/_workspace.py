@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 
 MAX_BYTES = 1 << 30  # per thread
-MAX_BUFFERS = 64  # per thread
+MAX_BUFFERS = 128  # per thread (an adaptive ODE layer with its adjoint uses about 50)
 _local = threading.local()
 _enabled = True
 

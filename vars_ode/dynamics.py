@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._validation import as_lam, check_tensor
+from ._workspace import scratch
 from .lasso import GramOperator
 from .ops import _soft, penalty_weight
 
@@ -213,20 +214,41 @@ class VARSField(nn.Module):
         return W + tuple(c + torch.sign(c) * t for c, t in zip(code, self.thr))
 
     def forward(self, t, state):
+        return self.forward_into(state, None)
+
+    def forward_into(self, state, out=None) -> tuple:
+        """The field at ``state``; with ``out`` (a tuple shaped like the state; not for autograd) written into
+        its tensors, the temporaries in reused scratch buffers (:func:`vars_ode._workspace.scratch`): a fresh
+        multi-megabyte CPU tensor pays a page fault per 4 KiB on its first write."""
         self.nfe += 1
         n = len(self.Bs)
         W, U = state[:n], state[n:]
-        a = tuple(_soft(u, th) for u, th in zip(U, self.thr))
-        Ka = self.Ka(a)
+        if out is None:
+            a = tuple(_soft(u, th) for u, th in zip(U, self.thr))
+            Ka = self.Ka(a)
+            dW, dU = (None,) * n, (None,) * n
+        else:
+            a = tuple(_soft(u, th, out=scratch(f"field.a{i}", u.shape, u.dtype, u.device))
+                      for i, (u, th) in enumerate(zip(U, self.thr)))
+            Ka = self.op.gram_apply_into(a, tuple(scratch(f"field.Ka{i}", u.shape, u.dtype, u.device)
+                                                  for i, u in enumerate(U)))
+            if self.scale is not None:
+                Ka = tuple(k.mul_(s) for k, s in zip(Ka, self.scale))
+            dW, dU = out[:n], out[n:]
         al, be, ga = float(self.alpha), float(self.beta), float(self.gamma)
-        # b - alpha w + K a and w - beta u - gamma (K a - a), accumulated in place into fresh tensors (a
-        # few kernels an evaluation; autograd saves none of these sums)
-        dW = tuple(torch.add(b, w, alpha=-al).add_(k) for w, k, b in zip(W, Ka, self.Bs))
-        dU = tuple(torch.add(w, u, alpha=-be).add_(k, alpha=-ga).add_(aa, alpha=ga) for u, k, aa, w in zip(U, Ka, a, W))
+        # b - alpha w + K a and w - beta u - gamma (K a - a), accumulated in place (a few kernels an evaluation;
+        # autograd saves none of these sums)
+        dW = tuple(torch.add(b, w, alpha=-al, out=o).add_(k) for w, k, b, o in zip(W, Ka, self.Bs, dW))
+        dU = tuple(torch.add(w, u, alpha=-be, out=o).add_(k, alpha=-ga).add_(aa, alpha=ga)
+                   for u, k, aa, w, o in zip(U, Ka, a, W, dU))
         if self.active is not None:
             act = (self.active,) * n if isinstance(self.active, torch.Tensor) else self.active
-            dW = tuple(d * m for d, m in zip(dW, act))
-            dU = tuple(d * m for d, m in zip(dU, act))
+            if out is None:
+                dW = tuple(d * m for d, m in zip(dW, act))
+                dU = tuple(d * m for d, m in zip(dU, act))
+            else:
+                dW = tuple(d.mul_(m) for d, m in zip(dW, act))
+                dU = tuple(d.mul_(m) for d, m in zip(dU, act))
         return dW + dU
 
 

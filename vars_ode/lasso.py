@@ -55,6 +55,11 @@ class Operator:
         write into them; one that shares the input's memory is copied first)."""
         raise NotImplementedError
 
+    def gram_apply_into(self, code: tuple, out: tuple) -> tuple:
+        """:meth:`gram_apply`, written into the tensors of ``out`` (shaped like ``code``) where the operator can
+        (the Gram form does; the default allocates new tensors and ignores ``out``). Not for autograd."""
+        return self.gram_apply(code)
+
     def gram(self) -> torch.Tensor:
         """The matrix ``K`` where it is small; raises otherwise."""
         raise NotImplementedError(f"{type(self).__name__} has no explicit Gram matrix; use gram_apply")
@@ -121,6 +126,9 @@ class GramOperator(Operator):
 
     def gram_apply(self, code):
         return (self.K @ code[0],)
+
+    def gram_apply_into(self, code, out):
+        return (torch.matmul(self.K, code[0], out=out[0]),)
 
     def gram(self):
         return self.K

@@ -41,13 +41,15 @@ def soft_threshold(x: torch.Tensor, threshold) -> torch.Tensor:
     return _soft(x, thr)
 
 
-def _soft(x: torch.Tensor, thr) -> torch.Tensor:
+def _soft(x: torch.Tensor, thr, out: torch.Tensor | None = None) -> torch.Tensor:
     # sign(x) * relu(|x| - thr) without validation, for hot loops: x - clamp(x, -thr, thr), two kernels, or for a
     # float threshold softshrink, one; the same values bit for bit (x - thr is |x| - thr with the sign of x) and
-    # the same gradients
+    # the same gradients. ``out`` (not for autograd): the tensor to write into
     if isinstance(thr, float) and thr >= 0:
-        return torch.nn.functional.softshrink(x, thr)
-    return x - torch.clamp(x, -thr, thr)
+        return torch.nn.functional.softshrink(x, thr) if out is None else torch._C._nn.softshrink(x, thr, out=out)
+    if out is None:
+        return x - torch.clamp(x, -thr, thr)
+    return torch.sub(x, torch.clamp(x, -thr, thr, out=out), out=out)
 
 
 def lasso_objective(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, convention: str = "eq10") -> torch.Tensor:

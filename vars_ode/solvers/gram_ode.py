@@ -20,15 +20,18 @@ transposed Jacobian is::
     gW = -alpha gdW + gdU;   gU = -beta gdU + ga
     dK += gKs a^T,  db += gdW,  dthreshold -= sign(a) ga
 
-(``K`` symmetric). The step sizes and the accept decisions are constants, as in the unrolled integrators.
+(``K`` symmetric). The step sizes and the accept decisions are constants, as in the unrolled integrators. For
+large CPU states the temporaries and each stage's ``(gW, gU)`` go into reused scratch buffers, as the forward
+integration's do (:data:`vars_ode.solvers.native.SCRATCH_MIN_BYTES`).
 The gradients equal autograd's through the same steps up to rounding (``tests/test_native.py``).
 """
 from __future__ import annotations
 
 import torch
 
+from .._workspace import scratch
 from ..ops import _soft
-from .native import _combine
+from .native import _buffers, _combine, _evaluate, _inplace
 
 
 class Tape:
@@ -53,23 +56,26 @@ class Tape:
         self.steps.append((kept, hh, acc, A, b))
 
 
-def _stage_inputs(field, y0, h, A):
-    # the U of every stage of one step from its start y0, evaluating the field again
+def _stage_inputs(field, y0, h, A, inplace=False):
+    # the U of every stage of one step from its start y0, evaluating the field again (with `inplace`, into
+    # scratch buffers that live until the step's reverse pass is done)
     ks, Us = [], []
     for i, row in enumerate(A):
-        y = _combine(y0, h, ks, row) if row else y0
+        # the W half of a stage is dead once its slope is evaluated, the U half is kept for the reverse pass
+        y = (_combine(y0, h, ks, row, (scratch("rev.stageW", y0[0].shape, y0[0].dtype, y0[0].device),
+                                       *_buffers(f"rev.stageU{i}", y0[1:])) if inplace else None) if row else y0)
         Us.append(y[1])
         if i < len(A) - 1:  # the last stage's slope enters no other stage
-            ks.append(field(0.0, y))
+            ks.append(_evaluate(field, 0.0, y, _buffers(f"ode.k{i}", y0) if inplace else None))
     return Us
 
 
-def _lin(terms):
-    # sum of c * t over (float coefficient, tensor) pairs, in a fresh tensor
-    out = terms[0][1] * terms[0][0]
+def _lin(terms, out=None):
+    # sum of c * t over (float coefficient, tensor) pairs, in a fresh tensor or in `out`
+    res = torch.mul(terms[0][1], terms[0][0], out=out)
     for c, t in terms[1:]:
-        out.add_(t, alpha=c)
-    return out
+        res.add_(t, alpha=c)
+    return res
 
 
 class _GramODENode(torch.autograd.Function):
@@ -121,35 +127,50 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
     gB = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if want_B else None
     gT = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if want_thr else None
 
-    def vjp(U, gdW, gdU):
+    inplace = _inplace(ref)
+
+    def buf(name):  # a scratch buffer shaped like the state, or None (a new tensor) outside `inplace`
+        return scratch(name, shape, ref.dtype, ref.device) if inplace else None
+
+    def vjp(i, U, gdW, gdU):
+        # the stage's (gW, gU) contributions, in buffers of their own (they live until the step is reversed)
         if active is not None:
-            gdW, gdU = gdW * active, gdU * active
-        a = _soft(U, thr)
-        gKs = torch.sub(gdW, gdU, alpha=gamma)
+            gdW, gdU = torch.mul(gdW, active, out=buf("rev.gdW")), torch.mul(gdU, active, out=buf("rev.gdU"))
+        a = _soft(U, thr, out=buf("rev.a"))
+        gKs = torch.sub(gdW, gdU, alpha=gamma, out=buf("rev.gKs"))
         if Q is not None:
             Q.view(-1, *Q.shape[-2:]).baddbmm_(gKs.reshape(-1, *shape[-2:]), a.reshape(-1, *shape[-2:]).transpose(-1, -2))
-        ga = torch.bmm(K3, gKs.reshape(-1, *shape[-2:])).view(*lead, *shape[-2:])
-        ga.add_(gdU, alpha=gamma)
         # times [a != 0] = [|U| > thr]: softshrink's own backward kernel for a float threshold, else |sign(a)| (a
         # boolean mask costs several float passes on the CPU: benchmarks/RESULTS.md, eighth session)
-        ga = (torch.ops.aten.softshrink_backward(ga, U, thr) if isinstance(thr, float)
-              else ga.mul_(torch.sign(a).abs_()))
+        floating = isinstance(thr, float)
+        ga = buf("rev.ga" if floating else f"rev.gU{i}")
+        ga = torch.bmm(K3, gKs.reshape(-1, *shape[-2:]),
+                       out=None if ga is None else ga.view(-1, *shape[-2:])).view(*lead, *shape[-2:])
+        ga.add_(gdU, alpha=gamma)
+        if floating:
+            o = buf(f"rev.gU{i}")
+            ga = (torch.ops.aten.softshrink_backward(ga, U, thr) if o is None
+                  else torch.ops.aten.softshrink_backward.grad_input(ga, U, thr, grad_input=o))
+        else:
+            ga = ga.mul_(torch.sign(a).abs_())
         if gB is not None:
             gB.add_(gdW)
         if gT is not None:
             gT.addcmul_(torch.sign(a), ga, value=-1.0)
-        return torch.add(gdU, gdW, alpha=-alpha), ga.add_(gdU, alpha=-beta)
+        return torch.add(gdU, gdW, alpha=-alpha, out=buf(f"rev.gW{i}")), ga.add_(gdU, alpha=-beta)
 
-    gW, gU = _reverse(steps, tape.checkpoint, field, gW, gU, vjp)
+    gW, gU = _reverse(steps, tape.checkpoint, field, gW, gU, vjp, buf, inplace)
     return Q, gB, gT, gW, gU
 
 
-def _reverse(steps, checkpoint, field, gW, gU, vjp):
-    # the steps of a tape in reverse (module docstring); returns the gradient of the integration's start
+def _reverse(steps, checkpoint, field, gW, gU, vjp, buf, inplace):
+    # the steps of a tape in reverse (module docstring); returns the gradient of the integration's start.
+    # buf(name): a scratch buffer shaped like the state (None where not `inplace`)
     owned = False
     for kept, h, acc, A, b in reversed(steps):
-        Us = _stage_inputs(field, kept, h, A) if checkpoint else kept
-        gsW, gsU = (gW, gU) if acc is None else (gW * acc, gU * acc)
+        Us = _stage_inputs(field, kept, h, A, inplace) if checkpoint else kept
+        gsW, gsU = ((gW, gU) if acc is None else
+                    (torch.mul(gW, acc, out=buf("rev.gsW")), torch.mul(gU, acc, out=buf("rev.gsU"))))
         n = len(Us)
         gY = [None] * n
         hf = h if isinstance(h, float) else 1.0  # a float step goes into the coefficients
@@ -162,10 +183,10 @@ def _reverse(steps, checkpoint, field, gW, gU, vjp):
                     tu.append((A[j][i] * hf, gY[j][1]))
             if not tw:
                 continue
-            gkW, gkU = _lin(tw), _lin(tu)
+            gkW, gkU = _lin(tw, buf("rev.gkW")), _lin(tu, buf("rev.gkU"))
             if not isinstance(h, float):
                 gkW, gkU = gkW.mul_(h), gkU.mul_(h)
-            gY[i] = vjp(Us[i], gkW, gkU)
+            gY[i] = vjp(i, Us[i], gkW, gkU)
         if not owned:  # autograd's incoming gradients are not ours to write into
             gW, gU, owned = gW.clone(), gU.clone(), True
         for g in gY:

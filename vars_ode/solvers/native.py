@@ -26,6 +26,12 @@ The state is a tuple of tensors mapped onto the problems by a :class:`vars_ode.l
 Gram form: tensors ``(..., m, k)`` whose columns are problems); the error norm of a problem is the largest
 root-mean-square over the tuple's tensors, taken over its atoms (for the Gram form, the
 ``m`` rows. Gradients flow through the stages (unrolled); step-size control is detached.
+
+Where autograd does not record (inside the fused node and the ``gram_ode`` node, or without a graph) and the state's
+tensors are large CPU ones (:data:`SCRATCH_MIN_BYTES`), the stages, the slopes (:meth:`VARSField.forward_into
+<vars_ode.dynamics.VARSField.forward_into>`) and the error estimate are written into reused scratch buffers
+(:func:`vars_ode._workspace.scratch`) instead of fresh tensors, whose pages fault on their first write; the stage
+inputs a tape keeps and the new state stay fresh tensors. Same operations in the same order, so the same values.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import math
 
 import torch
 
+from .._workspace import scratch
 from ..lasso import GramOperator
 
 # (c, A, b): nodes, lower-triangular stage coefficients (row i has i entries), weights.
@@ -73,26 +80,64 @@ NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
 ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch")
 
 
-def _combine(y, dt, ks, coeffs):
+#: the smallest state tensor (bytes) whose stages and slopes go into reused buffers: glibc's default threshold for
+#: serving an allocation by ``mmap``, whose pages fault on their first write; smaller ones come from the heap, where
+#: the buffers' bookkeeping would cost more than it saves (benchmarks/RESULTS.md, eleventh session)
+SCRATCH_MIN_BYTES = 128 * 1024
+
+
+def _inplace(like: torch.Tensor) -> bool:
+    """Whether the integrators write stages and slopes into reused CPU scratch buffers (``out=`` forms) for a
+    state like ``like``: only where autograd does not record (the fused node, the ``gram_ode`` node, steady state
+    without a graph), nothing traces, and the tensors are large CPU ones. Same operations in the same order either
+    way, so the same values."""
+    return (like.device.type == "cpu" and like.numel() * like.element_size() >= SCRATCH_MIN_BYTES
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def _buffers(name: str, like: tuple, fresh=()) -> tuple:
+    """Scratch tensors shaped like the tuple ``like``, one per entry (``None`` for the entries in ``fresh``: a
+    new tensor, for what outlives the step, such as the stage inputs a tape keeps)."""
+    return tuple(None if j in fresh else scratch(f"{name}.{j}", t.shape, t.dtype, t.device)
+                 for j, t in enumerate(like))
+
+
+def _evaluate(f, t, y, out):
+    # f(t, y), into the tuple of tensors `out` where the field can write into them (VARSField.forward_into)
+    if out is not None and hasattr(f, "forward_into"):
+        return f.forward_into(y, out)
+    return f(t, y)
+
+
+def _combine(y, dt, ks, coeffs, out=None):
     """``y + dt * sum_j coeffs[j] ks[j]`` for every tensor of the tuple state, skipping zero weights; ``dt`` a
-    float or a tuple with one step (broadcastable) per tensor of the state."""
-    out = []
+    float or a tuple with one step (broadcastable) per tensor of the state. ``out`` (only where
+    :func:`_inplace`): a tuple of tensors to write into, ``None`` entries for new tensors."""
+    res = []
     for i, yi in enumerate(y):
         h = dt[i] if isinstance(dt, tuple) else dt
+        o = None if out is None else out[i]
         terms = [(c, k[i]) for c, k in zip(coeffs, ks) if c != 0.0]
         if not terms:
-            out.append(yi)
+            res.append(yi)
         elif isinstance(h, torch.Tensor):  # y + h * sum_j c_j k_j, the sum accumulated in place
-            acc = terms[0][1] * terms[0][0]
+            acc = (terms[0][1] * terms[0][0] if out is None else
+                   torch.mul(terms[0][1], terms[0][0], out=scratch("ode.acc", yi.shape, yi.dtype, yi.device)))
             for c, k in terms[1:]:
                 acc.add_(k, alpha=c)
-            out.append(torch.addcmul(yi, h, acc))
+            res.append(torch.addcmul(yi, h, acc, out=o))
         else:  # y + sum_j (h c_j) k_j: one kernel a term
-            acc = torch.add(yi, terms[0][1], alpha=h * terms[0][0])
+            acc = torch.add(yi, terms[0][1], alpha=h * terms[0][0], out=o)
             for c, k in terms[1:]:
                 acc.add_(k, alpha=h * c)
-            out.append(acc)
-    return tuple(out)
+            res.append(acc)
+    return tuple(res)
+
+
+def _stage_buffers(y, tape) -> tuple:
+    # where a stage input is written: scratch, except the U half that a tape without checkpoints keeps
+    keep = tape is not None and not tape.checkpoint
+    return _buffers("ode.stage", y, fresh=range(len(y) // 2, len(y)) if keep else ())
 
 
 def fixed_grid(t0: float, t1: float, step_size: float) -> list[float]:
@@ -119,16 +164,17 @@ def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float, t
     ``tape`` (:class:`vars_ode.solvers.gram_ode.Tape`) receives every step's stage inputs."""
     c, A, b = FIXED_TABLEAUX[method]
     grid = fixed_grid(t0, t1, step_size)
+    inplace = _inplace(y[0])
     for ta, tb in zip(grid[:-1], grid[1:]):
         dt = tb - ta
         ks, stages = [], []
-        for ci, row in zip(c, A):
-            yi = _combine(y, dt, ks, row) if row else y
+        for i, (ci, row) in enumerate(zip(c, A)):
+            yi = _combine(y, dt, ks, row, _stage_buffers(y, tape) if inplace else None) if row else y
             stages.append(yi)
-            ks.append(f(ta + ci * dt, yi))
+            ks.append(_evaluate(f, ta + ci * dt, yi, _buffers(f"ode.k{i}", y) if inplace else None))
         if tape is not None:
             tape.add(stages, dt, None, A, b)
-        y = _combine(y, dt, ks, b)
+        y = _combine(y, dt, ks, b, (None,) * len(y) if inplace else None)
     return y
 
 
@@ -246,10 +292,13 @@ class AdaptiveRK:
         h = torch.where(rest <= self.stretch * self.dt, rest, self.dt).clamp_min(0.0)  # zero for columns at the end
         hs = tuple(self._x(j, h) for j in range(len(y)))
         ks, stages = [self.k1], [y]
-        for row in self.A[1:]:
-            y_new = _combine(y, hs, ks, row)
+        inplace = _inplace(y[0])
+        for i, row in enumerate(self.A[1:], 1):
+            # one stage buffer for all stages: a stage's input is dead once its slope is evaluated, and the
+            # last one (the new point) is the last written
+            y_new = _combine(y, hs, ks, row, _stage_buffers(y, self.tape) if inplace else None)
             stages.append(y_new)
-            ks.append(self.f(t0, y_new))
+            ks.append(_evaluate(self.f, t0, y_new, _buffers(f"ode.k{i}", y) if inplace else None))
         # FSAL: the last row of A is b, so the last stage was evaluated at the new point y_new
         self.evaluations += live.long() * (len(self.c) - 1)
         self.attempts += 1
@@ -284,7 +333,9 @@ class AdaptiveRK:
     def _error_over_scale(self, i, ks, y, y_new):
         # entry i of (sum_j e_j k_j) / (atol + rtol max(|y|, |y_new|)), without a graph
         terms = [(e, k[i].detach()) for k, e in zip(ks, self.e) if e != 0.0]
-        err = terms[0][1] * terms[0][0]
+        like = y[i]
+        err = (torch.mul(terms[0][1], terms[0][0], out=scratch(f"ode.err{i}", like.shape, like.dtype, like.device))
+               if _inplace(like) else terms[0][1] * terms[0][0])  # (called without a graph)
         for e, k in terms[1:]:
             err.add_(k, alpha=e)
         scale = torch.maximum(y[i].detach().abs(), y_new[i].detach().abs()).mul_(self.rtol)
