@@ -46,7 +46,7 @@ def _soft(x: torch.Tensor, thr, out: torch.Tensor | None = None) -> torch.Tensor
     # float threshold softshrink, one; the same values bit for bit (x - thr is |x| - thr with the sign of x) and
     # the same gradients. ``out`` (not for autograd): the tensor to write into
     if isinstance(thr, float) and thr >= 0:
-        return torch.nn.functional.softshrink(x, thr) if out is None else torch._C._nn.softshrink(x, thr, out=out)
+        return torch.nn.functional.softshrink(x, thr) if out is None else torch.ops.aten.softshrink.out(x, thr, out=out)
     if out is None:
         return x - torch.clamp(x, -thr, thr)
     return torch.sub(x, torch.clamp(x, -thr, thr, out=out), out=out)
