@@ -104,7 +104,7 @@ def default_rtol(method: str, tol: float) -> float:
 
 
 #: The relative tolerance of adaptive methods in an attention layer's fixed horizon (``VARSLayer(steps=T)``): over a
-#: horizon of 3, dopri5 then stays within about 1e-4 of the exact flow relative to the output's scale in 25
+#: horizon of 3, dopri5 then stays within about 1e-4 of the exact flow relative to the output's scale in 25-31
 #: evaluations (from :data:`LAYER_FIRST_STEP`; 38 from the Hairer estimate; 1.2e-5 in 50 at 1e-3), where 3 ISTA
 #: steps are 2e-2 from that flow (benchmarks/RESULTS.md).
 LAYER_RTOL = 1e-2
@@ -112,7 +112,8 @@ LAYER_RTOL = 1e-2
 #: The first step of dopri5 and bosh3 in a layer's horizon, in the rescaled field's time (instead of the per-problem
 #: Hairer estimate, an evaluation that gave 0.16-0.20 there, after which the steps grew for three attempts towards the
 #: stability-bound 1.0-1.3). Over a horizon of 3 (benchmarks/RESULTS.md, sixth and eleventh sessions): dopri5 from 0.5
-#: takes 4 attempts (25 evaluations; 31 from 0.3, 38 from the Hairer estimate; longer first steps are rejected),
+#: takes 4 attempts on most inputs (25 evaluations; 31 from 0.3, 38 from the Hairer estimate; longer first steps
+#: are rejected more often),
 #: 1e-4 from the exact flow against 6e-5 to 8e-5 from 0.3; in the study's trained models 31 evaluations a layer
 #: instead of 37, the logits as far from the exact flow's. bosh3 from 0.3: 19 evaluations (0.5 saves none on VARS-D
 #: and doubles the error).
