@@ -46,6 +46,12 @@ class Tape:
         self.steps = []
         self.checkpoint = checkpoint
 
+    def kept_entries(self) -> tuple:
+        """The entries of a stage's state tuple that :meth:`add` keeps beyond the step (``U``; none with
+        ``checkpoint``, which keeps the step's start instead): an integrator must not write them into reused
+        buffers."""
+        return () if self.checkpoint else (1,)
+
     def add(self, stage_states, h, accept, A, b):
         """``stage_states``: the state tuple ``(W, U)`` at which each stage was evaluated; ``h``: the step (a
         float, or a tuple with one per-problem tensor per entry of the state); ``accept``: per-problem booleans

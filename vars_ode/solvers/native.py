@@ -135,9 +135,8 @@ def _combine(y, dt, ks, coeffs, out=None):
 
 
 def _stage_buffers(y, tape) -> tuple:
-    # where a stage input is written: scratch, except the U half that a tape without checkpoints keeps
-    keep = tape is not None and not tape.checkpoint
-    return _buffers("ode.stage", y, fresh=range(len(y) // 2, len(y)) if keep else ())
+    # where a stage input is written: scratch, except the entries the tape keeps (Tape.kept_entries)
+    return _buffers("ode.stage", y, fresh=tape.kept_entries() if tape is not None else ())
 
 
 def fixed_grid(t0: float, t1: float, step_size: float) -> list[float]:
