@@ -86,7 +86,8 @@ def test_gpu_script_compiled_blocks(capsys):
 
 
 def test_gpu_check_fails_on_a_nan_or_a_wrong_device_gradient(monkeypatch):
-    # the third run of each layer is the "device" one (float64 reference, CPU fp32, device fp32): a NaN
+    # the third run of each layer is the "device" one (float64 reference, CPU fp32, device fp32, device
+    # float64): a NaN
     # in one of its gradients, or an error 100x the CPU's, must fail its row even where the bound comes
     # from the CPU's own fp32 error
     import torch
@@ -100,7 +101,7 @@ def test_gpu_check_fails_on_a_nan_or_a_wrong_device_gradient(monkeypatch):
         def run(layer, x, poison=poison, calls=calls):
             y, grads = original(layer, x)
             calls.append(1)
-            if len(calls) % 3 == 0:
+            if len(calls) % 4 == 3:
                 name = list(grads)[-1]
                 grads[name] = poison(grads[name])
             return y, grads
@@ -108,7 +109,41 @@ def test_gpu_check_fails_on_a_nan_or_a_wrong_device_gradient(monkeypatch):
         monkeypatch.setattr(gpu, "_layer_run", run)
         ok, rows = gpu.check_correctness(torch.device("cpu"), True)
         assert not ok
-        assert all(not err <= bound for name, err, bound in rows if "gradients" in name)
+        assert all(not err <= bound for name, err, bound in rows if "fp32 gradients" in name)
+
+
+def test_gpu_script_solver_table(capsys, monkeypatch):
+    # the layer's solvers on a card (issue 18's table): each solver variant is checked as a layer against float64
+    # on the CPU before it is timed, and its block is compared with its own dictionary's ISTA 3 beside timm's
+    gpu = load("gpu")
+    assert {"vars_d", "vars_sd_dense", "vars_sd", "vars_s"} <= set(gpu.SOLVER_BLOCKS)
+    for name, (base, opts) in gpu.SOLVER_VARIANTS.items():
+        assert gpu.VARIANTS[name] == {**gpu.VARIANTS[base], **opts}
+    assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--skip-training", "--skip-ode",
+                     "--blocks", "vars_d,vars_d_rk4,vars_d_eq_1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "| vars_d_rk4 layer fp32 gradients" in out and "| vars_d_eq_1e-3 layer fp32 forward" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| vars_d_rk4 | ")]
+    assert len(rows) == 2 and all(r[-2] == "0" and r[-1].count("x") == 3 for r in rows)  # no host read; 3 ratios
+    eq = [line for line in out.splitlines() if line.startswith("| vars_d_eq_1e-3 | ")]
+    assert len(eq) == 2 and all(int(line.split(" | ")[-2]) > 0 for line in eq)  # a tolerance reads back
+    # a wrong gradient in a solver layer on the "device" (its fp32 run, or its float64 run) fails the gate
+    original = gpu._layer_run
+    for run_index in (3, 0):
+        calls = []
+
+        def run(layer, x, calls=calls, run_index=run_index):
+            y, grads = original(layer, x)
+            calls.append(1)
+            if len(calls) % 4 == run_index:
+                grads["x"] = grads["x"] * (1 + 1e-2 * (x.dtype == gpu.torch.float32) + 1e-6)
+            return y, grads
+
+        monkeypatch.setattr(gpu, "_layer_run", run)
+        ok, rows = gpu.check_solver_layers(gpu.torch.device("cpu"), True, ["timm", "vars_d_rk4"])
+        failed = [name for name, err, bound in rows if not err <= bound]
+        assert not ok and len(failed) == 1
+        assert ("fp32 gradients" if run_index == 3 else "float64 forward and gradients") in failed[0]
 
 
 def test_gpu_script_refuses_to_time_when_a_check_fails(monkeypatch, capsys):
