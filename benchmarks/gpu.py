@@ -65,6 +65,10 @@ VARIANTS = {
     "vars_sd_dense": dict(dictionary="sd", static="dense"),
     "vars_sd_dense32": dict(dictionary="sd", static="dense", num_static_atoms=32),  # the default is head_dim (64)
     "vars_s": dict(dictionary="s"),  # the layer's default static atoms: convolutional templates
+    # the templates as per-channel matrix products (vars_ode.dictionaries.MATRIX_DEVICES, opt-in: the device's type
+    # added for the forward)
+    "vars_sd_matrices": dict(dictionary="sd", _matrices=True),
+    "vars_s_matrices": dict(dictionary="s", _matrices=True),
     "vars_s_dense": dict(dictionary="s", static="dense"),
 }
 #: the layer's solvers on the card (issue 18's table): name -> (the ISTA-3 variant of the same dictionary, solver
@@ -90,7 +94,7 @@ SOLVER_VARIANTS = {
 }
 #: the blocks and training variants run when ``--blocks`` / ``--train`` are not given (the solver variants and
 #: VARS-S are asked for by name, or all at once with ``--blocks solvers``)
-DEFAULT_BLOCKS = tuple(n for n in VARIANTS if not n.startswith("vars_s_") and n != "vars_s")
+DEFAULT_BLOCKS = tuple(n for n in VARIANTS if not n.startswith("vars_s_") and n not in ("vars_s", "vars_sd_matrices"))
 VARIANTS.update({name: dict(VARIANTS[base], **kw) for name, (base, kw) in SOLVER_VARIANTS.items()})
 #: ``--blocks solvers``: the solver table (timm's block, the block without attention, each dictionary's ISTA 3, the
 #: solver variants but the convolutional VARS-SD's equilibrium, about 100x its ISTA 3: seconds a step on a card)
@@ -399,6 +403,24 @@ class _ByTemplate(torch.nn.Module):
                 devices.discard(x.device.type)
 
 
+class _Matrices(torch.nn.Module):
+    # a block whose templates run as per-channel matrix products on its device (MATRIX_DEVICES; the choice is made in
+    # the forward pass, and the backward replays what it recorded)
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        devices = vo.dictionaries.MATRIX_DEVICES
+        added = x.device.type not in devices
+        devices.add(x.device.type)
+        try:
+            return self.block(x)
+        finally:
+            if added:
+                devices.discard(x.device.type)
+
+
 class _NoAttention(torch.nn.Module):
     # the identity in the attention's place (timm's Block passes attn_mask / is_causal keywords)
     def forward(self, x, *args, **kwargs):
@@ -435,6 +457,8 @@ def make_block(dim, heads, name, device):
     opts = dict(opts)
     if opts.pop("_by_template", False):
         return _ByTemplate(make_block(dim, heads, "vars_sd", device))
+    if opts.pop("_matrices", False):
+        return _Matrices(make_block(dim, heads, "vars_" + opts["dictionary"], device))
     cls = vo.VARSLayer.configure(**opts)
     if other:
         from ab_fused import with_core

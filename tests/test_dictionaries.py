@@ -122,6 +122,55 @@ def test_template_convolutions_match_grouped_convolutions(pad):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@given(H=st.integers(1, 6), W=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7, 13]), r=st.integers(1, 3),
+       p=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_template_matrices_match_grouped_convolutions(H, W, k, r, p, seed):
+    # the matrix form of P^T and P (MATRIX_DEVICES, opt-in; here on the CPU) against PyTorch's grouped
+    # convolution and its transpose, values and the gradients in the signal, the code and the kernel, in float64;
+    # templates larger than the grid included
+    import torch.nn.functional as F
+    from vars_ode import dictionaries as D
+
+    torch.manual_seed(seed)
+    h, dh = 2, 2
+    C = h * dh
+    static = StaticDictionary(C, h, atoms_per_channel=r, kernel_size=k).double()
+    x = torch.randn(2, h, p + H * W, dh, dtype=D64, requires_grad=True)
+    u = torch.randn(2, h, dh, r, H, W, dtype=D64, requires_grad=True)
+    D.MATRIX_DEVICES.add("cpu")
+    try:
+        atoms = static.bind((H, W), p)
+        assert atoms._as_matrices(x.device)
+        enc, dec = atoms.encode(x)[0], atoms.decode((u,))
+    finally:
+        D.MATRIX_DEVICES.discard("cpu")
+    kernel = static.normalized_kernel()
+    grid = x[:, :, p:, :].permute(0, 1, 3, 2).reshape(2, C, H, W)
+    enc_ref = F.conv2d(grid, kernel, padding=k // 2, groups=C).reshape(enc.shape)
+    dec_ref = F.conv_transpose2d(u.reshape(2, C * r, H, W), kernel, padding=k // 2, groups=C)
+    dec_ref = F.pad(dec_ref.reshape(2, h, dh, H * W).transpose(-1, -2), (0, 0, p, 0))
+    torch.testing.assert_close(enc, enc_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dec, dec_ref, rtol=1e-12, atol=1e-12)
+    ge, gd = torch.randn_like(enc), torch.randn_like(dec)
+    ours = torch.autograd.grad((enc * ge).sum() + (dec * gd).sum(), (x, u, static.kernel))
+    ref = torch.autograd.grad((enc_ref * ge).sum() + (dec_ref * gd).sum(), (x, u, static.kernel))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_template_matrices_only_where_asked(monkeypatch):
+    # opt-in by device type; circular padding and grids above MATRIX_MAX_GRID keep the convolutions
+    from vars_ode import dictionaries as D
+
+    cuda = torch.device("cuda")  # only its type is read
+    assert not D.StaticDictionary(4, 2).bind((14, 14))._as_matrices(cuda)  # the default: convolutions
+    monkeypatch.setattr(D, "MATRIX_DEVICES", {"cuda"})
+    assert D.StaticDictionary(4, 2).bind((14, 14))._as_matrices(cuda)
+    assert not D.StaticDictionary(4, 2).bind((14, 14))._as_matrices(torch.device("cpu"))
+    assert not D.StaticDictionary(4, 2, padding="circular").bind((14, 14))._as_matrices(cuda)
+    assert not D.StaticDictionary(4, 2).bind((29, 28))._as_matrices(cuda)
+
+
 def test_dynamic_gram_matches_brute_force():
     torch.manual_seed(3)
     B, h, N, dh, m = 2, 2, 9, 4, 8

@@ -115,6 +115,29 @@ def test_circular_shift_equivariance(dictionary):
     torch.testing.assert_close(layer(shift(x)), shift(layer(x)), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dictionary", ["s", "sd"])
+@pytest.mark.parametrize("solver", [dict(solver="ista", steps=3), dict(solver="dopri5", steps=2.0),
+                                    dict(solver="fista", steps=None, tol=1e-6, grad="implicit")])
+def test_template_matrices_give_the_convolutions_layer(monkeypatch, dictionary, solver):
+    # the templates as matrix products (vars_ode.dictionaries.MATRIX_DEVICES, opt-in; here on the CPU) change neither
+    # the layer's output nor any gradient: ISTA, an adaptive ODE and the implicit equilibrium
+    from vars_ode import dictionaries
+
+    torch.manual_seed(3)
+    layer = VARSLayer(12, 2, dictionary=dictionary, image_size=4, kernel_size=3, **solver).double()
+    x = torch.randn(2, 17, 12, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y = layer(x)
+        return [y] + list(torch.autograd.grad((y * torch.cos(y)).sum(), [x, *layer.parameters()]))
+
+    convolutions = run()
+    monkeypatch.setattr(dictionaries, "MATRIX_DEVICES", {"cpu"})
+    products = run()
+    for a, b in zip(products, convolutions):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 def test_dynamic_layer_is_permutation_equivariant():
     torch.manual_seed(4)
     layer = VARSLayer(8, 2, dictionary="d", solver="fista", steps=5).double()

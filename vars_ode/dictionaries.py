@@ -169,6 +169,19 @@ class StaticAtoms(Atoms):
         self.p = num_prefix_tokens
         self.padding = padding
         self.pad = kernel.shape[-1] // 2
+        self._matrices = None  # (C, H W, r H W), built at the first use on a MATRIX_DEVICES device
+
+    def _as_matrices(self, device) -> bool:
+        # whether P^T and P run as per-channel matrix products (see MATRIX_DEVICES)
+        return (device.type in MATRIX_DEVICES and self.padding == "zeros"
+                and self.H * self.W <= MATRIX_MAX_GRID)
+
+    def matrices(self) -> torch.Tensor:
+        """``(C, H W, r H W)``: ``P^T`` of each channel as a matrix (token ``q`` of the grid to template ``j`` at
+        token ``p`` in column ``j H W + p``), gathered from the templates (zero padding), so differentiable in them."""
+        if self._matrices is None:
+            self._matrices = template_matrices(self.kernel, self.r, (self.H, self.W))
+        return self._matrices
 
     def encode(self, x):
         B, h, N, dh = x.shape
@@ -176,6 +189,11 @@ class StaticAtoms(Atoms):
         if N - self.p != self.H * self.W:
             raise ValueError(f"the signal has {N} tokens, but the static dictionary is bound to {self.p} prefix "
                              f"tokens and a {self.H}x{self.W} grid")
+        if self._as_matrices(x.device):
+            # (C, B, H W) @ (C, H W, r H W): the code in (C, B, r H W) memory, seen as (B, h, dh, r, H, W)
+            g = x[:, :, self.p:, :].permute(1, 3, 0, 2).reshape(C, B, self.H * self.W)
+            y = torch.matmul(g, self.matrices())
+            return (y.transpose(0, 1).reshape(B, h, dh, r, self.H, self.W),)
         # the grid in channels-last memory (B, H, W, C), where the depthwise convolution is fastest
         g = x[:, :, self.p:, :].permute(0, 2, 1, 3).reshape(B, self.H, self.W, C).permute(0, 3, 1, 2)
         if self.padding == "circular":
@@ -189,6 +207,10 @@ class StaticAtoms(Atoms):
         u = code[0]
         B, h, dh, r, H, W = u.shape
         C = h * dh
+        if self._as_matrices(u.device):
+            y = torch.matmul(u.reshape(B, C, r * H * W).transpose(0, 1), self.matrices().transpose(1, 2))
+            y = y.reshape(h, dh, B, H * W).permute(2, 0, 3, 1)
+            return F.pad(y, (0, 0, self.p, 0)) if self.p else y
         u = u.reshape(B, C * r, H, W)
         if self.padding == "circular":
             y = _unwrap_circular(_templates_conv_t(u, self.kernel, 0, C), self.pad, H, W)
@@ -218,6 +240,38 @@ class StaticAtoms(Atoms):
 
     def with_roots(self, roots):
         return StaticAtoms(roots[0], self.h, self.r, (self.H, self.W), self.p, self.padding)
+
+    def __getstate__(self):  # the matrices are a cache of the kernel's
+        return {**self.__dict__, "_matrices": None}
+
+
+#: device types on which the templates' ``P^T`` and ``P`` run as per-channel matrix products
+#: (:meth:`StaticAtoms.matrices`, zero padding, grids of at most MATRIX_MAX_GRID tokens) instead of convolutions:
+#: ``H W / k^2`` times the convolution's arithmetic, on a GPU's tensor cores. Opt-in
+#: (``vars_ode.dictionaries.MATRIX_DEVICES.add("cuda")``): on an H200 the grouped convolutions of VARS-S / VARS-SD at
+#: DeiT-Ti's width made a block 40x timm's, and the products gave the same forward and gradients there (float64 to
+#: 1.3e-15), but they are not yet timed on a card (benchmarks/RESULTS.md, twelfth session; ``benchmarks/gpu.py
+#: --blocks vars_sd,vars_sd_matrices`` times them). On CPUs the arithmetic is the cost.
+MATRIX_DEVICES: set = set()
+#: the largest grid (tokens) for the matrix form: its matrices take ``C r (H W)^2`` entries (192 channels, 5
+#: templates: 37 M at 14 x 14, 590 M at 28 x 28)
+MATRIX_MAX_GRID = 784
+
+
+def template_matrices(kernel: torch.Tensor, r: int, grid: tuple) -> torch.Tensor:
+    """``(C, H W, r H W)``: for ``r`` templates per channel (``kernel`` ``(C r, 1, k, k)``, odd ``k``), the matrix of
+    ``conv2d(x, kernel, padding=k // 2, groups=C)`` of each channel on an ``H x W`` grid: entry ``(q, j H W + p)`` is
+    template ``j``'s weight at offset ``q - p + k // 2`` (zero outside the template)."""
+    Cr, _, k, _ = kernel.shape
+    C, (H, W), pad = Cr // r, grid, k // 2
+    dev = kernel.device
+    ys, xs = torch.arange(H, device=dev), torch.arange(W, device=dev)
+    dy = (ys[:, None] - ys[None, :] + pad)[:, None, :, None]  # (q_y, 1, p_y, 1)
+    dx = (xs[:, None] - xs[None, :] + pad)[None, :, None, :]  # (1, q_x, 1, p_x)
+    inside = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+    index = torch.where(inside, dy * k + dx, k * k).reshape(H * W, H * W)  # k * k: the zero appended below
+    flat = F.pad(kernel.reshape(C, r, k * k), (0, 1))
+    return flat[:, :, index].transpose(1, 2).reshape(C, H * W, r * H * W)
 
 
 def _conv_by_template(x, kernel, pad, C):
