@@ -498,9 +498,13 @@ def graphed_ms(block, x, iters, tf32=True):
             torch.cuda.empty_cache()
 
 
-def block_table(device, quick, iters, variants, graphs=False):
+def block_table(device, quick, iters, variants, graphs=False, shapes=None, progress=None):
+    """Blocks of each variant at each ``(B, N)`` of ``shapes`` (the default: B 256 x N 196 and B 4 x N 12544; toy
+    sizes with ``quick``). Each variant's second call is printed when it is made (its time and host reads), each
+    shape's table when it is measured, and ``progress(results)`` is called after each shape: a run stopped by a
+    time limit keeps what it measured."""
     dim, heads = 192, 3
-    shapes = [(2, 16), (1, 64)] if quick else [(256, 196), (4, 12544)]
+    shapes = ([(2, 16), (1, 64)] if quick else [(256, 196), (4, 12544)]) if shapes is None else shapes
     results = []
     for B, N in shapes:
         x = torch.randn(B, N, dim, device=device, requires_grad=True)
@@ -518,7 +522,10 @@ def block_table(device, quick, iters, variants, graphs=False):
                     steps[name]()
                 sync(device)
                 row[name + "_reads"] = reads.count
-                calls[name] = iters if time.perf_counter() - t0 < SLOW_S else min(iters, 3)
+                seconds = time.perf_counter() - t0
+                calls[name] = iters if seconds < SLOW_S else min(iters, 3)
+                print(f"block {name}, B {B} x N {N}: second call {seconds * 1e3:.1f} ms, {reads.count} host reads",
+                      flush=True)
             except Exception as exc:
                 if name == "timm":
                     raise
@@ -546,31 +553,37 @@ def block_table(device, quick, iters, variants, graphs=False):
                     row[name + "_graphed"] = graphed_ms(make_block(dim, heads, name, device),
                                                         x.detach().clone().requires_grad_(), iters, variant(name)[1])
         results.append(row)
-    nan = float("nan")
-    for r in results:
-        t, rest = r["timm"], r.get("identity")
-        gt = r.get("timm_graphed", nan)
-        print(f"\n| block, B {r['B']} x N {r['N']}, bf16 fwd+bwd | ms (/ timm) | CUDA graph ms (/ timm) | "
-              "attention alone ms (/ timm) | peak MiB above inputs (/ timm) | host reads | "
-              "/ own ISTA 3: block, graph, attention alone |\n|---|---|---|---|---|---|---|")
-        for n in variants:
-            ms, mib = r[n]
-            g = r.get(n + "_graphed", nan)
-            attn = ms - rest[0] if rest else nan
-            tattn = t[0] - rest[0] if rest else nan
-            base = SOLVER_VARIANTS.get(n, (None,))[0]
-            if base in r:
-                bms, bg = r[base][0], r.get(base + "_graphed", nan)
-                battn = bms - rest[0] if rest else nan
-                own = f"{ms / bms:.2f}x, {g / bg:.2f}x, {attn / battn:.2f}x"
-            else:
-                own = ""
-            print(f"| {n} | {ms:.2f} ({ms / t[0]:.2f}x) | {g:.2f} ({g / gt:.2f}x) | {attn:.2f} ({attn / tattn:.2f}x) "
-                  f"| {mib:.0f} ({mib / t[1]:.2f}x) | {r.get(n + '_reads', '')} | {own} |")
+        _print_blocks(row, variants)
+        if progress is not None:
+            progress(results)
     print("targets: N 196: VARS-D <= 1.25x, VARS-SD <= 1.5x; N 12544: VARS-D >= 2x faster than timm (<= 0.5x); "
           "against ISTA 3 (issue 18, CPU): euler <= 1.5x, rk4 <= 2.5x, dopri5 <= 3x, dopri5 adjoint <= 6x, "
           "equilibrium <= 5x")
     return results
+
+
+def _print_blocks(r, variants):
+    # one shape's table of block_table
+    nan = float("nan")
+    t, rest = r["timm"], r.get("identity")
+    gt = r.get("timm_graphed", nan)
+    print(f"\n| block, B {r['B']} x N {r['N']}, bf16 fwd+bwd | ms (/ timm) | CUDA graph ms (/ timm) | "
+          "attention alone ms (/ timm) | peak MiB above inputs (/ timm) | host reads | "
+          "/ own ISTA 3: block, graph, attention alone |\n|---|---|---|---|---|---|---|")
+    for n in variants:
+        ms, mib = r[n]
+        g = r.get(n + "_graphed", nan)
+        attn = ms - rest[0] if rest else nan
+        tattn = t[0] - rest[0] if rest else nan
+        base = SOLVER_VARIANTS.get(n, (None,))[0]
+        if base in r:
+            bms, bg = r[base][0], r.get(base + "_graphed", nan)
+            battn = bms - rest[0] if rest else nan
+            own = f"{ms / bms:.2f}x, {g / bg:.2f}x, {attn / battn:.2f}x"
+        else:
+            own = ""
+        print(f"| {n} | {ms:.2f} ({ms / t[0]:.2f}x) | {g:.2f} ({g / gt:.2f}x) | {attn:.2f} ({attn / tattn:.2f}x) "
+              f"| {mib:.0f} ({mib / t[1]:.2f}x) | {r.get(n + '_reads', '')} | {own} |", flush=True)
 
 
 def profile_block(device, quick, name="vars_d", top=25, path=None):
@@ -861,6 +874,7 @@ def main(argv=None):
     ap.add_argument("--graphs", action="store_true", help="also time timm, VARS-D and VARS-SD dense blocks as CUDA graphs")
     ap.add_argument("--time-anyway", action="store_true", help="time even if a correctness check fails")
     ap.add_argument("--checks-only", action="store_true", help="the correctness checks of the asked blocks, no timing")
+    ap.add_argument("--shapes", default="256x196,4x12544", help="the blocks' B x N, comma-separated (not with --quick)")
     ap.add_argument("--json", help="write the raw numbers here")
     ap.add_argument("--ab-file", help="another version of vars_ode/fused.py: adds NAME@ab block variants that "
                                       "run it (A/B in one process, as benchmarks/ab_fused.py on the CPU)")
@@ -905,6 +919,12 @@ def main(argv=None):
     for t in train + [t for t in args.train_graphs.split(",") if t]:
         if t not in TRAIN_VARIANTS:
             raise SystemExit(f"--train / --train-graphs: unknown variant {t!r}; choose from {list(TRAIN_VARIANTS)}")
+    try:
+        shapes = None if args.quick else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        if shapes is not None and not all(len(t) == 2 and min(t) > 0 for t in shapes):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--shapes: expected B x N pairs such as 256x196,4x12544, got {args.shapes!r}")
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     import timm
@@ -946,7 +966,8 @@ def main(argv=None):
             with open(args.json, "w") as fh:
                 json.dump(results, fh, indent=1, default=str)
 
-    record("blocks", block_table(device, args.quick, args.iters, blocks, graphs=args.graphs))
+    record("blocks", block_table(device, args.quick, args.iters, blocks, graphs=args.graphs, shapes=shapes,
+                                 progress=lambda done: record("blocks", done)))
     if args.profile:
         record("kernels", {name: profile_block(device, args.quick, name=name, path=args.profile)
                            for name in ("vars_d", "vars_d_triton") if name in blocks})

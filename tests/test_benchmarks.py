@@ -127,6 +127,10 @@ def test_gpu_script_solver_table(capsys, monkeypatch):
     assert len(rows) == 2 and all(r[-2] == "0" and r[-1].count("x") == 3 for r in rows)  # no host read; 3 ratios
     eq = [line for line in out.splitlines() if line.startswith("| vars_d_eq_1e-3 | ")]
     assert len(eq) == 2 and all(int(line.split(" | ")[-2]) > 0 for line in eq)  # a tolerance reads back
+    # each variant's second call is printed as it is made (a run stopped by a time limit says how far it came)
+    assert out.count("block vars_d_rk4, B ") == 2 and "0 host reads" in out
+    with pytest.raises(SystemExit, match="--shapes: expected B x N pairs"):
+        gpu.main(["--device", "cpu", "--shapes", "256x196,4"])
     # a wrong gradient in a solver layer on the "device" (its fp32 run, or its float64 run) fails the gate
     original = gpu._layer_run
     for run_index in (3, 0):
