@@ -385,33 +385,16 @@ def block_step(block, x, amp, cache=True, tf32=True):
     return step
 
 
-class _ByTemplate(torch.nn.Module):
-    # a block whose convolutional templates run template by template on its device (the choice is made in the
-    # forward pass, which records the autograd functions that the backward pass then runs)
-    def __init__(self, block):
+class _DeviceIn(torch.nn.Module):
+    # a block run with its device's type in one of vars_ode.dictionaries' device sets (BY_TEMPLATE_DEVICES: the
+    # convolutional templates template by template; MATRIX_DEVICES: as per-channel matrix products). The choice is
+    # made in the forward pass, which records the autograd functions that the backward pass then runs
+    def __init__(self, block, setting):
         super().__init__()
-        self.block = block
+        self.block, self.setting = block, setting
 
     def forward(self, x):
-        devices = vo.dictionaries.BY_TEMPLATE_DEVICES
-        added = x.device.type not in devices
-        devices.add(x.device.type)
-        try:
-            return self.block(x)
-        finally:
-            if added:
-                devices.discard(x.device.type)
-
-
-class _Matrices(torch.nn.Module):
-    # a block whose templates run as per-channel matrix products on its device (MATRIX_DEVICES; the choice is made in
-    # the forward pass, and the backward replays what it recorded)
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        devices = vo.dictionaries.MATRIX_DEVICES
+        devices = getattr(vo.dictionaries, self.setting)
         added = x.device.type not in devices
         devices.add(x.device.type)
         try:
@@ -456,9 +439,9 @@ def make_block(dim, heads, name, device):
         return block.to(device)
     opts = dict(opts)
     if opts.pop("_by_template", False):
-        return _ByTemplate(make_block(dim, heads, "vars_sd", device))
+        return _DeviceIn(make_block(dim, heads, "vars_sd", device), "BY_TEMPLATE_DEVICES")
     if opts.pop("_matrices", False):
-        return _Matrices(make_block(dim, heads, "vars_" + opts["dictionary"], device))
+        return _DeviceIn(make_block(dim, heads, "vars_" + opts["dictionary"], device), "MATRIX_DEVICES")
     cls = vo.VARSLayer.configure(**opts)
     if other:
         from ab_fused import with_core
