@@ -158,6 +158,22 @@ def test_template_matrices_match_grouped_convolutions(H, W, k, r, p, seed):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+def test_template_matrices_cached_without_a_graph_are_built_again_with_one(monkeypatch):
+    # atoms first used under no_grad (a solver's iterations) and then with gradients: the kernel's gradient is there
+    from vars_ode import dictionaries as D
+
+    torch.manual_seed(2)
+    static = StaticDictionary(4, 2, atoms_per_channel=2, kernel_size=3).double()
+    x = torch.randn(1, 2, 9, 2, dtype=D64)
+    reference = torch.autograd.grad(static.bind((3, 3)).encode(x)[0].square().sum(), static.kernel)[0]
+    monkeypatch.setattr(D, "MATRIX_DEVICES", {"cpu"})
+    atoms = static.bind((3, 3))
+    with torch.no_grad():
+        atoms.encode(x)
+    grad = torch.autograd.grad(atoms.encode(x)[0].square().sum(), static.kernel)[0]
+    torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_template_matrices_only_where_asked(monkeypatch):
     # opt-in by device type; circular padding and grids above MATRIX_MAX_GRID keep the convolutions
     from vars_ode import dictionaries as D

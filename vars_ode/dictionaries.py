@@ -179,7 +179,9 @@ class StaticAtoms(Atoms):
     def matrices(self) -> torch.Tensor:
         """``(C, H W, r H W)``: ``P^T`` of each channel as a matrix (token ``q`` of the grid to template ``j`` at
         token ``p`` in column ``j H W + p``), gathered from the templates (zero padding), so differentiable in them."""
-        if self._matrices is None:
+        # built again where a graph is wanted and the cached one was built without (a solve under no_grad first)
+        track = torch.is_grad_enabled() and self.kernel.requires_grad
+        if self._matrices is None or (track and not self._matrices.requires_grad):
             self._matrices = template_matrices(self.kernel, self.r, (self.H, self.W))
         return self._matrices
 
