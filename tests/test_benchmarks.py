@@ -131,7 +131,7 @@ def test_gpu_script_solver_table(capsys, monkeypatch):
     assert out.count("block vars_d_rk4, B ") == 2 and "0 host reads" in out
     with pytest.raises(SystemExit, match="--shapes: expected B x N pairs"):
         gpu.main(["--device", "cpu", "--shapes", "256x196,4"])
-    # a wrong gradient in a solver layer on the "device" (its fp32 run, or its float64 run) fails the gate
+    # a wrong gradient in a solver layer on the "device" (20% in its fp32 run, 1e-6 in its float64 run) fails the gate
     original = gpu._layer_run
     for run_index in (3, 0):
         calls = []
@@ -140,7 +140,7 @@ def test_gpu_script_solver_table(capsys, monkeypatch):
             y, grads = original(layer, x)
             calls.append(1)
             if len(calls) % 4 == run_index:
-                grads["x"] = grads["x"] * (1 + 1e-2 * (x.dtype == gpu.torch.float32) + 1e-6)
+                grads["x"] = grads["x"] * (1 + 0.2 * (x.dtype == gpu.torch.float32) + 1e-6)
             return y, grads
 
         monkeypatch.setattr(gpu, "_layer_run", run)
