@@ -35,6 +35,7 @@ Integrators (``integrator=``):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from .._validation import check_choice
@@ -228,7 +229,13 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                     sol = _eager(odeint_adjoint, f, st, ts, adjoint_params=params,
                                  adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
                 else:
-                    sol = _eager(odeint, f, st, ts, **kw)
+                    with warnings.catch_warnings():
+                        if method == "scipy_solver":
+                            # torchdiffeq hands solve_ivp its own min_step=0 whatever the method, and scipy warns on
+                            # every call that the default RK45 ignores it
+                            warnings.filterwarnings("ignore", message="The following arguments have no effect for a "
+                                                    "chosen solver: `min_step`")
+                        sol = _eager(odeint, f, st, ts, **kw)
                 return tuple(x[-1] for x in sol)
 
         def codes(st):
