@@ -243,9 +243,6 @@ class StaticAtoms(Atoms):
     def with_roots(self, roots):
         return StaticAtoms(roots[0], self.h, self.r, (self.H, self.W), self.p, self.padding)
 
-    def __getstate__(self):  # the matrices are a cache of the kernel's
-        return {**self.__dict__, "_matrices": None}
-
 
 #: device types on which the templates' ``P^T`` and ``P`` run as per-channel matrix products
 #: (:meth:`StaticAtoms.matrices`, zero padding, grids of at most MATRIX_MAX_GRID tokens) instead of convolutions:
