@@ -114,10 +114,9 @@ LAYER_RTOL = 1e-2
 #: Hairer estimate, an evaluation that gave 0.16-0.20 there, after which the steps grew for three attempts towards the
 #: stability-bound 1.0-1.3). Over a horizon of 3 (benchmarks/RESULTS.md, sixth and eleventh sessions): dopri5 from 0.5
 #: takes 4 attempts on most inputs (25 evaluations; 31 from 0.3, 38 from the Hairer estimate; longer first steps
-#: are rejected more often),
-#: 1e-4 from the exact flow against 6e-5 to 8e-5 from 0.3; in the study's trained models 31 evaluations a layer
-#: instead of 37, the logits as far from the exact flow's. bosh3 from 0.3: 19 evaluations (0.5 saves none on VARS-D
-#: and doubles the error).
+#: are rejected more often), 1e-4 from the exact flow against 6e-5 to 8e-5 from 0.3; in the study's trained models
+#: 31 evaluations a layer instead of 37, the logits as far from the exact flow's. bosh3 from 0.3: 19 evaluations
+#: (0.5 saves none on VARS-D and doubles the error).
 LAYER_FIRST_STEP = {"dopri5": 0.5, "bosh3": 0.3}
 
 
@@ -229,13 +228,15 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                     sol = _eager(odeint_adjoint, f, st, ts, adjoint_params=params,
                                  adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
                 else:
-                    with warnings.catch_warnings():
-                        if method == "scipy_solver":
+                    if method != "scipy_solver":
+                        sol = _eager(odeint, f, st, ts, **kw)
+                    else:
+                        with warnings.catch_warnings():
                             # torchdiffeq hands solve_ivp its own min_step=0 whatever the method, and scipy warns on
                             # every call that the default RK45 ignores it
                             warnings.filterwarnings("ignore", message="The following arguments have no effect for a "
                                                     "chosen solver: `min_step`")
-                        sol = _eager(odeint, f, st, ts, **kw)
+                            sol = _eager(odeint, f, st, ts, **kw)
                 return tuple(x[-1] for x in sol)
 
         def codes(st):
