@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vars_ode import solve_gram
-from vars_ode.dictionaries import (DynamicDictionary, StaticDictionary, UnionDictionary, draw_features,
-                                   positive_random_features)
+from vars_ode.dictionaries import (DynamicDictionary, StaticAtoms, StaticDictionary, UnionDictionary,
+                                   draw_features, positive_random_features)
 from vars_ode.lasso import kkt_residual_operator
 from vars_ode.solvers import solve_operator
 
@@ -155,6 +155,28 @@ def test_template_matrices_match_grouped_convolutions(H, W, k, r, p, seed):
     ours = torch.autograd.grad((enc * ge).sum() + (dec * gd).sum(), (x, u, static.kernel))
     ref = torch.autograd.grad((enc_ref * ge).sum() + (dec_ref * gd).sum(), (x, u, static.kernel))
     for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from(["zeros", "circular"]), st.integers(0, 2), st.sampled_from([1, 3, 5]),
+       st.integers(1, 3))
+def test_static_gram_apply_is_decode_then_encode(seed, padding, prefix, k, r):
+    # StaticAtoms.gram_apply convolves on the grid directly: the same K u as P^T (P u) through the tokens, and the
+    # same gradients for u and the templates (float64)
+    g = torch.Generator().manual_seed(seed)
+    H, W, h, dh = 4, 5, 2, 2
+    if padding == "circular" and k // 2 > min(H, W):
+        return
+    kernel = torch.randn(h * dh * r, 1, k, k, generator=g, dtype=D64).requires_grad_(True)
+    atoms = StaticAtoms(kernel, h, r, (H, W), prefix, padding)
+    u = torch.randn(2, h, dh, r, H, W, generator=g, dtype=D64).requires_grad_(True)
+    ours = atoms.gram_apply((u,))[0]
+    ref = atoms.encode(atoms.decode((u,)))[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(ours.shape, generator=g, dtype=D64)
+    for a, b in zip(torch.autograd.grad((ours * w).sum(), (u, kernel)), torch.autograd.grad((ref * w).sum(), (u, kernel))):
+        assert float(b.abs().max()) > 0
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 

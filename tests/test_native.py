@@ -254,13 +254,125 @@ def test_native_adjoint_is_the_gradient_of_the_computed_trajectory(method):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_native_adjoint_needs_a_gram_operator():
-    # the convolutional templates (operator form): the discrete adjoint is for Gram operators; auto picks
-    # torchdiffeq's continuous adjoint there, and integrator="native" says why it cannot
-    layer = vo.VARSLayer(8, 2, dictionary="sd", solver="rk4", steps=1.0, grad="adjoint", kernel_size=3,
-                         atoms_per_channel=2, solver_options={"integrator": "native"})
-    with pytest.raises(ValueError, match="grad='adjoint' .* Gram matrix only"):
-        layer(torch.randn(1, 16, 8))
+def _operator_field(seed, union, active=False):
+    # the rescaled VARS field on convolutional templates (StaticAtoms: a 3x3 grid, 2 heads of 2 channels, 2
+    # templates each, one prefix token) or their union with random-feature atoms (UnionAtoms: two blocks), float64;
+    # the leaves with gradients: templates, features, signals and the L1 weight (through the threshold)
+    from vars_ode.dictionaries import DynamicAtoms, StaticAtoms, UnionAtoms
+    g = torch.Generator().manual_seed(seed)
+    kernel = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    raw = torch.rand(2, 2, 10, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    X = torch.randn(2, 2, 10, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    kn = kernel / kernel.flatten(1).norm(dim=-1)[:, None, None, None]
+    op = StaticAtoms(kn, 2, 2, (3, 3), 1, "zeros")
+    if union:
+        op = UnionAtoms(DynamicAtoms(raw), op)
+    L = op.lipschitz().detach()
+    scale = tuple(1.0 / op.expand(i, L) for i in range(op.num_blocks))
+    B = tuple(b * s for b, s in zip(op.encode(X), scale))
+    thr = tuple(op.expand(i, w) * s / 4 for i, s in enumerate(scale))
+    f = VARSField(op, B, thr, scale=scale)
+    if active:  # some problems frozen, as in the steady-state mode's windows
+        f.active = tuple(op.expand(i, (torch.rand(2, 2, 2, generator=g) < 0.6).to(torch.float64))
+                         for i in range(op.num_blocks))
+    return ((kernel, raw, X, w) if union else (kernel, X, w)), f
+
+
+@pytest.mark.parametrize("scratch", [False, True], ids=["fresh", "scratch"])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["stages", "checkpointed"])
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5", "bosh3"])
+@pytest.mark.parametrize("union", [False, True], ids=["static", "union"])
+def test_operator_node_reverse_pass_equals_autograd_through_the_steps(union, method, checkpoint, scratch,
+                                                                      monkeypatch):
+    # the operator form of the node (gram_ode.integrate_operator: K applied by gram_apply, the operator's gradient
+    # through its roots, one or two blocks, a per-problem scale) against autograd through the same native steps,
+    # float64, every input, frozen problems, fresh tensors and reused buffers
+    monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", 0 if scratch else 2 ** 62)
+    for active in (False, True):
+        grads, outs = [], []
+        for node in (False, True):
+            leaves, f = _operator_field(11, union, active=active)
+            y0 = f.initial_state()
+            if method in native.ADAPTIVE_TABLEAUX:
+                rk = native.AdaptiveRK(f, method, 1e-4, 1e-6, f.op.problems_like(f.Bs).shape, torch.float64, "cpu",
+                                       layout=f.op)
+
+                def integrate(y, tape=None):
+                    rk.tape = tape
+                    return rk.integrate(y, 0.0, 3.0)
+            else:
+                def integrate(y, tape=None):
+                    return native.integrate_fixed(f, y, 0.0, 3.0, method, 0.5, tape=tape)
+            y = gram_ode.integrate_operator(integrate, f, y0, checkpoint) if node else integrate(y0)
+            n = f.op.num_blocks
+            loss = sum((c.sin() * torch.linspace(0.5, 2.0, c.shape[-1], dtype=torch.float64)).sum()
+                       for c in f.code(y)) + sum(t.pow(2).sum() for t in y[:n])
+            outs.append(torch.cat([t.detach().flatten() for t in y]))
+            grads.append(torch.autograd.grad(loss, leaves))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        for a, b in zip(grads[1], grads[0]):
+            assert float(b.abs().max()) > 0
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("dictionary", ["s", "sd"])
+def test_native_adjoint_on_the_convolutional_templates(dictionary):
+    # grad="adjoint" on an operator without a Gram matrix (convolutional templates, alone or with the dynamic
+    # atoms): the discrete adjoint of the operator node, equal to the unrolled gradient of the same steps
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    grads = {}
+    for grad in ("unroll", "adjoint"):
+        torch.manual_seed(1)
+        layer = vo.VARSLayer(8, 2, dictionary=dictionary, solver="dopri5", steps=2.0, grad=grad, kernel_size=3,
+                             atoms_per_channel=2).double()
+        layer(x).sin().sum().backward()
+        grads[grad] = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert len(grads["adjoint"]) == len(grads["unroll"]) >= 3
+    for a, b in zip(grads["adjoint"], grads["unroll"]):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_an_operator_without_roots_is_differentiated_through_the_steps():
+    # an operator that cannot be rebuilt from its roots gets no node (its gradient could not be taken by the
+    # reverse pass); autograd through the steps gives the same gradient as the Gram node, and grad="adjoint"
+    # with integrator="native" says why it cannot
+    from vars_ode.lasso import Operator
+    from vars_ode.solvers import ode
+
+    class Plain(Operator):
+        def __init__(self, K):
+            self.K = K
+
+        def gram_apply(self, code):
+            return (self.K @ code[0],)
+
+        def lipschitz(self):
+            return torch.linalg.eigvalsh(self.K.detach())[..., -1:]
+
+        def expand(self, i, t):
+            return t.unsqueeze(-2) if isinstance(t, torch.Tensor) and t.dim() else t
+
+        def reduce_dims(self, i):
+            return -2
+
+    assert not ode.node_capable(Plain(torch.eye(2))) and ode.node_capable(GramOperator(torch.eye(2)))
+    P, X = make_problem(2, 12, 6, batch=(4,))
+    grads = []
+    for make in (Plain, GramOperator):
+        Pg = P.clone().requires_grad_(True)
+        K = Pg.T @ Pg
+        op = make(K)
+        B = ((Pg.T @ X.T),)
+        code, _ = ode.ode_solve(op, B, 0.1, op.lipschitz(), None, method="rk4", tol=0.0, max_iter=100, t_end=3.0,
+                                options={"step_size": 0.5})
+        grads.append(torch.autograd.grad(code[0].sin().sum(), Pg)[0])
+    assert float(grads[1].abs().max()) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="rebuilt from their roots"):
+        ode.choose_integrator("native", "rk4", "adjoint", ode.node_capable(Plain(torch.eye(2))))
 
 
 class _Decay:

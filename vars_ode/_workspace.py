@@ -36,19 +36,27 @@ def _pool() -> OrderedDict:
     return pool
 
 
-def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised ``shape`` tensor; on the CPU, the buffer handed out before under ``name`` with this
-    shape and dtype on this thread, else a new one that is kept for the next call."""
+def scratch(name: str, shape, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor (contiguous, or with ``stride``); on the CPU, the buffer handed out before
+    under ``name`` with this shape, strides and dtype on this thread, else a new one that is kept for the next
+    call."""
     shape = tuple(shape)
+    stride = None if stride is None else tuple(stride)
+
+    def new():
+        if stride is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
     if not _enabled or device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return torch.empty(shape, dtype=dtype, device=device)
+        return new()
     pool = _pool()
-    key = (name, shape, dtype, torch.is_inference_mode_enabled())
+    key = (name, shape, stride, dtype, torch.is_inference_mode_enabled())
     buf = pool.get(key)
     if buf is not None:
         pool.move_to_end(key)
         return buf
-    buf = torch.empty(shape, dtype=dtype, device=device)
+    buf = new()
     if type(buf) is not torch.Tensor:  # a tracing mode's tensor (fake, functional): never kept
         return buf
     pool[key] = buf
@@ -57,6 +65,24 @@ def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch
         _, old = pool.popitem(last=False)
         _local.nbytes -= old.nbytes
     return buf
+
+
+def dense_strides(t: torch.Tensor):
+    """``t``'s strides where its elements fill their memory densely in some order of its dimensions (a contiguous
+    tensor, or a permuted one such as a channels-last convolution's output), else ``None``."""
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return None if t.is_contiguous() else t.stride()
+
+
+def scratch_like(name: str, t: torch.Tensor) -> torch.Tensor:
+    """:func:`scratch` shaped like ``t`` and laid out like it where it is dense (:func:`dense_strides`; otherwise
+    contiguous): operators that pick their kernels by layout (convolutions) then see the same inputs as in
+    fresh tensors, and compute the same values."""
+    return scratch(name, t.shape, t.dtype, t.device, dense_strides(t))
 
 
 def workspace_bytes() -> int:

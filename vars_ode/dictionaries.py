@@ -223,6 +223,23 @@ class StaticAtoms(Atoms):
             y = F.pad(y, (0, 0, self.p, 0))
         return y
 
+    def gram_apply(self, code):
+        """``P^T P u`` on the grid: the transposed convolution, then the convolution, without the round trip through
+        the token layout (prefix tokens, head split) that ``encode(decode(u))`` makes; the same values up to
+        rounding. The matrix form (:data:`MATRIX_DEVICES`) goes through ``encode`` and ``decode``."""
+        u = code[0]
+        if self._as_matrices(u.device):
+            return super().gram_apply(code)
+        B, h, dh, r, H, W = u.shape
+        C = h * dh
+        u = u.reshape(B, C * r, H, W)
+        if self.padding == "circular":
+            y = _unwrap_circular(_templates_conv_t(u, self.kernel, 0, C), self.pad, H, W)
+            y = _templates_conv(F.pad(y, (self.pad,) * 4, mode="circular"), self.kernel, 0, C)
+        else:
+            y = _templates_conv(_templates_conv_t(u, self.kernel, self.pad, C), self.kernel, self.pad, C)
+        return (y.reshape(B, h, dh, r, H, W),)
+
     def lipschitz(self):
         """``(1, h, dh)``: per channel, ``max_omega sum_j |k_j^(omega)|^2`` (exact when circular,
         an upper bound with zero padding)."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._validation import as_lam, check_tensor
-from ._workspace import scratch
+from ._workspace import scratch_like
 from .lasso import GramOperator
 from .ops import _soft, penalty_weight
 
@@ -228,9 +228,9 @@ class VARSField(nn.Module):
             Ka = self.Ka(a)
             dW, dU = (None,) * n, (None,) * n
         else:
-            a = tuple(_soft(u, th, out=scratch(f"field.a{i}", u.shape, u.dtype, u.device))
+            a = tuple(_soft(u, th, out=scratch_like(f"field.a{i}", u))
                       for i, (u, th) in enumerate(zip(U, self.thr)))
-            Ka = self.op.gram_apply_into(a, tuple(scratch(f"field.Ka{i}", u.shape, u.dtype, u.device)
+            Ka = self.op.gram_apply_into(a, tuple(scratch_like(f"field.Ka{i}", u)
                                                   for i, u in enumerate(U)))
             if self.scale is not None:
                 Ka = tuple(k.mul_(s) for k, s in zip(Ka, self.scale))

@@ -29,7 +29,8 @@ from .ops import support_solve, support_system
 GRAD_MODES = {
     "unroll": "autograd through every iteration or stage",
     "implicit": "the implicit function theorem at the solution (on its active set)",
-    "adjoint": "the adjoint of the ODE integration (ODE solvers only): discrete on Gram operators, torchdiffeq's elsewhere",
+    "adjoint": "the adjoint of the ODE integration (ODE solvers only): the native integration's discrete adjoint, "
+               "or torchdiffeq's continuous one with integrator='torchdiffeq'",
 }
 IMPLICIT_SOLVES = ("direct", "cg")
 

@@ -1,5 +1,5 @@
-"""A Runge-Kutta integration of the VARS field on a Gram operator as one autograd node, its reverse pass
-written by hand.
+"""A Runge-Kutta integration of the VARS field as one autograd node, its reverse pass written by hand: on a Gram
+operator, and on any operator that can be rebuilt from its roots.
 
 Unrolled through autograd, every evaluation of the field (:class:`vars_ode.dynamics.VARSField`) saves its
 inputs and temporaries for the backward pass. Here the integration runs without a graph
@@ -24,53 +24,68 @@ transposed Jacobian is::
 large CPU states the temporaries and each stage's ``(gW, gU)`` go into reused scratch buffers, as the forward
 integration's do (:data:`vars_ode.solvers.native.SCRATCH_MIN_BYTES`).
 The gradients equal autograd's through the same steps up to rounding (``tests/test_native.py``).
+
+The same node serves operators without a Gram matrix (:func:`integrate_operator`: the convolutional templates and
+their union with the dynamic atoms, any number of code blocks, a per-problem ``scale`` on ``K g(u)``): ``K`` and
+its transpose are ``op.gram_apply`` (``K`` is symmetric), and instead of ``dK`` the reverse pass takes, at every
+stage, the gradient of ``<K(s gKs), a>`` with respect to the tensors the operator is built from (``op.roots()``,
+by autograd through ``gram_apply`` on the operator rebuilt from them). Against autograd through the steps that
+keeps about 0.57x the memory on VARS-S and makes ``grad="adjoint"`` native there (benchmarks/RESULTS.md,
+thirteenth session).
 """
 from __future__ import annotations
 
 import torch
 
-from .._workspace import scratch
+from .._workspace import scratch, scratch_like
+from ..lasso import GramOperator
 from ..ops import _soft
 from .native import _buffers, _combine, _evaluate, _inplace
 
 
 class Tape:
-    """What the reverse pass keeps of an integration: per step ``(stages, h, acc, A, b)``, ``stages`` the ``U`` of
-    each stage, or with ``checkpoint=True`` the state ``(W, U)`` at the step's start, from which the reverse pass
-    evaluates the stages again (one state a step instead of one ``U`` a stage, for about one more evaluation
-    a stage).
+    """What the reverse pass keeps of an integration: per step ``(stages, h, acc, A, b)``, ``stages`` the ``U``
+    blocks of each stage (a tuple per stage), or with ``checkpoint=True`` the state ``(W..., U...)`` at the step's
+    start, from which the reverse pass evaluates the stages again (one state a step instead of the ``U`` blocks of
+    every stage, for about one more evaluation a stage); ``h`` the step (a float, or a tuple with one per-problem
+    tensor per entry of the state) and ``acc`` which problems accepted it (a tuple like ``h``, or ``None``).
 
-    The integrators of :mod:`vars_ode.solvers.native` call :meth:`add` once per step (attempt)."""
+    ``layout``: the operator whose ``num_blocks`` and ``expand`` map the state onto the problems (default: the Gram
+    form, one block). The integrators of :mod:`vars_ode.solvers.native` call :meth:`add` once per step (attempt)."""
 
-    def __init__(self, checkpoint: bool = False):
+    def __init__(self, checkpoint: bool = False, layout=None):
         self.steps = []
         self.checkpoint = checkpoint
+        self.layout = layout if layout is not None else GramOperator(None)
 
     def kept_entries(self) -> tuple:
-        """The entries of a stage's state tuple that :meth:`add` keeps beyond the step (``U``; none with
-        ``checkpoint``, which keeps the step's start instead): an integrator must not write them into reused
+        """The entries of a stage's state tuple that :meth:`add` keeps beyond the step (the ``U`` blocks; none
+        with ``checkpoint``, which keeps the step's start instead): an integrator must not write them into reused
         buffers."""
-        return () if self.checkpoint else (1,)
+        n = self.layout.num_blocks
+        return () if self.checkpoint else tuple(range(n, 2 * n))
 
     def add(self, stage_states, h, accept, A, b):
-        """``stage_states``: the state tuple ``(W, U)`` at which each stage was evaluated; ``h``: the step (a
-        float, or a tuple with one per-problem tensor per entry of the state); ``accept``: per-problem booleans
-        or ``None``; ``A``, ``b``: the tableau's stage rows and weights."""
-        hh = h[0] if isinstance(h, tuple) else h
-        acc = None if accept is None else accept.unsqueeze(-2).to(stage_states[0][1].dtype)
-        kept = stage_states[0] if self.checkpoint else [st[1] for st in stage_states]
-        self.steps.append((kept, hh, acc, A, b))
+        """``stage_states``: the state tuple at which each stage was evaluated; ``h``: the step (a float, or a
+        tuple with one per-problem tensor per entry of the state); ``accept``: per-problem booleans or ``None``;
+        ``A``, ``b``: the tableau's stage rows and weights."""
+        n = self.layout.num_blocks
+        dtype = stage_states[0][n].dtype
+        acc = None if accept is None else tuple(self.layout.expand(j % n, accept).to(dtype) for j in range(2 * n))
+        kept = stage_states[0] if self.checkpoint else [tuple(st[n:]) for st in stage_states]
+        self.steps.append((kept, h, acc, A, b))
 
 
 def _stage_inputs(field, y0, h, A, inplace=False):
-    # the U of every stage of one step from its start y0, evaluating the field again (with `inplace`, into
+    # the U blocks of every stage of one step from its start y0, evaluating the field again (with `inplace`, into
     # scratch buffers that live until the step's reverse pass is done)
+    n = len(y0) // 2
     ks, Us = [], []
     for i, row in enumerate(A):
         # the W half of a stage is dead once its slope is evaluated, the U half is kept for the reverse pass
-        y = (_combine(y0, h, ks, row, (scratch("rev.stageW", y0[0].shape, y0[0].dtype, y0[0].device),
-                                       *_buffers(f"rev.stageU{i}", y0[1:])) if inplace else None) if row else y0)
-        Us.append(y[1])
+        out = ((*_buffers("rev.stageW", y0[:n]), *_buffers(f"rev.stageU{i}", y0[n:])) if inplace else None)
+        y = _combine(y0, h, ks, row, out) if row else y0
+        Us.append(tuple(y[n:]))
         if i < len(A) - 1:  # the last stage's slope enters no other stage
             ks.append(_evaluate(field, 0.0, y, _buffers(f"ode.k{i}", y0) if inplace else None))
     return Us
@@ -122,7 +137,8 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
     gW0, gU0)`` (``dK`` per problem batch, un-reduced; ``None`` where not wanted) and the gradients of the start."""
     alpha, beta, gamma = coeffs
     steps = tape.steps
-    ref = steps[0][0][0] if steps else (gU if gU is not None else gW)
+    ref = (gU if gU is not None else gW) if not steps else steps[0][0][0]
+    ref = ref[0] if isinstance(ref, tuple) else ref  # a stage's U blocks, or a checkpointed state's W
     shape = ref.shape
     gW = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if gW is None else gW
     gU = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if gU is None else gU
@@ -135,11 +151,12 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
 
     inplace = _inplace(ref)
 
-    def buf(name):  # a scratch buffer shaped like the state, or None (a new tensor) outside `inplace`
+    def buf(name, j=0):  # a scratch buffer shaped like the state, or None (a new tensor) outside `inplace`
         return scratch(name, shape, ref.dtype, ref.device) if inplace else None
 
-    def vjp(i, U, gdW, gdU):
+    def vjp(i, Us, gk):
         # the stage's (gW, gU) contributions, in buffers of their own (they live until the step is reversed)
+        (U,), (gdW, gdU) = Us, gk
         if active is not None:
             gdW, gdU = torch.mul(gdW, active, out=buf("rev.gdW")), torch.mul(gdU, active, out=buf("rev.gdU"))
         a = _soft(U, thr, out=buf("rev.a"))
@@ -165,41 +182,42 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
             gT.addcmul_(torch.sign(a), ga, value=-1.0)
         return torch.add(gdU, gdW, alpha=-alpha, out=buf(f"rev.gW{i}")), ga.add_(gdU, alpha=-beta)
 
-    gW, gU = _reverse(steps, tape.checkpoint, field, gW, gU, vjp, buf, inplace)
+    gW, gU = _reverse(steps, tape.checkpoint, field, (gW, gU), vjp, buf, inplace)
     return Q, gB, gT, gW, gU
 
 
-def _reverse(steps, checkpoint, field, gW, gU, vjp, buf, inplace):
-    # the steps of a tape in reverse (module docstring); returns the gradient of the integration's start.
-    # buf(name): a scratch buffer shaped like the state (None where not `inplace`)
+def _reverse(steps, checkpoint, field, g, vjp, buf, inplace):
+    # the steps of a tape in reverse (module docstring); `g` the gradient of the end, a tuple like the state;
+    # returns that of the integration's start. vjp(i, Us, gk): the contributions (a tuple like the state) of stage
+    # i with inputs Us (its U blocks) and slope gradient gk; buf(name, j): a scratch buffer shaped like entry j of
+    # the state (None where not `inplace`)
     owned = False
+    m = len(g)
     for kept, h, acc, A, b in reversed(steps):
         Us = _stage_inputs(field, kept, h, A, inplace) if checkpoint else kept
-        gsW, gsU = ((gW, gU) if acc is None else
-                    (torch.mul(gW, acc, out=buf("rev.gsW")), torch.mul(gU, acc, out=buf("rev.gsU"))))
+        gs = g if acc is None else tuple(torch.mul(x, c, out=buf(f"rev.gs{j}", j)) for j, (x, c) in enumerate(zip(g, acc)))
         n = len(Us)
         gY = [None] * n
         hf = h if isinstance(h, float) else 1.0  # a float step goes into the coefficients
         for i in range(n - 1, -1, -1):
-            tw = [(b[i] * hf, gsW)] if b[i] != 0.0 else []
-            tu = [(b[i] * hf, gsU)] if b[i] != 0.0 else []
-            for j in range(i + 1, n):
-                if A[j][i] != 0.0 and gY[j] is not None:
-                    tw.append((A[j][i] * hf, gY[j][0]))
-                    tu.append((A[j][i] * hf, gY[j][1]))
-            if not tw:
+            terms = [[(b[i] * hf, x)] if b[i] != 0.0 else [] for x in gs]
+            for k in range(i + 1, n):
+                if A[k][i] != 0.0 and gY[k] is not None:
+                    for j in range(m):
+                        terms[j].append((A[k][i] * hf, gY[k][j]))
+            if not terms[0]:
                 continue
-            gkW, gkU = _lin(tw, buf("rev.gkW")), _lin(tu, buf("rev.gkU"))
+            gk = tuple(_lin(t, buf(f"rev.gk{j}", j)) for j, t in enumerate(terms))
             if not isinstance(h, float):
-                gkW, gkU = gkW.mul_(h), gkU.mul_(h)
-            gY[i] = vjp(i, Us[i], gkW, gkU)
+                gk = tuple(x.mul_(hj) for x, hj in zip(gk, h))
+            gY[i] = vjp(i, Us[i], gk)
         if not owned:  # autograd's incoming gradients are not ours to write into
-            gW, gU, owned = gW.clone(), gU.clone(), True
-        for g in gY:
-            if g is not None:
-                gW.add_(g[0])
-                gU.add_(g[1])
-    return gW, gU
+            g, owned = tuple(x.clone() for x in g), True
+        for y in gY:
+            if y is not None:
+                for x, yj in zip(g, y):
+                    x.add_(yj)
+    return g
 
 
 def integrate_gram(integrate, field, state, checkpoint: bool = False):
@@ -212,3 +230,122 @@ def integrate_gram(integrate, field, state, checkpoint: bool = False):
         raise ValueError("integrate_gram needs a field without scale (fold it into the operator's K)")
     K = field.op.gram()
     return _GramODENode.apply(integrate, field, bool(checkpoint), K, field.Bs[0], field.thr[0], state[0], state[1])
+
+
+class _OperatorODENode(torch.autograd.Function):
+    # inputs: integrate, field, checkpoint, the number of roots, then the operator's roots, the field's b blocks,
+    # its threshold blocks and the start state (W..., U...)
+    @staticmethod
+    def forward(ctx, integrate, field, checkpoint, nr, *tensors):
+        n = field.op.num_blocks
+        tape = Tape(checkpoint, field.op)
+        y = integrate(tuple(tensors[nr + 2 * n:]), tape)
+        ctx.tape, ctx.field, ctx.nr, ctx.n = tape, field, nr, n
+        ctx.active = field.active
+        ctx.save_for_backward(*tensors[:nr + 2 * n])
+        return tuple(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *g):
+        nr, n, field = ctx.nr, ctx.n, ctx.field
+        saved = ctx.saved_tensors
+        roots, thr = saved[:nr], saved[nr + n:nr + 2 * n]
+        need = ctx.needs_input_grad[4:]
+        active_after, nfe = field.active, field.nfe
+        field.active = ctx.active  # the window's frozen problems, for the evaluations of a checkpointed tape
+        try:
+            gR, gB, gT, gy = reverse_operator(ctx.tape, field, roots, need[:nr], thr, any(need[nr:nr + n]),
+                                              any(need[nr + n:nr + 2 * n]), g)
+        finally:
+            field.active, field.nfe = active_after, nfe
+        gB = (None,) * n if gB is None else tuple(x.sum_to_size(b.shape) for x, b in zip(gB, saved[nr:nr + n]))
+        gT = (None,) * n if gT is None else tuple(x.sum_to_size(t.shape) for x, t in zip(gT, thr))
+        return (None, None, None, None, *gR, *gB, *gT, *gy)
+
+
+def reverse_operator(tape, field, roots, want_roots, thr, want_B, want_thr, g):
+    """The reverse pass of a taped integration of ``field`` (a :class:`vars_ode.dynamics.VARSField` on any operator,
+    ``K`` applied by ``field.op.gram_apply``, with its ``scale``) from the gradients ``g`` of its end (a tuple like
+    the state, ``None`` entries zero). The operator's gradient: for every stage, ``d <K(s gKs), a> / d roots`` by
+    autograd through ``gram_apply`` on the operator rebuilt from ``roots`` (``K`` is symmetric and ``s`` per
+    problem, so that is the stage's ``d <s gKs, K a>``), for the roots where ``want_roots`` holds. Returns
+    ``(d roots, d b, d threshold, d start)`` (``d b`` and ``d threshold`` per block at the state's shapes, or
+    ``None`` where not wanted)."""
+    op = field.op
+    n = op.num_blocks
+    alpha, beta, gamma = float(field.alpha), float(field.beta), float(field.gamma)
+    steps = tape.steps
+    gR = [None] * len(roots)
+    if not steps:
+        return gR, None, None, tuple(g)
+    kept = steps[0][0]
+    blocks = tuple(kept[n:]) if tape.checkpoint else kept[0]  # one tensor per block, shaped like it
+    like = tuple(blocks[j % n] for j in range(2 * n))
+    g = tuple(torch.zeros_like(t) if x is None else x for x, t in zip(g, like))
+    inplace = _inplace(blocks[0])
+
+    def buf(name, j=0):  # a scratch buffer shaped like entry j of the state, or None (a new tensor)
+        t = like[j]
+        return scratch_like(name, t) if inplace else None
+
+    act = field.active
+    act = None if act is None else ((act,) * n if isinstance(act, torch.Tensor) else tuple(act))
+    scale = field.scale
+    gB = [torch.zeros_like(t) for t in blocks] if want_B else None
+    gT = [torch.zeros_like(t) for t in blocks] if want_thr else None
+    wanted = [k for k, w in enumerate(want_roots) if w]
+    if wanted:
+        with torch.enable_grad():
+            proxies = tuple(r.detach().requires_grad_(k in wanted) for k, r in enumerate(roots))
+            op_p = op.with_roots(proxies)  # built once: its graph serves every stage (retain_graph)
+
+    def vjp(i, Us, gk):
+        gdW, gdU = gk[:n], gk[n:]
+        if act is not None:
+            gdW = tuple(torch.mul(x, m, out=buf(f"rev.gdW{j}", j)) for j, (x, m) in enumerate(zip(gdW, act)))
+            gdU = tuple(torch.mul(x, m, out=buf(f"rev.gdU{j}", n + j)) for j, (x, m) in enumerate(zip(gdU, act)))
+        a = tuple(_soft(u, t, out=buf(f"rev.a{j}", j)) for j, (u, t) in enumerate(zip(Us, thr)))
+        gKs = tuple(torch.sub(w, u, alpha=gamma, out=buf(f"rev.gKs{j}", j)) for j, (w, u) in enumerate(zip(gdW, gdU)))
+        if scale is not None:  # the field's K a is scaled per problem: its transpose scales the cotangent
+            gKs = tuple(x.mul_(s) for x, s in zip(gKs, scale))
+        if wanted:
+            with torch.enable_grad():
+                Kg = op_p.gram_apply(gKs)
+                pairs = [(k, x) for k, x in zip(Kg, a) if k.requires_grad]
+                got = torch.autograd.grad([k for k, _ in pairs], [proxies[k] for k in wanted], [x for _, x in pairs],
+                                          retain_graph=True, allow_unused=True)
+            for k, x in zip(wanted, got):
+                if x is not None:
+                    gR[k] = x if gR[k] is None else gR[k].add_(x)
+            Kg = tuple(x.detach() for x in Kg)
+        else:
+            Kg = op.gram_apply_into(gKs, tuple(buf(f"rev.Kg{j}", j) for j in range(n)))
+        ga = []
+        for j in range(n):
+            # (K s gKs + gamma gdU) [a != 0], with [a != 0] = |sign(a)|
+            x = torch.add(Kg[j], gdU[j], alpha=gamma, out=buf(f"rev.gU{i}.{j}", n + j))
+            sgn = torch.sign(a[j], out=buf(f"rev.sign{j}", j))
+            if gT is not None:
+                x.mul_(sgn.abs())
+                gT[j].addcmul_(sgn, x, value=-1.0)
+            else:
+                x.mul_(sgn.abs_())
+            if gB is not None:
+                gB[j].add_(gdW[j])
+            ga.append(x)
+        return (tuple(torch.add(u, w, alpha=-alpha, out=buf(f"rev.gW{i}.{j}", j)) for j, (w, u) in enumerate(zip(gdW, gdU)))
+                + tuple(x.add_(u, alpha=-beta) for x, u in zip(ga, gdU)))
+
+    gy = _reverse(steps, tape.checkpoint, field, g, vjp, buf, inplace)
+    return gR, gB, gT, gy
+
+
+def integrate_operator(integrate, field, state, checkpoint: bool = False):
+    """:func:`integrate_gram` for a field on any operator (a :class:`vars_ode.dynamics.VARSField` whose operator
+    has ``roots`` and ``with_roots``, any number of blocks, with a ``scale``): ``integrate(state, tape)`` as one
+    autograd node, its reverse pass :func:`reverse_operator`. Returns the state at the interval's end."""
+    roots = tuple(field.op.roots())
+    thr = tuple(t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=state[0].dtype, device=state[0].device)
+                for t in field.thr)
+    return _OperatorODENode.apply(integrate, field, bool(checkpoint), len(roots), *roots, *field.Bs, *thr, *state)

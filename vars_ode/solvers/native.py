@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .._workspace import scratch
+from .._workspace import scratch, scratch_like
 from ..lasso import GramOperator
 
 # (c, A, b): nodes, lower-triangular stage coefficients (row i has i entries), weights.
@@ -98,8 +98,7 @@ def _inplace(like: torch.Tensor) -> bool:
 def _buffers(name: str, like: tuple, fresh=()) -> tuple:
     """Scratch tensors shaped like the tuple ``like``, one per entry (``None`` for the entries in ``fresh``: a
     new tensor, for what outlives the step, such as the stage inputs a tape keeps)."""
-    return tuple(None if j in fresh else scratch(f"{name}.{j}", t.shape, t.dtype, t.device)
-                 for j, t in enumerate(like))
+    return tuple(None if j in fresh else scratch_like(f"{name}.{j}", t) for j, t in enumerate(like))
 
 
 def _evaluate(f, t, y, out):
@@ -122,7 +121,7 @@ def _combine(y, dt, ks, coeffs, out=None):
             res.append(yi)
         elif isinstance(h, torch.Tensor):  # y + h * sum_j c_j k_j, the sum accumulated in place
             acc = (terms[0][1] * terms[0][0] if out is None else
-                   torch.mul(terms[0][1], terms[0][0], out=scratch("ode.acc", yi.shape, yi.dtype, yi.device)))
+                   torch.mul(terms[0][1], terms[0][0], out=scratch_like("ode.acc", yi)))
             for c, k in terms[1:]:
                 acc.add_(k, alpha=c)
             res.append(torch.addcmul(yi, h, acc, out=o))
@@ -333,7 +332,7 @@ class AdaptiveRK:
         # entry i of (sum_j e_j k_j) / (atol + rtol max(|y|, |y_new|)), without a graph
         terms = [(e, k[i].detach()) for k, e in zip(ks, self.e) if e != 0.0]
         like = y[i]
-        err = (torch.mul(terms[0][1], terms[0][0], out=scratch(f"ode.err{i}", like.shape, like.dtype, like.device))
+        err = (torch.mul(terms[0][1], terms[0][0], out=scratch_like(f"ode.err{i}", like))
                if _inplace(like) else terms[0][1] * terms[0][0])  # (called without a graph)
         for e, k in terms[1:]:
             err.add_(k, alpha=e)

@@ -24,13 +24,15 @@ Integrators (``integrator=``):
 * ``"native"`` (:mod:`vars_ode.solvers.native`): the fixed-step methods ``euler``, ``midpoint``,
   ``heun2``, ``heun3``, ``rk4`` (torchdiffeq's tableaux and grid, the same result) and the adaptive
   ``dopri5`` and ``bosh3`` with one step size per problem, which look at the device once every
-  ``options["check_every"]`` attempts (default 16) instead of at every step. On an operator with a Gram matrix
-  (VARS-D, the dense static atoms, :func:`vars_ode.solve`) a differentiated integration is one autograd node with
-  a hand-written reverse pass (:mod:`vars_ode.solvers.gram_ode`); there ``grad="adjoint"`` is its discrete
-  adjoint: the reverse pass keeps one state per step and evaluates each step's stages again, the exact gradient
-  of the computed trajectory. Elsewhere unrolled gradients only.
+  ``options["check_every"]`` attempts (default 16) instead of at every step. A differentiated integration is one
+  autograd node with a hand-written reverse pass (:mod:`vars_ode.solvers.gram_ode`): on an operator with a Gram
+  matrix (VARS-D, the dense static atoms, :func:`vars_ode.solve`) with ``K / L`` formed once, on the others (the
+  convolutional templates, their union with the dynamic atoms) applying ``K`` by ``gram_apply`` and taking the
+  operator's gradient through its roots (:func:`node_capable`). ``grad="adjoint"`` is its discrete adjoint: the
+  reverse pass keeps one state per step and evaluates each step's stages again, the exact gradient of the
+  computed trajectory.
 * ``"auto"`` (default): ``"native"`` for every method it has, torchdiffeq for the others; with ``grad="adjoint"``
-  native on a Gram operator, torchdiffeq's continuous adjoint otherwise.
+  native where the node runs (every operator of the library), torchdiffeq's continuous adjoint otherwise.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import warnings
 import torch
 from .._validation import check_choice
 from ..dynamics import VARSField
-from ..lasso import GramOperator, kkt_residual_operator, tmap
+from ..lasso import GramOperator, Operator, kkt_residual_operator, tmap
 from ..ops import _soft
 from . import gram_ode, native
 
@@ -69,20 +71,29 @@ ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_en
                "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator", "record")
 
 
-def choose_integrator(integrator: str, method: str, grad: str, gram: bool = False) -> str:
-    """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad``, ``gram``: whether the operator has a Gram
-    matrix of one block (see the module docstring)."""
+def choose_integrator(integrator: str, method: str, grad: str, node: bool = False) -> str:
+    """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad``; ``node``: whether a native integration of
+    the operator can be one autograd node (:func:`node_capable`), which ``grad="adjoint"`` needs."""
     check_choice("integrator", integrator, INTEGRATORS)
     if integrator == "auto":
-        return "native" if method in native.NATIVE_METHODS and (grad != "adjoint" or gram) else "torchdiffeq"
+        return "native" if method in native.NATIVE_METHODS and (grad != "adjoint" or node) else "torchdiffeq"
     if integrator == "native":
         if method not in native.NATIVE_METHODS:
             raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
                              f"{method!r}; use integrator='torchdiffeq' (or 'auto')")
-        if grad == "adjoint" and not gram:
-            raise ValueError("integrator='native' has grad='adjoint' (its discrete adjoint) on operators with a Gram "
-                             "matrix only; here it needs integrator='torchdiffeq' (or 'auto')")
+        if grad == "adjoint" and not node:
+            raise ValueError("integrator='native' has grad='adjoint' (its discrete adjoint) on operators that can be "
+                             "rebuilt from their roots (Operator.with_roots) only; here it needs "
+                             "integrator='torchdiffeq' (or 'auto')")
     return integrator
+
+
+def node_capable(op) -> bool:
+    """Whether a native integration on ``op`` runs as one autograd node with a hand-written reverse pass
+    (:mod:`vars_ode.solvers.gram_ode`): a one-block operator with a Gram matrix, or any operator that can be
+    rebuilt from its roots (whose gradient the reverse pass takes through ``gram_apply``). Other operators are
+    differentiated through the steps by autograd."""
+    return (op.has_gram and op.num_blocks == 1) or type(op).with_roots is not Operator.with_roots
 
 
 @torch.compiler.disable
@@ -161,7 +172,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     n = op.num_blocks
     rtol, atol, options = settings(method, tol, rtol, atol, options)
     gram = op.has_gram and op.num_blocks == 1
-    engine = choose_integrator(integrator, method, grad, gram)
+    capable = node_capable(op)
+    engine = choose_integrator(integrator, method, grad, capable)
     if method == "scipy_solver":
         options.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory for a layer
     elif method not in FIXED_STEP and engine == "torchdiffeq":
@@ -182,15 +194,18 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     def run(op_, B_, u_, w_):
         """The whole solve on (op_, B_, u_, w_); returns (code, evaluations per problem)."""
         thr = tuple(op.expand(i, w_) * s / (alpha * beta) for i, s in enumerate(scale))
-        # on a Gram operator, a native integration with gradients is one node with a hand-written reverse pass
-        # (gram_ode), on K / L formed once; under torch.compile the integration is traced (fixed steps) or runs
-        # eagerly (adaptive) as autograd's
-        node = engine == "native" and gram and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # a native integration with gradients is one node with a hand-written reverse pass: on a Gram operator
+        # (gram_ode), on K / L formed once; on any other operator the same node applies K by its gram_apply
+        # (integrate_operator); under torch.compile the integration is traced (fixed steps) or runs eagerly
+        # (adaptive) as autograd's
+        node = engine == "native" and capable and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         checkpoint = grad == "adjoint"
-        if node:
+        if node and gram:
             f = VARSField(GramOperator(op_.gram() * scale[0]), tmap(torch.mul, B_, scale), thr, alpha, beta, gamma)
+            run_node = gram_ode.integrate_gram
         else:
             f = VARSField(op_, tmap(torch.mul, B_, scale), thr, alpha, beta, gamma, scale=scale)
+            run_node = gram_ode.integrate_operator
         state = f.initial_state(u_)
         if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
@@ -206,14 +221,14 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             def integrate(st, t0, t1):
                 # its step loop reads the device between bursts of steps: eager under torch.compile
                 if node:
-                    return _eager(gram_ode.integrate_gram, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
+                    return _eager(run_node, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
                 return _eager(rk.integrate, st, t0, t1)
         elif engine == "native":
             step = native.fixed_step_size(method, options)
 
             def integrate(st, t0, t1):
                 if node:
-                    return gram_ode.integrate_gram(
+                    return run_node(
                         lambda y, tape: native.integrate_fixed(f, y, t0, t1, method, step, tape=tape), f, st, checkpoint)
                 return native.integrate_fixed(f, st, t0, t1, method, step)
         else:
