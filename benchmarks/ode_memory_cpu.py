@@ -40,10 +40,13 @@ ROWS = {
     # unrolled FISTA keeps every iteration
     "eq 1e-2 implicit": dict(solver="fista", steps=None, tol=1e-2, grad="implicit"),
     "eq 1e-3 implicit": dict(solver="fista", steps=None, tol=1e-3, grad="implicit"),
+    # the dictionary built again in the backward pass (recompute=True, the default on CUDA): q, v and the code kept
+    "eq 1e-3 implicit recompute": dict(solver="fista", steps=None, tol=1e-3, grad="implicit", recompute=True),
     "eq 1e-2 unroll": dict(solver="fista", steps=None, tol=1e-2, grad="unroll"),
     "eq 1e-3 unroll": dict(solver="fista", steps=None, tol=1e-3, grad="unroll"),
     "admm eq 1e-2 implicit": dict(solver="admm", steps=None, tol=1e-2, grad="implicit"),
     "admm eq 1e-4 implicit": dict(solver="admm", steps=None, tol=1e-4, grad="implicit"),
+    "admm eq 1e-4 implicit recompute": dict(solver="admm", steps=None, tol=1e-4, grad="implicit", recompute=True),
     "admm eq 1e-4 unroll": dict(solver="admm", steps=None, tol=1e-4, grad="unroll"),
 }
 

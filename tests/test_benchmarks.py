@@ -327,9 +327,12 @@ def test_ode_memory_benchmark_counts_what_the_graph_keeps(capsys):
     # discrete adjoint less than the unrolled dopri5, and an unknown row is named
     bench = load("ode_memory_cpu")
     res = bench.main(["--batch", "2", "--tokens", "17", "--dim", "24", "--heads", "2",
-                      "--rows", "ista 3,rk4,rk4 torchdiffeq-unroll,dopri5,dopri5 adjoint,eq 1e-2 implicit"])
+                      "--rows", "ista 3,rk4,rk4 torchdiffeq-unroll,dopri5,dopri5 adjoint,eq 1e-3 implicit,"
+                      "eq 1e-3 implicit recompute"])
     assert min(res.values()) > 0  # (the equilibrium layer's memory at two tolerances: tests/test_layer.py)
     assert res["rk4"] < res["rk4 torchdiffeq-unroll"] and res["dopri5 adjoint"] < res["dopri5"]
+    # the equilibrium with its dictionary built again in the backward pass keeps less
+    assert res["eq 1e-3 implicit recompute"] < 0.9 * res["eq 1e-3 implicit"]
     assert capsys.readouterr().out.count("| dopri5 adjoint |") == 1
     with pytest.raises(SystemExit, match="unknown row"):
         bench.main(["--rows", "rk5"])

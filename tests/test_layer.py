@@ -241,6 +241,41 @@ def test_equilibrium_layer_memory_does_not_grow_with_iterations(dictionary):
     assert _saved_bytes(lambda: layer(x)) > 4 * kept[1e-9]
 
 
+@pytest.mark.parametrize("dictionary,static", [("d", "conv"), ("sd", "dense"), ("s", "conv"), ("sd", "conv")])
+def test_equilibrium_recompute_gives_the_same_output_and_gradients(dictionary, static):
+    # recompute=True at the equilibrium (grad="implicit"): the dictionary is built again in the backward pass and the
+    # implicit gradient attached to the code found in the forward pass; the same output and gradients as keeping
+    # everything (float64, code dropout in training: the checkpoint replays the same mask), no second solve
+    import dataclasses
+
+    from vars_ode.solvers import _solve
+
+    x = torch.randn(2, 10, 8, dtype=D64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    got = {}
+    for recompute in (False, True):
+        torch.manual_seed(13)
+        layer = VARSLayer(8, 2, dictionary=dictionary, static=static, solver="fista", steps=None, tol=1e-6,
+                          grad="implicit", attn_drop=0.2, kernel_size=3, atoms_per_channel=2, image_size=3,
+                          num_static_atoms=2, recompute=recompute).double().train()
+        solves = []
+        spec = _solve.SOLVERS["fista"]
+        counting = dataclasses.replace(spec, fn=lambda *a, **k: solves.append(1) or spec.fn(*a, **k))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(_solve.SOLVERS, "fista", counting)
+            torch.manual_seed(5)
+            y = layer(x)
+            grads = torch.autograd.grad((y * y.detach().sin()).sum(), [x, *layer.parameters()], allow_unused=True)
+        assert len(solves) == 1
+        got[recompute] = (y.detach(), [g for g in grads if g is not None], float(layer.last_stats.residual.max()))
+    (y0, g0, r0), (y1, g1, r1) = got[False], got[True]
+    assert r1 == r0 <= 1e-6
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-14)
+    assert len(g1) == len(g0) >= 3
+    for a, b in zip(g1, g0):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_record_mode_matches_and_maps_are_reconstructions():
     torch.manual_seed(8)
     for dictionary in DICTS:

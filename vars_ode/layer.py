@@ -61,6 +61,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_choice, check_positive
 from .dictionaries import DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary, rebuild
@@ -187,7 +188,9 @@ class VARSLayer(nn.Module):
             function and gradients, more time and memory).
         recompute: on the fused path, recompute the features and replay the iterations in the backward
             pass (``True``: activation memory about that of ``q`` and ``v``) or keep them (``False``: faster);
-            ``None``: recompute on CUDA devices, keep elsewhere.
+            at the equilibrium (``steps=None``, ``grad="implicit"``, every dictionary), build the dictionary again in
+            the backward pass and attach the implicit gradient to the code already found (kept: ``q``, ``v`` and the
+            code); ``None``: recompute on CUDA devices, keep elsewhere.
         kernels: what runs the fused path: ``"torch"`` (PyTorch operations) or ``"triton"`` (six Triton
             kernels, :mod:`vars_ode.triton_gram`; VARS-D, or VARS-SD with ``static="dense"``, with ISTA,
             ``lipschitz="power"``, no ``attn_drop``, head_dim up to 64 and up to 128 atoms per head; on CUDA
@@ -583,6 +586,10 @@ class VARSLayer(nn.Module):
         # (B, h, N, dh) queries (None for "s") and values -> P u*: every dictionary and solver through the one
         # pipeline, vars_ode.solvers.solve_problem
         weight = penalty_weight(self.lam, self.convention)
+        if (self.steps is None and self.grad == "implicit" and not self.record_maps and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+                and (v.device.type == "cuda" if self.recompute is None else self.recompute)):
+            return self._equilibrium_recomputed(q, v, N, weight)
         atoms = self._bind(q, v, N)
         spec = SOLVERS[self.solver]
         if (self.solver == "ista" and not self.record_maps
@@ -618,6 +625,29 @@ class VARSLayer(nn.Module):
                 maps = [self._prefix_readout(atoms.decode(c), N).abs().mean((1, 3)) for c in record]
                 self.last_maps = torch.stack(maps, 1) if maps else None
         return recon
+
+    def _equilibrium_recomputed(self, q, v, N, weight):
+        # the equilibrium with grad="implicit", its dictionary recomputed in the backward pass: solved here without a
+        # graph, then the part with gradients (dictionary, P^T v, the implicit code, P u) run under activation
+        # checkpointing from (q, v, code): the backward pass builds the dictionary again and attaches the implicit
+        # gradient to the same code (solve_problem's solution=) instead of solving again. What the layer keeps for
+        # its backward pass is then q, v and the code, not the features, K and their products
+        with torch.no_grad():
+            atoms = self._bind(q, v, N)
+            Bc = atoms.encode(v)
+            code, iters = solve_problem(atoms, Bc, weight, self.solver, grad="implicit", tol=self.tol,
+                                        max_iter=self.max_iter, init=tuple(Bc) if self.init == "encode" else None,
+                                        **self.solver_options)
+        self.last_stats = self._operator_stats(atoms, code, lambda op: Bc, weight,
+                                               iters.amax() if iters.numel() else iters.new_zeros(()))
+
+        def attach(q_, v_, *code_):
+            atoms_ = self._bind(q_, v_, N)
+            c, _ = solve_problem(atoms_, atoms_.encode(v_), weight, self.solver, grad="implicit", tol=self.tol,
+                                 max_iter=self.max_iter, solution=code_)
+            return self._prefix_readout(atoms_.decode(tuple(self.attn_drop(x) for x in c)), N)
+
+        return checkpoint(attach, q, v, *code, use_reentrant=False)
 
     def _operator_stats(self, atoms, code, b_of, weight, iterations):
         # LayerStats of a solve on atoms: code, a detached code tuple or a function giving one; b_of(op), b = P^T x.

@@ -171,7 +171,7 @@ def check_solver(solver: str, grad: str):
 
 
 def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_iter: int, grad: str = "unroll",
-                  L=None, init=None, implicit_solve: str = "cg", **options):
+                  L=None, init=None, implicit_solve: str = "cg", solution=None, **options):
     """Solve ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` for every problem of ``op`` (no validation: the entries
     validate). Every path of the library ends here.
 
@@ -183,9 +183,17 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
         L: per-problem Lipschitz bound (default ``op.lipschitz()``), detached.
         init: code tuple or ``None`` (zeros).
         options: the solver's options (``t_end`` for a fixed horizon of an ODE solver, ``record``, ...).
+        solution: with ``grad="implicit"``, a code tuple that this call's solve gave before on the same problem
+            (the layer's recomputed backward pass): it is not solved again, only given its implicit gradient; the
+            work returned is then ``None``.
 
     Returns ``(code tuple, work per problem)``.
     """
+    if solution is not None:
+        if grad != "implicit":
+            raise ValueError(f"solution= is for grad='implicit' only, got grad={grad!r}")
+        code = tuple(c.detach() for c in solution)
+        return implicit_code(op, B, w, code, implicit_solve, cg_rtol=max(tol, default_cg_rtol(code[0].dtype))), None
     spec = SOLVERS[solver]
     if spec.needs_gram and not op.has_gram:
         raise ValueError(f"solver {solver!r} needs the Gram matrix, which {type(op).__name__} does not form "
