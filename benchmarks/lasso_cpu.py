@@ -62,12 +62,13 @@ def main(argv=None):
     rows.append(("scikit-learn Lasso loop (tol 1e-8)", t_base, (torch.from_numpy(base) - ref).abs().max().item(), "-"))
     # check_every None: the solver's default ("auto" for ista / fista)
     for solver, tol, every in (("fista", 1e-9, None), ("fista", 1e-9, 10), ("fista", 1e-9, 1),
-                               ("active_set", 1e-9, None), ("admm", 1e-9, None), ("ista", 1e-9, None), ("ista", 1e-9, 1)):
+                               ("active_set", 1e-9, None), ("cd", 1e-9, None), ("admm", 1e-9, None), ("ista", 1e-9, None),
+                               ("ista", 1e-9, 1)):
         kw = {} if every is None else {"check_every": every}
         t, sol = best_of(lambda: vo.solve(P, X, args.lam, solver, tol=tol, max_iter=200_000,
                                           lipschitz=args.lipschitz, **kw))
         err = (sol.code - ref).abs().max().item()
-        default = {"active_set": ""}.get(solver, ", default check_every 'auto'")
+        default = {"active_set": "", "cd": ""}.get(solver, ", default check_every 'auto'")
         label = f"vars_ode {solver} (tol {tol:g}" + (default if every is None else f", check_every {every}") + ")"
         rows.append((label, t, err, f"{int(sol.stats.iterations.max())}"))
     print(f"{args.problems} LASSO problems, P {args.d}x{args.m}" + (" per problem" if args.per_problem else "")

@@ -163,7 +163,8 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5,dopri5@native",
                               "--problems", "3"])
     out = capsys.readouterr().out
-    assert out.count("| vars_ode") == 14 and "default check_every" in out and "per problem, lam 0.1, float64, L by power" in out and "| vars_ode admm" in out
+    assert out.count("| vars_ode") == 16 and "default check_every" in out and "| vars_ode cd (tol 1e-09) |" in out
+    assert "per problem, lam 0.1, float64, L by power" in out and "| vars_ode admm" in out
     assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
 
 

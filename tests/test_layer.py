@@ -335,7 +335,12 @@ def test_timm_create_model_with_every_solver(solver):
             with pytest.raises(ValueError, match=solver):
                 VARSLayer(16, 2, dictionary=dictionary, solver=solver, steps=2)(torch.randn(1, 5, 16))
             continue
-        attn = VARSLayer.configure(dictionary=dictionary, solver=solver, steps=2, kernel_size=3)
+        kw = dict(steps=2)
+        if not __import__("vars_ode").SOLVERS[solver].unrolls:  # a compiled loop: the equilibrium's gradient
+            with pytest.raises(ValueError, match="grad='implicit'"):
+                VARSLayer(16, 2, dictionary=dictionary, solver=solver, steps=2)
+            kw = dict(steps=None, tol=1e-4, grad="implicit")
+        attn = VARSLayer.configure(dictionary=dictionary, solver=solver, kernel_size=3, **kw)
         model = timm.create_model("deit_tiny_patch16_224", attn_layer=attn, pretrained=False, img_size=32,
                                   depth=1, num_classes=3)
         with warnings.catch_warnings():

@@ -414,6 +414,9 @@ class VARSLayer(nn.Module):
         if isinstance(steps, str) and steps == EQUILIBRIUM:
             steps = None
         check_solver(solver, grad)
+        if grad == "unroll" and not SOLVERS[solver].unrolls:
+            raise ValueError(f"solver {solver!r} cannot be differentiated through its iterations (grad='unroll'); "
+                             "use grad='implicit'")
         is_ode = SOLVERS[solver].ode
         if steps is not None:
             ok = (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0) or (

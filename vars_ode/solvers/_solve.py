@@ -11,7 +11,7 @@ import torch
 from .._validation import SOLVE_DTYPES, as_lam, check_choice, check_tensor
 from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, default_cg_rtol, implicit_code
 from ..lasso import GramOperator, Operator, kkt_residual_operator, tol_scale
-from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_residual_gram, lipschitz_constant, penalty_weight
+from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_violation, lipschitz_constant, penalty_weight
 from ._types import Solution, SolverStats, Status
 from .registry import SOLVERS
 
@@ -202,7 +202,7 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
         code = tuple(torch.zeros_like(b) if init is None else i for b, i in zip(B, init or B))
         return code, op.problems_like(tuple(B), 0, torch.long)
     if L is None:
-        L = op.lipschitz()
+        L = op.lipschitz() if spec.uses_lipschitz else 1.0
     L = torch.as_tensor(L).detach()
     if spec.ode:
         options["grad"] = "unroll" if grad == "implicit" else grad
@@ -329,9 +329,15 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     # Problems with non-finite inputs are replaced by harmless ones and reported, so they
     # cannot disturb the others (adaptive ODE step control sees the whole batch).
     W = torch.as_tensor(W, dtype=B.dtype, device=B.device)
-    finite_K = torch.isfinite(K).all(-1, keepdim=True).all(-2, keepdim=True)
+    # a finite sum of K means every entry is finite (one pass over the largest input instead of several); where a
+    # sum is not, every entry is checked (a sum may overflow with finite entries)
+    finite_K = torch.isfinite(K.sum((-1, -2), keepdim=True))
     finite = torch.isfinite(B).all(-2, keepdim=True) & finite_K & torch.isfinite(W)
     all_finite = bool(finite.all())
+    if not all_finite:
+        finite_K = torch.isfinite(K).all(-1, keepdim=True).all(-2, keepdim=True)
+        finite = torch.isfinite(B).all(-2, keepdim=True) & finite_K & torch.isfinite(W)
+        all_finite = bool(finite.all())
     if not all_finite:
         eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
         K = torch.where(finite_K, K, eye)
@@ -340,7 +346,8 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     Wf = W.expand(cols)
     Bf = B.expand(cols[:-2] + B.shape[-2:])
     if L is None:
-        L = lipschitz_constant(K.detach(), lipschitz).unsqueeze(-1).unsqueeze(-1)
+        L = (lipschitz_constant(K.detach(), lipschitz).unsqueeze(-1).unsqueeze(-1) if spec.uses_lipschitz
+             else torch.ones((), dtype=B.dtype, device=B.device))
     L = torch.as_tensor(L, dtype=B.dtype, device=B.device).detach()
     L = L.clamp_min(torch.finfo(B.dtype).tiny) if L.dim() else L
     L = torch.where(torch.isfinite(L), L, torch.ones((), dtype=L.dtype, device=L.device))
@@ -371,8 +378,9 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
 
     with torch.no_grad():
         cd = code.detach()
-        residual = kkt_residual_gram(K.detach(), Bf.detach(), cd, Wf.detach())
-        quad = 0.5 * (cd * (K.detach() @ cd)).sum(-2) - (cd * Bf.detach()).sum(-2)
+        Kc = K.detach() @ cd
+        residual = kkt_violation(Kc - Bf.detach(), cd, Wf.detach()).amax(dim=-2)
+        quad = 0.5 * (cd * Kc).sum(-2) - (cd * Bf.detach()).sum(-2)
         l1 = (Wf.detach() * cd.abs()).sum(-2)
         const = torch.full_like(quad, math.nan) if xnorm2 is None else 0.5 * torch.as_tensor(
             xnorm2, dtype=B.dtype, device=B.device).expand(cols).squeeze(-2)

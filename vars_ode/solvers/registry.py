@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from . import admm, implicit_euler, iterative, ode
+from . import admm, coordinate, implicit_euler, iterative, ode
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class SolverSpec:
         ode: whether it integrates Eq. 8-9 (a layer's ``steps`` is then a horizon; ``grad="adjoint"`` allowed).
         needs_gram: whether it needs the matrix ``K`` (:attr:`vars_ode.lasso.Operator.has_gram`).
         max_iter: its default budget when solving to a tolerance.
+        uses_lipschitz: whether it reads ``L`` (otherwise the callers skip computing it and pass 1).
+        unrolls: whether autograd can differentiate through its iterations (``grad="unroll"``); a compiled solver
+            cannot, and a layer then asks for ``grad="implicit"``.
     """
 
     name: str
@@ -42,6 +45,8 @@ class SolverSpec:
     ode: bool = False
     needs_gram: bool = False
     max_iter: int = 10_000
+    uses_lipschitz: bool = True
+    unrolls: bool = True
 
 
 #: name -> :class:`SolverSpec`; every solver of the library, and those registered with :func:`register_solver`
@@ -49,7 +54,8 @@ SOLVERS: dict[str, SolverSpec] = {}
 
 
 def register_solver(name: str, fn: Callable, *, unit: str = "iterations", ode: bool = False,
-                    needs_gram: bool = False, max_iter: int = 10_000, replace: bool = False) -> SolverSpec:
+                    needs_gram: bool = False, max_iter: int = 10_000, uses_lipschitz: bool = True,
+                    unrolls: bool = True, replace: bool = False) -> SolverSpec:
     """Make ``fn`` available as ``solver=name`` everywhere (see the module docstring); returns its spec.
 
     Raises ValueError for a name already taken (unless ``replace=True``) or a ``fn`` that is not callable."""
@@ -61,7 +67,7 @@ def register_solver(name: str, fn: Callable, *, unit: str = "iterations", ode: b
         raise ValueError(f"solver {name!r} is already registered; pass replace=True to replace it")
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    spec = SolverSpec(name, fn, unit, bool(ode), bool(needs_gram), max_iter)
+    spec = SolverSpec(name, fn, unit, bool(ode), bool(needs_gram), max_iter, bool(uses_lipschitz), bool(unrolls))
     SOLVERS[name] = spec
     return spec
 
@@ -89,6 +95,8 @@ register_solver("ista", iterative.ista)
 register_solver("fista", iterative.fista)
 register_solver("active_set", iterative.active_set, needs_gram=True)
 register_solver("admm", admm.admm, needs_gram=True)
+register_solver("cd", coordinate.coordinate_descent, unit="sweeps", needs_gram=True, uses_lipschitz=False,
+                unrolls=False)
 for _m in ode.ODE_METHODS:
     register_solver(_m, partial(ode.ode_solve, method=_m), unit="function evaluations", ode=True,
                     max_iter=DEFAULT_MAX_EVALS)
