@@ -207,27 +207,41 @@ def test_gram_node_reverse_pass_equals_autograd_through_the_steps(method, checkp
     # states do; here every state: a stage the tape keeps in a reused buffer would be overwritten)
     monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", 0 if scratch else 2 ** 62)
     for active in (False, True):
-        grads, outs = [], []
-        for node in (False, True):
-            leaves, f = _taped_field(7, active=active)
-            y0 = f.initial_state()
-            if method in native.ADAPTIVE_TABLEAUX:
-                rk = native.AdaptiveRK(f, method, 1e-4, 1e-6, (3, 5), torch.float64, "cpu")
+        _node_against_autograd(lambda: _taped_field(7, active=active), gram_ode.integrate_gram, method, checkpoint,
+                               rtol=1e-12)
 
-                def integrate(y, tape=None):
-                    rk.tape = tape
-                    return rk.integrate(y, 0.0, 3.0)
-            else:
-                def integrate(y, tape=None):
-                    return native.integrate_fixed(f, y, 0.0, 3.0, method, 0.5, tape=tape)
-            W, U = gram_ode.integrate_gram(integrate, f, y0, checkpoint) if node else integrate(y0)
-            loss = (f.code((W, U))[0].sin() * torch.arange(5.0, dtype=torch.float64)).sum() + W.pow(2).sum()
-            outs.append(U.detach())
-            grads.append(torch.autograd.grad(loss, leaves))
-        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-        for a, b in zip(grads[1], grads[0]):
-            assert float(b.abs().max()) > 0
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+def _integration(f, method):
+    # integrate(y, tape=None): f's native integration over [0, 3] (adaptive at rtol 1e-4, or steps of 0.5)
+    if method in native.ADAPTIVE_TABLEAUX:
+        rk = native.AdaptiveRK(f, method, 1e-4, 1e-6, f.op.problems_like(f.Bs).shape, torch.float64, "cpu",
+                               layout=f.op)
+
+        def integrate(y, tape=None):
+            rk.tape = tape
+            return rk.integrate(y, 0.0, 3.0)
+        return integrate
+    return lambda y, tape=None: native.integrate_fixed(f, y, 0.0, 3.0, method, 0.5, tape=tape)
+
+
+def _node_against_autograd(make_field, node_fn, method, checkpoint, rtol):
+    # the same integration through node_fn (gram_ode's node) and through autograd: the same end state bit for bit,
+    # the same gradients of a loss on the code and on W for every leaf of make_field()
+    grads, outs = [], []
+    for node in (False, True):
+        leaves, f = make_field()
+        integrate = _integration(f, method)
+        y0 = f.initial_state()
+        y = node_fn(integrate, f, y0, checkpoint) if node else integrate(y0)
+        n = f.op.num_blocks
+        loss = sum((c.sin() * torch.linspace(0.5, 2.0, c.shape[-1], dtype=torch.float64)).sum()
+                   for c in f.code(y)) + sum(t.pow(2).sum() for t in y[:n])
+        outs.append(torch.cat([t.detach().flatten() for t in y]))
+        grads.append(torch.autograd.grad(loss, leaves))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, b in zip(grads[1], grads[0]):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
@@ -290,30 +304,8 @@ def test_operator_node_reverse_pass_equals_autograd_through_the_steps(union, met
     # float64, every input, frozen problems, fresh tensors and reused buffers
     monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", 0 if scratch else 2 ** 62)
     for active in (False, True):
-        grads, outs = [], []
-        for node in (False, True):
-            leaves, f = _operator_field(11, union, active=active)
-            y0 = f.initial_state()
-            if method in native.ADAPTIVE_TABLEAUX:
-                rk = native.AdaptiveRK(f, method, 1e-4, 1e-6, f.op.problems_like(f.Bs).shape, torch.float64, "cpu",
-                                       layout=f.op)
-
-                def integrate(y, tape=None):
-                    rk.tape = tape
-                    return rk.integrate(y, 0.0, 3.0)
-            else:
-                def integrate(y, tape=None):
-                    return native.integrate_fixed(f, y, 0.0, 3.0, method, 0.5, tape=tape)
-            y = gram_ode.integrate_operator(integrate, f, y0, checkpoint) if node else integrate(y0)
-            n = f.op.num_blocks
-            loss = sum((c.sin() * torch.linspace(0.5, 2.0, c.shape[-1], dtype=torch.float64)).sum()
-                       for c in f.code(y)) + sum(t.pow(2).sum() for t in y[:n])
-            outs.append(torch.cat([t.detach().flatten() for t in y]))
-            grads.append(torch.autograd.grad(loss, leaves))
-        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-        for a, b in zip(grads[1], grads[0]):
-            assert float(b.abs().max()) > 0
-            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+        _node_against_autograd(lambda: _operator_field(11, union, active=active), gram_ode.integrate_operator, method,
+                               checkpoint, rtol=1e-11)
 
 
 @pytest.mark.parametrize("dictionary", ["s", "sd"])
