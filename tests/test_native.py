@@ -383,6 +383,23 @@ def _decay_run(stretch, first_step, t1):
     return rk.integrate(y0, 0.0, t1)[0], rk
 
 
+def test_a_rejected_stretched_step_is_not_stretched_again():
+    # y' = -2.6 y (the rescaled VARS field's fastest rate): with stretch 2, a remainder of up to two step sizes is
+    # proposed as one step, beyond dopri5's stability limit, and rejected; the next step is then below the remainder
+    # / stretch (before: proposed, stretched and rejected again until max_num_steps)
+    class Fast:
+        def __call__(self, t, y):
+            return tuple(-2.6 * a for a in y)
+
+    y0 = (torch.ones(1, 1, dtype=torch.float64),)
+    rk = native.AdaptiveRK(Fast(), "dopri5", 1e-2, 1e-4, (1,), torch.float64, "cpu",
+                           {"first_step": 0.5, "stretch": 2.0, "max_num_steps": 60})
+    y = rk.integrate(y0, 0.0, 3.0)[0]
+    assert rk.attempts < 12
+    exact = torch.exp(torch.tensor(-7.8, dtype=torch.float64))
+    assert abs(float(y) - float(exact)) < 1e-2 * float(exact) + 1e-4
+
+
 def test_a_remainder_within_stretch_steps_is_one_step():
     # steps of 0.5 over 1.04: a step, a step and a sliver of 0.04 without stretch; with the default (1.1), the
     # remainder 0.54 <= 1.1 x 0.5 is the second step

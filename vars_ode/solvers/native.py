@@ -314,8 +314,13 @@ class AdaptiveRK:
             # torchdiffeq's rule: no shrinking after an error below one, at most by dfactor otherwise
             factor = torch.where(ratio < 1.0, grow.clamp_min(1.0), grow.clamp_min(self.dfactor)).nan_to_num(1.0)
             proposal = h * factor
-            # a step shortened to land on the window's end says nothing against the step size
-            new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal), proposal)
+            # a step shortened to land on the window's end says nothing against the step size; a rejected step that
+            # was stretched to the end is followed by one below rest / stretch (with stretch * safety >= 1 it would
+            # be proposed, stretched and rejected for ever; below that the cap never binds)
+            stretched_out = ~accept & (h > self.dt)
+            new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal),
+                                 torch.where(stretched_out, torch.minimum(proposal, rest * (0.999 / self.stretch)),
+                                             proposal))
             self.dt = torch.where(live, new_dt, self.dt).clamp(min=1e-12, max=max(span, 1e-12))
             t = torch.where(broken, torch.full_like(t, span), torch.where(accept, t + h, t))
         if self.tape is not None:
