@@ -28,7 +28,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         P: ``(..., d, m)`` dictionary; x: ``(..., d)`` signals. Leading dimensions broadcast (one
             dictionary for many signals is the fast path).
         lam: non-negative float or tensor broadcastable to the leading dimensions.
-        solver: ``"ista"``, ``"fista"``, ``"active_set"``, ``"admm"``, a torchdiffeq method (``"dopri5"``,
+        solver: ``"ista"``, ``"fista"``, ``"active_set"``, ``"admm"``, ``"cd"`` (coordinate descent per problem,
+            compiled by numba; CPU, no unrolled gradient), a torchdiffeq method (``"dopri5"``,
             ``"rk4"``, ...), which integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady
             state, or ``"implicit_euler"`` (the same dynamics with implicit steps, for stiff problems).
         tol: KKT residual at which a problem counts as converged and is frozen, in units of
@@ -42,7 +43,7 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             ODE solvers (default 20,000, a few seconds for a small problem; checked between integration windows, so a
             solve may pass it by one window). The coupled ODE
             needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md);
-            steps for ``"implicit_euler"`` (default 1,000).
+            steps for ``"implicit_euler"`` (default 1,000); sweeps over the coordinates for ``"cd"`` (default 10,000).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
         lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
             float or a tensor broadcastable to ``P``'s leading dimensions).
