@@ -193,8 +193,7 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
     if solution is not None:
         if grad != "implicit":
             raise ValueError(f"solution= is for grad='implicit' only, got grad={grad!r}")
-        code = tuple(c.detach() for c in solution)
-        return implicit_code(op, B, w, code, implicit_solve, cg_rtol=max(tol, default_cg_rtol(code[0].dtype))), None
+        return _implicit(op, B, w, tuple(c.detach() for c in solution), implicit_solve, tol), None
     spec = SOLVERS[solver]
     if spec.needs_gram and not op.has_gram:
         raise ValueError(f"solver {solver!r} needs the Gram matrix, which {type(op).__name__} does not form "
@@ -214,11 +213,16 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
                                   tol=tol, max_iter=max_iter, **options)
             if tol > 0:
                 _warn_short_of_equilibrium(op, code, B, w, tol)
-        # the adjoint system is solved as precisely as the forward problem was (tol, relative), not more: at a
-        # layer's tol = 1e-4 the forward's own inexactness moves the gradient by about 2e-4 (relative), the
-        # conjugate gradients' stop by 5e-5 more (benchmarks/RESULTS.md, eighth session)
-        return implicit_code(op, B, w, code, implicit_solve, cg_rtol=max(tol, default_cg_rtol(code[0].dtype))), iters
+        return _implicit(op, B, w, code, implicit_solve, tol), iters
     return spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter, **options)
+
+
+def _implicit(op, B, w, code, implicit_solve, tol):
+    # the implicit gradient attached to a solution found without a graph; the adjoint system is solved as precisely
+    # as the forward problem was (tol, relative), not more: at a layer's tol = 1e-4 the forward's own inexactness
+    # moves the gradient by about 2e-4 (relative), the conjugate gradients' stop by 5e-5 more (benchmarks/RESULTS.md,
+    # eighth session)
+    return implicit_code(op, B, w, code, implicit_solve, cg_rtol=max(tol, default_cg_rtol(code[0].dtype)))
 
 
 def _warn_short_of_equilibrium(op, code, B, w, tol):
@@ -332,13 +336,13 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     W = torch.as_tensor(W, dtype=B.dtype, device=B.device)
     # a finite sum of K means every entry is finite (one pass over the largest input instead of several); where a
     # sum is not, every entry is checked (a sum may overflow with finite entries)
+    finite_B = torch.isfinite(B).all(-2, keepdim=True) & torch.isfinite(W)
     finite_K = torch.isfinite(K.sum((-1, -2), keepdim=True))
-    finite = torch.isfinite(B).all(-2, keepdim=True) & finite_K & torch.isfinite(W)
-    all_finite = bool(finite.all())
+    all_finite = bool((finite_B & finite_K).all())
     if not all_finite:
         finite_K = torch.isfinite(K).all(-1, keepdim=True).all(-2, keepdim=True)
-        finite = torch.isfinite(B).all(-2, keepdim=True) & finite_K & torch.isfinite(W)
-        all_finite = bool(finite.all())
+        all_finite = bool((finite_B & finite_K).all())
+    finite = finite_B & finite_K
     if not all_finite:
         eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
         K = torch.where(finite_K, K, eye)

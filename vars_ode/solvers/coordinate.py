@@ -116,7 +116,7 @@ def coordinate_descent(op, B, w, L, init, *, tol, max_iter, **unused):
     Kx = K.detach().to(dtype)
     klead = torch.broadcast_shapes(Kx.shape[:-2], lead)
     # one K per matrix of the batch, indexed by each problem (no copy of K per column)
-    Kc = Kx.reshape(-1, m, m).contiguous() if Kx.shape[:-2] == klead else Kx.expand(*klead, m, m).reshape(-1, m, m).contiguous()
+    Kc = Kx.expand(*klead, m, m).reshape(-1, m, m).contiguous()
     nK = Kc.shape[0]
     bb = b.detach().to(dtype).expand(*klead, m, k)
     n = bb[..., 0, :].numel()
