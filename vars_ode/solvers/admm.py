@@ -8,12 +8,20 @@ with over-relaxation ``alpha``::
     y  <- y + alpha u + (1 - alpha) z - z_new
 
 The problems that share a matrix ``K`` (the columns of a Gram-form code: the channels of one head and image in a
-layer) share its factorisation, formed once per ``rho``: an explicit inverse of each ``m x m`` matrix, so an
-iteration is two batched products, as a FISTA iteration is one product and a dozen element-wise passes. The
-``u`` step is written as a correction of ``z``, ``u = z - (K + rho I)^{-1} (K z - b + rho y)``: equal in exact
-arithmetic, and its fixed point is the LASSO's with the exact ``K`` (the inverse's rounding moves the path, not
-the point). The product ``K z`` it needs is the gradient at ``z``, so the KKT residual of the returned (sparse)
-code costs no product.
+layer) share its factorisation, formed once per ``rho``: an explicit inverse of each ``m x m`` matrix. The ``u`` step
+has two forms, equal in exact arithmetic:
+
+* ``form="direct"`` (the default) is the step above, ``rho u = rho (K + rho I)^{-1} b + rho (K + rho I)^{-1} rho (z -
+  y)`` with the first term formed once per ``rho``: one batched product an iteration. Its fixed point carries the
+  inverse's rounding, amplified by up to ``L / rho``: in float32 a DeiT-Ti-width dense VARS-SD layer's problems
+  stalled at 1.4e-5 in this form alone. So it runs until the worst residual of a check is within ``SWITCH`` (10)
+  times ``tol``, or stops halving between two checks, and goes on in the other form;
+* ``form="correction"``: ``u = z - (K + rho I)^{-1} (K z - b + rho y)``, two products an iteration, and its fixed
+  point is the LASSO's with the exact ``K`` (the inverse's rounding moves the path, not the point).
+
+A check computes ``K z - b`` (the gradient at ``z``, so the KKT residual of the returned sparse code) and takes that
+iteration in the correction form at no further cost. On a CPU the direct form made the layer's equilibrium 9-14%
+faster at the same iteration counts (benchmarks/RESULTS.md, fourteenth session).
 
 Where FISTA's rate depends on the condition number of ``K / L`` (the smallest eigenvalues of a layer's
 ``Phi^T Phi`` are about ``2e-4 L``), ADMM's depends on how ``rho`` sits between the extremes of the spectrum.
@@ -30,8 +38,8 @@ the study's smaller model (50 tokens for 64 features, a singular ``K``) 100-270 
 Precision: an iteration multiplies rounding errors of ``K z - b`` by up to ``L / rho`` (100 by default), so in
 float32 the residual stalls at a level that grows with ``L / rho`` (measured: about 3e-6 on the Quick start
 problem, where FISTA reaches 1e-6); for tighter tolerances use float64 or FISTA. A fixed
-budget (``tol = 0``: a layer's ``steps``) runs exactly ``max_iter`` iterations with the initial ``rho`` and
-never reads the device.
+budget (``tol = 0``: a layer's ``steps``) runs exactly ``max_iter`` iterations with the initial ``rho``, in the
+chosen form throughout, and never reads the device.
 
 Needs the matrix ``K`` (:attr:`vars_ode.lasso.Operator.has_gram`) of a single block.
 """
@@ -44,13 +52,18 @@ import torch
 
 from .iterative import _Freezer, _record, _reject, check_due
 
-#: options: rho (a multiple of L), relax (alpha), adapt (iterations between rho updates; 0: fixed), check_every
-OPTIONS = ("rho", "relax", "adapt", "check_every")
+#: options: rho (a multiple of L), relax (alpha), adapt (iterations between rho updates; 0: fixed), check_every, form
+OPTIONS = ("rho", "relax", "adapt", "check_every", "form")
 RHO_RANGE = (1e-4, 10.0)  #: bounds of the adapted rho, as multiples of L
 FIRST_CHECK = 8  #: the first check of the residual with check_every="auto"
+#: form="direct" goes on in the correction form once the worst residual at a check is below SWITCH * tol (or is
+#: above half that of the check before)
+SWITCH = 10.0
 
 
-def _check_options(rho, relax, adapt):
+def _check_options(rho, relax, adapt, form="correction"):
+    if form not in ("correction", "direct"):
+        raise ValueError(f"form must be 'correction' or 'direct', got {form!r}")
     if not isinstance(rho, numbers.Real) or isinstance(rho, bool) or not RHO_RANGE[0] <= rho <= RHO_RANGE[1]:
         raise ValueError(f"rho must be a number in [{RHO_RANGE[0]:g}, {RHO_RANGE[1]:g}] (a multiple of L), got {rho!r}")
     if not isinstance(relax, numbers.Real) or isinstance(relax, bool) or not 0 < relax < 2:
@@ -76,6 +89,15 @@ def _add_product(E, M, X):
         E.view(-1, n, E.shape[-1]).baddbmm_(M.reshape(-1, n, n), X.view(-1, n, X.shape[-1]))
     else:
         E.add_(M @ X)
+
+
+def _product_plus(out, M, X, C):
+    # out = C + M @ X: one batched GEMM with the addition where the batch shapes allow
+    if M.shape[:-2] == X.shape[:-2] == C.shape[:-2] == out.shape[:-2] and all(
+            t.is_contiguous() for t in (out, M, X, C)):
+        n, k = M.shape[-1], X.shape[-1]
+        return torch.baddbmm(C.view(-1, n, k), M.reshape(-1, n, n), X.view(-1, n, k), out=out.view(-1, n, k)).view_as(out)
+    return torch.matmul(M, X, out=out).add_(C)
 
 
 def _reinvert(K, r, invr, changed, eye, inplace):
@@ -118,7 +140,7 @@ def _next_check(it, fr, tol, last):
 
 
 def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, check_every="auto", trace=None,
-         record=None, **unused):
+         record=None, form="direct", **unused):
     """ADMM on the LASSO of ``op`` (see the module docstring). Returns ``(code, iterations)``.
 
     Options: ``rho`` (the initial penalty as a multiple of ``L``, in [1e-4, 10]), ``relax`` (over-relaxation
@@ -126,10 +148,12 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     0 keeps it fixed), ``check_every`` (``"auto"``, the default: the first check of the residual at iteration 8, each
     next one where the rate since the last predicts that the slowest running problem reaches ``tol``, 2 to 16
     iterations ahead, or with a ``trace`` every iteration; or a positive integer: every so many iterations, and at
-    ``max_iter``). A check costs about half an iteration and one host read. ``record`` receives ``z`` after every
-    iteration."""
+    ``max_iter``). A check costs about half an iteration and one host read. ``form``: ``"direct"`` (one product an
+    iteration, then the correction form near ``tol``) or ``"correction"`` (two; see the module docstring). ``record``
+    receives ``z`` after every iteration."""
     _reject(unused, "admm", OPTIONS)
-    _check_options(rho, relax, adapt)
+    _check_options(rho, relax, adapt, form)
+    direct = form == "direct"
     if op.num_blocks != 1:
         raise ValueError(f"solver 'admm' needs an operator of one block, got {op.num_blocks}")
     K, b = op.gram(), B[0]
@@ -144,6 +168,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     # are formed once per rho. A = Z + Lam (the point before the threshold: Z = A - clamp(A), Lam = clamp(A))
     # is kept as a variable of its own, one pass fewer per iteration
     Kr, invr = K / r, r * _inverse(K, r, eye)
+    c = invr @ b if direct else None  # rho (K + rho I)^{-1} b, the constant part of the direct form's product
     Z = torch.zeros_like(b) if init is None else r * init[0]
     Lam = torch.zeros_like(b)
     A = Z.clone()
@@ -159,12 +184,13 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     fr = _Freezer(op, (Z,), tol, 1 if predict else check_every, trace, max_iter)
     lo, hi = RHO_RANGE[0] * scale, RHO_RANGE[1] * scale
     tiny = torch.finfo(b.dtype).tiny
-    next_check, last = FIRST_CHECK, None
+    next_check, last, prev_worst = FIRST_CHECK, None, None
     it = 0
     for it in range(max_iter + 1):
         if tol <= 0 and it == max_iter:
             break
         balance = tol > 0 and adapt and (it + 1) % adapt == 0
+        corrected = not direct
         if tol > 0 and (it >= next_check or it == max_iter if predict else check_due(it, fr.check_every, max_iter)):
             # at a check, K z - b as the KKT residual of the returned code is computed (vars_ode.lasso), so that a
             # problem stopped at tol has that residual to the last bit
@@ -174,7 +200,14 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
                 break
             if predict:
                 next_check, last = _next_check(it, fr, tol, last)
+            if direct:  # on in the correction form near tol, or once the residual stops halving between checks
+                worst = last[1] if predict else float(torch.where(fr.done, 0.0, fr.residual.detach()).amax())
+                direct = worst > SWITCH * tol and not (prev_worst is not None and worst > 0.5 * prev_worst)
+                prev_worst = worst
             E = torch.add(g, Lam, out=E if inplace else None)
+            corrected = True
+        elif direct:
+            E = torch.sub(Z, Lam, out=E if inplace else None)  # rho (z - y)
         elif inplace:
             torch.sub(Lam, b, out=E)
             _add_product(E, Kr, Z)  # K z - b + y (times rho)
@@ -184,12 +217,15 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
         # times rho: D = rho d, A = rho a, bounds +-w
         Z_prev = Z.clone() if inplace and balance else Z
         if inplace:
-            torch.matmul(invr, E, out=D)
+            if corrected:
+                torch.matmul(invr, E, out=D)
+            else:  # rho u = c + rho (K + rho I)^{-1} rho (z - y), D = Z - rho u
+                torch.sub(Z, _product_plus(D, invr, E, c), out=D)
             A.sub_(D, alpha=relax)
             torch.clamp(A, -wk, wk, out=Lam)
             torch.sub(A, Lam, out=Z)
         else:
-            D = invr @ E
+            D = invr @ E if corrected else Z - (c + invr @ E)
             A = A - relax * D
             Lam = torch.clamp(A, -wk, wk)
             Z = A - Lam
@@ -215,5 +251,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
                     invr = r * _inverse(K, r, eye)
                 else:  # only the matrices whose rho moved (with one K per problem, a few of hundreds late on)
                     invr = _reinvert(K, r, invr, changed, eye, inplace)
+                if direct:
+                    c = invr @ b
     code, iters = fr.result((Z / r,), it)
     return code, iters
