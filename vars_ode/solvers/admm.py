@@ -173,7 +173,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     Lam = torch.zeros_like(b)
     A = Z.clone()
     # without a graph to record (grad="implicit", inference) the iteration writes into buffers of its own: the
-    # element-wise passes of an iteration cost more than its two products when every pass allocates (measured in
+    # element-wise passes of an iteration cost more than its products when every pass allocates (measured in
     # benchmarks/RESULTS.md); with one, new tensors
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (K, b, Z, torch.as_tensor(wk))))
     if inplace:
