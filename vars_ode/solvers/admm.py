@@ -61,7 +61,7 @@ FIRST_CHECK = 8  #: the first check of the residual with check_every="auto"
 SWITCH = 10.0
 
 
-def _check_options(rho, relax, adapt, form="correction"):
+def _check_options(rho, relax, adapt, form):
     if form not in ("correction", "direct"):
         raise ValueError(f"form must be 'correction' or 'direct', got {form!r}")
     if not isinstance(rho, numbers.Real) or isinstance(rho, bool) or not RHO_RANGE[0] <= rho <= RHO_RANGE[1]:
