@@ -6,7 +6,10 @@ forward and backward pass of a batch of training images, best of ``--repeats`` a
 iterations (or evaluations) each attention layer spent in its last forward pass.
 
     python benchmarks/study_rows_cpu.py vars_d vars_d_eq vars_d_fista [--images 128] [--repeats 2]
-        [--weights results/fmnist/runs/vars_d-seed2/checkpoint.pth]
+        [--weights results/fmnist/runs/vars_d_eq-seed1/checkpoint.pth]
+
+``--weights`` takes any study run's checkpoint of the same host. Git keeps them from 2026-12-04 on; the runs that
+finished before (among them ``vars_d-seed2``, named in benchmarks/RESULTS.md) kept only their results.
 
 Needs the Debian package ``dataset-fashion-mnist`` (or ``--fmnist PATH``). Stop the study while timing.
 """
