@@ -10,6 +10,8 @@ row the host reads of one forward (``vars_ode.sync.count_host_syncs``).
 
 Row names: ``ista``, ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, ``fista-eq`` (``steps=None``,
 ``tol=1e-4``, ``grad="implicit"``; ``admm-eq`` the same with ADMM, any ``<solver>-eq``), ``fista-eq-unroll``, ``timm`` (timm's Attention, for the ISTA ratio).
+A row name may end in solver options, ``admm-eq:form=correction`` (``key=value`` pairs separated by ``;``), to
+compare settings of one solver in one process.
 """
 from __future__ import annotations
 
@@ -33,8 +35,29 @@ _spec.loader.exec_module(layer_cpu)
 ROWS = ("ista", "euler", "rk4", "dopri5", "dopri5-adjoint", "fista-eq", "admm-eq", "timm")
 
 
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def row_kwargs(row: str, horizon: float, tol: float) -> dict:
-    """The solver arguments of a row name."""
+    """The solver arguments of a row name; ``name:key=value;key=value`` adds solver options (numbers parsed)."""
+    row, _, opts = row.partition(":")
+    kwargs = _row_solver(row, horizon, tol)
+    if opts:
+        pairs = [item.partition("=") for item in opts.split(";")]
+        bad = [k for k, eq, _ in pairs if not k or not eq]
+        if bad:
+            raise SystemExit(f"--rows: options of a row are key=value pairs separated by ';', got {opts!r}")
+        kwargs["solver_options"] = {k: _option_value(v) for k, _, v in pairs}
+    return kwargs
+
+
+def _row_solver(row: str, horizon: float, tol: float) -> dict:
     if row == "ista":
         return dict(solver="ista", steps=3)
     if row.endswith("-adjoint"):

@@ -341,16 +341,22 @@ def test_ode_memory_benchmark_counts_what_the_graph_keeps(capsys):
 
 
 def test_layer_solvers_benchmark_runs(capsys):
-    res = load("layer_solvers_cpu").main(["--dicts", "d,s", "--rows", "ista,euler,fista-eq,admm-eq,timm", "--dim", "16",
-                                          "--heads", "2", "--batch", "2", "--tokens", "17", "--repeats", "1",
-                                          "--threads", "1", "--tol", "1e-3"])
+    bench = load("layer_solvers_cpu")
+    shape = ["--dim", "16", "--heads", "2", "--batch", "2", "--tokens", "17", "--repeats", "1", "--threads", "1"]
+    res = bench.main(["--dicts", "d,s", "--rows", "ista,euler,fista-eq,admm-eq,admm-eq:form=correction,timm",
+                      "--tol", "1e-3"] + shape)
     out = capsys.readouterr().out
     # both equilibrium rows reach the tolerance; ADMM is refused for the convolutional atoms (no Gram matrix), with
     # the reason in the table
-    for row in ("fista-eq", "admm-eq"):
+    for row in ("fista-eq", "admm-eq", "admm-eq:form=correction"):
         assert res[("d", row)]["residual"] <= 1e-3 and res[("d", row)]["ratio"] > 0
     assert res[("d", "euler")]["work"] == 6 and ("d", "timm") in res
     assert "| s | admm-eq | - |" in out and "Gram matrix" in out
+    # a row's solver options reach the solver: an unknown one is refused by name, a malformed one by the parser
+    bench.main(["--dicts", "d", "--rows", "ista,admm-eq:colour=red"] + shape)
+    assert "colour" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="key=value"):
+        bench.main(["--dicts", "d", "--rows", "admm-eq:form"] + shape)
 
 
 def test_study_rows_benchmark_runs(capsys):

@@ -20,7 +20,7 @@ has two forms, equal in exact arithmetic:
   point is the LASSO's with the exact ``K`` (the inverse's rounding moves the path, not the point).
 
 A check computes ``K z - b`` (the gradient at ``z``, so the KKT residual of the returned sparse code) and takes that
-iteration in the correction form at no further cost. On a CPU the direct form made the layer's equilibrium 9-14%
+iteration in the correction form at no further cost. On a CPU the direct form made the layer's equilibrium 6-14%
 faster at the same iteration counts (benchmarks/RESULTS.md, fourteenth session).
 
 Where FISTA's rate depends on the condition number of ``K / L`` (the smallest eigenvalues of a layer's
