@@ -166,7 +166,7 @@ def test_direct_form_goes_on_in_the_correction_form_near_tol(monkeypatch):
     # The direct form's fixed point carries the error of the inverse (in float32 its rounding times L / rho, which
     # stalled a DeiT-Ti-width dense VARS-SD layer above 1e-5); the correction form's is the LASSO's whatever the
     # inverse. With an inverse 1e-5 off (float64, so that the perturbation is the only error): the direct form alone
-    # stalls far above tol; it goes on in the correction form once its residual stops falling, and reaches tol
+    # stalls far above tol; it goes on in the correction form once its residual stops halving, and reaches tol
     from vars_ode.solvers import admm as admm_module
     exact = admm_module._inverse
 
