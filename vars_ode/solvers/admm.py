@@ -82,22 +82,23 @@ def _inverse(K, r, eye):
     return Ci.mT @ Ci
 
 
-def _add_product(E, M, X):
-    # E += M @ X in place: one batched GEMM that adds into E where the batch shapes allow (no pass of its own)
-    if M.shape[:-2] == X.shape[:-2] == E.shape[:-2] and E.is_contiguous() and M.is_contiguous() and X.is_contiguous():
-        n = M.shape[-1]
-        E.view(-1, n, E.shape[-1]).baddbmm_(M.reshape(-1, n, n), X.view(-1, n, X.shape[-1]))
-    else:
-        E.add_(M @ X)
-
-
-def _product_plus(out, M, X, C):
-    # out = C + M @ X: one batched GEMM with the addition where the batch shapes allow
-    if M.shape[:-2] == X.shape[:-2] == C.shape[:-2] == out.shape[:-2] and all(
-            t.is_contiguous() for t in (out, M, X, C)):
+def _add_product(out, M, X, C=None):
+    # out = C + M @ X (C None: out += M @ X in place): one batched GEMM that adds where the batch shapes allow (no
+    # pass of its own)
+    base = out if C is None else C
+    if M.shape[:-2] == X.shape[:-2] == base.shape[:-2] == out.shape[:-2] and all(
+            t.is_contiguous() for t in (out, M, X, base)):
         n, k = M.shape[-1], X.shape[-1]
-        return torch.baddbmm(C.view(-1, n, k), M.reshape(-1, n, n), X.view(-1, n, k), out=out.view(-1, n, k)).view_as(out)
-    return torch.matmul(M, X, out=out).add_(C)
+        Mf, Xf, of = M.reshape(-1, n, n), X.view(-1, n, k), out.view(-1, n, k)
+        if C is None:
+            of.baddbmm_(Mf, Xf)
+        else:
+            torch.baddbmm(C.view(-1, n, k), Mf, Xf, out=of)
+    elif C is None:
+        out.add_(M @ X)
+    else:
+        torch.matmul(M, X, out=out).add_(C)
+    return out
 
 
 def _reinvert(K, r, invr, changed, eye, inplace):
@@ -220,7 +221,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
             if corrected:
                 torch.matmul(invr, E, out=D)
             else:  # rho u = c + rho (K + rho I)^{-1} rho (z - y), D = Z - rho u
-                torch.sub(Z, _product_plus(D, invr, E, c), out=D)
+                torch.sub(Z, _add_product(D, invr, E, c), out=D)
             A.sub_(D, alpha=relax)
             torch.clamp(A, -wk, wk, out=Lam)
             torch.sub(A, Lam, out=Z)
