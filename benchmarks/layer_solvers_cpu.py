@@ -8,7 +8,9 @@ row the host reads of one forward (``vars_ode.sync.count_host_syncs``).
 
     python benchmarks/layer_solvers_cpu.py [--dicts d,sd,sd-dense,s] [--rows ...] [--repeats 3]
 
-Row names: ``ista``, ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, ``fista-eq`` (``steps=None``,
+Row names: ``ista`` (3 steps; ``ista<N>``: N steps, for the cost of one more operator application: ``ista19``
+against ``ista`` bounds what any method of 19 evaluations can reach, since an evaluation applies ``K`` once, as an
+ISTA step does), ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, ``fista-eq`` (``steps=None``,
 ``tol=1e-4``, ``grad="implicit"``; ``admm-eq`` the same with ADMM, any ``<solver>-eq``), ``fista-eq-unroll``, ``timm`` (timm's Attention, for the ISTA ratio).
 A row name may end in solver options, ``admm-eq:form=correction`` (``key=value`` pairs separated by ``;``), to
 compare settings of one solver in one process.
@@ -60,6 +62,8 @@ def row_kwargs(row: str, horizon: float, tol: float) -> dict:
 def _row_solver(row: str, horizon: float, tol: float) -> dict:
     if row == "ista":
         return dict(solver="ista", steps=3)
+    if row.startswith("ista") and row[4:].isdigit() and int(row[4:]) >= 1:
+        return dict(solver="ista", steps=int(row[4:]))
     if row.endswith("-adjoint"):
         return dict(solver=row[:-len("-adjoint")], steps=horizon, grad="adjoint")
     if "-eq" in row:  # "<solver>-eq" (implicit gradient) or "<solver>-eq-unroll"

@@ -351,6 +351,9 @@ def test_layer_solvers_benchmark_runs(capsys):
     for row in ("fista-eq", "admm-eq", "admm-eq:form=correction"):
         assert res[("d", row)]["residual"] <= 1e-3 and res[("d", row)]["ratio"] > 0
     assert res[("d", "euler")]["work"] == 6 and ("d", "timm") in res
+    # ista<N> rows take N steps
+    res = bench.main(["--dicts", "d", "--rows", "ista,ista1,ista7"] + shape)
+    assert res[("d", "ista1")]["work"] == 1 and res[("d", "ista7")]["work"] == 7 and res[("d", "ista")]["work"] == 3
     assert "| s | admm-eq | - |" in out and "Gram matrix" in out
     # a row's solver options reach the solver: an unknown one is refused by name, a malformed one by the parser
     bench.main(["--dicts", "d", "--rows", "ista,admm-eq:colour=red"] + shape)
