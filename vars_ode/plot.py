@@ -24,7 +24,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-import vars_ode as vo
+from .dynamics import ReducedVARSDynamics, VARSDynamics
+from .layer import LayerStats
+from .ops import penalty_weight
+from .solvers import SOLVERS, Solution, is_ode, solve
 
 __all__ = ["attention_overlay", "code_statistics", "convergence", "energy", "phase_portrait", "solver_path"]
 
@@ -68,8 +71,8 @@ def solver_path(P, x, lam, solver: str = "ista", steps=10, *, init="zeros", conv
     Returns ``(1 + len(steps), ..., m)``. Each step is a separate solve from the start, so this is
     meant for small problems (figures), not for long runs.
     """
-    if solver not in vo.SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(vo.SOLVERS)}, got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
     ks = list(range(1, steps + 1)) if isinstance(steps, int) else list(steps)
     if not ks or any(k <= 0 for k in ks) or any(b <= a for a, b in zip(ks, ks[1:])):
         raise ValueError(f"steps must be a positive int or an increasing sequence of positive numbers, got {steps!r}")
@@ -83,12 +86,12 @@ def solver_path(P, x, lam, solver: str = "ista", steps=10, *, init="zeros", conv
         raise ValueError(f"init must be 'zeros', 'encode' or a tensor, got {init!r}")
     out = [first.expand(*torch.broadcast_shapes(first.shape, x.shape[:-1] + (P.shape[-1],)))]
     for k in ks:
-        if solver in vo.ODE_SOLVERS:
-            sol = vo.solve(P, x, lam, solver, tol=0.0, init=init, convention=convention, t_end=float(k), **options)
+        if is_ode(solver):
+            sol = solve(P, x, lam, solver, tol=0.0, init=init, convention=convention, t_end=float(k), **options)
         else:
             if int(k) != k:
                 raise ValueError(f"{solver} takes whole steps, got {k!r}")
-            sol = vo.solve(P, x, lam, solver, tol=0.0, max_iter=int(k), init=init, convention=convention, **options)
+            sol = solve(P, x, lam, solver, tol=0.0, max_iter=int(k), init=init, convention=convention, **options)
         out.append(sol.code)
     return torch.stack(out)
 
@@ -99,7 +102,7 @@ def solver_path(P, x, lam, solver: str = "ista", steps=10, *, init="zeros", conv
 def _threshold(lam, convention, threshold):
     if threshold is not None:
         return float(threshold)
-    return float(vo.penalty_weight(torch.as_tensor(float(lam), dtype=torch.float64), convention)) / 2
+    return float(penalty_weight(torch.as_tensor(float(lam), dtype=torch.float64), convention)) / 2
 
 
 def _lift(code, theta):
@@ -148,9 +151,9 @@ def phase_portrait(P, x, lam, *, alpha: float = 1.0, beta: float = 2.0, gamma: f
     fig, ax = _axes(ax, figsize=(5.6, 5.2))
     theta = _threshold(lam, convention, threshold)
     kw = dict(alpha=alpha, beta=beta, gamma=gamma, convention=convention, threshold=threshold)
-    reduced = vo.ReducedVARSDynamics(P, x, lam, **kw)
-    coupled = vo.VARSDynamics(P, x, lam, **kw)
-    lasso = vo.solve(P, x, lam, "fista", tol=1e-12, max_iter=200_000, convention=convention).code
+    reduced = ReducedVARSDynamics(P, x, lam, **kw)
+    coupled = VARSDynamics(P, x, lam, **kw)
+    lasso = solve(P, x, lam, "fista", tol=1e-12, max_iter=200_000, convention=convention).code
     lifted = _lift(lasso, theta)
     paths = {s: solver_path(P, x, lam, s, steps, init=init, convention=convention, **(solver_options or {}))
              for s in solvers}
@@ -208,7 +211,7 @@ def phase_portrait(P, x, lam, *, alpha: float = 1.0, beta: float = 2.0, gamma: f
     for i, (s, path) in enumerate(paths.items()):
         u = _lift(path, theta)
         colour = f"C{(i + 2) % 10}"
-        if s in vo.ODE_SOLVERS:
+        if is_ode(s):
             ax.plot(_numpy(u[:, 0]), _numpy(u[:, 1]), "-", marker=".", ms=4, color=colour, lw=1.5,
                     label=f"{s} (horizons 0..{len(path) - 1})")
         else:
@@ -232,7 +235,7 @@ _X_LABELS = {"work": "work (iterations or function evaluations)", "iterations": 
 def _trace_of(run):
     """``(work array, residual array, seconds or None, unit or None)`` of one run."""
     seconds = unit = None
-    if isinstance(run, vo.Solution):
+    if isinstance(run, Solution):
         trace, unit = run.stats.trace, run.stats.unit
         if trace is None:
             raise ValueError("this Solution has no trace: solve with trace=[]")
@@ -289,8 +292,8 @@ def energy(dynamics, states, t=None, *, minimum=None, ax=None, title=None):
     rise between two samples. Leading problem dimensions are summed. Returns ``(fig, ax)``; the curves
     are kept on ``ax.vars_data``.
     """
-    coupled = isinstance(dynamics, vo.VARSDynamics)
-    if not coupled and not isinstance(dynamics, vo.ReducedVARSDynamics):
+    coupled = isinstance(dynamics, VARSDynamics)
+    if not coupled and not isinstance(dynamics, ReducedVARSDynamics):
         raise ValueError("dynamics must be a vars_ode.VARSDynamics or vars_ode.ReducedVARSDynamics")
     if coupled and not (isinstance(states, (tuple, list)) and len(states) == 2):
         raise ValueError("for VARSDynamics, states must be the pair (z, u) of trajectories")
@@ -409,7 +412,7 @@ def attention_overlay(image, maps, *, steps=None, grid=None, prefix_tokens="auto
 
 def _stats_of(item, dim):
     """``(sparsity, active-set size)`` of one code tensor or one :class:`vars_ode.LayerStats`."""
-    if isinstance(item, vo.LayerStats):
+    if isinstance(item, LayerStats):
         return float(item.sparsity), float(item.nnz.double().mean())
     c = torch.as_tensor(item)
     nz = c != 0

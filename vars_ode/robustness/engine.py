@@ -330,19 +330,13 @@ def attention_maps(model: nn.Module, images: torch.Tensor, size: tuple[int, int]
     Prefix (class) tokens are dropped, the token grid is resized bilinearly to ``size`` (default the
     image size) and each map is min-max normalised to [0, 1] when ``normalize``.
     """
+    from ..layer import attention_maps as library_maps
     from .metrics import normalize_map
     size = tuple(size) if size is not None else tuple(images.shape[-2:])
     try:
-        import vars_ode
-        fn = getattr(vars_ode, "attention_maps", None)
-    except ImportError:
-        fn = None
-    maps = None
-    if fn is not None:
-        try:
-            maps = _library_maps(fn(model, images), model)
-        except ValueError:  # e.g. "model contains no VARSLayer": use the hook fallback
-            maps = None
+        maps = _library_maps(library_maps(model, images), model)
+    except ValueError:  # e.g. "model contains no VARSLayer": use the hook fallback
+        maps = None
     if maps is None:
         name, mod = last_attention_module(model)
         store = {}
