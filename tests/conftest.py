@@ -61,3 +61,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _threads_as_found():
+    """Every test starts with THREADS intra-op threads: a benchmark's main() sets its own --threads (2 by default)
+    for the process, and a later test in the same worker would otherwise run with them (float reductions may then
+    split differently: test_pipeline's bitwise resume against a one-thread subprocess failed that way)."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
