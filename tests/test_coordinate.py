@@ -1,5 +1,7 @@
 """solver="cd" (vars_ode.solvers.coordinate): coordinate descent per problem, against scikit-learn's Lasso, a numpy
 restatement of its sweeps, the active-set solver, and in a layer."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,24 @@ def test_cd_in_an_equilibrium_layer():
     for a, b in zip(got["cd"][1], got["active_set"][1]):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_cd_leaves_the_thread_counts_as_it_found_them():
+    # numba's OpenMP layer and torch share one OpenMP runtime: a solve used to leave torch with numba's thread count
+    # (2 here). In a fresh interpreter, where numba starts its threads inside the solve, as in a user's program.
+    import subprocess
+    import sys
+    code = ("import torch, numba, vars_ode as vo\n"
+            "torch.set_num_threads(1)\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "P = torch.randn(20, 12, generator=g, dtype=torch.float64)\n"
+            "x = torch.randn(6, 20, generator=g, dtype=torch.float64)\n"
+            "for solver in ('fista', 'active_set', 'cd'):\n"
+            "    vo.solve(P, x, 0.1, solver, tol=1e-9)\n"
+            "print(torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch_after, numba_after, numba_max = map(int, out.stdout.split())
+    assert numba_max >= 2, "this check needs numba to default to two threads or more (two cores)"
+    assert torch_after == 1 and numba_after == numba_max

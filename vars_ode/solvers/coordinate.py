@@ -137,5 +137,8 @@ def coordinate_descent(op, B, w, L, init, *, tol, max_iter, **unused):
                bool(tol <= 0), iters.numpy(), resid.numpy())
     finally:
         numba.set_num_threads(previous)
+        # numba's OpenMP layer and torch share one OpenMP runtime: numba's setting is torch's too, so torch's own
+        # count is put back (else a solve with "cd" leaves torch with numba's count)
+        torch.set_num_threads(threads)
     code = U.reshape(nK, k, m).transpose(1, 2).reshape(*klead, m, k).to(b.dtype)
     return (code,), iters.reshape(*klead, k)
