@@ -65,9 +65,10 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def _threads_as_found():
-    """Every test starts with THREADS intra-op threads: a benchmark's main() sets its own --threads (2 by default)
-    for the process, and a later test in the same worker would otherwise run with them (float reductions may then
-    split differently: test_pipeline's bitwise resume against a one-thread subprocess failed that way)."""
+    """Every test starts with THREADS intra-op threads. A benchmark's main() sets its own --threads for the process,
+    and solver="cd" once left numba's count behind (tests/test_coordinate.py); a later test in the same worker then
+    ran with two threads, where float reductions may split differently (test_pipeline's bitwise resume against a
+    one-thread subprocess failed that way)."""
     yield
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)
