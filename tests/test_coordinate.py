@@ -1,6 +1,8 @@
 """solver="cd" (vars_ode.solvers.coordinate): coordinate descent per problem, against scikit-learn's Lasso, a numpy
 restatement of its sweeps, the active-set solver, and in a layer."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,8 +114,6 @@ def test_cd_in_an_equilibrium_layer():
 def test_cd_leaves_the_thread_counts_as_it_found_them():
     # numba's OpenMP layer and torch share one OpenMP runtime: a solve used to leave torch with numba's thread count
     # (2 here). In a fresh interpreter, where numba starts its threads inside the solve, as in a user's program.
-    import subprocess
-    import sys
     code = ("import torch, numba, vars_ode as vo\n"
             "torch.set_num_threads(1)\n"
             "g = torch.Generator().manual_seed(0)\n"
