@@ -5,16 +5,21 @@ with FISTA, dopri5 and at the equilibrium, one small ViT and one recipe for all 
     python scripts/robustness_study.py                   # the committed study -> results/fmnist/
     python scripts/robustness_study.py --preset quick    # self vs VARS-D, one seed, about 10 minutes on 2 cores
     python scripts/robustness_study.py --rows self vars_d --jobs 2   # some rows, two runs at a time
+    python scripts/robustness_study.py --swap vars_d_eq:vars_d       # the equilibrium's models with 3 ISTA steps
 
 Every (row, seed) is a folder under <output>/runs/; a finished run is not repeated, an interrupted one
 resumes from its last epoch; results.json, results.md and results.png are rebuilt from the finished
 runs at the end (``--report`` only rebuilds them). Runs not finished yet are listed in results.md.
+``--swap TRAINED:SOLVER`` trains nothing: it evaluates the finished runs of one row with the solver settings of
+another row of the same attention (each once; files ``eval_as_<SOLVER>.*`` in the run's folder) and adds them to
+the report.
 
 Needs Fashion-MNIST (``apt-get install dataset-fashion-mnist`` or --fmnist-path) and
 ``pip install imagecorruptions-imaug`` (Fashion-MNIST-C is generated once and cached).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -26,7 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 from vars_ode.robustness import DatasetError, find_fashion_mnist, missing_vars_models, require_imagecorruptions  # noqa: E402
 from vars_ode.robustness.cli import ArgumentParser, parse_kwargs, positive_int  # noqa: E402
-from vars_ode.robustness.study import PRESETS, ROWS, run_study, summarize, write_report  # noqa: E402
+from vars_ode.robustness.study import PRESETS, ROWS, parse_swap, run_study, run_swaps, summarize, write_report  # noqa: E402
+
+
+def swap_arg(text: str) -> tuple[str, str]:
+    try:
+        return parse_swap(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--swap ").removeprefix("--swap: ")) from None
 
 
 def get_args(argv=None):
@@ -46,6 +58,9 @@ def get_args(argv=None):
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads per run")
     p.add_argument("--fmnist-path", default=None)
     p.add_argument("--report", action="store_true", help="only rebuild results.* from the finished runs")
+    p.add_argument("--swap", nargs="+", type=swap_arg, default=None, metavar="TRAINED:SOLVER",
+                   help="evaluate the finished runs of row TRAINED with the solver of row SOLVER (same attention), "
+                        "e.g. vars_d_eq:vars_d; trains nothing")
     a = p.parse_args(argv)
     cfg = dataclasses.replace(PRESETS[a.preset])
     if a.seeds:
@@ -53,9 +68,10 @@ def get_args(argv=None):
     for name in ("epochs", "batch_size", "subset", "model", "model_kwargs"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
-    # the report covers the preset's rows and any asked for, so that running some rows keeps the others
+    # the report covers the preset's rows and any asked for (or swapped), so that running some rows keeps the others
     # in results.*; the runs are those of --rows (default: all of the report's)
-    report_rows = list(cfg.rows) + [r for r in (a.rows or []) if r not in cfg.rows]
+    asked = list(a.rows or []) + [t for t, _ in (a.swap or [])]
+    report_rows = list(dict.fromkeys(list(cfg.rows) + asked))
     a.report_cfg = dataclasses.replace(cfg, rows=report_rows,
                                        seeds={r: cfg.seeds.get(r, [0]) for r in report_rows})
     run_rows = report_rows if not a.rows else (list(a.rows) if "self" in a.rows else ["self", *a.rows])
@@ -100,6 +116,16 @@ def main(argv=None) -> int:
         print("robustness_study: cannot run, missing:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
     t0 = time.time()
+    if a.swap:
+        try:
+            run_swaps(a.report_cfg, a.output_dir, a.swap, threads=a.threads, fmnist_path=a.fmnist_path,
+                      log=lambda m: print(m, flush=True), report_cfg=a.report_cfg)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print((a.output_dir / "results.md").read_text())
+        print(f"swaps: {time.time() - t0:.0f} s; {a.output_dir}/results.json, results.md, results.png")
+        return 0
     try:
         run_study(a.cfg, a.output_dir, jobs=a.jobs, threads=a.threads, fmnist_path=a.fmnist_path,
                   log=lambda m: print(m, flush=True), report_cfg=a.report_cfg)

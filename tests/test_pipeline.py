@@ -450,6 +450,41 @@ def test_robustness_study_toy_end_to_end_and_resumes(fake_fmnist, tmp_path):
     # running some rows (here only the finished baseline) keeps the other rows in the report
     run("robustness_study.py", *args, "--rows", "self")
     assert list(json.loads((out / "results.json").read_text())["rows"]) == ["self", "vars_d"]
+    # the trained VARS-D model evaluated with the FISTA row's solver: a second evaluation beside the first
+    r = run("robustness_study.py", *args, "--swap", "vars_d:vars_d_fista")
+    swapped = run_dir / "eval_as_vars_d_fista.json"
+    res = json.loads((out / "results.json").read_text())
+    (item,) = res["swaps"]
+    assert (item["trained"], item["solver"], item["seeds"]) == ("vars_d", "vars_d_fista", [0])
+    assert set(item["vs_own"]) == set(item["vs_self"]) == set(d["vs_self"])
+    assert "| VARS-D (ISTA 3) | VARS-D, FISTA 3 | 1 |" in r.stdout
+    assert np.load(run_dir / "eval_as_vars_d_fista.npz")["corrupt"].shape == (2, 5, 16)
+    # what it evaluated is the checkpoint with FISTA set in every layer by hand: the layers' KKT residuals agree
+    from vars_ode.models.checkpoint import load_checkpoint_file
+    from vars_ode.robustness import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+    from vars_ode import VARSLayer
+    from vars_ode.robustness.study import PRESETS, _internals, _pixels, build_model
+    net = build_model(PRESETS["toy"], "vars_d")
+    net.load_state_dict(load_checkpoint_file(run_dir / "checkpoint.pth")["model"])
+    for m in net.modules():
+        if isinstance(m, VARSLayer):
+            m.set_solver("fista")
+    x = _pixels(load_fashion_mnist("test", fake_fmnist)[0][:8])
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (FASHION_MNIST_MEAN, FASHION_MNIST_STD))
+    by_hand = _internals(net.eval(), (x - mean) / std)["blocks.0.attn"]["kkt_residual_mean"]
+    own = json.loads((run_dir / "eval.json").read_text())["internal"]["clean"]["blocks.0.attn"]["kkt_residual_mean"]
+    got = json.loads(swapped.read_text())["internal"]["clean"]["blocks.0.attn"]["kkt_residual_mean"]
+    assert got == pytest.approx(by_hand, rel=1e-5) and got != pytest.approx(own, rel=1e-3)
+    # a swap already evaluated is not repeated; one across attentions is refused with the argument's name
+    stamp = swapped.stat().st_mtime_ns
+    run("robustness_study.py", *args, "--swap", "vars_d:vars_d_fista")
+    assert swapped.stat().st_mtime_ns == stamp
+    r = run("robustness_study.py", *args, "--swap", "vars_d:performer", check=False)
+    assert r.returncode == 2 and "--swap" in r.stderr and "same attention" in r.stderr
+    # a finished run whose model was not kept is skipped, and said so
+    (run_dir / "checkpoint.pth").unlink()
+    r = run("robustness_study.py", *args, "--swap", "vars_d:vars_d_dopri5")
+    assert "vars_d-seed0 has no checkpoint.pth" in r.stdout and not (run_dir / "eval_as_vars_d_dopri5.json").exists()
     # other settings are refused, not mixed into the same folder (the script prints this as "error: ...")
     import dataclasses
 

@@ -18,6 +18,12 @@ Statistics over seeds (mean, sample std) and, for every row against self-attenti
 difference with a 95% t interval over seeds (seed k of a row against seed k of self-attention) and a
 95% bootstrap interval over test images (each image's correctness averaged over the seeds).
 
+Solvers swapped at test time (:func:`run_swaps`, ``--swap TRAINED:SOLVER``): the finished runs of one row are
+evaluated again with the solver settings of another row of the same attention (the equilibrium's models with 3 ISTA
+steps, ISTA's with the equilibrium), the same evaluation; the report sets each against the same models with their
+own solver (paired by seed) and against self-attention. That separates what a solver does at inference from what
+training with it left in the weights.
+
 Layout: ``<out>/runs/<row>-seed<k>/`` holds one run (``run.json`` its settings, the training
 checkpoint and log, ``eval.json`` and ``eval.npz``); a run whose ``eval.json`` exists is not repeated
 and an interrupted training resumes from its checkpoint. ``<out>/results.json``, ``results.md`` and
@@ -45,8 +51,9 @@ from .attacks import NormalizedModel, fgsm_attack, pgd_attack
 from .datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_c, load_fashion_mnist
 from .metrics import IMAGENET_C_CORRUPTIONS, mean_std
 
-__all__ = ["ROWS", "PRESETS", "Row", "StudyConfig", "run_study", "evaluate_run", "summarize", "markdown",
-           "plot_study", "paired_seed_interval", "bootstrap_interval", "attention_entropy"]
+__all__ = ["ROWS", "PRESETS", "Row", "StudyConfig", "run_study", "run_swaps", "parse_swap", "swap_solvers",
+           "evaluate_run", "summarize", "markdown", "plot_study", "paired_seed_interval", "bootstrap_interval",
+           "attention_entropy"]
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_imagenet.py"
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -241,6 +248,42 @@ def build_model(cfg: StudyConfig, row: str) -> torch.nn.Module:
                         **parse_kwargs(cfg.model_kwargs), **r.layer)
 
 
+def parse_swap(text: str) -> tuple[str, str]:
+    """``"TRAINED:SOLVER"`` -> ``(trained, solver)``: two different rows of :data:`ROWS` with the same attention."""
+    trained, sep, solver = str(text).partition(":")
+    if not sep or not trained or not solver:
+        raise ValueError(f"--swap: expected TRAINED:SOLVER (two rows, e.g. vars_d_eq:vars_d), got {text!r}")
+    for name in (trained, solver):
+        if name not in ROWS:
+            raise ValueError(f"--swap {text}: unknown row {name!r}; expected one of {list(ROWS)}")
+    if trained == solver:
+        raise ValueError(f"--swap {text}: the two rows are the same; the study's own evaluation is that one")
+    if ROWS[trained].attention != ROWS[solver].attention:
+        raise ValueError(f"--swap {text}: rows of the same attention only ({trained!r} is {ROWS[trained].attention!r}, "
+                         f"{solver!r} is {ROWS[solver].attention!r})")
+    return trained, solver
+
+
+def swap_solvers(net: torch.nn.Module, like: torch.nn.Module) -> int:
+    """Give every VARS layer of ``net`` the solver settings (solver, steps, tol, grad, options) of the layer of the
+    same name in ``like`` (:meth:`VARSLayer.set_solver <vars_ode.VARSLayer.set_solver>`); returns how many layers."""
+    from ..layer import VARSLayer
+    mine = {n: m for n, m in net.named_modules() if isinstance(m, VARSLayer)}
+    theirs = {n: m for n, m in like.named_modules() if isinstance(m, VARSLayer)}
+    if set(mine) != set(theirs):
+        raise ValueError(f"the two models have different VARS layers: {sorted(mine)} and {sorted(theirs)}")
+    for name, layer in mine.items():
+        ref = theirs[name]
+        layer.set_solver(ref.solver, steps=ref.steps, tol=ref.tol, grad=ref.grad,
+                         solver_options=dict(ref.solver_options))
+    return len(mine)
+
+
+def _eval_name(solver_row: str | None) -> str:
+    # the evaluation files of a run: eval.json / eval.npz, or eval_as_<row>.* with another row's solver
+    return "eval" if solver_row is None else f"eval_as_{solver_row}"
+
+
 def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float().div_(255).unsqueeze(1)
 
@@ -276,13 +319,18 @@ def _internals(model: torch.nn.Module, x: torch.Tensor) -> dict | None:
 
 
 def evaluate_run(cfg: StudyConfig, row: str, run_dir: Path, threads: int | None = None,
-                 fmnist_path=None, cache_dir: Path | None = None) -> dict:
-    """Evaluate a trained run; writes ``eval.json`` (metrics) and ``eval.npz`` (per-image correctness)."""
+                 fmnist_path=None, cache_dir: Path | None = None, solver_row: str | None = None) -> dict:
+    """Evaluate a trained run; writes ``eval.json`` (metrics) and ``eval.npz`` (per-image correctness). With
+    ``solver_row``, the VARS layers first take that row's solver settings (:func:`swap_solvers`), and the files are
+    ``eval_as_<solver_row>.json`` / ``.npz``."""
     from ..models.checkpoint import load_checkpoint_file
     if threads:
         torch.set_num_threads(threads)
     net = build_model(cfg, row)
     net.load_state_dict(load_checkpoint_file(run_dir / "checkpoint.pth")["model"])
+    if solver_row is not None:
+        parse_swap(f"{row}:{solver_row}")
+        swap_solvers(net, build_model(cfg, solver_row))
     model = NormalizedModel(net, FASHION_MNIST_MEAN, FASHION_MNIST_STD).eval()
     xte, yte = load_fashion_mnist("test", fmnist_path)
     x, y = _pixels(xte[:cfg.clean_images]), torch.from_numpy(yte[:cfg.clean_images]).long()
@@ -311,7 +359,7 @@ def evaluate_run(cfg: StudyConfig, row: str, run_dir: Path, threads: int | None 
         internal["corrupted"] = _average_internals(per_c)
     log = _read_log(run_dir / "log.csv")
     res = {
-        "row": row, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+        "row": row, "solver_row": solver_row or row, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
         "clean_acc": 100 * float(clean.mean()),
         "corruption_acc": {c: [100 * float(v) for v in corrupt[c].mean(1)] for c in cfg.corruptions},
         "mean_corruption_acc": 100 * float(np.mean([corrupt[c].mean() for c in cfg.corruptions])),
@@ -319,9 +367,10 @@ def evaluate_run(cfg: StudyConfig, row: str, run_dir: Path, threads: int | None 
         "train_images_per_s": log.get("images_per_s"), "train_time_s": log.get("time_s"),
         "eval_images_per_s": eval_ips, "internal": internal,
     }
-    np.savez_compressed(run_dir / "eval.npz", clean=clean, corrupt=np.stack([corrupt[c] for c in cfg.corruptions]),
+    name = _eval_name(solver_row)
+    np.savez_compressed(run_dir / f"{name}.npz", clean=clean, corrupt=np.stack([corrupt[c] for c in cfg.corruptions]),
                         **adv)
-    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    (run_dir / f"{name}.json").write_text(json.dumps(res, indent=1))  # last: its presence marks the evaluation done
     return res
 
 
@@ -349,11 +398,14 @@ def _read_log(path: Path) -> dict:
     return {"images_per_s": float(max(ips)) if ips else None, "time_s": float(sum(ts)) if ts else None}
 
 
-def _eval_in_subprocess(cfg: StudyConfig, row: str, run_dir: Path, threads: int, fmnist_path, cache_dir) -> None:
+def _eval_in_subprocess(cfg: StudyConfig, row: str, run_dir: Path, threads: int, fmnist_path, cache_dir,
+                        solver_row: str | None = None) -> None:
     spec = {"cfg": asdict(cfg), "row": row, "run_dir": str(run_dir), "threads": threads,
-            "fmnist_path": fmnist_path and str(fmnist_path), "cache_dir": str(cache_dir)}
-    (run_dir / "eval_spec.json").write_text(json.dumps(spec))
-    _call([sys.executable, "-m", "vars_ode.robustness.study", str(run_dir / "eval_spec.json")], run_dir / "eval.log")
+            "fmnist_path": fmnist_path and str(fmnist_path), "cache_dir": str(cache_dir), "solver_row": solver_row}
+    name = _eval_name(solver_row)
+    (run_dir / f"{name}_spec.json").write_text(json.dumps(spec))
+    _call([sys.executable, "-m", "vars_ode.robustness.study", str(run_dir / f"{name}_spec.json")],
+          run_dir / f"{name}.log")
 
 
 def one_run(cfg: StudyConfig, row: str, seed: int, out: Path, threads: int, fmnist_path=None) -> dict:
@@ -410,6 +462,38 @@ def run_study(cfg: StudyConfig, out, jobs: int = 1, threads: int | None = None, 
     return summary
 
 
+def run_swaps(cfg: StudyConfig, out, swaps, threads: int | None = None, fmnist_path=None, log=print,
+              report_cfg: StudyConfig | None = None) -> dict:
+    """For every ``(trained, solver)`` of ``swaps`` (rows, or ``"TRAINED:SOLVER"`` strings), evaluate each finished
+    run of ``trained`` with the solver settings of ``solver`` (``eval_as_<solver>.*`` in the run's folder; one that
+    exists is not repeated); then write the report of ``report_cfg`` (default ``cfg``). Trains nothing."""
+    report_cfg = report_cfg or cfg
+    out = Path(out)
+    pairs = [parse_swap(s) if isinstance(s, str) else parse_swap(":".join(s)) for s in swaps]
+    threads = threads or max(1, os.cpu_count() or 1)
+    t0 = time.time()
+    for trained, solver in pairs:
+        seeds = [s for s in cfg.seeds.get(trained, []) if (_run_dir(out, trained, s) / "eval.json").is_file()]
+        if not seeds:
+            log(f"swap {trained}:{solver}: no finished run of {trained!r} in {out} yet")
+        for s in seeds:
+            run_dir = _run_dir(out, trained, s)
+            _check_run_json(run_dir, cfg, trained, s)
+            if (run_dir / f"{_eval_name(solver)}.json").is_file():
+                continue
+            if not (run_dir / "checkpoint.pth").is_file():
+                log(f"swap {trained}:{solver}: {run_dir.name} has no checkpoint.pth (its model was not kept); skipped")
+                continue
+            log(f"[{time.time() - t0:8.0f}s] start {trained} seed {s} evaluated with {solver}'s solver")
+            _eval_in_subprocess(cfg, trained, run_dir, threads, fmnist_path, out / "fashion-mnist-c", solver)
+            res = json.loads((run_dir / f"{_eval_name(solver)}.json").read_text())
+            log(f"[{time.time() - t0:8.0f}s] done  {trained} seed {s} with {solver}'s solver: clean "
+                f"{res['clean_acc']:.2f}%")
+    summary = summarize(report_cfg, out)
+    write_report(report_cfg, summary, out)
+    return summary
+
+
 def _load_runs(cfg: StudyConfig, out: Path) -> dict:
     runs = {}
     for r in (r for r in ROWS if r in cfg.rows):  # reported in ROWS order
@@ -420,6 +504,23 @@ def _load_runs(cfg: StudyConfig, out: Path) -> dict:
                     arrays = {k: z[k] for k in z.files}
                 runs.setdefault(r, {})[s] = (json.loads((d / "eval.json").read_text()), arrays)
     return runs
+
+
+def _load_swaps(cfg: StudyConfig, out: Path) -> dict:
+    # {(trained, solver): {seed: (eval_as json, arrays)}} for the finished runs of the report's rows
+    swaps = {}
+    for r in (r for r in ROWS if r in cfg.rows):
+        for s in cfg.seeds.get(r, []):
+            d = _run_dir(out, r, s)
+            if not (d / "eval.json").is_file():
+                continue
+            for solver in ROWS:  # in ROWS order
+                f = d / f"{_eval_name(solver)}.json"
+                if solver != r and f.is_file():
+                    with np.load(d / f"{_eval_name(solver)}.npz") as z:
+                        arrays = {k: z[k] for k in z.files}
+                    swaps.setdefault((r, solver), {})[s] = (json.loads(f.read_text()), arrays)
+    return swaps
 
 
 METRICS = {"clean_acc": "clean", "mean_corruption_acc": "corrupt", "pgd1_acc": "pgd1", "pgd4_acc": "pgd4",
@@ -462,7 +563,20 @@ def summarize(cfg: StudyConfig, out) -> dict:
         if r != BASELINE:
             row["vs_self"] = _compare(by_seed, runs[BASELINE], cfg.bootstrap)
         rows[r] = row
-    return {"config": asdict(cfg), "baseline": BASELINE, "rows": rows,
+    swaps = []
+    for (r, solver), by_seed in _load_swaps(cfg, Path(out)).items():
+        seeds = sorted(by_seed)
+        res = [by_seed[s][0] for s in seeds]
+        item = {"trained": r, "solver": solver, "label": ROWS[r].label, "solver_label": ROWS[solver].label,
+                "seeds": seeds}
+        for k in list(METRICS) + ["eval_images_per_s"]:
+            vals = [x[k] for x in res if x.get(k) is not None]
+            item[k] = _stat(vals) if vals else None
+        # the same models with their own solver (paired by seed), and self-attention as in the main table
+        item["vs_own"] = _compare(by_seed, {s: runs[r][s] for s in seeds}, cfg.bootstrap)
+        item["vs_self"] = _compare(by_seed, runs[BASELINE], cfg.bootstrap)
+        swaps.append(item)
+    return {"config": asdict(cfg), "baseline": BASELINE, "rows": rows, "swaps": swaps,
             "missing": [f"{r}-seed{s}" for r in cfg.rows for s in cfg.seeds.get(r, []) if s not in runs.get(r, {})]}
 
 
@@ -542,6 +656,20 @@ def markdown(summary: dict) -> str:
         v = row["vs_self"]
         lines.append(f"| {row['label']} | {_ci(v['clean_acc'])} | {_ci(v['mean_corruption_acc'])} | "
                      f"{_ci(v['pgd1_acc'])} | {verdict(v['mean_corruption_acc'])} | {verdict(v['pgd1_acc'])} |")
+    if summary.get("swaps"):
+        lines += ["", "Solvers swapped at test time (`--swap TRAINED:SOLVER`): a row's trained models evaluated with "
+                  "another row's solver settings. Change against the same models with their own solver, in accuracy "
+                  "points: mean over seeds [95% t interval over seeds]; images [95% bootstrap interval over test "
+                  "images]. Last column: corrupted against self-attention, as in the table above.", "",
+                  "| Trained as | Evaluated with | Seeds | Clean ↑ | Corrupted ↑ | PGD 1/255 ↑ | PGD 4/255 ↑ "
+                  "| Clean change | Corrupted change | PGD 1/255 change | Corrupted vs self |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for it in summary["swaps"]:
+            v, w = it["vs_own"], it["vs_self"]
+            lines.append(f"| {it['label']} | {it['solver_label']} | {len(it['seeds'])} | {_pm(it['clean_acc'], 2)} | "
+                         f"{_pm(it['mean_corruption_acc'])} | {_pm(it['pgd1_acc'])} | {_pm(it['pgd4_acc'])} | "
+                         f"{_ci(v['clean_acc'])} | {_ci(v['mean_corruption_acc'])} | {_ci(v['pgd1_acc'])} | "
+                         f"{_ci(w['mean_corruption_acc'])} |")
     inside = [(row["label"], row["internal"]) for row in summary["rows"].values()
               if row.get("internal") and row["internal"].get("clean")]
     if inside:
@@ -624,7 +752,7 @@ def write_report(cfg: StudyConfig, summary: dict, out) -> None:
 def _main_eval(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     evaluate_run(StudyConfig(**spec["cfg"]), spec["row"], Path(spec["run_dir"]), spec["threads"],
-                 spec["fmnist_path"], Path(spec["cache_dir"]))
+                 spec["fmnist_path"], Path(spec["cache_dir"]), spec.get("solver_row"))
 
 
 if __name__ == "__main__":  # one run's evaluation, in its own process (see one_run)
