@@ -232,8 +232,9 @@ def _warn_short_of_equilibrium(op, code, B, w, tol):
     Bd = tuple(b.detach() for b in B)
     r = kkt_residual_operator(op, tuple(code), Bd, _detach(w))
     eps = torch.finfo(r.dtype).eps if r.dtype.is_floating_point else 0.0
-    scale = max((float(b.abs().amax()) for b in Bd if b.numel()), default=0.0)
-    short = torch.isfinite(r) & (r > tol + 8 * eps * scale)
+    scale = [b.abs().amax().to(r.dtype) for b in Bd if b.numel()]  # kept on the device: no second host read
+    slack = 8 * eps * torch.stack(scale).amax() if scale else 0.0
+    short = torch.isfinite(r) & (r > tol + slack)
     n = int(short.sum())
     if n:
         warnings.warn(f"grad='implicit': {n} of {short.numel()} problems stopped above tol = {tol:g} (KKT residual up to "
