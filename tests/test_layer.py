@@ -499,6 +499,9 @@ def test_redraw_features_changes_the_dictionary():
     (dict(compat="modern"), "compat"),
     (dict(rope=True), "rope"),
     (dict(dictionary="d", grad="implicit", steps=None, tol=-1.0), "tol"),
+    (dict(solver="dopri5", solver_options={"rtol": -1.0}), "rtol must be a finite non-negative number"),
+    (dict(solver="dopri5", solver_options={"rtol": 0.0}), "rtol and atol are both 0"),
+    (dict(solver="dopri5", solver_options=[("rtol", 1e-3)]), "solver_options must be a dict"),
 ])
 def test_bad_arguments(kwargs, match):
     kw = dict(num_heads=2)
@@ -516,8 +519,12 @@ def test_bad_forward_arguments():
         layer(x, is_causal=True)
     with pytest.raises(ValueError, match="shape"):
         layer(torch.randn(2, 10, 6))
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the layer's parameters are torch.float32"):
+        layer(x.double())
     with pytest.raises(ValueError, match="solver"):
         layer.set_solver("newton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed dtypes stay allowed
+        assert layer(x.bfloat16()).shape == x.shape
 
 
 def test_public_exports():

@@ -154,6 +154,13 @@ def test_fixed_budget_runs_exactly_max_iter_steps_of_eq12():
     (lambda P, x: vo.solve(P, x, 0.1, "fista", tol=1e-6, check_every=0), "check_every"),
     (lambda P, x: vo.solve(P, x, 0.1, "ista", tol=1e-6, check_every="sometimes"), "check_every"),
     (lambda P, x: vo.solve(torch.randn(2, 20, 12, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64), 0.1), "broadcast"),
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri5", rtol=-1e-3), "rtol must be a finite non-negative number, got -0.001"),
+    (lambda P, x: vo.solve(P, x, 0.1, "bosh3", rtol=float("nan")), "rtol must be"),
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri5", atol="1e-6"), "atol must be"),
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri5", rtol=0.0, atol=0.0), "rtol and atol are both 0"),
+    (lambda P, x: vo.solve(P, x, 0.1, "bosh3", rtol=0.0), "rtol and atol are both 0"),
+    (lambda P, x: vo.solve(P, x, 0.1, "rk4", rtol=-1.0), "rtol must be"),
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri5", grad="adjoint", adjoint_rtol=-1e-6), "adjoint_rtol must be"),
 ])
 def test_bad_input(problem, call, match):
     P, x = problem

@@ -69,7 +69,7 @@ from .fused import FUSED_ODE_METHODS, FUSED_SOLVERS, KERNELS, ODESpec, fused_att
 from .lasso import kkt_residual_operator, reduce_over
 from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
 from .solvers import SOLVERS, check_solver, signal_ista, solve_problem
-from .solvers.ode import layer_settings
+from .solvers.ode import check_tolerances, layer_settings
 
 #: accepted names of the three dictionaries
 DICTIONARIES = {
@@ -275,8 +275,7 @@ class VARSLayer(nn.Module):
         if residual == _DEFAULT:
             residual = self.default_residual
         check_choice("residual", residual, RESIDUALS)
-        if solver_options is not None and not isinstance(solver_options, dict):
-            raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+        _check_solver_options(solver_options, solver)
         norm_layer = norm_layer or nn.LayerNorm
 
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
@@ -400,8 +399,7 @@ class VARSLayer(nn.Module):
         steps = self.steps if steps == _DEFAULT else steps
         tol = self.tol if tol == _DEFAULT else tol
         steps, tol = self._check_solver(solver, steps, tol, grad)
-        if solver_options is not None and not isinstance(solver_options, dict):
-            raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+        _check_solver_options(solver_options, solver)
         if solver_options is not None:
             self.solver_options = dict(solver_options)
         elif solver != self.solver:
@@ -476,13 +474,17 @@ class VARSLayer(nn.Module):
         B, N, C = x.shape
         if N == 0:
             raise ValueError(f"x has no tokens: shape {tuple(x.shape)}; a sparse reconstruction needs N >= 1")
+        dev_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
+        w = (self.v if self.dictionary_kind == "s" else self.qkv).weight
+        if x.dtype != w.dtype and not autocast_on:
+            raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {w.dtype}; convert one of them "
+                             f"(x.to({w.dtype}) or layer.to({x.dtype})), or run under torch.autocast")
         h, dh = self.num_heads, self.head_dim
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         k = 1 if self.dictionary_kind == "s" else 2
         qv = (self.v(x) if k == 1 else self.qkv(x)).reshape(B, N, k, h, dh)
         out_dtype = qv.dtype
-        dev_type = x.device.type
-        autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
         work = torch.float32 if (qv.dtype in (torch.float16, torch.bfloat16) or autocast_on) and qv.dtype != torch.float64 else qv.dtype
         with torch.autocast(device_type=dev_type, enabled=False) if autocast_on else contextlib.nullcontext():
             if self._fusable():
@@ -681,6 +683,15 @@ def _rebuild_configured(base, defaults, state):
     obj = cls.__new__(cls)
     obj.__setstate__(state)
     return obj
+
+
+def _check_solver_options(solver_options, solver):
+    # a dict or None; its tolerances checked where they are given, before any forward pass
+    if solver_options is None:
+        return
+    if not isinstance(solver_options, dict):
+        raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+    check_tolerances(solver_options.get("rtol"), solver_options.get("atol"), solver)
 
 
 def _check_grid(grid_size):

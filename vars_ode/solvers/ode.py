@@ -37,6 +37,7 @@ Integrators (``integrator=``):
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -145,12 +146,34 @@ def layer_settings(method: str, solver_options: dict) -> dict:
     return opts
 
 
+def _check_tolerance(name: str, value) -> None:
+    # a finite non-negative number; atol may also be a tensor (one per problem, set inside the library: not read
+    # here, which would wait on the device)
+    if isinstance(value, torch.Tensor) and name == "atol":
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+
+
+def check_tolerances(rtol, atol, method: str | None = None) -> None:
+    """A ``ValueError`` naming the argument unless ``rtol`` and ``atol`` are finite non-negative numbers, and, for an
+    adaptive ``method`` (or any, without one), not both 0 (``None`` stands for the default)."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None:
+            _check_tolerance(name, value)
+    if method not in FIXED_STEP and rtol == 0 and (atol is None or (not isinstance(atol, torch.Tensor) and atol == 0)):
+        raise ValueError("rtol and atol are both 0 (atol defaults to rtol / 100): every adaptive step would have to "
+                         "be exact; make one positive")
+
+
 def settings(method: str, tol: float, rtol=None, atol=None, options=None):
     """``(rtol, atol, options)`` of ``method`` with this module's defaults filled in (a fixed horizon: ``tol = 0``)."""
     if rtol is None:
         rtol = default_rtol(method, tol)
     if atol is None:
+        _check_tolerance("rtol", rtol)
         atol = rtol * 1e-2
+    check_tolerances(rtol, atol, method)
     options = dict(options or {})
     if method in FIXED_STEP:
         options.setdefault("step_size", DEFAULT_STEP_SIZES[method])
@@ -171,6 +194,9 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
     n = op.num_blocks
     rtol, atol, options = settings(method, tol, rtol, atol, options)
+    for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if value is not None:
+            _check_tolerance(name, value)
     gram = op.has_gram and op.num_blocks == 1
     capable = node_capable(op)
     engine = choose_integrator(integrator, method, grad, capable)
