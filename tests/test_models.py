@@ -157,6 +157,30 @@ def test_conv_stems():
     assert ConvEmbedding(3, 192)(torch.randn(1, 3, 224, 224)).shape == (1, 192, 14, 14)
 
 
+@pytest.mark.parametrize("side, patch", [(28, 16), (30, 4), (17, 8), (33, 2), (32, 16)])
+def test_conv_stem_grid_is_what_its_convolutions_give(side, patch):
+    # each stride-2 convolution rounds up: a side that is not a multiple of the patch keeps a partial patch, and the
+    # grid the model is built for (positions, VARS's token grid) must count it
+    for pad in (False, True):
+        stem = ConvPatchEmbed(img_size=(side, side + 1), patch_size=patch, in_chans=1, embed_dim=8,
+                              dynamic_img_pad=pad)
+        maps = stem.proj(torch.randn(1, 1, side, side + 1))
+        assert stem.grid_size == tuple(maps.shape[-2:]) == stem.dynamic_feat_size((side, side + 1))
+        assert stem(torch.randn(2, 1, side, side + 1)).shape == (2, stem.num_patches, 8)
+
+
+def test_host_at_a_size_that_is_not_a_multiple_of_its_patch():
+    # Fashion-MNIST's 28 px with the default patch of 16: a 2 x 2 grid, not a crash in the position embedding
+    for attention in ("vars_d", "vars_sd", "vars_s"):  # the static atoms are defined on that grid
+        model = timm.create_model("vars_deit_tiny", attention=attention, num_classes=10, in_chans=1, img_size=28,
+                                  embed_dim=16, depth=1, num_heads=2)
+        assert model.pos_embed.shape[1] == 1 + 4
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    plain = timm.create_model("vars_deit_tiny", attention="vars_s", conv_stem=False, num_classes=10, in_chans=1,
+                              img_size=28, embed_dim=16, depth=1, num_heads=2)  # timm's patchify: one patch
+    assert plain.pos_embed.shape[1] == 1 + 1 and plain(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_rvt_mlp_type_is_explicit():
     model = timm.create_model("vars_rvt_tiny", attention="self", mlp_type=("conv", "linear"), img_size=32,
                               num_classes=3, depth=(1, 1))

@@ -56,7 +56,8 @@ class DeiTStar(VisionTransformer):
             raise ValueError("attn_layer and embed_layer are chosen by attention= and conv_stem=; do not pass them")
         img_hw = to_2tuple(img_size)
         p = to_2tuple(patch_size)
-        grid = (img_hw[0] // p[0], img_hw[1] // p[1])
+        # the grid the stem gives: timm's patchify drops a partial patch, the convolutional stem keeps it
+        grid = ConvPatchEmbed.grid_for(img_hw, p) if conv_stem else (img_hw[0] // p[0], img_hw[1] // p[1])
         num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         attn_layer = attention_class(attention, grid_size=grid, num_prefix_tokens=num_prefix_tokens,
                                      **check_attention_kwargs(attention_kwargs))

@@ -39,7 +39,7 @@ class ConvPatchEmbed(nn.Module):
         dynamic_img_pad: pad inputs to a multiple of p.
 
     Shapes:
-        forward: (B, in_chans, H, W) -> (B, H/p * W/p, C) (or as ``flatten`` / ``output_fmt`` say).
+        forward: (B, in_chans, H, W) -> (B, ceil(H/p) * ceil(W/p), C) (or as ``flatten`` / ``output_fmt`` say).
     """
 
     def __init__(
@@ -74,7 +74,7 @@ class ConvPatchEmbed(nn.Module):
 
         self.patch_size = patch
         self.img_size = to_2tuple(img_size) if img_size is not None else None
-        self.grid_size = (self.img_size[0] // patch[0], self.img_size[1] // patch[1]) if img_size else None
+        self.grid_size = self.grid_for(self.img_size, patch) if img_size else None
         self.num_patches = self.grid_size[0] * self.grid_size[1] if img_size else None
         self.output_fmt = output_fmt
         self.flatten = flatten if output_fmt is None else output_fmt == "NLC"
@@ -91,14 +91,19 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
         self.norm = norm_layer(embed_dim, **dd) if norm_layer else nn.Identity()
 
+    @staticmethod
+    def grid_for(img_size, patch_size) -> Tuple[int, int]:
+        """The token grid of an input of ``img_size``: ``ceil(s / p)`` a side. Each 3x3 stride-2 convolution (padding
+        1) maps a side s to ceil(s / 2), so a side that is not a multiple of p keeps its last, partial patch,
+        padded (``dynamic_img_pad``) or not."""
+        return tuple(-(-s // p) for s, p in zip(to_2tuple(img_size), to_2tuple(patch_size)))
+
     def feat_ratio(self, as_scalar: bool = True):
         return max(self.patch_size) if as_scalar else self.patch_size
 
     def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
-        """Token grid (H', W') for an input of size ``img_size``."""
-        if self.dynamic_img_pad:
-            return tuple(math.ceil(s / p) for s, p in zip(img_size, self.patch_size))
-        return tuple(s // p for s, p in zip(img_size, self.patch_size))
+        """Token grid (H', W') for an input of size ``img_size`` (:meth:`grid_for`)."""
+        return self.grid_for(img_size, self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) -> tokens (B, N, C), or maps as configured."""
