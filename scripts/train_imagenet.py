@@ -76,8 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vars_ode.models._factory import EVAL_CROP_PCT  # noqa: E402  (the hosts' pretrained_cfg crop_pct)
 from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
                                        official_state_dict)
-from vars_ode.robustness.cli import (ArgumentParser, non_negative_int, parse_kwargs, positive_int,  # noqa: E402
-                                     run_cli)
+from vars_ode.robustness.cli import (ArgumentParser, non_negative_float, non_negative_int, parse_kwargs,  # noqa: E402
+                                     positive_int, probability, run_cli)
 from vars_ode.robustness import (ALEXNET_ERRORS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError,  # noqa: E402
                                  BatchAugment, NormalizedModel, TensorImageDataset, autocast, check_image_folder,
                                  check_train_val_root, create_model, evaluate, fashion_mnist_c, fgsm_attack,
@@ -148,8 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default=None, help="VARS solver name (ista, fista, an ODE method, ...)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model keywords, values as Python literals (patch_size=4)")
-    p.add_argument("--drop", type=float, default=0.0, help="dropout rate (official; default 0)")
-    p.add_argument("--drop-path", type=float, default=None, help="drop path rate (recipe 0.1)")
+    p.add_argument("--drop", type=probability, default=0.0, help="dropout rate (official; default 0)")
+    p.add_argument("--drop-path", type=probability, default=None, help="drop path rate (recipe 0.1)")
     p.add_argument("--finetune", default="", help="start training from these weights (model only; a head of "
                    "another size is re-initialised)")
     p.add_argument("--pretrained", action="store_true",
@@ -163,15 +163,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-eps", type=float, default=1e-8)
     p.add_argument("--opt-betas", type=float, nargs="+", default=None)
     p.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 512 images (scaled by global batch)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--lr", type=non_negative_float, default=5e-4, help="learning rate per 512 images (scaled by global batch)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
     p.add_argument("--sched", default="cosine", help="timm scheduler name")
     p.add_argument("--lr-noise", type=float, nargs="+", default=None)
     p.add_argument("--lr-noise-pct", type=float, default=0.67)
     p.add_argument("--lr-noise-std", type=float, default=1.0)
     p.add_argument("--warmup-epochs", type=non_negative_int, default=None, help="recipe 5")
-    p.add_argument("--warmup-lr", type=float, default=1e-6)
-    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup-lr", type=non_negative_float, default=1e-6)
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
     p.add_argument("--decay-epochs", type=float, default=30)
     p.add_argument("--cooldown-epochs", type=non_negative_int, default=10,
                    help="official; as there, the run still ends after --epochs")
@@ -180,18 +180,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=float, default=None)
     p.add_argument("--aa", default=None, help="auto-augment policy (recipe rand-m9-mstd0.5-inc1; 'none' off)")
     p.add_argument("--color-jitter", type=float, default=0.4)
-    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--smoothing", type=probability, default=0.1)
     p.add_argument("--train-interpolation", default="bicubic")
     p.add_argument("--repeated-aug", dest="repeated_aug", action="store_true", default=None,
                    help="repeated augmentation sampler (recipe on; off for the offline data sets)")
     p.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false")
-    p.add_argument("--mixup", type=float, default=None, help="recipe 0.8")
-    p.add_argument("--cutmix", type=float, default=None, help="recipe 1.0")
+    p.add_argument("--mixup", type=non_negative_float, default=None, help="recipe 0.8")
+    p.add_argument("--cutmix", type=non_negative_float, default=None, help="recipe 1.0")
     p.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
-    p.add_argument("--mixup-prob", type=float, default=1.0)
-    p.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    p.add_argument("--mixup-prob", type=probability, default=1.0)
+    p.add_argument("--mixup-switch-prob", type=probability, default=0.5)
     p.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"])
-    p.add_argument("--reprob", type=float, default=None, help="random erasing probability (recipe 0.25)")
+    p.add_argument("--reprob", type=probability, default=None, help="random erasing probability (recipe 0.25)")
     p.add_argument("--remode", default="pixel")
     p.add_argument("--recount", type=positive_int, default=1)
     p.add_argument("--resplit", action="store_true")

@@ -199,6 +199,11 @@ def test_official_flags_parse_with_official_meanings(ti):
     (["--attention", "softmax"], "--attention"),
     (["--resume", "https://example.org/vars_d.pth"], "download the file first"),
     (["--eval", "--save-logits"], "--output_dir"),
+    (["--lr", "-0.001"], "--lr: must be a finite non-negative number, got -0.001"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--smoothing", "1.5"], "--smoothing: must be a probability in [0, 1], got 1.5"),
+    (["--drop-path", "-0.1"], "--drop-path"),
+    (["--reprob", "2"], "--reprob"),
 ])
 def test_unsupported_or_bad_flags_give_one_line_errors(ti, argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .engine import create_model
 
 __all__ = ["ArgumentParser", "MAX_DROPPED_FRACTION", "add_model_args", "load_image", "load_weights", "model_from_args",
-           "non_negative_int", "parse_kwargs", "positive_int", "run_cli"]
+           "non_negative_float", "non_negative_int", "parse_kwargs", "positive_int", "probability", "run_cli"]
 
 #: ``load_weights(drop_mismatched=True)`` refuses a checkpoint when more than this fraction of the
 #: model's tensors would keep their initial values (a different model, not a different head)
@@ -31,6 +31,22 @@ def non_negative_int(text: str) -> int:
     v = int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a rate, a weight decay)."""
+    v = float(text)
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite non-negative number, got {text}")
+    return v
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    v = float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
     return v
 
 
