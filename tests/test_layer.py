@@ -372,6 +372,13 @@ def test_configure_and_replace_attention():
     torch.testing.assert_close(new.qkv.bias, torch.cat([old.qkv.bias[:C], old.qkv.bias[2 * C:]]))
     torch.testing.assert_close(new.proj.weight, old.proj.weight)
     assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+    # nothing left to replace: refused, not a silent no-op (a second call, or a model whose attention is its own)
+    with pytest.raises(ValueError, match="VARSLayer already"):
+        replace_attention(model, dictionary="d")
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2,
+                             embed_dim=8, depths=(1,), num_heads=(1,), num_classes=3)
+    with pytest.raises(ValueError, match=r"attention modules found: \['WindowAttention'\]"):
+        replace_attention(swin, dictionary="d")
 
 
 # ---------------------------------------------------------------------------------------------

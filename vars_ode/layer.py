@@ -706,11 +706,25 @@ def replace_attention(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     The query and value rows of timm's ``qkv`` (rows ``0:C`` and ``2C:3C``), ``proj``, ``q_norm`` and
     ``norm`` are copied where the shapes allow; the key rows are dropped (keys are tied to queries).
-    ``num_prefix_tokens`` defaults to the model's own. Returns ``model`` (modified in place).
+    ``num_prefix_tokens`` defaults to the model's own. Returns ``model`` (modified in place). A model with no timm
+    ``Attention`` (Swin's ``WindowAttention``, EVA's ``EvaAttention``, BEiT's own class; or a model whose attention is
+    already VARS) is refused with a ``ValueError`` that names the attention modules it has, rather than returned
+    unchanged.
     """
     from timm.layers import Attention
 
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Attention)]
+    if not targets:
+        done = sum(isinstance(m, VARSLayer) for m in model.modules())
+        if done:
+            raise ValueError(f"replace_attention: {type(model).__name__} has no timm Attention left to replace (its "
+                             f"{done} attention layers are VARSLayer already); change their solver with "
+                             "layer.set_solver(...) or build the model afresh")
+        kinds = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
+        raise ValueError(f"replace_attention: {type(model).__name__} has no timm.layers.Attention to replace "
+                         f"(attention modules found: {kinds or 'none'}); VARSLayer takes the place of the ViT family's "
+                         "Attention (vit_*, deit_*); for a model built with attn_layer=, pass "
+                         "attn_layer=vars_ode.VARSLayer.configure(...) to timm.create_model")
     if "num_prefix_tokens" not in layer_kwargs and hasattr(model, "num_prefix_tokens"):
         layer_kwargs["num_prefix_tokens"] = int(model.num_prefix_tokens)
     for name, old in targets:
