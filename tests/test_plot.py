@@ -203,6 +203,8 @@ def test_attention_overlay_draws_the_maps_of_attention_maps():
     assert axes[0] is given[0]
     with pytest.raises(ValueError, match="grid"):
         vp.attention_overlay(image, torch.rand(3, 15), prefix_tokens=0)
+    with pytest.raises(ValueError, match=r"one image's maps of one layer.*\[layer\]\[i\]"):
+        vp.attention_overlay(image, {"blocks.0.attn": maps})  # attention_maps' whole output
 
 
 def test_code_statistics_counts_zeros_and_active_atoms():
@@ -229,3 +231,5 @@ def test_code_statistics_counts_zeros_and_active_atoms():
     assert a0.vars_data["ista"]["sparsity"] == list(a0.get_lines()[0].get_ydata())
     with pytest.raises(ValueError, match="steps"):
         vp.code_statistics(codes, steps=[1])
+    with pytest.raises(ValueError, match="code tensors or LayerStats, got str"):
+        vp.code_statistics(["ista"])

@@ -343,6 +343,9 @@ def _image_hw(image):
 
 
 def _map_grid(maps, grid, prefix_tokens):
+    if isinstance(maps, Mapping):
+        raise ValueError(f"maps must be one image's maps of one layer, (T, N) or (T, H, W), got a mapping with keys "
+                         f"{list(maps)[:3]}: pass attention_maps(...)[layer][i] for image i")
     m = _numpy(maps)
     if m.ndim == 3:
         return m
@@ -414,6 +417,8 @@ def _stats_of(item, dim):
     """``(sparsity, active-set size)`` of one code tensor or one :class:`vars_ode.LayerStats`."""
     if isinstance(item, LayerStats):
         return float(item.sparsity), float(item.nnz.double().mean())
+    if not isinstance(item, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"data's entries must be code tensors or LayerStats, got {type(item).__name__}")
     c = torch.as_tensor(item)
     nz = c != 0
     return float(1.0 - nz.double().mean()), float(nz.double().sum(dim).mean())
