@@ -205,6 +205,8 @@ def test_attention_overlay_draws_the_maps_of_attention_maps():
         vp.attention_overlay(image, torch.rand(3, 15), prefix_tokens=0)
     with pytest.raises(ValueError, match=r"one image's maps of one layer.*\[layer\]\[i\]"):
         vp.attention_overlay(image, {"blocks.0.attn": maps})  # attention_maps' whole output
+    with pytest.raises(ValueError, match=r"give 3 x 17 grids for a"):
+        vp.attention_overlay(image, torch.rand(2, 3, 17))  # one layer's (B, T, N), not one image's
 
 
 def test_code_statistics_counts_zeros_and_active_atoms():

@@ -380,6 +380,10 @@ def attention_overlay(image, maps, *, steps=None, grid=None, prefix_tokens="auto
     """
     img = _image_hw(image)
     grids = _map_grid(maps, grid, prefix_tokens)
+    (h, w), (H, W) = grids.shape[1:], img.shape[:2]
+    if not 0.5 <= (w / h) / (W / H) <= 2.0:  # most likely attention_maps' (B, T, N) of one layer, read as (T, h, w)
+        raise ValueError(f"maps of shape {tuple(grids.shape)} give {h} x {w} grids for a {H} x {W} image; pass one "
+                         f"image's maps, (T, N) (attention_maps(...)[layer][i]) or (T, h, w) with the image's aspect")
     steps = list(range(grids.shape[0])) if steps is None else list(steps)
     if not steps or any(not 0 <= s < grids.shape[0] for s in steps):
         raise ValueError(f"steps must index the {grids.shape[0]} maps, got {steps!r}")
