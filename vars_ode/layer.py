@@ -477,7 +477,7 @@ class VARSLayer(nn.Module):
         dev_type = x.device.type
         autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
         w = (self.v if self.dictionary_kind == "s" else self.qkv).weight
-        if x.dtype != w.dtype and not autocast_on:
+        if x.dtype != w.dtype and not (autocast_on or _autocast_elsewhere(dev_type)):
             raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {w.dtype}; convert one of them "
                              f"(x.to({w.dtype}) or layer.to({x.dtype})), or run under torch.autocast")
         h, dh = self.num_heads, self.head_dim
@@ -683,6 +683,15 @@ def _rebuild_configured(base, defaults, state):
     obj = cls.__new__(cls)
     obj.__setstate__(state)
     return obj
+
+
+def _autocast_elsewhere(device_type: str) -> bool:
+    # autocast on a device other than cpu / cuda (mps, xpu, ...): the layer then runs in the input's dtype, and
+    # mixed dtypes are autocast's to resolve; device types without autocast (meta) have none
+    try:
+        return device_type not in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _check_solver_options(solver_options, solver):
