@@ -854,6 +854,12 @@ def main(argv=None) -> int:
         print(f"model {args.model} (attention={args.attention}): {n_params / 1e6:.3f} M parameters, "
               f"{len(train_set)} training / {len(val_set)} validation images, device {device}, world {world}, "
               f"{precision}", flush=True)
+        stem = getattr(model, "patch_embed", None)
+        grid, patch = getattr(stem, "grid_size", None), getattr(stem, "patch_size", None)
+        if grid is not None and min(grid) < 4:  # e.g. Fashion-MNIST's 28 px in DeiT's patches of 16
+            hint = " (--model-kwargs patch_size=4 gives 7 x 7 at 28 px)" if args.data_set == "fashion-mnist" else ""
+            print(f"note: {args.input_size} px images in patches of {patch[0]} x {patch[1]} give a {grid[0]} x {grid[1]} token grid: "
+                  f"attention has little to attend to{hint}", flush=True)
 
     # ---- evaluation only ------------------------------------------------------------------------
     if args.eval:

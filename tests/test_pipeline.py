@@ -331,6 +331,16 @@ def test_fashion_mnist_train_and_fashion_mnist_c_eval(fake_fmnist, tmp_path):
     assert 0 <= res["pgd_acc1"] <= 100
 
 
+def test_fashion_mnist_in_deits_default_patches_trains_and_says_so(fake_fmnist, tmp_path):
+    # 28 px in patches of 16: the convolutional stem gives a 2 x 2 grid (it used to crash in the position embedding)
+    r = run("train_imagenet.py", "--data-set", "fashion-mnist", "--fmnist-path", fake_fmnist, "--model",
+            "vars_deit_tiny", "--attention", "vars_sd", "--model-kwargs", "embed_dim=16", "depth=1", "num_heads=2",
+            "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "8", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--output_dir", tmp_path)
+    assert "patches of 16 x 16 give a 2 x 2 token grid" in r.stdout and "patch_size=4" in r.stdout
+    assert 0 <= float(read_log(tmp_path / "log.csv")[0]["val_acc1"]) <= 100
+
+
 def test_missing_fashion_mnist_gives_install_hint(tmp_path):
     r = run("train_imagenet.py", "--data-set", "fashion-mnist", "--fmnist-path", tmp_path, *TINY[:-4],
             "--output_dir", tmp_path / "o", check=False)
