@@ -103,6 +103,9 @@ def test_static_dictionary_at_a_second_resolution(dictionary):
     with pytest.raises(ValueError, match="grid"):
         layer.grid_size = None
         layer(torch.randn(1, 15, 8))
+    layer.grid_size = (2, 2)  # a fixed grid, fed another size (timm's dynamic_img_size): the error says why
+    with pytest.raises(ValueError, match=r"do not match N = 9 tokens: the layer's static atoms are laid out"):
+        layer(torch.randn(1, 9, 8))
 
 
 @pytest.mark.parametrize("dictionary", ["s", "sd"])

@@ -451,7 +451,9 @@ class VARSLayer(nn.Module):
                 p = N - H * W
             if p < 0 or N - p != H * W:
                 raise ValueError(f"grid_size {self.grid_size} and num_prefix_tokens {self.num_prefix_tokens} do not "
-                                 f"match N = {N} tokens")
+                                 f"match N = {N} tokens: the layer's static atoms are laid out on that grid, so an "
+                                 f"input of another size (timm's dynamic_img_size) needs a model built at its size, "
+                                 f"or dictionary='d'")
             return (H, W), p
         if p == "auto":
             s = math.isqrt(N)
