@@ -5,6 +5,8 @@ user sees at once which argument to fix.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -61,4 +63,11 @@ def check_positive(name: str, value, *, allow_none: bool = False, integer: bool 
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     if not ok:
         raise ValueError(f"{name} must be a positive {kind}" + (" or None" if allow_none else "") + f", got {value!r}")
+    return value
+
+
+def check_non_negative(name: str, value) -> float:
+    """A finite real number >= 0 (a tolerance, a rate)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
     return value

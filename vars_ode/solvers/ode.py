@@ -37,11 +37,10 @@ Integrators (``integrator=``):
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
-from .._validation import check_choice
+from .._validation import check_choice, check_non_negative
 from ..dynamics import VARSField
 from ..lasso import GramOperator, Operator, kkt_residual_operator, tmap
 from ..ops import _soft
@@ -147,12 +146,9 @@ def layer_settings(method: str, solver_options: dict) -> dict:
 
 
 def _check_tolerance(name: str, value) -> None:
-    # a finite non-negative number; atol may also be a tensor (one per problem, set inside the library: not read
-    # here, which would wait on the device)
-    if isinstance(value, torch.Tensor) and name == "atol":
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    # atol may also be a tensor (one per problem, set inside the library: not read here, which would wait on the device)
+    if not (isinstance(value, torch.Tensor) and name == "atol"):
+        check_non_negative(name, value)
 
 
 def check_tolerances(rtol, atol, method: str | None = None) -> None:
