@@ -702,10 +702,12 @@ def plot_study(summary: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    # one colour per row, the same in the first and the last panel (the last: clean solid, corrupted dashed)
+    colour = {r: f"C{i % 10}" for i, r in enumerate(summary["rows"])}
     for r, row in summary["rows"].items():
         ys = [row["clean_acc"]["mean"]] + row["severity_acc"]["mean"]
         es = [row["clean_acc"]["std"]] + row["severity_acc"]["std"]
-        ax[0].errorbar(range(6), ys, yerr=es, marker="o", ms=3, capsize=2, label=row["label"])
+        ax[0].errorbar(range(6), ys, yerr=es, marker="o", ms=3, capsize=2, color=colour[r], label=row["label"])
     ax[0].set(xlabel="corruption severity (0 = clean)", ylabel="top-1 accuracy (%)",
               title="Fashion-MNIST-C, mean over corruptions")
     ax[0].legend(fontsize=7)
@@ -730,8 +732,9 @@ def plot_study(summary: dict, path) -> None:
         for kind, ls in (("clean", "-"), ("corrupted", "--")):
             e = it[kind][last]["entropy"]
             if e:
-                ax[2].plot(range(1, len(e) + 1), e, ls, marker=".", label=f"{row['label']}, {kind}")
-    ax[2].set(xlabel="iteration (ODE: unit of time)", ylabel="entropy (nats)",
+                ax[2].plot(range(1, len(e) + 1), e, ls, marker=".", color=colour[r], label=f"{row['label']}, {kind}")
+    # log-scaled iterations: three ISTA steps and an equilibrium's hundred in one panel
+    ax[2].set(xlabel="iteration (ODE: unit of time)", ylabel="entropy (nats)", xscale="log",
               title="attention-map entropy, last layer")
     if ax[2].lines:
         ax[2].legend(fontsize=6)
