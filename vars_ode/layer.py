@@ -477,9 +477,10 @@ class VARSLayer(nn.Module):
         if N == 0:
             raise ValueError(f"x has no tokens: shape {tuple(x.shape)}; a sparse reconstruction needs N >= 1")
         dev_type = x.device.type
-        autocast_on = torch.is_autocast_enabled(dev_type) if dev_type in ("cpu", "cuda") else False
+        autocast_any = _autocast_enabled(dev_type)  # mixed dtypes are then autocast's to resolve
+        autocast_on = autocast_any and dev_type in ("cpu", "cuda")  # where the layer itself solves in float32
         w = (self.v if self.dictionary_kind == "s" else self.qkv).weight
-        if x.dtype != w.dtype and not (autocast_on or _autocast_elsewhere(dev_type)):
+        if x.dtype != w.dtype and not autocast_any:
             raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {w.dtype}; convert one of them "
                              f"(x.to({w.dtype}) or layer.to({x.dtype})), or run under torch.autocast")
         h, dh = self.num_heads, self.head_dim
@@ -687,11 +688,10 @@ def _rebuild_configured(base, defaults, state):
     return obj
 
 
-def _autocast_elsewhere(device_type: str) -> bool:
-    # autocast on a device other than cpu / cuda (mps, xpu, ...): the layer then runs in the input's dtype, and
-    # mixed dtypes are autocast's to resolve; device types without autocast (meta) have none
+def _autocast_enabled(device_type: str) -> bool:
+    # whether autocast is on for this device type; device types without autocast (meta) have none
     try:
-        return device_type not in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+        return torch.is_autocast_enabled(device_type)
     except RuntimeError:
         return False
 
