@@ -12,8 +12,10 @@ Row names: ``ista`` (3 steps; ``ista<N>``: N steps, for the cost of one more ope
 against ``ista`` bounds what any method of 19 evaluations can reach, since an evaluation applies ``K`` once, as an
 ISTA step does), ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, ``fista-eq`` (``steps=None``,
 ``tol=1e-4``, ``grad="implicit"``; ``admm-eq`` the same with ADMM, any ``<solver>-eq``), ``fista-eq-unroll``, ``timm`` (timm's Attention, for the ISTA ratio).
-A row name may end in solver options, ``admm-eq:form=correction`` (``key=value`` pairs separated by ``;``), to
-compare settings of one solver in one process.
+A row name may end in solver options, ``admm-eq:form=correction`` (``key=value`` pairs separated by ``;``; a key
+``options.NAME`` sets an integrator option, ``dopri5:options.fixed_attempts=6``), to compare settings of one solver in
+one process, and in ``+compile``: the layer through ``torch.compile(fullgraph=True)`` (Inductor; minutes of
+compilation on two cores before the timing, not counted in it).
 """
 from __future__ import annotations
 
@@ -55,7 +57,14 @@ def row_kwargs(row: str, horizon: float, tol: float) -> dict:
         bad = [k for k, eq, _ in pairs if not k or not eq]
         if bad:
             raise SystemExit(f"--rows: options of a row are key=value pairs separated by ';', got {opts!r}")
-        kwargs["solver_options"] = {k: _option_value(v) for k, _, v in pairs}
+        opts = {}
+        for k, _, v in pairs:
+            outer, dot, inner = k.partition(".")
+            if dot:
+                opts.setdefault(outer, {})[inner] = _option_value(v)
+            else:
+                opts[k] = _option_value(v)
+        kwargs["solver_options"] = opts
     return kwargs
 
 
@@ -106,13 +115,18 @@ def main(argv=None):
                 layers[row] = Attention(args.dim, num_heads=args.heads, qkv_bias=True)
                 continue
             try:
-                layer = copy.deepcopy(base).set_solver(**row_kwargs(row, args.horizon, args.tol))
+                name, compiled, _ = row.partition("+compile")
+                layer = copy.deepcopy(base).set_solver(**row_kwargs(name, args.horizon, args.tol))
                 with count_host_syncs() as reads:
                     layer(x).sum().backward()
+                stats_of = layer
+                if compiled:
+                    layer = torch.compile(layer, fullgraph=True)
+                    layer(x).sum().backward()  # compiles the forward and backward graphs
             except (ValueError, NotImplementedError) as err:
                 print(f"| {dname} | {row} | - | - | - | - | {type(err).__name__}: {str(err)[:80]} |")
                 continue
-            st = layer.last_stats
+            st = stats_of.last_stats
             info[row] = (int(st.iterations.max()), float(st.residual.max()), reads.count)
             layers[row] = layer
         times = layer_cpu.interleaved(layers, x, args.repeats, warmup=1)

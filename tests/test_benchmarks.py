@@ -120,11 +120,12 @@ def test_gpu_script_solver_table(capsys, monkeypatch):
     for name, (base, opts) in gpu.SOLVER_VARIANTS.items():
         assert gpu.VARIANTS[name] == {**gpu.VARIANTS[base], **opts}
     assert gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--skip-training", "--skip-ode",
-                     "--blocks", "vars_d,vars_d_rk4,vars_d_eq_1e-3"]) == 0
+                     "--blocks", "vars_d,vars_d_rk4,vars_d_eq_1e-3,vars_d_dopri5_fixed6"]) == 0
     out = capsys.readouterr().out
     assert "| vars_d_rk4 layer fp32 gradients" in out and "| vars_d_eq_1e-3 layer fp32 forward" in out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| vars_d_rk4 | ")]
-    assert len(rows) == 2 and all(r[-2] == "0" and r[-1].count("x") == 3 for r in rows)  # no host read; 3 ratios
+    for name in ("vars_d_rk4", "vars_d_dopri5_fixed6"):  # dopri5 with a budget of attempts reads nothing either
+        rows = [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {name} | ")]
+        assert len(rows) == 2 and all(r[-2] == "0" and r[-1].count("x") == 3 for r in rows)  # no host read; 3 ratios
     eq = [line for line in out.splitlines() if line.startswith("| vars_d_eq_1e-3 | ")]
     assert len(eq) == 2 and all(int(line.split(" | ")[-2]) > 0 for line in eq)  # a tolerance reads back
     # each variant's second call is printed as it is made (a run stopped by a time limit says how far it came)
@@ -360,6 +361,11 @@ def test_layer_solvers_benchmark_runs(capsys):
     assert "colour" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="key=value"):
         bench.main(["--dicts", "d", "--rows", "admm-eq:form"] + shape)
+    # options.NAME sets an integrator option: a budget of attempts spends exactly that many (1 + 6 evaluations each)
+    # and reads nothing from the device
+    res = bench.main(["--dicts", "d", "--rows", "ista,dopri5,dopri5:options.fixed_attempts=7"] + shape)
+    assert res[("d", "dopri5:options.fixed_attempts=7")]["work"] == 1 + 6 * 7
+    assert res[("d", "dopri5:options.fixed_attempts=7")]["reads"] == 0 < res[("d", "dopri5")]["reads"]
 
 
 def test_study_rows_benchmark_runs(capsys):

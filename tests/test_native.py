@@ -150,12 +150,19 @@ def test_native_adaptive_stops_with_a_clear_error_at_max_num_steps():
     (dict(integrator="native", solver="dopri5", options={"step": 1}), r"unknown option\(s\) \['step'\]"),
     (dict(integrator="native", solver="rk4", options={"perturb": True}), r"unknown option\(s\) \['perturb'\]"),
     (dict(integrator="native", solver="dopri5", options={"check_every": 0}), "check_every"),
+    (dict(integrator="native", solver="dopri5", options={"fixed_attempts": 0}), r"options\['fixed_attempts'\] must be"),
+    (dict(integrator="native", solver="bosh3", options={"fixed_attempts": 2.5}), r"options\['fixed_attempts'\] must be"),
+    (dict(integrator="native", solver="dopri5", options={"fixed_attempts": True}), r"options\['fixed_attempts'\] must be"),
+    (dict(integrator="torchdiffeq", solver="dopri5", options={"fixed_attempts": 4}), r"\['fixed_attempts'\] are the native"),
+    (dict(solver="adaptive_heun", options={"stretch": 1.2}), r"\['stretch'\] are the native"),
+    (dict(solver="dopri5", t_end=None, tol=1e-6, options={"fixed_attempts": 4}), "budget for a fixed horizon"),
 ])
 def test_bad_integrator_arguments_are_named(kwargs, match):
     P, x = make_problem(0, 8, 4)
     solver = kwargs.pop("solver")
+    kwargs.setdefault("t_end", 1.0)
     with pytest.raises(ValueError, match=match):
-        vo.solve(P, x, 0.1, solver, t_end=1.0, **kwargs)
+        vo.solve(P, x, 0.1, solver, **kwargs)
 
 
 def test_operator_form_runs_native_fixed_steps_like_torchdiffeq():
@@ -440,3 +447,87 @@ def test_layer_settings_fill_the_layer_defaults_without_changing_the_callers_opt
     assert layer_settings("bosh3", {"options": {"first_step": 0.1}})["options"]["first_step"] == 0.1
     assert layer_settings("rk4", {}) == {}
     assert layer_settings("fehlberg2", {}) == {"rtol": LAYER_RTOL}
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+@given(st.integers(0, 10**6), st.floats(0.5, 6.0), st.integers(0, 3))
+def test_a_budget_no_column_exhausts_gives_the_unbudgeted_result_without_a_host_read(method, seed, T, spare):
+    # fixed_attempts: exactly that many attempts, none of them read from the device; a column at T takes steps of
+    # length zero, so a budget of at least the attempts the default loop made changes no value
+    f, y0 = gram_field(seed)
+    ref, rk = native.integrate_adaptive(f, y0, 0.0, T, method, 1e-4, 1e-6)
+    with count_host_syncs() as syncs:
+        out, rkb = native.integrate_adaptive(f, y0, 0.0, T, method, 1e-4, 1e-6, {"fixed_attempts": rk.attempts + spare})
+    assert syncs.count == 0 and rkb.attempts == rk.attempts + spare
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert int(rkb.forced.sum()) == 0 and torch.equal(rkb.evaluations, rk.evaluations)
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+def test_the_last_attempt_of_a_budget_ends_every_column_at_the_horizon(method):
+    # a budget of one attempt is one step of the method over the whole horizon, accepted whatever its error:
+    # torchdiffeq's step of that length (first_step = T, tolerances it cannot fail)
+    f, y0 = gram_field(3, k=5)
+    T = 0.8
+    out, rk = native.integrate_adaptive(f, y0, 0.0, T, method, 1e-8, 1e-10, {"fixed_attempts": 1})
+    ref = odeint(f, y0, torch.tensor([0.0, T], dtype=torch.float64), method=method, rtol=1e10, atol=1e10,
+                 options={"first_step": T})
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b[-1], rtol=0, atol=1e-12)
+    # every column's error was far above a tolerance of 1e-8: each one is counted as forced
+    assert rk.attempts == 1 and torch.equal(rk.forced, torch.ones_like(rk.forced))
+    # two attempts, the first one accepted under a loose tolerance, the second one to T: closer to the flow
+    out2, rk2 = native.integrate_adaptive(f, y0, 0.0, T, method, 0.5, 1e-2, {"fixed_attempts": 2, "first_step": 0.4})
+    exact = odeint(f, y0, torch.tensor([0.0, T], dtype=torch.float64), method="dopri8", rtol=1e-12, atol=1e-14)
+    err2 = max((a - b[-1]).abs().max().item() for a, b in zip(out2, exact))
+    err1 = max((a - b[-1]).abs().max().item() for a, b in zip(out, exact))
+    assert err2 < err1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_a_layer_with_a_budget_of_attempts_reads_nothing_and_keeps_its_values(fused):
+    # VARSLayer(solver="dopri5", solver_options={"options": {"fixed_attempts": n}}): no host read in the forward
+    # pass; with a budget the default loop does not exhaust, output and every gradient equal the default's
+    torch.manual_seed(0)
+    layer = vo.VARSLayer(16, 2, dictionary="d", solver="dopri5", steps=3, fused=fused).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64, requires_grad=True)
+
+    def run(options):
+        layer.set_solver("dopri5", steps=3, solver_options=options)
+        x.grad = None
+        layer.zero_grad()
+        with count_host_syncs() as syncs:
+            y = layer(x)
+        (y * torch.linspace(-1, 1, 16, dtype=y.dtype)).sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        return [y.detach()] + grads, syncs.count, int(layer.last_stats.iterations.max())
+
+    ref, reads, evals = run({})
+    assert reads > 0 and evals % 6 == 1  # the default loop looks at the device; 1 + 6 evaluations an attempt
+    attempts = (evals - 1) // 6
+    got, reads_b, evals_b = run({"options": {"fixed_attempts": attempts + 1}})
+    assert reads_b == 0 and evals_b == evals + 6
+    assert len(got) == len(ref) > 3 and all(torch.equal(a, b) for a, b in zip(got, ref))
+    short, _, _ = run({"options": {"fixed_attempts": attempts - 1}})
+    assert not torch.equal(short[0], ref[0])  # a budget that binds ends the horizon with a longer last step
+
+
+def test_a_budget_of_attempts_compiles_into_one_graph():
+    # without host reads the adaptive integration is traced (fullgraph=True raises on a graph break); the compiled
+    # layer's output and gradients are the eager layer's
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    layer = vo.VARSLayer(8, 1, dictionary="d", solver="dopri5", steps=2,
+                         solver_options={"options": {"fixed_attempts": 2}})
+    x = torch.randn(2, 5, 8)
+
+    def run(f):
+        layer.zero_grad()
+        y = f(x)
+        y.sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    eager, compiled = run(layer), run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    assert len(eager) == len(compiled) > 3
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * max(1.0, float(a.abs().max())))

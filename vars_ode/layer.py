@@ -172,7 +172,9 @@ class VARSLayer(nn.Module):
         init: initial code ``"zeros"`` or ``"encode"`` (``P^T v``); ignored by ``compat="official"``.
         lipschitz: ``"power"``, ``"eigvalsh"`` or ``"official"`` for the dynamic ``L``.
         tol, max_iter: for ``steps=None``.
-        solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``).
+        solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``;
+            ``{"options": {"fixed_attempts": 6}}`` gives dopri5 / bosh3 a budget of attempts and no host read, for
+            CUDA graphs and ``torch.compile``: :class:`vars_ode.solvers.native.AdaptiveRK`).
         image_size: token grid side of the official ``"sd"`` kernel and of ``static="dense"`` atoms (which
             use ``grid_size`` instead when it is given).
         static: the static atoms of ``"s"`` / ``"sd"``: ``"conv"`` (the paper's convolutional templates,

@@ -77,7 +77,8 @@ for _name, (_c, _A, _b, _bl, _o) in ADAPTIVE_TABLEAUX.items():
     assert tuple(_A[-1]) == tuple(_b[:-1]) and _b[-1] == 0.0 and _c[-1] == 1.0, _name  # FSAL
 
 NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
-ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch")
+ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch",
+                    "fixed_attempts")
 
 
 #: the smallest state tensor (bytes) whose stages and slopes go into reused buffers: glibc's default threshold for
@@ -191,10 +192,17 @@ class AdaptiveRK:
             Hairer estimate), ``check_every`` (the most attempts between two looks at the device: 16, 1 for CPU
             tensors; each look also estimates the steps still needed, and the next look comes after that many),
             ``max_num_steps`` (attempts per call, 2**31 - 1), ``stretch`` (1.1: a remainder of the interval up to
-            this many step sizes is taken as one step; 1 turns it off).
+            this many step sizes is taken as one step; 1 turns it off), ``fixed_attempts`` (None; an integer: exactly
+            this many attempts per call and no look at the device at all, where the last attempt takes every
+            column still short of the interval's end to it and accepts that step whatever its error
+            (:attr:`forced` counts the columns whose tolerance rejected it). With a budget that no column
+            exhausts, the result is the unbudgeted one: a column at the end takes steps of length zero, which
+            leave its state as it is. A budget makes an integration one fixed sequence of operations, which CUDA
+            graphs capture and torch.compile traces; ``check_every`` and ``max_num_steps`` then have no effect).
 
     ``attempts`` counts attempted steps; ``evaluations`` (a long tensor of the problems' shape) counts, per
-    column, the evaluations spent while that column was still short of the window's end.
+    column, the evaluations spent while that column was still short of the window's end; ``forced`` (same shape)
+    how many times a column's last attempt of a ``fixed_attempts`` budget ended it on a step its tolerance rejected.
     """
 
     def __init__(self, f, method: str, rtol: float, atol: float, cols, dtype, device, options=None, layout=None):
@@ -219,9 +227,14 @@ class AdaptiveRK:
             raise ValueError(f"options['stretch'] must be a number >= 1, got {options.get('stretch')!r}")
         if self.check_every < 1:
             raise ValueError(f"options['check_every'] must be a positive integer, got {self.check_every!r}")
+        budget = options.get("fixed_attempts")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"options['fixed_attempts'] must be a positive integer or None, got {budget!r}")
+        self.fixed_attempts = budget
         first = options.get("first_step")
         self.dt = None if first is None else torch.full(cols, float(first), dtype=dtype, device=device)
         self.evaluations = torch.zeros(cols, dtype=torch.long, device=device)
+        self.forced = torch.zeros(cols, dtype=torch.long, device=device)
         self.attempts = 0
         self._burst = 1  # attempts between two host reads: 2, 4, 8, ... up to check_every
         self.k1 = None
@@ -262,6 +275,10 @@ class AdaptiveRK:
             self.evaluations += 1
         span = t1 - t0
         t = torch.zeros_like(self.dt)  # time since t0, per column
+        if self.fixed_attempts is not None:  # a budget: no look at the device
+            for i in range(self.fixed_attempts):
+                y, t = self._attempt(y, t, t0, span, last=i == self.fixed_attempts - 1)
+            return y
         n = 0
         while True:
             # the only host read: how many steps of its current size the slowest problem still needs (zero: all
@@ -283,11 +300,13 @@ class AdaptiveRK:
                 y, t = self._attempt(y, t, t0, span)
                 n += 1
 
-    def _attempt(self, y, t, t0, span):
+    def _attempt(self, y, t, t0, span, last=False):
+        # last: the final attempt of a fixed_attempts budget, which ends every column at the interval's end
         live = t < span
         rest = span - t
         # a remainder within `stretch` step sizes is one step, not a step and a sliver
-        h = torch.where(rest <= self.stretch * self.dt, rest, self.dt).clamp_min(0.0)  # zero for columns at the end
+        # (zero for the columns at the end)
+        h = (rest if last else torch.where(rest <= self.stretch * self.dt, rest, self.dt)).clamp_min(0.0)
         hs = tuple(self._x(j, h) for j in range(len(y)))
         ks, stages = [self.k1], [y]
         inplace = _inplace(y[0])
@@ -308,6 +327,9 @@ class AdaptiveRK:
             # and is reported so by the caller's residual, instead of shrinking the step for ever
             broken = ~torch.isfinite(ratio)
             accept = (ratio <= 1.0) | broken
+            if last:
+                self.forced += (live & ~accept).long()
+                accept = torch.ones_like(accept)
             grow = torch.where(ratio == 0, torch.full_like(ratio, self.ifactor),
                                torch.clamp(self.safety * ratio.clamp_min(1e-300) ** (-1.0 / self.order),
                                            max=self.ifactor))

@@ -102,7 +102,8 @@ def _eager(fn, *args, **kwargs):
     from the data (accepted and rejected steps), and its adaptive methods call ``torch.unique`` as they start
     (``rk_common``), whose output shape Inductor cannot lower; the native adaptive methods read the device
     between bursts of steps (each read would be a graph break and a recompilation): a compiled layer runs
-    these integrations eagerly, as one graph break."""
+    these integrations eagerly, as one graph break (an adaptive method with ``options["fixed_attempts"]`` reads
+    nothing and is traced instead)."""
     return fn(*args, **kwargs)
 
 
@@ -196,6 +197,14 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     gram = op.has_gram and op.num_blocks == 1
     capable = node_capable(op)
     engine = choose_integrator(integrator, method, grad, capable)
+    native_only = sorted(set(options) & {"check_every", "stretch", "fixed_attempts"})
+    if native_only and engine != "native":
+        raise ValueError(f"options {native_only} are the native integrator's (methods "
+                         f"{list(native.ADAPTIVE_TABLEAUX)}); here the integration runs on torchdiffeq (method "
+                         f"{method!r}, grad {grad!r})")
+    if options.get("fixed_attempts") is not None and t_end is None:
+        raise ValueError("options['fixed_attempts'] is a budget for a fixed horizon (t_end, a layer's steps); the "
+                         "steady state reads the device to stop anyway: leave it out, or give t_end")
     if method == "scipy_solver":
         options.setdefault("solver", "RK45")  # LSODA forms a dense Jacobian: n^2 memory for a layer
     elif method not in FIXED_STEP and engine == "torchdiffeq":
@@ -240,11 +249,14 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                 finally:
                     rk.tape = None
 
+            # its step loop reads the device between bursts of steps: eager under torch.compile, unless a budget
+            # of attempts (options["fixed_attempts"]) makes it one fixed sequence of operations, which is traced
+            call = _eager if rk.fixed_attempts is None else (lambda fn, *args: fn(*args))
+
             def integrate(st, t0, t1):
-                # its step loop reads the device between bursts of steps: eager under torch.compile
                 if node:
-                    return _eager(run_node, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
-                return _eager(rk.integrate, st, t0, t1)
+                    return call(run_node, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
+                return call(rk.integrate, st, t0, t1)
         elif engine == "native":
             step = native.fixed_step_size(method, options)
 
