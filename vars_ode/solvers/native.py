@@ -79,6 +79,8 @@ for _name, (_c, _A, _b, _bl, _o) in ADAPTIVE_TABLEAUX.items():
 NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
 ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch",
                     "fixed_attempts")
+#: the adaptive options that torchdiffeq's methods do not have (torchdiffeq only warns about them and ignores them)
+NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts")
 
 
 #: the smallest state tensor (bytes) whose stages and slopes go into reused buffers: glibc's default threshold for

@@ -197,7 +197,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     gram = op.has_gram and op.num_blocks == 1
     capable = node_capable(op)
     engine = choose_integrator(integrator, method, grad, capable)
-    native_only = sorted(set(options) & {"check_every", "stretch", "fixed_attempts"})
+    native_only = sorted(set(options) & set(native.NATIVE_ONLY_OPTIONS))
     if native_only and engine != "native":
         raise ValueError(f"options {native_only} are the native integrator's (methods "
                          f"{list(native.ADAPTIVE_TABLEAUX)}); here the integration runs on torchdiffeq (method "
