@@ -84,6 +84,10 @@ SOLVER_VARIANTS = {
     # block is also captured as a CUDA graph
     "vars_d_dopri5_fixed6": ("vars_d", dict(solver="dopri5", steps=3.0,
                                             solver_options={"options": {"fixed_attempts": 6}})),
+    # the same integration and its reverse pass compiled by torch.compile (Inductor: Triton kernels on a card; the
+    # first call compiles, before the timing)
+    "vars_d_dopri5_fixed6_compiled": ("vars_d", dict(solver="dopri5", steps=3.0, solver_options={
+        "options": {"fixed_attempts": 6, "compile": True}})),
     "vars_d_eq": ("vars_d", dict(solver="admm", steps=None, tol=1e-4, grad="implicit")),
     "vars_d_eq_1e-3": ("vars_d", dict(solver="admm", steps=None, tol=1e-3, grad="implicit")),
     "vars_d_fista_eq": ("vars_d", dict(solver="fista", steps=None, tol=1e-4, grad="implicit")),
@@ -122,6 +126,8 @@ TRAIN_VARIANTS = {
     "vars_d_dopri5": dict(attention="vars_d", solver="dopri5", steps=3.0),
     "vars_d_dopri5_fixed6": dict(attention="vars_d", solver="dopri5", steps=3.0,
                                  solver_options={"options": {"fixed_attempts": 6}}),
+    "vars_d_dopri5_fixed6_compiled": dict(attention="vars_d", solver="dopri5", steps=3.0,
+                                          solver_options={"options": {"fixed_attempts": 6, "compile": True}}),
     "vars_d_eq": dict(attention="vars_d", solver="admm", steps=None, tol=1e-4, grad="implicit"),
 }
 DEFAULT_TRAIN = ("self", "vars_d", "vars_d_generic", "vars_d_keep", "vars_d_recompute", "vars_d_fp32", "vars_d_triton",

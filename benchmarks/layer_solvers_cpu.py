@@ -13,8 +13,9 @@ against ``ista`` bounds what any method of 19 evaluations can reach, since an ev
 ISTA step does), ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, ``fista-eq`` (``steps=None``,
 ``tol=1e-4``, ``grad="implicit"``; ``admm-eq`` the same with ADMM, any ``<solver>-eq``), ``fista-eq-unroll``, ``timm`` (timm's Attention, for the ISTA ratio).
 A row name may end in solver options, ``admm-eq:form=correction`` (``key=value`` pairs separated by ``;``; a key
-``options.NAME`` sets an integrator option, ``dopri5:options.fixed_attempts=6``), to compare settings of one solver in
-one process, and in ``+compile``: the layer through ``torch.compile(fullgraph=True)`` (Inductor; minutes of
+``options.NAME`` sets an integrator option, ``dopri5:options.fixed_attempts=6``; ``true`` and ``false`` are booleans:
+``dopri5:options.fixed_attempts=5;options.compile=true``, the fused node's integration compiled, its compilation
+before the timing), to compare settings of one solver in one process, and in ``+compile``: the layer through ``torch.compile(fullgraph=True)`` (Inductor; minutes of
 compilation on two cores before the timing, not counted in it).
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ ROWS = ("ista", "euler", "rk4", "dopri5", "dopri5-adjoint", "fista-eq", "admm-eq
 
 
 def _option_value(text: str):
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)

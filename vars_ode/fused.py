@@ -47,7 +47,7 @@ from ._workspace import scratch
 from .dynamics import VARSField
 from .lasso import GramOperator
 from .ops import lipschitz_constant
-from .solvers import gram_ode, native
+from .solvers import compiled_ode, gram_ode, native
 from .solvers.ode import settings as ode_settings
 
 FUSED_SOLVERS = ("ista", "fista")
@@ -214,10 +214,14 @@ def _iterate(pb, steps, solver, restart, init):
 class ODESpec:
     """How the node integrates Eq. 8-9 instead of iterating: ``method`` (native), horizon ``t_end``, ``rtol``,
     ``atol`` and ``options`` as :func:`vars_ode.solvers.ode.ode_solve` takes them, ``checkpoint`` (keep one state a
-    step, ``grad="adjoint"``). The forward pass writes the evaluations it spent into ``nfe``."""
+    step, ``grad="adjoint"``). ``options["compile"]`` (``True`` or a ``torch.compile`` backend) runs the integration
+    and its reverse pass compiled (:mod:`vars_ode.solvers.compiled_ode`; the adaptive methods with a budget,
+    ``options["fixed_attempts"]``). The forward pass writes the evaluations it spent into ``nfe``."""
 
     def __init__(self, method, t_end, rtol=None, atol=None, options=None, checkpoint=False):
         self.method, self.t_end, self.checkpoint = method, float(t_end), bool(checkpoint)
+        options = dict(options or {})
+        self.compile = compiled_ode.backend(method, options.pop(compiled_ode.OPTION, None), options)
         self.rtol, self.atol, self.options = ode_settings(method, 0.0, rtol, atol, options)
         self.nfe = 0
 
@@ -236,16 +240,27 @@ class _ODERun:
         self.tape = gram_ode.Tape(spec.checkpoint)
         # the generic path's absolute tolerance is in units of b / L: here atol / tau
         atol = spec.atol / pb.tau if pb.shrink else spec.atol
-        self.W, self.U = native.integrate(self.field, y0, 0.0, spec.t_end, spec.method, spec.rtol, atol, spec.options,
-                                          tape=self.tape)
-        spec.nfe = self.field.nfe
+        self.compile = spec.compile
+        if self.compile is not None:
+            self.W, self.U, self.tape, spec.nfe = compiled_ode.integrate(
+                self.Ks, pb.bs, y0, self.thr, spec.method, spec.t_end, spec.rtol, atol, spec.options,
+                spec.checkpoint, backend=self.compile)
+        else:
+            self.W, self.U = native.integrate(self.field, y0, 0.0, spec.t_end, spec.method, spec.rtol, atol,
+                                              spec.options, tape=self.tape)
+            spec.nfe = self.field.nfe
         self.code = nnf.softshrink(self.U, self.thr) if self.thr > 0 else self.U
 
     def backward(self, g_code, pb):
         """``(d loss / d bs, d loss / d A)`` from the gradient of the scaled code."""
         f = self.field
         gU = torch.ops.aten.softshrink_backward(g_code, self.U, self.thr) if self.thr > 0 else g_code
-        gKs, g_bs, _, gW0, gU0 = gram_ode.reverse(self.tape, f, self.Ks, self.thr, (f.alpha, f.beta, f.gamma), None, gU)
+        if self.compile is not None:
+            gKs, g_bs, _, gW0, gU0 = compiled_ode.reverse(self.tape, self.Ks, f.Bs[0], self.thr,
+                                                          (f.alpha, f.beta, f.gamma), gU, backend=self.compile)
+        else:
+            gKs, g_bs, _, gW0, gU0 = gram_ode.reverse(self.tape, f, self.Ks, self.thr, (f.alpha, f.beta, f.gamma), None,
+                                                      gU)
         # the start (VARSField.initial_state): W0 = (bs + Ks c0) / alpha, U0 = c0 + sign(c0) thr, c0 = bs L
         gW0 = gW0 / f.alpha
         g_bs.add_(gW0)

@@ -174,7 +174,9 @@ class VARSLayer(nn.Module):
         tol, max_iter: for ``steps=None``.
         solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``;
             ``{"options": {"fixed_attempts": 6}}`` gives dopri5 / bosh3 a budget of attempts and no host read, for
-            CUDA graphs and ``torch.compile``: :class:`vars_ode.solvers.native.AdaptiveRK`).
+            CUDA graphs and ``torch.compile``: :class:`vars_ode.solvers.native.AdaptiveRK`); with it (a fixed-step
+            method needs none) ``"compile": True`` runs the fused node's integration and its reverse pass compiled
+            by ``torch.compile`` (``"d"`` and ``static="dense"``; :mod:`vars_ode.solvers.compiled_ode`).
         image_size: token grid side of the official ``"sd"`` kernel and of ``static="dense"`` atoms (which
             use ``grid_size`` instead when it is given).
         static: the static atoms of ``"s"`` / ``"sd"``: ``"conv"`` (the paper's convolutional templates,

@@ -44,7 +44,7 @@ from .._validation import check_choice, check_non_negative
 from ..dynamics import VARSField
 from ..lasso import GramOperator, Operator, kkt_residual_operator, tmap
 from ..ops import _soft
-from . import gram_ode, native
+from . import compiled_ode, gram_ode, native
 
 #: torchdiffeq's methods (the keys of its solver table, ``torchdiffeq._impl.odeint.SOLVERS``, which is private:
 #: ``tests/test_solvers.py`` checks this tuple against it).
@@ -190,6 +190,12 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     if unused:
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
     n = op.num_blocks
+    options = dict(options or {})
+    if options.pop(compiled_ode.OPTION, None) not in (None, False) and not torch.compiler.is_compiling():
+        # (under torch.compile the whole solve is compiled: the option has nothing to add)
+        raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the fused layer node's integration (a VARSLayer "
+                         "with dictionary 'd' or static='dense', a horizon, grad 'unroll' or 'adjoint'); vo.solve and "
+                         "the layer's generic path integrate eagerly: leave it out, or torch.compile the caller")
     rtol, atol, options = settings(method, tol, rtol, atol, options)
     for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if value is not None:

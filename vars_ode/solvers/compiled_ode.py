@@ -1,0 +1,124 @@
+"""A native integration of the VARS field in Gram form over a horizon, and its reverse pass, as code compiled by
+``torch.compile``: the fused layer node's ``options={"compile": True}``.
+
+Run eagerly (:mod:`vars_ode.solvers.native`, :func:`vars_ode.solvers.gram_ode.reverse`), a dopri5 attempt is
+about a hundred PyTorch operations over the state, each its own pass over memory and its own trip through the
+dispatcher and the interpreter. An integration that reads nothing from the device (a fixed-step method, or an
+adaptive one with a budget of attempts, ``options["fixed_attempts"]``) is one fixed sequence of operations, which
+``torch.compile`` traces whole and Inductor fuses: the stage sums with the field's evaluation, the error estimate
+with its norm, the reverse pass's sums with the stages' transposed Jacobians. The functions compiled are the
+eager ones (:func:`vars_ode.solvers.native.integrate` with a :class:`vars_ode.solvers.gram_ode.Tape`, and
+:func:`vars_ode.solvers.gram_ode.reverse`), so there is one integrator, traced here; the results are the eager
+ones up to the rounding of reordered sums (``tests/test_compiled_ode.py``: float64 within 1e-12).
+
+The cost: compilation once per shape, dtype and setting in a process (about a minute for each direction of a
+DeiT-Ti-width layer on two CPU cores; Inductor's cache on disk serves later processes sooner), a C++ compiler
+on CPUs. The gain: benchmarks/RESULTS.md, README "Measured results".
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from ..dynamics import VARSField
+from ..lasso import GramOperator
+from . import gram_ode, native
+
+#: the key of the integrator's options that asks for compiled code
+OPTION = "compile"
+
+
+def backend(method: str, value, options: dict):
+    """The ``torch.compile`` backend that ``options[OPTION] = value`` asks for (``None``: run eagerly; ``True``:
+    ``"inductor"``; a backend's name or a backend callable as it is), checked against ``method`` and the other
+    ``options``: an adaptive method needs ``options["fixed_attempts"]``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = "inductor"
+    if isinstance(value, str):
+        names = torch.compiler.list_backends(exclude_tags=())
+        if value not in names:
+            raise ValueError(f"options[{OPTION!r}] must be True, False, a torch.compile backend ({names}) or a backend "
+                             f"callable, got {value!r}")
+    elif not callable(value):
+        raise ValueError(f"options[{OPTION!r}] must be True, False, a torch.compile backend name or a backend "
+                         f"callable, got {value!r}")
+    if method in native.ADAPTIVE_TABLEAUX and options.get("fixed_attempts") is None:
+        raise ValueError(f"options[{OPTION!r}] with method {method!r} needs options['fixed_attempts'] (a budget of "
+                         "attempts): without one the step loop reads the device to stop, which no compiled graph "
+                         "contains")
+    return value
+
+
+def _integrate(K, bs, W0, U0, thr, method, t_end, rtol, atol, options, checkpoint):
+    field = VARSField(GramOperator(K), (bs,), (thr,))
+    tape = gram_ode.Tape(checkpoint)
+    W, U = native.integrate(field, (W0, U0), 0.0, t_end, method, rtol, atol, options, tape=tape)
+    # the tape as tensors, per step (kept, h, acc); its tableau (A, b) is the method's
+    return W, U, [(kept, h, acc) for kept, h, acc, _, _ in tape.steps], field.nfe
+
+
+def _reverse(K, bs, thr, steps, A, b, checkpoint, coeffs, gU):
+    field = VARSField(GramOperator(K), (bs,), (thr,))  # evaluates the stages again from a checkpointed tape
+    tape = gram_ode.Tape(checkpoint)
+    tape.steps = [(kept, h, acc, A, b) for kept, h, acc in steps]
+    return gram_ode.reverse(tape, field, K, thr, coeffs, None, gU)
+
+
+#: how many compiled versions of each function (one per shape, dtype, method, budget, ...) a process may hold;
+#: torch.compile's own limit, 8 per function, would fail the ninth setting (fullgraph=True fails where it would
+#: otherwise fall back to eager code), and two dictionaries' solver tables in one process need more
+RECOMPILE_LIMIT = 64
+
+_COMPILED = {}
+
+
+def _compiled(fn, backend):
+    # under a Python dispatch mode (vars_ode.sync.count_host_syncs counting reads, a FakeTensorMode) torch.compile
+    # traces nothing: there the same function runs as it is, eagerly
+    if is_in_torch_dispatch_mode(include_infra_modes=False):
+        return fn
+    key = (fn, backend)
+    if key not in _COMPILED:
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+        def call(*args):
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled(*args)
+
+        _COMPILED[key] = call
+    return _COMPILED[key]
+
+
+def _tableau(method: str):
+    # (A, b) of a native method, as a Tape records them
+    table = native.ADAPTIVE_TABLEAUX.get(method) or native.FIXED_TABLEAUX[method]
+    return table[1], table[2]
+
+
+@torch.no_grad()
+def integrate(K, bs, y0, thr: float, method: str, t_end: float, rtol: float, atol, options: dict,
+              checkpoint: bool = False, *, backend="inductor"):
+    """``(W, U, tape, evaluations)``: :func:`vars_ode.solvers.native.integrate` of ``VARSField(K, bs, thr)`` (one
+    Gram block, Eq. 8-9's alpha, beta, gamma) from ``y0 = (W0, U0)`` over ``[0, t_end]``, compiled by ``backend``;
+    ``tape`` a :class:`vars_ode.solvers.gram_ode.Tape` (``checkpoint`` as there) for :func:`reverse`."""
+    W0, U0 = y0
+    atol = atol if isinstance(atol, torch.Tensor) else float(atol)
+    W, U, steps, nfe = _compiled(_integrate, backend)(K, bs, W0, U0, float(thr), method, float(t_end), float(rtol),
+                                                      atol, dict(options), bool(checkpoint))
+    A, b = _tableau(method)
+    tape = gram_ode.Tape(checkpoint)
+    tape.steps = [(kept, h, acc, A, b) for kept, h, acc in steps]
+    return W, U, tape, nfe
+
+
+@torch.no_grad()
+def reverse(tape, K, bs, thr: float, coeffs, gU, *, backend="inductor"):
+    """:func:`vars_ode.solvers.gram_ode.reverse` of a tape from :func:`integrate` (the same ``K``, ``bs``,
+    ``thr``), compiled by ``backend``: ``(dK, db, None, gW0, gU0)`` from the gradient ``gU`` of the end's ``U``
+    (``W``'s is zero)."""
+    A, b = tape.steps[0][3:] if tape.steps else ((), ())
+    steps = [(kept, h, acc) for kept, h, acc, _, _ in tape.steps]
+    return _compiled(_reverse, backend)(K, bs, float(thr), steps, A, b, tape.checkpoint,
+                                        tuple(float(c) for c in coeffs), gU)
