@@ -170,7 +170,11 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
         ga = torch.bmm(K3, gKs.reshape(-1, *shape[-2:]),
                        out=None if ga is None else ga.view(-1, *shape[-2:])).view(*lead, *shape[-2:])
         ga.add_(gdU, alpha=gamma)
-        if floating:
+        if floating and torch.compiler.is_compiling():
+            # Inductor has no lowering of softshrink_backward (it would call the kernel, one more pass); its mask as
+            # a select, which fuses with the sums around it
+            ga = torch.where((U >= -thr) & (U <= thr), 0.0, ga)
+        elif floating:
             o = buf(f"rev.gU{i}")
             ga = (torch.ops.aten.softshrink_backward(ga, U, thr) if o is None
                   else torch.ops.aten.softshrink_backward.grad_input(ga, U, thr, grad_input=o))
