@@ -11,9 +11,9 @@ eager ones (:func:`vars_ode.solvers.native.integrate` with a :class:`vars_ode.so
 :func:`vars_ode.solvers.gram_ode.reverse`), so there is one integrator, traced here; the results are the eager
 ones up to the rounding of reordered sums (``tests/test_compiled_ode.py``: float64 within 1e-12).
 
-The cost: compilation once per shape, dtype and setting in a process (about a minute for each direction of a
-DeiT-Ti-width layer on two CPU cores; Inductor's cache on disk serves later processes sooner), a C++ compiler
-on CPUs. The gain: benchmarks/RESULTS.md, README "Measured results".
+The cost: compilation once per shape, dtype and setting in a process (66-95 s for the forward and reverse graphs
+of a DeiT-Ti-width layer on two CPU cores; 22 s when Inductor's cache on disk holds them from an earlier process),
+a C++ compiler on CPUs. The gain: benchmarks/RESULTS.md, README "Measured results".
 """
 from __future__ import annotations
 
