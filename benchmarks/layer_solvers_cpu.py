@@ -15,8 +15,8 @@ ISTA step does), ``euler``, ``rk4``, ``dopri5``, ``bosh3``, ``dopri5-adjoint``, 
 A row name may end in solver options, ``admm-eq:form=correction`` (``key=value`` pairs separated by ``;``; a key
 ``options.NAME`` sets an integrator option, ``dopri5:options.fixed_attempts=6``; ``true`` and ``false`` are booleans:
 ``dopri5:options.fixed_attempts=5;options.compile=true``, the fused node's integration compiled, its compilation
-before the timing), to compare settings of one solver in one process, and in ``+compile``: the layer through ``torch.compile(fullgraph=True)`` (Inductor; minutes of
-compilation on two cores before the timing, not counted in it).
+before the timing), to compare settings of one solver in one process, and in ``+compile``: the layer through
+``torch.compile(fullgraph=True)`` (Inductor; minutes of compilation on two cores before the timing, not counted in it).
 """
 from __future__ import annotations
 

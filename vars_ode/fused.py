@@ -237,7 +237,6 @@ class _ODERun:
         self.field.thr = (self.thr,)
         self.c0 = pb.bs * pb.L if init == "encode" else None  # u0 = b, scaled
         y0 = self.field.initial_state(None if self.c0 is None else (self.c0,))
-        self.tape = gram_ode.Tape(spec.checkpoint)
         # the generic path's absolute tolerance is in units of b / L: here atol / tau
         atol = spec.atol / pb.tau if pb.shrink else spec.atol
         self.compile = spec.compile
@@ -246,6 +245,7 @@ class _ODERun:
                 self.Ks, pb.bs, y0, self.thr, spec.method, spec.t_end, spec.rtol, atol, spec.options,
                 spec.checkpoint, backend=self.compile)
         else:
+            self.tape = gram_ode.Tape(spec.checkpoint)
             self.W, self.U = native.integrate(self.field, y0, 0.0, spec.t_end, spec.method, spec.rtol, atol,
                                               spec.options, tape=self.tape)
             spec.nfe = self.field.nfe

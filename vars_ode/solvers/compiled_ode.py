@@ -55,14 +55,13 @@ def _integrate(K, bs, W0, U0, thr, method, t_end, rtol, atol, options, checkpoin
     field = VARSField(GramOperator(K), (bs,), (thr,))
     tape = gram_ode.Tape(checkpoint)
     W, U = native.integrate(field, (W0, U0), 0.0, t_end, method, rtol, atol, options, tape=tape)
-    # the tape as tensors, per step (kept, h, acc); its tableau (A, b) is the method's
-    return W, U, [(kept, h, acc) for kept, h, acc, _, _ in tape.steps], field.nfe
+    return W, U, tape.steps, field.nfe
 
 
-def _reverse(K, bs, thr, steps, A, b, checkpoint, coeffs, gU):
+def _reverse(K, bs, thr, steps, checkpoint, coeffs, gU):
     field = VARSField(GramOperator(K), (bs,), (thr,))  # evaluates the stages again from a checkpointed tape
     tape = gram_ode.Tape(checkpoint)
-    tape.steps = [(kept, h, acc, A, b) for kept, h, acc in steps]
+    tape.steps = steps
     return gram_ode.reverse(tape, field, K, thr, coeffs, None, gU)
 
 
@@ -91,12 +90,6 @@ def _compiled(fn, backend):
     return _COMPILED[key]
 
 
-def _tableau(method: str):
-    # (A, b) of a native method, as a Tape records them
-    table = native.ADAPTIVE_TABLEAUX.get(method) or native.FIXED_TABLEAUX[method]
-    return table[1], table[2]
-
-
 @torch.no_grad()
 def integrate(K, bs, y0, thr: float, method: str, t_end: float, rtol: float, atol, options: dict,
               checkpoint: bool = False, *, backend="inductor"):
@@ -107,9 +100,8 @@ def integrate(K, bs, y0, thr: float, method: str, t_end: float, rtol: float, ato
     atol = atol if isinstance(atol, torch.Tensor) else float(atol)
     W, U, steps, nfe = _compiled(_integrate, backend)(K, bs, W0, U0, float(thr), method, float(t_end), float(rtol),
                                                       atol, dict(options), bool(checkpoint))
-    A, b = _tableau(method)
     tape = gram_ode.Tape(checkpoint)
-    tape.steps = [(kept, h, acc, A, b) for kept, h, acc in steps]
+    tape.steps = list(steps)
     return W, U, tape, nfe
 
 
@@ -118,7 +110,5 @@ def reverse(tape, K, bs, thr: float, coeffs, gU, *, backend="inductor"):
     """:func:`vars_ode.solvers.gram_ode.reverse` of a tape from :func:`integrate` (the same ``K``, ``bs``,
     ``thr``), compiled by ``backend``: ``(dK, db, None, gW0, gU0)`` from the gradient ``gU`` of the end's ``U``
     (``W``'s is zero)."""
-    A, b = tape.steps[0][3:] if tape.steps else ((), ())
-    steps = [(kept, h, acc) for kept, h, acc, _, _ in tape.steps]
-    return _compiled(_reverse, backend)(K, bs, float(thr), steps, A, b, tape.checkpoint,
+    return _compiled(_reverse, backend)(K, bs, float(thr), tape.steps, tape.checkpoint,
                                         tuple(float(c) for c in coeffs), gU)
