@@ -378,3 +378,14 @@ def test_study_rows_benchmark_runs(capsys):
     assert len(rows) == 2 and rows[0].endswith("| 3, 3, 3, 3 |")
     eq_iters = [int(v) for v in rows[1].split("|")[3].split(",")]
     assert len(eq_iters) == 4 and min(eq_iters) > 3
+
+
+def test_ode_tail_benchmark_compares_the_tail_with_the_whole_batch(capsys):
+    # notebook 07's trained models on a few test images: the same evaluations both ways, the same logits
+    rows = load("ode_tail_cpu").main(["--images", "6", "--repeats", "1", "--threads", "1", "--method", "bosh3",
+                                      "--horizon", "2"])
+    assert [r["model"] for r in rows] == ["VARS-D", "VARS-SD"]
+    for r in rows:
+        assert len(r["evaluations"]) == 4 and min(r["evaluations"]) > 1 and r["diff"] <= 1e-5
+        assert r["tail"] > 0 and r["whole"] > 0
+    assert "| VARS-SD |" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """The integrators of vars_ode.solvers.native against torchdiffeq, scikit-learn and a host-read count."""
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Lasso
 from torchdiffeq import odeint
@@ -531,3 +531,119 @@ def test_a_budget_of_attempts_compiles_into_one_graph():
     assert len(eager) == len(compiled) > 3
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * max(1.0, float(a.abs().max())))
+
+
+def grouped_field(seed, groups=6, d=12, m=8, k=3, per_problem=False):
+    # Gram problems in groups, as a layer's images x heads: K (groups, m, m), b (groups, m, k); with per_problem,
+    # a threshold, a freezing mask and a scale per problem. Each group's own K / L.
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(groups, d, m, generator=g, dtype=torch.float64)
+    X = torch.randn(groups, d, k, generator=g, dtype=torch.float64)
+    X[torch.arange(groups) != 1] *= 0.01  # small problems but for group 1 (see _one_slow_group)
+    K = P.transpose(-1, -2) @ P
+    L = torch.linalg.eigvalsh(K)[:, -1:, None]
+    thr, active, scale = 0.1, None, None
+    if per_problem:
+        thr = 0.05 + 0.1 * torch.rand(groups, 1, k, generator=g, dtype=torch.float64)
+        active = (torch.rand(groups, 1, k, generator=g) > 0.2).to(torch.float64)
+        active[1] = 1.0  # (the slow group of _one_slow_group runs)
+        scale = (0.8 + 0.4 * torch.rand(groups, 1, k, generator=g, dtype=torch.float64),)
+    f = VARSField(GramOperator(K / L), ((P.transpose(-1, -2) @ X) / L,), (thr,), scale=scale, active=active)
+    return f, f.initial_state()
+
+
+def _one_slow_group(groups, k, dtype=torch.float64):
+    # a per-problem absolute tolerance far tighter in group 1 (whose signal grouped_field leaves at full size):
+    # its columns need many more attempts than the rest
+    atol = torch.full((groups, 1, k), 1e-2, dtype=dtype)
+    atol[1] = 1e-6
+    return atol
+
+
+def _matmul_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 10**6), st.booleans(), st.floats(2.0, 5.0))
+def test_the_tail_of_the_loop_runs_on_the_groups_still_short_of_the_end(method, seed, per_problem, T):
+    # once at most TAIL_FRACTION of the groups have a column short of T, the loop integrates those groups alone:
+    # the same steps, values, decisions and counts as the whole batch, for fewer products
+    f, y0 = grouped_field(seed, per_problem=per_problem)
+    atol = _one_slow_group(6, 3)
+    opts = {"first_step": 0.2}  # (a frozen column's own first step would be 1e-6, and ten attempts to grow)
+    (out, rk), flops = _matmul_flops(lambda: native.integrate_adaptive(f, y0, 0.0, T, method, 1e-9, atol, opts))
+    f2, _ = grouped_field(seed, per_problem=per_problem)
+    old, native.TAIL_FRACTION = native.TAIL_FRACTION, 0.0
+    try:
+        (ref, rk0), flops0 = _matmul_flops(lambda: native.integrate_adaptive(f2, y0, 0.0, T, method, 1e-9, atol, opts))
+    finally:
+        native.TAIL_FRACTION = old
+    # (a group's product alone may round differently from the batch's)
+    for a, b in zip(out + rk.k1, ref + rk0.k1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(rk.dt, rk0.dt, rtol=1e-6, atol=0)  # (the step rule's power amplifies rounding)
+    assert torch.equal(rk.evaluations, rk0.evaluations) and rk.attempts == rk0.attempts and f.nfe == f2.nfe
+    # the slow group needs more attempts than the others, which the tail does not repeat for them
+    assert int(rk0.evaluations[1].min()) > int(rk0.evaluations[[0, 2, 3, 4, 5]].max())
+    assert flops < flops0
+
+
+def test_the_tail_keeps_the_unrolled_gradient():
+    # without a tape autograd records through the steps, the groups' selection and their return included
+    def grads(frac):
+        f, y0 = grouped_field(7, per_problem=True)
+        K, b = f.op.K.clone().requires_grad_(), f.Bs[0].clone().requires_grad_()
+        f.op, f.Bs = GramOperator(K), (b,)
+        old, native.TAIL_FRACTION = native.TAIL_FRACTION, frac
+        try:
+            W, U = native.integrate(f, f.initial_state(), 0.0, 4.0, "dopri5", 1e-9, _one_slow_group(6, 3))
+        finally:
+            native.TAIL_FRACTION = old
+        (U * torch.linspace(-1, 1, U.numel(), dtype=U.dtype).view_as(U)).sum().backward()
+        return K.grad, b.grad
+
+    for a, b in zip(grads(0.25), grads(0.0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@given(st.integers(0, 10**6), st.booleans())
+def test_a_fields_groups_evaluate_as_the_whole_field_does(seed, per_problem):
+    f, y0 = grouped_field(seed, per_problem=per_problem)
+    y = tuple(t + torch.randn_like(t) for t in y0)
+    index = torch.tensor([4, 1])
+    sub = f.select_groups((6,), index)
+    assert f.selects_groups and sub.nfe == 0
+    for a, b in zip(sub(0.0, tuple(t[index] for t in y)), f(0.0, y)):
+        torch.testing.assert_close(a, b[index], rtol=0, atol=1e-14)
+
+
+def test_fields_that_cannot_select_groups_say_so_and_are_integrated_whole():
+    f, y0 = gram_field(0)  # GramVARSDynamics: its own state of the steady-state solver
+    assert not f.selects_groups
+    with pytest.raises(NotImplementedError, match="select_groups"):
+        f.select_groups((), torch.tensor([0]))
+    out, rk = native.integrate_adaptive(f, y0, 0.0, 2.0, "dopri5", 1e-3, 1e-6)
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_a_layers_forward_without_a_gradient_takes_the_tail_on_its_own():
+    # inference (no gradient): no tape, so the loop's last attempts run on the images and heads still integrating
+    # (here the first two images: the others are blank, their codes zero after the first attempts); the output and
+    # the statistics are those of the taped forward pass
+    torch.manual_seed(0)
+    layer = vo.VARSLayer(32, num_heads=2, dictionary="d", solver="dopri5", steps=3).double()
+    x = torch.randn(8, 17, 32, dtype=torch.float64)
+    x[2:] = 0.0
+    y, flops = _matmul_flops(lambda: layer(x))
+    stats = layer.last_stats.iterations.clone()
+    with torch.no_grad():
+        y0, flops0 = _matmul_flops(lambda: layer(x))
+    torch.testing.assert_close(y.detach(), y0, rtol=0, atol=1e-13)
+    assert torch.equal(layer.last_stats.iterations, stats)
+    assert flops0 < flops

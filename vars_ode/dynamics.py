@@ -24,7 +24,7 @@ from torch import nn
 
 from ._validation import as_lam, check_tensor
 from ._workspace import scratch_like
-from .lasso import GramOperator
+from .lasso import GramOperator, take_groups
 from .ops import _soft, penalty_weight
 
 
@@ -194,6 +194,27 @@ class VARSField(nn.Module):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.active = active
         self.nfe = 0
+
+    @property
+    def selects_groups(self) -> bool:
+        """Whether :meth:`select_groups` applies: one block on a :class:`vars_ode.lasso.GramOperator`."""
+        return type(self) is VARSField and type(self.op) is GramOperator and len(self.Bs) == 1
+
+    def select_groups(self, lead: tuple, index: torch.Tensor) -> "VARSField":
+        """The field of the groups ``index`` of a one-block Gram-form state ``lead + (m, k)`` (the leading
+        dimensions flattened; :func:`vars_ode.lasso.take_groups`), counting its evaluations from zero: what the
+        adaptive integrator's tail runs on (:data:`vars_ode.solvers.native.TAIL_FRACTION`)."""
+        if not self.selects_groups:
+            raise NotImplementedError("select_groups: a VARSField of one block on a GramOperator only")
+
+        def take(x):
+            return take_groups(x, lead, index)
+
+        act = self.active[0] if isinstance(self.active, tuple) else self.active
+        return VARSField(self.op.select_groups(lead, index), (take(self.Bs[0]),), (take(self.thr[0]),),
+                         self.alpha, self.beta, self.gamma,
+                         scale=None if self.scale is None else (take(self.scale[0]),),
+                         active=None if act is None else take(act))
 
     def Ka(self, a: tuple) -> tuple:
         Ka = self.op.gram_apply(a)

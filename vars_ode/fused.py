@@ -227,8 +227,9 @@ class ODESpec:
 
 
 class _ODERun:
-    # one integration on the scaled problem, with what its reverse pass needs
-    def __init__(self, pb, spec, init):
+    # one integration on the scaled problem, with what its reverse pass needs (`taped`: a gradient will be asked
+    # for; without one no tape is kept and the adaptive loop may take its tail on the problems still running)
+    def __init__(self, pb, spec, init, taped=True):
         m = pb.A.shape[-1]
         self.Ks = torch.eye(m, dtype=pb.A.dtype, device=pb.A.device) - pb.A  # K / L
         self.field = VARSField(GramOperator(self.Ks), (pb.bs,), (0.0,))  # Eq. 8-9's alpha, beta, gamma
@@ -245,7 +246,7 @@ class _ODERun:
                 self.Ks, pb.bs, y0, self.thr, spec.method, spec.t_end, spec.rtol, atol, spec.options,
                 spec.checkpoint, backend=self.compile)
         else:
-            self.tape = gram_ode.Tape(spec.checkpoint)
+            self.tape = gram_ode.Tape(spec.checkpoint) if taped else None
             self.W, self.U = native.integrate(self.field, y0, 0.0, spec.t_end, spec.method, spec.rtol, atol,
                                               spec.options, tape=self.tape)
             spec.nfe = self.field.nfe
@@ -357,11 +358,11 @@ def _node_precision(device_type, tf32, fn, *args):
 class _GramSparseCode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                residual, recompute, drop, tf32, lazy, ode):
+                residual, recompute, drop, tf32, lazy, ode, taped):
         ctx.device_type, ctx.tf32 = qv.device.type, tf32
         return _node_precision(ctx.device_type, ctx.tf32, _GramSparseCode._forward, ctx, qv, W, S, weight, steps,
                                solver, restart, init, lipschitz, power_iters, low, squaring, residual, recompute,
-                               drop, lazy, ode)
+                               drop, lazy, ode, taped)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -369,7 +370,7 @@ class _GramSparseCode(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, qv, W, S, weight, steps, solver, restart, init, lipschitz, power_iters, low, squaring,
-                 residual, recompute, drop, lazy, ode):
+                 residual, recompute, drop, lazy, ode, taped):
         B, N, k, h, dh = qv.shape
         q, v = _split(qv, k)
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -390,7 +391,7 @@ class _GramSparseCode(torch.autograd.Function):
             L = lipschitz_constant(G * (s * s.transpose(-1, -2)), lipschitz, iters=power_iters)[..., None, None]
         pb = _Problem(G, a, s, L, weight)
         if ode is not None:  # Eq. 8-9 integrated instead of iterated; its tape is kept whatever recompute says
-            ctx.ode_run = _ODERun(pb, ode, init)
+            ctx.ode_run = _ODERun(pb, ode, init, taped)
             u_scaled, ys, ps, betas = ctx.ode_run.code, [], [], []
         else:
             ctx.ode_run = None
@@ -542,7 +543,7 @@ class _GramSparseCode(torch.autograd.Function):
             g_qv = torch.stack([t.transpose(1, 2).to(qv.dtype) for t in parts], 2)
         if S is not None and ctx.needs_input_grad[2]:
             g_S = g_F[..., m:].sum(0).to(S.dtype)
-        return g_qv, None, g_S, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return (g_qv, None, g_S) + (None,) * 16
 
 
 def _check(steps, solver, init, ode=None):
@@ -623,7 +624,9 @@ def fused_attention_core(qv, rand_matrix, weight, *, static=None, steps: int, so
     lazy = stats == "lazy"
     out, *kept = _GramSparseCode.apply(qv, rand_matrix, static, float(weight), steps, solver, bool(restart), init,
                                        lipschitz, power_iters, low, squaring, bool(residual), recompute,
-                                       float(dropout), tf32, lazy, ode)
+                                       float(dropout), tf32, lazy, ode,
+                                       torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                       for t in (qv, rand_matrix, static)))
     if not lazy:
         u, A, bs, L, tau = kept
         return out, u, (A, bs, L, tau)

@@ -28,6 +28,17 @@ def _bcast(t, fn):
     return fn(t)
 
 
+def take_groups(x, lead: tuple, index: torch.Tensor):
+    """The groups ``index`` (into the leading dimensions ``lead`` of a Gram-form state ``lead + (m, k)``,
+    flattened) of a tensor broadcastable to such a state or to ``lead + (m, m)``: ``(len(index), a, b)``. What
+    has no leading dimensions of its own (a float, a tensor of at most two dimensions) is shared by every group and
+    comes back as it is."""
+    if not isinstance(x, torch.Tensor) or x.dim() <= 2:
+        return x
+    x = x.expand(*lead, *x.shape[-2:])
+    return x.reshape(-1, *x.shape[-2:])[index]
+
+
 def reduce_over(t, dims, op="sum"):
     """``t`` summed (``op="sum"``) or maximised (``"amax"``) over ``dims``."""
     return t.sum(dims) if op == "sum" else t.amax(dims)
@@ -149,6 +160,10 @@ class GramOperator(Operator):
 
     def with_roots(self, roots):
         return GramOperator(roots[0])
+
+    def select_groups(self, lead: tuple, index: torch.Tensor) -> "GramOperator":
+        """The operator of the groups ``index`` of a state ``lead + (m, k)`` (:func:`take_groups`)."""
+        return GramOperator(take_groups(self.K, lead, index))
 
 
 def tol_scale(op: Operator, B: tuple) -> torch.Tensor:

@@ -20,7 +20,10 @@ device:
   interval: a remainder up to ``stretch`` (1.1) times the step size is one step, not a step and a sliver
   (a layer's horizon of 3 took 6 dopri5 attempts, the last for 1% of the horizon, and takes 5). Because the
   columns no longer share one step size, the evaluations differ from torchdiffeq's, whose error norm
-  spans the whole batch; the solution agrees to the tolerance.
+  spans the whole batch; the solution agrees to the tolerance. Where nothing is taped and the field can select
+  groups of problems (:meth:`VARSField.select_groups <vars_ode.dynamics.VARSField.select_groups>`: a layer's
+  images and heads, the leading dimensions of the state), the loop takes its tail on the groups still short of
+  the end once they are at most :data:`TAIL_FRACTION` of all: the same steps for every column, fewer products.
 
 The state is a tuple of tensors mapped onto the problems by a :class:`vars_ode.lasso.Operator` (by default the
 Gram form: tensors ``(..., m, k)`` whose columns are problems); the error norm of a problem is the largest
@@ -40,7 +43,7 @@ import math
 import torch
 
 from .._workspace import scratch, scratch_like
-from ..lasso import GramOperator
+from ..lasso import GramOperator, take_groups
 
 # (c, A, b): nodes, lower-triangular stage coefficients (row i has i entries), weights.
 FIXED_TABLEAUX = {
@@ -79,6 +82,13 @@ for _name, (_c, _A, _b, _bl, _o) in ADAPTIVE_TABLEAUX.items():
 NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
 ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch",
                     "fixed_attempts")
+#: the adaptive loop's last attempts run on the groups of problems still short of the interval's end (the state's
+#: leading dimensions: a layer's images and heads) once at most this fraction of the groups is, where no tape is
+#: kept (a layer's forward pass without a gradient; an unrolled graph records through the selection) and the field
+#: can select groups (:meth:`vars_ode.dynamics.VARSField.select_groups`). 0 turns it off. In trained models a
+#: horizon's last one to three attempts are taken for 0.1% of the problems (benchmarks/RESULTS.md, twenty-third
+#: session; ``benchmarks/ode_tail_cpu.py``)
+TAIL_FRACTION = 0.25
 #: the adaptive options that torchdiffeq's methods do not have (torchdiffeq only warns about them and ignores them)
 NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts")
 
@@ -281,26 +291,77 @@ class AdaptiveRK:
             for i in range(self.fixed_attempts):
                 y, t = self._attempt(y, t, t0, span, last=i == self.fixed_attempts - 1)
             return y
-        n = 0
+        return self._loop(y, t, t0, span, 0)[0]
+
+    def _loop(self, y, t, t0, span, n):
+        # the attempts of integrate() from time t0 + t (per column), n attempts already made; returns (y, t)
+        groups = self._groups(y)
         while True:
             # the only host read: how many steps of its current size the slowest problem still needs (zero: all
             # are at t1); that many attempts run before the next read, at most 2, 4, 8, ... from the first call
             # (the first steps may grow tenfold an attempt; the step sizes then carry over to later windows) and
-            # at most check_every
+            # at most check_every; with it, where the tail can be taken on its own, how many groups still need any
             with torch.no_grad():  # a column whose step size is not finite (a NaN problem) needs nothing more
                 rest = span - t
                 need = torch.where(rest <= self.stretch * self.dt, (rest > 0).to(rest.dtype), rest / self.dt)
-                need = need.nan_to_num(nan=0.0, posinf=float(self.max_num_steps))
-                need = float(need.clamp_min(0).amax()) if need.numel() else 0.0
+                need = need.nan_to_num(nan=0.0, posinf=float(self.max_num_steps)).clamp_min(0)
+                if not need.numel():
+                    need, busy = 0.0, 0
+                elif groups > 1:
+                    need, busy = need.reshape(groups, -1).amax(-1), None
+                    need, busy = torch.stack((need.amax(), (need > 0).sum().to(need.dtype))).tolist()
+                else:
+                    need, busy = float(need.amax()), None
             if need == 0:
-                return y
+                return y, t
+            if busy is not None and busy < groups and busy <= TAIL_FRACTION * groups:
+                return self._tail(y, t, t0, span, n, groups)
             if n >= self.max_num_steps:
                 raise RuntimeError(f"{self.method}: options['max_num_steps'] = {self.max_num_steps} attempts were "
-                                   f"not enough to reach t = {t1} (at t = {t0 + float(t.amin())} for the slowest problem)")
+                                   f"not enough to reach t = {t0 + span} (at t = {t0 + float(t.amin())} for the "
+                                   "slowest problem)")
             self._burst = min(2 * self._burst, self.check_every)
             for _ in range(min(self._burst, max(1, math.ceil(need - 1e-9)), self.max_num_steps - n)):
                 y, t = self._attempt(y, t, t0, span)
                 n += 1
+
+    def _groups(self, y) -> int:
+        # how many groups of problems (the product of the state's leading dimensions) the loop may split its tail
+        # into: 1 (never) unless nothing is taped, the state is one Gram block and the field can select groups
+        if (self.tape is not None or type(self.layout) is not GramOperator or len(y) != 2
+                or not getattr(self.f, "selects_groups", False)):
+            return 1
+        return math.prod(y[0].shape[:-2])
+
+    def _tail(self, y, t, t0, span, n, groups):
+        # the rest of the interval for the groups with a column short of its end, as a smaller integration of their
+        # own (a field on those groups only); the others are at the end already. Every column takes the same steps
+        # as in the whole batch: per-column step sizes, errors and decisions.
+        lead = y[0].shape[:-2]
+        live = ((t < span).reshape(groups, -1).any(-1)).nonzero().squeeze(-1)
+
+        def take(x):  # the live groups' part of a per-column tensor (lead + (k,)) or a state-like one
+            return x.reshape(groups, *x.shape[len(lead):])[live]
+
+        def put(x, part):
+            return x.reshape(groups, *x.shape[len(lead):]).index_copy(0, live, part).reshape(x.shape)
+
+        sub = AdaptiveRK.__new__(AdaptiveRK)
+        sub.__dict__.update(self.__dict__)
+        sub.f = self.f.select_groups(lead, live)
+        sub.atol = take_groups(self.atol, lead, live)
+        sub.dt, sub.k1 = take(self.dt), tuple(take(k) for k in self.k1)
+        sub.evaluations, sub.forced = torch.zeros_like(take(self.evaluations)), torch.zeros_like(take(self.forced))
+        sub.attempts = 0
+        ys, ts = sub._loop(tuple(take(x) for x in y), take(t), t0, span, n)
+        self.f.nfe += sub.f.nfe
+        self.attempts += sub.attempts
+        self._burst = sub._burst
+        self.dt = put(self.dt, sub.dt)
+        self.k1 = tuple(put(k, part) for k, part in zip(self.k1, sub.k1))
+        self.evaluations = put(self.evaluations, take(self.evaluations) + sub.evaluations)
+        self.forced = put(self.forced, take(self.forced) + sub.forced)
+        return tuple(put(x, part) for x, part in zip(y, ys)), put(t, ts)
 
     def _attempt(self, y, t, t0, span, last=False):
         # last: the final attempt of a fixed_attempts budget, which ends every column at the interval's end
