@@ -389,3 +389,6 @@ def test_ode_tail_benchmark_compares_the_tail_with_the_whole_batch(capsys):
         assert len(r["evaluations"]) == 4 and min(r["evaluations"]) > 1 and r["diff"] <= 1e-5
         assert r["tail"] > 0 and r["whole"] > 0
     assert "| VARS-SD |" in capsys.readouterr().out
+    rows = load("ode_tail_cpu").main(["--images", "4", "--repeats", "1", "--threads", "1", "--models", "VARS-D",
+                                      "--backward"])
+    assert rows[0]["diff"] <= 1e-5 and len(rows[0]["evaluations"]) == 4

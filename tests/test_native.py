@@ -632,18 +632,65 @@ def test_fields_that_cannot_select_groups_say_so_and_are_integrated_whole():
     assert all(torch.isfinite(t).all() for t in out)
 
 
-def test_a_layers_forward_without_a_gradient_takes_the_tail_on_its_own():
-    # inference (no gradient): no tape, so the loop's last attempts run on the images and heads still integrating
-    # (here the first two images: the others are blank, their codes zero after the first attempts); the output and
-    # the statistics are those of the taped forward pass
-    torch.manual_seed(0)
-    layer = vo.VARSLayer(32, num_heads=2, dictionary="d", solver="dopri5", steps=3).double()
-    x = torch.randn(8, 17, 32, dtype=torch.float64)
-    x[2:] = 0.0
-    y, flops = _matmul_flops(lambda: layer(x))
-    stats = layer.last_stats.iterations.clone()
-    with torch.no_grad():
-        y0, flops0 = _matmul_flops(lambda: layer(x))
-    torch.testing.assert_close(y.detach(), y0, rtol=0, atol=1e-13)
-    assert torch.equal(layer.last_stats.iterations, stats)
-    assert flops0 < flops
+@pytest.mark.parametrize("grad", ["unroll", "adjoint"])
+def test_a_layers_tail_keeps_its_output_and_gradients(grad, monkeypatch):
+    # a VARS-D layer whose dopri5 loop takes its last attempts on the images and heads still integrating (the first
+    # two images: the others are blank, their codes zero after the first attempts): the output, the statistics
+    # and every gradient of the whole batch's loop, for fewer products; without a gradient too
+    def run(frac):
+        monkeypatch.setattr(native, "TAIL_FRACTION", frac)
+        torch.manual_seed(0)
+        layer = vo.VARSLayer(32, num_heads=2, dictionary="d", solver="dopri5", steps=3, grad=grad).double()
+        x = torch.randn(8, 17, 32, dtype=torch.float64)
+        x[2:] = 0.0
+        x.requires_grad_()
+
+        def step():
+            y = layer(x)
+            y.pow(2).sum().backward()
+            return y.detach()
+        y, flops = _matmul_flops(step)
+        with torch.no_grad():
+            y_ng, flops_ng = _matmul_flops(lambda: layer(x))
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        return [y, y_ng, layer.last_stats.iterations] + grads, (flops, flops_ng)
+
+    tail, (flops, flops_ng) = run(native.TAIL_FRACTION)
+    whole, (flops0, flops0_ng) = run(0.0)
+    assert flops < flops0 and flops_ng < flops0_ng
+    for a, b in zip(tail, whole):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["stages", "checkpointed"])
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+def test_a_taped_tail_is_reversed_on_its_groups(method, checkpoint):
+    # the gram_ode node whose loop took its tail on the slow group: the end state and every gradient equal those of
+    # autograd through the same steps (which records through the selection), and those of the whole batch's loop
+    def run(frac, node):
+        f, _ = grouped_field(11, per_problem=True)
+        K, b = f.op.K.clone().requires_grad_(), f.Bs[0].clone().requires_grad_()
+        thr = f.thr[0].clone().requires_grad_()
+        f.op, f.Bs, f.thr = GramOperator(K), (b,), (thr,)
+        f.scale = None
+        old, native.TAIL_FRACTION = native.TAIL_FRACTION, frac
+        try:
+            def integrate(y, tape=None):
+                return native.integrate(f, y, 0.0, 4.0, method, 1e-9, _one_slow_group(6, 3), {"first_step": 0.2},
+                                        tape=tape)
+            y0 = f.initial_state()
+            (W, U), flops = _matmul_flops(lambda: gram_ode.integrate_gram(integrate, f, y0, checkpoint) if node
+                                          else integrate(y0))
+        finally:
+            native.TAIL_FRACTION = old
+        loss = (f.code((W, U))[0].sin() * torch.linspace(0.5, 2.0, 3, dtype=torch.float64)).sum() + W.pow(2).sum()
+        return (W.detach(), U.detach()) + torch.autograd.grad(loss, (K, b, thr)), flops
+
+    tail, flops = run(native.TAIL_FRACTION, True)
+    whole, flops0 = run(0.0, True)
+    unrolled, _ = run(native.TAIL_FRACTION, False)
+    assert flops < flops0
+    for a, b, c in zip(tail, whole, unrolled):
+        assert float(c.abs().max()) > 0
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -227,8 +227,8 @@ class ODESpec:
 
 
 class _ODERun:
-    # one integration on the scaled problem, with what its reverse pass needs (`taped`: a gradient will be asked
-    # for; without one no tape is kept and the adaptive loop may take its tail on the problems still running)
+    # one integration on the scaled problem, with what its reverse pass needs (`taped`: a gradient can be asked
+    # for; without one no tape is kept)
     def __init__(self, pb, spec, init, taped=True):
         m = pb.A.shape[-1]
         self.Ks = torch.eye(m, dtype=pb.A.dtype, device=pb.A.device) - pb.A  # K / L

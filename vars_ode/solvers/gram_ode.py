@@ -20,7 +20,9 @@ transposed Jacobian is::
     gW = -alpha gdW + gdU;   gU = -beta gdU + ga
     dK += gKs a^T,  db += gdW,  dthreshold -= sign(a) ga
 
-(``K`` symmetric). The step sizes and the accept decisions are constants, as in the unrolled integrators. For
+(``K`` symmetric). The step sizes and the accept decisions are constants, as in the unrolled integrators. Steps
+that the adaptive loop took on some groups of problems alone (its tail, :meth:`Tape.tail`) are reversed on those
+groups, their gradients put back into the whole batch's. For
 large CPU states the temporaries and each stage's ``(gW, gU)`` go into reused scratch buffers, as the forward
 integration's do (:data:`vars_ode.solvers.native.SCRATCH_MIN_BYTES`).
 The gradients equal autograd's through the same steps up to rounding (``tests/test_native.py``).
@@ -38,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .._workspace import scratch, scratch_like
-from ..lasso import GramOperator
+from ..lasso import GramOperator, take_groups
 from ..ops import _soft
 from .native import _buffers, _combine, _evaluate, _inplace
 
@@ -65,6 +67,14 @@ class Tape:
         n = self.layout.num_blocks
         return () if self.checkpoint else tuple(range(n, 2 * n))
 
+    def tail(self, index: torch.Tensor, lead: tuple) -> "Tape":
+        """A tape for the rest of the integration on the groups ``index`` of the state's leading dimensions ``lead``
+        alone (:meth:`vars_ode.solvers.native.AdaptiveRK._tail`), recorded here as one entry: the reverse pass
+        takes those groups' gradients, reverses the steps of that tape on them, and puts the results back."""
+        sub = Tape(self.checkpoint)
+        self.steps.append(_Tail(index, tuple(lead), sub))
+        return sub
+
     def add(self, stage_states, h, accept, A, b):
         """``stage_states``: the state tuple at which each stage was evaluated; ``h``: the step (a float, or a
         tuple with one per-problem tensor per entry of the state); ``accept``: per-problem booleans or ``None``;
@@ -74,6 +84,12 @@ class Tape:
         acc = None if accept is None else tuple(self.layout.expand(j % n, accept).to(dtype) for j in range(2 * n))
         kept = stage_states[0] if self.checkpoint else [tuple(st[n:]) for st in stage_states]
         self.steps.append((kept, h, acc, A, b))
+
+
+class _Tail:
+    # a Tape entry: the steps taken on the groups `index` of the leading dimensions `lead` alone (Tape.tail)
+    def __init__(self, index, lead, tape):
+        self.index, self.lead, self.tape = index, lead, tape
 
 
 def _stage_inputs(field, y0, h, A, inplace=False):
@@ -186,18 +202,40 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
             gT.addcmul_(torch.sign(a), ga, value=-1.0)
         return torch.add(gdU, gdW, alpha=-alpha, out=buf(f"rev.gW{i}")), ga.add_(gdU, alpha=-beta)
 
-    gW, gU = _reverse(steps, tape.checkpoint, field, (gW, gU), vjp, buf, inplace)
+    def tail(entry, g):
+        # the steps taken on some groups alone: their part of g through those steps, the gradients of K, b and the
+        # threshold added into those groups' entries
+        lead, index = entry.lead, entry.index
+
+        def take(x):
+            return take_groups(x, lead, index)
+
+        sub_field = field.select_groups(lead, index) if tape.checkpoint else None
+        q, gb, gt, gw, gu = reverse(entry.tape, sub_field, take(Kx), take(thr), coeffs, take(g[0]), take(g[1]),
+                                    None if active is None else take(active), want_K, want_B, want_thr)
+        for full, part in ((Q, q), (gB, gb), (gT, gt)):
+            if full is not None:
+                full.view(-1, *full.shape[-2:]).index_add_(0, index, part)
+        return tuple(x.reshape(-1, *shape[-2:]).index_copy(0, index, part).view(shape) for x, part in zip(g, (gw, gu)))
+
+    gW, gU = _reverse(steps, tape.checkpoint, field, (gW, gU), vjp, buf, inplace, tail)
     return Q, gB, gT, gW, gU
 
 
-def _reverse(steps, checkpoint, field, g, vjp, buf, inplace):
+def _reverse(steps, checkpoint, field, g, vjp, buf, inplace, tail=None):
     # the steps of a tape in reverse (module docstring); `g` the gradient of the end, a tuple like the state;
     # returns that of the integration's start. vjp(i, Us, gk): the contributions (a tuple like the state) of stage
     # i with inputs Us (its U blocks) and slope gradient gk; buf(name, j): a scratch buffer shaped like entry j of
-    # the state (None where not `inplace`)
+    # the state (None where not `inplace`); tail(entry, g): g through a Tape.tail entry (the Gram form's)
     owned = False
     m = len(g)
-    for kept, h, acc, A, b in reversed(steps):
+    for entry in reversed(steps):
+        if isinstance(entry, _Tail):
+            if tail is None:
+                raise NotImplementedError("a tape with steps on some groups alone is reversed in the Gram form only")
+            g, owned = tail(entry, g), True  # new tensors
+            continue
+        kept, h, acc, A, b = entry
         Us = _stage_inputs(field, kept, h, A, inplace) if checkpoint else kept
         gs = g if acc is None else tuple(torch.mul(x, c, out=buf(f"rev.gs{j}", j)) for j, (x, c) in enumerate(zip(g, acc)))
         n = len(Us)

@@ -20,10 +20,11 @@ device:
   interval: a remainder up to ``stretch`` (1.1) times the step size is one step, not a step and a sliver
   (a layer's horizon of 3 took 6 dopri5 attempts, the last for 1% of the horizon, and takes 5). Because the
   columns no longer share one step size, the evaluations differ from torchdiffeq's, whose error norm
-  spans the whole batch; the solution agrees to the tolerance. Where nothing is taped and the field can select
-  groups of problems (:meth:`VARSField.select_groups <vars_ode.dynamics.VARSField.select_groups>`: a layer's
-  images and heads, the leading dimensions of the state), the loop takes its tail on the groups still short of
-  the end once they are at most :data:`TAIL_FRACTION` of all: the same steps for every column, fewer products.
+  spans the whole batch; the solution agrees to the tolerance. Where the field can select groups of problems
+  (:meth:`VARSField.select_groups <vars_ode.dynamics.VARSField.select_groups>`: a layer's images and heads, the
+  leading dimensions of the state), the loop takes its tail on the groups still short of the end once they are at
+  most :data:`TAIL_FRACTION` of all: the same steps for every column, fewer products (a tape records the tail as
+  one entry, :meth:`vars_ode.solvers.gram_ode.Tape.tail`, which the reverse pass takes on those groups).
 
 The state is a tuple of tensors mapped onto the problems by a :class:`vars_ode.lasso.Operator` (by default the
 Gram form: tensors ``(..., m, k)`` whose columns are problems); the error norm of a problem is the largest
@@ -83,11 +84,11 @@ NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
 ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch",
                     "fixed_attempts")
 #: the adaptive loop's last attempts run on the groups of problems still short of the interval's end (the state's
-#: leading dimensions: a layer's images and heads) once at most this fraction of the groups is, where no tape is
-#: kept (a layer's forward pass without a gradient; an unrolled graph records through the selection) and the field
-#: can select groups (:meth:`vars_ode.dynamics.VARSField.select_groups`). 0 turns it off. In trained models a
-#: horizon's last one to three attempts are taken for 0.1% of the problems (benchmarks/RESULTS.md, twenty-third
-#: session; ``benchmarks/ode_tail_cpu.py``)
+#: leading dimensions: a layer's images and heads) once at most this fraction of the groups is, where the field can
+#: select groups (:meth:`vars_ode.dynamics.VARSField.select_groups`) and the tape, if any, records a tail (the Gram
+#: form's :class:`vars_ode.solvers.gram_ode.Tape`; an unrolled graph records through the selection). 0 turns it
+#: off. In trained models a horizon's last one to three attempts are taken for 0.1% of the problems
+#: (benchmarks/RESULTS.md, twenty-third session; ``benchmarks/ode_tail_cpu.py``)
 TAIL_FRACTION = 0.25
 #: the adaptive options that torchdiffeq's methods do not have (torchdiffeq only warns about them and ignores them)
 NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts")
@@ -307,9 +308,12 @@ class AdaptiveRK:
                 need = need.nan_to_num(nan=0.0, posinf=float(self.max_num_steps)).clamp_min(0)
                 if not need.numel():
                     need, busy = 0.0, 0
-                elif groups > 1:
-                    need, busy = need.reshape(groups, -1).amax(-1), None
-                    need, busy = torch.stack((need.amax(), (need > 0).sum().to(need.dtype))).tolist()
+                elif groups > 1:  # still one read: the attempts (at most check_every) and the groups in one number
+                    per = need.reshape(groups, -1).amax(-1)
+                    top = per.amax()
+                    todo = torch.where(top > 0, torch.ceil(top - 1e-9).clamp(1, self.check_every), 0.0)
+                    todo, busy = divmod(int(todo.double() * (groups + 1) + (per > 0).sum()), groups + 1)
+                    need = float(todo)
                 else:
                     need, busy = float(need.amax()), None
             if need == 0:
@@ -327,9 +331,10 @@ class AdaptiveRK:
 
     def _groups(self, y) -> int:
         # how many groups of problems (the product of the state's leading dimensions) the loop may split its tail
-        # into: 1 (never) unless nothing is taped, the state is one Gram block and the field can select groups
-        if (self.tape is not None or type(self.layout) is not GramOperator or len(y) != 2
-                or not getattr(self.f, "selects_groups", False)):
+        # into: 1 (never) unless the state is one Gram block, the field can select groups and the tape, if any, can
+        # record a tail (gram_ode.Tape.tail)
+        if (type(self.layout) is not GramOperator or len(y) != 2 or not getattr(self.f, "selects_groups", False)
+                or (self.tape is not None and not hasattr(self.tape, "tail"))):
             return 1
         return math.prod(y[0].shape[:-2])
 
@@ -353,6 +358,7 @@ class AdaptiveRK:
         sub.dt, sub.k1 = take(self.dt), tuple(take(k) for k in self.k1)
         sub.evaluations, sub.forced = torch.zeros_like(take(self.evaluations)), torch.zeros_like(take(self.forced))
         sub.attempts = 0
+        sub.tape = None if self.tape is None else self.tape.tail(live, lead)
         ys, ts = sub._loop(tuple(take(x) for x in y), take(t), t0, span, n)
         self.f.nfe += sub.f.nfe
         self.attempts += sub.attempts
