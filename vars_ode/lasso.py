@@ -39,6 +39,12 @@ def take_groups(x, lead: tuple, index: torch.Tensor):
     return x.reshape(-1, *x.shape[-2:])[index]
 
 
+def put_groups(x: torch.Tensor, lead: tuple, index: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``x`` (leading dimensions ``lead``) with its groups ``index`` (the leading dimensions flattened) replaced by
+    ``part`` (``(len(index), ...)``), as a new tensor: the inverse of taking those groups."""
+    return x.reshape(-1, *x.shape[len(lead):]).index_copy(0, index, part).reshape(x.shape)
+
+
 def reduce_over(t, dims, op="sum"):
     """``t`` summed (``op="sum"``) or maximised (``"amax"``) over ``dims``."""
     return t.sum(dims) if op == "sum" else t.amax(dims)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .._workspace import scratch, scratch_like
-from ..lasso import GramOperator, take_groups
+from ..lasso import GramOperator, put_groups, take_groups
 from ..ops import _soft
 from .native import _buffers, _combine, _evaluate, _inplace
 
@@ -216,7 +216,7 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
         for full, part in ((Q, q), (gB, gb), (gT, gt)):
             if full is not None:
                 full.view(-1, *full.shape[-2:]).index_add_(0, index, part)
-        return tuple(x.reshape(-1, *shape[-2:]).index_copy(0, index, part).view(shape) for x, part in zip(g, (gw, gu)))
+        return tuple(put_groups(x, lead, index, part) for x, part in zip(g, (gw, gu)))
 
     gW, gU = _reverse(steps, tape.checkpoint, field, (gW, gU), vjp, buf, inplace, tail)
     return Q, gB, gT, gW, gU

@@ -44,7 +44,7 @@ import math
 import torch
 
 from .._workspace import scratch, scratch_like
-from ..lasso import GramOperator, take_groups
+from ..lasso import GramOperator, put_groups, take_groups
 
 # (c, A, b): nodes, lower-triangular stage coefficients (row i has i entries), weights.
 FIXED_TABLEAUX = {
@@ -349,7 +349,7 @@ class AdaptiveRK:
             return x.reshape(groups, *x.shape[len(lead):])[live]
 
         def put(x, part):
-            return x.reshape(groups, *x.shape[len(lead):]).index_copy(0, live, part).reshape(x.shape)
+            return put_groups(x, lead, live, part)
 
         sub = AdaptiveRK.__new__(AdaptiveRK)
         sub.__dict__.update(self.__dict__)
