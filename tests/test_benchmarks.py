@@ -392,3 +392,15 @@ def test_ode_tail_benchmark_compares_the_tail_with_the_whole_batch(capsys):
     rows = load("ode_tail_cpu").main(["--images", "4", "--repeats", "1", "--threads", "1", "--models", "VARS-D",
                                       "--backward"])
     assert rows[0]["diff"] <= 1e-5 and len(rows[0]["evaluations"]) == 4
+
+
+def test_ode_budget_benchmark_reports_what_each_budget_forced(capsys):
+    # notebook 07's trained models on a few test images: the loop first (nothing to force), then budgets; a budget of
+    # one attempt forces every problem of every layer, a large one none and gives the loop's logits
+    rows = load("ode_budget_cpu").main(["--images", "4", "--threads", "1", "--budgets", "1,12", "--models", "VARS-D"])
+    assert [r["budget"] for r in rows] == [None, 1, 12]
+    loop, one, many = rows
+    assert loop["forced"] == [None] * 4 and loop["diff"] == 0.0
+    assert one["forced"] == [1.0] * 4 and one["evaluations"] == [7] * 4 and one["diff"] > 1e-3
+    assert many["forced"] == [0.0] * 4 and many["diff"] <= 1e-6 and many["evaluations"] == [73] * 4
+    assert "| VARS-D | 12 |" in capsys.readouterr().out

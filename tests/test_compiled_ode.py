@@ -33,6 +33,7 @@ def _run(layer, x):
     y = layer(x)
     (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
     grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+    layer.forced = layer.last_stats.forced
     return [y.detach()] + grads, int(layer.last_stats.iterations.max())
 
 
@@ -51,11 +52,20 @@ def _assert_same(got, ref):
 def test_compiled_integration_equals_the_eager_one(dictionary, solver, grad, options):
     backend = CountingBackend()
     x = torch.randn(2, 17, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref, evals = _run(_layer(dictionary, solver, 3, {"options": dict(options)}, grad), x)
-    got, evals_c = _run(_layer(dictionary, solver, 3, {"options": {**options, "compile": backend}}, grad), x)
+    eager, compiled = (_layer(dictionary, solver, 3, {"options": dict(options)}, grad),
+                       _layer(dictionary, solver, 3, {"options": {**options, "compile": backend}}, grad))
+    ref, evals = _run(eager, x)
+    got, evals_c = _run(compiled, x)
     assert backend.graphs >= 2  # the forward integration and the reverse pass, each one graph
     assert evals_c == evals
     _assert_same(got, ref)
+    # the problems the budget forced (LayerStats.forced) come out of the compiled graph as they do eagerly
+    if solver == "rk4":
+        assert eager.forced is None and compiled.forced is None
+    else:
+        assert torch.equal(compiled.forced, eager.forced) and compiled.forced.shape == (2, 2, 8)
+        if options["fixed_attempts"] == 2:
+            assert int(eager.forced.sum()) > 0  # the budget binds
 
 
 def test_compiled_with_inductor_in_float32_is_as_close_to_float64_as_eager():

@@ -484,6 +484,68 @@ def test_the_last_attempt_of_a_budget_ends_every_column_at_the_horizon(method):
     assert err2 < err1
 
 
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+@given(st.integers(0, 10**6), st.floats(0.5, 6.0), st.integers(1, 8), st.sampled_from([1e-2, 1e-4, 1e-6]))
+def test_a_budget_forces_only_columns_that_needed_more_attempts(method, seed, T, budget, rtol):
+    # AdaptiveRK.forced: a column is counted when the budget's last attempt took it to the end on a step its
+    # tolerance rejected. The attempts before the last are the default loop's, so a column that the loop took to
+    # the end within the budget (its evaluations count the attempts it was live for) is never forced
+    f, y0 = gram_field(seed)
+    opts = {"first_step": 0.1}
+    _, rk = native.integrate_adaptive(f, y0, 0.0, T, method, rtol, rtol * 1e-2, opts)
+    needed = (rk.evaluations - 1) // (len(rk.c) - 1)
+    assert torch.equal(rk.forced, torch.zeros_like(rk.forced))  # without a budget nothing is forced
+    _, rkb = native.integrate_adaptive(f, y0, 0.0, T, method, rtol, rtol * 1e-2, {**opts, "fixed_attempts": budget})
+    assert rkb.forced.shape == needed.shape and set(rkb.forced.unique().tolist()) <= {0, 1}
+    assert not bool((rkb.forced.bool() & (needed <= budget)).any()), (rkb.forced, needed, budget)
+    if budget >= int(needed.max()):
+        assert int(rkb.forced.sum()) == 0
+
+
+def test_solve_reports_the_problems_its_budget_forced():
+    # vo.solve(..., t_end=T, options={"fixed_attempts": n}, forced=[]): per problem, as the statistics are; a budget
+    # above the loop's attempts forces none and changes no value, one below them forces some and moves the code
+    P, X = make_problem(5, 24, 12, batch=(7,))
+    free = vo.solve(P, X, 0.1, "dopri5", t_end=3.0, options={"first_step": 0.25})
+    attempts = (int(free.stats.iterations.max()) - 1) // 6
+    roomy, short, none = [], [], []
+    sol = vo.solve(P, X, 0.1, "dopri5", t_end=3.0, options={"first_step": 0.25, "fixed_attempts": attempts + 2},
+                   forced=roomy)
+    assert roomy[0].shape == free.stats.iterations.shape and int(roomy[0].sum()) == 0
+    assert torch.equal(sol.code, free.code)
+    sol = vo.solve(P, X, 0.1, "dopri5", t_end=3.0, options={"first_step": 0.25, "fixed_attempts": attempts // 2},
+                   forced=short)
+    assert int(short[0].sum()) > 0 and not torch.equal(sol.code, free.code)
+    vo.solve(P, X, 0.1, "dopri5", t_end=3.0, forced=none)
+    assert none == []  # no budget, nothing to report
+
+
+@pytest.mark.parametrize("kind", ["fused", "generic", "templates"])
+def test_a_layer_reports_the_problems_its_budget_forced(kind):
+    # LayerStats.forced: None without a budget; zeros (one per problem, (B, h, dh)) with a budget the loop does not
+    # exhaust; ones with a budget of one attempt at a tolerance no step over the horizon meets, on the fused node,
+    # the generic path and the operator form (convolutional templates)
+    torch.manual_seed(0)
+    kw = dict(dictionary="s") if kind == "templates" else dict(dictionary="d", fused=kind == "fused")
+    layer = vo.VARSLayer(16, 2, solver="dopri5", steps=3, **kw).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+
+    def stats(options):
+        layer.set_solver("dopri5", steps=3, solver_options=options)
+        layer(x)
+        return layer.last_stats
+
+    free = stats({})
+    assert free.forced is None and "budget" not in free.summary()
+    attempts = (int(free.iterations.max()) - 1) // 6
+    roomy = stats({"options": {"fixed_attempts": attempts + 1}})
+    assert roomy.forced.shape == (2, 2, 8) and int(roomy.forced.sum()) == 0
+    assert "too small for 0 of 32 problems" in roomy.summary()
+    tight = stats({"rtol": 1e-9, "options": {"fixed_attempts": 1}})
+    assert torch.equal(tight.forced, torch.ones_like(tight.forced))
+    assert "too small for 32 of 32 problems" in tight.summary()
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
 def test_a_layer_with_a_budget_of_attempts_reads_nothing_and_keeps_its_values(fused):
     # VARSLayer(solver="dopri5", solver_options={"options": {"fixed_attempts": n}}): no host read in the forward

@@ -216,14 +216,16 @@ class ODESpec:
     ``atol`` and ``options`` as :func:`vars_ode.solvers.ode.ode_solve` takes them, ``checkpoint`` (keep one state a
     step, ``grad="adjoint"``). ``options["compile"]`` (``True`` or a ``torch.compile`` backend) runs the integration
     and its reverse pass compiled (:mod:`vars_ode.solvers.compiled_ode`; the adaptive methods with a budget,
-    ``options["fixed_attempts"]``). The forward pass writes the evaluations it spent into ``nfe``."""
+    ``options["fixed_attempts"]``). The forward pass writes the evaluations it spent into ``nfe`` and, with a budget,
+    into ``forced`` how many times each problem's integration ended on a step its tolerance rejected (a long tensor
+    of the problems' shape, :attr:`vars_ode.solvers.native.AdaptiveRK.forced`; ``None`` without a budget)."""
 
     def __init__(self, method, t_end, rtol=None, atol=None, options=None, checkpoint=False):
         self.method, self.t_end, self.checkpoint = method, float(t_end), bool(checkpoint)
         options = dict(options or {})
         self.compile = compiled_ode.backend(method, options.pop(compiled_ode.OPTION, None), options)
         self.rtol, self.atol, self.options = ode_settings(method, 0.0, rtol, atol, options)
-        self.nfe = 0
+        self.nfe, self.forced = 0, None
 
 
 class _ODERun:
@@ -242,14 +244,15 @@ class _ODERun:
         atol = spec.atol / pb.tau if pb.shrink else spec.atol
         self.compile = spec.compile
         if self.compile is not None:
-            self.W, self.U, self.tape, spec.nfe = compiled_ode.integrate(
+            self.W, self.U, self.tape, spec.nfe, spec.forced = compiled_ode.integrate(
                 self.Ks, pb.bs, y0, self.thr, spec.method, spec.t_end, spec.rtol, atol, spec.options,
                 spec.checkpoint, backend=self.compile)
         else:
             self.tape = gram_ode.Tape(spec.checkpoint) if taped else None
+            forced = []
             self.W, self.U = native.integrate(self.field, y0, 0.0, spec.t_end, spec.method, spec.rtol, atol,
-                                              spec.options, tape=self.tape)
-            spec.nfe = self.field.nfe
+                                              spec.options, tape=self.tape, forced=forced)
+            spec.nfe, spec.forced = self.field.nfe, forced[0] if forced else None
         self.code = nnf.softshrink(self.U, self.thr) if self.thr > 0 else self.U
 
     def backward(self, g_code, pb):

@@ -69,6 +69,7 @@ from .fused import FUSED_ODE_METHODS, FUSED_SOLVERS, KERNELS, ODESpec, fused_att
 from .lasso import kkt_residual_operator, reduce_over
 from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
 from .solvers import SOLVERS, check_solver, signal_ista, solve_problem
+from .solvers.native import ADAPTIVE_TABLEAUX
 from .solvers.ode import check_tolerances, layer_settings
 
 #: accepted names of the three dictionaries
@@ -104,11 +105,15 @@ class LayerStats:
             ``compat="official"`` the effective problem with ``W K W`` and the learned ``lam``).
         nnz: non-zero code entries per problem ``(B, h, dh)``.
         sparsity: fraction of code entries exactly zero (0-dim).
+        forced: for dopri5 / bosh3 with a budget of attempts (``solver_options={"options": {"fixed_attempts":
+            n}}``), per problem ``(B, h, dh)``, 1 where the budget's last attempt ended the integration on a step
+            that the tolerance rejected (the budget was too small for that problem: its integration is less
+            accurate than ``rtol`` asks), else 0; ``None`` without a budget (nothing is forced then).
     """
 
-    def __init__(self, solver, unit, iterations, code, residual_fn, reduce_fn):
+    def __init__(self, solver, unit, iterations, code, residual_fn, reduce_fn, forced=None):
         # code: a tuple of code tensors, or a callable returning one (computed on first access)
-        self.solver, self.unit, self.iterations = solver, unit, iterations
+        self.solver, self.unit, self.iterations, self.forced = solver, unit, iterations, forced
         self._code_src, self._residual_fn, self._reduce_fn = code, residual_fn, reduce_fn
         self._residual = None
 
@@ -136,8 +141,10 @@ class LayerStats:
         return zeros.float() / sum(c.numel() for c in self._code)
 
     def summary(self) -> str:
+        forced = "" if self.forced is None else (f", budget of attempts too small for {int((self.forced > 0).sum())} "
+                                                 f"of {self.forced.numel()} problems")
         return (f"{self.solver}: {int(self.iterations.max())} {self.unit}, KKT residual max "
-                f"{float(self.residual.max()):.3g}, sparsity {float(self.sparsity):.3f}")
+                f"{float(self.residual.max()):.3g}, sparsity {float(self.sparsity):.3f}{forced}")
 
     def __repr__(self):
         return f"LayerStats(solver={self.solver!r}, unit={self.unit!r}, iterations={self.iterations})"
@@ -573,7 +580,8 @@ class VARSLayer(nn.Module):
         # (tau > 0): the counts of LayerStats need no product
         work_done, unit = (ode.nfe, "function evaluations") if ode is not None else (self.steps, "iterations")
         self.last_stats = LayerStats(self.solver, unit, torch.full((), work_done, device=qv.device),
-                                     lambda: (replay()[0],), residual, _reduce_atoms)
+                                     lambda: (replay()[0],), residual, _reduce_atoms,
+                                     forced=ode.forced if ode is not None else None)
         if readout:
             v = qv[:, :, -1].transpose(1, 2)
             recon = self._prefix_readout(out.transpose(1, 2), N)
@@ -615,6 +623,7 @@ class VARSLayer(nn.Module):
             return self._prefix_readout(recon, N)
         Bc = atoms.encode(v)
         record = [] if self.record_maps else None
+        forced = None
         opts = dict(self.solver_options)
         if record is not None:
             opts["record"] = record
@@ -623,6 +632,8 @@ class VARSLayer(nn.Module):
         elif spec.ode:
             budget = dict(tol=0.0, max_iter=self.max_iter, t_end=self.steps)
             opts = layer_settings(self.solver, opts)
+            if self.solver in ADAPTIVE_TABLEAUX:  # a budget of attempts may force steps (LayerStats.forced)
+                opts["forced"] = forced = []
         else:
             budget = dict(tol=0.0, max_iter=self.steps)
         code, iters = solve_problem(atoms, Bc, weight, self.solver, grad=self.grad,
@@ -630,6 +641,7 @@ class VARSLayer(nn.Module):
         cd, Bd = tuple(c.detach() for c in code), tuple(b.detach() for b in Bc)
         self.last_stats = self._operator_stats(atoms, cd, lambda op: Bd, weight,
                                                iters.amax() if iters.numel() else iters.new_zeros(()))
+        self.last_stats.forced = forced[0] if forced else None
         code = tuple(self.attn_drop(c) for c in code)
         recon = self._prefix_readout(atoms.decode(code), N)
         if record is not None:

@@ -55,7 +55,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             ``t_end`` (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
-            (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history.
+            (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history; with ``t_end``
+            and a budget of attempts (``options={"fixed_attempts": n}``, dopri5 / bosh3), ``forced=[]`` receives
+            per problem 1 where the budget's last attempt ended on a step the tolerance rejected, else 0.
 
     Returns:
         :class:`Solution` with ``code (..., m)``, ``reconstruction (..., d)``, ``output (..., d)`` and

@@ -53,9 +53,9 @@ def backend(method: str, value, options: dict):
 
 def _integrate(K, bs, W0, U0, thr, method, t_end, rtol, atol, options, checkpoint):
     field = VARSField(GramOperator(K), (bs,), (thr,))
-    tape = gram_ode.Tape(checkpoint)
-    W, U = native.integrate(field, (W0, U0), 0.0, t_end, method, rtol, atol, options, tape=tape)
-    return W, U, tape.steps, field.nfe
+    tape, forced = gram_ode.Tape(checkpoint), []
+    W, U = native.integrate(field, (W0, U0), 0.0, t_end, method, rtol, atol, options, tape=tape, forced=forced)
+    return W, U, tape.steps, field.nfe, forced[0] if forced else None
 
 
 def _reverse(K, bs, thr, steps, checkpoint, coeffs, gU):
@@ -93,16 +93,18 @@ def _compiled(fn, backend):
 @torch.no_grad()
 def integrate(K, bs, y0, thr: float, method: str, t_end: float, rtol: float, atol, options: dict,
               checkpoint: bool = False, *, backend="inductor"):
-    """``(W, U, tape, evaluations)``: :func:`vars_ode.solvers.native.integrate` of ``VARSField(K, bs, thr)`` (one
-    Gram block, Eq. 8-9's alpha, beta, gamma) from ``y0 = (W0, U0)`` over ``[0, t_end]``, compiled by ``backend``;
-    ``tape`` a :class:`vars_ode.solvers.gram_ode.Tape` (``checkpoint`` as there) for :func:`reverse`."""
+    """``(W, U, tape, evaluations, forced)``: :func:`vars_ode.solvers.native.integrate` of ``VARSField(K, bs, thr)``
+    (one Gram block, Eq. 8-9's alpha, beta, gamma) from ``y0 = (W0, U0)`` over ``[0, t_end]``, compiled by
+    ``backend``; ``tape`` a :class:`vars_ode.solvers.gram_ode.Tape` (``checkpoint`` as there) for :func:`reverse`;
+    ``forced`` the budget's forced steps per problem (:attr:`vars_ode.solvers.native.AdaptiveRK.forced`), ``None``
+    for a fixed-step method."""
     W0, U0 = y0
     atol = atol if isinstance(atol, torch.Tensor) else float(atol)
-    W, U, steps, nfe = _compiled(_integrate, backend)(K, bs, W0, U0, float(thr), method, float(t_end), float(rtol),
-                                                      atol, dict(options), bool(checkpoint))
+    W, U, steps, nfe, forced = _compiled(_integrate, backend)(K, bs, W0, U0, float(thr), method, float(t_end),
+                                                              float(rtol), atol, dict(options), bool(checkpoint))
     tape = gram_ode.Tape(checkpoint)
     tape.steps = list(steps)
-    return W, U, tape, nfe
+    return W, U, tape, nfe, forced
 
 
 @torch.no_grad()

@@ -447,9 +447,13 @@ def integrate_adaptive(f, y, t0: float, t1: float, method: str, rtol: float, ato
     return rk.integrate(y, t0, t1), rk
 
 
-def integrate(f, y, t0: float, t1: float, method: str, rtol: float, atol, options=None, tape=None):
+def integrate(f, y, t0: float, t1: float, method: str, rtol: float, atol, options=None, tape=None, forced=None):
     """``y(t1)`` by any native method in the Gram layout: fixed steps (``options["step_size"]``) or adaptive
-    (``rtol``, ``atol``, ``options``)."""
+    (``rtol``, ``atol``, ``options``). ``forced`` (a list): receives :attr:`AdaptiveRK.forced` of an adaptive
+    integration with a budget (``options["fixed_attempts"]``), per problem."""
     if method in ADAPTIVE_TABLEAUX:
-        return integrate_adaptive(f, y, t0, t1, method, rtol, atol, options, tape)[0]
+        out, rk = integrate_adaptive(f, y, t0, t1, method, rtol, atol, options, tape)
+        if forced is not None and rk.fixed_attempts is not None:
+            forced.append(rk.forced)
+        return out
     return integrate_fixed(f, y, t0, t1, method, fixed_step_size(method, options or {}), tape=tape)

@@ -68,7 +68,8 @@ ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
 INTEGRATORS = ("auto", "torchdiffeq", "native")
 
 ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_end",
-               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator", "record")
+               "alpha", "beta", "gamma", "adjoint_rtol", "adjoint_atol", "trace", "integrator", "record",
+               "forced")
 
 
 def choose_integrator(integrator: str, method: str, grad: str, node: bool = False) -> str:
@@ -183,10 +184,13 @@ def settings(method: str, tol: float, rtol=None, atol=None, options=None):
 def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
               options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
               alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
-              integrator="auto", record=None, **unused):
+              integrator="auto", record=None, forced=None, **unused):
     """Integrate Eq. 8-9 on the problem ``(op, B, w)`` rescaled by ``L``; returns ``(code, evaluations)``,
     ``evaluations`` per problem. ``init`` is a code tuple or ``None`` (zeros). ``record`` (a list) receives
-    the code at every unit of time of a fixed horizon, or after every window of the steady-state mode."""
+    the code at every unit of time of a fixed horizon, or after every window of the steady-state mode. ``forced``
+    (a list) receives, for a native adaptive integration with a budget (``options["fixed_attempts"]``), how many
+    times each problem's integration ended on a step its tolerance rejected
+    (:attr:`vars_ode.solvers.native.AdaptiveRK.forced`, per problem)."""
     if unused:
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
     n = op.num_blocks
@@ -244,6 +248,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             f = VARSField(op_, tmap(torch.mul, B_, scale), thr, alpha, beta, gamma, scale=scale)
             run_node = gram_ode.integrate_operator
         state = f.initial_state(u_)
+        rk = None
         if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
                                    options, layout=op)
@@ -305,6 +310,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                 state = integrate(state, t0, t1)
                 rec(codes(state))
                 t0 = t1
+            if forced is not None and rk is not None and rk.fixed_attempts is not None:
+                forced.append(rk.forced)
             return codes(state), op.problems_like(B_, f.nfe, torch.long)
 
         active = op.problems_like(B_, True, torch.bool)
