@@ -73,6 +73,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from vars_ode import VARSLayer  # noqa: E402
 from vars_ode.models._factory import EVAL_CROP_PCT  # noqa: E402  (the hosts' pretrained_cfg crop_pct)
 from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
                                        official_state_dict)
@@ -416,7 +417,24 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-LOG_FIELDS = ["epoch", "train_loss", "lr", "val_acc1", "ema_acc1", "images_per_s", "epoch_time_s"]
+LOG_FIELDS = ["epoch", "train_loss", "lr", "val_acc1", "ema_acc1", "images_per_s", "epoch_time_s", "solver_work",
+              "budget_forced"]
+
+
+def solver_report(model: nn.Module) -> dict:
+    """What the VARS layers' solvers did in the last training step (read once an epoch, before any evaluation):
+    ``solver_work``, the most iterations (ODE solvers: function evaluations) a layer spent, and, for dopri5 / bosh3
+    with a budget of attempts, ``budget_forced``, the largest fraction of a layer's problems that the budget ended on
+    a step their tolerance rejected (``LayerStats.forced``: a budget too small for the trained layers). Empty for a
+    model without VARS layers."""
+    stats = [m.last_stats for m in model.modules() if isinstance(m, VARSLayer) and m.last_stats is not None]
+    if not stats:
+        return {}
+    report = {"solver_work": max(int(s.iterations.max()) for s in stats)}
+    forced = [float((s.forced > 0).float().mean()) for s in stats if s.forced is not None]
+    if forced:
+        report["budget_forced"] = max(forced)
+    return report
 
 
 def truncate_log(path: Path, start_epoch: int) -> None:
@@ -1051,7 +1069,7 @@ def main(argv=None) -> int:
         lr_scheduler.step(epoch + 1)
         elapsed = time.time() - t0
         row = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": seen * world / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+               "images_per_s": seen * world / max(elapsed, 1e-9), "epoch_time_s": elapsed, **solver_report(model)}
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             rng = rng_state(loader_gen)  # evaluation must not change the random stream
             row["val_acc1"] = evaluate(NormalizedModel(model, info["mean"], info["std"]).to(device),
@@ -1063,8 +1081,11 @@ def main(argv=None) -> int:
                                            amp_dtype if ema_dev.type == device.type else None)["acc1"]
             set_rng_state(rng, loader_gen)
         if master:
+            solver = "" if "solver_work" not in row else f", solver work {row['solver_work']}"
+            if "budget_forced" in row:
+                solver += f", budget forced {100 * row['budget_forced']:.2f}% of a layer's problems"
             print(f"epoch {epoch}: loss {row['train_loss']:.4f}, val acc1 {row.get('val_acc1', float('nan')):.2f}, "
-                  f"{row['images_per_s']:.1f} img/s", flush=True)
+                  f"{row['images_per_s']:.1f} img/s{solver}", flush=True)
         # ---- checkpoint (rank 0 writes; RNG states gathered from every rank) ----------------
         states = [rng_state(loader_gen)]
         if world > 1:

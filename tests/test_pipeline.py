@@ -287,6 +287,27 @@ def test_registered_vars_model_trains(data, tmp_path):
             data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "2", "--output_dir", tmp_path)
     assert "attention=vars_sd" in r.stdout
     assert load_ckpt(tmp_path / "checkpoint.pth")["epoch"] == 0
+    # the solvers' work in the epoch's last step: 2 ISTA steps; no budget of attempts, nothing forced
+    row = read_log(tmp_path / "log.csv")[0]
+    assert row["solver_work"] == "2" and row["budget_forced"] == ""
+    assert "solver work 2" in r.stdout and "budget forced" not in r.stdout
+
+
+@pytest.mark.parametrize("attempts,rtol", [(1, 1e-9), (12, 1e-2)])
+def test_a_budget_of_attempts_is_reported_in_the_log(data, tmp_path, attempts, rtol):
+    # dopri5 with options={"fixed_attempts": n} over a horizon of 2: log.csv and the epoch line say which fraction of a
+    # layer's problems the budget forced (LayerStats.forced); one attempt at a tolerance of 1e-9 forces all of them, 12
+    # at the layer's default tolerance (the loop needs 3-4 there) none, and the work is 1 + 6 evaluations an attempt
+    r = run("train_imagenet.py", "--model", "vars_deit_tiny", "--attention", "vars_d", "--solver", "dopri5",
+            "--num_step", "2", "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1", "num_heads=2",
+            f"solver_options={{'rtol': {rtol}, 'options': {{'fixed_attempts': {attempts}}}}}", "--input-size", "16",
+            "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "4", "--data-path",
+            data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "1", "--eval-every", "0", "--output_dir",
+            tmp_path)
+    row = read_log(tmp_path / "log.csv")[0]
+    assert int(row["solver_work"]) == 1 + 6 * attempts
+    assert float(row["budget_forced"]) == (1.0 if attempts == 1 else 0.0)
+    assert f"budget forced {100.0 if attempts == 1 else 0.0:.2f}% of a layer's problems" in r.stdout
 
 
 # ------------------------------------------------------------------------------------------------
