@@ -106,9 +106,10 @@ class LayerStats:
         nnz: non-zero code entries per problem ``(B, h, dh)``.
         sparsity: fraction of code entries exactly zero (0-dim).
         forced: for dopri5 / bosh3 with a budget of attempts (``solver_options={"options": {"fixed_attempts":
-            n}}``), per problem ``(B, h, dh)``, 1 where the budget's last attempt ended the integration on a step
-            that the tolerance rejected (the budget was too small for that problem: its integration is less
-            accurate than ``rtol`` asks), else 0; ``None`` without a budget (nothing is forced then).
+            n}}``), per problem ``(B, h, dh)``, how many times the budget's last attempt ended an integration on a
+            step that the tolerance rejected (0 or 1 for the horizon's one integration; up to one per unit of time
+            with ``record_maps``): a budget too small for that problem, whose integration is then less accurate
+            than ``rtol`` asks; ``None`` without a budget (nothing is forced then).
     """
 
     def __init__(self, solver, unit, iterations, code, residual_fn, reduce_fn, forced=None):

@@ -57,7 +57,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
             (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history; with ``t_end``
             and a budget of attempts (``options={"fixed_attempts": n}``, dopri5 / bosh3), ``forced=[]`` receives
-            per problem 1 where the budget's last attempt ended on a step the tolerance rejected, else 0.
+            per problem how many times the budget's last attempt ended on a step the tolerance rejected (0 or 1;
+            with ``record``, up to one per unit of time).
 
     Returns:
         :class:`Solution` with ``code (..., m)``, ``reconstruction (..., d)``, ``output (..., d)`` and
