@@ -73,7 +73,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vars_ode import VARSLayer  # noqa: E402
+from vars_ode import VARSLayer, calibrate_budget  # noqa: E402
 from vars_ode.models._factory import EVAL_CROP_PCT  # noqa: E402  (the hosts' pretrained_cfg crop_pct)
 from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
                                        official_state_dict)
@@ -147,6 +147,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rand_feat_dim_ratio", "--rand-feat-dim-ratio", type=float, default=None,
                    help="random features per head dimension (model default: 2)")
     p.add_argument("--solver", default=None, help="VARS solver name (ista, fista, an ODE method, ...)")
+    p.add_argument("--calibrate-budget", type=non_negative_int, nargs="?", const=1, default=None, metavar="SPARE",
+                   help="dopri5 / bosh3 over a horizon: at each epoch's first step, give every such layer a budget "
+                        "of attempts of what its adaptive loop takes on that batch plus SPARE (default 1), the "
+                        "largest over the processes (vars_ode.calibrate_budget)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model keywords, values as Python literals (patch_size=4)")
     p.add_argument("--drop", type=probability, default=0.0, help="dropout rate (official; default 0)")
@@ -435,6 +439,26 @@ def solver_report(model: nn.Module) -> dict:
     if forced:
         report["budget_forced"] = max(forced)
     return report
+
+
+def calibrate(model: nn.Module, images: torch.Tensor, spare: int, device, amp_dtype, world: int) -> dict:
+    """vars_ode.calibrate_budget on one batch, as the training step sees it (train mode, autocast), without changing
+    the random stream; with several processes every layer takes the largest budget over them."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast(device, amp_dtype):
+        budgets = calibrate_budget(model, images, spare=spare)
+    if world > 1:
+        import torch.distributed as dist
+        names = sorted(budgets)
+        most = torch.tensor([budgets[n] for n in names], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        layers = dict(model.named_modules())
+        for n, b in zip(names, most.tolist()):
+            options = dict(layers[n].solver_options)
+            options["options"] = {**options["options"], "fixed_attempts": int(b)}
+            layers[n].set_solver(solver_options=options)
+            budgets[n] = int(b)
+    return budgets
 
 
 def truncate_log(path: Path, start_epoch: int) -> None:
@@ -865,6 +889,10 @@ def main(argv=None) -> int:
     model = create_model(args.model, num_classes=info["num_classes"], in_chans=info["in_chans"],
                          img_size=args.input_size, attention=args.attention, drop_path_rate=args.drop_path,
                          layer_kwargs=layer_kwargs, pretrained=args.pretrained, **extra).to(device)
+    if args.calibrate_budget is not None and not any(isinstance(m, VARSLayer) and m.takes_budget
+                                                     for m in model.modules()):
+        raise ValueError("--calibrate-budget: the model has no VARS layer integrating a horizon with dopri5 or bosh3 "
+                         "(e.g. --attention vars_d --solver dopri5)")
     n_params = sum(p.numel() for p in model.parameters())
     if master:
         precision = (f"mixed precision ({str(amp_dtype).removeprefix('torch.')} autocast)" if amp_dtype is not None
@@ -1042,6 +1070,11 @@ def main(argv=None) -> int:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mixup_fn is not None:
                 images, targets = mixup_fn(images, targets)
+            if step == 0 and args.calibrate_budget is not None:
+                budgets = calibrate(model, images, args.calibrate_budget, device, amp_dtype, world)
+                if master:
+                    print(f"epoch {epoch}: budgets of attempts {sorted(set(budgets.values()))} "
+                          f"({len(budgets)} layers)", flush=True)
             with autocast(device, amp_dtype):
                 loss = criterion(train_model(images), targets)
             loss_value = loss.item()

@@ -520,6 +520,66 @@ def test_solve_reports_the_problems_its_budget_forced():
     assert none == []  # no budget, nothing to report
 
 
+def _budget_model(seed=0):
+    # two VARS layers on dopri5 / bosh3 over a horizon (one on the fused node, one generic with other options), one
+    # on ISTA: calibrate_budget must leave the last alone
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        vo.VARSLayer(16, 2, dictionary="d", solver="dopri5", steps=3),
+        vo.VARSLayer(16, 2, dictionary="sd", static="dense", num_static_atoms=4, solver="bosh3", steps=2.5,
+                     fused=False, solver_options={"rtol": 3e-3, "options": {"safety": 0.8, "fixed_attempts": 1}}),
+        vo.VARSLayer(16, 2, dictionary="d", solver="ista", steps=3)).double()
+
+
+def test_calibrate_budget_sets_what_the_loop_takes_and_keeps_its_output():
+    model = _budget_model()
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    dopri, bosh, ista = model
+    # the loop's own run, as a reference: its evaluations give the attempts
+    loop = _budget_model()
+    loop[1].set_solver(solver_options={"rtol": 3e-3, "options": {"safety": 0.8}})
+    with torch.no_grad():
+        ref = loop(x)
+    need = [(int(loop[0].last_stats.iterations) - 1) // 6, (int(loop[1].last_stats.iterations) - 1) // 3]
+    got = vo.calibrate_budget(model, x, spare=1)
+    assert got == {"0": need[0] + 1, "1": need[1] + 1}
+    assert dopri.solver_options == {"options": {"fixed_attempts": need[0] + 1}}
+    assert bosh.solver_options == {"rtol": 3e-3, "options": {"safety": 0.8, "fixed_attempts": need[1] + 1}}
+    assert ista.solver_options == {}
+    with count_host_syncs() as syncs, torch.no_grad():
+        y = model(x)
+    assert syncs.count == 0
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-13)
+    assert int(dopri.last_stats.forced.sum()) == 0 and int(bosh.last_stats.forced.sum()) == 0
+    # harder inputs later: the budget binds (forced counted); calibrating on them again frees it
+    hard = 25 * x
+    with torch.no_grad():
+        model(hard)
+    bound = {name: int(m.last_stats.forced.sum()) > 0 for name, m in (("0", dopri), ("1", bosh))}
+    assert any(bound.values())
+    again = vo.calibrate_budget(model, hard, spare=0)
+    for name, was_bound in bound.items():
+        # a forced problem is one the loop takes more attempts for: the loop's count there exceeds the old budget
+        assert again[name] > got[name] if was_bound else again[name] >= 1
+    with torch.no_grad():
+        model(hard)
+    assert int(dopri.last_stats.forced.sum()) == 0 and int(bosh.last_stats.forced.sum()) == 0
+
+
+def test_calibrate_budget_refuses_what_it_cannot_calibrate():
+    with pytest.raises(ValueError, match="nothing to calibrate"):
+        vo.calibrate_budget(torch.nn.Sequential(vo.VARSLayer(16, 2, dictionary="d", solver="rk4", steps=2)),
+                            torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match="spare must be a non-negative integer"):
+        vo.calibrate_budget(_budget_model(), torch.randn(1, 5, 16, dtype=torch.float64), spare=-1)
+    # a failing forward pass leaves every layer's options as they were
+    model = _budget_model()
+    before = [dict(m.solver_options) for m in model]
+    with pytest.raises(ValueError, match="x must have shape"):
+        vo.calibrate_budget(model, torch.randn(1, 5, 7, dtype=torch.float64))
+    assert [m.solver_options for m in model] == before
+
+
 @pytest.mark.parametrize("kind", ["fused", "generic", "templates"])
 def test_a_layer_reports_the_problems_its_budget_forced(kind):
     # LayerStats.forced: None without a budget; zeros (one per problem, (B, h, dh)) with a budget the loop does not

@@ -310,6 +310,29 @@ def test_a_budget_of_attempts_is_reported_in_the_log(data, tmp_path, attempts, r
     assert f"budget forced {100.0 if attempts == 1 else 0.0:.2f}% of a layer's problems" in r.stdout
 
 
+def test_calibrated_budget_trains_as_the_loop_does(data, tmp_path):
+    # --calibrate-budget: at each epoch's first step every dopri5 layer gets the attempts its loop takes on that batch
+    # plus a spare; the training (drop path on: the calibration must not move the random stream) then follows the
+    # loop's steps, so its losses are the loop's, with no forced step
+    common = ["--model", "vars_deit_tiny", "--attention", "vars_d", "--solver", "dopri5", "--num_step", "2",
+              "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=2", "num_heads=2", "--drop-path", "0.1",
+              "--input-size", "16", "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "4",
+              "--data-path", data / "imagenet", "--epochs", "2", "--max-steps-per-epoch", "2", "--eval-every", "0"]
+    run("train_imagenet.py", *common, "--output_dir", tmp_path / "loop")
+    r = run("train_imagenet.py", *common, "--calibrate-budget", "2", "--output_dir", tmp_path / "budget")
+    assert r.stdout.count("budgets of attempts") == 2
+    loop, budget = read_log(tmp_path / "loop" / "log.csv"), read_log(tmp_path / "budget" / "log.csv")
+    for a, b in zip(loop, budget):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-6)
+        assert a["budget_forced"] == "" and float(b["budget_forced"]) == 0.0
+        assert (int(b["solver_work"]) - 1) % 6 == 0 and int(b["solver_work"]) >= int(a["solver_work"])
+    # a model with nothing to calibrate is refused before any training, by name
+    r = run("train_imagenet.py", *[c for c in common if c not in ("--solver", "dopri5")], "--calibrate-budget",
+            "--output_dir", tmp_path / "ista", check=False)
+    assert r.returncode == 2 and "--calibrate-budget: the model has no VARS layer" in r.stderr
+    assert not (tmp_path / "ista" / "log.csv").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # offline data sets
 # ------------------------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ from .dictionaries import (Atoms, DenseStaticDictionary, DynamicDictionary, Stat
                            UnionDictionary)
 from ._workspace import release_workspace, set_cpu_workspace, workspace_bytes  # noqa: E402
 from .fused import gram_sparse_code  # noqa: E402
-from .layer import DICTIONARIES, LayerStats, VARSLayer, attention_maps, replace_attention  # noqa: E402
+from .layer import (DICTIONARIES, LayerStats, VARSLayer, attention_maps, calibrate_budget,  # noqa: E402
+                    replace_attention)
 from .official import OfficialVARSAttention  # noqa: E402  (registers VARSLayer(compat="official"))
 
 __all__ += ["Atoms", "DICTIONARIES", "DenseStaticDictionary", "DynamicDictionary", "LayerStats", "OfficialVARSAttention", "StaticDictionary",
-            "UnionDictionary", "VARSLayer", "attention_maps", "gram_sparse_code",
+            "UnionDictionary", "VARSLayer", "attention_maps", "calibrate_budget", "gram_sparse_code",
             "release_workspace", "replace_attention", "set_cpu_workspace", "workspace_bytes"]
 
 # host models; importing them registers the timm entrypoints vars_deit_tiny, vars_rvt_tiny, vars_gfnet_tiny

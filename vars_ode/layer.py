@@ -419,6 +419,13 @@ class VARSLayer(nn.Module):
         self.solver, self.steps, self.tol, self.grad = solver, steps, tol, grad
         return self
 
+    @property
+    def takes_budget(self) -> bool:
+        """Whether the solver takes a budget of attempts, ``solver_options={"options": {"fixed_attempts": n}}``:
+        dopri5 or bosh3 over a horizon (``steps``) on the native integrator (:func:`calibrate_budget`)."""
+        return (self.solver in ADAPTIVE_TABLEAUX and self.steps is not None
+                and self.solver_options.get("integrator", "auto") != "torchdiffeq")
+
     def _check_solver(self, solver, steps, tol, grad):
         # shared by __init__ and set_solver; returns (steps, tol) with tol's default resolved
         if isinstance(steps, str) and steps == EQUILIBRIUM:
@@ -791,6 +798,54 @@ def _copy_matching(dst: nn.Module, src: nn.Module):
     for k, t in sd.items():
         if k in dd and dd[k].shape == t.shape:
             dd[k].copy_(t)
+
+
+@torch.no_grad()
+def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
+    """Give every :class:`VARSLayer` of ``model`` that integrates a horizon with dopri5 or bosh3 (native integrator) a
+    budget of attempts (``solver_options={"options": {"fixed_attempts": n}}``) of what its adaptive loop takes on
+    ``inputs``, plus ``spare``.
+
+    Runs ``model(*inputs)`` once without a gradient, with the adaptive loop in those layers (their budgets and
+    ``options["compile"]`` lifted for that pass, which reads the device as the loop does), then sets each layer's
+    budget and keeps every other option, ``compile`` included. A budget the loop does not exhaust takes the loop's
+    steps, so the loop's output and gradients (up to the rounding of the loop's last products, which its tail takes
+    on fewer images), without a host read (a CUDA graph captures it, ``torch.compile`` traces it);
+    harder inputs later may need more attempts than these ones took: a layer's ``last_stats.forced`` then counts
+    the problems its budget ended on a step their tolerance rejected (README, "A budget of attempts"). Calibrate on
+    a batch like the ones that follow, and again as training moves the weights (trained layers take more attempts
+    than new ones).
+
+    Returns ``{module name: attempts set}``.
+    """
+    if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
+        raise ValueError(f"spare must be a non-negative integer, got {spare!r}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, VARSLayer) and m.takes_budget}
+    if not layers:
+        raise ValueError("model has no VARSLayer integrating a horizon (steps) with dopri5 or bosh3 on the native "
+                         "integrator: nothing to calibrate")
+    before = {name: m.solver_options for name, m in layers.items()}
+    try:
+        for m in layers.values():
+            inner = {k: v for k, v in (m.solver_options.get("options") or {}).items()
+                     if k not in ("fixed_attempts", "compile")}
+            m.solver_options = {**m.solver_options, "options": inner}
+        model(*inputs)
+        attempts = {}
+        for name, m in layers.items():
+            stages = len(ADAPTIVE_TABLEAUX[m.solver][0])  # FSAL: stages - 1 new evaluations an attempt
+            # 1 evaluation at the start (2 where the first step is estimated), then stages - 1 an attempt
+            attempts[name] = -(-(int(m.last_stats.iterations.max()) - 1) // (stages - 1))
+    except BaseException:
+        for name, m in layers.items():
+            m.solver_options = before[name]
+        raise
+    for name, m in layers.items():
+        inner = dict(before[name].get("options") or {})
+        inner["fixed_attempts"] = attempts[name] + spare
+        m.set_solver(solver_options={**before[name], "options": inner})
+        attempts[name] += spare
+    return attempts
 
 
 @torch.no_grad()
