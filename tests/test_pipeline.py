@@ -205,6 +205,22 @@ def test_torchrun_two_processes_resume_and_evaluate(data, tmp_path):
     assert acc2 == pytest.approx(acc1, abs=1e-9)
 
 
+def test_torchrun_calibrates_one_budget_for_both_processes(data, tmp_path):
+    # --calibrate-budget under DistributedDataParallel: each process runs the loop on its own first batch, and every
+    # layer takes the largest budget over the two (all_reduce); with no spare the first step then forces nothing on
+    # rank 0, whose batch needed at most that budget, and its work is 1 + 6 evaluations an attempt
+    r = torchrun("--model", "vars_deit_tiny", "--attention", "vars_d", "--solver", "dopri5", "--num_step", "2",
+                 "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1", "num_heads=2", "--input-size", "16",
+                 "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "4", "--data-path",
+                 data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "1", "--eval-every", "0",
+                 "--calibrate-budget", "0", "--output_dir", tmp_path)
+    assert "world 2" in r.stdout
+    budgets = [int(b) for b in r.stdout.split("budgets of attempts [")[1].split("]")[0].split(",")]
+    row = read_log(tmp_path / "log.csv")[0]
+    assert len(budgets) == 1 and int(row["solver_work"]) == 1 + 6 * budgets[0]
+    assert float(row["budget_forced"]) == 0.0
+
+
 def test_different_seed_gives_different_weights(data, tmp_path):
     """Guards the equality test above against a run that ignores its randomness."""
     args = ["--data-path", data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "2"]
