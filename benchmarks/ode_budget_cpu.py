@@ -3,9 +3,12 @@
 with the adaptive loop (no budget), then with each budget in ``--budgets``. Printed per model and budget: the
 evaluations each layer spent, the fraction of each layer's problems whose last step the tolerance rejected
 (``LayerStats.forced``), the largest difference of the logits from the loop's relative to their largest entry,
-and the accuracy on the images.
+and the accuracy on the images. With ``--calibrate SPARES`` it also runs ``vars_ode.calibrate_budget`` on the first
+``--batch`` images with each spare, then the other batches of ``--images`` with those budgets, against the loop on
+the same batches: the budgets per layer, the largest forced fraction per batch and the logits' largest difference.
 
     python benchmarks/ode_budget_cpu.py [--images 512] [--budgets 4,5,6,7,8] [--method dopri5] [--horizon 3]
+        [--calibrate 0,1 --batch 128]
 
 Needs the Debian package ``dataset-fashion-mnist`` (or ``--fmnist PATH``).
 """
@@ -38,10 +41,15 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(ode_tail_cpu.MODELS))
     ap.add_argument("--checkpoints", type=Path, default=ode_tail_cpu.ROOT / "notebooks" / "checkpoints")
     ap.add_argument("--fmnist", default=None, help="folder of the Fashion-MNIST files (default: the Debian package)")
+    ap.add_argument("--calibrate", default="", help="comma-separated spares for vars_ode.calibrate_budget")
+    ap.add_argument("--batch", type=int, default=128, help="images per batch of the calibration table")
     args = ap.parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else []
     if any(b < 1 for b in budgets):
         raise SystemExit(f"--budgets must be positive integers, got {args.budgets!r}")
+    spares = [int(b) for b in args.calibrate.split(",")] if args.calibrate else []
+    if any(b < 0 for b in spares) or (spares and not 0 < args.batch < args.images):
+        raise SystemExit("--calibrate takes non-negative integers, and --batch must be below --images")
     torch.set_num_threads(args.threads)
     imgs, labels = load_fashion_mnist("test", args.fmnist)
     x = torch.from_numpy(imgs[:args.images]).float().div(255).unsqueeze(1)
@@ -72,6 +80,38 @@ def main(argv=None):
             shown = "-" if budget is None else ", ".join(f"{100 * f:.2f}%" for f in forced)
             print(f"| {kind} | {'loop' if budget is None else budget} | {', '.join(map(str, row['evaluations']))} | "
                   f"{shown} | {row['diff']:.1e} | {100 * row['accuracy']:.1f}% |")
+    if spares:
+        rows += calibration_table(args, x, spares)
+    return rows
+
+
+def calibration_table(args, x, spares):
+    """Rows of the calibration table (module docstring)."""
+    batches = [x[i:i + args.batch] for i in range(args.batch, len(x), args.batch)]
+    print()
+    print(f"calibrated on the first {args.batch} images, then {len(batches)} other batches")
+    print()
+    print("| model | spare | budgets per layer | largest forced fraction per batch | logits from the loop's |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for kind in args.models.split(","):
+        for spare in spares:
+            model = ode_tail_cpu.load_model(kind, args.checkpoints)
+            layers = [m for m in model.modules() if isinstance(m, vars_ode.VARSLayer)]
+            for m in layers:
+                m.set_solver(args.method, steps=args.horizon)
+            with torch.no_grad():
+                loop = [model(b) for b in batches]
+            set_to = vars_ode.calibrate_budget(model, x[:args.batch], spare=spare)
+            forced, diff = [], 0.0
+            with torch.no_grad():
+                for b, ref in zip(batches, loop):
+                    y = model(b)
+                    forced.append(max(float((m.last_stats.forced > 0).float().mean()) for m in layers))
+                    diff = max(diff, float((y - ref).abs().max() / ref.abs().max()))
+            rows.append(dict(model=kind, spare=spare, budgets=list(set_to.values()), forced=forced, diff=diff))
+            print(f"| {kind} | {spare} | {', '.join(map(str, set_to.values()))} | "
+                  f"{', '.join(f'{100 * f:.2f}%' for f in forced)} | {diff:.1e} |")
     return rows
 
 

@@ -404,3 +404,10 @@ def test_ode_budget_benchmark_reports_what_each_budget_forced(capsys):
     assert one["forced"] == [1.0] * 4 and one["evaluations"] == [7] * 4 and one["diff"] > 1e-3
     assert many["forced"] == [0.0] * 4 and many["diff"] <= 1e-6 and many["evaluations"] == [73] * 4
     assert "| VARS-D | 12 |" in capsys.readouterr().out
+    # the calibration table: budgets from the first batch, the other batches against the loop
+    rows = load("ode_budget_cpu").main(["--images", "6", "--threads", "1", "--budgets", "", "--models", "VARS-SD",
+                                        "--calibrate", "0,3", "--batch", "2"])
+    loop, none, roomy = rows
+    assert loop["budget"] is None and none["spare"] == 0 and roomy["spare"] == 3
+    assert [b + 3 for b in none["budgets"]] == roomy["budgets"] and len(roomy["forced"]) == 2
+    assert roomy["forced"] == [0.0, 0.0] and roomy["diff"] <= 1e-6
