@@ -572,6 +572,19 @@ def test_calibrate_budget_refuses_what_it_cannot_calibrate():
                             torch.randn(1, 5, 16))
     with pytest.raises(ValueError, match="spare must be a non-negative integer"):
         vo.calibrate_budget(_budget_model(), torch.randn(1, 5, 16, dtype=torch.float64), spare=-1)
+    # a layer that the forward pass does not run cannot be calibrated: refused by name, options as they were
+    class Skips(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = _budget_model()[0], _budget_model()[1]
+
+        def forward(self, x):
+            return self.used(x)
+
+    skips = Skips()
+    with pytest.raises(ValueError, match="layer 'unused' did not run"):
+        vo.calibrate_budget(skips, torch.randn(1, 5, 16, dtype=torch.float64))
+    assert skips.unused.solver_options == {"rtol": 3e-3, "options": {"safety": 0.8, "fixed_attempts": 1}}
     # a failing forward pass leaves every layer's options as they were
     model = _budget_model()
     before = [dict(m.solver_options) for m in model]

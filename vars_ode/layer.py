@@ -829,10 +829,13 @@ def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
         for m in layers.values():
             inner = {k: v for k, v in (m.solver_options.get("options") or {}).items()
                      if k not in ("fixed_attempts", "compile")}
-            m.solver_options = {**m.solver_options, "options": inner}
+            m.solver_options, m.last_stats = {**m.solver_options, "options": inner}, None
         model(*inputs)
         attempts = {}
         for name, m in layers.items():
+            if m.last_stats is None:
+                raise ValueError(f"calibrate_budget: layer {name!r} did not run in model(*inputs); calibrate a model "
+                                 "whose forward pass runs every layer that takes a budget")
             stages = len(ADAPTIVE_TABLEAUX[m.solver][0])  # FSAL: stages - 1 new evaluations an attempt
             # 1 evaluation at the start (2 where the first step is estimated), then stages - 1 an attempt
             attempts[name] = -(-(int(m.last_stats.iterations.max()) - 1) // (stages - 1))
