@@ -56,13 +56,10 @@ def main(argv=None):
     x = (x - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
     t = torch.from_numpy(labels[:args.images]).long()
     print(f"{args.images} test images, {args.method} over a horizon of {args.horizon}, float32, no gradient")
-    print()
-    print("| model | budget | evaluations per layer | forced, per layer | logits from the loop's | accuracy |")
-    print("|---|---|---|---|---|---|")
+    _header("model", "budget", "evaluations per layer", "forced, per layer", "logits from the loop's", "accuracy")
     rows = []
     for kind in args.models.split(","):
-        model = ode_tail_cpu.load_model(kind, args.checkpoints)
-        layers = [m for m in model.modules() if isinstance(m, vars_ode.VARSLayer)]
+        model, layers = _load(kind, args)
         loop = None
         for budget in [None] + budgets:
             options = {} if budget is None else {"options": {"fixed_attempts": budget}}
@@ -85,21 +82,31 @@ def main(argv=None):
     return rows
 
 
+def _load(kind, args):
+    # a trained model (ode_tail_cpu.MODELS) with every VARS layer on the method over the horizon, and those layers
+    model = ode_tail_cpu.load_model(kind, args.checkpoints)
+    layers = [m for m in model.modules() if isinstance(m, vars_ode.VARSLayer)]
+    for m in layers:
+        m.set_solver(args.method, steps=args.horizon)
+    return model, layers
+
+
+def _header(*columns):
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def calibration_table(args, x, spares):
     """Rows of the calibration table (module docstring)."""
     batches = [x[i:i + args.batch] for i in range(args.batch, len(x), args.batch)]
     print()
     print(f"calibrated on the first {args.batch} images, then {len(batches)} other batches")
-    print()
-    print("| model | spare | budgets per layer | largest forced fraction per batch | logits from the loop's |")
-    print("|---|---|---|---|---|")
+    _header("model", "spare", "budgets per layer", "largest forced fraction per batch", "logits from the loop's")
     rows = []
     for kind in args.models.split(","):
         for spare in spares:
-            model = ode_tail_cpu.load_model(kind, args.checkpoints)
-            layers = [m for m in model.modules() if isinstance(m, vars_ode.VARSLayer)]
-            for m in layers:
-                m.set_solver(args.method, steps=args.horizon)
+            model, layers = _load(kind, args)
             with torch.no_grad():
                 loop = [model(b) for b in batches]
             set_to = vars_ode.calibrate_budget(model, x[:args.batch], spare=spare)
