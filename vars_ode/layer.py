@@ -838,7 +838,7 @@ def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
                                  "whose forward pass runs every layer that takes a budget")
             stages = len(ADAPTIVE_TABLEAUX[m.solver][0])  # FSAL: stages - 1 new evaluations an attempt
             # 1 evaluation at the start (2 where the first step is estimated), then stages - 1 an attempt
-            attempts[name] = -(-(int(m.last_stats.iterations.max()) - 1) // (stages - 1))
+            attempts[name] = max(1, -(-(int(m.last_stats.iterations.max()) - 1) // (stages - 1)))
     except BaseException:
         for name, m in layers.items():
             m.solver_options = before[name]
