@@ -454,10 +454,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, spare: int, device, amp_dt
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         layers = dict(model.named_modules())
         for n, b in zip(names, most.tolist()):
-            options = dict(layers[n].solver_options)
-            options["options"] = {**options["options"], "fixed_attempts": int(b)}
-            layers[n].set_solver(solver_options=options)
             budgets[n] = int(b)
+            layers[n].set_budget(budgets[n])
     return budgets
 
 

@@ -572,6 +572,10 @@ def test_calibrate_budget_refuses_what_it_cannot_calibrate():
                             torch.randn(1, 5, 16))
     with pytest.raises(ValueError, match="spare must be a non-negative integer"):
         vo.calibrate_budget(_budget_model(), torch.randn(1, 5, 16, dtype=torch.float64), spare=-1)
+    with pytest.raises(ValueError, match="set_budget: solver 'rk4' with steps=2 takes no budget"):
+        vo.VARSLayer(16, 2, dictionary="d", solver="rk4", steps=2).set_budget(3)
+    with pytest.raises(ValueError, match="attempts must be a positive integer"):
+        _budget_model()[0].set_budget(0)
     # a layer that the forward pass does not run cannot be calibrated: refused by name, options as they were
     class Skips(torch.nn.Module):
         def __init__(self):

@@ -426,6 +426,17 @@ class VARSLayer(nn.Module):
         return (self.solver in ADAPTIVE_TABLEAUX and self.steps is not None
                 and self.solver_options.get("integrator", "auto") != "torchdiffeq")
 
+    def set_budget(self, attempts: int) -> "VARSLayer":
+        """Give dopri5 / bosh3 a budget of ``attempts`` (``solver_options={"options": {"fixed_attempts": attempts}}``),
+        every other solver option kept; returns ``self``. For a layer that :attr:`takes_budget`."""
+        if not self.takes_budget:
+            raise ValueError(f"set_budget: solver {self.solver!r} with steps={self.steps!r} takes no budget of attempts "
+                             "(dopri5 or bosh3 over a horizon, on the native integrator)")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"attempts must be a positive integer, got {attempts!r}")
+        inner = {**(self.solver_options.get("options") or {}), "fixed_attempts": attempts}
+        return self.set_solver(solver_options={**self.solver_options, "options": inner})
+
     def _check_solver(self, solver, steps, tol, grad):
         # shared by __init__ and set_solver; returns (steps, tol) with tol's default resolved
         if isinstance(steps, str) and steps == EQUILIBRIUM:
@@ -803,8 +814,7 @@ def _copy_matching(dst: nn.Module, src: nn.Module):
 @torch.no_grad()
 def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
     """Give every :class:`VARSLayer` of ``model`` that integrates a horizon with dopri5 or bosh3 (native integrator) a
-    budget of attempts (``solver_options={"options": {"fixed_attempts": n}}``) of what its adaptive loop takes on
-    ``inputs``, plus ``spare``.
+    budget of attempts (:meth:`VARSLayer.set_budget`) of what its adaptive loop takes on ``inputs``, plus ``spare``.
 
     Runs ``model(*inputs)`` once without a gradient, with the adaptive loop in those layers (their budgets and
     ``options["compile"]`` lifted for that pass, which reads the device as the loop does), then sets each layer's
@@ -844,10 +854,9 @@ def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
             m.solver_options = before[name]
         raise
     for name, m in layers.items():
-        inner = dict(before[name].get("options") or {})
-        inner["fixed_attempts"] = attempts[name] + spare
-        m.set_solver(solver_options={**before[name], "options": inner})
+        m.solver_options = before[name]
         attempts[name] += spare
+        m.set_budget(attempts[name])
     return attempts
 
 
