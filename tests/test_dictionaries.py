@@ -327,6 +327,23 @@ def test_operator_ode_reaches_the_lasso_equilibrium():
         torch.testing.assert_close(c, r, atol=2e-2, rtol=0)
 
 
+def test_static_expand_is_written_out_over_the_codes_memory():
+    # StaticAtoms.expand: a per-problem tensor broadcast over the templates and written out, its (h, dh, r) entries in
+    # the order of the code's channels and templates in memory (on the CPU the code is (B, H, W, C, r) underneath), so
+    # that element-wise kernels with it run over whole channel-template rows; the same products as the plain
+    # broadcast, for per-image, shared, per-head and per-channel tensors; a 0-dim one passes as it is
+    atoms = StaticDictionary(6, 2, atoms_per_channel=3, kernel_size=3).bind((4, 4), 1)
+    code = atoms.encode(torch.randn(2, 2, 17, 3))[0]
+    assert code.shape == (2, 2, 3, 3, 4, 4) and not code.is_contiguous()
+    for t in (torch.rand(2, 2, 3), torch.rand(1, 2, 3), torch.rand(2, 1, 1), torch.rand(2, 3)):
+        e = atoms.expand(0, t)
+        assert e.shape[-5:] == (2, 3, 3, 1, 1)
+        assert e.stride()[-5:-2] == code.stride()[-5:-2] == (9, 3, 1)
+        torch.testing.assert_close(e * code, t[..., None, None, None] * code, rtol=0, atol=0)
+    scalar = torch.tensor(0.5)
+    assert atoms.expand(0, scalar) is scalar
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="kernel_size"):
         StaticDictionary(4, 1, kernel_size=4)

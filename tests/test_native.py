@@ -315,6 +315,28 @@ def test_operator_node_reverse_pass_equals_autograd_through_the_steps(union, met
                                checkpoint, rtol=1e-11)
 
 
+@pytest.mark.parametrize("union", [False, True], ids=["static", "union"])
+def test_operator_node_takes_end_gradients_in_any_memory_layout(union):
+    # the operator node's reverse pass from end gradients laid out as its state (the templates' code is channels-last
+    # on the CPU) and from the same values in contiguous memory: the same gradients of every leaf, and the gradient
+    # tensors handed to it left as they were (the pass sums into copies of its own)
+    grads = []
+    for layout in ("state", "contiguous"):
+        leaves, f = _operator_field(7, union)
+        y = gram_ode.integrate_operator(_integration(f, "dopri5"), f, f.initial_state())
+        assert not y[f.op.num_blocks - 1].is_contiguous()  # the templates' block
+        g = [torch.linspace(-1.0, 1.0, t.numel(), dtype=t.dtype).reshape(t.shape) for t in y]
+        if layout == "state":
+            g = [torch.empty_like(t).copy_(x) for t, x in zip(y, g)]
+        kept = [x.clone() for x in g]
+        grads.append(torch.autograd.grad(y, leaves, g))
+        for x, k in zip(g, kept):
+            assert torch.equal(x, k)
+    for a, b in zip(*grads):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("dictionary", ["s", "sd"])
 def test_native_adjoint_on_the_convolutional_templates(dictionary):
     # grad="adjoint" on an operator without a Gram matrix (convolutional templates, alone or with the dynamic

@@ -222,12 +222,12 @@ def reverse(tape, field, K, thr, coeffs, gW, gU, active=None, want_K=True, want_
     return Q, gB, gT, gW, gU
 
 
-def _reverse(steps, checkpoint, field, g, vjp, buf, inplace, tail=None):
+def _reverse(steps, checkpoint, field, g, vjp, buf, inplace, tail=None, owned=False):
     # the steps of a tape in reverse (module docstring); `g` the gradient of the end, a tuple like the state;
     # returns that of the integration's start. vjp(i, Us, gk): the contributions (a tuple like the state) of stage
     # i with inputs Us (its U blocks) and slope gradient gk; buf(name, j): a scratch buffer shaped like entry j of
-    # the state (None where not `inplace`); tail(entry, g): g through a Tape.tail entry (the Gram form's)
-    owned = False
+    # the state (None where not `inplace`); tail(entry, g): g through a Tape.tail entry (the Gram form's); owned:
+    # whether the tensors of g are the caller's own (written into in place; else copied first)
     m = len(g)
     for entry in reversed(steps):
         if isinstance(entry, _Tail):
@@ -324,7 +324,12 @@ def reverse_operator(tape, field, roots, want_roots, thr, want_B, want_thr, g):
     kept = steps[0][0]
     blocks = tuple(kept[n:]) if tape.checkpoint else kept[0]  # one tensor per block, shaped like it
     like = tuple(blocks[j % n] for j in range(2 * n))
-    g = tuple(torch.zeros_like(t) if x is None else x for x, t in zip(g, like))
+    # the incoming gradients in the state's memory layout (autograd's may be contiguous where the state is not, as
+    # the convolutional templates' channels-last code): every sum of the pass then runs over matching memory, where
+    # one over two layouts costs several times as much
+    fresh = tuple(x is None or x.stride() != t.stride() for x, t in zip(g, like))
+    g = tuple(torch.zeros_like(t) if x is None else torch.empty_like(t).copy_(x) if new else x
+              for x, t, new in zip(g, like, fresh))
     inplace = _inplace(blocks[0])
 
     def buf(name, j=0):  # a scratch buffer shaped like entry j of the state, or None (a new tensor)
@@ -379,7 +384,7 @@ def reverse_operator(tape, field, roots, want_roots, thr, want_B, want_thr, g):
         return (tuple(torch.add(u, w, alpha=-alpha, out=buf(f"rev.gW{i}.{j}", j)) for j, (w, u) in enumerate(zip(gdW, gdU)))
                 + tuple(x.add_(u, alpha=-beta) for x, u in zip(ga, gdU)))
 
-    gy = _reverse(steps, tape.checkpoint, field, g, vjp, buf, inplace)
+    gy = _reverse(steps, tape.checkpoint, field, g, vjp, buf, inplace, owned=all(fresh))
     return gR, gB, gT, gy
 
 
