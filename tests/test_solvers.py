@@ -324,3 +324,53 @@ def test_tolerance_is_relative_to_the_problem_scale(solver, dtype):
             assert sol.stats.iterations.max() <= 1.1 * base.stats.iterations.max()
         else:
             assert sol.stats.iterations[1:].tolist() == base.stats.iterations[1:].tolist()
+
+
+def _operators(kind):
+    # (operator, b) of three kinds, float64: a Gram matrix shared by 40 columns (4 groups), the convolutional
+    # templates (a 4x4 grid, 2 heads of 3 channels, 3 templates each) and their union with random-feature atoms
+    from vars_ode.dictionaries import DynamicAtoms, StaticAtoms, UnionAtoms
+    from vars_ode.lasso import GramOperator
+    g = torch.Generator().manual_seed(3)
+    if kind == "gram":
+        P = torch.randn(4, 12, 9, generator=g, dtype=torch.float64)
+        return GramOperator(P.transpose(-1, -2) @ P), (P.transpose(-1, -2) @ torch.randn(4, 12, 10, generator=g,
+                                                                                           dtype=torch.float64),)
+    kernel = torch.randn(18, 1, 3, 3, generator=g, dtype=torch.float64)
+    op = StaticAtoms(kernel / kernel.flatten(1).norm(dim=-1)[:, None, None, None], 2, 3, (4, 4), 1, "zeros")
+    if kind == "union":
+        op = UnionAtoms(DynamicAtoms(torch.rand(2, 2, 17, 5, generator=g, dtype=torch.float64)), op)
+    return op, op.encode(torch.randn(2, 2, 17, 3, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["gram", "templates", "union"])
+@pytest.mark.parametrize("solver", ["ista", "fista"])
+def test_iterates_in_buffers_of_their_own_equal_the_allocating_loop(solver, kind, monkeypatch):
+    # without a graph, on large CPU codes (every size here), ISTA and FISTA write their iterates and temporaries into
+    # tensors of the call's own: the same codes and iteration counts bit for bit as the allocating loop, at a
+    # tolerance and with a fixed budget, from zeros and from a start; a second solve leaves the first one's code
+    # as it was (the buffers are the call's, not a pool's)
+    from vars_ode.solvers import iterative, native
+    from vars_ode.solvers._solve import solve_problem
+    op, B = _operators(kind)
+    start = tuple(0.1 * torch.ones_like(b) for b in B)
+    made = []
+    get = iterative._Buffers.get
+    monkeypatch.setattr(iterative._Buffers, "get", lambda self, name: made.append(self.on) or get(self, name))
+    for tol, max_iter, init in ((1e-3, 400, None), (0.0, 25, None), (1e-3, 400, start)):
+        out = {}
+        for size in (2 ** 62, 0):
+            monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", size)
+            made.clear()
+            with torch.no_grad():
+                out[size] = solve_problem(op, B, 0.3, solver, tol=tol, max_iter=max_iter, init=init)
+            assert made and all(made) == (size == 0)
+        (code0, it0), (code1, it1) = out[2 ** 62], out[0]
+        assert torch.equal(it0, it1) and int(it0.max()) > 5 and (tol == 0 or int(it0.min()) < max_iter)
+        for a, b in zip(code0, code1):
+            assert torch.equal(a, b) and float(a.abs().max()) > 0
+        kept = [c.clone() for c in code1]
+        with torch.no_grad():
+            solve_problem(op, tuple(2 * b for b in B), 0.3, solver, tol=tol, max_iter=max_iter, init=init)
+        for a, b in zip(code1, kept):
+            assert torch.equal(a, b)

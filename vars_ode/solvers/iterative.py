@@ -16,6 +16,12 @@ reported count is the first checked iteration at which its tolerance held (with 
 decreasing, at most 1/16 above the first iteration at which it held). With a
 ``trace`` the default is every iteration (the whole residual history); ``check_every=k`` checks every
 ``k`` iterations (and at ``max_iter``).
+
+Without a graph (an equilibrium solved for its implicit gradient, ``vo.solve`` under ``torch.no_grad``), on large CPU
+codes and with a float weight, ISTA and FISTA write their iterates and temporaries into tensors of the call's own,
+rewritten every iteration (:class:`_Buffers`): the same operations in the same order, so the same values, without
+the page faults of fresh multi-megabyte tensors (the convolutional VARS-SD layer's equilibrium 22% faster:
+benchmarks/RESULTS.md, twenty-fifth session).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 
 from ..lasso import Operator, residual_from_grad, tmap
 from ..ops import _soft, support_solve
+from .native import _inplace
 
 
 #: below this iteration the "auto" schedule checks every iteration; from it, at gaps of at most it / 16
@@ -92,24 +99,55 @@ class _Freezer:
         return self.op.where(self.done, self.kept, u), iters
 
 
+def _float_weight(w) -> bool:
+    return isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0
+
+
 def _steps(op, w, L):
-    """Per block, the proximal step ``v -> S_{w/L}(v - g / L)`` as a function of ``(v, g)``.
+    """Per block, the proximal step ``v -> S_{w/L}(v - g / L)`` as a function of ``(v, g, out=None)``.
 
     With a float weight ``w`` it is ``-(1/L) S_w(g - L v)`` (``S`` odd and ``S_{ws}(x) = s S_w(x / s)``): one fused
     multiply-add, one ``softshrink`` with a scalar threshold and one product, where the threshold ``w / L`` per
     problem would need a clamp against broadcast bounds; forward + backward 2.9x faster on the convolutional
     atoms' code (benchmarks/RESULTS.md). The two forms differ by rounding. A per-problem weight takes the latter.
+    ``out`` (float weights; not for autograd): the step is written into it, and ``g`` (a buffer of the caller's)
+    is overwritten on the way; the same operations either way, so the same values.
     """
     n = op.num_blocks
     Ls = tuple(op.expand(i, L) for i in range(n))
-    if isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0:
+    if _float_weight(w):
         wf = float(w)
         neg_step = tuple(-1.0 / Li for Li in Ls)
-        return tuple((lambda v, g, Li=Li, ns=ns: F.softshrink(torch.addcmul(g, Li, v, value=-1), wf) * ns)
-                     for Li, ns in zip(Ls, neg_step))
+
+        def step(v, g, out=None, Li=None, ns=None):
+            x = torch.addcmul(g, Li, v, value=-1, out=None if out is None else g)
+            return torch.mul(_soft(x, wf, out=out), ns, out=out)
+        return tuple((lambda v, g, out=None, Li=Li, ns=ns: step(v, g, out, Li, ns)) for Li, ns in zip(Ls, neg_step))
     step = tuple(1.0 / Li for Li in Ls)
     thr = tuple(op.expand(i, w) * si for i, si in enumerate(step))
-    return tuple((lambda v, g, si=si, t=t: _soft(v - si * g, t)) for si, t in zip(step, thr))
+    return tuple((lambda v, g, out=None, si=si, t=t: _soft(v - si * g, t)) for si, t in zip(step, thr))
+
+
+class _Buffers:
+    """The iterates of one :func:`fista` call in tensors of its own, written again at every iteration instead of
+    allocated (``on``: large CPU codes, no graph, a float weight, nothing recorded; :func:`vars_ode.solvers.native._inplace`).
+    A fresh multi-megabyte tensor pays a page fault a page on its first write: on the convolutional templates' 6 MB
+    codes, the allocating loop's element-wise steps took several times an in-place pass. Two code buffers alternate
+    for ``u`` and the next ``u``; the others are rewritten every iteration. ``None`` everywhere when off."""
+
+    def __init__(self, on: bool, like: tuple):
+        self.on, self.like, self.flip, self.made = on, like, 0, {}
+
+    def get(self, name: str) -> tuple:
+        if not self.on:
+            return (None,) * len(self.like)
+        if name not in self.made:
+            self.made[name] = tuple(torch.empty_like(t) for t in self.like)
+        return self.made[name]
+
+    def next_code(self) -> tuple:
+        self.flip ^= 1
+        return self.get(f"u{self.flip}")
 
 
 def _record(record, code):
@@ -129,17 +167,18 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     fr = _Freezer(op, u, tol, check_every, trace, max_iter)
+    buf = _Buffers(record is None and _float_weight(w) and all(_inplace(b) for b in B), B)
     it = 0
     for it in range(max_iter + 1):
         if tol <= 0 and it == max_iter:
             break
         if zero and it == 0:
-            grad = tuple(-b for b in B)
+            grad = tuple(torch.neg(b, out=o) for b, o in zip(B, buf.get("g")))
         else:
-            grad = tmap(torch.sub, op.gram_apply(u), B)
+            grad = tuple(torch.sub(k, b, out=o) for k, b, o in zip(op.gram_apply(u), B, buf.get("g")))
         if fr.check(it, u, grad, w) or it == max_iter:
             break
-        u = tuple(p(ui, g) for p, ui, g in zip(prox, u, grad))
+        u = tuple(p(ui, g, out=o) for p, ui, g, o in zip(prox, u, grad, buf.next_code()))
         _record(record, u)
     return fr.result(u, it)
 
@@ -155,26 +194,29 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     y, Ky = u, Ku
     t = op.problems_like(u, 1.0)
     fr = _Freezer(op, u, tol, check_every, trace, max_iter)
+    buf = _Buffers(record is None and _float_weight(w) and all(_inplace(b) for b in B), B)
     it = 0
     for it in range(max_iter + 1):
         if fr.check(it, u, lambda: tmap(torch.sub, Ku, B), w) or it == max_iter:
             break
-        u_next = tuple(p(yi, k - b) for p, yi, k, b in zip(prox, y, Ky, B))
+        g = tuple(torch.sub(k, b, out=o) for k, b, o in zip(Ky, B, buf.get("g")))
+        u_next = tuple(p(yi, gi, out=o) for p, yi, gi, o in zip(prox, y, g, buf.next_code()))
         last = tol <= 0 and it + 1 == max_iter
         Ku_next = Ku if last else op.gram_apply(u_next)  # the last product of a fixed budget is never used
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
         beta = (t - 1) / t_next
         if restart:
             # restart the momentum where it points uphill: (y - u_next) . (u_next - u) > 0
-            bad = sum(op.reduce(i, (yi - ni) * (ni - ui)) for i, (yi, ni, ui) in enumerate(zip(y, u_next, u))) > 0
+            bad = sum(op.reduce(i, torch.mul(torch.sub(yi, ni, out=o1), torch.sub(ni, ui, out=o2), out=o1))
+                      for i, (yi, ni, ui, o1, o2) in enumerate(zip(y, u_next, u, buf.get("r1"), buf.get("r2")))) > 0
             beta = torch.where(bad, torch.zeros_like(beta), beta)
             t_next = torch.where(bad, torch.ones_like(t_next), t_next)
         # y = u_next + beta (u_next - u), and K y from the products already made: one pass each (lerp towards the
         # previous point with weight -beta)
         nbs = tuple(op.expand(i, -beta) for i in range(op.num_blocks))
-        y = tuple(torch.lerp(ni, ui, nb) for ni, ui, nb in zip(u_next, u, nbs))
+        y = tuple(torch.lerp(ni, ui, nb, out=o) for ni, ui, nb, o in zip(u_next, u, nbs, buf.get("y")))
         if not last:
-            Ky = tuple(torch.lerp(kn, k, nb) for kn, k, nb in zip(Ku_next, Ku, nbs))
+            Ky = tuple(torch.lerp(kn, k, nb, out=o) for kn, k, nb, o in zip(Ku_next, Ku, nbs, buf.get("Ky")))
         u, Ku, t = u_next, Ku_next, t_next
         _record(record, u)
     return fr.result(u, it)
