@@ -344,6 +344,23 @@ def test_static_expand_is_written_out_over_the_codes_memory():
     assert atoms.expand(0, scalar) is scalar
 
 
+def test_static_reduce_over_the_codes_memory_equals_the_plain_reduction():
+    # StaticAtoms.reduce (and the union's static block): over the templates and the grid, by rows of the CPU code's
+    # memory where the tensor lies so; the plain reduction's maximum exactly and its sum to rounding, for a code in
+    # the code's layout and for a contiguous one
+    from vars_ode.dictionaries import DynamicAtoms, UnionAtoms
+    atoms = StaticDictionary(6, 2, atoms_per_channel=3, kernel_size=3).bind((4, 4), 1, dtype=torch.float64)
+    union = UnionAtoms(DynamicAtoms(torch.rand(2, 2, 17, 4, dtype=torch.float64)), atoms)
+    code = atoms.encode(torch.randn(2, 2, 17, 3, dtype=torch.float64))[0]
+    for t in (code, code.contiguous(), code.abs()):
+        for op in (atoms, union):
+            i = op.num_blocks - 1
+            got_max, got_sum = op.reduce(i, t, "amax"), op.reduce(i, t)
+            assert got_max.shape == got_sum.shape == (2, 2, 3)
+            assert torch.equal(got_max, t.amax((-3, -2, -1)))
+            torch.testing.assert_close(got_sum, t.sum((-3, -2, -1)), rtol=1e-13, atol=1e-13)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="kernel_size"):
         StaticDictionary(4, 1, kernel_size=4)

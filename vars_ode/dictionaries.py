@@ -264,6 +264,18 @@ class StaticAtoms(Atoms):
     def reduce_dims(self, i):
         return (-3, -2, -1)
 
+    def reduce(self, i, t, op="sum"):
+        """Over the templates and the grid. Where ``t`` lies in memory as the CPU's code does (``(B, H, W, C, r)``),
+        the grid first, over whole channel-template rows, then the templates: 3x faster for a sum, 8x for a maximum
+        (the same maximum; a sum rounded in another order) than one reduction over dimensions that are not
+        adjacent in memory (benchmarks/RESULTS.md, twenty-fifth session)."""
+        m = t.permute(0, 4, 5, 1, 2, 3) if t.dim() == 6 else None
+        if m is None or not m.is_contiguous():
+            return super().reduce(i, t, op)
+        B, H, W, h, dh, r = m.shape
+        red = torch.sum if op == "sum" else torch.amax
+        return red(red(m.reshape(B, H * W, h * dh * r), 1).view(B, h, dh, r), -1)
+
     def roots(self):
         return (self.kernel,)
 
@@ -435,6 +447,9 @@ class UnionAtoms(Atoms):
 
     def expand(self, i, t):
         return (self.dynamic if i == 0 else self.static).expand(0, t)
+
+    def reduce(self, i, t, op="sum"):
+        return (self.dynamic if i == 0 else self.static).reduce(0, t, op)
 
     def reduce_dims(self, i):
         return (self.dynamic if i == 0 else self.static).reduce_dims(0)
