@@ -129,11 +129,13 @@ def _steps(op, w, L):
 
 
 class _Buffers:
-    """The iterates of one :func:`fista` call in tensors of its own, written again at every iteration instead of
-    allocated (``on``: large CPU codes, no graph, a float weight, nothing recorded; :func:`vars_ode.solvers.native._inplace`).
-    A fresh multi-megabyte tensor pays a page fault a page on its first write: on the convolutional templates' 6 MB
-    codes, the allocating loop's element-wise steps took several times an in-place pass. Two code buffers alternate
-    for ``u`` and the next ``u``; the others are rewritten every iteration. ``None`` everywhere when off."""
+    """The iterates of one :func:`ista` or :func:`fista` call in tensors of its own, written again at every iteration
+    instead of allocated (``on``: large CPU codes, no graph, a float weight, nothing recorded;
+    :func:`vars_ode.solvers.native._inplace`). A fresh multi-megabyte tensor pays a page fault a page on its first
+    write: on the convolutional templates' 6 MB codes, the allocating loop's element-wise steps took several times an
+    in-place pass. Two code buffers alternate for ``u`` and the next ``u``; the others are rewritten every
+    iteration. The buffers are the call's, not a pool's: a code it returns is never written again. ``None``
+    everywhere when off."""
 
     def __init__(self, on: bool, like: tuple):
         self.on, self.like, self.flip, self.made = on, like, 0, {}
