@@ -343,16 +343,19 @@ def _operators(kind):
     return op, op.encode(torch.randn(2, 2, 17, 3, generator=g, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("weight", ["float", "per-problem"])
 @pytest.mark.parametrize("kind", ["gram", "templates", "union"])
 @pytest.mark.parametrize("solver", ["ista", "fista"])
-def test_iterates_in_buffers_of_their_own_equal_the_allocating_loop(solver, kind, monkeypatch):
+def test_iterates_in_buffers_of_their_own_equal_the_allocating_loop(solver, kind, weight, monkeypatch):
     # without a graph, on large CPU codes (every size here), ISTA and FISTA write their iterates and temporaries into
     # tensors of the call's own: the same codes and iteration counts bit for bit as the allocating loop, at a
-    # tolerance and with a fixed budget, from zeros and from a start; a second solve leaves the first one's code
-    # as it was (the buffers are the call's, not a pool's)
+    # tolerance and with a fixed budget, from zeros and from a start, with a float weight and a per-problem one; a
+    # second solve leaves the first one's code as it was (the buffers are the call's, not a pool's)
     from vars_ode.solvers import iterative, native
     from vars_ode.solvers._solve import solve_problem
     op, B = _operators(kind)
+    w = 0.3 if weight == "float" else op.problems_like(B, 0.3) * torch.linspace(0.8, 1.2, B[0].shape[-1]
+                                                                                  if kind == "gram" else 3)
     start = tuple(0.1 * torch.ones_like(b) for b in B)
     made = []
     get = iterative._Buffers.get
@@ -363,7 +366,7 @@ def test_iterates_in_buffers_of_their_own_equal_the_allocating_loop(solver, kind
             monkeypatch.setattr(native, "SCRATCH_MIN_BYTES", size)
             made.clear()
             with torch.no_grad():
-                out[size] = solve_problem(op, B, 0.3, solver, tol=tol, max_iter=max_iter, init=init)
+                out[size] = solve_problem(op, B, w, solver, tol=tol, max_iter=max_iter, init=init)
             assert made and all(made) == (size == 0)
         (code0, it0), (code1, it1) = out[2 ** 62], out[0]
         assert torch.equal(it0, it1) and int(it0.max()) > 5 and (tol == 0 or int(it0.min()) < max_iter)
@@ -371,6 +374,6 @@ def test_iterates_in_buffers_of_their_own_equal_the_allocating_loop(solver, kind
             assert torch.equal(a, b) and float(a.abs().max()) > 0
         kept = [c.clone() for c in code1]
         with torch.no_grad():
-            solve_problem(op, tuple(2 * b for b in B), 0.3, solver, tol=tol, max_iter=max_iter, init=init)
+            solve_problem(op, tuple(2 * b for b in B), w, solver, tol=tol, max_iter=max_iter, init=init)
         for a, b in zip(code1, kept):
             assert torch.equal(a, b)

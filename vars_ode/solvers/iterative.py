@@ -17,8 +17,8 @@ decreasing, at most 1/16 above the first iteration at which it held). With a
 ``trace`` the default is every iteration (the whole residual history); ``check_every=k`` checks every
 ``k`` iterations (and at ``max_iter``).
 
-Without a graph (an equilibrium solved for its implicit gradient, ``vo.solve`` under ``torch.no_grad``), on large CPU
-codes and with a float weight, ISTA and FISTA write their iterates and temporaries into tensors of the call's own,
+Without a graph (an equilibrium solved for its implicit gradient, ``vo.solve`` under ``torch.no_grad``) and on large
+CPU codes, ISTA and FISTA write their iterates and temporaries into tensors of the call's own,
 rewritten every iteration (:class:`_Buffers`): the same operations in the same order, so the same values, without
 the page faults of fresh multi-megabyte tensors (the convolutional VARS-SD layer's equilibrium 22% faster:
 benchmarks/RESULTS.md, twenty-fifth session).
@@ -110,8 +110,8 @@ def _steps(op, w, L):
     multiply-add, one ``softshrink`` with a scalar threshold and one product, where the threshold ``w / L`` per
     problem would need a clamp against broadcast bounds; forward + backward 2.9x faster on the convolutional
     atoms' code (benchmarks/RESULTS.md). The two forms differ by rounding. A per-problem weight takes the latter.
-    ``out`` (float weights; not for autograd): the step is written into it, and ``g`` (a buffer of the caller's)
-    is overwritten on the way; the same operations either way, so the same values.
+    ``out`` (not for autograd): the step is written into it, and ``g`` (a buffer of the caller's) is overwritten on
+    the way; the same operations either way, so the same values.
     """
     n = op.num_blocks
     Ls = tuple(op.expand(i, L) for i in range(n))
@@ -125,12 +125,16 @@ def _steps(op, w, L):
         return tuple((lambda v, g, out=None, Li=Li, ns=ns: step(v, g, out, Li, ns)) for Li, ns in zip(Ls, neg_step))
     step = tuple(1.0 / Li for Li in Ls)
     thr = tuple(op.expand(i, w) * si for i, si in enumerate(step))
-    return tuple((lambda v, g, out=None, si=si, t=t: _soft(v - si * g, t)) for si, t in zip(step, thr))
+
+    def per_problem(v, g, out=None, si=None, t=None):
+        x = v - si * g if out is None else torch.sub(v, torch.mul(si, g, out=g), out=g)
+        return _soft(x, t, out=out)
+    return tuple((lambda v, g, out=None, si=si, t=t: per_problem(v, g, out, si, t)) for si, t in zip(step, thr))
 
 
 class _Buffers:
     """The iterates of one :func:`ista` or :func:`fista` call in tensors of its own, written again at every iteration
-    instead of allocated (``on``: large CPU codes, no graph, a float weight, nothing recorded;
+    instead of allocated (``on``: large CPU codes, no graph, nothing recorded;
     :func:`vars_ode.solvers.native._inplace`). A fresh multi-megabyte tensor pays a page fault a page on its first
     write: on the convolutional templates' 6 MB codes, the allocating loop's element-wise steps took several times an
     in-place pass. Two code buffers alternate for ``u`` and the next ``u``; the others are rewritten every
@@ -169,7 +173,7 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     fr = _Freezer(op, u, tol, check_every, trace, max_iter)
-    buf = _Buffers(record is None and _float_weight(w) and all(_inplace(b) for b in B), B)
+    buf = _Buffers(record is None and all(_inplace(b) for b in B), B)
     it = 0
     for it in range(max_iter + 1):
         if tol <= 0 and it == max_iter:
@@ -196,7 +200,7 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     y, Ky = u, Ku
     t = op.problems_like(u, 1.0)
     fr = _Freezer(op, u, tol, check_every, trace, max_iter)
-    buf = _Buffers(record is None and _float_weight(w) and all(_inplace(b) for b in B), B)
+    buf = _Buffers(record is None and all(_inplace(b) for b in B), B)
     it = 0
     for it in range(max_iter + 1):
         if fr.check(it, u, lambda: tmap(torch.sub, Ku, B), w) or it == max_iter:
