@@ -25,10 +25,10 @@ benchmarks/RESULTS.md, twenty-fifth session).
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from ..lasso import Operator, residual_from_grad, tmap
 from ..ops import _soft, support_solve
@@ -99,10 +99,6 @@ class _Freezer:
         return self.op.where(self.done, self.kept, u), iters
 
 
-def _float_weight(w) -> bool:
-    return isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0
-
-
 def _steps(op, w, L):
     """Per block, the proximal step ``v -> S_{w/L}(v - g / L)`` as a function of ``(v, g, out=None)``.
 
@@ -115,21 +111,19 @@ def _steps(op, w, L):
     """
     n = op.num_blocks
     Ls = tuple(op.expand(i, L) for i in range(n))
-    if _float_weight(w):
+    if isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0:
         wf = float(w)
-        neg_step = tuple(-1.0 / Li for Li in Ls)
 
-        def step(v, g, out=None, Li=None, ns=None):
+        def step(v, g, out=None, *, Li, ns):
             x = torch.addcmul(g, Li, v, value=-1, out=None if out is None else g)
             return torch.mul(_soft(x, wf, out=out), ns, out=out)
-        return tuple((lambda v, g, out=None, Li=Li, ns=ns: step(v, g, out, Li, ns)) for Li, ns in zip(Ls, neg_step))
-    step = tuple(1.0 / Li for Li in Ls)
-    thr = tuple(op.expand(i, w) * si for i, si in enumerate(step))
+        return tuple(functools.partial(step, Li=Li, ns=-1.0 / Li) for Li in Ls)
 
-    def per_problem(v, g, out=None, si=None, t=None):
+    def per_problem(v, g, out=None, *, si, t):
         x = v - si * g if out is None else torch.sub(v, torch.mul(si, g, out=g), out=g)
         return _soft(x, t, out=out)
-    return tuple((lambda v, g, out=None, si=si, t=t: per_problem(v, g, out, si, t)) for si, t in zip(step, thr))
+    inv = tuple(1.0 / Li for Li in Ls)
+    return tuple(functools.partial(per_problem, si=si, t=op.expand(i, w) * si) for i, si in enumerate(inv))
 
 
 class _Buffers:
