@@ -55,6 +55,24 @@ def test_lipschitz_constants(method):
         assert abs(L - exact) < 1e-8 * exact
 
 
+@pytest.mark.parametrize("iters", [1, 3, 10])
+def test_power_iteration_batched_against_numpy(iters):
+    # batches of matrices, with and without a (broadcast) start: the power iteration written out in numpy on K v
+    rng = np.random.default_rng(iters)
+    A = rng.standard_normal((2, 3, 7, 5))
+    K = torch.from_numpy(A.transpose(0, 1, 3, 2) @ A)
+    for v0 in (None, torch.from_numpy(rng.standard_normal(5)), torch.from_numpy(rng.standard_normal((3, 5)))):
+        v = np.ones((2, 3, 5)) / 5 ** 0.5 if v0 is None else np.broadcast_to(v0.numpy(), (2, 3, 5)).copy()
+        for _ in range(iters):
+            v = np.einsum("bhij,bhj->bhi", K.numpy(), v)
+            v /= np.linalg.norm(v, axis=-1, keepdims=True)
+        ref = np.einsum("bhi,bhij,bhj->bh", v, K.numpy(), v)
+        L = vo.lipschitz_constant(K, "power", iters=iters, v0=v0)
+        assert L.shape == (2, 3)
+        np.testing.assert_allclose(L.numpy(), ref, rtol=1e-12)
+        assert (L <= torch.linalg.eigvalsh(K)[..., -1] * (1 + 1e-12)).all()
+
+
 def test_kkt_residual_is_zero_at_the_scikit_learn_solution():
     P, x = make_problem(3, 25, 10)
     ref = Lasso(alpha=0.1 / 25, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(P.numpy(), x.numpy()).coef_

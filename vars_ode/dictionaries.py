@@ -109,10 +109,9 @@ class DynamicAtoms(Atoms):
 
     def __init__(self, raw: torch.Tensor, *, lipschitz: str = "power", power_iters: int = 10):
         self.raw = raw
-        G = raw.transpose(-1, -2) @ raw
-        d = torch.diagonal(G, dim1=-2, dim2=-1)
+        d = raw.square().sum(-2)  # the columns' squared norms, (B, h, m)
         self.inv_norm = d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt().unsqueeze(-1)  # (B, h, m, 1)
-        self._K = G * self.inv_norm * self.inv_norm.transpose(-1, -2)
+        self._K = None  # formed on request (gram): the operator form (encode / decode) never needs it with a graph
         self.lipschitz_method = lipschitz
         self.power_iters = power_iters
 
@@ -128,16 +127,32 @@ class DynamicAtoms(Atoms):
         return self.raw @ (code[0] * self.inv_norm)
 
     def gram(self):
+        """``K = D^{-1} F^T F D^{-1}``, ``(B, h, m, m)``, formed at the first request with its graph to ``raw``
+        (where ``raw`` has one), whatever the grad mode of that request: a solver may ask first under
+        ``no_grad`` and an implicit gradient later, through the same ``K``."""
+        if self._K is None:
+            with torch.enable_grad():
+                self._K = self._gram_of(self.raw, self.inv_norm)
         return self._K
 
+    @staticmethod
+    def _gram_of(raw, inv_norm):
+        return (raw.transpose(-1, -2) @ raw) * inv_norm * inv_norm.transpose(-1, -2)
+
     def gram_apply(self, code):
-        return (self._K @ code[0],)
+        return (self.gram() @ code[0],)
 
     def lipschitz(self):
         """``(B, h, 1)``: the top eigenvalue of ``K`` by ``lipschitz`` (``"power"``: a few power
-        iterations, no host synchronisation; ``"eigvalsh"``: exact; ``"official"``: max row L1 + 1)."""
-        L = lipschitz_constant(self._K.detach(), self.lipschitz_method, iters=self.power_iters)
-        return L.unsqueeze(-1)
+        iterations, no host synchronisation; ``"eigvalsh"``: exact; ``"official"``: max row L1 + 1).
+        Without a graph: where ``K`` is not formed (the operator form), it is formed here from detached
+        features and dropped, so that the backward pass never goes through a Gram matrix the solve did not use."""
+        if self._K is not None:
+            K = self._K.detach()
+        else:
+            with torch.no_grad():
+                K = self._gram_of(self.raw.detach(), self.inv_norm.detach())
+        return lipschitz_constant(K, self.lipschitz_method, iters=self.power_iters).unsqueeze(-1)
 
     def expand(self, i, t):
         return _bcast(t, lambda s: s.unsqueeze(-2))
