@@ -114,6 +114,11 @@ def test_kkt_violation_matches_the_two_cases_to_the_last_bit(pairs, w, tensor_we
     weight = torch.full((1,), w, dtype=torch.float64) if tensor_weight else w
     got = kkt_violation(g, u, weight).detach().numpy()
     want = _violation_by_cases(g.detach().numpy(), u.numpy(), w)
+    if not track:  # into the caller's three buffers: the same bits, the inputs untouched
+        g0, u0, bufs = g.clone(), u.clone(), tuple(torch.full_like(u, float("nan")) for _ in range(3))
+        into = kkt_violation(g, u, weight, buffers=bufs)
+        assert into.data_ptr() == bufs[0].data_ptr() and np.array_equal(into.numpy(), got, equal_nan=True)
+        assert torch.equal(g, g0) and torch.equal(u, u0)
     finite = np.isfinite(want)
     assert np.array_equal(got[finite], want[finite])
     assert (got[~finite] >= torch.finfo(torch.float64).max / 2).all()  # +inf, or the largest float

@@ -194,12 +194,13 @@ def kkt_residual_operator(op: Operator, code: tuple, B: tuple, weight, Ku: tuple
     return residual_from_grad(op, tmap(torch.sub, Ku, B), code, weight)
 
 
-def residual_from_grad(op: Operator, grad: tuple, code: tuple, weight) -> torch.Tensor:
-    """:func:`kkt_residual_operator` from the gradient ``K u - b`` of the smooth part (a solver has it at hand)."""
+def residual_from_grad(op: Operator, grad: tuple, code: tuple, weight, *, buffers: tuple | None = None) -> torch.Tensor:
+    """:func:`kkt_residual_operator` from the gradient ``K u - b`` of the smooth part (a solver has it at hand).
+    ``buffers``: per block, the three work tensors of :func:`vars_ode.ops.kkt_violation` (no graph)."""
     out = None
     for i, (g, u) in enumerate(zip(grad, code)):
         w = op.expand(i, weight)
-        r = op.reduce(i, kkt_violation(g, u, w), "amax")
+        r = op.reduce(i, kkt_violation(g, u, w, buffers=None if buffers is None else buffers[i]), "amax")
         out = r if out is None else torch.maximum(out, r)
     return out
 

@@ -97,7 +97,7 @@ def kkt_residual_gram(K: torch.Tensor, B: torch.Tensor, code: torch.Tensor, weig
     return kkt_violation(K @ code - B, code, weight).amax(dim=-2)
 
 
-def kkt_violation(grad: torch.Tensor, code: torch.Tensor, weight) -> torch.Tensor:
+def kkt_violation(grad: torch.Tensor, code: torch.Tensor, weight, *, buffers: tuple | None = None) -> torch.Tensor:
     """Element-wise violation of the LASSO's optimality conditions, from the gradient ``grad`` of the smooth part:
     ``|grad + w sign(u)|`` where ``u != 0``, ``max(|grad| - w, 0)`` where ``u = 0`` (``weight`` a float or a
     tensor broadcastable to ``code``).
@@ -105,17 +105,30 @@ def kkt_violation(grad: torch.Tensor, code: torch.Tensor, weight) -> torch.Tenso
     Written without a branch, as ``|grad + w s| - (1 - |s|) min(|grad|, w)`` with ``s = sign(u)``: equal to the
     two cases to the last bit (a term is multiplied by exactly 0 or 1), and on the CPU a third of the cost of
     ``torch.where`` on the data-dependent mask ``u != 0`` (benchmarks/RESULTS.md, eighth session). An infinite
-    ``w`` enters the first term as the largest finite number, so that ``0 * w`` stays 0."""
-    s = torch.sign(code)
-    if isinstance(weight, torch.Tensor):
-        on = (grad + weight.clamp(max=torch.finfo(grad.dtype).max) * s).abs()
-        off = torch.minimum(grad.abs(), weight)
-    else:
-        on = torch.add(grad, s, alpha=min(float(weight), torch.finfo(grad.dtype).max)).abs()
-        off = grad.abs().clamp(max=float(weight))
+    ``w`` enters the first term as the largest finite number, so that ``0 * w`` stays 0.
+
+    ``buffers``: three tensors shaped like ``code`` (outside autograd) that receive the result (the first) and the
+    work, instead of three new tensors (a large CPU code's page faults cost several times the arithmetic: a solver's
+    residual check on the convolutional templates' code 8 -> 2 ms, benchmarks/RESULTS.md, twenty-sixth session).
+    The same operations, so the same values; ``grad`` and ``code`` are not written."""
+    big = torch.finfo(grad.dtype).max
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (grad, code, weight)):
+        s = torch.sign(code)
+        if isinstance(weight, torch.Tensor):
+            on, off = (grad + weight.clamp(max=big) * s).abs(), torch.minimum(grad.abs(), weight)
+        else:
+            on, off = torch.add(grad, s, alpha=min(float(weight), big)).abs(), grad.abs().clamp(max=float(weight))
         return on - off * (1 - s.abs())
-    return on.sub_(off.mul_(s.abs_().neg_().add_(1)))  # the same, in the temporaries (nothing to record)
+    # the same operations in temporaries (nothing to record): new ones, or the caller's buffers
+    R, S, O = (None, None, None) if buffers is None else buffers
+    s = torch.sign(code, out=S)
+    if isinstance(weight, torch.Tensor):
+        on = torch.mul(weight.clamp(max=big), s, out=R).add_(grad).abs_()  # grad + w s: the sum commutes, same bits
+        off = torch.minimum(torch.abs(grad, out=O), weight, out=O)
+    else:
+        on = torch.add(grad, s, alpha=min(float(weight), big), out=R).abs_()
+        off = torch.abs(grad, out=O).clamp_(max=float(weight))
+    return on.sub_(off.mul_(s.abs_().neg_().add_(1)))
 
 
 def kkt_residual(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, convention: str = "eq10") -> torch.Tensor:

@@ -63,8 +63,9 @@ class _Freezer:
     residual is at or below ``tol`` keep the iterate of that moment; the batch iterates on (a
     converged problem only moves within its tolerance) until all have stopped or the budget ends."""
 
-    def __init__(self, op, like, tol, check_every, trace, max_iter):
+    def __init__(self, op, like, tol, check_every, trace, max_iter, buffers=None):
         check_every = _check_every(check_every)
+        self.buffers = buffers if buffers is not None and buffers.on else None  # a solver's _Buffers: the check's work
         if check_every == "auto" and trace is not None:
             check_every = 1  # a trace asks for the whole history
         self.op, self.tol, self.check_every, self.trace, self.max_iter = op, tol, check_every, trace, max_iter
@@ -78,7 +79,8 @@ class _Freezer:
         if self.tol <= 0 or not check_due(it, self.check_every, self.max_iter):
             return False
         grad = grad() if callable(grad) else grad
-        r = self.residual = residual_from_grad(self.op, grad, u, w)
+        work = None if self.buffers is None else tuple(zip(*(self.buffers.get(n) for n in ("r1", "r2", "r3"))))
+        r = self.residual = residual_from_grad(self.op, grad, u, w, buffers=work)
         new = ~self.done & ((r <= self.tol) | ~torch.isfinite(r))
         done = self.done | new
         # one host read for both answers; the iterate is copied into the kept one only when a problem stopped
@@ -132,8 +134,9 @@ class _Buffers:
     :func:`vars_ode.solvers.native._inplace`). A fresh multi-megabyte tensor pays a page fault a page on its first
     write: on the convolutional templates' 6 MB codes, the allocating loop's element-wise steps took several times an
     in-place pass. Two code buffers alternate for ``u`` and the next ``u``; the others are rewritten every
-    iteration. The buffers are the call's, not a pool's: a code it returns is never written again. ``None``
-    everywhere when off."""
+    iteration; the residual check works in three of them (:func:`vars_ode.ops.kkt_violation`'s ``buffers``: 8 -> 2 ms
+    a check on that code). The buffers are the call's, not a pool's: a code it returns is never written again.
+    ``None`` everywhere when off."""
 
     def __init__(self, on: bool, like: tuple):
         self.on, self.like, self.flip, self.made = on, like, 0, {}
@@ -166,8 +169,8 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
     prox = _steps(op, w, L)
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
-    fr = _Freezer(op, u, tol, check_every, trace, max_iter)
     buf = _Buffers(record is None and all(_inplace(b) for b in B), B)
+    fr = _Freezer(op, u, tol, check_every, trace, max_iter, buf)
     it = 0
     for it in range(max_iter + 1):
         if tol <= 0 and it == max_iter:
@@ -193,11 +196,13 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     Ku = tuple(torch.zeros_like(b) for b in B) if zero else op.gram_apply(u)
     y, Ky = u, Ku
     t = op.problems_like(u, 1.0)
-    fr = _Freezer(op, u, tol, check_every, trace, max_iter)
     buf = _Buffers(record is None and all(_inplace(b) for b in B), B)
+    fr = _Freezer(op, u, tol, check_every, trace, max_iter, buf)
     it = 0
     for it in range(max_iter + 1):
-        if fr.check(it, u, lambda: tmap(torch.sub, Ku, B), w) or it == max_iter:
+        # the check's gradient K u - b in g's buffer (written again below) and its work in the restart's (r1, r2)
+        if fr.check(it, u, lambda: tuple(torch.sub(k, b, out=o) for k, b, o in zip(Ku, B, buf.get("g"))), w) \
+                or it == max_iter:
             break
         g = tuple(torch.sub(k, b, out=o) for k, b, o in zip(Ky, B, buf.get("g")))
         u_next = tuple(p(yi, gi, out=o) for p, yi, gi, o in zip(prox, y, g, buf.next_code()))
