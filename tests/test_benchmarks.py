@@ -197,6 +197,30 @@ def test_fused_ab_script_runs_the_other_version(tmp_path):
     assert rows["d"]["diff"] > 1e-3
 
 
+def test_layer_ab_script_loads_the_other_revision(capsys):
+    # the library at HEAD unpacked and its layer imported beside the installed one: its own classes, from a temporary
+    # folder, timm's entrypoints left to the installed package; with the working tree's vars_ode unchanged from
+    # HEAD, the same outputs and gradients bit for bit
+    import subprocess
+    import sys
+    ab = load("ab_layer")
+    rows = ab.main(["--rev", "HEAD", "--dicts", "d,sd", "--rows", "ista,fista-eq", "--batch", "2", "--tokens", "17",
+                    "--dim", "24", "--repeats", "2", "--threads", "1"])
+    other = sys.modules[ab.OTHER + ".layer"]
+    import timm
+    import vars_ode
+    assert other.VARSLayer is not vars_ode.VARSLayer and ROOT not in pathlib.Path(other.__file__).parents
+    assert timm.models.model_entrypoint("vars_deit_tiny").__module__ == "vars_ode.models.deit"
+    assert set(rows) == {("d", "ista"), ("d", "fista-eq"), ("sd", "ista"), ("sd", "fista-eq")}
+    assert all(r["paired"] > 0 and r["current"] > 0 and max(r["diff"]) < 1e-3 for r in rows.values())
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "vars_ode"], cwd=ROOT).returncode == 0
+    if clean:
+        assert all(r["diff"] == [0.0, 0.0] for r in rows.values())
+    assert capsys.readouterr().out.count("| sd | fista-eq |") == 1
+    with pytest.raises(subprocess.CalledProcessError):
+        ab.load_other("no-such-revision")
+
+
 def test_layer_benchmark_runs(capsys):
     res = load("layer_cpu").main(["--layers", "d", "--unfused", "--batch", "2", "--tokens", "17", "--dim", "24",
                                   "--repeats", "2", "--threads", "1"])
