@@ -204,19 +204,20 @@ def test_layer_ab_script_loads_the_other_revision(capsys):
     import subprocess
     import sys
     ab = load("ab_layer")
-    rows = ab.main(["--rev", "HEAD", "--dicts", "d,sd", "--rows", "ista,fista-eq", "--batch", "2", "--tokens", "17",
-                    "--dim", "24", "--repeats", "2", "--threads", "1"])
+    rows = ab.main(["--rev", "HEAD", "--dicts", "d,sd", "--rows", "ista,fista-eq,admm-eq", "--batch", "2",
+                    "--tokens", "17", "--dim", "24", "--repeats", "2", "--threads", "1"])
     other = sys.modules[ab.OTHER + ".layer"]
     import timm
     import vars_ode
     assert other.VARSLayer is not vars_ode.VARSLayer and ROOT not in pathlib.Path(other.__file__).parents
     assert timm.models.model_entrypoint("vars_deit_tiny").__module__ == "vars_ode.models.deit"
-    assert set(rows) == {("d", "ista"), ("d", "fista-eq"), ("sd", "ista"), ("sd", "fista-eq")}
+    assert set(rows) == {("d", "ista"), ("d", "fista-eq"), ("d", "admm-eq"), ("sd", "ista"), ("sd", "fista-eq")}
     assert all(r["paired"] > 0 and r["current"] > 0 and max(r["diff"]) < 1e-3 for r in rows.values())
     clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "vars_ode"], cwd=ROOT).returncode == 0
     if clean:
         assert all(r["diff"] == [0.0, 0.0] for r in rows.values())
-    assert capsys.readouterr().out.count("| sd | fista-eq |") == 1
+    out = capsys.readouterr().out
+    assert out.count("| sd | fista-eq |") == 1 and "| sd | admm-eq | - |" in out  # the templates form no Gram matrix
     with pytest.raises(subprocess.CalledProcessError):
         ab.load_other("no-such-revision")
 
