@@ -200,7 +200,7 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     fr = _Freezer(op, u, tol, check_every, trace, max_iter, buf)
     it = 0
     for it in range(max_iter + 1):
-        # the check's gradient K u - b in g's buffer (written again below) and its work in the restart's (r1, r2)
+        # the check's gradient K u - b in g's buffer (written again below); its work in r1, r2 (the restart test's), r3
         if fr.check(it, u, lambda: tuple(torch.sub(k, b, out=o) for k, b, o in zip(Ku, B, buf.get("g"))), w) \
                 or it == max_iter:
             break
