@@ -239,7 +239,7 @@ def test_dynamic_gram_matches_brute_force():
 def test_dynamic_gram_formed_on_request_keeps_its_graph():
     # K is formed at the first gram() / gram_apply(), with its graph to the features even when that request comes
     # under no_grad (a solver's loop) and the gradient later (an implicit gradient through K); the operator form
-    # (encode, decode, lipschitz) never forms it, and its norms are those of the Gram matrix's diagonal
+    # (encode, decode, lipschitz) never keeps it, and the atoms' norms are those of the Gram matrix's diagonal
     torch.manual_seed(5)
     dyn = DynamicDictionary(2, 3, 6, dtype=D64)
     q = torch.randn(2, 2, 7, 3, dtype=D64, requires_grad=True)
@@ -256,7 +256,8 @@ def test_dynamic_gram_formed_on_request_keeps_its_graph():
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(atoms.lipschitz(), ref_L, rtol=1e-12, atol=0)  # K formed or not: the same L
     G = ref.raw.transpose(-1, -2) @ ref.raw
-    torch.testing.assert_close(ref.inv_norm.squeeze(-1), torch.diagonal(G, dim1=-2, dim2=-1).rsqrt(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(ref.inv_norm.squeeze(-1), torch.diagonal(G, dim1=-2, dim2=-1).rsqrt(),
+                               rtol=1e-14, atol=0)
     op = dyn.bind(q)
     op.decode(op.encode(torch.randn(2, 2, 7, 3, dtype=D64)))
     assert op._K is None
