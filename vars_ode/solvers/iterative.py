@@ -152,6 +152,10 @@ class _Buffers:
         self.flip ^= 1
         return self.get(f"u{self.flip}")
 
+    def gradient(self, Kx: tuple, B: tuple) -> tuple:
+        """``K x - b`` into the gradient's buffer ``g`` (rewritten by the next call)."""
+        return tuple(torch.sub(k, b, out=o) for k, b, o in zip(Kx, B, self.get("g")))
+
 
 def _record(record, code):
     if record is not None:
@@ -178,7 +182,7 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, re
         if zero and it == 0:
             grad = tuple(torch.neg(b, out=o) for b, o in zip(B, buf.get("g")))
         else:
-            grad = tuple(torch.sub(k, b, out=o) for k, b, o in zip(op.gram_apply(u), B, buf.get("g")))
+            grad = buf.gradient(op.gram_apply(u), B)
         if fr.check(it, u, grad, w) or it == max_iter:
             break
         u = tuple(p(ui, g, out=o) for p, ui, g, o in zip(prox, u, grad, buf.next_code()))
@@ -201,10 +205,9 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     it = 0
     for it in range(max_iter + 1):
         # the check's gradient K u - b in g's buffer (written again below); its work in r1, r2 (the restart test's), r3
-        if fr.check(it, u, lambda: tuple(torch.sub(k, b, out=o) for k, b, o in zip(Ku, B, buf.get("g"))), w) \
-                or it == max_iter:
+        if fr.check(it, u, lambda: buf.gradient(Ku, B), w) or it == max_iter:
             break
-        g = tuple(torch.sub(k, b, out=o) for k, b, o in zip(Ky, B, buf.get("g")))
+        g = buf.gradient(Ky, B)
         u_next = tuple(p(yi, gi, out=o) for p, yi, gi, o in zip(prox, y, g, buf.next_code()))
         last = tol <= 0 and it + 1 == max_iter
         Ku_next = Ku if last else op.gram_apply(u_next)  # the last product of a fixed budget is never used
