@@ -72,3 +72,17 @@ def _threads_as_found():
     yield
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)
+
+
+@torch.no_grad()
+def static_dense(atoms, h, dh, r, H, W, N):
+    # a code with batch 1 holding one-hot entries; column j of channel c is decode(e_{c, j})
+    m = r * H * W
+    P = torch.zeros(h, dh, N, m, dtype=torch.float64)
+    for c in range(h * dh):
+        hh, jj = divmod(c, dh)
+        for j in range(m):
+            e = torch.zeros(1, h, dh, m, dtype=torch.float64)
+            e[0, hh, jj, j] = 1
+            P[hh, jj, :, j] = atoms.decode((e.reshape(1, h, dh, r, H, W),))[0, hh, :, jj]
+    return P

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import static_dense
 from vars_ode import solve_gram
 from vars_ode.dictionaries import (DynamicDictionary, StaticAtoms, StaticDictionary, UnionDictionary,
                                    draw_features, positive_random_features)
@@ -17,20 +18,6 @@ D64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@torch.no_grad()
-def static_dense(atoms, h, dh, r, H, W, N):
-    # a code with batch 1 holding one-hot entries; column j of channel c is decode(e_{c, j})
-    m = r * H * W
-    P = torch.zeros(h, dh, N, m, dtype=D64)
-    for c in range(h * dh):
-        hh, jj = divmod(c, dh)
-        for j in range(m):
-            e = torch.zeros(1, h, dh, m, dtype=D64)
-            e[0, hh, jj, j] = 1
-            P[hh, jj, :, j] = atoms.decode((e.reshape(1, h, dh, r, H, W),))[0, hh, :, jj]
-    return P
 
 
 @pytest.mark.parametrize("padding", ["zeros", "circular"])

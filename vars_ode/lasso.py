@@ -125,6 +125,11 @@ class Operator:
             out = r if out is None else torch.maximum(out, r)
         return out
 
+    def metric(self) -> "RankOneMetric | None":
+        """A step metric tighter than :meth:`lipschitz` (:class:`RankOneMetric`), or ``None``: the proximal
+        solvers' steps then use the scalar bound. The default offers none."""
+        return None
+
     def roots(self) -> tuple:
         """Tensors from which everything the operator uses is computed, none a function of another."""
         return ()
@@ -170,6 +175,32 @@ class GramOperator(Operator):
     def select_groups(self, lead: tuple, index: torch.Tensor) -> "GramOperator":
         """The operator of the groups ``index`` of a state ``lead + (m, k)`` (:func:`take_groups`)."""
         return GramOperator(take_groups(self.K, lead, index))
+
+
+class RankOneMetric:
+    """A step metric ``H = diag(scales) + rho v v^T`` with ``u^T K u <= u^T H u`` for every code ``u``.
+
+    Where one direction dominates ``K`` (positive random features: their mean atom is an eigenvector with an
+    eigenvalue 15x the next), the scalar bound ``L = lambda_1`` makes every proximal step as short as that direction
+    needs; ``H`` keeps the short step on ``v`` only. ``scales``: per block, a per-problem tensor (the bound on that
+    block away from ``v``); the rank-one part lies on block ``block``: ``v`` broadcastable to that block, of unit norm
+    over its atoms (:meth:`Operator.reduce_dims`), ``rho`` per problem (at least 0). FISTA's steps in this metric:
+    :func:`vars_ode.solvers.iterative.fista` (``metric=``)."""
+
+    def __init__(self, scales: tuple, v: torch.Tensor, rho, block: int = 0):
+        self.scales, self.v, self.rho, self.block = tuple(scales), v, rho, block
+
+
+def rank_one_split(K: torch.Tensor, margin: float = 0.01):
+    """``K = lambda_1 v v^T + R`` with ``R <= lambda_2 I`` for a batch of symmetric matrices ``(..., m, m)``, from an
+    eigendecomposition in float64 (no graph). Returns ``(lambda_1, v, lambda_2)`` in ``K``'s dtype, shapes ``(...)``,
+    ``(..., m)``, ``(...)``; the eigenvalues raised by the relative ``margin`` (rounding of ``K`` itself)."""
+    with torch.no_grad():
+        ev, vec = torch.linalg.eigh(K.detach().double())
+        top = ev[..., -1].clamp_min(0)
+        second = ev[..., -2].clamp_min(0) if K.shape[-1] > 1 else torch.zeros_like(top)
+        scale = (1 + margin) * torch.ones((), dtype=torch.float64, device=K.device)
+        return (top * scale).to(K.dtype), vec[..., -1].to(K.dtype), (second * scale).to(K.dtype)
 
 
 def tol_scale(op: Operator, B: tuple) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""FISTA's rank-one step metric (vars_ode.lasso.RankOneMetric): it bounds K, its proximal step is the exact one in
+that metric, and FISTA reaches the same minimiser with it, in fewer iterations where the random features' mean atom
+dominates K."""
+import pytest
+import torch
+from hypothesis import given, settings
+from conftest import static_dense
+from hypothesis import strategies as st
+
+from vars_ode import VARSLayer
+from vars_ode.dictionaries import SPIKE_RATIO, DynamicDictionary, StaticDictionary, UnionDictionary
+from vars_ode.lasso import RankOneMetric, kkt_residual_operator
+from vars_ode.solvers import iterative, solve_operator
+
+
+D64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def union_atoms(seed, h=1, dh=8, m=16, r=2, H=3, W=3, p=1):
+    torch.manual_seed(seed)
+    un = UnionDictionary(DynamicDictionary(h, dh, m, dtype=D64),
+                         StaticDictionary(h * dh, h, atoms_per_channel=r, kernel_size=3).double())
+    q = torch.randn(1, h, p + H * W, dh, dtype=D64)
+    return un.bind(q, (H, W), p), (h, dh, m, r, H, W, p)
+
+
+def metric_matrix(metric, block_sizes, index, shape):
+    """``H`` of the problem ``index`` (into the problems' ``shape``) as a dense matrix over the blocks' atoms."""
+    parts = []
+    for i, n in enumerate(block_sizes):
+        Hi = torch.broadcast_to(metric.scales[i], shape)[index] * torch.eye(n, dtype=D64)
+        if i == metric.block:
+            v = metric.v[index[:-1]][:, 0]  # (B, h, m, 1): one vector per image and head
+            Hi = Hi + torch.broadcast_to(metric.rho, shape)[index] * torch.outer(v, v)
+        parts.append(Hi)
+    return torch.block_diag(*parts)
+
+
+def top_generalised_eigenvalue(K, H):
+    C = torch.linalg.cholesky(H)
+    M = torch.linalg.solve_triangular(C, torch.linalg.solve_triangular(C, K, upper=False).T, upper=False)
+    return torch.linalg.eigvalsh((M + M.T) / 2)[-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_union_metric_bounds_K(seed):
+    atoms, (h, dh, m, r, H, W, p) = union_atoms(seed)
+    metric = atoms.metric()
+    assert metric is not None, "positive random features have a dominant eigenvalue: a metric is offered"
+    Ps = static_dense(atoms.static, h, dh, r, H, W, p + H * W)
+    for j in range(dh):
+        P = torch.cat([atoms.dynamic.phi[0, 0], Ps[0, j]], -1)
+        Hm = metric_matrix(metric, (m, r * H * W), (0, 0, j), (1, h, dh))
+        top = top_generalised_eigenvalue(P.T @ P, Hm)
+        assert top <= 1 + 1e-10  # u^T K u <= u^T H u for every u
+        # and far tighter than the scalar bound: H's smallest eigenvalue is below L
+        assert torch.linalg.eigvalsh(Hm)[0] < 0.5 * atoms.lipschitz()[0, 0, j]
+
+
+@given(seed=st.integers(0, 2**16), m=st.integers(3, 12), N=st.integers(4, 30))
+@settings(max_examples=20, deadline=None)
+def test_dynamic_metric_bounds_K_and_matches_its_top_eigenvalues(seed, m, N):
+    torch.manual_seed(seed)
+    # queries of a layer's scale (its projections start small): the features' mean atom dominates K
+    atoms = DynamicDictionary(2, 8, m, dtype=D64).bind(0.3 * torch.randn(1, 2, N, 8, dtype=D64))
+    K = atoms.gram()
+    split = atoms.split()
+    ev = torch.linalg.eigvalsh(K)
+    if split is None:
+        # refused only where some head has no dominant direction
+        assert bool((ev[..., -1] < SPIKE_RATIO * ev[..., -2]).any() | (ev[..., -2] <= 0).any())
+        return
+    metric = atoms.metric()
+    for hh in range(2):
+        Hm = metric_matrix(metric, (m,), (0, hh, 0), (1, 2, 8))
+        assert top_generalised_eigenvalue(K[0, hh], Hm) <= 1 + 1e-10
+        # H agrees with K on its top eigenvalue and bounds the rest by the second, within the 1% margin
+        hev = torch.linalg.eigvalsh(Hm)
+        torch.testing.assert_close(hev[-1], 1.01 * ev[0, hh, -1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hev[0], 1.01 * ev[0, hh, -2], rtol=1e-9, atol=1e-12)
+
+
+def test_metric_proximal_step_matches_scikit_learn():
+    import sklearn.linear_model as sklearn
+    torch.manual_seed(3)
+    m, dh, w = 12, 8, 0.05
+    atoms = DynamicDictionary(1, dh, m, dtype=D64).bind(0.3 * torch.randn(1, 1, 16, dh, dtype=D64))
+    lam1, v, lam2 = atoms.split(min_ratio=0)  # the metric whatever its gain: the step is what is tested here
+    metric = RankOneMetric((lam2,), v, lam1 - lam2)
+    step = iterative._metric_steps(atoms, w, metric, newton=60)[0]
+    y = torch.randn(1, 1, m, dh, dtype=D64)
+    p = step(y, torch.zeros_like(y))  # g = 0: the proximal step of y itself in the metric
+    for j in range(dh):
+        Hm = metric_matrix(metric, (m,), (0, 0, j), (1, 1, dh))
+        A = torch.linalg.cholesky(Hm).T  # A^T A = H
+        # scikit-learn: (1 / 2m) ||A y - A p||^2 + alpha ||p||_1 = (1 / m) (0.5 (p - y)^T H (p - y) + w ||p||_1)
+        model = sklearn.Lasso(alpha=w / m, fit_intercept=False, tol=1e-14, max_iter=1_000_000)
+        model.fit(A.numpy(), (A @ y[0, 0, :, j]).numpy())
+        torch.testing.assert_close(p[0, 0, :, j], torch.from_numpy(model.coef_), atol=1e-7, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), lam=st.floats(0.005, 0.2))
+@settings(max_examples=10, deadline=None)
+def test_fista_with_the_metric_reaches_the_minimiser(seed, lam):
+    torch.manual_seed(seed)
+    atoms = DynamicDictionary(2, 8, 12, dtype=D64).bind(0.3 * torch.randn(2, 2, 24, 8, dtype=D64))
+    B = atoms.encode(torch.randn(2, 2, 24, 8, dtype=D64))
+    tol = 1e-10
+    codes, iters = {}, {}
+    for metric in ("none", "auto"):
+        codes[metric], iters[metric] = solve_operator(atoms, B, lam, "fista", steps=None, tol=tol, max_iter=100_000,
+                                                      options={"metric": metric})
+        assert kkt_residual_operator(atoms, codes[metric], B, lam).max() <= tol
+    torch.testing.assert_close(codes["auto"][0], codes["none"][0], atol=1e-7, rtol=0)
+    if atoms.metric() is not None:
+        assert int(iters["auto"].max()) <= int(iters["none"].max())
+
+
+def test_fixed_budget_keeps_the_scalar_steps():
+    atoms, _ = union_atoms(4)
+    B = atoms.encode(torch.randn(1, 1, 10, 8, dtype=D64))
+    L = atoms.lipschitz()
+    a, _ = iterative.fista(atoms, B, 0.05, L, None, tol=0, max_iter=7)  # metric "auto", the default
+    b, _ = iterative.fista(atoms, B, 0.05, L, None, tol=0, max_iter=7, metric="none")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_equilibrium_layer_with_and_without_the_metric():
+    torch.manual_seed(5)
+    x = torch.randn(2, 17, 16, dtype=D64, requires_grad=True)
+    common = dict(dictionary="sd", solver="fista", steps=None, tol=1e-9, grad="implicit", kernel_size=3,
+                  atoms_per_channel=2, image_size=4)
+    layer = VARSLayer(16, 2, **common).double()
+    plain = VARSLayer(16, 2, solver_options={"metric": "none"}, **common).double()
+    plain.load_state_dict(layer.state_dict())
+    outs, grads, work = [], [], []
+    for lay in (layer, plain):
+        y = lay(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        outs.append(y.detach()), grads.append(g), work.append(int(lay.last_stats.iterations.max()))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+    assert work[0] < work[1], work
+
+
+def test_bad_metric():
+    atoms, _ = union_atoms(0)
+    B = atoms.encode(torch.randn(1, 1, 10, 8, dtype=D64))
+    with pytest.raises(ValueError, match="metric"):
+        iterative.fista(atoms, B, 0.05, atoms.lipschitz(), None, tol=1e-6, max_iter=10, metric="diagonal")
