@@ -183,9 +183,10 @@ class RankOneMetric:
     Where one direction dominates ``K`` (positive random features: their mean atom is an eigenvector with an
     eigenvalue 15x the next), the scalar bound ``L = lambda_1`` makes every proximal step as short as that direction
     needs; ``H`` keeps the short step on ``v`` only. ``scales``: per block, a per-problem tensor (the bound on that
-    block away from ``v``); the rank-one part lies on block ``block``: ``v`` broadcastable to that block, of unit norm
-    over its atoms (:meth:`Operator.reduce_dims`), ``rho`` per problem (at least 0). FISTA's steps in this metric:
-    :func:`vars_ode.solvers.iterative.fista` (``metric=``)."""
+    block away from ``v``); the rank-one part lies on block ``block``, whose atoms run along dimension -2 (the Gram
+    form's layout and the random features'): ``v`` is ``(..., m, 1)``, broadcastable to that block, of unit norm over
+    its atoms; ``rho`` per problem (at least 0). FISTA's steps in this metric: :func:`vars_ode.solvers.iterative.fista`
+    (``metric=``)."""
 
     def __init__(self, scales: tuple, v: torch.Tensor, rho, block: int = 0):
         self.scales, self.v, self.rho, self.block = tuple(scales), v, rho, block
