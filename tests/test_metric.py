@@ -101,16 +101,17 @@ def test_metric_proximal_step_matches_scikit_learn():
         torch.testing.assert_close(p[0, 0, :, j], torch.from_numpy(model.coef_), atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("solver", ["fista", "ista"])
 @given(seed=st.integers(0, 2**16), lam=st.floats(0.005, 0.2))
 @settings(max_examples=10, deadline=None)
-def test_fista_with_the_metric_reaches_the_minimiser(seed, lam):
+def test_solvers_with_the_metric_reach_the_minimiser(solver, seed, lam):
     torch.manual_seed(seed)
     atoms = DynamicDictionary(2, 8, 12, dtype=D64).bind(0.3 * torch.randn(2, 2, 24, 8, dtype=D64))
     B = atoms.encode(torch.randn(2, 2, 24, 8, dtype=D64))
     tol = 1e-10
     codes, iters = {}, {}
     for metric in ("none", "auto"):
-        codes[metric], iters[metric] = solve_operator(atoms, B, lam, "fista", steps=None, tol=tol, max_iter=100_000,
+        codes[metric], iters[metric] = solve_operator(atoms, B, lam, solver, steps=None, tol=tol, max_iter=100_000,
                                                       options={"metric": metric})
         assert kkt_residual_operator(atoms, codes[metric], B, lam).max() <= tol
     torch.testing.assert_close(codes["auto"][0], codes["none"][0], atol=1e-7, rtol=0)

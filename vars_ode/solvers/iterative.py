@@ -223,15 +223,18 @@ def _record(record, code):
         record.append(tuple(c.detach() for c in code))
 
 
-def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", trace=None, record=None, **unused):
+def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", metric="auto", trace=None, record=None,
+         **unused):
     """Eq. 12: ``u <- S_{w/L}(u - (K u - b) / L)``. Returns ``(code, iterations)``.
 
     ``init`` is a code tuple, or ``None`` for zeros (whose first product is skipped). With ``tol > 0`` the
     KKT residual is checked on the schedule of ``check_every`` (see the module docstring; a check costs a
     few element-wise operations and one host read, the product ``K u`` is shared with the step). ``record``
-    (a list) receives the code after every iteration."""
-    _reject(unused, "ista", ("check_every",))
-    prox = _steps(op, w, L)
+    (a list) receives the code after every iteration. ``metric``: as :func:`fista`'s (to a tolerance, the
+    operator's metric where it offers one; a fixed budget takes Eq. 12's steps)."""
+    _reject(unused, "ista", ("check_every", "metric"))
+    m = _metric_of(op, tol, metric)
+    prox = _steps(op, w, L) if m is None else _metric_steps(op, w, m)
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     buf = _Buffers(record is None and all(_inplace(b) for b in B), B)
