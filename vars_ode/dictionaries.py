@@ -124,6 +124,7 @@ class DynamicAtoms(Atoms):
         d = raw.square().sum(-2)  # the columns' squared norms, (B, h, m)
         self.inv_norm = d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt().unsqueeze(-1)  # (B, h, m, 1)
         self._K = None  # formed on request (gram): the operator form (encode / decode) never needs it with a graph
+        self._split = None  # rank_one_split of K, at the first split(): active_set asks at every chunk
         self.lipschitz_method = lipschitz
         self.power_iters = power_iters
 
@@ -172,10 +173,12 @@ class DynamicAtoms(Atoms):
         ``(lambda_1, v, lambda_2)`` of shapes ``(B, h, 1)``, ``(B, h, m, 1)``, ``(B, h, 1)``, or ``None`` where some
         head's ``lambda_1`` is less than ``min_ratio`` times its ``lambda_2`` (a metric would not pay), or ``K`` is
         not finite."""
-        K = self._detached_gram()
-        if not bool(torch.isfinite(K).all()):
+        if self._split is None:
+            K = self._detached_gram()
+            self._split = rank_one_split(K) if bool(torch.isfinite(K).all()) else ()
+        if not self._split:
             return None
-        lam1, v, lam2 = rank_one_split(K)
+        lam1, v, lam2 = self._split
         if not bool((lam1 >= min_ratio * lam2).all()) or not bool((lam2 > 0).all()):
             return None
         return lam1.unsqueeze(-1), v.unsqueeze(-1), lam2.unsqueeze(-1)
