@@ -103,7 +103,9 @@ def test_admm_in_a_layer_reaches_the_equilibrium_with_the_implicit_gradient():
     torch.manual_seed(0)
     kw = dict(dictionary="d", steps=None, tol=1e-9, grad="implicit", max_iter=20_000, dtype=torch.float64)
     a = vo.VARSLayer(16, 2, solver="admm", **kw)
-    f = vo.VARSLayer(16, 2, solver="fista", **kw)
+    # FISTA with its scalar steps: in the random features' rank-one metric (the default to a tolerance) it takes
+    # fewer iterations than ADMM on this small layer (160 against 213)
+    f = vo.VARSLayer(16, 2, solver="fista", solver_options={"metric": "none"}, **kw)
     f.load_state_dict(a.state_dict())
     x = torch.randn(2, 17, 16, dtype=torch.float64, requires_grad=True)
     ya, yf = a(x), f(x)

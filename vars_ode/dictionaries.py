@@ -65,10 +65,11 @@ from .ops import lipschitz_constant
 
 PADDINGS = ("zeros", "circular")
 
-#: random features offer FISTA a rank-one step metric (:meth:`DynamicAtoms.metric`) where every head's top
-#: eigenvalue of ``K`` is at least this many times its second (about 15x at DeiT-Ti's width, where the metric's
-#: steps, each about 2.5x a scalar one on the Gram form, took FISTA from 384 to 88 iterations: 1.4x faster)
-SPIKE_RATIO = 8.0
+#: random features offer ISTA / FISTA a rank-one step metric (:meth:`DynamicAtoms.metric`) where every head's top
+#: eigenvalue of ``K`` is at least this many times its second. On the Gram form a metric step costs about 2.5x a
+#: scalar one; FISTA to 1e-4 (B 8, N 197, 3 heads) was 1.09x faster with it at a ratio of 4.5 (dh 8, 32 features),
+#: 1.21x at 7.8, 1.75x at 15.6 (DeiT-Ti's width; benchmarks/RESULTS.md, twenty-seventh session)
+SPIKE_RATIO = 4.0
 #: the same for the union with the convolutional templates (:meth:`UnionAtoms.metric`), whose templates' block, 38x
 #: the features' at DeiT-Ti's width, takes the scalar steps: there the metric costs little per iteration
 UNION_SPIKE_RATIO = 2.0
