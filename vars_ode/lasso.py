@@ -200,8 +200,7 @@ def rank_one_split(K: torch.Tensor, margin: float = 0.01):
         ev, vec = torch.linalg.eigh(K.detach().double())
         top = ev[..., -1].clamp_min(0)
         second = ev[..., -2].clamp_min(0) if K.shape[-1] > 1 else torch.zeros_like(top)
-        scale = (1 + margin) * torch.ones((), dtype=torch.float64, device=K.device)
-        return (top * scale).to(K.dtype), vec[..., -1].to(K.dtype), (second * scale).to(K.dtype)
+        return (top * (1 + margin)).to(K.dtype), vec[..., -1].to(K.dtype), (second * (1 + margin)).to(K.dtype)
 
 
 def tol_scale(op: Operator, B: tuple) -> torch.Tensor:

@@ -179,14 +179,16 @@ def _metric_steps(op, w, m: RankOneMetric, newton: int | None = None):
     return tuple(steps)
 
 
-def _metric_of(op, tol, metric):
-    if isinstance(metric, RankOneMetric):
-        return metric
+def _prox_steps(op, w, L, tol, metric):
+    """ISTA's and FISTA's steps: in the metric ``metric`` names (``"auto"``: the operator's own to a tolerance, none
+    with a fixed budget; ``"none"``; or a :class:`vars_ode.lasso.RankOneMetric`), else with the scalar bound ``L``."""
     if metric == "auto":
-        return op.metric() if tol > 0 else None
-    if metric == "none":
-        return None
-    raise ValueError(f"metric must be 'auto', 'none' or a vars_ode.lasso.RankOneMetric, got {metric!r}")
+        metric = op.metric() if tol > 0 else None
+    elif metric == "none":
+        metric = None
+    elif not isinstance(metric, RankOneMetric):
+        raise ValueError(f"metric must be 'auto', 'none' or a vars_ode.lasso.RankOneMetric, got {metric!r}")
+    return _steps(op, w, L) if metric is None else _metric_steps(op, w, metric)
 
 
 class _Buffers:
@@ -233,8 +235,7 @@ def ista(op, B, w, L, init, *, tol, max_iter, check_every="auto", metric="auto",
     (a list) receives the code after every iteration. ``metric``: as :func:`fista`'s (to a tolerance, the
     operator's metric where it offers one; a fixed budget takes Eq. 12's steps)."""
     _reject(unused, "ista", ("check_every", "metric"))
-    m = _metric_of(op, tol, metric)
-    prox = _steps(op, w, L) if m is None else _metric_steps(op, w, m)
+    prox = _prox_steps(op, w, L, tol, metric)
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     buf = _Buffers(record is None and all(_inplace(b) for b in B), B)
@@ -265,8 +266,7 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
     (``tol = 0``) always ``L``, so that the iterates are those of the paper's steps. ``"none"``: ``L``; or a
     :class:`vars_ode.lasso.RankOneMetric`."""
     _reject(unused, "fista", ("check_every", "restart", "metric"))
-    m = _metric_of(op, tol, metric)
-    prox = _steps(op, w, L) if m is None else _metric_steps(op, w, m)
+    prox = _prox_steps(op, w, L, tol, metric)
     zero = init is None
     u = tuple(torch.zeros_like(b) for b in B) if zero else tuple(init)
     Ku = tuple(torch.zeros_like(b) for b in B) if zero else op.gram_apply(u)
