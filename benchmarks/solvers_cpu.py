@@ -1,11 +1,13 @@
 """Work, time and host reads for every solver to reach a KKT residual (CPU, float64).
 
-    python benchmarks/solvers_cpu.py [--d 64 --m 48 --lam 0.1 --tols 1e-4,1e-6 --problems 1]
+    python benchmarks/solvers_cpu.py [--d 64 --m 48 --lam 0.1 --tols 1e-4,1e-6 --problems 1 --atoms gaussian]
 
 ISTA / FISTA / active_set count iterations (one product with K each); ODE solvers count
 evaluations of the coupled field (Eq. 8-9, one product with K each), so the columns compare.
 ``name@integrator`` picks the ODE integrator (``torchdiffeq`` or ``native``, see
-vars_ode.solvers.native); a bare ODE name uses the default (``auto``). ``--problems k`` solves k
+vars_ode.solvers.native); a bare ODE name uses the default (``auto``); ``name:metric=none`` takes ista's, fista's
+or active_set's scalar steps ``1 / L`` where ``K`` offers a rank-one step metric (``--atoms positive``: entries
+uniform in [0, 1), unit columns, a dominant mean direction; ``gaussian``, the default, offers none). ``--problems k`` solves k
 problems sharing P at once (work is the largest over them). Host reads are the points where the host
 waits for a tensor's value (a device synchronisation on a GPU), counted by vars_ode.sync in a second,
 untimed run. Times are relative to FISTA's at the same tolerance, measured in this run.
@@ -35,23 +37,32 @@ def main(argv=None):
     ap.add_argument("--solvers", default=DEFAULT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--problems", type=int, default=1, help="problems sharing P, solved at once")
+    ap.add_argument("--atoms", choices=("gaussian", "positive"), default="gaussian")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
-    P = torch.randn(args.d, args.m, generator=g, dtype=torch.float64) / args.d**0.5
+    if args.atoms == "gaussian":
+        P = torch.randn(args.d, args.m, generator=g, dtype=torch.float64) / args.d**0.5
+    else:
+        P = torch.rand(args.d, args.m, generator=g, dtype=torch.float64)
+        P = P / P.norm(dim=0)
     x = torch.randn(args.problems, args.d, generator=g, dtype=torch.float64)
     ref = torch.stack([torch.from_numpy(Lasso(alpha=args.lam / args.d, fit_intercept=False, tol=1e-14, max_iter=10**6)
                                         .fit(P.numpy(), xi.numpy()).coef_) for xi in x])
     K = P.T @ P
     ev = torch.linalg.eigvalsh(K)
-    print(f"P {args.d}x{args.m} (seed {args.seed}), {args.problems} problem(s), lam {args.lam}, L {ev[-1]:.2f}, "
-          f"condition number of K {ev[-1] / ev[0]:.1f}, float64, {torch.get_num_threads()} threads\n")
+    print(f"P {args.d}x{args.m} {args.atoms} (seed {args.seed}), {args.problems} problem(s), lam {args.lam}, "
+          f"L {ev[-1]:.2f}, second eigenvalue {ev[-2]:.2f}, condition number of K {ev[-1] / ev[0]:.1f}, float64, "
+          f"{torch.get_num_threads()} threads\n")
     print("| tol | solver | work | unit | KKT residual | max abs diff from scikit-learn | host reads | seconds | time / FISTA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tol in (float(t) for t in args.tols.split(",")):
         rows = []
         for spec in args.solvers.split(","):
-            name, _, integrator = spec.partition("@")
+            name, _, metric = spec.partition(":metric=")
+            name, _, integrator = name.partition("@")
             kw = dict(integrator=integrator) if integrator else {}
+            if metric:
+                kw["metric"] = metric
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.perf_counter()

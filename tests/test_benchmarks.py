@@ -167,6 +167,15 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     assert out.count("| vars_ode") == 16 and "default check_every" in out and "| vars_ode cd (tol 1e-09) |" in out
     assert "per problem, lam 0.1, float64, L by power" in out and "| vars_ode admm" in out
     assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
+    load("lasso_cpu").main(["--problems", "3", "--d", "20", "--m", "12", "--repeats", "1", "--per-problem",
+                            "--atoms", "positive"])
+    out = capsys.readouterr().out
+    assert "P 20x12 positive per problem" in out and out.count(", metric none) |") == 3
+    load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "fista,fista:metric=none",
+                              "--atoms", "positive"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.0001 | fista")]
+    assert [r[1] for r in rows] == ["fista", "fista:metric=none"]
+    assert int(rows[0][2]) < int(rows[1][2])  # a positive dictionary's metric saves iterations
 
 
 def test_memory_benchmark_counts_bytes(capsys):

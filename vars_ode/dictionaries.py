@@ -60,17 +60,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_positive
-from .lasso import Operator, RankOneMetric, _bcast, rank_one_split, reduce_over
+from .lasso import SPIKE_RATIO, Operator, RankOneMetric, _bcast, dominant, rank_one_split, reduce_over
 from .ops import lipschitz_constant
 
 PADDINGS = ("zeros", "circular")
 
-#: random features offer ISTA / FISTA a rank-one step metric (:meth:`DynamicAtoms.metric`) where every head's top
-#: eigenvalue of ``K`` is at least this many times its second. On the Gram form a metric step costs about 2.5x a
-#: scalar one; FISTA to 1e-4 (B 8, N 197, 3 heads) was 1.09x faster with it at a ratio of 4.5 (dh 8, 32 features),
-#: 1.21x at 7.8, 1.75x at 15.6 (DeiT-Ti's width; benchmarks/RESULTS.md, twenty-seventh session)
-SPIKE_RATIO = 4.0
-#: the same for the union with the convolutional templates (:meth:`UnionAtoms.metric`), whose templates' block, 38x
+#: :data:`vars_ode.lasso.SPIKE_RATIO` for the union with the convolutional templates (:meth:`UnionAtoms.metric`), whose templates' block, 38x
 #: the features' at DeiT-Ti's width, takes the scalar steps: there the metric costs little per iteration
 UNION_SPIKE_RATIO = 2.0
 #: the weight ``e`` with which :meth:`UnionAtoms.metric` splits the coupling of features and templates: ``1 + e`` on
@@ -179,9 +174,9 @@ class DynamicAtoms(Atoms):
             self._split = rank_one_split(K) if bool(torch.isfinite(K).all()) else ()
         if not self._split:
             return None
-        lam1, v, lam2 = self._split
-        if not bool((lam1 >= min_ratio * lam2).all()) or not bool((lam2 > 0).all()):
+        if not dominant(self._split, min_ratio):
             return None
+        lam1, v, lam2 = self._split
         return lam1.unsqueeze(-1), v.unsqueeze(-1), lam2.unsqueeze(-1)
 
     def metric(self):

@@ -46,11 +46,15 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             steps for ``"implicit_euler"`` (default 1,000); sweeps over the coordinates for ``"cd"`` (default 10,000).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
         lipschitz: how ``L`` is computed: ``"eigvalsh"``, ``"power"`` or ``"official"``; or pass ``L=`` (a
-            float or a tensor broadcastable to ``P``'s leading dimensions).
+            float or a tensor broadcastable to ``P``'s leading dimensions). To a tolerance ista, fista and
+            active_set step in a metric instead where ``K`` offers one (``metric`` below; ``metric="none"`` keeps
+            ``1 / L``).
         init: ``"zeros"``, ``"encode"`` (``P^T x``, the paper's initialisation) or a ``(..., m)`` tensor.
         implicit_solve: ``"direct"`` (Cholesky solve of each problem's support block) or ``"cg"`` (conjugate gradients).
         options: solver options: ``check_every`` (ista / fista: ``"auto"``, the default, or a positive integer;
-            see :mod:`vars_ode.solvers.iterative`), ``restart`` (fista); ``rtol``,
+            see :mod:`vars_ode.solvers.iterative`), ``restart`` (fista), ``metric`` (ista / fista / active_set:
+            ``"auto"``, the default, steps to a tolerance in the rank-one metric of a dictionary with a dominant
+            direction, :meth:`vars_ode.lasso.GramOperator.metric`, in place of ``1 / L``; ``"none"``); ``rtol``,
             ``atol``, ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
             ``t_end`` (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,

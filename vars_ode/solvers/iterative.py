@@ -262,7 +262,8 @@ def fista(op, B, w, L, init, *, tol, max_iter, check_every="auto", restart=True,
 
     ``metric``: the steps' metric. ``"auto"`` (the default): to a tolerance, the operator's own
     (:meth:`vars_ode.lasso.Operator.metric`; a layer's random features offer a rank-one one, which halves the
-    iterations of the convolutional VARS-SD equilibrium), the scalar bound ``L`` otherwise; with a fixed budget
+    iterations of the convolutional VARS-SD equilibrium, and so does a Gram matrix with a dominant direction, such
+    as a dictionary of positive atoms), the scalar bound ``L`` otherwise; with a fixed budget
     (``tol = 0``) always ``L``, so that the iterates are those of the paper's steps. ``"none"``: ``L``; or a
     :class:`vars_ode.lasso.RankOneMetric`."""
     _reject(unused, "fista", ("check_every", "restart", "metric"))
@@ -307,7 +308,7 @@ def _reject(unused, solver, known):
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {solver!r}; valid options: {sorted(known)}")
 
 
-def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, **unused):
+def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, metric="auto", trace=None, **unused):
     """FISTA with Newton polishing on the active set, for solutions to machine precision.
 
     Chunks of FISTA iterations (``first_chunk``, then doubling) alternate with a polish step: on
@@ -316,9 +317,9 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, 
     residual is at or below ``tol``, which happens as soon as FISTA has found the support and signs;
     the others continue with FISTA. ``max_iter`` bounds the FISTA iterations; polish steps count
     as one iteration each. With ``tol = 0``: ``max_iter`` FISTA iterations and one polish step.
-    Needs an operator with a Gram matrix (:attr:`Operator.has_gram`). Returns ``(code, iterations)``.
+    ``metric``: FISTA's (:func:`fista`). Needs an operator with a Gram matrix (:attr:`Operator.has_gram`). Returns ``(code, iterations)``.
     """
-    _reject(unused, "active_set", ("first_chunk",))
+    _reject(unused, "active_set", ("first_chunk", "metric"))
     K = op.gram()
     wk = op.expand(0, w)
 
@@ -339,7 +340,7 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, trace=None, 
     spent, chunk = 0, int(first_chunk)
     while spent < max_iter:
         n = min(chunk, max_iter - spent)
-        u, it = fista(op, B, w, L, u, tol=tol, max_iter=n)
+        u, it = fista(op, B, w, L, u, tol=tol, max_iter=n, metric=metric)
         iters = iters + it
         spent += n
         r = resid(u)
