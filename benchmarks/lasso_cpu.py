@@ -82,8 +82,8 @@ def main(argv=None):
         extra = default if every is None else ", metric none" if every == "none" else f", check_every {every}"
         label = f"vars_ode {solver} (tol {tol:g}" + extra + ")"
         rows.append((label, t, err, f"{int(sol.stats.iterations.max())}"))
-    print(f"{args.problems} LASSO problems, P {args.d}x{args.m} {args.atoms}" + (" per problem" if args.per_problem else "")
-          + f", lam {args.lam}, float64, L by {args.lipschitz}, "
+    print(f"{args.problems} LASSO problems, P {args.d}x{args.m} {args.atoms}"
+          + (" per problem" if args.per_problem else "") + f", lam {args.lam}, float64, L by {args.lipschitz}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}\n")
     print("| solver | seconds | speed-up vs scikit-learn loop | max abs diff from scikit-learn (tol 1e-12) | max iterations |")
     print("|---|---|---|---|---|")

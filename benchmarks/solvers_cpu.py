@@ -7,10 +7,10 @@ evaluations of the coupled field (Eq. 8-9, one product with K each), so the colu
 ``name@integrator`` picks the ODE integrator (``torchdiffeq`` or ``native``, see
 vars_ode.solvers.native); a bare ODE name uses the default (``auto``); ``name:metric=none`` takes ista's, fista's
 or active_set's scalar steps ``1 / L`` where ``K`` offers a rank-one step metric (``--atoms positive``: entries
-uniform in [0, 1), unit columns, a dominant mean direction; ``gaussian``, the default, offers none). ``--problems k`` solves k
-problems sharing P at once (work is the largest over them). Host reads are the points where the host
-waits for a tensor's value (a device synchronisation on a GPU), counted by vars_ode.sync in a second,
-untimed run. Times are relative to FISTA's at the same tolerance, measured in this run.
+uniform in [0, 1), unit columns, a dominant mean direction; ``gaussian``, the default, offers none).
+``--problems k`` solves k problems sharing P at once (work is the largest over them). Host reads are the points
+where the host waits for a tensor's value (a device synchronisation on a GPU), counted by vars_ode.sync in a
+second, untimed run. Times are relative to FISTA's at the same tolerance, measured in this run.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def main(argv=None):
     ap.add_argument("--solvers", default=DEFAULT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--problems", type=int, default=1, help="problems sharing P, solved at once")
-    ap.add_argument("--atoms", choices=("gaussian", "positive"), default="gaussian")
+    ap.add_argument("--atoms", choices=("gaussian", "positive"), default="gaussian",
+                    help="positive: entries uniform in [0, 1), unit columns")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
     if args.atoms == "gaussian":

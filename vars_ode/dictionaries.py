@@ -65,8 +65,9 @@ from .ops import lipschitz_constant
 
 PADDINGS = ("zeros", "circular")
 
-#: :data:`vars_ode.lasso.SPIKE_RATIO` for the union with the convolutional templates (:meth:`UnionAtoms.metric`), whose templates' block, 38x
-#: the features' at DeiT-Ti's width, takes the scalar steps: there the metric costs little per iteration
+#: :data:`vars_ode.lasso.SPIKE_RATIO` for the union with the convolutional templates (:meth:`UnionAtoms.metric`),
+#: whose templates' block, 38x the features' at DeiT-Ti's width, takes the scalar steps: there the metric costs
+#: little per iteration
 UNION_SPIKE_RATIO = 2.0
 #: the weight ``e`` with which :meth:`UnionAtoms.metric` splits the coupling of features and templates: ``1 + e`` on
 #: the features' block, ``1 + 1 / e`` on the templates' (3 took the fewest FISTA iterations of 1, 2, 3 and

@@ -317,7 +317,8 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, metric="auto
     residual is at or below ``tol``, which happens as soon as FISTA has found the support and signs;
     the others continue with FISTA. ``max_iter`` bounds the FISTA iterations; polish steps count
     as one iteration each. With ``tol = 0``: ``max_iter`` FISTA iterations and one polish step.
-    ``metric``: FISTA's (:func:`fista`). Needs an operator with a Gram matrix (:attr:`Operator.has_gram`). Returns ``(code, iterations)``.
+    ``metric``: FISTA's (:func:`fista`). Needs an operator with a Gram matrix (:attr:`Operator.has_gram`).
+    Returns ``(code, iterations)``.
     """
     _reject(unused, "active_set", ("first_chunk", "metric"))
     K = op.gram()
