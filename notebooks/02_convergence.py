@@ -143,6 +143,34 @@ for a in ax:
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# ## A dominant direction: ISTA's and FISTA's steps in a rank-one metric
+#
+# Atoms that share a direction (here positive entries: every atom leans towards the mean) make one eigenvalue of `K` stand far above the rest, and a step of `1 / L` is then as short as that one direction needs. To a tolerance, `ista`, `fista` and `active_set` step in the metric `H = lambda_2 I + (lambda_1 - lambda_2) v v^T >= K` wherever `lambda_1 >= 4 lambda_2` (`vars_ode.lasso.GramOperator.metric`; `metric="none"` keeps `1 / L`). The same minimiser; the work is what changes.
+
+# %%
+g = torch.Generator().manual_seed(1)
+P_pos = torch.rand(cfg["d"], cfg["m"], generator=g, dtype=DT)
+P_pos = P_pos / P_pos.norm(dim=0)
+x_pos = P_pos @ (torch.rand(cfg["m"], generator=g, dtype=DT) * (torch.rand(cfg["m"], generator=g) < 0.2)) \
+    + 0.1 * torch.randn(cfg["d"], generator=g, dtype=DT)
+lam_pos = 0.2 * float((P_pos.T @ x_pos).abs().max())
+ev_pos = torch.linalg.eigvalsh(P_pos.T @ P_pos)
+print(f"positive atoms: lambda_1 {float(ev_pos[-1]):.2f}, lambda_2 {float(ev_pos[-2]):.2f}; "
+      f"metric offered: {vars_ode.lasso.GramOperator(P_pos.T @ P_pos).metric() is not None}")
+metric_traces, metric_work, metric_codes, metric_objective = {}, {}, {}, {}
+for s in ("ista", "fista", "active_set"):
+    for name, metric in ((f"{s}, metric", "auto"), (f"{s}, 1/L", "none")):
+        sol, tr, _ = run(P_pos, x_pos, lam_pos, s, tight, metric=metric)
+        metric_traces[name], metric_work[name], metric_codes[name] = tr, int(sol.stats.iterations), sol.code
+        metric_objective[name] = float(sol.stats.objective)
+fig, ax = plt.subplots(figsize=(7, 4))
+vp.convergence(metric_traces, tols=cfg["tols"], ax=ax, title="positive atoms: the metric against 1 / L")
+plt.tight_layout()
+plt.show()
+spread = max(float((c - metric_codes["fista, metric"]).abs().max()) for c in metric_codes.values())
+obj_spread = (max(metric_objective.values()) - min(metric_objective.values())) / abs(metric_objective["fista, metric"])
+
 
 # %% [markdown]
 # ## Conclusions (computed)
@@ -168,6 +196,11 @@ print(f"5. Against m/d {list(cfg['ratios'])}: ista work {by_ratio['ista']}, fist
 print(f"6. Against cond(P) {list(cfg['conds'])}: ista work {by_cond['ista']}, fista {by_cond['fista']}, "
       f"admm {by_cond['admm']}, dopri5 {by_cond['dopri5']}, implicit_euler {by_cond['implicit_euler']} "
       f"(nan: not converged within {cfg['max_work']}).")
+print(f"7. On positive atoms (lambda_1 / lambda_2 = {float(ev_pos[-1] / ev_pos[-2]):.0f}), to KKT {tight:g}: " + ", ".join(
+    f"{s} {metric_work[s + ', metric']} iterations in the metric against {metric_work[s + ', 1/L']} with 1 / L"
+    for s in ("ista", "fista", "active_set")) + f"; the six objectives agree to {obj_spread:.0e} (relative), the "
+    f"codes to {spread:.0e} (the objective is nearly flat near the minimiser: a KKT residual of {tight:g} fixes "
+    f"it far more tightly than the code).")
 
 # %% [markdown]
 # Wall times (they change from run to run and from machine to machine):
