@@ -227,3 +227,12 @@ def test_solve_steps_in_the_metric_of_a_positive_dictionary(solver, lead, seed, 
     work = [int(vo.solve(Pb, x, lam, solver, tol=loose, max_iter=1_000_000, metric=metric).stats.iterations.max())
             for metric in ("auto", "none")]
     assert work[0] < 0.7 * work[1], work
+
+
+def test_active_set_trace_counts_the_work_done():
+    """A trace's last point is the work the solve reports (not the budget of the chunk that converged)."""
+    P = positive_dictionary(2, 20, 40)
+    x = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=D64)
+    trace = []
+    sol = vo.solve(P, x, 0.1, "active_set", tol=1e-4, trace=trace)
+    assert bool(sol.stats.converged) and trace[-1][0] == int(sol.stats.iterations) < 64

@@ -346,14 +346,17 @@ def active_set(op, B, w, L, init, *, tol, max_iter, first_chunk=32, metric="auto
         spent += n
         r = resid(u)
         todo = (r > tol) & torch.isfinite(r)
-        if trace is not None:
-            trace.append((spent, float(r.amax())))
+        if trace is not None:  # the work done so far (FISTA's chunks stop where their problems converge)
+            trace.append((int(iters.amax()), float(r.amax())))
         if not bool(todo.any()):
             break
         cand = polish(u)
-        take = todo & (resid(cand) <= tol)
+        rc = resid(cand)
+        take = todo & (rc <= tol)
         u = op.where(take, cand, u)
         iters = iters + todo
+        if trace is not None:  # after the polish (a step of work for the problems still above tol)
+            trace.append((int(iters.amax()), float(torch.where(take, rc, r).amax())))
         if not bool((todo & ~take).any()):
             break
         chunk *= 2
