@@ -61,8 +61,8 @@ def test_admm_needs_far_fewer_iterations_than_fista_on_feature_dictionaries():
         ev = torch.linalg.eigvalsh(K)
         assert ev[-1] / ev[0] > 500  # the conditioning that slows FISTA
         a = vo.solve(Phi, x, 0.05, "admm", tol=1e-8)
-        # FISTA's scalar steps (metric "none"): the features' mean atom also offers FISTA a step metric, which takes
-        # it about three times closer (tests/test_metric.py)
+        # FISTA's scalar steps (metric "none"): the features' mean atom also offers FISTA a step metric, which cuts
+        # its iterations about threefold (tests/test_metric.py)
         f = vo.solve(Phi, x, 0.05, "fista", tol=1e-8, max_iter=100_000, metric="none")
         assert bool(a.stats.converged.all()) and bool(f.stats.converged.all())
         assert (a.code - f.code).abs().max() < 1e-5
