@@ -121,7 +121,8 @@ class DynamicAtoms(Atoms):
         d = raw.square().sum(-2)  # the columns' squared norms, (B, h, m)
         self.inv_norm = d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt().unsqueeze(-1)  # (B, h, m, 1)
         self._K = None  # formed on request (gram): the operator form (encode / decode) never needs it with a graph
-        self._split = None  # rank_one_split of K, at the first split(): active_set asks at every chunk
+        # (rank_one_split of K, whether K is finite), at the first split(): active_set asks at every chunk
+        self._split = None
         self.lipschitz_method = lipschitz
         self.power_iters = power_iters
 
@@ -172,12 +173,13 @@ class DynamicAtoms(Atoms):
         not finite."""
         if self._split is None:
             K = self._detached_gram()
-            self._split = rank_one_split(K) if bool(torch.isfinite(K).all()) else ()
-        if not self._split:
+            finite = torch.isfinite(K).all()  # decided with the gate, in one read (lasso.dominant)
+            zero = torch.zeros((), dtype=K.dtype, device=K.device)
+            self._split = rank_one_split(torch.where(finite, K, zero)), finite
+        split, finite = self._split
+        if not dominant(split, min_ratio, finite):
             return None
-        if not dominant(self._split, min_ratio):
-            return None
-        lam1, v, lam2 = self._split
+        lam1, v, lam2 = split
         return lam1.unsqueeze(-1), v.unsqueeze(-1), lam2.unsqueeze(-1)
 
     def metric(self):

@@ -269,7 +269,7 @@ def solve_operator(atoms: Operator, B: tuple, weight, solver: str = "ista", *, s
         init: ``"zeros"``, ``"encode"`` (``u0 = P^T x``) or a code tuple.
         L: per-problem Lipschitz bound (default ``atoms.lipschitz()``); detached.
         options: the solver's options (``rtol``, ``atol``, ``options``, ``integrator``, ... for ODE solvers;
-            ``restart`` and ``metric`` for fista).
+            ``restart`` for fista, ``metric`` for ista / fista / active_set).
         record: a list that receives the (detached) code after every iteration / unit of time.
         check_every: residual checks of ista / fista when solving to ``tol``.
 
