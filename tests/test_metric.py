@@ -200,6 +200,7 @@ def test_gram_metric_offered_where_one_direction_dominates_and_bounds_K(seed, of
         Hm = metric.scales[0][index] * torch.eye(m, dtype=D64) + metric.rho[index] * torch.outer(
             metric.v[index][:, 0], metric.v[index][:, 0])
         assert top_generalised_eigenvalue(K[index], Hm) <= 1 + 1e-10
+        assert float(metric.bound()[index]) >= float(ev[index][-1])  # a Lipschitz bound too
 
 
 @pytest.mark.parametrize("lead", [(), (3,)])
@@ -236,3 +237,38 @@ def test_active_set_trace_counts_the_work_done():
     trace = []
     sol = vo.solve(P, x, 0.1, "active_set", tol=1e-4, trace=trace)
     assert bool(sol.stats.converged) and trace[-1][0] == int(sol.stats.iterations) < 64
+
+
+@pytest.mark.parametrize("uses_metric", [True, False])
+def test_gram_entry_takes_L_from_the_metric(uses_metric):
+    """A solver registered with uses_metric=True is handed the metric's bound as L where vo.solve steps in the metric
+    (no second eigendecomposition), and the exact top eigenvalue of K everywhere else."""
+    from vars_ode.solvers.registry import register_solver, unregister_solver
+    seen = []
+
+    def recording_fista(op, B, w, L, init, **kw):
+        seen.append(torch.as_tensor(L).flatten())
+        return iterative.fista(op, B, w, L, init, **kw)
+
+    register_solver("recording_fista", recording_fista, uses_metric=uses_metric)
+    try:
+        P = positive_dictionary(4, 20, 12, (3,))
+        x = torch.randn(3, 20, generator=torch.Generator().manual_seed(5), dtype=D64)
+        K = P.transpose(-1, -2) @ P
+        top = torch.linalg.eigvalsh(K)[..., -1]
+        metric = GramOperator(K).metric()
+        assert metric is not None
+        runs = [dict(tol=1e-8), dict(tol=1e-8, metric="none"), dict(tol=0.0, max_iter=50)]
+        sols = [vo.solve(P, x, 0.1, "recording_fista", **kw) for kw in runs]
+    finally:
+        unregister_solver("recording_fista")
+    if uses_metric:
+        torch.testing.assert_close(seen[0], metric.bound().flatten(), rtol=1e-12, atol=0)
+        assert bool((seen[0] >= top).all())
+    else:
+        torch.testing.assert_close(seen[0], top, rtol=1e-12, atol=0)
+    for L in seen[1:]:
+        torch.testing.assert_close(L, top, rtol=1e-12, atol=0)
+    # the first solve stepped in the metric either way and reached the minimiser
+    assert bool(sols[0].stats.converged.all()) and bool(sols[1].stats.converged.all())
+    torch.testing.assert_close(sols[0].code, sols[1].code, atol=1e-6, rtol=0)

@@ -206,6 +206,14 @@ class RankOneMetric:
     def __init__(self, scales: tuple, v: torch.Tensor, rho, block: int = 0):
         self.scales, self.v, self.rho, self.block = tuple(scales), v, rho, block
 
+    def bound(self) -> torch.Tensor:
+        """A scalar bound on ``K`` per problem from ``H >= K``: the largest scale plus ``rho`` (``H``'s top eigenvalue
+        where there is one block), in the scales' shape."""
+        top = self.scales[0]
+        for s in self.scales[1:]:
+            top = torch.maximum(top, s)
+        return top + self.rho
+
 
 def rank_one_split(K: torch.Tensor, margin: float = 0.01):
     """``K = lambda_1 v v^T + R`` with ``R <= lambda_2 I`` for a batch of symmetric matrices ``(..., m, m)``, from an

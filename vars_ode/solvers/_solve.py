@@ -363,9 +363,9 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
         W = torch.where(torch.isfinite(W), W, torch.zeros((), dtype=B.dtype, device=B.device))
     Wf = W.expand(cols)
     Bf = B.expand(cols[:-2] + B.shape[-2:])
+    op = GramOperator(K)
     if L is None:
-        L = (lipschitz_constant(K.detach(), lipschitz).unsqueeze(-1).unsqueeze(-1) if spec.uses_lipschitz
-             else torch.ones((), dtype=B.dtype, device=B.device))
+        L = _gram_lipschitz(op, spec, lipschitz, tol, options.get("metric", "auto"))
     L = torch.as_tensor(L, dtype=B.dtype, device=B.device).detach()
     L = L.clamp_min(torch.finfo(B.dtype).tiny) if L.dim() else L
     L = torch.where(torch.isfinite(L), L, torch.ones((), dtype=L.dtype, device=L.device))
@@ -380,7 +380,6 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     Lp = L.squeeze(-1) if L.dim() >= 2 else L
     # the tolerance is relative to each problem's scale (lasso.tol_scale): a problem with ||b||_inf = s > 1 is
     # solved in units of s (b / s, w / s: the code scales by 1 / s, and so does its KKT residual), then scaled back
-    op = GramOperator(K)
     scale = tol_scale(op, (Bf,)).unsqueeze(-2) if tol > 0 else None
     if scale is not None and not bool((scale > 1).any()):
         scale = None  # all problems at unit scale or below: the tolerance is absolute, nothing to rescale
@@ -416,3 +415,17 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
                         nnz=nnz, converged=converged, status=status, solver=solver, unit=spec.unit,
                         trace=options.get("trace") or [])
     return Solution(code=code, reconstruction=None, output=None, stats=stats)
+
+
+def _gram_lipschitz(op: GramOperator, spec, lipschitz: str, tol: float, metric) -> torch.Tensor:
+    """``L`` of a Gram-form problem, ``(..., 1, 1)``: by ``lipschitz``; or, for a solver that steps to a tolerance in
+    the operator's metric (``SolverSpec.uses_metric``) where ``K`` offers one, the metric's bound (``lambda_1`` of the
+    eigendecomposition the metric is made of, which the solver asks for anyway): such a solver reads ``L`` only
+    where no metric is offered, and ``eigvalsh`` would cost as much again (300 dictionaries of 128 atoms: 0.16 s)."""
+    if not spec.uses_lipschitz:
+        return torch.ones((), dtype=op.K.dtype, device=op.K.device)
+    if spec.uses_metric and tol > 0 and isinstance(metric, str) and metric == "auto":
+        m = op.metric()
+        if m is not None:
+            return m.bound().unsqueeze(-1)
+    return lipschitz_constant(op.K.detach(), lipschitz).unsqueeze(-1).unsqueeze(-1)

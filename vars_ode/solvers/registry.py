@@ -37,6 +37,9 @@ class SolverSpec:
         uses_lipschitz: whether it reads ``L`` (otherwise the callers skip computing it and pass 1).
         unrolls: whether autograd can differentiate through its iterations (``grad="unroll"``); a compiled solver
             cannot, and a layer then asks for ``grad="implicit"``.
+        uses_metric: whether, solving to a tolerance with ``metric="auto"``, it steps in the operator's metric where
+            one is offered (:meth:`vars_ode.lasso.Operator.metric`) and reads ``L`` only where none is; the Gram
+            entries then ask for the metric first and take ``L`` from it instead of computing it.
     """
 
     name: str
@@ -47,6 +50,7 @@ class SolverSpec:
     max_iter: int = 10_000
     uses_lipschitz: bool = True
     unrolls: bool = True
+    uses_metric: bool = False
 
 
 #: name -> :class:`SolverSpec`; every solver of the library, and those registered with :func:`register_solver`
@@ -55,7 +59,7 @@ SOLVERS: dict[str, SolverSpec] = {}
 
 def register_solver(name: str, fn: Callable, *, unit: str = "iterations", ode: bool = False,
                     needs_gram: bool = False, max_iter: int = 10_000, uses_lipschitz: bool = True,
-                    unrolls: bool = True, replace: bool = False) -> SolverSpec:
+                    unrolls: bool = True, uses_metric: bool = False, replace: bool = False) -> SolverSpec:
     """Make ``fn`` available as ``solver=name`` everywhere (see the module docstring); returns its spec.
 
     Raises ValueError for a name already taken (unless ``replace=True``) or a ``fn`` that is not callable."""
@@ -67,7 +71,8 @@ def register_solver(name: str, fn: Callable, *, unit: str = "iterations", ode: b
         raise ValueError(f"solver {name!r} is already registered; pass replace=True to replace it")
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    spec = SolverSpec(name, fn, unit, bool(ode), bool(needs_gram), max_iter, bool(uses_lipschitz), bool(unrolls))
+    spec = SolverSpec(name, fn, unit, bool(ode), bool(needs_gram), max_iter, bool(uses_lipschitz), bool(unrolls),
+                      bool(uses_metric))
     SOLVERS[name] = spec
     return spec
 
@@ -91,9 +96,9 @@ DEFAULT_MAX_EVALS = 20_000
 #: implicit_euler's steps (one factorisation of the supports each)
 DEFAULT_MAX_STEPS = 1_000
 
-register_solver("ista", iterative.ista)
-register_solver("fista", iterative.fista)
-register_solver("active_set", iterative.active_set, needs_gram=True)
+register_solver("ista", iterative.ista, uses_metric=True)
+register_solver("fista", iterative.fista, uses_metric=True)
+register_solver("active_set", iterative.active_set, needs_gram=True, uses_metric=True)
 register_solver("admm", admm.admm, needs_gram=True)
 register_solver("cd", coordinate.coordinate_descent, unit="sweeps", needs_gram=True, uses_lipschitz=False,
                 unrolls=False)
