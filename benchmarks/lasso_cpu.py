@@ -1,14 +1,15 @@
 """Batched LASSO on the CPU against a loop over scikit-learn's Lasso, measured in one process.
 
     python benchmarks/lasso_cpu.py [--problems 300 --d 196 --m 128 --lam 0.1 --repeats 3] [--per-problem]
-        [--lipschitz eigvalsh|power|official] [--atoms gaussian|positive]
+        [--lipschitz eigvalsh|power|official] [--atoms gaussian|positive] [--dtype float64|float32]
 
 ``--per-problem``: every problem has its own dictionary (``P`` of shape ``(problems, d, m)``, the layer's case:
 one dictionary per image and head); scikit-learn then fits each pair in turn. ``--lipschitz``: how ``vo.solve``
 computes ``L`` (its default ``eigvalsh``; ``power`` is 50 power-iteration steps, a lower bound, cheaper for many
 dictionaries). ``--atoms positive``: entries uniform in [0, 1), unit columns (one dominant direction, where ista,
 fista and active_set step in a rank-one metric, ``vars_ode.lasso.GramOperator.metric``); the table then has rows
-with the scalar steps (``metric none``) beside them.
+with the scalar steps (``metric none``) beside them. ``--dtype float32``: ``vo.solve`` in float32, to a tolerance of
+1e-5 instead of 1e-9 (scikit-learn in float64 as always).
 
 Every solver's answer is compared with scikit-learn's (solved to tol 1e-12) before any timing
 is trusted; the table prints seconds, the speed-up over the scikit-learn loop and the largest
@@ -38,6 +39,8 @@ def main(argv=None):
     ap.add_argument("--lipschitz", default="eigvalsh", choices=["eigvalsh", "power", "official"],
                     help="how vo.solve computes L")
     ap.add_argument("--atoms", choices=("gaussian", "positive"), default="gaussian")
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="vo.solve's precision (float32: tolerance 1e-5; scikit-learn stays in float64)")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.problems, args.d, args.m) if args.per_problem else (args.d, args.m)
@@ -64,26 +67,29 @@ def main(argv=None):
         return min(times), out
 
     ref = torch.from_numpy(sklearn_loop(1e-12))
+    dtype = getattr(torch, args.dtype)
+    P, X = P.to(dtype), X.to(dtype)  # vo.solve's inputs; scikit-learn keeps the float64 arrays
+    tight = 1e-9 if dtype == torch.float64 else 1e-5
     rows = []
     t_base, base = best_of(lambda: sklearn_loop(1e-8))
     rows.append(("scikit-learn Lasso loop (tol 1e-8)", t_base, (torch.from_numpy(base) - ref).abs().max().item(), "-"))
     # check_every None: the solver's default ("auto" for ista / fista)
-    runs = [("fista", 1e-9, None), ("fista", 1e-9, 10), ("fista", 1e-9, 1), ("active_set", 1e-9, None),
-            ("cd", 1e-9, None), ("admm", 1e-9, None), ("ista", 1e-9, None), ("ista", 1e-9, 1)]
+    runs = [("fista", tight, None), ("fista", tight, 10), ("fista", tight, 1), ("active_set", tight, None),
+            ("cd", tight, None), ("admm", tight, None), ("ista", tight, None), ("ista", tight, 1)]
     if args.atoms == "positive":
-        runs = [r for s in ("fista", "active_set", "ista") for r in ((s, 1e-9, None), (s, 1e-9, "none"))] + [
-            ("cd", 1e-9, None), ("admm", 1e-9, None)]
+        runs = [r for s in ("fista", "active_set", "ista") for r in ((s, tight, None), (s, tight, "none"))] + [
+            ("cd", tight, None), ("admm", tight, None)]
     for solver, tol, every in runs:
         kw = {} if every is None else {"metric": every} if every == "none" else {"check_every": every}
         t, sol = best_of(lambda: vo.solve(P, X, args.lam, solver, tol=tol, max_iter=200_000,
                                           lipschitz=args.lipschitz, **kw))
-        err = (sol.code - ref).abs().max().item()
+        err = (sol.code.double() - ref).abs().max().item()
         default = {"active_set": "", "cd": ""}.get(solver, ", default check_every 'auto'")
         extra = default if every is None else ", metric none" if every == "none" else f", check_every {every}"
         label = f"vars_ode {solver} (tol {tol:g}" + extra + ")"
         rows.append((label, t, err, f"{int(sol.stats.iterations.max())}"))
     print(f"{args.problems} LASSO problems, P {args.d}x{args.m} {args.atoms}"
-          + (" per problem" if args.per_problem else "") + f", lam {args.lam}, float64, L by {args.lipschitz}, "
+          + (" per problem" if args.per_problem else "") + f", lam {args.lam}, {args.dtype}, L by {args.lipschitz}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}\n")
     print("| solver | seconds | speed-up vs scikit-learn loop | max abs diff from scikit-learn (tol 1e-12) | max iterations |")
     print("|---|---|---|---|---|")

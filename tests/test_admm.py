@@ -259,3 +259,24 @@ def test_unrolled_gradient_through_rho_updates_of_some_matrices_equals_the_impli
         admm_module._reinvert = original
     assert calls and all(0 < c < 4 for c in calls)  # some matrices re-inverted, never all of them
     assert (grads[0] - grads[1]).norm() <= 1e-7 * grads[1].norm()
+
+
+@pytest.mark.parametrize("form", ["direct", "correction"])
+def test_admm_float32_with_one_signal_per_dictionary(form):
+    """float32, a dictionary per problem and one signal each (the products taken by rows, vars_ode.ops.by_rows): the
+    minimiser of scikit-learn's Lasso to the accuracy a KKT residual of 1e-5 allows, unrolled gradients as float64's."""
+    g = torch.Generator().manual_seed(7)
+    P = torch.randn(6, 30, 12, generator=g, dtype=torch.float64) / 30**0.5
+    x = torch.randn(6, 30, generator=g, dtype=torch.float64)
+    lam = 0.1
+    sol = vo.solve(P.float(), x.float(), lam, "admm", tol=1e-5, form=form)
+    assert bool(sol.stats.converged.all())
+    for i in range(6):
+        assert (sol.code[i].double() - sklearn_lasso(P[i], x[i], lam)).abs().max() < 1e-3
+    # a fixed budget, unrolled: the gradient to the signals in float32 equals float64's
+    grads = []
+    for dt in (torch.float32, torch.float64):
+        xs = x.to(dt).requires_grad_()
+        code = vo.solve(P.to(dt), xs, lam, "admm", tol=0, max_iter=30, form=form).code
+        grads.append(torch.autograd.grad((code * torch.linspace(-1, 1, 12, dtype=dt)).sum(), xs)[0])
+    torch.testing.assert_close(grads[0].double(), grads[1], atol=2e-4, rtol=1e-3)

@@ -171,6 +171,12 @@ def test_lasso_and_solver_benchmarks_run(capsys):
                             "--atoms", "positive"])
     out = capsys.readouterr().out
     assert "P 20x12 positive per problem" in out and out.count(", metric none) |") == 3
+    load("lasso_cpu").main(["--problems", "3", "--d", "20", "--m", "12", "--repeats", "1", "--per-problem",
+                            "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "per problem, lam 0.1, float32" in out and "| vars_ode fista (tol 1e-05" in out
+    errs = [float(line.split("|")[4]) for line in out.splitlines() if line.startswith("| vars_ode")]
+    assert len(errs) == 8 and max(errs) < 1e-3  # every float32 solve near scikit-learn's float64 answer
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "fista,fista:metric=none",
                               "--atoms", "positive"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.0001 | fista")]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _soft, kkt_violation, lipschitz_constant
+from .ops import _soft, by_rows, kkt_violation, lipschitz_constant
 
 #: a Gram matrix offers ISTA / FISTA a rank-one step metric (:meth:`GramOperator.metric`, the random features'
 #: :meth:`vars_ode.dictionaries.DynamicAtoms.metric`) where every matrix's top eigenvalue is at least this many times
@@ -157,10 +157,17 @@ class GramOperator(Operator):
         self._metric = None  # (metric or None,) once computed
 
     def gram_apply(self, code):
-        return (self.K @ code[0],)
+        u = code[0]
+        if by_rows(self.K, u):
+            return (torch.matmul(u.mT, self.K).mT,)
+        return (self.K @ u,)
 
     def gram_apply_into(self, code, out):
-        return (torch.matmul(self.K, code[0], out=out[0]),)
+        u = code[0]
+        if by_rows(self.K, u):
+            torch.matmul(u.mT, self.K, out=out[0].mT)
+            return (out[0],)
+        return (torch.matmul(self.K, u, out=out[0]),)
 
     def gram(self):
         return self.K

@@ -147,6 +147,19 @@ def kkt_residual(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, c
     return kkt_residual_gram(K, b.unsqueeze(-1), code.unsqueeze(-1), w).squeeze(-1)
 
 
+def by_rows(M: torch.Tensor, X: torch.Tensor) -> bool:
+    """Whether ``M @ X``, for a batch of symmetric matrices ``M``, is better taken as ``(X^T M)^T``: one float32 column
+    per matrix on a CPU, where a row times a batch of matrices reads them in their memory order and runs 3.4x faster
+    than the batched matrix-vector product (300 matrices of 128 x 128: 2.42 -> 0.71 ms; a solve per problem
+    1.3-2.4x). In float64 the two take about the same time in a solve, so float64 keeps ``M @ X`` and its rounding
+    (benchmarks/RESULTS.md, twenty-ninth session). Not where ``M`` requires a gradient, with or without a graph
+    being recorded: that of ``X^T M`` is the transpose of ``M X``'s (equal only after the symmetry is used), and a
+    solve and the check of its result must round alike. With one column the transposes are views of the same
+    memory."""
+    return (X.shape[-1] == 1 and X.dim() >= 2 and X.dtype == torch.float32 and X.device.type == "cpu"
+            and not M.requires_grad)
+
+
 def lipschitz_constant(K: torch.Tensor, method: str = "eigvalsh", *, iters: int = 50, v0: torch.Tensor | None = None) -> torch.Tensor:
     """Lipschitz constant of the gradient of ``0.5 ||P u - x||^2``: the largest eigenvalue of ``K = P^T P``.
 

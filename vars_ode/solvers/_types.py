@@ -26,7 +26,8 @@ class SolverStats:
         objective: LASSO objective of the returned code (``nan`` when the constant
             ``0.5 ||x||^2`` was not supplied to a Gram-form solve, which then reports it without it).
         nnz: number of non-zero entries of the code.
-        converged: ``residual <= tol``.
+        converged: ``residual <= tol`` in the tolerance's units (:func:`vars_ode.lasso.tol_scale`), up to the
+            working precision's rounding (``ROUNDING_SLACK`` times its ``eps`` in those units).
         status: :class:`Status` codes as an integer tensor.
         solver, unit: the solver's name and what ``iterations`` counts.
         trace: optional list of ``(iteration, max residual over active problems)`` pairs (from ``vo.solve`` and
