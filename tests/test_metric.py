@@ -272,3 +272,26 @@ def test_gram_entry_takes_L_from_the_metric(uses_metric):
     # the first solve stepped in the metric either way and reached the minimiser
     assert bool(sols[0].stats.converged.all()) and bool(sols[1].stats.converged.all())
     torch.testing.assert_close(sols[0].code, sols[1].code, atol=1e-6, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), m=st.integers(2, 40), log_ratio=st.floats(0.5, 7.0))
+@settings(max_examples=40, deadline=None)
+def test_float32_split_bounds_K_at_any_ratio(seed, m, log_ratio):
+    """The split computed in float32 (rank_one_split works in K's precision) gives H >= K, the float32 matrix taken
+    exactly, up to lambda_1 / lambda_2 of 1e7: the eigensolver's backward error (lambda_2's error in float32 reaches
+    lambda_2 itself near a ratio of 1e7) is covered without the relative margin, up to the rounding of the float32
+    eigenvector's norm; with the margin, entirely."""
+    from vars_ode.lasso import rank_one_split
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(m, generator=g, dtype=D64)
+    v = v / v.norm()
+    A = torch.randn(m, m, generator=g, dtype=D64)
+    R = A @ A.T / m
+    K32 = (10.0 ** log_ratio * torch.linalg.eigvalsh(R)[-1] * torch.outer(v, v) + R).float()
+    K32 = (K32 + K32.T) / 2
+    for margin, slack in ((0.0, 1e-5), (0.01, 0.0)):
+        lam1, u, lam2 = rank_one_split(K32, margin=margin)
+        assert lam1.dtype == u.dtype == lam2.dtype == torch.float32
+        lam1, u, lam2 = lam1.double(), u.double(), lam2.double()
+        H = lam2 * torch.eye(m, dtype=D64) + (lam1 - lam2) * torch.outer(u, u)
+        assert top_generalised_eigenvalue(K32.double(), H) <= 1 + slack

@@ -224,13 +224,23 @@ class RankOneMetric:
 
 def rank_one_split(K: torch.Tensor, margin: float = 0.01):
     """``K = lambda_1 v v^T + R`` with ``R <= lambda_2 I`` for a batch of symmetric matrices ``(..., m, m)``, from an
-    eigendecomposition in float64 (no graph). Returns ``(lambda_1, v, lambda_2)`` in ``K``'s dtype, shapes ``(...)``,
-    ``(..., m)``, ``(...)``; the eigenvalues raised by the relative ``margin`` (rounding of ``K`` itself)."""
+    eigendecomposition in ``K``'s precision (float32 at least; no graph). Returns ``(lambda_1, v, lambda_2)`` in ``K``'s
+    dtype, shapes ``(...)``, ``(..., m)``, ``(...)``. The computed eigenpairs are exact for some ``K + E`` with
+    ``|E| <= m eps lambda_1`` (a backward-stable eigensolver; ``eps`` of the working precision), so both eigenvalues
+    are raised by that bound, which keeps ``lambda_2 I + (lambda_1 - lambda_2) v v^T >= K``, and then by the relative
+    ``margin``. In float32 an eigendecomposition takes half the time of float64's (300 matrices of 128 x 128: 150
+    against 286 ms; 24: 12 against 21 ms); the bound is then 1.5e-5 lambda_1 at 128 atoms, 0.06% of lambda_2 for the
+    random features' ratio of 40, and it closes the gate (:func:`dominant`) where float32 cannot resolve lambda_2."""
     with torch.no_grad():
-        ev, vec = torch.linalg.eigh(K.detach().double())
+        work = K.detach()
+        if work.dtype not in (torch.float32, torch.float64):
+            work = work.float()
+        ev, vec = torch.linalg.eigh(work)
         top = ev[..., -1].clamp_min(0)
         second = ev[..., -2].clamp_min(0) if K.shape[-1] > 1 else torch.zeros_like(top)
-        return (top * (1 + margin)).to(K.dtype), vec[..., -1].to(K.dtype), (second * (1 + margin)).to(K.dtype)
+        err = K.shape[-1] * torch.finfo(work.dtype).eps * top
+        return (((top + err) * (1 + margin)).to(K.dtype), vec[..., -1].to(K.dtype),
+                ((second + err) * (1 + margin)).to(K.dtype))
 
 
 def dominant(split: tuple, min_ratio: float, also: torch.Tensor | None = None) -> bool:
