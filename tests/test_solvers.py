@@ -385,8 +385,8 @@ def test_iterates_in_buffers_of_their_own_equal_the_allocating_loop(solver, kind
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gram_products_equal_K_times_u_in_every_layout(lead, k, dtype, K_grad):
-    """GramOperator's K u (by rows for one float32 column on a CPU where K does not require a gradient) equals the float64
-    product, with and without an output buffer, and carries the same gradients (to K: that of K u)."""
+    """GramOperator's K u (by rows for one float32 column on a CPU where K does not require a gradient) equals the
+    float64 product, with and without an output buffer, and carries the same gradients (to K: that of K u)."""
     from vars_ode.lasso import GramOperator
     g = torch.Generator().manual_seed(k + len(lead))
     P = torch.randn(*lead, 30, 12, generator=g, dtype=torch.float64)
