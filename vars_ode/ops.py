@@ -160,6 +160,14 @@ def by_rows(M: torch.Tensor, X: torch.Tensor) -> bool:
             and not M.requires_grad)
 
 
+def symmetric_matmul(M: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``M @ X`` for a batch of symmetric matrices ``M`` (into ``out`` when given), by rows where :func:`by_rows`
+    says so."""
+    if by_rows(M, X):
+        return torch.matmul(X.mT, M, out=None if out is None else out.mT).mT
+    return torch.matmul(M, X, out=out)
+
+
 def lipschitz_constant(K: torch.Tensor, method: str = "eigvalsh", *, iters: int = 50, v0: torch.Tensor | None = None) -> torch.Tensor:
     """Lipschitz constant of the gradient of ``0.5 ||P u - x||^2``: the largest eigenvalue of ``K = P^T P``.
 

@@ -13,6 +13,7 @@ from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, default_cg_rtol, implicit_c
 from ..lasso import GramOperator, Operator, kkt_residual_operator, tol_scale
 from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_violation, lipschitz_constant, penalty_weight
 from ._types import Solution, SolverStats, Status
+from .iterative import resolve_metric
 from .registry import SOLVERS
 
 INITS = ("zeros", "encode")
@@ -427,14 +428,14 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
 
 
 def _gram_lipschitz(op: GramOperator, spec, lipschitz: str, tol: float, metric) -> torch.Tensor:
-    """``L`` of a Gram-form problem, ``(..., 1, 1)``: by ``lipschitz``; or, for a solver that steps to a tolerance in
-    the operator's metric (``SolverSpec.uses_metric``) where ``K`` offers one, the metric's bound (``lambda_1`` of the
-    eigendecomposition the metric is made of, which the solver asks for anyway): such a solver reads ``L`` only
-    where no metric is offered, and ``eigvalsh`` would cost as much again (300 dictionaries of 128 atoms: 0.16 s)."""
+    """``L`` of a Gram-form problem, ``(..., 1, 1)``: by ``lipschitz``; or, for a solver that steps in a metric
+    (``SolverSpec.uses_metric``; :func:`vars_ode.solvers.iterative.resolve_metric`: the operator's own to a tolerance
+    where ``K`` offers one, or one given), the metric's bound (``lambda_1`` of the eigendecomposition it is made of,
+    which the solver asks for anyway): such a solver reads ``L`` only where it has no metric, and ``eigvalsh`` would
+    cost as much again (300 dictionaries of 128 atoms: 0.16 s)."""
     if not spec.uses_lipschitz:
         return torch.ones((), dtype=op.K.dtype, device=op.K.device)
-    if spec.uses_metric and tol > 0 and isinstance(metric, str) and metric == "auto":
-        m = op.metric()
-        if m is not None:
-            return m.bound().unsqueeze(-1)
+    m = resolve_metric(op, tol, metric) if spec.uses_metric else None
+    if m is not None:
+        return m.bound().unsqueeze(-1)
     return lipschitz_constant(op.K.detach(), lipschitz).unsqueeze(-1).unsqueeze(-1)

@@ -50,7 +50,7 @@ import numbers
 
 import torch
 
-from ..ops import by_rows
+from ..ops import by_rows, symmetric_matmul
 from .iterative import _Freezer, _record, _reject, check_due
 
 #: options: rho (a multiple of L), relax (alpha), adapt (iterations between rho updates; 0: fixed), check_every, form
@@ -83,17 +83,10 @@ def _inverse(K, r, eye):
     return Ci.mT @ Ci
 
 
-def _mm(M, X, out=None):
-    # M @ X for the symmetric matrices of the iteration (K, K / rho, rho (K + rho I)^{-1}); by rows where that is
-    # faster (vars_ode.ops.by_rows: one float32 problem per matrix on a CPU)
-    if by_rows(M, X):
-        return torch.matmul(X.mT, M, out=None if out is None else out.mT).mT
-    return torch.matmul(M, X, out=out)
-
-
 def _add_product(out, M, X, C=None):
     # out = C + M @ X (C None: out += M @ X in place): one batched GEMM that adds where the batch shapes allow (no
-    # pass of its own); by rows as _mm
+    # pass of its own); by rows where vars_ode.ops.by_rows says so (the matrices of the iteration are symmetric:
+    # K, K / rho, rho (K + rho I)^{-1})
     base = out if C is None else C
     if M.shape[:-2] == X.shape[:-2] == base.shape[:-2] == out.shape[:-2] and all(
             t.is_contiguous() for t in (out, M, X, base)):
@@ -112,9 +105,9 @@ def _add_product(out, M, X, C=None):
         else:
             torch.baddbmm(C.view(-1, n, k), Mf, Xf, out=of)
     elif C is None:
-        out.add_(_mm(M, X))
+        out.add_(symmetric_matmul(M, X))
     else:
-        _mm(M, X, out=out).add_(C)
+        symmetric_matmul(M, X, out=out).add_(C)
     return out
 
 
@@ -186,7 +179,8 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     # are formed once per rho. A = Z + Lam (the point before the threshold: Z = A - clamp(A), Lam = clamp(A))
     # is kept as a variable of its own, one pass fewer per iteration
     Kr, invr = K / r, r * _inverse(K, r, eye)
-    c = _mm(invr, b) if direct else None  # rho (K + rho I)^{-1} b, the constant part of the direct form's product
+    # rho (K + rho I)^{-1} b, the constant part of the direct form's product
+    c = symmetric_matmul(invr, b) if direct else None
     Z = torch.zeros_like(b) if init is None else r * init[0]
     Lam = torch.zeros_like(b)
     A = Z.clone()
@@ -213,7 +207,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
             # at a check, K z - b as the KKT residual of the returned code is computed (vars_ode.lasso), so that a
             # problem stopped at tol has that residual to the last bit
             z = Z / r
-            g = _mm(K, z) - b
+            g = symmetric_matmul(K, z) - b
             if fr.check(it, (z,), (g,), w) or it == max_iter:
                 break
             if predict:
@@ -230,20 +224,20 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
             torch.sub(Lam, b, out=E)
             _add_product(E, Kr, Z)  # K z - b + y (times rho)
         else:
-            E = _mm(Kr, Z) - b + Lam
+            E = symmetric_matmul(Kr, Z) - b + Lam
         # u = z - d, and a = alpha u + (1 - alpha) z + y = z + y - alpha d; z_new = a - clamp(a), y_new = clamp(a);
         # times rho: D = rho d, A = rho a, bounds +-w
         Z_prev = Z.clone() if inplace and balance else Z
         if inplace:
             if corrected:
-                _mm(invr, E, out=D)
+                symmetric_matmul(invr, E, out=D)
             else:  # rho u = c + rho (K + rho I)^{-1} rho (z - y), D = Z - rho u
                 torch.sub(Z, _add_product(D, invr, E, c), out=D)
             A.sub_(D, alpha=relax)
             torch.clamp(A, -wk, wk, out=Lam)
             torch.sub(A, Lam, out=Z)
         else:
-            D = _mm(invr, E) if corrected else Z - (c + _mm(invr, E))
+            D = symmetric_matmul(invr, E) if corrected else Z - (c + symmetric_matmul(invr, E))
             A = A - relax * D
             Lam = torch.clamp(A, -wk, wk)
             Z = A - Lam
@@ -270,6 +264,6 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
                 else:  # only the matrices whose rho moved (with one K per problem, a few of hundreds late on)
                     invr = _reinvert(K, r, invr, changed, eye, inplace)
                 if direct:
-                    c = _mm(invr, b)
+                    c = symmetric_matmul(invr, b)
     code, iters = fr.result((Z / r,), it)
     return code, iters

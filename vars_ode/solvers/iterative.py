@@ -179,15 +179,22 @@ def _metric_steps(op, w, m: RankOneMetric, newton: int | None = None):
     return tuple(steps)
 
 
+def resolve_metric(op, tol, metric) -> RankOneMetric | None:
+    """The metric that ``metric`` names for ISTA's and FISTA's steps (``"auto"``: the operator's own to a tolerance,
+    none with a fixed budget; ``"none"``; or a :class:`vars_ode.lasso.RankOneMetric`), or ``None``: the scalar bound
+    ``L``."""
+    if isinstance(metric, RankOneMetric):
+        return metric
+    if isinstance(metric, str) and metric == "auto":
+        return op.metric() if tol > 0 else None
+    if isinstance(metric, str) and metric == "none":
+        return None
+    raise ValueError(f"metric must be 'auto', 'none' or a vars_ode.lasso.RankOneMetric, got {metric!r}")
+
+
 def _prox_steps(op, w, L, tol, metric):
-    """ISTA's and FISTA's steps: in the metric ``metric`` names (``"auto"``: the operator's own to a tolerance, none
-    with a fixed budget; ``"none"``; or a :class:`vars_ode.lasso.RankOneMetric`), else with the scalar bound ``L``."""
-    if metric == "auto":
-        metric = op.metric() if tol > 0 else None
-    elif metric == "none":
-        metric = None
-    elif not isinstance(metric, RankOneMetric):
-        raise ValueError(f"metric must be 'auto', 'none' or a vars_ode.lasso.RankOneMetric, got {metric!r}")
+    """ISTA's and FISTA's steps: in the metric :func:`resolve_metric` gives, else with the scalar bound ``L``."""
+    metric = resolve_metric(op, tol, metric)
     return _steps(op, w, L) if metric is None else _metric_steps(op, w, metric)
 
 
