@@ -410,6 +410,58 @@ def test_gram_products_equal_K_times_u_in_every_layout(lead, k, dtype, K_grad):
         torch.testing.assert_close(grads[0].double(), w @ u64.mT, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("solver", ["ista", "fista", "admm", "active_set"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-10), (torch.float64, 1e-20)])
+def test_solves_stop_at_the_precision_floor(solver, dtype, tol):
+    """A tol below what the dtype resolves: the solvers stop where the residual only moves with its rounding, within
+    at most half the budget (ISTA in float64 needs 8,704 iterations to get there, the others 176-452), instead of
+    spending all of it (before: all of it, and for ADMM 1-3 problems reported max_iter); the code's residual evaluated
+    in float64 is within twice that rounding of tol."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(50, 30, 20, generator=g, dtype=torch.float64) / 30**0.5
+    x = torch.randn(50, 30, generator=g, dtype=torch.float64)
+    sol = vo.solve(P.to(dtype), x.to(dtype), 0.1, solver, tol=tol, max_iter=20_000)
+    assert int(sol.stats.iterations.max()) < 10_000
+    assert bool(((sol.stats.status == vo.Status.CONVERGED) | (sol.stats.status == vo.Status.PRECISION)).all())
+    K, b = P.mT @ P, (P.mT @ x.unsqueeze(-1)).squeeze(-1)
+    u = sol.code.double()
+    rounding = torch.finfo(dtype).eps * (K.abs() @ u.abs().unsqueeze(-1)).squeeze(-1).add(b.abs()).amax(-1)
+    unit = b.abs().amax(-1).clamp_min(1)
+    assert bool((vo.kkt_residual(P, u, x, 0.1) <= tol * unit + 2 * rounding).all())
+
+
+@pytest.mark.parametrize("solver", ["fista", "active_set"])
+def test_float32_status_names_the_precision_floor(solver):
+    """On ill-conditioned dictionaries float32 cannot resolve tol 1e-5: the terms of the KKT residual (|K| |u| and |b|)
+    reach 50-140, so its evaluation rounds by about tol. The problems that stop there read status "precision", not
+    "max_iter" (the budget was not spent, and more of it would not help): each above tol by less than that rounding,
+    and the returned code's residual evaluated in float64 within that rounding of tol too. In float64 every problem
+    converges; a budget too small and tol = 0 still read "max_iter"."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.rand(300, 196, 128, generator=g, dtype=torch.float64)
+    P = P / P.norm(dim=-2, keepdim=True)
+    x = torch.randn(300, 196, generator=g, dtype=torch.float64)
+    K, b = P.mT @ P, (P.mT @ x.unsqueeze(-1)).squeeze(-1)
+    unit = b.abs().amax(-1).clamp_min(1)
+    eps = torch.finfo(torch.float32).eps
+    sol = vo.solve(P.float(), x.float(), 0.1, solver, tol=1e-5)
+    names = torch.tensor([int(getattr(vo.Status, n.upper())) for n in sol.stats.status_names()])
+    assert torch.equal(names, sol.stats.status)
+    floor = sol.stats.status == vo.Status.PRECISION
+    assert 0 < int(floor.sum()) < 30 and bool((floor | sol.stats.converged).all())
+    assert bool((sol.stats.iterations[floor] < 10_000).all())
+    u = sol.code.double()
+    terms = (K.abs() @ u.abs().unsqueeze(-1)).squeeze(-1).add(b.abs()).amax(-1)
+    r64 = vo.kkt_residual(P, u, x, 0.1)
+    assert bool((sol.stats.residual.double()[floor] > 1e-5 * unit[floor]).all())
+    for r in (sol.stats.residual.double(), r64):
+        assert bool((r[floor] <= 1e-5 * unit[floor] + eps * terms[floor]).all())
+    assert bool(vo.solve(P, x, 0.1, solver, tol=1e-5).stats.converged.all())
+    for kw in (dict(tol=1e-5, max_iter=3), dict(tol=0.0, max_iter=20)):
+        short = vo.solve(P.float(), x.float(), 0.1, solver, **kw).stats
+        assert bool((short.status == vo.Status.MAX_ITER).all()), kw
+
+
 @pytest.mark.parametrize("solver", ["fista", "ista", "active_set", "admm"])
 def test_float32_solves_report_convergence_where_the_solvers_stopped(solver):
     """float32 to 1e-5 with a dictionary per problem: every problem the solver stopped is reported converged (the

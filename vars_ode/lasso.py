@@ -16,6 +16,8 @@ takes a block back to it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ops import _soft, kkt_violation, lipschitz_constant, symmetric_matmul
@@ -134,6 +136,14 @@ class Operator:
             out = r if out is None else torch.maximum(out, r)
         return out
 
+    def residual_rounding(self, code: tuple, B: tuple, bound: bool = False):
+        """Per problem, how far rounding may move an evaluation of the KKT residual of ``code``: ``eps`` times the
+        largest ``(|K| |u| + |b|)_i``, the terms its gradient ``K u - b`` sums; where they are large against ``tol``,
+        the residual is noise at the level of ``tol`` and more iterations do not lower it. ``bound=True``: an upper
+        bound on it without a product (``eps (max |K_ij| ||u||_1 + ||b||_inf)``). ``None`` where the operator does
+        not offer it (the default): its solves then stop at ``tol`` only."""
+        return None
+
     def metric(self) -> "RankOneMetric | None":
         """A step metric tighter than :meth:`lipschitz` (:class:`RankOneMetric`), or ``None``: the proximal
         solvers' steps then use the scalar bound. The default offers none."""
@@ -155,6 +165,7 @@ class GramOperator(Operator):
     def __init__(self, K: torch.Tensor):
         self.K = K
         self._metric = None  # (metric or None,) once computed
+        self._abs = self._top = None  # |K| and its largest entry per matrix, once asked for (residual_rounding)
 
     def gram_apply(self, code):
         return (symmetric_matmul(self.K, code[0]),)
@@ -174,6 +185,18 @@ class GramOperator(Operator):
         if self._metric is None:
             self._metric = (rank_one_metric(self.K),)
         return self._metric[0]
+
+    def residual_rounding(self, code, B, bound=False):
+        u, b = code[0].detach(), B[0].detach()
+        eps = torch.finfo(u.dtype).eps
+        with torch.no_grad():
+            if bound:
+                if self._top is None:
+                    self._top = torch.linalg.vector_norm(self.K.detach(), math.inf, dim=(-2, -1)).unsqueeze(-1)
+                return eps * (self._top * u.abs().sum(-2) + b.abs().amax(-2))
+            if self._abs is None:
+                self._abs = self.K.detach().abs()
+            return eps * (symmetric_matmul(self._abs, u.abs()) + b.abs()).amax(-2)
 
     def expand(self, i, t):
         return _bcast(t, lambda s: s.unsqueeze(-2))

@@ -13,6 +13,10 @@ class Status(IntEnum):
     CONVERGED = 0  #: KKT residual at or below ``tol``
     MAX_ITER = 1  #: the iteration / evaluation budget (or the fixed horizon) ran out first
     NONFINITE = 2  #: the problem's inputs, or its iterates, were not finite
+    #: above ``tol`` by no more than the rounding of the residual's own evaluation (``eps`` times the largest
+    #: ``(|K| |u| + |b|)_i``): ``tol`` is at the working precision's floor for this problem, where more iterations
+    #: do not help and float64 or a larger ``tol`` does
+    PRECISION = 3
 
 
 @dataclass
@@ -28,7 +32,8 @@ class SolverStats:
         nnz: number of non-zero entries of the code.
         converged: ``residual <= tol`` in the tolerance's units (:func:`vars_ode.lasso.tol_scale`), up to the
             working precision's rounding (``ROUNDING_SLACK`` times its ``eps`` in those units).
-        status: :class:`Status` codes as an integer tensor.
+        status: :class:`Status` codes as an integer tensor (``converged``; short of ``tol``: ``max_iter`` or
+            ``precision``; ``nonfinite``).
         solver, unit: the solver's name and what ``iterations`` counts.
         trace: optional list of ``(iteration, max residual over active problems)`` pairs (from ``vo.solve`` and
             ``vo.solve_gram``, each residual in units of the problem's :func:`vars_ode.lasso.tol_scale`, the
@@ -46,7 +51,7 @@ class SolverStats:
     trace: list = field(default_factory=list)
 
     def status_names(self):
-        """The status of each problem as strings (``"converged"``, ``"max_iter"``, ``"nonfinite"``)."""
+        """The status of each problem as strings (``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"precision"``)."""
         names = {s.value: s.name.lower() for s in Status}
         flat = [names[int(v)] for v in self.status.reshape(-1).tolist()]
         if self.status.dim() == 0:

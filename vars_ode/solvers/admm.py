@@ -193,7 +193,7 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     # "auto" without a trace: the schedule is kept here (_next_check) and the freezer checks whenever asked; with
     # a trace, which asks for the whole history, the freezer checks every iteration
     predict = check_every == "auto" and trace is None
-    fr = _Freezer(op, (Z,), tol, 1 if predict else check_every, trace, max_iter)
+    fr = _Freezer(op, (Z,), tol, 1 if predict else check_every, trace, max_iter, B=B)
     lo, hi = RHO_RANGE[0] * scale, RHO_RANGE[1] * scale
     tiny = torch.finfo(b.dtype).tiny
     next_check, last, prev_worst = FIRST_CHECK, None, None
