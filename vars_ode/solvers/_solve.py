@@ -247,6 +247,10 @@ def _warn_short_of_equilibrium(op, code, B, w, tol):
     eps = torch.finfo(r.dtype).eps if r.dtype.is_floating_point else 0.0
     scale = [b.abs().amax().to(r.dtype) for b in Bd if b.numel()]  # kept on the device: no second host read
     slack = ROUNDING_SLACK * eps * torch.stack(scale).amax() if scale else 0.0
+    # and a problem at the precision's floor (Status.PRECISION) has reached the equilibrium as far as the dtype tells
+    rounding = op.residual_rounding(tuple(c.detach() for c in code), Bd)
+    if rounding is not None:
+        slack = slack + 2 * rounding
     short = torch.isfinite(r) & (r > tol + slack)
     n = int(short.sum())
     if n:
