@@ -410,6 +410,39 @@ def test_gram_products_equal_K_times_u_in_every_layout(lead, k, dtype, K_grad):
         torch.testing.assert_close(grads[0].double(), w @ u64.mT, atol=atol, rtol=0)
 
 
+@given(st.integers(0, 10**6), st.sampled_from(["ista", "fista", "admm", "active_set"]),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(-14, -3), st.booleans())
+@settings(max_examples=20)
+def test_status_says_how_each_problem_ended(seed, solver, dtype, log_tol, positive):
+    """Whatever the tolerance (1e-14 to 1e-3, below and above what the dtype resolves): "converged" where the residual
+    is within tol (and the slack), "precision" where it is above that by no more than twice its rounding, evaluated
+    independently in float64, "max_iter" only where the budget was spent; the statuses and the flags agree."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.rand(20, 24, 16, generator=g, dtype=torch.float64) if positive else torch.randn(
+        20, 24, 16, generator=g, dtype=torch.float64)
+    P = P / P.norm(dim=-2, keepdim=True)
+    x = torch.randn(20, 24, generator=g, dtype=torch.float64)
+    tol, budget = 10.0 ** log_tol, 3000
+    sol = vo.solve(P.to(dtype), x.to(dtype), 0.05, solver, tol=tol, max_iter=budget)
+    st_ = sol.stats
+    K, b = P.mT @ P, (P.mT @ x.unsqueeze(-1)).squeeze(-1)
+    u = sol.code.double()
+    eps = torch.finfo(dtype).eps
+    unit = b.abs().amax(-1).clamp_min(1)
+    rounding = eps * (K.abs() @ u.abs().unsqueeze(-1)).squeeze(-1).add(b.abs()).amax(-1)
+    r64 = vo.kkt_residual(P, u, x, 0.05)
+    conv = st_.status == vo.Status.CONVERGED
+    floor = st_.status == vo.Status.PRECISION
+    spent = st_.status == vo.Status.MAX_ITER
+    assert bool((conv | floor | spent).all()) and torch.equal(conv, st_.converged)
+    assert bool((st_.residual.double()[conv] <= (tol + 8 * eps) * unit[conv]).all())
+    # float64 evaluations of the float32 code: within its rounding of what the solve reported
+    assert bool((r64[conv] <= (tol + 8 * eps) * unit[conv] + rounding[conv]).all())
+    assert bool((r64[floor] <= (tol + 8 * eps) * unit[floor] + 3 * rounding[floor]).all())
+    assert bool((st_.residual.double()[spent] > (tol + 8 * eps) * unit[spent] + 2 * rounding[spent] * 0.999).all())
+    assert bool((st_.iterations[spent] >= budget).all())
+
+
 @pytest.mark.parametrize("solver", ["ista", "fista", "admm", "active_set"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-10), (torch.float64, 1e-20)])
 def test_solves_stop_at_the_precision_floor(solver, dtype, tol):
