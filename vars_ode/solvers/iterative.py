@@ -41,7 +41,7 @@ AUTO_EXACT = 32
 
 #: checks in a row with a residual within the bound on its rounding above tol before the exact rounding is asked for
 #: (a converging problem passes such a band in a few checks; FISTA's residual is not monotone, so one check that did
-#: not fall is no sign: that rule stopped 42-68 of 300 problems short of tol where 10-19 needed it)
+#: not fall is no sign: that rule stopped 42-68 of 300 problems short of tol where 10-20 needed it)
 FLOOR_PATIENCE = 8
 
 
@@ -117,7 +117,8 @@ class _Freezer:
         return bool(state & 1)
 
     def _near_floor(self, u, r, new):
-        # problems above tol whose residual may be rounding alone (the bound without a product) and did not fall
+        # problems above tol whose residual may be rounding alone (within the bound without a product) at
+        # FLOOR_PATIENCE checks in a row
         if self.B is None:
             return None
         bound = self.op.residual_rounding(u, self.B, bound=True)
