@@ -187,15 +187,15 @@ class GramOperator(Operator):
         return self._metric[0]
 
     def residual_rounding(self, code, B, bound=False):
-        u, b = code[0].detach(), B[0].detach()
+        u, b = code[0], B[0]
         eps = torch.finfo(u.dtype).eps
-        with torch.no_grad():
+        with torch.no_grad():  # a bound, never differentiated
             if bound:
                 if self._top is None:
-                    self._top = torch.linalg.vector_norm(self.K.detach(), math.inf, dim=(-2, -1)).unsqueeze(-1)
+                    self._top = torch.linalg.vector_norm(self.K, math.inf, dim=(-2, -1)).unsqueeze(-1)
                 return eps * (self._top * u.abs().sum(-2) + b.abs().amax(-2))
             if self._abs is None:
-                self._abs = self.K.detach().abs()
+                self._abs = self.K.abs()
             return eps * (symmetric_matmul(self._abs, u.abs()) + b.abs()).amax(-2)
 
     def expand(self, i, t):

@@ -238,6 +238,14 @@ def _implicit(op, B, w, code, implicit_solve, tol):
 ROUNDING_SLACK = 8
 
 
+def _floor_allowance(op, code: tuple, B: tuple):
+    # how far above tol a recomputed residual may read for a problem at the precision's floor (Status.PRECISION), or
+    # None where the operator offers no bound: twice op.residual_rounding, as the solver's evaluation of the residual
+    # (in the problem's units) and the recomputed one each round by up to it. A product with |K| and no host read
+    rounding = op.residual_rounding(code, B)
+    return None if rounding is None else 2 * rounding
+
+
 def _warn_short_of_equilibrium(op, code, B, w, tol):
     # the implicit gradient is that of the equilibrium: say so when some problems did not reach it. A residual
     # within the working precision's rounding of tol counts as reached: a solver that stops at tol in float64 (cd)
@@ -248,9 +256,9 @@ def _warn_short_of_equilibrium(op, code, B, w, tol):
     scale = [b.abs().amax().to(r.dtype) for b in Bd if b.numel()]  # kept on the device: no second host read
     slack = ROUNDING_SLACK * eps * torch.stack(scale).amax() if scale else 0.0
     # and a problem at the precision's floor (Status.PRECISION) has reached the equilibrium as far as the dtype tells
-    rounding = op.residual_rounding(tuple(c.detach() for c in code), Bd)
-    if rounding is not None:
-        slack = slack + 2 * rounding
+    floor = _floor_allowance(op, tuple(code), Bd)
+    if floor is not None:
+        slack = slack + floor
     short = torch.isfinite(r) & (r > tol + slack)
     n = int(short.sum())
     if n:
@@ -417,17 +425,15 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
         # within the working precision's rounding of tol counts as reached: the solvers stop on their own residual of
         # b / s, and the code scaled back by s reads up to about 0.5% above tol * s in float32 (at tol 1e-5, 3 of
         # 300 problems that stopped after 64-76 of 10,000 iterations were reported as short of tol before)
-        unit = tol_scale(op, (Bf,))
-        converged = ok & (residual <= (tol + ROUNDING_SLACK * torch.finfo(residual.dtype).eps) * unit)
+        reach = (tol + ROUNDING_SLACK * torch.finfo(residual.dtype).eps) * tol_scale(op, (Bf,))
+        converged = ok & (residual <= reach)
         status = torch.full(converged.shape, int(Status.MAX_ITER), dtype=torch.long, device=B.device)
         if tol > 0 and options.get("t_end") is None:
-            # short of tol by no more than rounding: the precision's floor, not the budget. The solvers' evaluation of
-            # the residual (in the problem's units) and this one each round by up to op.residual_rounding, hence twice
-            # it (float32 at tol 1e-5 on 300 positive dictionaries of 196 x 128: terms of 50-140, eps times them
-            # 0.6-1.7e-5; 5-18 problems stopped at 1.1-1.5e-5, their float64 residual 0.75-1.16e-5; RESULTS.md,
-            # thirtieth session). No host read; a product with |K|, 0.6-1.8% of a per-problem solve
-            rounding = 2 * op.residual_rounding((cd,), (Bf.detach(),))
-            floor = residual <= (tol + ROUNDING_SLACK * torch.finfo(residual.dtype).eps) * unit + rounding
+            # short of tol by no more than rounding: the precision's floor, not the budget (float32 at tol 1e-5 on 300
+            # positive dictionaries of 196 x 128: terms of 50-140, eps times them 0.6-1.7e-5; 5-18 problems stopped at
+            # 1.1-1.5e-5, their float64 residual 0.75-1.16e-5; RESULTS.md, thirtieth session). 0.6-1.8% of a
+            # per-problem solve
+            floor = residual <= reach + _floor_allowance(op, (cd,), (Bf.detach(),))
             status = torch.where(floor, torch.full_like(status, int(Status.PRECISION)), status)
         status = torch.where(converged, torch.full_like(status, int(Status.CONVERGED)), status)
         status = torch.where(ok, status, torch.full_like(status, int(Status.NONFINITE)))
