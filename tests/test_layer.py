@@ -512,6 +512,9 @@ def test_redraw_features_changes_the_dictionary():
     (dict(solver="dopri5", solver_options={"rtol": -1.0}), "rtol must be a finite non-negative number"),
     (dict(solver="dopri5", solver_options={"rtol": 0.0}), "rtol and atol are both 0"),
     (dict(solver="dopri5", solver_options=[("rtol", 1e-3)]), "solver_options must be a dict"),
+    (dict(solver="adaptive_heun", steps=None, grad="adjoint"), "grad='adjoint' to a tolerance"),
+    (dict(solver="rk4", steps=None, grad="adjoint", solver_options={"integrator": "torchdiffeq"}), "continuous adjoint"),
+    (dict(solver="rk4", grad="adjoint", solver_options={"integrator": "newton"}), "integrator"),
 ])
 def test_bad_arguments(kwargs, match):
     kw = dict(num_heads=2)
@@ -533,6 +536,13 @@ def test_bad_forward_arguments():
         layer(x.double())
     with pytest.raises(ValueError, match="solver"):
         layer.set_solver("newton")
+    # set_solver checks what the layer will run: the options it keeps for the same solver included
+    layer.set_solver("rk4", steps=3.0, grad="adjoint", solver_options={"integrator": "torchdiffeq"})
+    with pytest.raises(ValueError, match="continuous adjoint"):
+        layer.set_solver(steps=None)
+    assert layer.steps == 3.0 and layer.solver_options == {"integrator": "torchdiffeq"}
+    layer.set_solver("dopri5", steps=None)  # the native discrete adjoint to a tolerance is the unrolled gradient
+    layer.set_solver("ista", steps=3, grad="unroll")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed dtypes stay allowed
         assert layer(x.bfloat16()).shape == x.shape
 

@@ -394,6 +394,10 @@ def test_an_operator_without_roots_is_differentiated_through_the_steps():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="rebuilt from their roots"):
         ode.choose_integrator("native", "rk4", "adjoint", ode.node_capable(Plain(torch.eye(2))))
+    # without the node, grad="adjoint" is torchdiffeq's continuous adjoint: over a horizon only
+    assert ode.choose_integrator("auto", "rk4", "adjoint", False, horizon=True) == "torchdiffeq"
+    with pytest.raises(ValueError, match="no native adjoint node"):
+        ode.choose_integrator("auto", "rk4", "adjoint", False, horizon=False)
 
 
 class _Decay:

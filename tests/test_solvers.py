@@ -161,6 +161,10 @@ def test_fixed_budget_runs_exactly_max_iter_steps_of_eq12():
     (lambda P, x: vo.solve(P, x, 0.1, "bosh3", rtol=0.0), "rtol and atol are both 0"),
     (lambda P, x: vo.solve(P, x, 0.1, "rk4", rtol=-1.0), "rtol must be"),
     (lambda P, x: vo.solve(P, x, 0.1, "dopri5", grad="adjoint", adjoint_rtol=-1e-6), "adjoint_rtol must be"),
+    # torchdiffeq's continuous adjoint to a tolerance (its gradients were wrong by orders of magnitude)
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri8", tol=1e-5, grad="adjoint"), "'dopri8' has no native integration"),
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri5", grad="adjoint", integrator="torchdiffeq"),
+     r"grad='adjoint' to a tolerance .*integrator='torchdiffeq'.*grad='implicit'"),
 ])
 def test_bad_input(problem, call, match):
     P, x = problem

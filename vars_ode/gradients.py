@@ -10,7 +10,8 @@ Three ways, chosen by ``solve(..., grad=...)``:
   iterations: with ``v_S = K_SS^{-1} g_S`` (``g`` the incoming gradient) and ``v`` zero off ``S``,
   ``dL/db = v``, ``dL/dK = -v u*^T`` and ``dL/dw = -v . sign(u*)``.
 * ``"adjoint"`` (ODE solvers only): on an operator with a Gram matrix the discrete adjoint of the native
-  integration (:mod:`vars_ode.solvers.gram_ode`: one state kept per step); elsewhere torchdiffeq's adjoint method.
+  integration (:mod:`vars_ode.solvers.gram_ode`: one state kept per step); elsewhere torchdiffeq's adjoint method,
+  over a fixed horizon only (:func:`vars_ode.solvers.ode.choose_integrator`).
 
 The implicit gradient of any :class:`vars_ode.lasso.Operator` (:func:`implicit_code`) needs no matrix: ``v``
 solves ``(D K D + I - D) v = D g`` by conjugate gradients with the operator (``D`` the support mask), and
@@ -30,7 +31,7 @@ GRAD_MODES = {
     "unroll": "autograd through every iteration or stage",
     "implicit": "the implicit function theorem at the solution (on its active set)",
     "adjoint": "the adjoint of the ODE integration (ODE solvers only): the native integration's discrete adjoint, "
-               "or torchdiffeq's continuous one with integrator='torchdiffeq'",
+               "or torchdiffeq's continuous one with integrator='torchdiffeq' (over a fixed horizon only)",
 }
 IMPLICIT_SOLVES = ("direct", "cg")
 

@@ -70,7 +70,7 @@ from .lasso import kkt_residual_operator, reduce_over
 from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
 from .solvers import SOLVERS, check_solver, signal_ista, solve_problem
 from .solvers.native import ADAPTIVE_TABLEAUX
-from .solvers.ode import check_tolerances, layer_settings
+from .solvers.ode import check_tolerances, choose_integrator, layer_settings
 
 #: accepted names of the three dictionaries
 DICTIONARIES = {
@@ -287,7 +287,7 @@ class VARSLayer(nn.Module):
         if residual == _DEFAULT:
             residual = self.default_residual
         check_choice("residual", residual, RESIDUALS)
-        _check_solver_options(solver_options, solver)
+        _check_solver_options(solver_options, solver, steps, grad)
         norm_layer = norm_layer or nn.LayerNorm
 
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
@@ -411,11 +411,10 @@ class VARSLayer(nn.Module):
         steps = self.steps if steps == _DEFAULT else steps
         tol = self.tol if tol == _DEFAULT else tol
         steps, tol = self._check_solver(solver, steps, tol, grad)
-        _check_solver_options(solver_options, solver)
-        if solver_options is not None:
-            self.solver_options = dict(solver_options)
-        elif solver != self.solver:
-            self.solver_options = {}
+        if solver_options is None:
+            solver_options = self.solver_options if solver == self.solver else {}
+        _check_solver_options(solver_options, solver, steps, grad)
+        self.solver_options = dict(solver_options)
         self.solver, self.steps, self.tol, self.grad = solver, steps, tol, grad
         return self
 
@@ -731,13 +730,15 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _check_solver_options(solver_options, solver):
-    # a dict or None; its tolerances checked where they are given, before any forward pass
-    if solver_options is None:
-        return
-    if not isinstance(solver_options, dict):
+def _check_solver_options(solver_options, solver, steps, grad):
+    # a dict or None; its tolerances, and the integrator of an adjoint (every operator of a layer has the native
+    # adjoint node), checked where they are given, before any forward pass
+    if solver_options is not None and not isinstance(solver_options, dict):
         raise ValueError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+    solver_options = solver_options or {}
     check_tolerances(solver_options.get("rtol"), solver_options.get("atol"), solver)
+    if grad == "adjoint":
+        choose_integrator(solver_options.get("integrator", "auto"), solver, grad, node=True, horizon=steps is not None)
 
 
 def _check_grid(grid_size):

@@ -32,7 +32,8 @@ Integrators (``integrator=``):
   reverse pass keeps one state per step and evaluates each step's stages again, the exact gradient of the
   computed trajectory.
 * ``"auto"`` (default): ``"native"`` for every method it has, torchdiffeq for the others; with ``grad="adjoint"``
-  native where the node runs (every operator of the library), torchdiffeq's continuous adjoint otherwise.
+  native where the node runs (every operator of the library), torchdiffeq's continuous adjoint otherwise, which
+  :func:`choose_integrator` allows over a fixed horizon only.
 """
 from __future__ import annotations
 
@@ -72,12 +73,30 @@ ODE_OPTIONS = ("rtol", "atol", "options", "window", "max_window", "t_max", "t_en
                "forced")
 
 
-def choose_integrator(integrator: str, method: str, grad: str, node: bool = False) -> str:
+def choose_integrator(integrator: str, method: str, grad: str, node: bool = False, horizon: bool = True) -> str:
     """``"native"`` or ``"torchdiffeq"`` for ``method`` under ``grad``; ``node``: whether a native integration of
-    the operator can be one autograd node (:func:`node_capable`), which ``grad="adjoint"`` needs."""
+    the operator can be one autograd node (:func:`node_capable`), which ``grad="adjoint"`` needs; ``horizon``:
+    whether the integration has a fixed horizon (``t_end``, a layer's ``steps``) rather than a tolerance.
+
+    torchdiffeq's continuous adjoint is refused without a horizon: it integrates the state backwards over the whole
+    time to the steady state, where the flow that contracts forwards expands, and there its gradient was garbage
+    (P 20 x 12, 3 signals, tol 1e-5, float64: the dictionary's gradient off by 4e27 times the unrolled one's norm,
+    the signals' by 75%, in 12-95 times the unrolled gradient's time; benchmarks/RESULTS.md, thirty-first session)."""
     check_choice("integrator", integrator, INTEGRATORS)
+    engine = integrator
     if integrator == "auto":
-        return "native" if method in native.NATIVE_METHODS and (grad != "adjoint" or node) else "torchdiffeq"
+        engine = "native" if method in native.NATIVE_METHODS and (grad != "adjoint" or node) else "torchdiffeq"
+    if grad == "adjoint" and engine == "torchdiffeq" and not horizon:
+        why = ("integrator='torchdiffeq'" if integrator == "torchdiffeq" else
+               f"{method!r} has no native integration" if method not in native.NATIVE_METHODS else
+               "this operator has no native adjoint node")
+        raise ValueError(f"grad='adjoint' to a tolerance (no t_end; a layer's steps=None) would be torchdiffeq's "
+                         f"continuous adjoint here ({why}), which integrates the state backwards over the whole time "
+                         "to the steady state, where the flow expands: its gradients were wrong by orders of "
+                         "magnitude. Use grad='implicit' (the gradient at the equilibrium) or 'unroll', a horizon, "
+                         f"or a native method ({', '.join(native.NATIVE_METHODS)}) for the discrete adjoint")
+    if integrator == "auto":
+        return engine
     if integrator == "native":
         if method not in native.NATIVE_METHODS:
             raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
@@ -206,7 +225,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             _check_tolerance(name, value)
     gram = op.has_gram and op.num_blocks == 1
     capable = node_capable(op)
-    engine = choose_integrator(integrator, method, grad, capable)
+    engine = choose_integrator(integrator, method, grad, capable, horizon=t_end is not None)
     native_only = sorted(set(options) & set(native.NATIVE_ONLY_OPTIONS))
     if native_only and engine != "native":
         raise ValueError(f"options {native_only} are the native integrator's (methods "
