@@ -166,7 +166,8 @@ class VARSLayer(nn.Module):
             ``None``, for ``timm.create_model``, which drops every keyword argument whose value is ``None``.
         lam: L1 weight (non-negative; ``convention`` as in :mod:`vars_ode.ops`).
         grad: ``"unroll"``, ``"implicit"`` (every dictionary; conjugate gradients where ``K`` is not formed) or
-            ``"adjoint"`` (ODE solvers).
+            ``"adjoint"`` (ODE solvers; with ``steps=None`` the native methods only, whose discrete adjoint is the
+            unrolled gradient: torchdiffeq's continuous adjoint is refused there).
         compat: ``"paper"`` or ``"official"`` (see the module docstring).
         qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, device, dtype:
             as timm's ``Attention``. ``qk_norm`` normalises the queries (keys are tied to them);
