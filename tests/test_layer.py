@@ -542,7 +542,14 @@ def test_bad_forward_arguments():
         layer.set_solver(steps=None)
     assert layer.steps == 3.0 and layer.solver_options == {"integrator": "torchdiffeq"}
     layer.set_solver("dopri5", steps=None)  # the native discrete adjoint to a tolerance is the unrolled gradient
+    assert layer.tol == 1e-4  # the equilibrium's default tolerance, not the horizon's 0 (a solve to max_iter)
     layer.set_solver("ista", steps=3, grad="unroll")
+    assert layer.tol == 0.0
+    layer.set_solver("fista", steps="equilibrium", tol=1e-2)
+    layer.set_solver(solver="admm")
+    assert layer.tol == 1e-2  # kept within the equilibrium
+    layer.set_solver("ista", steps=3)
+    assert (layer.steps, layer.tol) == (3, 0.0)  # and not carried to a horizon
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed dtypes stay allowed
         assert layer(x.bfloat16()).shape == x.shape
 

@@ -83,6 +83,14 @@ def choose_integrator(integrator: str, method: str, grad: str, node: bool = Fals
     (P 20 x 12, 3 signals, tol 1e-5, float64: the dictionary's gradient off by 4e27 times the unrolled one's norm,
     the signals' by 75%, in 12-95 times the unrolled gradient's time; benchmarks/RESULTS.md, thirty-first session)."""
     check_choice("integrator", integrator, INTEGRATORS)
+    if integrator == "native":
+        if method not in native.NATIVE_METHODS:
+            raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
+                             f"{method!r}; use integrator='torchdiffeq' (or 'auto')")
+        if grad == "adjoint" and not node:
+            raise ValueError("integrator='native' has grad='adjoint' (its discrete adjoint) on operators that can be "
+                             "rebuilt from their roots (Operator.with_roots) only; here it needs "
+                             "integrator='torchdiffeq' (or 'auto')")
     engine = integrator
     if integrator == "auto":
         engine = "native" if method in native.NATIVE_METHODS and (grad != "adjoint" or node) else "torchdiffeq"
@@ -95,17 +103,7 @@ def choose_integrator(integrator: str, method: str, grad: str, node: bool = Fals
                          "to the steady state, where the flow expands: its gradients were wrong by orders of "
                          "magnitude. Use grad='implicit' (the gradient at the equilibrium) or 'unroll', a horizon, "
                          f"or a native method ({', '.join(native.NATIVE_METHODS)}) for the discrete adjoint")
-    if integrator == "auto":
-        return engine
-    if integrator == "native":
-        if method not in native.NATIVE_METHODS:
-            raise ValueError(f"integrator='native' has the methods {list(native.NATIVE_METHODS)}, got method "
-                             f"{method!r}; use integrator='torchdiffeq' (or 'auto')")
-        if grad == "adjoint" and not node:
-            raise ValueError("integrator='native' has grad='adjoint' (its discrete adjoint) on operators that can be "
-                             "rebuilt from their roots (Operator.with_roots) only; here it needs "
-                             "integrator='torchdiffeq' (or 'auto')")
-    return integrator
+    return engine
 
 
 def node_capable(op) -> bool:
