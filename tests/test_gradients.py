@@ -85,7 +85,8 @@ def test_implicit_and_unrolled_gradients_agree_at_convergence():
 def test_implicit_memory_does_not_grow_with_iterations():
     # The implicit mode keeps no iterate in the graph: its backward sees only K, B, w and the code.
     P, x, lam = inputs(7)
-    sol = vo.solve(P, x, lam, "ista", tol=0, max_iter=500, grad="implicit")
+    with pytest.warns(RuntimeWarning, match="fixed budget"):
+        sol = vo.solve(P, x, lam, "ista", tol=0, max_iter=500, grad="implicit")
     fn = sol.code.grad_fn
     seen, stack = set(), [fn]
     while stack:
@@ -95,6 +96,27 @@ def test_implicit_memory_does_not_grow_with_iterations():
         seen.add(node)
         stack.extend(n for n, _ in node.next_functions)
     assert len(seen) < 40
+
+
+def test_implicit_gradient_of_a_fixed_budget_warns():
+    # a fixed budget (tol=0, a horizon, a layer's steps) is not checked against a tolerance, so its implicit gradient
+    # (the equilibrium's, taken wherever the budget stops: 3 ISTA steps are far from it) is said to be unchecked
+    import warnings
+    P, x, lam = inputs(3)
+    for kw in (dict(solver="ista", max_iter=3), dict(solver="fista", max_iter=3), dict(solver="rk4", t_end=2.0)):
+        with pytest.warns(RuntimeWarning, match="fixed budget"):
+            vo.solve(P, x, lam, tol=0, grad="implicit", **kw)
+    layer = vo.VARSLayer(8, 2, dictionary="d", steps=3, grad="implicit", dtype=torch.float64)
+    tokens = torch.randn(2, 5, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="fixed budget"):
+        layer(tokens).sum().backward()
+    with warnings.catch_warnings():  # not without gradients, nor with a tolerance that was reached
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            layer(tokens)
+            vo.solve(P, x, lam, "ista", tol=0, max_iter=3, grad="implicit")
+        vo.solve(P, x, lam, "fista", tol=1e-8, grad="implicit")
+        layer.set_solver(steps=None)(tokens).sum().backward()
 
 
 def test_operator_cg_stops_instead_of_diverging_on_a_rank_deficient_gram():

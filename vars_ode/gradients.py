@@ -8,7 +8,9 @@ Three ways, chosen by ``solve(..., grad=...)``:
   active set ``S``, ``K_SS u*_S = b_S - w sign(u*_S)``, and ``u*`` is zero off ``S``. Differentiating
   this identity gives the gradient at the fixed point with one linear solve, whatever the number of
   iterations: with ``v_S = K_SS^{-1} g_S`` (``g`` the incoming gradient) and ``v`` zero off ``S``,
-  ``dL/db = v``, ``dL/dK = -v u*^T`` and ``dL/dw = -v . sign(u*)``.
+  ``dL/db = v``, ``dL/dK = -v u*^T`` and ``dL/dw = -v . sign(u*)``. Taken where the solve stopped: a
+  ``RuntimeWarning`` when problems stopped above ``tol``, and over a fixed budget (``tol = 0``, a horizon, a
+  layer's ``steps``), which no tolerance checks.
 * ``"adjoint"`` (ODE solvers only): on an operator with a Gram matrix the discrete adjoint of the native
   integration (:mod:`vars_ode.solvers.gram_ode`: one state kept per step); elsewhere torchdiffeq's adjoint method,
   over a fixed horizon only (:func:`vars_ode.solvers.ode.choose_integrator`).

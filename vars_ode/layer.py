@@ -165,7 +165,8 @@ class VARSLayer(nn.Module):
             where ``"fista"`` takes hundreds (:mod:`vars_ode.solvers.admm`). ``"equilibrium"`` is the same as
             ``None``, for ``timm.create_model``, which drops every keyword argument whose value is ``None``.
         lam: L1 weight (non-negative; ``convention`` as in :mod:`vars_ode.ops`).
-        grad: ``"unroll"``, ``"implicit"`` (every dictionary; conjugate gradients where ``K`` is not formed) or
+        grad: ``"unroll"``, ``"implicit"`` (every dictionary; conjugate gradients where ``K`` is not formed; the
+            equilibrium's gradient, meant for ``steps=None``: with a fixed ``steps`` it warns when it runs) or
             ``"adjoint"`` (ODE solvers; with ``steps=None`` the native methods only, whose discrete adjoint is the
             unrolled gradient: torchdiffeq's continuous adjoint is refused there).
         compat: ``"paper"`` or ``"official"`` (see the module docstring).

@@ -215,6 +215,8 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
     if spec.ode:
         options["grad"] = "unroll" if grad == "implicit" else grad
     if grad == "implicit":
+        if tol == 0 and torch.is_grad_enabled():
+            _warn_fixed_budget()
         with torch.no_grad():
             code, iters = spec.fn(op, tuple(b.detach() for b in B), _detach(w), L,
                                   None if init is None else tuple(c.detach() for c in init),
@@ -265,6 +267,15 @@ def _warn_short_of_equilibrium(op, code, B, w, tol):
         warnings.warn(f"grad='implicit': {n} of {short.numel()} problems stopped above tol = {tol:g} (KKT residual up to "
                       f"{float(r[short].max()):.4g}); their gradient is that of the equilibrium, which they did not "
                       "reach: raise max_iter, or use grad='unroll'", RuntimeWarning, stacklevel=3)
+
+
+def _warn_fixed_budget():
+    # a fixed budget (tol = 0: a horizon, a layer's steps, the whole of max_iter) stops wherever the budget ends, and
+    # nothing tells whether that is the equilibrium whose gradient the implicit mode gives
+    warnings.warn("grad='implicit' with a fixed budget (tol=0, a horizon, or a layer's steps): the gradient is that of "
+                  "the equilibrium, taken at the budget's last iterate, which is not checked against a tolerance; for "
+                  "the equilibrium give tol > 0 (a layer: steps=None), for the budget's own gradient grad='unroll'",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _detach(t):
