@@ -10,7 +10,7 @@ import vars_ode as vo
 from conftest import static_dense
 from vars_ode import VARSLayer
 from vars_ode.dictionaries import DynamicDictionary, StaticDictionary, UnionDictionary
-from vars_ode.lasso import SPIKE_RATIO, GramOperator, RankOneMetric, kkt_residual_operator
+from vars_ode.lasso import SPIKE_CAP, SPIKE_RATIO, GramOperator, RankOneMetric, kkt_residual_operator
 from vars_ode.solvers import iterative, solve_operator
 
 
@@ -79,10 +79,12 @@ def test_dynamic_metric_bounds_K_and_matches_its_top_eigenvalues(seed, m, N):
     for hh in range(2):
         Hm = metric_matrix(metric, (m,), (0, hh, 0), (1, 2, 8))
         assert top_generalised_eigenvalue(K[0, hh], Hm) <= 1 + 1e-10
-        # H agrees with K on its top eigenvalue and bounds the rest by the second, within the 1% margin
+        # H agrees with K on its top eigenvalue and bounds the rest by the second, within the 1% margin, or by
+        # lambda_1 / SPIKE_CAP where the second is smaller (few tokens: K near rank one)
         hev = torch.linalg.eigvalsh(Hm)
         torch.testing.assert_close(hev[-1], 1.01 * ev[0, hh, -1], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(hev[0], 1.01 * ev[0, hh, -2], rtol=1e-9, atol=1e-12)
+        second = torch.maximum(ev[0, hh, -2], ev[0, hh, -1] / SPIKE_CAP)
+        torch.testing.assert_close(hev[0], 1.01 * second, rtol=1e-9, atol=1e-12)
 
 
 def test_metric_proximal_step_matches_scikit_learn():
@@ -228,6 +230,64 @@ def test_solve_steps_in_the_metric_of_a_positive_dictionary(solver, lead, seed, 
     work = [int(vo.solve(Pb, x, lam, solver, tol=loose, max_iter=1_000_000, metric=metric).stats.iterations.max())
             for metric in ("auto", "none")]
     assert work[0] < 0.7 * work[1], work
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("noise", [0.0, 1e-7, 1e-4, 1e-3])
+def test_dictionaries_near_rank_one_converge_in_the_metric(noise, dtype):
+    """Atoms sharing one direction up to ``noise`` (lambda_1 / lambda_2 from 3e6 to 1e14): the metric's proximal step
+    finds its multiplier by two Newton steps, which on slopes spanning that ratio left it inexact, and ISTA, FISTA
+    and active_set diverged (residuals up to 1e86). With the ratio capped at SPIKE_CAP they converge to the
+    minimiser that the scalar steps find."""
+    g = torch.Generator().manual_seed(1)
+    d, m, lam = 30, 20, 0.05
+    P = torch.randn(d, 1, generator=g, dtype=D64) @ torch.rand(1, m, generator=g, dtype=D64) + \
+        noise * torch.randn(d, m, generator=g, dtype=D64)
+    x = torch.randn(5, d, generator=g, dtype=D64)
+    K = P.T @ P
+    ev = torch.linalg.eigvalsh(K)
+    assert ev[-1] > 1e6 * ev[-2].clamp_min(0)
+    P, x = P.to(dtype), x.to(dtype)
+    tol = 1e-7 if dtype == D64 else 1e-4
+    assert GramOperator(P.T @ P).metric() is not None
+    B = P.double().T @ x.double().T  # (m, problems), float64
+    for solver in ("fista", "active_set"):
+        sol = vo.solve(P, x, lam, solver, tol=tol)
+        assert bool(sol.stats.converged.all()), (solver, sol.stats.residual)
+        residual = kkt_residual_operator(GramOperator(K), (sol.code.double().T,), (B,), lam)  # in float64
+        assert float(residual.max()) <= 2 * tol * max(1.0, float(B.abs().max())), (solver, residual)
+        ref = vo.solve(P, x, lam, solver, tol=tol, metric="none").code
+        torch.testing.assert_close(sol.code, ref, atol=1e-4 if dtype == D64 else 2e-2, rtol=0)
+
+
+def test_one_dimensional_signals_with_ista_in_the_metric():
+    """d = 1: K of rank one, whose second eigenvalue is rounding; ISTA in the metric diverged to 1e10."""
+    g = torch.Generator().manual_seed(1)
+    P = torch.randn(1, 20, generator=g, dtype=D64) / 30 ** 0.5
+    x = torch.randn(5, 1, generator=g, dtype=D64)
+    lam = 0.01
+    # the minimiser in closed form: all the weight on the atom of the largest |p_j| (it buys the most fit per unit of
+    # L1 norm), u_j = S_lam(p_j x) / p_j^2
+    j = int(P[0].abs().argmax())
+    ref = torch.zeros(5, 20, dtype=D64)
+    ref[:, j] = torch.nn.functional.softshrink(P[0, j] * x[:, 0], lam) / P[0, j] ** 2
+    for solver in ("ista", "fista", "active_set"):
+        sol = vo.solve(P, x, lam, solver, tol=1e-7)
+        assert bool(sol.stats.converged.all()), (solver, sol.stats.residual)
+        torch.testing.assert_close(sol.code, ref, atol=1e-5, rtol=0)
+
+
+def test_an_equilibrium_layer_of_one_token_converges_in_the_metric():
+    """One token per image: the random features' K is of rank one. FISTA in the uncapped metric spent its 10,000
+    iterations there (residual 0.015-0.37); capped it converges in a few."""
+    torch.manual_seed(0)
+    for kw in (dict(dictionary="d"), dict(dictionary="sd", static="dense"), dict(dictionary="sd")):
+        layer = VARSLayer(32, 2, steps=None, solver="fista", tol=1e-4, num_prefix_tokens=0, grid_size=(1, 1),
+                          image_size=2, **kw)
+        with torch.no_grad():
+            y = layer(torch.randn(2, 1, 32))
+        assert torch.isfinite(y).all() and float(layer.last_stats.residual.max()) <= 1e-4, kw
+        assert int(layer.last_stats.iterations) < 100, kw
 
 
 def test_active_set_trace_counts_the_work_done():
