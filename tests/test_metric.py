@@ -10,7 +10,7 @@ import vars_ode as vo
 from conftest import static_dense
 from vars_ode import VARSLayer
 from vars_ode.dictionaries import DynamicDictionary, StaticDictionary, UnionDictionary
-from vars_ode.lasso import SPIKE_CAP, SPIKE_RATIO, GramOperator, RankOneMetric, kkt_residual_operator
+from vars_ode.lasso import SPIKE_RATIO, GramOperator, RankOneMetric, kkt_residual_operator, rank_one_split
 from vars_ode.solvers import iterative, solve_operator
 
 
@@ -79,12 +79,10 @@ def test_dynamic_metric_bounds_K_and_matches_its_top_eigenvalues(seed, m, N):
     for hh in range(2):
         Hm = metric_matrix(metric, (m,), (0, hh, 0), (1, 2, 8))
         assert top_generalised_eigenvalue(K[0, hh], Hm) <= 1 + 1e-10
-        # H agrees with K on its top eigenvalue and bounds the rest by the second, within the 1% margin, or by
-        # lambda_1 / SPIKE_CAP where the second is smaller (few tokens: K near rank one)
+        # H agrees with K on its top eigenvalue and bounds the rest by the second, within the 1% margin
         hev = torch.linalg.eigvalsh(Hm)
         torch.testing.assert_close(hev[-1], 1.01 * ev[0, hh, -1], rtol=1e-9, atol=1e-12)
-        second = torch.maximum(ev[0, hh, -2], ev[0, hh, -1] / SPIKE_CAP)
-        torch.testing.assert_close(hev[0], 1.01 * second, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hev[0], 1.01 * ev[0, hh, -2], rtol=1e-9, atol=1e-12)
 
 
 def test_metric_proximal_step_matches_scikit_learn():
@@ -237,8 +235,8 @@ def test_solve_steps_in_the_metric_of_a_positive_dictionary(solver, lead, seed, 
 def test_dictionaries_near_rank_one_converge_in_the_metric(noise, dtype):
     """Atoms sharing one direction up to ``noise`` (lambda_1 / lambda_2 from 3e6 to 1e14): the metric's proximal step
     finds its multiplier by two Newton steps, which on slopes spanning that ratio left it inexact, and ISTA, FISTA
-    and active_set diverged (residuals up to 1e86). With the ratio capped at SPIKE_CAP they converge to the
-    minimiser that the scalar steps find."""
+    and active_set diverged (residuals up to 1e86). With the ratio capped at METRIC_CAP in the step they converge to
+    the minimiser that the scalar steps find, in the library's metric and in one built by hand without the cap."""
     g = torch.Generator().manual_seed(1)
     d, m, lam = 30, 20, 0.05
     P = torch.randn(d, 1, generator=g, dtype=D64) @ torch.rand(1, m, generator=g, dtype=D64) + \
@@ -251,8 +249,10 @@ def test_dictionaries_near_rank_one_converge_in_the_metric(noise, dtype):
     tol = 1e-7 if dtype == D64 else 1e-4
     assert GramOperator(P.T @ P).metric() is not None
     B = P.double().T @ x.double().T  # (m, problems), float64
-    for solver in ("fista", "active_set"):
-        sol = vo.solve(P, x, lam, solver, tol=tol)
+    lam1, v, lam2 = rank_one_split(P.T @ P)
+    by_hand = RankOneMetric((lam2.unsqueeze(-1),), v.unsqueeze(-1), (lam1 - lam2).unsqueeze(-1))  # as GramOperator.metric
+    for solver, metric in (("fista", "auto"), ("active_set", "auto"), ("fista", by_hand)):
+        sol = vo.solve(P, x, lam, solver, tol=tol, metric=metric)
         assert bool(sol.stats.converged.all()), (solver, sol.stats.residual)
         residual = kkt_residual_operator(GramOperator(K), (sol.code.double().T,), (B,), lam)  # in float64
         assert float(residual.max()) <= 2 * tol * max(1.0, float(B.abs().max())), (solver, residual)

@@ -28,13 +28,6 @@ from .ops import _soft, kkt_violation, lipschitz_constant, symmetric_matmul
 #: 1.09x faster with it at a ratio of 4.5 (dh 8, 32 features), 1.21x at 7.8, 1.75x at 15.6 (DeiT-Ti's width;
 #: benchmarks/RESULTS.md, twenty-seventh session)
 SPIKE_RATIO = 4.0
-#: the largest ratio ``lambda_1 / lambda_2`` a rank-one step metric is built with: a second eigenvalue below
-#: ``lambda_1 / SPIKE_CAP`` is raised to it (:func:`rank_one_split`), which keeps the metric a bound on ``K``. The metric's
-#: proximal step finds its multiplier by a fixed number of Newton steps (:data:`vars_ode.solvers.iterative.METRIC_NEWTON`)
-#: on a function whose slopes span ``1`` to the ratio, and on dictionaries near rank one (ratios of 1e3 to 1e14: a
-#: single token, one-dimensional signals, atoms sharing one direction) the inexact multiplier made ISTA, FISTA and
-#: active_set diverge, residuals up to 1e86 (benchmarks/RESULTS.md, thirty-second session)
-SPIKE_CAP = 32.0
 #: power iterations (from the mean direction) behind the screen of :meth:`GramOperator.metric` on a batch of matrices
 SCREEN_ITERS = 3
 
@@ -245,7 +238,7 @@ class RankOneMetric:
         return top + self.rho
 
 
-def rank_one_split(K: torch.Tensor, margin: float = 0.01, cap: float | None = SPIKE_CAP):
+def rank_one_split(K: torch.Tensor, margin: float = 0.01):
     """``K = lambda_1 v v^T + R`` with ``R <= lambda_2 I`` for a batch of symmetric matrices ``(..., m, m)``, from an
     eigendecomposition in ``K``'s precision (float32 at least; no graph). Returns ``(lambda_1, v, lambda_2)`` in ``K``'s
     dtype, shapes ``(...)``, ``(..., m)``, ``(...)``. The computed eigenpairs are exact for some ``K + E`` with
@@ -254,8 +247,7 @@ def rank_one_split(K: torch.Tensor, margin: float = 0.01, cap: float | None = SP
     ``margin``. In float32 an eigendecomposition takes half the time of float64's (300 matrices of 128 x 128: 150
     against 286 ms; 24: 12 against 21 ms); the bound is then 1.5e-5 lambda_1 at 128 atoms, 0.06% of lambda_2 for the
     random features' ratio of 40; where float32 cannot resolve lambda_2 (ratios near 1e7) it raises lambda_2 enough
-    to keep ``H`` a bound, and the metric's steps shorten. ``lambda_2`` is at least ``lambda_1 / cap`` (default
-    :data:`SPIKE_CAP`; ``None``: no floor), still a bound on ``R``."""
+    to keep ``H`` a bound, and the metric's steps shorten."""
     with torch.no_grad():
         work = K.detach()
         if work.dtype not in (torch.float32, torch.float64):
@@ -264,10 +256,8 @@ def rank_one_split(K: torch.Tensor, margin: float = 0.01, cap: float | None = SP
         top = ev[..., -1].clamp_min(0)
         second = ev[..., -2].clamp_min(0) if K.shape[-1] > 1 else torch.zeros_like(top)
         err = K.shape[-1] * torch.finfo(work.dtype).eps * top
-        lam1, lam2 = (top + err) * (1 + margin), (second + err) * (1 + margin)
-        if cap is not None:
-            lam2 = torch.maximum(lam2, lam1 / cap)
-        return lam1.to(K.dtype), vec[..., -1].to(K.dtype), lam2.to(K.dtype)
+        return (((top + err) * (1 + margin)).to(K.dtype), vec[..., -1].to(K.dtype),
+                ((second + err) * (1 + margin)).to(K.dtype))
 
 
 def dominant(split: tuple, min_ratio: float, also: torch.Tensor | None = None) -> bool:

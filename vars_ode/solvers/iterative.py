@@ -167,6 +167,13 @@ def _steps(op, w, L):
 #: previous iteration's value (the function is piecewise linear: one step lands on its root once the support is
 #: settled)
 METRIC_NEWTON = 2
+#: the largest ratio ``(d + rho) / d`` (``lambda_1 / lambda_2``) a metric's step is taken with: where ``rho`` is larger,
+#: ``d`` is raised to ``(d + rho) / METRIC_CAP`` and ``rho`` lowered by as much, which keeps ``H >= K`` (the same top
+#: eigenvalue, a looser bound off ``v``). The Newton steps' function has slopes from 1 to that ratio, and near rank one
+#: (ratios of 1e3 to 1e14: a single token, one-dimensional signals, atoms sharing one direction) two steps left the
+#: multiplier inexact and ISTA, FISTA and active_set diverged (residuals up to 1e86); with caps of 64 and more FISTA
+#: stalled on some such dictionaries, with 32 on none of 240 (benchmarks/RESULTS.md, thirty-second session)
+METRIC_CAP = 32.0
 
 
 def _metric_steps(op, w, m: RankOneMetric, newton: int | None = None):
@@ -179,11 +186,16 @@ def _metric_steps(op, w, m: RankOneMetric, newton: int | None = None):
     found by :data:`METRIC_NEWTON` Newton steps from the previous iteration's root (per problem). With ``s = z - a u /
     d`` and ``c`` its clamp to ``[-w/d, w/d]``: ``z - p = c + a u / d``, so the function is ``a (1 + rho / d) +
     sqrt(rho) v^T c`` and its slope ``1 + (rho / d)`` times the sum of ``v_j^2`` where ``|s_j| > w/d``. The block's atoms
-    run along dimension -2 (``v`` is ``(..., m, 1)``), so the sums over them are products with ``v^T``."""
+    run along dimension -2 (``v`` is ``(..., m, 1)``), so the sums over them are products with ``v^T``. A ratio ``(d +
+    rho) / d`` above :data:`METRIC_CAP` is lowered to it first."""
     newton = METRIC_NEWTON if newton is None else int(newton)
     i = m.block
     steps = list(_steps(op, w, m.scales))
     d_p, rho_p = m.scales[i], m.rho
+    top = d_p + rho_p
+    capped = rho_p > (METRIC_CAP - 1) * d_p  # d < top / METRIC_CAP (elsewhere d and rho are kept to the bit)
+    d_p = torch.where(capped, top / METRIC_CAP, d_p)
+    rho_p = torch.where(capped, top - d_p, rho_p)
     e = functools.partial(op.expand, i)
     v = m.v
     vt, vsq_t = v.transpose(-1, -2), (v * v).transpose(-1, -2)
