@@ -36,6 +36,21 @@ def test_ill_conditioned_problem_in_few_steps():
     assert not bool(rk4.stats.converged.all())  # 4,000 evaluations are far from enough for the explicit method
 
 
+@pytest.mark.parametrize("solver", ["implicit_euler", "active_set"])
+def test_a_dictionary_scaled_by_1e3_in_float32_takes_the_same_steps(solver):
+    # P and x scaled by 1e3, lam by 1e6: the same minimiser and, the tolerance being relative, the same steps. The
+    # support systems' pivot check counted the identity slots (pivots of 1) beside K_SS (entries of 1e6): every
+    # support looked singular, implicit_euler stalled (3 of 5 problems at max_iter) and active_set's Newton steps
+    # were dropped (33 -> 55 iterations)
+    P, X = make_problem(2, 30, 20, batch=(5,))
+    base = vo.solve(P.float(), X.float(), 0.1, solver, tol=1e-4)
+    sol = vo.solve((1e3 * P).float(), (1e3 * X).float(), 1e5, solver, tol=1e-4)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert sol.stats.iterations.tolist() == base.stats.iterations.tolist()
+    assert (sol.code - base.code).abs().max().item() < 1e-4  # rounding apart, the same iterates
+    assert (sol.code.double() - sklearn_lasso(P, X, 0.1)).abs().max().item() < 1e-2  # float32 at tol 1e-4
+
+
 @pytest.mark.parametrize("h", [0.3, 2.0, 50.0])
 def test_steps_solve_the_dense_linearised_system(h):
     # the solver reduces (I - h J) delta = h f(y) on the 2m-dimensional state (w, u) to one system on each

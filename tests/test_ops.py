@@ -159,6 +159,25 @@ def test_support_solve_matches_a_dense_solve_column_by_column(seed, layout, dens
             np.testing.assert_allclose(V[i][:, j].numpy(), np.linalg.solve(M, Rb[i][:, j].numpy()), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_support_solve_does_not_depend_on_the_scale_of_K(scale):
+    # float32, K scaled by 1e-8 and 1e8 (a dictionary scaled by 1e-4 and 1e4): every well-conditioned support is
+    # solved and marked ok; the identity slots off the supports (pivots of 1) made each look singular before
+    from vars_ode.ops import support_solve
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    K = P.T @ P
+    D = (torch.rand(6, 5, generator=g) < 0.6).double()
+    D[:, 0] = 1  # one full support
+    R = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    V, ok = support_solve((scale * K).float(), D.float(), (scale * R).float())
+    assert ok.all(), ok
+    for j in range(5):
+        M = torch.diag(D[:, j]) @ (scale * K) @ torch.diag(D[:, j]) + torch.diag(1 - D[:, j])
+        want = torch.linalg.solve(M, scale * R[:, j])
+        assert torch.allclose(V[:, j].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max()), j
+
+
 def test_support_solve_with_a_non_finite_mask_entry_fails_that_column_only():
     # a NaN in one column's mask (a code that went non-finite) marks that column as failed; the others are solved
     from vars_ode.ops import support_solve

@@ -331,6 +331,29 @@ def test_tolerance_is_relative_to_the_problem_scale(solver, dtype):
             assert sol.stats.iterations[1:].tolist() == base.stats.iterations[1:].tolist()
 
 
+@pytest.mark.parametrize("integrator", ["native", "torchdiffeq"])
+def test_the_ode_steady_state_reaches_tol_with_a_scaled_dictionary(integrator):
+    """P, x scaled by s and lam by s^2 (the same minimiser; L grows by s^2): dopri5 reaches tol at s = 30 as at
+    s = 1, alone and in a batch of per-problem dictionaries beside the unscaled one, against scikit-learn. With
+    the absolute atol of a unit problem it wandered above tol until its budget ran out (ode.steady_atol)."""
+    from sklearn.linear_model import Lasso
+
+    g = torch.Generator().manual_seed(1)
+    P = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    ref = torch.tensor(__import__("numpy").stack([Lasso(alpha=0.1 / 12, fit_intercept=False, tol=1e-14, max_iter=100_000)
+                                 .fit(P.numpy(), xi.numpy()).coef_ for xi in x]))
+    s = 30.0
+    alone = vo.solve(s * P, s * x, 0.1 * s * s, "dopri5", tol=1e-6, integrator=integrator, max_iter=6000)
+    both = vo.solve(torch.stack([P, s * P]).unsqueeze(1), torch.stack([x, s * x]),
+                    torch.tensor([[0.1], [0.1 * s * s]], dtype=torch.float64), "dopri5", tol=1e-6,
+                    integrator=integrator, max_iter=6000)
+    for sol, codes in ((alone, alone.code), (both, both.code.flatten(0, 1))):
+        assert bool((sol.stats.status == int(vo.Status.CONVERGED)).all()), sol.stats
+        err = (codes.reshape(-1, 4, 6) - ref).abs().amax()
+        assert err < 1e-4, err
+
+
 def _operators(kind):
     # (operator, b) of three kinds, float64: a Gram matrix shared by 40 columns (4 groups), the convolutional
     # templates (a 4x4 grid, 2 heads of 3 channels, 3 templates each) and their union with random-feature atoms

@@ -14,6 +14,8 @@ Shapes: a dictionary ``P`` is ``(..., d, m)`` (``m`` atoms of dimension ``d``), 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._validation import as_lam, check_choice, check_tensor
@@ -227,9 +229,9 @@ def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compa
     triangular solves are two ``solve_triangular`` calls (``cholesky_solve`` took 5x as long on batches of
     128 x 128 systems here, benchmarks/RESULTS.md).
 
-    Returns ``(V, ok)``: ``V`` ``(..., m, k)``; ``ok`` ``(..., k)``, false where the factorisation failed or its
-    smallest pivot is below ``m eps`` times its largest (a singular ``K_SS`` to working precision, for which ``V``
-    is not to be trusted)."""
+    Returns ``(V, ok)``: ``V`` ``(..., m, k)``; ``ok`` ``(..., k)``, false where the factorisation failed or the
+    smallest pivot of its support is below ``m eps`` times the largest (a singular ``K_SS`` to working precision,
+    for which ``V`` is not to be trusted)."""
     m = K.shape[-1]
     batch = torch.broadcast_shapes(K.shape[:-2], mask.shape[:-2], R.shape[:-2])
     k = mask.shape[-1]
@@ -261,5 +263,10 @@ def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compa
     v = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, rc, upper=False), upper=True)
     V = Rt.scatter(-1, idx, v.squeeze(-1))
     piv = C.diagonal(dim1=-2, dim2=-1).pow(2)
-    ok = (info == 0) & (piv.amin(-1) > m * torch.finfo(K.dtype).eps * piv.amax(-1))
+    # the pivots of the support alone: the identity slots' pivots (1) say nothing of K_SS, and beside a K of another
+    # scale (entries of 1e6, or 1e-6, in float32) they made every support look singular
+    on = act != 0  # (a NaN entry counts as on: its column fails)
+    top = torch.where(on, piv, torch.zeros((), dtype=piv.dtype, device=piv.device)).amax(-1)
+    low = torch.where(on, piv, torch.full((), math.inf, dtype=piv.dtype, device=piv.device)).amin(-1)
+    ok = (info == 0) & (low > m * torch.finfo(K.dtype).eps * top)
     return V.transpose(-1, -2), ok

@@ -198,6 +198,24 @@ def settings(method: str, tol: float, rtol=None, atol=None, options=None):
     return rtol, atol, options
 
 
+def steady_atol(op, L: torch.Tensor, rtol: float, atol: float, per_problem: bool):
+    """The default absolute tolerance of the steady-state mode: ``atol`` (``rtol / 100``), tightened to ``rtol / L``
+    for a problem whose ``L`` is above 100. The state of the rescaled field is in units of the code (``u``) and of
+    ``b / L`` (``w``), and an error ``e`` in it moves the KKT residual (in units of ``b``) by up to about ``L e``:
+    ``rtol / 100`` keeps that within ``rtol`` (a tenth of ``tol``) only while ``L <= 100``. Above it, a fixed
+    absolute tolerance lets the steps grow until the iterates wander far above ``tol`` at the stability limit
+    (``vo.solve(s P, s x, 0.1 s^2, "dopri5", tol=1e-7)``, the same minimiser for every ``s``: ``L`` 3.3 s^2;
+    s = 100: KKT residual 3.5e-2 after 20,000 evaluations, 1.5e-3 in 4,845 with this; benchmarks/RESULTS.md).
+    ``per_problem``: a tensor of one value per problem for a one-block state (the native adaptive integrator takes
+    it); otherwise one float for all, the tightest. Below 100 everywhere, ``atol`` as it is."""
+    top = float(L.max()) if L.numel() else 0.0
+    if not top * atol > rtol:
+        return atol
+    if per_problem and op.num_blocks == 1:
+        return (rtol / op.expand(0, L.to(torch.float64))).clamp(max=atol).to(L.dtype)
+    return rtol / top
+
+
 def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
               options=None, window=4.0, max_window=32.0, t_max=math.inf, t_end=None,
               alpha=1.0, beta=2.0, gamma=2.0, adjoint_rtol=None, adjoint_atol=None, trace=None,
@@ -217,6 +235,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the fused layer node's integration (a VARSLayer "
                          "with dictionary 'd' or static='dense', a horizon, grad 'unroll' or 'adjoint'); vo.solve and "
                          "the layer's generic path integrate eagerly: leave it out, or torch.compile the caller")
+    auto_atol = atol is None
     rtol, atol, options = settings(method, tol, rtol, atol, options)
     for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if value is not None:
@@ -240,6 +259,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         # limit without reaching `tol`. The worst problem's RMS keeps each problem's own tolerance.
         options.setdefault("norm", lambda state: op.norm(tuple(t.detach() for t in state)).amax())
     L = torch.as_tensor(L).detach()
+    if auto_atol and tol > 0 and t_end is None and method not in FIXED_STEP:
+        atol = steady_atol(op, L, rtol, atol, per_problem=engine == "native" and method in native.ADAPTIVE_TABLEAUX)
     scale = tuple(1.0 / op.expand(i, L) for i in range(n))
     if init is None:
         init = tuple(torch.zeros_like(b) for b in B)
