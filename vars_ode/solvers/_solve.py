@@ -56,9 +56,10 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             see :mod:`vars_ode.solvers.iterative`), ``restart`` (fista), ``metric`` (ista / fista / active_set:
             ``"auto"``, the default, steps to a tolerance in the rank-one metric of a dictionary with a dominant
             direction, :meth:`vars_ode.lasso.GramOperator.metric`, in place of ``1 / L``; ``"none"``); ``rtol``
-            (default ``tol / 10``, :func:`vars_ode.solvers.ode.default_rtol`), ``atol`` (default ``rtol / 100``, and ``rtol / L`` for a problem whose ``L``
-            is above 100: :func:`vars_ode.solvers.ode.steady_atol`), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``,
-            ``t_end`` (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
+            (default ``tol / 10``, :func:`vars_ode.solvers.ode.default_rtol`), ``atol`` (default ``rtol / max(L,
+            1)`` per problem to a tolerance, :func:`vars_ode.solvers.ode.steady_atol`; ``rtol / 100`` over a
+            horizon), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``, ``t_end``
+            (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
             (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history; with ``t_end``

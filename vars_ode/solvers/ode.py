@@ -177,7 +177,7 @@ def check_tolerances(rtol, atol, method: str | None = None) -> None:
         if value is not None:
             _check_tolerance(name, value)
     if method not in FIXED_STEP and rtol == 0 and (atol is None or (not isinstance(atol, torch.Tensor) and atol == 0)):
-        raise ValueError("rtol and atol are both 0 (atol defaults to rtol / 100): every adaptive step would have to "
+        raise ValueError("rtol and atol are both 0 (atol defaults to rtol / 100, or rtol / max(L, 1) to a tolerance): every adaptive step would have to "
                          "be exact; make one positive")
 
 
@@ -198,22 +198,18 @@ def settings(method: str, tol: float, rtol=None, atol=None, options=None):
     return rtol, atol, options
 
 
-def steady_atol(op, L: torch.Tensor, rtol: float, atol: float, per_problem: bool):
-    """The default absolute tolerance of the steady-state mode: ``atol`` (``rtol / 100``), tightened to ``rtol / L``
-    for a problem whose ``L`` is above 100. The state of the rescaled field is in units of the code (``u``) and of
-    ``b / L`` (``w``), and an error ``e`` in it moves the KKT residual (in units of ``b``) by up to about ``L e``:
-    ``rtol / 100`` keeps that within ``rtol`` (a tenth of ``tol``) only while ``L <= 100``. Above it, a fixed
-    absolute tolerance lets the steps grow until the iterates wander far above ``tol`` at the stability limit
-    (``vo.solve(s P, s x, 0.1 s^2, "dopri5", tol=1e-7)``, the same minimiser for every ``s``: ``L`` 3.3 s^2;
-    s = 100: KKT residual 3.5e-2 after 20,000 evaluations, 1.5e-3 in 4,845 with this; benchmarks/RESULTS.md).
-    ``per_problem``: a tensor of one value per problem for a one-block state (the native adaptive integrator takes
-    it); otherwise one float for all, the tightest. Below 100 everywhere, ``atol`` as it is."""
-    top = float(L.max()) if L.numel() else 0.0
-    if not top * atol > rtol:
-        return atol
+def steady_atol(op, L: torch.Tensor, rtol: float, per_problem: bool):
+    """The default absolute tolerance of the steady-state mode: ``rtol / max(L, 1)`` per problem. The state of the
+    rescaled field is in units of the code (``u``) and of ``b / L`` (``w``), and an error ``e`` in it moves the KKT
+    residual (in units of ``b``) by up to about ``L e``: ``rtol / L`` keeps that within ``rtol`` (a tenth of
+    ``tol``), whatever the dictionary's scale (``vo.solve(s P, s x, 0.1 s^2, "dopri5", tol=1e-7)``, the same
+    minimiser for every ``s``, ``L`` 3.3 s^2: the earlier fixed ``rtol / 100`` ran out of 20,000 evaluations at
+    s = 100 with a residual of 3.5e-2, and took 1.2-2.2x the evaluations of this where ``L < 100``, float32 at
+    1e-6 most; benchmarks/RESULTS.md, thirty-third session). ``per_problem``: one value per problem for a one-block
+    state (the native adaptive integrator takes a tensor); otherwise one float for all, the tightest."""
     if per_problem and op.num_blocks == 1:
-        return (rtol / op.expand(0, L.to(torch.float64))).clamp(max=atol).to(L.dtype)
-    return rtol / top
+        return (rtol / op.expand(0, L.to(torch.float64)).clamp(min=1.0)).to(L.dtype)
+    return rtol / max(float(L.max()) if L.numel() else 1.0, 1.0)
 
 
 def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=None, atol=None,
@@ -260,7 +256,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         options.setdefault("norm", lambda state: op.norm(tuple(t.detach() for t in state)).amax())
     L = torch.as_tensor(L).detach()
     if auto_atol and tol > 0 and t_end is None and method not in FIXED_STEP:
-        atol = steady_atol(op, L, rtol, atol, per_problem=engine == "native" and method in native.ADAPTIVE_TABLEAUX)
+        atol = steady_atol(op, L, rtol, per_problem=engine == "native" and method in native.ADAPTIVE_TABLEAUX)
     scale = tuple(1.0 / op.expand(i, L) for i in range(n))
     if init is None:
         init = tuple(torch.zeros_like(b) for b in B)
