@@ -177,8 +177,8 @@ def check_tolerances(rtol, atol, method: str | None = None) -> None:
         if value is not None:
             _check_tolerance(name, value)
     if method not in FIXED_STEP and rtol == 0 and (atol is None or (not isinstance(atol, torch.Tensor) and atol == 0)):
-        raise ValueError("rtol and atol are both 0 (atol defaults to rtol / 100, or rtol / max(L, 1) to a tolerance): every adaptive step would have to "
-                         "be exact; make one positive")
+        raise ValueError("rtol and atol are both 0 (atol defaults to rtol / 100, or rtol / max(L, 1) to a "
+                         "tolerance): every adaptive step would have to be exact; make one positive")
 
 
 def settings(method: str, tol: float, rtol=None, atol=None, options=None):
@@ -204,8 +204,8 @@ def steady_atol(op, L: torch.Tensor, rtol: float, per_problem: bool):
     residual (in units of ``b``) by up to about ``L e``: ``rtol / L`` keeps that within ``rtol`` (a tenth of
     ``tol``), whatever the dictionary's scale (``vo.solve(s P, s x, 0.1 s^2, "dopri5", tol=1e-7)``, the same
     minimiser for every ``s``, ``L`` 3.3 s^2: the earlier fixed ``rtol / 100`` ran out of 20,000 evaluations at
-    s = 100 with a residual of 3.5e-2, and took 1.2-2.2x the evaluations of this where ``L < 100``, float32 at
-    1e-6 most; benchmarks/RESULTS.md, thirty-third session). ``per_problem``: one value per problem for a one-block
+    s = 100 with a residual of 3.5e-2, and took 1.0-2.5x the evaluations of this on unit-scale problems, median
+    1.18x, float32 at 1e-6 most; benchmarks/RESULTS.md, thirty-third session). ``per_problem``: one value per problem for a one-block
     state (the native adaptive integrator takes a tensor); otherwise one float for all, the tightest."""
     if per_problem and op.num_blocks == 1:
         return (rtol / op.expand(0, L.to(torch.float64)).clamp(min=1.0)).to(L.dtype)
