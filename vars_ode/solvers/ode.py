@@ -65,6 +65,8 @@ DEFAULT_STEP_SIZES = {"euler": 0.5, "midpoint": 0.5, "heun2": 0.5, "heun3": 0.75
                       "explicit_adams": 0.1, "implicit_adams": 0.25, "fixed_adams": 0.25}
 RTOL_FACTOR = {"fehlberg2": 1e-2}
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
+#: the Adams methods whose corrector iterates to rtol / atol (torchdiffeq's AdamsBashforthMoulton, implicit)
+IMPLICIT_ADAMS = ("implicit_adams", "fixed_adams")
 
 INTEGRATORS = ("auto", "torchdiffeq", "native")
 
@@ -255,7 +257,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         # limit without reaching `tol`. The worst problem's RMS keeps each problem's own tolerance.
         options.setdefault("norm", lambda state: op.norm(tuple(t.detach() for t in state)).amax())
     L = torch.as_tensor(L).detach()
-    if auto_atol and tol > 0 and t_end is None and method not in FIXED_STEP:
+    # (the fixed-step methods read no atol, but for the implicit Adams correctors' iterations)
+    if auto_atol and tol > 0 and t_end is None and (method not in FIXED_STEP or method in IMPLICIT_ADAMS):
         atol = steady_atol(op, L, rtol, per_problem=engine == "native" and method in native.ADAPTIVE_TABLEAUX)
     scale = tuple(1.0 / op.expand(i, L) for i in range(n))
     if init is None:
@@ -322,7 +325,16 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                     sol = _eager(odeint_adjoint, f, st, ts, adjoint_params=params,
                                  adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
                 else:
-                    if method != "scipy_solver":
+                    if method in IMPLICIT_ADAMS and t_end is None:
+                        with warnings.catch_warnings():
+                            # to a steady state the corrector's 4 functional iterations fall short of rtol at the
+                            # step the stability allows (contraction about 0.23 each), and torchdiffeq warns at every
+                            # such step (22 times on a 12 x 6 problem at tol 1e-6); the KKT residual, not the
+                            # trajectory, decides convergence there and the status reports it. Over a horizon the
+                            # warning stays: there the trajectory is the answer
+                            warnings.filterwarnings("ignore", message="Functional iteration did not converge")
+                            sol = _eager(odeint, f, st, ts, **kw)
+                    elif method != "scipy_solver":
                         sol = _eager(odeint, f, st, ts, **kw)
                     else:
                         with warnings.catch_warnings():
