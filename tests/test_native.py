@@ -859,3 +859,85 @@ def test_a_taped_tail_is_reversed_on_its_groups(method, checkpoint):
         assert float(c.abs().max()) > 0
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _gram_rk(Xs, K, L, P, options, method="dopri5"):
+    f = GramVARSDynamics(K / L, P.T @ Xs.T / L, 0.1 / L / 2)
+    return f, native.AdaptiveRK(f, method, 1e-6, 1e-8, (Xs.shape[0],), torch.float64, "cpu", options)
+
+
+def test_a_steady_window_lets_every_column_step_at_its_own_pace():
+    # AdaptiveRK.advance (the steady state's windows): no step is cut to land on a common time, so the columns end a
+    # window at their own times, and a column's state is the one it reaches alone in as many attempts (up to an
+    # accept / reject decision flipped by rounding in the batched product)
+    P, X = make_problem(6, 16, 8, batch=(6,))
+    X = X * torch.logspace(-1, 1.5, 6, dtype=X.dtype)[:, None]  # problems of different scales: different steps
+    K = P.T @ P
+    L = float(torch.linalg.eigvalsh(K)[-1])
+    f, rk = _gram_rk(X, K, L, P, {})
+    W, U = rk.advance(f.initial_state(), 3.0, torch.ones(6, dtype=torch.bool))
+    assert float(rk.time.max()) > 1.5 * float(rk.time.min())  # no common end
+    assert float(rk.time.median()) >= 3.0 - 1e-12
+    for i in range(6):
+        fi, rki = _gram_rk(X[i:i + 1], K, L, P, {"max_num_steps": rk.attempts})
+        Wi, Ui = rki.advance(fi.initial_state(), float("inf"), torch.ones(1, dtype=torch.bool))
+        assert rki.attempts == rk.attempts
+        torch.testing.assert_close(U[:, i:i + 1], Ui, rtol=0, atol=1e-5 * max(1.0, Ui.abs().max().item()))
+        torch.testing.assert_close(rk.time[i:i + 1], rki.time, rtol=1e-5, atol=0)
+
+
+def test_a_steady_window_ends_when_its_median_column_has_advanced_and_a_clock_stops_at_end():
+    P, X = make_problem(7, 16, 8, batch=(5,))
+    X = X * torch.logspace(-1, 1.5, 5, dtype=X.dtype)[:, None]
+    K = P.T @ P
+    L = float(torch.linalg.eigvalsh(K)[-1])
+    f, rk = _gram_rk(X, K, L, P, {})
+    live = torch.tensor([True, True, True, True, False])
+    y = rk.advance(f.initial_state(), 3.0, live, end=5.0)
+    t = rk.time
+    assert float(t[live].median()) >= 3.0 - 1e-12
+    rk.advance(y, 10.0, live, end=5.0)  # every live column at its clock's end
+    torch.testing.assert_close(rk.time[live], torch.full((4,), 5.0, dtype=t.dtype), rtol=0, atol=1e-12)
+
+
+def test_the_steady_state_reaches_t_max_as_the_horizon_does():
+    # t_max stops each problem's own clock: the code there is the flow's at t_max, as integrated to t_end = t_max
+    P, X = make_problem(8, 20, 10, batch=(4,))
+    at_max = vo.solve(P, X, 0.1, "dopri5", tol=1e-12, t_max=6.0, rtol=1e-9, atol=1e-11)
+    horizon = vo.solve(P, X, 0.1, "dopri5", t_end=6.0, rtol=1e-9, atol=1e-11)
+    assert not bool(at_max.stats.converged.any())
+    torch.testing.assert_close(at_max.code, horizon.code, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+def test_stabilised_step_control_takes_fewer_evaluations_to_a_steady_state(method):
+    # the steady state's default beta (Hairer's stabilised control) against torchdiffeq's rule (beta 0), each
+    # problem at the stability limit of the rescaled field: fewer rejected steps, the same minimiser
+    for seed, (d, m) in enumerate(((64, 48), (30, 20), (40, 30))):
+        P, X = make_problem(seed, d, m, batch=(8,))
+        default = vo.solve(P, X, 0.1, method, tol=1e-6)
+        plain = vo.solve(P, X, 0.1, method, tol=1e-6, options={"beta": 0.0})
+        assert bool(default.stats.converged.all()) and bool(plain.stats.converged.all())
+        assert int(default.stats.iterations.max()) < 0.95 * int(plain.stats.iterations.max())
+        torch.testing.assert_close(default.code, plain.code, rtol=0, atol=1e-4)
+
+
+def test_beta_is_checked_and_native_only():
+    P, X = make_problem(0, 12, 6, batch=(2,))
+    for bad in (-0.1, 0.3, float("nan")):
+        with pytest.raises(ValueError, match="beta"):
+            vo.solve(P, X, 0.1, "dopri5", tol=1e-4, options={"beta": bad})
+    with pytest.raises(ValueError, match="beta"):
+        vo.solve(P, X, 0.1, "dopri5", tol=1e-4, integrator="torchdiffeq", options={"beta": 0.04})
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+def test_a_batch_to_a_steady_state_costs_what_its_slowest_problem_costs_alone(method):
+    # the steady state's windows have no common end: no problem waits for another within a window (with a common
+    # end the batch took 1.09x (dopri5) and 1.16x (bosh3) the evaluations of its slowest problem here)
+    P, X = make_problem(0, 30, 20, batch=(8,))
+    batch = vo.solve(P, X, 0.1, method, tol=1e-5)
+    alone = [vo.solve(P, X[i:i + 1], 0.1, method, tol=1e-5) for i in range(8)]
+    assert bool(batch.stats.converged.all()) and all(bool(a.stats.converged.all()) for a in alone)
+    slowest = max(int(a.stats.iterations.max()) for a in alone)
+    assert int(batch.stats.iterations.max()) <= 1.05 * slowest

@@ -18,7 +18,9 @@ device:
   (safety 0.9, growth at most 10, shrink at least 0.2 after a rejection, exponent ``1 / order``), as
   is the first step (Hairer, Norsett and Wanner, II.4), both evaluated per column, except at the end of an
   interval: a remainder up to ``stretch`` (1.1) times the step size is one step, not a step and a sliver
-  (a layer's horizon of 3 took 6 dopri5 attempts, the last for 1% of the horizon, and takes 5). Because the
+  (a layer's horizon of 3 took 6 dopri5 attempts, the last for 1% of the horizon, and takes 5). To a steady state
+  (:meth:`AdaptiveRK.advance`) there is no common end at all: each column keeps its own clock, and the step size
+  follows Hairer and Wanner's stabilised rule (``beta``). Because the
   columns no longer share one step size, the evaluations differ from torchdiffeq's, whose error norm
   spans the whole batch; the solution agrees to the tolerance. Where the field can select groups of problems
   (:meth:`VARSField.select_groups <vars_ode.dynamics.VARSField.select_groups>`: a layer's images and heads, the
@@ -82,7 +84,7 @@ for _name, (_c, _A, _b, _bl, _o) in ADAPTIVE_TABLEAUX.items():
 
 NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
 ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch",
-                    "fixed_attempts")
+                    "fixed_attempts", "beta")
 #: the adaptive loop's last attempts run on the groups of problems still short of the interval's end (the state's
 #: leading dimensions: a layer's images and heads) once at most this fraction of the groups is, where the field can
 #: select groups (:meth:`vars_ode.dynamics.VARSField.select_groups`) and the tape, if any, records a tail (the Gram
@@ -91,7 +93,7 @@ ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every",
 #: (benchmarks/RESULTS.md, twenty-third session; ``benchmarks/ode_tail_cpu.py``)
 TAIL_FRACTION = 0.25
 #: the adaptive options that torchdiffeq's methods do not have (torchdiffeq only warns about them and ignores them)
-NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts")
+NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts", "beta")
 
 
 #: the smallest state tensor (bytes) whose stages and slopes go into reused buffers: glibc's default threshold for
@@ -211,7 +213,11 @@ class AdaptiveRK:
             (:attr:`forced` counts the columns whose tolerance rejected it). With a budget that no column
             exhausts, the result is the unbudgeted one: a column at the end takes steps of length zero, which
             leave its state as it is. A budget makes an integration one fixed sequence of operations, which CUDA
-            graphs capture and torch.compile traces; ``check_every`` and ``max_num_steps`` then have no effect).
+            graphs capture and torch.compile traces; ``check_every`` and ``max_num_steps`` then have no effect),
+            ``beta`` (0: torchdiffeq's rule; above 0, Hairer's stabilised step-size control, the steady state's
+            default, :meth:`advance`: an accepted step's factor is ``safety ratio^-(1/order - 0.75 beta)
+            previous^beta``, ``previous`` the error ratio of the problem's last accepted step (at least 1e-4), so a
+            step that passed with little margin shrinks the next; clipped to ``[dfactor, ifactor]``).
 
     ``attempts`` counts attempted steps; ``evaluations`` (a long tensor of the problems' shape) counts, per
     column, the evaluations spent while that column was still short of the window's end; ``forced`` (same shape)
@@ -244,6 +250,15 @@ class AdaptiveRK:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise ValueError(f"options['fixed_attempts'] must be a positive integer or None, got {budget!r}")
         self.fixed_attempts = budget
+        self.beta = float(options.get("beta", 0.0))
+        if not 0.0 <= self.beta < 4.0 / (3.0 * self.order):  # (the error's exponent 1 / order - 0.75 beta > 0)
+            raise ValueError(f"options['beta'] must be a number in [0, {4.0 / (3.0 * self.order):.3g}) for {method} "
+                             f"(4 / (3 order)), got {options.get('beta')!r}")
+        self.previous = None  # the error ratio of every column's last accepted step (beta > 0), from 1e-4
+        #: each column's own time in :meth:`advance` (the steady state's windows); None before its first call
+        self.time = None
+        #: the longest step (None: the interval's length; :meth:`advance` sets its ``max_step``)
+        self.max_step = None
         first = options.get("first_step")
         self.dt = None if first is None else torch.full(cols, float(first), dtype=dtype, device=device)
         self.evaluations = torch.zeros(cols, dtype=torch.long, device=device)
@@ -293,6 +308,42 @@ class AdaptiveRK:
                 y, t = self._attempt(y, t, t0, span, last=i == self.fixed_attempts - 1)
             return y
         return self._loop(y, t, t0, span, 0)[0]
+
+    def advance(self, y, duration: float, live, end: float = math.inf, max_step: float = 32.0):
+        """One window of a steady state: every column steps at its own size and none waits for another (no step is
+        cut to land on a common time, as :meth:`integrate` does at ``t1``), until the median of the ``live`` columns
+        (a boolean tensor of the problems' shape) has advanced by ``duration``; a column's own clock (:attr:`time`,
+        kept from call to call) stops at ``end``, and no step is longer than ``max_step``. Returns the state.
+
+        To a steady state the time at which a column is looked at does not matter, only its residual: with a
+        common end per window the batch took as many attempts as its slowest column needed in each window, and
+        every column cut a step short at each end (Quick start, 100 problems, dopri5 to 1e-6: 1,757 attempts where
+        the slowest column needed 1,573; benchmarks/RESULTS.md, thirty-fourth session). The host reads the median
+        column's progress once per burst of attempts (bursts as in :meth:`integrate`, up to ``check_every``)."""
+        self.k1 = self.f(0.0, y)
+        self.evaluations += 1
+        if self.dt is None:
+            self.dt = self._first_step(y, self.k1)
+            self.evaluations += 1
+        if self.time is None:
+            self.time = torch.zeros_like(self.dt)
+        self.max_step = float(max_step)
+        start, t, n = self.time, self.time, 0
+        nan = torch.full((), math.nan, dtype=self.dt.dtype, device=self.dt.device)
+        while n < self.max_num_steps:
+            with torch.no_grad():  # the median live column's attempts still to go at its step size (NaN: none live)
+                on = live & (t < end)
+                done = torch.where(on, t - start, nan).nanmedian()
+                need = ((duration - done) / torch.where(on, self.dt, nan).nanmedian()).nan_to_num(0.0)
+                need = float(torch.ceil(need - 1e-9).clamp(0, self.max_num_steps))
+            if need == 0:
+                break
+            self._burst = min(2 * self._burst, self.check_every)
+            for _ in range(min(self._burst, int(need), self.max_num_steps - n)):
+                y, t = self._attempt(y, t, 0.0, end)
+                n += 1
+        self.time = t
+        return y
 
     def _loop(self, y, t, t0, span, n):
         # the attempts of integrate() from time t0 + t (per column), n attempts already made; returns (y, t)
@@ -356,6 +407,7 @@ class AdaptiveRK:
         sub.f = self.f.select_groups(lead, live)
         sub.atol = take_groups(self.atol, lead, live)
         sub.dt, sub.k1 = take(self.dt), tuple(take(k) for k in self.k1)
+        sub.previous = None if self.previous is None else take(self.previous)
         sub.evaluations, sub.forced = torch.zeros_like(take(self.evaluations)), torch.zeros_like(take(self.forced))
         sub.attempts = 0
         sub.tape = None if self.tape is None else self.tape.tail(live, lead)
@@ -364,6 +416,9 @@ class AdaptiveRK:
         self.attempts += sub.attempts
         self._burst = sub._burst
         self.dt = put(self.dt, sub.dt)
+        if sub.previous is not None:
+            self.previous = put(torch.full_like(self.dt, 1e-4) if self.previous is None else self.previous,
+                                sub.previous)
         self.k1 = tuple(put(k, part) for k, part in zip(self.k1, sub.k1))
         self.evaluations = put(self.evaluations, take(self.evaluations) + sub.evaluations)
         self.forced = put(self.forced, take(self.forced) + sub.forced)
@@ -399,11 +454,21 @@ class AdaptiveRK:
             if last:
                 self.forced += (live & ~accept).long()
                 accept = torch.ones_like(accept)
+            r = ratio.clamp_min(1e-300)
             grow = torch.where(ratio == 0, torch.full_like(ratio, self.ifactor),
-                               torch.clamp(self.safety * ratio.clamp_min(1e-300) ** (-1.0 / self.order),
-                                           max=self.ifactor))
-            # torchdiffeq's rule: no shrinking after an error below one, at most by dfactor otherwise
-            factor = torch.where(ratio < 1.0, grow.clamp_min(1.0), grow.clamp_min(self.dfactor)).nan_to_num(1.0)
+                               torch.clamp(self.safety * r ** (-1.0 / self.order), max=self.ifactor))
+            if self.beta > 0:
+                # Hairer and Wanner's stabilised control (Solving ODEs II, IV.2; their DOPRI5's beta): where the step
+                # sits at the stability limit it keeps the step from overshooting and being rejected
+                if self.previous is None:
+                    self.previous = torch.full_like(ratio, 1e-4)
+                pi = self.safety * r ** (0.75 * self.beta - 1.0 / self.order) * self.previous ** self.beta
+                ok = accept & ~broken
+                factor = torch.where(ok, pi, grow).clamp(self.dfactor, self.ifactor).nan_to_num(1.0)
+                self.previous = torch.where(ok & live, ratio.clamp_min(1e-4), self.previous)
+            else:
+                # torchdiffeq's rule: no shrinking after an error below one, at most by dfactor otherwise
+                factor = torch.where(ratio < 1.0, grow.clamp_min(1.0), grow.clamp_min(self.dfactor)).nan_to_num(1.0)
             proposal = h * factor
             # a step shortened to land on the window's end says nothing against the step size; a rejected step that
             # was stretched to the end is followed by one below rest / stretch (with stretch * safety >= 1 it would
@@ -412,7 +477,8 @@ class AdaptiveRK:
             new_dt = torch.where(accept & (h < self.dt), torch.maximum(self.dt, proposal),
                                  torch.where(stretched_out, torch.minimum(proposal, rest * (0.999 / self.stretch)),
                                              proposal))
-            self.dt = torch.where(live, new_dt, self.dt).clamp(min=1e-12, max=max(span, 1e-12))
+            cap = span if self.max_step is None else min(span, self.max_step)
+            self.dt = torch.where(live, new_dt, self.dt).clamp(min=1e-12, max=max(cap, 1e-12))
             t = torch.where(broken, torch.full_like(t, span), torch.where(accept, t + h, t))
         if self.tape is not None:
             self.tape.add(stages, hs, accept, self.A, self.b)

@@ -10,7 +10,12 @@ Two modes:
 * steady state (default): integrate window after window (lengths ``window``, doubling up to
   ``max_window``, default 32); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
   field is multiplied by zero, so adaptive step control ignores them). Stops when all are frozen,
-  when ``max_iter`` function evaluations have been spent, or at time ``t_max``.
+  when ``max_iter`` function evaluations have been spent, or at time ``t_max``. Where no gradient flows through
+  the steps (``grad="implicit"``, or no input that requires one), the native adaptive methods take a window without
+  a common end (:meth:`vars_ode.solvers.native.AdaptiveRK.advance`: each problem at its own step size until the
+  median problem has advanced by the window's length) and, by default, Hairer's stabilised step control
+  (:data:`STEADY_BETA`): there the time at which a problem is looked at does not matter, and its step sits at the
+  stability limit.
 * fixed horizon (``t_end=T``): one integration over ``[0, T]``, with no check of this module's.
 
 Integrators (``integrator=``):
@@ -200,6 +205,17 @@ def settings(method: str, tol: float, rtol=None, atol=None, options=None):
     return rtol, atol, options
 
 
+#: the native adaptive methods' ``beta`` (:class:`vars_ode.solvers.native.AdaptiveRK`) to a steady state: the value of
+#: Hairer and Wanner's DOPRI5 code. On 98 configurations of dopri5 and bosh3 (1,072 problems: Gaussian, Quick-start,
+#: underdetermined, positive and unnormalised dictionaries, float32 / float64, tol 1e-4 / 1e-6; benchmarks/RESULTS.md,
+#: thirty-fourth session), with :meth:`~vars_ode.solvers.native.AdaptiveRK.advance`'s windows: 1,012 -> 1,032 problems
+#: converged, and where all converged 1.06-1.51x fewer evaluations than before either (median 1.32x; the windows
+#: alone 1.12x); 0.08, which Hairer and Wanner suggest where stability bounds the step, gave the same median but up to
+#: 1.16x more on some. Over a horizon, and where a gradient is unrolled through the steps, the default stays 0
+#: (torchdiffeq's rule): a layer keeps its trajectory
+STEADY_BETA = 0.04
+
+
 def steady_atol(op, L: torch.Tensor, rtol: float, per_problem: bool):
     """The default absolute tolerance of the steady-state mode: ``rtol / max(L, 1)`` per problem. The state of the
     rescaled field is in units of the code (``u``) and of ``b / L`` (``w``), and an error ``e`` in it moves the KKT
@@ -286,14 +302,21 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             run_node = gram_ode.integrate_operator
         state = f.initial_state(u_)
         rk = None
+        # to a steady state without a graph through the steps, each problem at its own pace (AdaptiveRK.advance) with
+        # the stabilised step control; differentiated through its steps (grad="unroll" to a tol) the integration keeps
+        # common window ends and torchdiffeq's rule: on a convolutional VARS-SD layer (16 channels, 17 tokens,
+        # float64) stopped unconverged at 5,000 evaluations the unrolled input gradient reached 3e44 with them
+        # (1.25 without; benchmarks/RESULTS.md, thirty-fourth session)
+        free = t_end is None and not (torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (*op_.roots(), *B_, *u_, w_)))
         if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
-                                   options, layout=op)
+                                   {"beta": STEADY_BETA, **options} if free else options, layout=op)
 
-            def taped(st, tape, t0, t1):
+            def taped(st, tape, run_rk):
                 rk.tape = tape
                 try:
-                    return rk.integrate(st, t0, t1)
+                    return run_rk(st)
                 finally:
                     rk.tape = None
 
@@ -303,8 +326,16 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
 
             def integrate(st, t0, t1):
                 if node:
-                    return call(run_node, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
+                    return call(run_node, lambda y, tape: taped(y, tape, lambda y_: rk.integrate(y_, t0, t1)),
+                                f, st, checkpoint)
                 return call(rk.integrate, st, t0, t1)
+
+            def advance(st, duration, live):  # a steady state's window (AdaptiveRK.advance)
+                def go(y):
+                    return rk.advance(y, duration, live, t_max, max_window)
+                if node:
+                    return _eager(run_node, lambda y, tape: taped(y, tape, go), f, st, checkpoint)
+                return _eager(go, st)
         elif engine == "native":
             step = native.fixed_step_size(method, options)
 
@@ -375,7 +406,10 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             f.active = tuple(op.expand(i, act) for i in range(n))
             before = f.nfe
             t1 = min(t + span, t_max)
-            state = integrate(state, t, t1)
+            if rk is None or not free:
+                state = integrate(state, t, t1)
+            else:  # (the last window before t_max takes every problem's clock there)
+                state = advance(state, t1 - t if t1 < t_max else math.inf, active)
             evals = evals + (f.nfe - before) * active
             code = codes(state)
             rec(code)
