@@ -15,7 +15,7 @@ Two modes:
   a common end (:meth:`vars_ode.solvers.native.AdaptiveRK.advance`: each problem at its own step size until the
   median problem has advanced by the window's length) and, by default, Hairer's stabilised step control
   (:data:`STEADY_BETA`): there the time at which a problem is looked at does not matter, and its step sits at the
-  stability limit.
+  stability limit. Such an integration runs without a graph and without the autograd node below, even in grad mode.
 * fixed horizon (``t_end=T``): one integration over ``[0, T]``, with no check of this module's.
 
 Integrators (``integrator=``):
@@ -294,6 +294,20 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         # (adaptive) as autograd's
         node = engine == "native" and capable and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         checkpoint = grad == "adjoint"
+        # to a steady state without a graph through the steps, each problem at its own pace (AdaptiveRK.advance) with
+        # the stabilised step control; differentiated through its steps (grad="unroll" to a tol) the integration keeps
+        # common window ends and torchdiffeq's rule: on a convolutional VARS-SD layer (16 channels, 17 tokens,
+        # float64) stopped unconverged at 5,000 evaluations the unrolled input gradient reached 3e44 with them
+        # (1.25 without; benchmarks/RESULTS.md, thirty-fourth session)
+        free = t_end is None and not (torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (*op_.roots(), *B_, *u_, w_)))
+        # free, the node's integration runs as it would inside the node, on the node's field, without the node and
+        # its tape (which no backward pass would read)
+        bare = node and free
+
+        def run_bare(fn, *args):
+            with torch.no_grad():
+                return fn(*args)
         if node and gram:
             f = VARSField(GramOperator(op_.gram() * scale[0]), tmap(torch.mul, B_, scale), thr, alpha, beta, gamma)
             run_node = gram_ode.integrate_gram
@@ -302,13 +316,6 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             run_node = gram_ode.integrate_operator
         state = f.initial_state(u_)
         rk = None
-        # to a steady state without a graph through the steps, each problem at its own pace (AdaptiveRK.advance) with
-        # the stabilised step control; differentiated through its steps (grad="unroll" to a tol) the integration keeps
-        # common window ends and torchdiffeq's rule: on a convolutional VARS-SD layer (16 channels, 17 tokens,
-        # float64) stopped unconverged at 5,000 evaluations the unrolled input gradient reached 3e44 with them
-        # (1.25 without; benchmarks/RESULTS.md, thirty-fourth session)
-        free = t_end is None and not (torch.is_grad_enabled() and any(
-            isinstance(x, torch.Tensor) and x.requires_grad for x in (*op_.roots(), *B_, *u_, w_)))
         if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
                                    {"beta": STEADY_BETA, **options} if free else options, layout=op)
@@ -325,6 +332,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             call = _eager if rk.fixed_attempts is None else (lambda fn, *args: fn(*args))
 
             def integrate(st, t0, t1):
+                if bare:
+                    return run_bare(rk.integrate, st, t0, t1)
                 if node:
                     return call(run_node, lambda y, tape: taped(y, tape, lambda y_: rk.integrate(y_, t0, t1)),
                                 f, st, checkpoint)
@@ -333,6 +342,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             def advance(st, duration, live):  # a steady state's window (AdaptiveRK.advance)
                 def go(y):
                     return rk.advance(y, duration, live, t_max, max_window)
+                if bare:
+                    return run_bare(go, st)
                 if node:
                     return _eager(run_node, lambda y, tape: taped(y, tape, go), f, st, checkpoint)
                 return _eager(go, st)
@@ -340,6 +351,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             step = native.fixed_step_size(method, options)
 
             def integrate(st, t0, t1):
+                if bare:
+                    return run_bare(native.integrate_fixed, f, st, t0, t1, method, step)
                 if node:
                     return run_node(
                         lambda y, tape: native.integrate_fixed(f, y, t0, t1, method, step, tape=tape), f, st, checkpoint)
