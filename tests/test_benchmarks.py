@@ -451,3 +451,17 @@ def test_ode_budget_benchmark_reports_what_each_budget_forced(capsys):
     assert loop["budget"] is None and none["spare"] == 0 and roomy["spare"] == 3
     assert [b + 3 for b in none["budgets"]] == roomy["budgets"] and len(roomy["forced"]) == 2
     assert roomy["forced"] == [0.0, 0.0] and roomy["diff"] <= 1e-6
+
+
+def test_unrolled_steady_benchmark_runs(capsys):
+    bench = load("unrolled_steady_cpu")
+    assert bench.main(["--dim", "8", "--heads", "1", "--tokens", "10", "--max-iters", "150", "--caps", "none,0.05",
+                       "--signals", "3", "--tols", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| dopri5 |", "| bosh3 |"))]
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
+        ("dopri5", "none", "150"), ("dopri5", "0.05", "150"), ("bosh3", "none", "150")]
+    assert "| 0.001 |" in out
+    # the cap reaches the layer's integration: with steps of at most 0.05 the same budget gets less far
+    residual = {r[2].strip(): float(r[5]) for r in rows if r[1].strip() == "dopri5"}
+    assert residual["0.05"] > residual["none"]

@@ -941,3 +941,44 @@ def test_a_batch_to_a_steady_state_costs_what_its_slowest_problem_costs_alone(me
     assert bool(batch.stats.converged.all()) and all(bool(a.stats.converged.all()) for a in alone)
     slowest = max(int(a.stats.iterations.max()) for a in alone)
     assert int(batch.stats.iterations.max()) <= 1.05 * slowest
+
+
+def test_max_step_is_checked_and_native_only():
+    P, X = make_problem(0, 12, 6, batch=(2,))
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="max_step"):
+            vo.solve(P, X, 0.1, "dopri5", tol=1e-4, options={"max_step": bad})
+    with pytest.raises(ValueError, match="max_step"):
+        vo.solve(P, X, 0.1, "dopri5", tol=1e-4, integrator="torchdiffeq", options={"max_step": 1.0})
+
+
+@pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
+def test_no_step_is_longer_than_max_step(method):
+    # over a horizon of 3 the steps here average 0.009-0.03 (the threshold's kinks); with max_step 0.005 the integration
+    # takes about 600 attempts (the last up to 1.1 steps long), (stages - 1) evaluations each, and ends on the same flow
+    torch.manual_seed(0)
+    P = torch.randn(64, 48, dtype=torch.float64) / 8
+    X = torch.randn(4, 64, dtype=torch.float64)
+    free = vo.solve(P, X, 0.1, method, t_end=3.0)
+    capped = vo.solve(P, X, 0.1, method, t_end=3.0, options={"max_step": 0.005})
+    bound = 590 * (len(native.ADAPTIVE_TABLEAUX[method][0]) - 1)
+    assert int(capped.stats.iterations.min()) >= bound > int(free.stats.iterations.max())
+    torch.testing.assert_close(capped.code, free.code, atol=1e-5, rtol=0)
+
+
+def test_an_unrolled_gradient_to_a_steady_state_is_the_equilibriums():
+    # differentiated through its steps to a tolerance, dopri5 keeps its step below the stability limit
+    # (ode.UNROLLED_MAX_STEP): at its own size the step sits at the limit and the derivative of the steps wandered
+    # from the equilibrium's gradient (here 1.1e-2 relative at tol 1e-6 without the cap, 1.1e-3 with it)
+    torch.manual_seed(0)
+    P = torch.randn(64, 48, dtype=torch.float64) / 8
+    x = torch.randn(20, 64, dtype=torch.float64)
+    w = torch.linspace(-1, 1, 48, dtype=torch.float64)
+    grads = {}
+    for grad in ("unroll", "implicit"):
+        Pg = P.clone().requires_grad_(True)
+        sol = vo.solve(Pg, x, 0.1, "dopri5", tol=1e-6, grad=grad)
+        assert bool(sol.stats.converged.all())
+        grads[grad] = torch.autograd.grad((sol.code * w).sum(), Pg)[0]
+    err = float((grads["unroll"] - grads["implicit"]).abs().max() / grads["implicit"].abs().max())
+    assert err < 5e-3

@@ -84,7 +84,7 @@ for _name, (_c, _A, _b, _bl, _o) in ADAPTIVE_TABLEAUX.items():
 
 NATIVE_METHODS = tuple(FIXED_TABLEAUX) + tuple(ADAPTIVE_TABLEAUX)
 ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every", "max_num_steps", "stretch",
-                    "fixed_attempts", "beta")
+                    "fixed_attempts", "beta", "max_step")
 #: the adaptive loop's last attempts run on the groups of problems still short of the interval's end (the state's
 #: leading dimensions: a layer's images and heads) once at most this fraction of the groups is, where the field can
 #: select groups (:meth:`vars_ode.dynamics.VARSField.select_groups`) and the tape, if any, records a tail (the Gram
@@ -93,7 +93,7 @@ ADAPTIVE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "check_every",
 #: (benchmarks/RESULTS.md, twenty-third session; ``benchmarks/ode_tail_cpu.py``)
 TAIL_FRACTION = 0.25
 #: the adaptive options that torchdiffeq's methods do not have (torchdiffeq only warns about them and ignores them)
-NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts", "beta")
+NATIVE_ONLY_OPTIONS = ("check_every", "stretch", "fixed_attempts", "beta", "max_step")
 
 
 #: the smallest state tensor (bytes) whose stages and slopes go into reused buffers: glibc's default threshold for
@@ -217,7 +217,9 @@ class AdaptiveRK:
             ``beta`` (0: torchdiffeq's rule; above 0, Hairer's stabilised step-size control, the steady state's
             default, :meth:`advance`: an accepted step's factor is ``safety ratio^-(1/order - 0.75 beta)
             previous^beta``, ``previous`` the error ratio of the problem's last accepted step (at least 1e-4), so a
-            step that passed with little margin shrinks the next; clipped to ``[dfactor, ifactor]``).
+            step that passed with little margin shrinks the next; clipped to ``[dfactor, ifactor]``), ``max_step``
+            (None: no step longer than the interval, in :meth:`advance` its ``max_step``; a positive number: no step
+            longer than that either).
 
     ``attempts`` counts attempted steps; ``evaluations`` (a long tensor of the problems' shape) counts, per
     column, the evaluations spent while that column was still short of the window's end; ``forced`` (same shape)
@@ -257,8 +259,12 @@ class AdaptiveRK:
         self.previous = None  # the error ratio of every column's last accepted step (beta > 0), from 1e-4
         #: each column's own time in :meth:`advance` (the steady state's windows); None before its first call
         self.time = None
-        #: the longest step (None: the interval's length; :meth:`advance` sets its ``max_step``)
-        self.max_step = None
+        cap = options.get("max_step")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf):
+            raise ValueError(f"options['max_step'] must be a positive number or None, got {cap!r}")
+        #: the longest step (None: the interval's length), options["max_step"]; :meth:`advance` lowers it to its own
+        self.step_cap = None if cap is None else float(cap)
+        self.max_step = self.step_cap
         first = options.get("first_step")
         self.dt = None if first is None else torch.full(cols, float(first), dtype=dtype, device=device)
         self.evaluations = torch.zeros(cols, dtype=torch.long, device=device)
@@ -327,7 +333,7 @@ class AdaptiveRK:
             self.evaluations += 1
         if self.time is None:
             self.time = torch.zeros_like(self.dt)
-        self.max_step = float(max_step)
+        self.max_step = float(max_step) if self.step_cap is None else min(float(max_step), self.step_cap)
         start, t, n = self.time, self.time, 0
         nan = torch.full((), math.nan, dtype=self.dt.dtype, device=self.dt.device)
         while n < self.max_num_steps:

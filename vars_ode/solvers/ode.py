@@ -215,6 +215,19 @@ def settings(method: str, tol: float, rtol=None, atol=None, options=None):
 #: (torchdiffeq's rule): a layer keeps its trajectory
 STEADY_BETA = 0.04
 
+#: the longest step of a native adaptive integration to a steady state whose steps a gradient goes back through
+#: (``grad="unroll"`` or ``"adjoint"`` to a ``tol``), per method, in units of the problem rescaled by ``L``: about 80%
+#: of dopri5's stability limit on the rescaled field's spectrum (3.31 / 2.62 = 1.26). At its own step size the step sits
+#: at that limit, where the forward error stays within the tolerance but the derivative of the steps need not: on a
+#: convolutional VARS-SD layer (16 channels, 17 tokens, float64, ``steps=None, tol=1e-4, grad="unroll"``, stopped
+#: unconverged) the input gradient was 1.25 after 5,000 evaluations and 2.7e47 after 10,000; with this cap 1.24 after
+#: 10,000 and after 20,000 (bosh3 without one: 1.24 after 10,000). On the Quick start's problem (100 signals, ``P``
+#: requiring a gradient, tol 1e-6) the unrolled gradient is 6.6e-4 from the equilibrium's (``grad="implicit"``) instead
+#: of 2.0e-2, in 10,561 evaluations instead of 10,591 (benchmarks/RESULTS.md, thirty-fifth session).
+#: ``options={"max_step": ...}`` replaces it. To a steady state without such a gradient the stabilised control
+#: (:data:`STEADY_BETA`) runs uncapped: a cap of 1.0 there cost 1.24x the evaluations
+UNROLLED_MAX_STEP = {"dopri5": 1.0}
+
 
 def steady_atol(op, L: torch.Tensor, rtol: float, per_problem: bool):
     """The default absolute tolerance of the steady-state mode: ``rtol / max(L, 1)`` per problem. The state of the
@@ -317,8 +330,13 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         state = f.initial_state(u_)
         rk = None
         if engine == "native" and method in native.ADAPTIVE_TABLEAUX:
-            rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
-                                   {"beta": STEADY_BETA, **options} if free else options, layout=op)
+            rk_options = options
+            if free:
+                rk_options = {"beta": STEADY_BETA, **options}
+            elif t_end is None and method in UNROLLED_MAX_STEP:
+                rk_options = {"max_step": UNROLLED_MAX_STEP[method], **options}
+            rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device, rk_options,
+                                   layout=op)
 
             def taped(st, tape, run_rk):
                 rk.tape = tape
