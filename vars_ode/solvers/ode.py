@@ -308,10 +308,10 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         node = engine == "native" and capable and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         checkpoint = grad == "adjoint"
         # to a steady state without a graph through the steps, each problem at its own pace (AdaptiveRK.advance) with
-        # the stabilised step control; differentiated through its steps (grad="unroll" to a tol) the integration keeps
-        # common window ends and torchdiffeq's rule: on a convolutional VARS-SD layer (16 channels, 17 tokens,
-        # float64) stopped unconverged at 5,000 evaluations the unrolled input gradient reached 3e44 with them
-        # (1.25 without; benchmarks/RESULTS.md, thirty-fourth session)
+        # the stabilised step control; differentiated through its steps (grad="unroll" or "adjoint" to a tol) the
+        # integration keeps common window ends and torchdiffeq's rule, its step capped (UNROLLED_MAX_STEP): at the
+        # stability limit the derivative of the steps grew, with either rule (benchmarks/RESULTS.md, thirty-fourth and
+        # thirty-fifth sessions)
         free = t_end is None and not (torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in (*op_.roots(), *B_, *u_, w_)))
         # free, the node's integration runs as it would inside the node, on the node's field, without the node and
