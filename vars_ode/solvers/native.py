@@ -218,8 +218,9 @@ class AdaptiveRK:
             default, :meth:`advance`: an accepted step's factor is ``safety ratio^-(1/order - 0.75 beta)
             previous^beta``, ``previous`` the error ratio of the problem's last accepted step (at least 1e-4), so a
             step that passed with little margin shrinks the next; clipped to ``[dfactor, ifactor]``), ``max_step``
-            (None: no step longer than the interval, in :meth:`advance` its ``max_step``; a positive number: no step
-            longer than that either).
+            (None: a step size at most the interval, in :meth:`advance` its ``max_step``; a positive number: at most
+            that too, the first step included; a last step to the interval's end may still be up to ``stretch`` times
+            it).
 
     ``attempts`` counts attempted steps; ``evaluations`` (a long tensor of the problems' shape) counts, per
     column, the evaluations spent while that column was still short of the window's end; ``forced`` (same shape)
@@ -266,6 +267,8 @@ class AdaptiveRK:
         self.step_cap = None if cap is None else float(cap)
         self.max_step = self.step_cap
         first = options.get("first_step")
+        if first is not None and self.step_cap is not None:
+            first = min(float(first), self.step_cap)
         self.dt = None if first is None else torch.full(cols, float(first), dtype=dtype, device=device)
         self.evaluations = torch.zeros(cols, dtype=torch.long, device=device)
         self.forced = torch.zeros(cols, dtype=torch.long, device=device)
@@ -289,7 +292,8 @@ class AdaptiveRK:
             dmax = torch.maximum(d1, d2)
             h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
                              (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / (self.order + 1)))
-            return torch.minimum(100 * h0, h1)
+            h = torch.minimum(100 * h0, h1)
+            return h if self.step_cap is None else h.clamp(max=self.step_cap)
 
     def _norm(self, ts):
         return self.layout.norm(ts)

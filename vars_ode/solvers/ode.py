@@ -338,10 +338,10 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device, rk_options,
                                    layout=op)
 
-            def taped(st, tape, run_rk):
+            def taped(st, tape, t0, t1):
                 rk.tape = tape
                 try:
-                    return run_rk(st)
+                    return rk.integrate(st, t0, t1)
                 finally:
                     rk.tape = None
 
@@ -350,21 +350,14 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             call = _eager if rk.fixed_attempts is None else (lambda fn, *args: fn(*args))
 
             def integrate(st, t0, t1):
-                if bare:
-                    return run_bare(rk.integrate, st, t0, t1)
                 if node:
-                    return call(run_node, lambda y, tape: taped(y, tape, lambda y_: rk.integrate(y_, t0, t1)),
-                                f, st, checkpoint)
+                    return call(run_node, lambda y, tape: taped(y, tape, t0, t1), f, st, checkpoint)
                 return call(rk.integrate, st, t0, t1)
 
-            def advance(st, duration, live):  # a steady state's window (AdaptiveRK.advance)
+            def advance(st, duration, live):  # a steady state's window (AdaptiveRK.advance): only where free
                 def go(y):
                     return rk.advance(y, duration, live, t_max, max_window)
-                if bare:
-                    return run_bare(go, st)
-                if node:
-                    return _eager(run_node, lambda y, tape: taped(y, tape, go), f, st, checkpoint)
-                return _eager(go, st)
+                return run_bare(go, st) if bare else _eager(go, st)
         elif engine == "native":
             step = native.fixed_step_size(method, options)
 
