@@ -13,7 +13,7 @@ Two tables (CPU, float64):
 
     python benchmarks/unrolled_steady_cpu.py [--max-iters 5000,10000] [--caps none,1.2,1.0] [--tols 1e-4,1e-6]
 
-The full run took 17 minutes on two cores (a layer at 10,000 evaluations 2 minutes, at 20,000 about 4 alone).
+The full run took 13-17 minutes on two cores (a layer at 10,000 evaluations 1.5-2 minutes, at 20,000 about 4 alone).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """The integrators of vars_ode.solvers.native against torchdiffeq, scikit-learn and a host-read count."""
+import math
 import pytest
 import torch
 from hypothesis import given, settings
@@ -949,7 +950,7 @@ def test_a_batch_to_a_steady_state_costs_what_its_slowest_problem_costs_alone(me
 @pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
 def test_no_step_is_longer_than_max_step(method):
     # over a horizon of 3 the steps here average 0.009-0.03 (the threshold's kinks); with max_step 0.005 the integration
-    # takes about 600 attempts (the last up to 1.1 steps long), (stages - 1) evaluations each, and ends on the same flow
+    # takes about 600 attempts, (stages - 1) evaluations each, and ends on the same flow
     torch.manual_seed(0)
     P = torch.randn(64, 48, dtype=torch.float64) / 8
     X = torch.randn(4, 64, dtype=torch.float64)
@@ -958,6 +959,34 @@ def test_no_step_is_longer_than_max_step(method):
     bound = 590 * (len(native.ADAPTIVE_TABLEAUX[method][0]) - 1)
     assert int(capped.stats.iterations.min()) >= bound > int(free.stats.iterations.max())
     torch.testing.assert_close(capped.code, free.code, atol=1e-5, rtol=0)
+
+
+class _Steps:
+    """A tape that keeps only the longest step of every attempt."""
+
+    def __init__(self):
+        self.h = []
+
+    def kept_entries(self):
+        return ()
+
+    def add(self, stages, hs, accept, A, b):
+        self.h.append(float(hs[0].max()))
+
+
+@pytest.mark.parametrize("first_step", [0.5, None])
+def test_max_step_bounds_the_first_step_and_a_stretched_remainder(first_step):
+    # y' = -y with steps that would stay at 0.5 (given) or start at Hairer's estimate, 0.35 at rtol 0.5; max_step 0.2
+    # over 0.62: three steps of 0.2 leave 0.02, which 1.1 steps would take in one step of 0.22
+    y0 = (torch.ones(1, 1, dtype=torch.float64),)
+    options = {"ifactor": 1.0, "safety": 1.0, "max_step": 0.2}
+    if first_step is not None:
+        options["first_step"] = first_step
+    rk = native.AdaptiveRK(_Decay(), "dopri5", 0.5, 1e-6, (1,), torch.float64, "cpu", options)
+    rk.tape = _Steps()
+    y = rk.integrate(y0, 0.0, 0.62)[0]
+    assert max(rk.tape.h) <= 0.2 + 1e-15 and len(rk.tape.h) == 4
+    assert abs(float(y) - math.exp(-0.62)) < 1e-4
 
 
 def test_an_unrolled_gradient_to_a_steady_state_is_the_equilibriums():

@@ -219,8 +219,8 @@ class AdaptiveRK:
             previous^beta``, ``previous`` the error ratio of the problem's last accepted step (at least 1e-4), so a
             step that passed with little margin shrinks the next; clipped to ``[dfactor, ifactor]``), ``max_step``
             (None: a step size at most the interval, in :meth:`advance` its ``max_step``; a positive number: at most
-            that too, the first step included; a last step to the interval's end may still be up to ``stretch`` times
-            it).
+            that too, the first step included, and a remainder is stretched into one step only up to it; only the
+            last attempt of a ``fixed_attempts`` budget, which ends every column at the interval's end, may be longer).
 
     ``attempts`` counts attempted steps; ``evaluations`` (a long tensor of the problems' shape) counts, per
     column, the evaluations spent while that column was still short of the window's end; ``forced`` (same shape)
@@ -295,6 +295,11 @@ class AdaptiveRK:
             h = torch.minimum(100 * h0, h1)
             return h if self.step_cap is None else h.clamp(max=self.step_cap)
 
+    def _reach(self):
+        # per column, the longest remainder of an interval taken as one step: stretch step sizes, at most max_step
+        reach = self.stretch * self.dt
+        return reach if self.max_step is None else reach.clamp(max=self.max_step)
+
     def _norm(self, ts):
         return self.layout.norm(ts)
 
@@ -365,7 +370,7 @@ class AdaptiveRK:
             # at most check_every; with it, where the tail can be taken on its own, how many groups still need any
             with torch.no_grad():  # a column whose step size is not finite (a NaN problem) needs nothing more
                 rest = span - t
-                need = torch.where(rest <= self.stretch * self.dt, (rest > 0).to(rest.dtype), rest / self.dt)
+                need = torch.where(rest <= self._reach(), (rest > 0).to(rest.dtype), rest / self.dt)
                 need = need.nan_to_num(nan=0.0, posinf=float(self.max_num_steps)).clamp_min(0)
                 if not need.numel():
                     need, busy = 0.0, 0
@@ -438,9 +443,9 @@ class AdaptiveRK:
         # last: the final attempt of a fixed_attempts budget, which ends every column at the interval's end
         live = t < span
         rest = span - t
-        # a remainder within `stretch` step sizes is one step, not a step and a sliver
+        # a remainder within `stretch` step sizes (and max_step) is one step, not a step and a sliver
         # (zero for the columns at the end)
-        h = (rest if last else torch.where(rest <= self.stretch * self.dt, rest, self.dt)).clamp_min(0.0)
+        h = (rest if last else torch.where(rest <= self._reach(), rest, self.dt)).clamp_min(0.0)
         hs = tuple(self._x(j, h) for j in range(len(y)))
         ks, stages = [self.k1], [y]
         inplace = _inplace(y[0])
