@@ -465,3 +465,14 @@ def test_unrolled_steady_benchmark_runs(capsys):
     # the cap reaches the layer's integration: with steps of at most 0.05 the same budget gets less far
     residual = {r[2].strip(): float(r[5]) for r in rows if r[1].strip() == "dopri5"}
     assert residual["0.05"] > residual["none"]
+
+
+def test_compiled_steady_benchmark_runs(capsys):
+    bench = load("compiled_steady_cpu")
+    assert bench.main(["--signals", "4", "--tols", "1e-3", "--methods", "bosh3", "--repeats", "1",
+                       "--backend", "aot_eager", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 0.001 |")}
+    assert set(rows) == {"fista", "bosh3", "bosh3+compile"}
+    # aot_eager runs the traced operations as they are: the compiled row is the eager one
+    assert rows["bosh3+compile"][4] == rows["bosh3"][4] and float(rows["bosh3+compile"][6]) < 1e-12

@@ -151,3 +151,102 @@ def test_more_settings_than_torch_compiles_default_limit():
         got, _ = _run(_layer("d", "euler", 2, {"options": {**opts, "compile": backend}}), x)
         _assert_same(got, ref)
     assert backend.graphs >= 18
+
+
+def _steady_pair(backend, seed=0, k=6):
+    # two dopri5 integrators of one Gram-form field to its steady state (Hairer's control, as in vo.solve), the
+    # second with its attempts compiled by backend
+    import math
+
+    from vars_ode.dynamics import VARSField
+    from vars_ode.lasso import GramOperator
+    from vars_ode.solvers import native
+
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(30, 20, generator=g, dtype=torch.float64) / 30 ** 0.5
+    X = torch.randn(30, k, generator=g, dtype=torch.float64)
+    K = P.T @ P
+    L = float(torch.linalg.eigvalsh(K)[-1])
+    pairs = []
+    for attempt in (None, compiled_ode.steady_attempt(backend)):
+        f = VARSField(GramOperator(K / L), ((P.T @ X) / L,), (torch.full((1, k), 0.05 / L, dtype=torch.float64),))
+        f.active = (torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)[:k].unsqueeze(0),)
+        rk = native.AdaptiveRK(f, "dopri5", 1e-6, 1e-7, (k,), torch.float64, "cpu", {"beta": 0.04, "max_step": 1.0})
+        rk.attempt = attempt
+        assert compiled_ode.steady_eligible(rk)
+        y = f.initial_state()
+        live = torch.ones(k, dtype=torch.bool)
+        with torch.no_grad():
+            for duration in (4.0, 8.0, 16.0):
+                y = rk.advance(y, duration, live, math.inf, 32.0)
+        pairs.append((y, rk, f))
+    return pairs
+
+
+def test_a_steady_states_compiled_attempts_are_the_eager_ones():
+    # aot_eager runs the traced operations as they are: the same states, clocks, step sizes and counters as the
+    # eager attempts, to rounding; the counting backend shows that the attempts were compiled (a graph was made)
+    backend = CountingBackend()
+    (ye, rke, fe), (yc, rkc, fc) = _steady_pair(backend)
+    assert backend.graphs >= 1
+    for a, b in zip(ye, yc):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    for name in ("time", "dt", "previous"):
+        torch.testing.assert_close(getattr(rkc, name), getattr(rke, name), rtol=1e-12, atol=0)
+    assert torch.equal(rkc.evaluations, rke.evaluations) and rkc.attempts == rke.attempts > 20
+    assert fc.nfe == fe.nfe
+    assert float(rkc.dt.max()) == 1.0  # max_step binds (the stability limit is near 1.26), in the compiled attempts too
+    # the frozen column did not move
+    assert bool((yc[1][:, 2] == 0).all()) and bool((yc[1][:, 0] != 0).any())
+
+
+def test_a_compiled_steady_state_reaches_the_lasso_solution():
+    from conftest import make_problem, sklearn_lasso
+
+    P, X = make_problem(3, 24, 16, batch=(5,))
+    for method in ("dopri5", "bosh3"):
+        sol = vo.solve(P, X, 0.1, method, tol=1e-7, options={"compile": True})
+        assert bool(sol.stats.converged.all()), sol.stats.summary()
+        assert (sol.code - sklearn_lasso(P, X, 0.1)).abs().max().item() < 1e-5
+        eager = vo.solve(P, X, 0.1, method, tol=1e-7)
+        assert abs(int(sol.stats.iterations.max()) - int(eager.stats.iterations.max())) <= 0.1 * int(
+            eager.stats.iterations.max())
+    # the option reaches the attempts (a graph was made), and aot_eager's attempts are the eager ones
+    backend = CountingBackend()
+    counted = vo.solve(P, X, 0.1, "dopri5", tol=1e-7, options={"compile": backend})
+    assert backend.graphs >= 1
+    torch.testing.assert_close(counted.code, vo.solve(P, X, 0.1, "dopri5", tol=1e-7).code, rtol=0, atol=1e-10)
+    # grad="implicit" through the compiled steady state: the equilibrium's gradient
+    Pg = P.clone().requires_grad_(True)
+    g1 = torch.autograd.grad(vo.solve(Pg, X, 0.1, "dopri5", tol=1e-7, grad="implicit",
+                                      options={"compile": True}).code.sum(), Pg)[0]
+    g2 = torch.autograd.grad(vo.solve(Pg, X, 0.1, "dopri5", tol=1e-7, grad="implicit").code.sum(), Pg)[0]
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(solver="rk4", tol=1e-6), r"here method 'rk4', t_end None"),
+    (dict(solver="dopri5", t_end=2.0), r"here method 'dopri5', t_end 2.0"),
+    (dict(solver="dopri5", tol=1e-6, integrator="torchdiffeq"), r"integrator 'torchdiffeq'"),
+    (dict(solver="dopri5", tol=1e-6, grad="unroll", requires_grad=True), r"here a gradient goes through the steps"),
+    (dict(solver="bosh3", tol=1e-6, backend="no-such-backend"), r"options\['compile'\] must be True, False"),
+])
+def test_a_steady_states_compile_option_is_refused_where_it_does_not_apply(kwargs, match):
+    # (a VARSLayer's equilibrium: test_a_layers_equilibrium_refuses_the_steady_compile_option)
+    kwargs = dict(kwargs)
+    P = torch.randn(12, 8, dtype=torch.float64).requires_grad_(kwargs.pop("requires_grad", False))
+    x = torch.randn(3, 12, dtype=torch.float64)
+    backend = kwargs.pop("backend", True)
+    with pytest.raises(ValueError, match=match):
+        vo.solve(P, x, lam=0.1, options={"compile": backend}, **kwargs)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dictionary="d"), r"this problem's layout \(DynamicAtoms, a VARSLayer's equilibrium\) has none"),
+    (dict(dictionary="sd"), r"on a dictionary with a Gram matrix \(one block\); here the operator has none"),
+])
+def test_a_layers_equilibrium_refuses_the_steady_compile_option(kw, match):
+    layer = vo.VARSLayer(16, 2, solver="dopri5", steps=None, tol=1e-4, grad="implicit",
+                         solver_options={"options": {"compile": True}}, **kw)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(1, 17, 16))

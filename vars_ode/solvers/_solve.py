@@ -58,7 +58,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             direction, :meth:`vars_ode.lasso.GramOperator.metric`, in place of ``1 / L``; ``"none"``); ``rtol``
             (default ``tol / 10``, :func:`vars_ode.solvers.ode.default_rtol`), ``atol`` (default ``rtol / max(L,
             1)`` per problem to a tolerance, :func:`vars_ode.solvers.ode.steady_atol`; ``rtol / 100`` over a
-            horizon), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``), ``window``, ``t_max``, ``t_end``
+            horizon), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``; the native integrator's, among them
+            ``{"compile": True}``: a steady state's dopri5 / bosh3 attempts compiled,
+            :func:`vars_ode.solvers.compiled_ode.steady_attempt`), ``window``, ``t_max``, ``t_end``
             (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``

@@ -1,5 +1,6 @@
 """A native integration of the VARS field in Gram form over a horizon, and its reverse pass, as code compiled by
-``torch.compile``: the fused layer node's ``options={"compile": True}``.
+``torch.compile``: the fused layer node's ``options={"compile": True}``; and the attempts of a steady state
+(:func:`steady_attempt`), ``vo.solve``'s ``options={"compile": True}``.
 
 Run eagerly (:mod:`vars_ode.solvers.native`, :func:`vars_ode.solvers.gram_ode.reverse`), a dopri5 attempt is
 about a hundred PyTorch operations over the state, each its own pass over memory and its own trip through the
@@ -14,6 +15,11 @@ ones up to the rounding of reordered sums (``tests/test_compiled_ode.py``: float
 The cost: compilation once per shape, dtype and setting in a process (66-95 s for the forward and reverse graphs
 of a DeiT-Ti-width layer on two CPU cores; 22 s when Inductor's cache on disk holds them from an earlier process),
 a C++ compiler on CPUs. The gain: benchmarks/RESULTS.md, README "Measured results".
+
+A steady state's loop reads the device after its attempts to stop, so it is not one fixed sequence of operations;
+each of its attempts is, and on small problems an attempt is dispatch, not arithmetic (the Quick start's 100
+problems: every tensor 38 KB, a dopri5 attempt about 1.1 ms eagerly, about a hundred operations). There
+:func:`steady_attempt` runs each attempt as one compiled function, between the loop's looks at the device.
 """
 from __future__ import annotations
 
@@ -28,10 +34,11 @@ from . import gram_ode, native
 OPTION = "compile"
 
 
-def backend(method: str, value, options: dict):
+def backend(method: str, value, options: dict, steady: bool = False):
     """The ``torch.compile`` backend that ``options[OPTION] = value`` asks for (``None``: run eagerly; ``True``:
     ``"inductor"``; a backend's name or a backend callable as it is), checked against ``method`` and the other
-    ``options``: an adaptive method needs ``options["fixed_attempts"]``."""
+    ``options``: over a horizon an adaptive method needs ``options["fixed_attempts"]``; to a steady state
+    (``steady``), where each attempt is compiled, it needs none."""
     if value is None or value is False:
         return None
     if value is True:
@@ -44,7 +51,7 @@ def backend(method: str, value, options: dict):
     elif not callable(value):
         raise ValueError(f"options[{OPTION!r}] must be True, False, a torch.compile backend name or a backend "
                          f"callable, got {value!r}")
-    if method in native.ADAPTIVE_TABLEAUX and options.get("fixed_attempts") is None:
+    if not steady and method in native.ADAPTIVE_TABLEAUX and options.get("fixed_attempts") is None:
         raise ValueError(f"options[{OPTION!r}] with method {method!r} needs options['fixed_attempts'] (a budget of "
                          "attempts): without one the step loop reads the device to stop, which no compiled graph "
                          "contains")
@@ -114,3 +121,47 @@ def reverse(tape, K, bs, thr: float, coeffs, gU, *, backend="inductor"):
     (``W``'s is zero)."""
     return _compiled(_reverse, backend)(K, bs, float(thr), tape.steps, tape.checkpoint,
                                         tuple(float(c) for c in coeffs), gU)
+
+
+def steady_eligible(rk) -> bool:
+    """Whether :func:`steady_attempt` covers the integrator ``rk``: a :class:`vars_ode.dynamics.VARSField` of one
+    block on a Gram matrix (its ``K`` scaled already, no ``scale``), in the Gram layout, without a tape."""
+    f = rk.f
+    return (type(f) is VARSField and type(f.op) is GramOperator and len(f.Bs) == 1 and f.scale is None
+            and type(rk.layout) is GramOperator and rk.tape is None)
+
+
+def _steady_attempt(K, b, thr, active, W, U, t, dt, previous, k1W, k1U, atol, end, method, rtol, alpha, beta, gamma,
+                    settings):
+    field = VARSField(GramOperator(K), (b,), (thr,), alpha, beta, gamma, active=active)
+    safety, ifactor, dfactor, control, stretch, max_step = settings
+    rk = native.AdaptiveRK(field, method, rtol, atol, dt.shape, dt.dtype, dt.device,
+                           {"safety": safety, "ifactor": ifactor, "dfactor": dfactor, "beta": control,
+                            "stretch": stretch})
+    rk.max_step = max_step
+    rk.dt, rk.previous, rk.k1 = dt, previous, (k1W, k1U)
+    (W, U), t = rk._attempt((W, U), t, 0.0, end)
+    return W, U, t, rk.dt, rk.previous, rk.k1[0], rk.k1[1], rk.evaluations
+
+
+def steady_attempt(backend="inductor"):
+    """``fn(rk, y, t, end) -> (y, t)``: one attempt of :meth:`vars_ode.solvers.native.AdaptiveRK.advance` compiled by
+    ``backend``, for an integrator that :func:`steady_eligible` covers (set as ``rk.attempt``). The same attempt as
+    the eager one, up to the rounding of reordered sums; its counters (``attempts``, ``evaluations``, the field's
+    ``nfe``) advance as there. Compiled once per shape, dtype, method and setting in a process (about 12 s for the
+    Quick start's dopri5 on two CPU cores)."""
+    def attempt(rk, y, t, end):
+        f = rk.f
+        if rk.previous is None:  # (as the eager attempt starts the stabilised control)
+            rk.previous = torch.full_like(rk.dt, 1e-4)
+        active = f.active[0] if isinstance(f.active, tuple) else f.active
+        settings = (rk.safety, rk.ifactor, rk.dfactor, rk.beta, rk.stretch, rk.max_step)
+        W, U, t, rk.dt, rk.previous, k1W, k1U, evaluations = _compiled(_steady_attempt, backend)(
+            f.op.K, f.Bs[0], f.thr[0], active, y[0], y[1], t, rk.dt, rk.previous, rk.k1[0], rk.k1[1], rk.atol,
+            float(end), rk.method, rk.rtol, float(f.alpha), float(f.beta), float(f.gamma), settings)
+        rk.k1 = (k1W, k1U)
+        rk.evaluations += evaluations
+        rk.attempts += 1
+        f.nfe += len(rk.c) - 1
+        return (W, U), t
+    return attempt

@@ -277,6 +277,9 @@ class AdaptiveRK:
         self.k1 = None
         #: a :class:`vars_ode.solvers.gram_ode.Tape` that receives every attempt's stage inputs, or None
         self.tape = None
+        #: None, or ``fn(rk, y, t, end) -> (y, t)`` that :meth:`advance` calls in place of an eager attempt (the same
+        #: attempt compiled: :func:`vars_ode.solvers.compiled_ode.steady_attempt`)
+        self.attempt = None
 
     def _first_step(self, y, f0):
         # Hairer, Norsett and Wanner's estimate, per column: a step that changes y by about 1% of its scale.
@@ -355,7 +358,7 @@ class AdaptiveRK:
                 break
             self._burst = min(2 * self._burst, self.check_every)
             for _ in range(min(self._burst, int(need), self.max_num_steps - n)):
-                y, t = self._attempt(y, t, 0.0, end)
+                y, t = self._attempt(y, t, 0.0, end) if self.attempt is None else self.attempt(self, y, t, end)
                 n += 1
         self.time = t
         return y

@@ -15,7 +15,9 @@ Two modes:
   a common end (:meth:`vars_ode.solvers.native.AdaptiveRK.advance`: each problem at its own step size until the
   median problem has advanced by the window's length) and, by default, Hairer's stabilised step control
   (:data:`STEADY_BETA`): there the time at which a problem is looked at does not matter, and its step sits at the
-  stability limit. Such an integration runs without a graph and without the autograd node below, even in grad mode.
+  stability limit. Such an integration runs without a graph and without the autograd node below, even in grad mode;
+  with ``options={"compile": True}`` (a Gram-form problem) each of its attempts is one compiled function
+  (:func:`vars_ode.solvers.compiled_ode.steady_attempt`).
 * fixed horizon (``t_end=T``): one integration over ``[0, T]``, with no check of this module's.
 
 Integrators (``integrator=``):
@@ -257,11 +259,17 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver {method!r}; valid options: {sorted(ODE_OPTIONS)}")
     n = op.num_blocks
     options = dict(options or {})
-    if options.pop(compiled_ode.OPTION, None) not in (None, False) and not torch.compiler.is_compiling():
-        # (under torch.compile the whole solve is compiled: the option has nothing to add)
-        raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the fused layer node's integration (a VARSLayer "
-                         "with dictionary 'd' or static='dense', a horizon, grad 'unroll' or 'adjoint'); vo.solve and "
-                         "the layer's generic path integrate eagerly: leave it out, or torch.compile the caller")
+    steady_backend = options.pop(compiled_ode.OPTION, None)
+    if steady_backend is False or torch.compiler.is_compiling():  # (compiled whole: nothing to add)
+        steady_backend = None
+    elif steady_backend is not None:
+        if t_end is not None or method not in native.ADAPTIVE_TABLEAUX or integrator not in ("auto", "native"):
+            raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the fused layer node's integration over a "
+                             "horizon (a VARSLayer with dictionary 'd' or static='dense', grad 'unroll' or 'adjoint') "
+                             "and the attempts of a native dopri5 or bosh3 integration to a steady state (a tol, no "
+                             f"t_end); here method {method!r}, t_end {t_end!r}, integrator {integrator!r}: leave it "
+                             "out, or torch.compile the caller")
+        steady_backend = compiled_ode.backend(method, steady_backend, options, steady=True)
     auto_atol = atol is None
     rtol, atol, options = settings(method, tol, rtol, atol, options)
     for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
@@ -317,11 +325,16 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         # free, the node's integration runs as it would inside the node, on the node's field, without the node and
         # its tape (which no backward pass would read)
         bare = node and free
+        if steady_backend is not None and not (free and gram and engine == "native"):
+            raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles a steady state's attempts where no gradient "
+                             "goes through them (grad='implicit', or no input that requires one) on a dictionary "
+                             "with a Gram matrix (one block); here " + (
+                                 "a gradient goes through the steps" if not free else "the operator has none"))
 
         def run_bare(fn, *args):
             with torch.no_grad():
                 return fn(*args)
-        if node and gram:
+        if (node or steady_backend is not None) and gram:
             f = VARSField(GramOperator(op_.gram() * scale[0]), tmap(torch.mul, B_, scale), thr, alpha, beta, gamma)
             run_node = gram_ode.integrate_gram
         else:
@@ -337,6 +350,12 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                 rk_options = {"max_step": UNROLLED_MAX_STEP[method], **options}
             rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device, rk_options,
                                    layout=op)
+            if steady_backend is not None:
+                if not compiled_ode.steady_eligible(rk):
+                    raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the steady-state attempts of "
+                                     "problems in the Gram layout (vo.solve, vo.solve_gram); this problem's layout "
+                                     f"({type(op).__name__}, a VARSLayer's equilibrium) has none: leave it out")
+                rk.attempt = compiled_ode.steady_attempt(steady_backend)
 
             def taped(st, tape, t0, t1):
                 rk.tape = tape
@@ -357,7 +376,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
             def advance(st, duration, live):  # a steady state's window (AdaptiveRK.advance): only where free
                 def go(y):
                     return rk.advance(y, duration, live, t_max, max_window)
-                return run_bare(go, st) if bare else _eager(go, st)
+                return run_bare(go, st) if bare or rk.attempt is not None else _eager(go, st)
         elif engine == "native":
             step = native.fixed_step_size(method, options)
 
