@@ -243,7 +243,7 @@ def test_a_steady_states_compile_option_is_refused_where_it_does_not_apply(kwarg
 
 @pytest.mark.parametrize("kw,match", [
     (dict(dictionary="d"), r"this problem's layout \(DynamicAtoms, a VARSLayer's equilibrium\) has none"),
-    (dict(dictionary="sd"), r"on a dictionary with a Gram matrix \(one block\); here the operator has none"),
+    (dict(dictionary="sd"), r"with a Gram matrix \(one block\), integrated natively; here the operator has none"),
 ])
 def test_a_layers_equilibrium_refuses_the_steady_compile_option(kw, match):
     layer = vo.VARSLayer(16, 2, solver="dopri5", steps=None, tol=1e-4, grad="implicit",

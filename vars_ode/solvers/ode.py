@@ -328,8 +328,9 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         if steady_backend is not None and not (free and gram and engine == "native"):
             raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles a steady state's attempts where no gradient "
                              "goes through them (grad='implicit', or no input that requires one) on a dictionary "
-                             "with a Gram matrix (one block); here " + (
-                                 "a gradient goes through the steps" if not free else "the operator has none"))
+                             "with a Gram matrix (one block), integrated natively; here " + (
+                                 "a gradient goes through the steps" if not free else
+                                 "the operator has none" if not gram else f"the integrator is {engine}"))
 
         def run_bare(fn, *args):
             with torch.no_grad():
