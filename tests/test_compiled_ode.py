@@ -1,11 +1,16 @@
 """The fused node's integration and its reverse pass compiled (``options={"compile": ...}``,
 vars_ode.solvers.compiled_ode) against the same integration run eagerly: outputs, every gradient and the
 evaluation count, in float64."""
+import math
+
 import pytest
 import torch
 
 import vars_ode as vo
-from vars_ode.solvers import compiled_ode
+from conftest import make_problem, sklearn_lasso
+from vars_ode.dynamics import VARSField
+from vars_ode.lasso import GramOperator
+from vars_ode.solvers import compiled_ode, native
 
 
 class CountingBackend:
@@ -156,12 +161,6 @@ def test_more_settings_than_torch_compiles_default_limit():
 def _steady_pair(backend, seed=0, k=6):
     # two dopri5 integrators of one Gram-form field to its steady state (Hairer's control, as in vo.solve), the
     # second with its attempts compiled by backend
-    import math
-
-    from vars_ode.dynamics import VARSField
-    from vars_ode.lasso import GramOperator
-    from vars_ode.solvers import native
-
     g = torch.Generator().manual_seed(seed)
     P = torch.randn(30, 20, generator=g, dtype=torch.float64) / 30 ** 0.5
     X = torch.randn(30, k, generator=g, dtype=torch.float64)
@@ -201,7 +200,6 @@ def test_a_steady_states_compiled_attempts_are_the_eager_ones():
 
 
 def test_a_compiled_steady_state_reaches_the_lasso_solution():
-    from conftest import make_problem, sklearn_lasso
 
     P, X = make_problem(3, 24, 16, batch=(5,))
     for method in ("dopri5", "bosh3"):
