@@ -1,6 +1,7 @@
 """The fused node's integration and its reverse pass compiled (``options={"compile": ...}``,
 vars_ode.solvers.compiled_ode) against the same integration run eagerly: outputs, every gradient and the
-evaluation count, in float64."""
+evaluation count, in float64; and a steady state's attempts compiled (``vo.solve(..., options={"compile": ...})``,
+compiled_ode.steady_attempt) against the eager attempts, scikit-learn and the refusals."""
 import math
 
 import pytest
