@@ -512,7 +512,7 @@ def test_redraw_features_changes_the_dictionary():
     (dict(solver="dopri5", solver_options={"rtol": -1.0}), "rtol must be a finite non-negative number"),
     (dict(solver="dopri5", solver_options={"rtol": 0.0}), "rtol and atol are both 0"),
     (dict(solver="dopri5", solver_options=[("rtol", 1e-3)]), "solver_options must be a dict"),
-    (dict(solver="adaptive_heun", steps=None, grad="adjoint"), "grad='adjoint' to a tolerance"),
+    (dict(solver="implicit_adams", steps=None, grad="adjoint"), "grad='adjoint' to a tolerance"),
     (dict(solver="rk4", steps=None, grad="adjoint", solver_options={"integrator": "torchdiffeq"}), "continuous adjoint"),
     (dict(solver="rk4", grad="adjoint", solver_options={"integrator": "newton"}), "integrator"),
 ])

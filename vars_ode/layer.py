@@ -105,11 +105,12 @@ class LayerStats:
             ``compat="official"`` the effective problem with ``W K W`` and the learned ``lam``).
         nnz: non-zero code entries per problem ``(B, h, dh)``.
         sparsity: fraction of code entries exactly zero (0-dim).
-        forced: for dopri5 / bosh3 with a budget of attempts (``solver_options={"options": {"fixed_attempts":
-            n}}``), per problem ``(B, h, dh)``, how many times the budget's last attempt ended an integration on a
-            step that the tolerance rejected (0 or 1 for the horizon's one integration; up to one per unit of time
-            with ``record_maps``): a budget too small for that problem, whose integration is then less accurate
-            than ``rtol`` asks; ``None`` without a budget (nothing is forced then).
+        forced: for an adaptive pair on the native integrator with a budget of attempts
+            (``solver_options={"options": {"fixed_attempts": n}}``), per problem ``(B, h, dh)``, how many times the
+            budget's last attempt ended an integration on a step that the tolerance rejected (0 or 1 for the horizon's
+            one integration; up to one per unit of time with ``record_maps``): a budget too small for that problem,
+            whose integration is then less accurate than ``rtol`` asks; ``None`` without a budget (nothing is forced
+            then).
     """
 
     def __init__(self, solver, unit, iterations, code, residual_fn, reduce_fn, forced=None):
@@ -183,10 +184,10 @@ class VARSLayer(nn.Module):
         lipschitz: ``"power"``, ``"eigvalsh"`` or ``"official"`` for the dynamic ``L``.
         tol, max_iter: for ``steps=None``.
         solver_options: passed to the solver (e.g. ``{"options": {"step_size": 1.0}}``, ``{"rtol": 1e-4}``;
-            ``{"options": {"fixed_attempts": 6}}`` gives dopri5 / bosh3 a budget of attempts and no host read, for
-            CUDA graphs and ``torch.compile``: :class:`vars_ode.solvers.native.AdaptiveRK`); with it (a fixed-step
-            method needs none) ``"compile": True`` runs the fused node's integration and its reverse pass compiled
-            by ``torch.compile`` (``"d"`` and ``static="dense"``; :mod:`vars_ode.solvers.compiled_ode`).
+            ``{"options": {"fixed_attempts": 6}}`` gives an adaptive pair (dopri5, ...) a budget of attempts and no host
+            read, for CUDA graphs and ``torch.compile``: :class:`vars_ode.solvers.native.AdaptiveRK`); with it (a
+            fixed-step method needs none) ``"compile": True`` runs the fused node's integration and its reverse pass
+            compiled by ``torch.compile`` (``"d"`` and ``static="dense"``; :mod:`vars_ode.solvers.compiled_ode`).
         image_size: token grid side of the official ``"sd"`` kernel and of ``static="dense"`` atoms (which
             use ``grid_size`` instead when it is given).
         static: the static atoms of ``"s"`` / ``"sd"``: ``"conv"`` (the paper's convolutional templates,
@@ -428,16 +429,17 @@ class VARSLayer(nn.Module):
     @property
     def takes_budget(self) -> bool:
         """Whether the solver takes a budget of attempts, ``solver_options={"options": {"fixed_attempts": n}}``:
-        dopri5 or bosh3 over a horizon (``steps``) on the native integrator (:func:`calibrate_budget`)."""
+        an adaptive pair over a horizon (``steps``) on the native integrator (:func:`calibrate_budget`)."""
         return (self.solver in ADAPTIVE_TABLEAUX and self.steps is not None
                 and self.solver_options.get("integrator", "auto") != "torchdiffeq")
 
     def set_budget(self, attempts: int) -> "VARSLayer":
-        """Give dopri5 / bosh3 a budget of ``attempts`` (``solver_options={"options": {"fixed_attempts": attempts}}``),
-        every other solver option kept; returns ``self``. For a layer that :attr:`takes_budget`."""
+        """Give the layer's adaptive pair a budget of ``attempts`` (``solver_options={"options": {"fixed_attempts":
+        attempts}}``), every other solver option kept; returns ``self``. For a layer that :attr:`takes_budget`."""
         if not self.takes_budget:
             raise ValueError(f"set_budget: solver {self.solver!r} with steps={self.steps!r} takes no budget of attempts "
-                             "(dopri5 or bosh3 over a horizon, on the native integrator)")
+                             "(an adaptive pair, dopri5, bosh3, dopri8, fehlberg2 or adaptive_heun, over a horizon, "
+                             "on the native integrator)")
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts must be a positive integer, got {attempts!r}")
         inner = {**(self.solver_options.get("options") or {}), "fixed_attempts": attempts}
@@ -821,7 +823,7 @@ def _copy_matching(dst: nn.Module, src: nn.Module):
 
 @torch.no_grad()
 def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
-    """Give every :class:`VARSLayer` of ``model`` that integrates a horizon with dopri5 or bosh3 (native integrator) a
+    """Give every :class:`VARSLayer` of ``model`` that integrates a horizon with an adaptive pair (native integrator) a
     budget of attempts (:meth:`VARSLayer.set_budget`) of what its adaptive loop takes on ``inputs``, plus ``spare``.
 
     Runs ``model(*inputs)`` once without a gradient, with the adaptive loop in those layers (their budgets and
@@ -840,8 +842,8 @@ def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
         raise ValueError(f"spare must be a non-negative integer, got {spare!r}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, VARSLayer) and m.takes_budget}
     if not layers:
-        raise ValueError("model has no VARSLayer integrating a horizon (steps) with dopri5 or bosh3 on the native "
-                         "integrator: nothing to calibrate")
+        raise ValueError("model has no VARSLayer integrating a horizon (steps) with an adaptive pair (dopri5, bosh3, "
+                         "dopri8, fehlberg2, adaptive_heun) on the native integrator: nothing to calibrate")
     before = {name: m.solver_options for name, m in layers.items()}
     try:
         for m in layers.values():

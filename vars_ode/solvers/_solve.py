@@ -59,13 +59,13 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             (default ``tol / 10``, :func:`vars_ode.solvers.ode.default_rtol`), ``atol`` (default ``rtol / max(L,
             1)`` per problem to a tolerance, :func:`vars_ode.solvers.ode.steady_atol`; ``rtol / 100`` over a
             horizon), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``; the native integrator's, among them
-            ``{"compile": True}``: a steady state's dopri5 / bosh3 attempts compiled,
+            ``{"compile": True}``: a steady state's attempts compiled (the adaptive pairs),
             :func:`vars_ode.solvers.compiled_ode.steady_attempt`), ``window``, ``t_max``, ``t_end``
             (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
             (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history; with ``t_end``
-            and a budget of attempts (``options={"fixed_attempts": n}``, dopri5 / bosh3), ``forced=[]`` receives
+            and a budget of attempts (``options={"fixed_attempts": n}``, the adaptive pairs), ``forced=[]`` receives
             per problem how many times the budget's last attempt ended on a step the tolerance rejected (0 or 1;
             with ``record``, up to one per unit of time).
 

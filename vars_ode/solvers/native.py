@@ -9,9 +9,10 @@ device:
   from Python floats, exactly as torchdiffeq builds it (points ``t0 + i h``, the last one moved to
   ``t1``), and each step is a fixed sequence of tensor operations. Same tableaux as torchdiffeq
   (``rk4`` is its 3/8 rule), so the result is torchdiffeq's up to rounding.
-* adaptive (``dopri5``, ``bosh3``): the step size, the time and the accept / reject decision are
-  kept *per problem* (per column of the Gram system), as tensors. A rejected column keeps its state;
-  a column at the end of the interval takes steps of length zero. The host looks at the device once
+* adaptive (``dopri5``, ``bosh3``, ``dopri8``, ``fehlberg2``, ``adaptive_heun``: torchdiffeq's embedded pairs, the
+  last two with a stage added at the new point, see :data:`ADAPTIVE_TABLEAUX`): the step size, the time and the
+  accept / reject decision are kept *per problem* (per column of the Gram system), as tensors. A rejected column
+  keeps its state; a column at the end of the interval takes steps of length zero. The host looks at the device once
   at most every ``check_every`` attempts (is every column at ``t1``, and how many steps does the slowest still
   need?): on a GPU every 2, 4, 8, ... up to 16 attempts, on the CPU, where a look costs a reduction and no wait,
   after every attempt. The step-size rule is torchdiffeq's
@@ -57,8 +58,15 @@ FIXED_TABLEAUX = {
     "rk4": ((0.0, 1 / 3, 2 / 3, 1.0), ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)), (0.125, 0.375, 0.375, 0.125)),
 }
 
-# (c, A, b, b_low, order): embedded pairs whose last stage is evaluated at the new point (FSAL), so
-# that stage is the next step's first.
+# the weights of dopri8's 8th-order solution (the 14th stage, at the new point, weighs 0)
+_DOPRI8_B = (14005451 / 335480064, 0.0, 0.0, 0.0, 0.0, -59238493 / 1068277825, 181606767 / 758867731,
+             561292985 / 797845732, -1041891430 / 1371343529, 760417239 / 1151165299, 118820643 / 751138087,
+             -528747749 / 2220607170, 1 / 4, 0.0)
+
+# (c, A, b, b_low, order): embedded pairs whose last stage is evaluated at the new point (FSAL), so that stage is the
+# next step's first; ``b`` gives the solution carried on, ``b - b_low`` the error estimate, ``order`` the exponent of
+# the step-size rule (torchdiffeq's). A pair whose last stage is elsewhere gets one more stage, at the new point (row
+# ``b``, weight 0): what torchdiffeq evaluates after such a step, so the evaluations an attempt are its own.
 ADAPTIVE_TABLEAUX = {
     "dopri5": (
         (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
@@ -76,6 +84,58 @@ ADAPTIVE_TABLEAUX = {
         (2 / 9, 1 / 3, 4 / 9, 0.0),
         (7 / 24, 0.25, 1 / 3, 0.125),
         3,
+    ),
+    # Prince and Dormand's RK8(7)13M (J. Comput. Appl. Math. 7, 1981), torchdiffeq's dopri8: 13 stages, the 14th
+    # the new point (its last stage, c = 1, is not at the new point); the 8th-order solution is propagated
+    "dopri8": (
+        (0.0, 1 / 18, 1 / 12, 1 / 8, 5 / 16, 3 / 8, 59 / 400, 93 / 200, 5490023248 / 9719169821, 13 / 20,
+         1201146811 / 1299019798, 1.0, 1.0, 1.0),
+        ((),
+         (1 / 18,),
+         (1 / 48, 1 / 16),
+         (1 / 32, 0.0, 3 / 32),
+         (5 / 16, 0.0, -75 / 64, 75 / 64),
+         (3 / 80, 0.0, 0.0, 3 / 16, 3 / 20),
+         (29443841 / 614563906, 0.0, 0.0, 77736538 / 692538347, -28693883 / 1125000000, 23124283 / 1800000000),
+         (16016141 / 946692911, 0.0, 0.0, 61564180 / 158732637, 22789713 / 633445777, 545815736 / 2771057229,
+          -180193667 / 1043307555),
+         (39632708 / 573591083, 0.0, 0.0, -433636366 / 683701615, -421739975 / 2616292301, 100302831 / 723423059,
+          790204164 / 839813087, 800635310 / 3783071287),
+         (246121993 / 1340847787, 0.0, 0.0, -37695042795 / 15268766246, -309121744 / 1061227803,
+          -12992083 / 490766935, 6005943493 / 2108947869, 393006217 / 1396673457, 123872331 / 1001029789),
+         (-1028468189 / 846180014, 0.0, 0.0, 8478235783 / 508512852, 1311729495 / 1432422823,
+          -10304129995 / 1701304382, -48777925059 / 3047939560, 15336726248 / 1032824649,
+          -45442868181 / 3398467696, 3065993473 / 597172653),
+         (185892177 / 718116043, 0.0, 0.0, -3185094517 / 667107341, -477755414 / 1098053517,
+          -703635378 / 230739211, 5731566787 / 1027545527, 5232866602 / 850066563, -4093664535 / 808688257,
+          3962137247 / 1805957418, 65686358 / 487910083),
+         (403863854 / 491063109, 0.0, 0.0, -5068492393 / 434740067, -411421997 / 543043805, 652783627 / 914296604,
+          11173962825 / 925320556, -13158990841 / 6184727034, 3936647629 / 1978049680, -160528059 / 685178525,
+          248638103 / 1413531060, 0.0),
+         _DOPRI8_B[:-1]),
+        _DOPRI8_B,
+        (13451932 / 455176623, 0.0, 0.0, 0.0, 0.0, -808719846 / 976000145, 1757004468 / 5645159321,
+         656045339 / 265891186, -3867574721 / 1518517206, 465885868 / 322736535, 53011238 / 667516719, 2 / 45, 0.0,
+         0.0),
+        8,
+    ),
+    # Fehlberg's RK1(2) (NASA TR R-315, 1969), as torchdiffeq's fehlberg2 uses it: the second-order solution is
+    # propagated, so a stage at the new point is added (c = 1, row = b); three evaluations an attempt
+    "fehlberg2": (
+        (0.0, 0.5, 1.0, 1.0),
+        ((), (0.5,), (1 / 256, 255 / 256), (1 / 512, 255 / 256, 1 / 512)),
+        (1 / 512, 255 / 256, 1 / 512, 0.0),
+        (1 / 256, 255 / 256, 0.0, 0.0),
+        2,
+    ),
+    # Heun's method with Euler's embedded (torchdiffeq's adaptive_heun), with a stage at the new point: two
+    # evaluations an attempt
+    "adaptive_heun": (
+        (0.0, 1.0, 1.0),
+        ((), (1.0,), (0.5, 0.5)),
+        (0.5, 0.5, 0.0),
+        (1.0, 0.0, 0.0),
+        2,
     ),
 }
 
@@ -193,12 +253,12 @@ def integrate_fixed(f, y, t0: float, t1: float, method: str, step_size: float, t
 
 
 class AdaptiveRK:
-    """A per-column embedded Runge-Kutta integrator (``dopri5`` or ``bosh3``) that keeps its step
+    """A per-column embedded Runge-Kutta integrator (a pair of :data:`ADAPTIVE_TABLEAUX`) that keeps its step
     sizes between calls of :meth:`integrate` (one call per time window).
 
     Arguments:
         f: the vector field, ``f(t, state) -> tuple`` like ``state``; ``t`` is passed as a float.
-        method: ``"dopri5"`` or ``"bosh3"``.
+        method: a key of :data:`ADAPTIVE_TABLEAUX` (``"dopri5"``, ``"bosh3"``, ...).
         rtol, atol: tolerances of the local error per column.
         cols: the problems' shape (``(..., k)`` for one problem per column).
         layout: the :class:`vars_ode.lasso.Operator` whose ``norm`` and ``expand`` map the state onto the

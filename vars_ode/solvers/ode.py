@@ -30,7 +30,8 @@ Integrators (``integrator=``):
   replaces it.
 * ``"native"`` (:mod:`vars_ode.solvers.native`): the fixed-step methods ``euler``, ``midpoint``,
   ``heun2``, ``heun3``, ``rk4`` (torchdiffeq's tableaux and grid, the same result) and the adaptive
-  ``dopri5`` and ``bosh3`` with one step size per problem, which look at the device once every
+  ``dopri5``, ``bosh3``, ``dopri8``, ``fehlberg2`` and ``adaptive_heun`` (torchdiffeq's pairs) with one step size per
+  problem, which look at the device once every
   ``options["check_every"]`` attempts (default 16) instead of at every step. A differentiated integration is one
   autograd node with a hand-written reverse pass (:mod:`vars_ode.solvers.gram_ode`): on an operator with a Gram
   matrix (VARS-D, the dense static atoms, :func:`vars_ode.solve`) with ``K / L`` formed once, on the others (the
@@ -70,6 +71,7 @@ ODE_METHODS = TORCHDIFFEQ_METHODS
 #: steady state the step does not move the equilibrium, only the cost.
 DEFAULT_STEP_SIZES = {"euler": 0.5, "midpoint": 0.5, "heun2": 0.5, "heun3": 0.75, "rk4": 0.75,
                       "explicit_adams": 0.1, "implicit_adams": 0.25, "fixed_adams": 0.25}
+#: ``rtol / tol`` of the methods that torchdiffeq integrates to a steady state, where not 0.1 (:func:`default_rtol`)
 RTOL_FACTOR = {"fehlberg2": 1e-2}
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
 #: the Adams methods whose corrector iterates to rtol / atol (torchdiffeq's AdamsBashforthMoulton, implicit)
@@ -134,13 +136,14 @@ def _eager(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def default_rtol(method: str, tol: float) -> float:
+def default_rtol(method: str, tol: float, native_engine: bool = True) -> float:
     """The relative tolerance of the adaptive methods for a KKT tolerance ``tol``; ``tol = 0`` (a fixed horizon)
     gives 1e-3 (a layer asks for :data:`LAYER_RTOL` instead). Near a steady state an explicit adaptive method runs
     at its stability limit and its iterates wander by about the tolerance, so the tolerance follows ``tol``
     (measured: rtol = tol stalls just above tol, rtol = tol / 10 converges, much tighter only costs evaluations;
-    fehlberg2 needs tol / 100)."""
-    return min(1e-3, max(tol * RTOL_FACTOR.get(method, 0.1), 1e-12)) if tol > 0 else 1e-3
+    torchdiffeq's fehlberg2, without the native step cap :data:`STABLE_MAX_STEP`, needs tol / 100)."""
+    factor = RTOL_FACTOR.get(method, 0.1) if not native_engine else 0.1
+    return min(1e-3, max(tol * factor, 1e-12)) if tol > 0 else 1e-3
 
 
 #: The relative tolerance of adaptive methods in an attention layer's fixed horizon (``VARSLayer(steps=T)``): over a
@@ -166,7 +169,7 @@ def layer_settings(method: str, solver_options: dict) -> dict:
     opts = dict(solver_options)
     if method in ODE_METHODS and method not in FIXED_STEP:
         opts.setdefault("rtol", LAYER_RTOL)
-    if method in native.ADAPTIVE_TABLEAUX:
+    if method in LAYER_FIRST_STEP:
         inner = dict(opts.get("options") or {})
         inner.setdefault("first_step", LAYER_FIRST_STEP[method])
         opts["options"] = inner
@@ -190,10 +193,24 @@ def check_tolerances(rtol, atol, method: str | None = None) -> None:
                          "tolerance): every adaptive step would have to be exact; make one positive")
 
 
-def settings(method: str, tol: float, rtol=None, atol=None, options=None):
-    """``(rtol, atol, options)`` of ``method`` with this module's defaults filled in (a fixed horizon: ``tol = 0``)."""
+#: the longest step of a native adaptive method whose error estimate misses the method's own instability, in units
+#: of the problem rescaled by ``L``: an ``options["max_step"]`` default at about 90% of the stability limit on the
+#: rescaled field's spectrum, ``[-(3 + sqrt 5) / 2, 0)``. fehlberg2 carries its second-order solution on, whose
+#: stability function ``1 + z + z^2 / 2 + (255 / 262144) z^3`` keeps ``|R| <= 1`` on the negative axis down to -2.01
+#: (steps up to 2.01 / 2.62 = 0.77), and estimates its error as ``(h / 512)(k3 - k1)``, which stays within the
+#: tolerance past that limit. On the Quick start's problem (100 signals, rtol tol / 100, torchdiffeq's setting for it)
+#: 40 of the 100 problems wandered above tol 1e-4 without the cap until the budget of 20,000 evaluations ran out; with
+#: 0.7 all converged in 3,395 evaluations (10,420 to 1e-6; 0.75: 3,197 and 10,021; 0.5: 4,595 and 12,642). With the
+#: cap the other methods' rtol, tol / 10, converges too, in 3,221 and 7,457 (benchmarks/RESULTS.md, thirty-seventh
+#: session)
+STABLE_MAX_STEP = {"fehlberg2": 0.7}
+
+
+def settings(method: str, tol: float, rtol=None, atol=None, options=None, native_engine: bool = True):
+    """``(rtol, atol, options)`` of ``method`` with this module's defaults filled in (a fixed horizon: ``tol = 0``);
+    ``native_engine``: whether the native integrator runs it (:data:`STABLE_MAX_STEP` is its option)."""
     if rtol is None:
-        rtol = default_rtol(method, tol)
+        rtol = default_rtol(method, tol, native_engine)
     if atol is None:
         _check_tolerance("rtol", rtol)
         atol = rtol * 1e-2
@@ -204,6 +221,8 @@ def settings(method: str, tol: float, rtol=None, atol=None, options=None):
     if method in ADAMS:
         # torchdiffeq's default order (12) has a tiny stability region: it diverges here
         options.setdefault("max_order", 4)
+    if native_engine and method in STABLE_MAX_STEP:
+        options.setdefault("max_step", STABLE_MAX_STEP[method])
     return rtol, atol, options
 
 
@@ -266,18 +285,18 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         if t_end is not None or method not in native.ADAPTIVE_TABLEAUX or integrator not in ("auto", "native"):
             raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the fused layer node's integration over a "
                              "horizon (a VARSLayer with dictionary 'd' or static='dense', grad 'unroll' or 'adjoint') "
-                             "and the attempts of a native dopri5 or bosh3 integration to a steady state (a tol, no "
-                             f"t_end); here method {method!r}, t_end {t_end!r}, integrator {integrator!r}: leave it "
-                             "out, or torch.compile the caller")
+                             "and the attempts of a native adaptive integration to a steady state (a tol, no t_end; "
+                             f"methods {list(native.ADAPTIVE_TABLEAUX)}); here method {method!r}, t_end {t_end!r}, "
+                             f"integrator {integrator!r}: leave it out, or torch.compile the caller")
         steady_backend = compiled_ode.backend(method, steady_backend, options, steady=True)
-    auto_atol = atol is None
-    rtol, atol, options = settings(method, tol, rtol, atol, options)
-    for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-        if value is not None:
-            _check_tolerance(name, value)
     gram = op.has_gram and op.num_blocks == 1
     capable = node_capable(op)
     engine = choose_integrator(integrator, method, grad, capable, horizon=t_end is not None)
+    auto_atol = atol is None
+    rtol, atol, options = settings(method, tol, rtol, atol, options, native_engine=engine == "native")
+    for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if value is not None:
+            _check_tolerance(name, value)
     native_only = sorted(set(options) & set(native.NATIVE_ONLY_OPTIONS))
     if native_only and engine != "native":
         raise ValueError(f"options {native_only} are the native integrator's (methods "
