@@ -20,10 +20,10 @@ from vars_ode.solvers.ode import DEFAULT_STEP_SIZES, STABLE_MAX_STEP
 from vars_ode.sync import count_host_syncs
 
 
-#: the adaptive pairs the integrator's machinery (budgets, tails, windows, the LASSO to 1e-7) is tested on: all but
-#: adaptive_heun, a second-order pair with a first-order estimate, which takes 5-20 times their evaluations at these
-#: tests' tolerances (365 s for the LASSO test alone) and is covered by the tests of its order and its flow here and
-#: of the LASSO in tests/test_solvers.py
+#: the adaptive pairs the integrator's machinery (budgets, tails, windows) is tested on: all but adaptive_heun, a
+#: second-order pair with a first-order estimate, which takes 5-20 times their evaluations at these tests' tolerances
+#: (365 s for the hypothesis test of the LASSO to 1e-7 alone) and is covered by the tests of its order and its flow
+#: here and of the LASSO in tests/test_solvers.py
 PAIRS = sorted(set(native.ADAPTIVE_TABLEAUX) - {"adaptive_heun"})
 #: the pairs whose steps to a steady state sit at their stability limit: fehlberg2's sit at its cap
 #: (ode.STABLE_MAX_STEP) and adaptive_heun's are bound by its accuracy
@@ -1041,8 +1041,9 @@ def _pendulum(t, y):
 
 @pytest.mark.parametrize("method", sorted(native.ADAPTIVE_TABLEAUX))
 def test_each_adaptive_pair_has_its_order(method):
-    """One step of the propagated solution errs by O(h^(order + 1)) (against scipy's DOP853 to 1e-14), and the
-    embedded solution meets the quadrature conditions of one order less: a wrong coefficient of either fails."""
+    """One step of the propagated solution errs by O(h^(order + 1)) (against scipy's DOP853 to rtol 1e-13), and the
+    embedded solution meets the quadrature conditions of one order less (a digit changed in a coefficient of dopri8's
+    stages or of fehlberg2's embedded solution fails it)."""
     c, A, b, b_low, order = native.ADAPTIVE_TABLEAUX[method]
     for row, node in zip(A, c):
         assert abs(sum(row) - node) < 1e-14

@@ -85,8 +85,8 @@ ADAPTIVE_TABLEAUX = {
         (7 / 24, 0.25, 1 / 3, 0.125),
         3,
     ),
-    # Prince and Dormand's RK8(7)13M (J. Comput. Appl. Math. 7, 1981), torchdiffeq's dopri8: 13 stages, the 14th
-    # the new point (its last stage, c = 1, is not at the new point); the 8th-order solution is propagated
+    # Prince and Dormand's RK8(7)13M (J. Comput. Appl. Math. 7, 1981), torchdiffeq's dopri8: 13 stages (the 13th at
+    # c = 1, not at the new point) and a 14th at the new point; the 8th-order solution is carried on
     "dopri8": (
         (0.0, 1 / 18, 1 / 12, 1 / 8, 5 / 16, 3 / 8, 59 / 400, 93 / 200, 5490023248 / 9719169821, 13 / 20,
          1201146811 / 1299019798, 1.0, 1.0, 1.0),
