@@ -153,6 +153,8 @@ def test_fixed_budget_runs_exactly_max_iter_steps_of_eq12():
     (lambda P, x: vo.solve(P, x, 0.1, "ista", restart=True), "restart"),
     (lambda P, x: vo.solve(P, x, 0.1, "fista", tol=1e-6, check_every=0), "check_every"),
     (lambda P, x: vo.solve(P, x, 0.1, "ista", tol=1e-6, check_every="sometimes"), "check_every"),
+    (lambda P, x: vo.solve(P, x, 0.1, "dopri5", tol=1e-4, trace=True), r"trace must be a list.*got True"),
+    (lambda P, x: vo.solve(P, x, 0.1, "fista", trace=()), r"trace must be a list.*got \(\)"),
     (lambda P, x: vo.solve(torch.randn(2, 20, 12, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64), 0.1), "broadcast"),
     (lambda P, x: vo.solve(P, x, 0.1, "dopri5", rtol=-1e-3), "rtol must be a finite non-negative number, got -0.001"),
     (lambda P, x: vo.solve(P, x, 0.1, "bosh3", rtol=float("nan")), "rtol must be"),

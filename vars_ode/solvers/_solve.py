@@ -348,6 +348,9 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     check_choice("implicit_solve", implicit_solve, IMPLICIT_SOLVES)
     if "convention" in options:
         check_choice("convention", options.pop("convention"), CONVENTIONS)
+    if options.get("trace") is not None and not isinstance(options["trace"], list):
+        raise ValueError(f"trace must be a list, which receives the residual history (trace=[]), or None, got "
+                         f"{options['trace']!r}")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative float, got {tol!r}")
     spec = SOLVERS[solver]
