@@ -438,8 +438,8 @@ class VARSLayer(nn.Module):
         attempts}}``), every other solver option kept; returns ``self``. For a layer that :attr:`takes_budget`."""
         if not self.takes_budget:
             raise ValueError(f"set_budget: solver {self.solver!r} with steps={self.steps!r} takes no budget of attempts "
-                             "(an adaptive pair, dopri5, bosh3, dopri8, fehlberg2 or adaptive_heun, over a horizon, "
-                             "on the native integrator)")
+                             f"(an adaptive pair, {', '.join(ADAPTIVE_TABLEAUX)}, over a horizon, on the native "
+                             "integrator)")
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts must be a positive integer, got {attempts!r}")
         inner = {**(self.solver_options.get("options") or {}), "fixed_attempts": attempts}
@@ -842,8 +842,8 @@ def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
         raise ValueError(f"spare must be a non-negative integer, got {spare!r}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, VARSLayer) and m.takes_budget}
     if not layers:
-        raise ValueError("model has no VARSLayer integrating a horizon (steps) with an adaptive pair (dopri5, bosh3, "
-                         "dopri8, fehlberg2, adaptive_heun) on the native integrator: nothing to calibrate")
+        raise ValueError(f"model has no VARSLayer integrating a horizon (steps) with an adaptive pair "
+                         f"({', '.join(ADAPTIVE_TABLEAUX)}) on the native integrator: nothing to calibrate")
     before = {name: m.solver_options for name, m in layers.items()}
     try:
         for m in layers.values():

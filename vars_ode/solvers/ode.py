@@ -142,7 +142,7 @@ def default_rtol(method: str, tol: float, native_engine: bool = True) -> float:
     at its stability limit and its iterates wander by about the tolerance, so the tolerance follows ``tol``
     (measured: rtol = tol stalls just above tol, rtol = tol / 10 converges, much tighter only costs evaluations;
     torchdiffeq's fehlberg2, without the native step cap :data:`STABLE_MAX_STEP`, needs tol / 100)."""
-    factor = RTOL_FACTOR.get(method, 0.1) if not native_engine else 0.1
+    factor = 0.1 if native_engine else RTOL_FACTOR.get(method, 0.1)
     return min(1e-3, max(tol * factor, 1e-12)) if tol > 0 else 1e-3
 
 
