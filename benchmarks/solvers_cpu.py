@@ -1,6 +1,7 @@
 """Work, time and host reads for every solver to reach a KKT residual (CPU, float64).
 
     python benchmarks/solvers_cpu.py [--d 64 --m 48 --lam 0.1 --tols 1e-4,1e-6 --problems 1 --atoms gaussian]
+                                     [--max-iter 1000000]
 
 ISTA / FISTA / active_set count iterations (one product with K each); ODE solvers count
 evaluations of the coupled field (Eq. 8-9, one product with K each), so the columns compare.
@@ -39,6 +40,9 @@ def main(argv=None):
     ap.add_argument("--problems", type=int, default=1, help="problems sharing P, solved at once")
     ap.add_argument("--atoms", choices=("gaussian", "positive"), default="gaussian",
                     help="positive: entries uniform in [0, 1), unit columns")
+    ap.add_argument("--max-iter", type=int, default=1_000_000,
+                    help="each solver's budget (iterations, evaluations, steps, sweeps); a row whose KKT residual "
+                         "is above tol ran out of it")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
     if args.atoms == "gaussian":
@@ -67,10 +71,10 @@ def main(argv=None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.perf_counter()
-                sol = vo.solve(P, x, args.lam, name, tol=tol, max_iter=1_000_000, **kw)
+                sol = vo.solve(P, x, args.lam, name, tol=tol, max_iter=args.max_iter, **kw)
                 dt = time.perf_counter() - t0
                 with count_host_syncs() as syncs:
-                    vo.solve(P, x, args.lam, name, tol=tol, max_iter=1_000_000, **kw)
+                    vo.solve(P, x, args.lam, name, tol=tol, max_iter=args.max_iter, **kw)
             rows.append((spec, sol, dt, syncs.count))
         t_fista = next(dt for n, _, dt, _ in rows if n == "fista")
         for spec, sol, dt, reads in rows:

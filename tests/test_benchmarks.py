@@ -161,12 +161,12 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("lasso_cpu").main(["--problems", "6", "--d", "20", "--m", "12", "--repeats", "1"])
     load("lasso_cpu").main(["--problems", "3", "--d", "20", "--m", "12", "--repeats", "1", "--per-problem",
                             "--lipschitz", "power"])
-    load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers", "ista,fista,dopri5,dopri5@native",
-                              "--problems", "3"])
+    load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers",
+                              "ista,fista,dopri5,dopri5@native,rkc", "--problems", "3", "--max-iter", "50000"])
     out = capsys.readouterr().out
     assert out.count("| vars_ode") == 16 and "default check_every" in out and "| vars_ode cd (tol 1e-09) |" in out
     assert "per problem, lam 0.1, float64, L by power" in out and "| vars_ode admm" in out
-    assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out
+    assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out and "| 0.0001 | rkc |" in out
     load("lasso_cpu").main(["--problems", "3", "--d", "20", "--m", "12", "--repeats", "1", "--per-problem",
                             "--atoms", "positive"])
     out = capsys.readouterr().out

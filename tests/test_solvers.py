@@ -177,7 +177,7 @@ def test_bad_input(problem, call, match):
 
 def test_solvers_registry_lists_every_torchdiffeq_method():
     from torchdiffeq._impl.odeint import SOLVERS as TDE
-    assert {"ista", "fista", "active_set", "admm", "cd", "implicit_euler"} | set(TDE) == set(vo.SOLVERS)
+    assert {"ista", "fista", "active_set", "admm", "cd", "implicit_euler", "rkc"} | set(TDE) == set(vo.SOLVERS)
 
 
 def test_active_set_reaches_machine_precision_on_many_problems():

@@ -1,5 +1,5 @@
-"""Offline demo: one LASSO solved by ISTA, FISTA, dopri5 and implicit_euler (the coupled ODE of Eq. 8-9, explicit
-and implicit),
+"""Offline demo: one LASSO solved by ISTA, FISTA, dopri5, implicit_euler and rkc (the coupled ODE of Eq. 8-9: explicit,
+implicit, and explicit with Runge-Kutta-Chebyshev steps),
 compared with each other and, when scikit-learn is installed, with its ``Lasso``.
 
 Run ``python -m vars_ode --help`` for the options.
@@ -21,7 +21,7 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=0.1, help="L1 weight (Eq. 10 convention)")
     ap.add_argument("--tol", type=float, default=1e-8, help="KKT residual to stop at")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--solvers", default="ista,fista,dopri5,implicit_euler", help="comma-separated names from vars_ode.SOLVERS")
+    ap.add_argument("--solvers", default="ista,fista,dopri5,implicit_euler,rkc", help="comma-separated names from vars_ode.SOLVERS")
     args = ap.parse_args(argv)
 
     g = torch.Generator().manual_seed(args.seed)

@@ -32,7 +32,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         solver: ``"ista"``, ``"fista"``, ``"active_set"``, ``"admm"``, ``"cd"`` (coordinate descent per problem,
             compiled by numba; CPU, no unrolled gradient), a torchdiffeq method (``"dopri5"``,
             ``"rk4"``, ...), which integrates the coupled dynamics of Eq. 8-9 until each problem is at a steady
-            state, or ``"implicit_euler"`` (the same dynamics with implicit steps, for stiff problems).
+            state, ``"implicit_euler"`` (the same dynamics with implicit steps, for stiff problems) or ``"rkc"``
+            (the same dynamics with Runge-Kutta-Chebyshev steps, explicit, whose length grows with their stages).
         tol: KKT residual at which a problem counts as converged and is frozen, in units of
             ``max(1, ||P^T x||_inf)`` per problem (:func:`vars_ode.lasso.tol_scale`): absolute for problems of unit
             scale or less, relative above, so a problem scaled by 1e30 converges as the unscaled one; ``0`` runs
@@ -64,7 +65,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
-            (:mod:`vars_ode.solvers.implicit_euler`); ``trace=[]`` collects the residual history; with ``t_end``
+            (:mod:`vars_ode.solvers.implicit_euler`); ``rtol`` (default ``100 tol`` up to 1e-2), ``atol``,
+            ``first_step``, ``max_stages``, ``step_size`` (of a horizon), ``t_end`` for ``"rkc"``
+            (:mod:`vars_ode.solvers.rkc`); ``trace=[]`` collects the residual history; with ``t_end``
             and a budget of attempts (``options={"fixed_attempts": n}``, the adaptive pairs), ``forced=[]`` receives
             per problem how many times the budget's last attempt ended on a step the tolerance rejected (0 or 1;
             with ``record``, up to one per unit of time).

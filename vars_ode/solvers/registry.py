@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from . import admm, coordinate, implicit_euler, iterative, ode
+from . import admm, coordinate, implicit_euler, iterative, ode, rkc
 
 
 @dataclass(frozen=True)
@@ -107,5 +107,6 @@ for _m in ode.ODE_METHODS:
                     max_iter=DEFAULT_MAX_EVALS)
 register_solver("implicit_euler", implicit_euler.implicit_euler, unit="steps", ode=True, needs_gram=True,
                 max_iter=DEFAULT_MAX_STEPS)
-#: the library's own ODE solvers (the torchdiffeq methods and the stiff implicit_euler), as registered above
+register_solver("rkc", rkc.rkc, unit="function evaluations", ode=True, max_iter=DEFAULT_MAX_EVALS)
+#: the library's own ODE solvers (the torchdiffeq methods, the stiff implicit_euler and rkc), as registered above
 ODE_SOLVERS = tuple(name for name, spec in SOLVERS.items() if spec.ode)
