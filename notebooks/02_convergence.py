@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 02 - Convergence of the solvers
 #
-# How fast does each solver drive the KKT residual of Eq. 10 down, counted in iterations or vector-field evaluations (one product with `K` each; an ADMM iteration is one product with the inverse of `K + rho I`, two near the tolerance and at the checks of the residual, with `K` too; an `implicit_euler` step is one Cholesky factorisation of the support of `K`) and in wall time, at several tolerances; and how do the costs move with `lam` and with the conditioning of `P`? ODE solvers integrate the coupled dynamics rescaled by `L` (one time unit ~ one ISTA step).
+# How fast does each solver drive the KKT residual of Eq. 10 down, counted in iterations or vector-field evaluations (one product with `K` each; an ADMM iteration is one product with the inverse of `K + rho I`, two near the tolerance and at the checks of the residual, with `K` too; an `implicit_euler` step is one Cholesky factorisation of the support of `K`; an `rkc` step of `s` stages is `s` evaluations) and in wall time, at several tolerances; and how do the costs move with `lam` and with the conditioning of `P`? ODE solvers integrate the coupled dynamics rescaled by `L` (one time unit ~ one ISTA step).
 
 # %% tags=["parameters"]
 # Parameters: "small" runs in seconds (the test suite uses it); "large" for closer study.
@@ -40,13 +40,13 @@ DT = torch.float64
 assert SIZE in CFG, f"SIZE must be one of {list(CFG)}"
 cfg = CFG[SIZE]
 print("SIZE =", SIZE, cfg)
-SOLVERS = ["ista", "fista", "admm", "euler", "rk4", "dopri5", "implicit_euler"]
+SOLVERS = ["ista", "fista", "admm", "euler", "rk4", "dopri5", "implicit_euler", "rkc"]
 # explicit ODE solvers check convergence between integration windows: short constant windows give a fine trace
-# (implicit_euler checks after every step)
+# (implicit_euler and rkc check after every step)
 ODE_OPTS = dict(window=2.0, max_window=2.0)
 
 def run(P, x, lam, solver, tol, **kw):
-    opts = ODE_OPTS if solver in vars_ode.ODE_SOLVERS and solver != "implicit_euler" else {}
+    opts = ODE_OPTS if solver in vars_ode.ODE_SOLVERS and solver not in ("implicit_euler", "rkc") else {}
     trace = []
     t0 = time.perf_counter()
     sol = vars_ode.solve(P, x, lam, solver, tol=tol, max_iter=cfg["max_work"], trace=trace, **opts, **kw)
@@ -117,7 +117,7 @@ plt.show()
 
 # %%
 tol = cfg["sweep_tol"]
-sweep_solvers = ["ista", "fista", "admm", "dopri5", "implicit_euler"]
+sweep_solvers = ["ista", "fista", "admm", "dopri5", "implicit_euler", "rkc"]
 def sweep(problems):
     out = {s: [] for s in sweep_solvers}
     nnz = []
@@ -184,17 +184,18 @@ print(f"1. To KKT residual {tight:g} on a {cfg['d']}x{cfg['m']} problem: " + ", 
 print(f"2. FISTA needed {work['ista'] / max(work['fista'], 1):.1f}x fewer iterations than ISTA, ADMM "
       f"{work['fista'] / max(work['admm'], 1):.1f}x fewer than FISTA (one product with an m x m matrix each, "
       f"the inverse of K + rho I, formed once per rho; two near the tolerance, with K too); dopri5 spent {work['dopri5'] / max(work['ista'], 1):.1f} "
-      f"evaluations per ISTA iteration, and implicit_euler, whose step is not bound by the stiffness, took "
-      f"{work['implicit_euler']} steps.")
+      f"evaluations per ISTA iteration; implicit_euler, whose step is not bound by the stiffness, took "
+      f"{work['implicit_euler']} steps, and rkc, whose steps grow with their stages, "
+      f"{work['rkc'] / max(work['ista'], 1):.1f} evaluations per ISTA iteration.")
 loose = max(cfg["tols"])
 print(f"3. Per tolerance (work): " + "; ".join(
     f"tol {t:g}: " + ", ".join(f"{r['solver']} {r['work']}" for r in rows if r["tol"] == t) for t in cfg["tols"]))
 print(f"4. Work to KKT {tol:g} against lam ratios {list(cfg['lams'])}: nnz {nnz_lam}; ista work {by_lam['ista']}, fista {by_lam['fista']}, "
-      f"admm {by_lam['admm']}, dopri5 {by_lam['dopri5']}, implicit_euler {by_lam['implicit_euler']}.")
+      f"admm {by_lam['admm']}, dopri5 {by_lam['dopri5']}, implicit_euler {by_lam['implicit_euler']}, rkc {by_lam['rkc']}.")
 print(f"5. Against m/d {list(cfg['ratios'])}: ista work {by_ratio['ista']}, fista {by_ratio['fista']}, admm {by_ratio['admm']}, "
-      f"dopri5 {by_ratio['dopri5']}, implicit_euler {by_ratio['implicit_euler']}.")
+      f"dopri5 {by_ratio['dopri5']}, implicit_euler {by_ratio['implicit_euler']}, rkc {by_ratio['rkc']}.")
 print(f"6. Against cond(P) {list(cfg['conds'])}: ista work {by_cond['ista']}, fista {by_cond['fista']}, "
-      f"admm {by_cond['admm']}, dopri5 {by_cond['dopri5']}, implicit_euler {by_cond['implicit_euler']} "
+      f"admm {by_cond['admm']}, dopri5 {by_cond['dopri5']}, implicit_euler {by_cond['implicit_euler']}, rkc {by_cond['rkc']} "
       f"(nan: not converged within {cfg['max_work']}).")
 print(f"7. On positive atoms (lambda_1 / lambda_2 = {float(ev_pos[-1] / ev_pos[-2]):.0f}), to KKT {tight:g}: " + ", ".join(
     f"{s} {metric_work[s + ', metric']} iterations in the metric against {metric_work[s + ', 1/L']} with 1 / L"
