@@ -20,7 +20,8 @@ estimate is the paper's, ``(12 (y - y_new) + 6 h (F(y) + F(y_new))) / 15``, with
 Two modes, as for the other ODE solvers (:mod:`vars_ode.solvers.ode`):
 
 * steady state (default): one step size per problem under the error control; the batch's stage count is the one
-  the longest live step needs (at most ``max_stages``, which then caps the steps). Problems whose KKT residual is at
+  that the longest, then the median, then again the median live step needs, in turn (:data:`STAGE_SCHEDULE`; at
+  most ``max_stages``), and every problem's step is capped at what it covers. Problems whose KKT residual is at
   or below ``tol`` are frozen. The tolerance of the steps follows ``tol`` loosely (:func:`default_rtol`): the
   trajectory is followed only as closely as the steady state needs, and at a steady state the error estimate, and
   with it the step's length, is free of the tolerance. ``record`` receives the code after every step, ``trace`` the
@@ -50,12 +51,13 @@ OPTIONS = ("rtol", "atol", "first_step", "max_stages", "step_size", "t_end", "al
            "record", "grad")
 
 #: the damping ``epsilon`` of the stability polynomial (``w0 = 1 + epsilon / s^2``): Sommeijer, Shampine and Verwer's
-#: value, which keeps ``|P_s(z)|`` at or below about ``1 - epsilon / 3`` inside the interval, so the modes between
-#: the Chebyshev polynomial's zeros are damped too, at the price of about 5% of ``beta_s``
+#: value, which keeps ``|P_s(z)|`` below 0.97 on the inner nine tenths of the interval (``tests/test_rkc.py``, s = 2 to
+#: 200), so the modes between the Chebyshev polynomial's zeros are damped too, at the price of 2% of ``beta_s``
+#: (0.653 (s^2 - 1) against 2 / 3 (s^2 - 1) undamped)
 DAMPING = 2.0 / 13
 
-#: the largest stage count a step may take (``beta_s`` about 26,000, a step of about 10,000 units of time on the
-#: paper's field): the recurrence's rounding grows with ``s^2``, and a longer step damps the slow modes no faster
+#: the largest stage count a step may take: a bound on one step's cost, which every live problem of a batch pays
+#: (``beta_200`` is about 26,000: a step of about 9,500 units of time on the paper's field)
 MAX_STAGES = 200
 
 #: ``rho`` is multiplied by this before choosing the stages: ``L`` may fall slightly below ``K``'s top eigenvalue
