@@ -48,6 +48,25 @@ def make_problem(seed: int, d: int, m: int, dtype=torch.float64, batch=()):
     return P.to(dtype), x.to(dtype)
 
 
+def conditioned_problem(seed: int, d: int, m: int, decades: float, n: int):
+    """``P`` (``d x m``, ``m <= d``) with singular values geometric from 1 down to ``10^-decades`` (``K``'s condition
+    number ``10^(2 decades)``), and ``n`` signals."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(d, m, generator=g, dtype=torch.float64)
+    U, _, Vh = torch.linalg.svd(P, full_matrices=False)
+    P = U @ torch.diag(torch.logspace(0, -decades, m, dtype=torch.float64)) @ Vh
+    return P, torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def assert_lasso_minimiser(solver: str, seed: int, d: int, m: int, lam: float, **kw):
+    """``solver`` converges to tol 1e-10 on six signals of :func:`make_problem` and lands within 1e-7 of scikit-learn."""
+    import vars_ode as vo
+    P, X = make_problem(seed, d, m, batch=(6,))
+    sol = vo.solve(P, X, lam, solver, tol=1e-10, **kw)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
+
+
 @pytest.fixture
 def problem():
     return make_problem(0, 20, 12)

@@ -9,26 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vars_ode as vo
-from conftest import make_problem, sklearn_lasso
+from conftest import assert_lasso_minimiser, conditioned_problem, make_problem, sklearn_lasso
 
 
 @given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
 @settings(max_examples=8)
 def test_equilibrium_is_the_lasso_minimiser(seed, d, m, lam):
-    P, X = make_problem(seed, d, m, batch=(6,))
-    sol = vo.solve(P, X, lam, "implicit_euler", tol=1e-10)
-    assert bool(sol.stats.converged.all()), sol.stats.summary()
-    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
+    assert_lasso_minimiser("implicit_euler", seed, d, m, lam)
 
 
 def test_ill_conditioned_problem_in_few_steps():
     # K with condition number 1e6: the explicit methods' step is bounded by the fast end of the spectrum and
     # their time by the slow end; the implicit steps are not. Work is counted in steps (one factorisation each).
-    g = torch.Generator().manual_seed(3)
-    P = torch.randn(40, 24, generator=g, dtype=torch.float64)
-    U, _, Vh = torch.linalg.svd(P, full_matrices=False)
-    P = U @ torch.diag(torch.logspace(0, -3, 24, dtype=torch.float64)) @ Vh
-    X = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    P, X = conditioned_problem(3, 40, 24, 3.0, 20)
     sol = vo.solve(P, X, 0.05, "implicit_euler", tol=1e-8, max_iter=400)
     assert bool(sol.stats.converged.all()), sol.stats.summary()
     assert (sol.code - sklearn_lasso(P, X, 0.05)).abs().max().item() < 1e-5

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as C
 
 import vars_ode as vo
-from conftest import make_problem, sklearn_lasso
+from conftest import assert_lasso_minimiser, conditioned_problem, make_problem, sklearn_lasso
 from vars_ode.solvers import rkc
 
 
@@ -102,22 +102,15 @@ def test_error_estimate_is_of_the_local_error_order_and_does_not_underestimate_i
 
 
 @given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 def test_equilibrium_is_the_lasso_minimiser(seed, d, m, lam):
-    P, X = make_problem(seed, d, m, batch=(6,))
-    sol = vo.solve(P, X, lam, "rkc", tol=1e-10)
-    assert bool(sol.stats.converged.all()), sol.stats.summary()
-    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
+    assert_lasso_minimiser("rkc", seed, d, m, lam)
 
 
 def test_long_steps_reach_an_ill_conditioned_equilibrium_that_dopri5_does_not():
     # K with condition number 100: dopri5's step is held at its stability limit (about 1.2 units of time) and its
     # time is set by the slow end of the spectrum (9,994 evaluations here); rkc's steps grow with their stages (3,360)
-    g = torch.Generator().manual_seed(3)
-    P = torch.randn(40, 24, generator=g, dtype=torch.float64)
-    U, _, Vh = torch.linalg.svd(P, full_matrices=False)
-    P = U @ torch.diag(torch.logspace(0, -1, 24, dtype=torch.float64)) @ Vh
-    X = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    P, X = conditioned_problem(3, 40, 24, 1.0, 20)
     sol = vo.solve(P, X, 0.02, "rkc", tol=1e-8, max_iter=5000)
     assert bool(sol.stats.converged.all()), sol.stats.summary()
     assert (sol.code - sklearn_lasso(P, X, 0.02)).abs().max().item() < 1e-5  # residual 1e-8, condition 100
