@@ -154,10 +154,13 @@ def _positive(name, v, integer=False):
         raise ValueError(f"{name} must be a positive {'integer' if integer else 'finite float'}, got {v!r}")
 
 
+@torch.compiler.disable
 def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=None, max_stages=MAX_STAGES,
         step_size=None, t_end=None, alpha=1.0, beta=2.0, gamma=2.0, trace=None, record=None, grad="unroll", **unused):
     """Integrate Eq. 8-9 on ``(op, B, w)`` rescaled by ``L`` with RKC steps (see the module docstring); returns
-    ``(code, evaluations)``, ``evaluations`` per problem."""
+    ``(code, evaluations)``, ``evaluations`` per problem. Under ``torch.compile`` it runs eagerly, as one graph break:
+    its stage counts and step decisions are read from the data (traced, a VARS-D layer's horizon recompiled at every
+    read until the recompile limit, 56 s)."""
     if unused:
         raise ValueError(f"unknown option(s) {sorted(unused)} for solver 'rkc'; valid options: {sorted(OPTIONS)}")
     if grad == "adjoint":
