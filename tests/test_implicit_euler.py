@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vars_ode as vo
-from conftest import assert_lasso_minimiser, conditioned_problem, make_problem, sklearn_lasso
+from conftest import (assert_horizon_gradcheck, assert_implicit_gradient_is_fistas, assert_lasso_minimiser,
+                      conditioned_problem, horizon_errors, make_problem, sklearn_lasso)
 
 
 @given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
@@ -84,13 +85,7 @@ def test_any_first_step_converges(first_step):
 
 def test_fixed_horizon_is_first_order_in_the_step():
     # against the flow integrated by rk4 with a fine step: halving the step halves the error
-    P, X = make_problem(5, 20, 12, batch=(4,))
-    ref = vo.solve(P, X, 0.1, "rk4", tol=0.0, t_end=2.0, options={"step_size": 1 / 256}).code
-    errors = []
-    for h in (0.1, 0.05, 0.025, 0.0125):
-        code = vo.solve(P, X, 0.1, "implicit_euler", tol=0.0, t_end=2.0, step_size=h).code
-        errors.append((code - ref).abs().max().item())
-    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    errors, rates = horizon_errors("implicit_euler", 0.1, (0.1, 0.05, 0.025, 0.0125), 1 / 256)
     assert errors[-1] < 5e-3 and all(0.8 < r < 1.3 for r in rates), (errors, rates)
 
 
@@ -105,25 +100,11 @@ def test_fixed_horizon_records_every_unit_of_time_like_rk4():
 
 
 def test_implicit_gradient_at_the_equilibrium_matches_fista():
-    P, X = make_problem(8, 18, 10, batch=(5,))
-    R = torch.randn(5, 18, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = {}
-    for s in ("fista", "implicit_euler"):
-        Pr, Xr = P.clone().requires_grad_(True), X.clone().requires_grad_(True)
-        out = vo.solve(Pr, Xr, 0.1, s, tol=1e-11, max_iter=100_000, grad="implicit").output
-        grads[s] = torch.autograd.grad((out * R).sum(), (Pr, Xr))
-    for a, b in zip(grads["fista"], grads["implicit_euler"]):
-        assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
+    assert_implicit_gradient_is_fistas("implicit_euler")
 
 
 def test_unrolled_gradient_of_a_horizon_is_exact():
-    P, X = make_problem(9, 10, 6, batch=(3,))
-    P.requires_grad_(True)
-    X.requires_grad_(True)
-    # L given: the default is computed from P without a gradient (it sets the time scale of the horizon)
-    f = lambda P, X: vo.solve(P, X, 0.1, "implicit_euler", tol=0.0, t_end=2.0, step_size=0.25,  # noqa: E731
-                              L=3.0).output
-    assert torch.autograd.gradcheck(f, (P, X), eps=1e-6, atol=1e-6)
+    assert_horizon_gradcheck("implicit_euler", step_size=0.25)
 
 
 def test_layer_runs_it_for_gram_dictionaries_and_refuses_convolutional_templates():

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as C
 
 import vars_ode as vo
-from conftest import assert_lasso_minimiser, conditioned_problem, make_problem, sklearn_lasso
+from conftest import (assert_horizon_gradcheck, assert_implicit_gradient_is_fistas, assert_lasso_minimiser,
+                      conditioned_problem, horizon_errors, make_problem, sklearn_lasso)
 from vars_ode.solvers import rkc
 
 
@@ -121,13 +122,7 @@ def test_long_steps_reach_an_ill_conditioned_equilibrium_that_dopri5_does_not():
 def test_fixed_horizon_is_second_order_in_the_step():
     # equal steps against the flow integrated by rk4 with a fine step: halving the step quarters the error. With
     # lam = 0 the field is linear (no kinks of the threshold, where any method's order drops)
-    P, X = make_problem(5, 20, 12, batch=(4,))
-    ref = vo.solve(P, X, 0.0, "rk4", tol=0.0, t_end=2.0, options={"step_size": 1 / 512}).code
-    errors = []
-    for h in (0.2, 0.1, 0.05, 0.025):
-        code = vo.solve(P, X, 0.0, "rkc", tol=0.0, t_end=2.0, step_size=h).code
-        errors.append((code - ref).abs().max().item())
-    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    errors, rates = horizon_errors("rkc", 0.0, (0.2, 0.1, 0.05, 0.025), 1 / 512)
     assert errors[-1] < 3e-5 and all(1.8 < r < 2.5 for r in rates), (errors, rates)
 
 
@@ -146,24 +141,12 @@ def test_adaptive_horizon_follows_the_flow_and_records_each_unit_of_time():
 
 
 def test_implicit_gradient_at_the_equilibrium_matches_fista():
-    P, X = make_problem(8, 18, 10, batch=(5,))
-    R = torch.randn(5, 18, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = {}
-    for s in ("fista", "rkc"):
-        Pr, Xr = P.clone().requires_grad_(True), X.clone().requires_grad_(True)
-        out = vo.solve(Pr, Xr, 0.1, s, tol=1e-11, max_iter=100_000, grad="implicit").output
-        grads[s] = torch.autograd.grad((out * R).sum(), (Pr, Xr))
-    for a, b in zip(grads["fista"], grads["rkc"]):
-        assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
+    assert_implicit_gradient_is_fistas("rkc")
 
 
 def test_unrolled_gradient_of_a_horizon_is_exact():
-    P, X = make_problem(9, 10, 6, batch=(3,))
-    P.requires_grad_(True)
-    X.requires_grad_(True)
-    # L given (the horizon's time scale); equal steps: the step sizes are constants of the computation
-    f = lambda P, X: vo.solve(P, X, 0.1, "rkc", tol=0.0, t_end=2.0, step_size=0.7, L=3.0).output  # noqa: E731
-    assert torch.autograd.gradcheck(f, (P, X), eps=1e-6, atol=1e-6)
+    # equal steps: the step sizes are constants of the computation
+    assert_horizon_gradcheck("rkc", step_size=0.7)
 
 
 def test_layer_runs_it_for_every_dictionary():
