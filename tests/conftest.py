@@ -71,42 +71,6 @@ def horizon_errors(solver: str, lam: float, steps, fine: float):
     return errors, [math.log2(a / b) for a, b in zip(errors, errors[1:])]
 
 
-def assert_implicit_gradient_is_fistas(solver: str):
-    """The gradients of a loss of ``solver``'s output with ``grad="implicit"`` (to tol 1e-11) with respect to ``P``
-    and the signals equal FISTA's to 1e-7 (five signals of :func:`make_problem`)."""
-    import vars_ode as vo
-    P, X = make_problem(8, 18, 10, batch=(5,))
-    R = torch.randn(5, 18, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = {}
-    for s in ("fista", solver):
-        Pr, Xr = P.clone().requires_grad_(True), X.clone().requires_grad_(True)
-        out = vo.solve(Pr, Xr, 0.1, s, tol=1e-11, max_iter=100_000, grad="implicit").output
-        grads[s] = torch.autograd.grad((out * R).sum(), (Pr, Xr))
-    for a, b in zip(grads["fista"], grads[solver]):
-        assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
-
-
-def assert_horizon_gradcheck(solver: str, **options):
-    """gradcheck of ``solver``'s output over a horizon of 2 with respect to ``P`` and the signals (three signals of
-    :func:`make_problem`; ``L`` given: the default is computed from ``P`` without a gradient, as the horizon's time
-    scale)."""
-    import vars_ode as vo
-    P, X = make_problem(9, 10, 6, batch=(3,))
-    P.requires_grad_(True)
-    X.requires_grad_(True)
-    f = lambda P, X: vo.solve(P, X, 0.1, solver, tol=0.0, t_end=2.0, L=3.0, **options).output  # noqa: E731
-    assert torch.autograd.gradcheck(f, (P, X), eps=1e-6, atol=1e-6)
-
-
-def assert_lasso_minimiser(solver: str, seed: int, d: int, m: int, lam: float, **kw):
-    """``solver`` converges to tol 1e-10 on six signals of :func:`make_problem` and lands within 1e-7 of scikit-learn."""
-    import vars_ode as vo
-    P, X = make_problem(seed, d, m, batch=(6,))
-    sol = vo.solve(P, X, lam, solver, tol=1e-10, **kw)
-    assert bool(sol.stats.converged.all()), sol.stats.summary()
-    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
-
-
 @pytest.fixture
 def problem():
     return make_problem(0, 20, 12)

@@ -1,18 +1,16 @@
 """rkc, the Runge-Kutta-Chebyshev method: its stability polynomial is the damped Chebyshev one (against numpy's
-Chebyshev series), its equilibrium is the LASSO minimiser, its horizon follows the flow of Eq. 8-9 to second order,
-its long steps take the stiff problems the other explicit methods cannot, and its gradients are the problem's."""
+Chebyshev series), its horizon follows the flow of Eq. 8-9 to second order, and its long steps take the stiff problems
+the other explicit methods cannot. Its equilibrium against scikit-learn and its gradients are in tests/test_solvers.py
+(the ODE solvers with step loops of their own, OWN_LOOPS)."""
 import math
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as C
 
 import vars_ode as vo
-from conftest import (assert_horizon_gradcheck, assert_implicit_gradient_is_fistas, assert_lasso_minimiser,
-                      conditioned_problem, horizon_errors, make_problem, sklearn_lasso)
+from conftest import conditioned_problem, horizon_errors, make_problem, sklearn_lasso
 from vars_ode.solvers import rkc
 
 
@@ -102,12 +100,6 @@ def test_error_estimate_is_of_the_local_error_order_and_does_not_underestimate_i
     assert 7 < sizes[0] / sizes[1] < 9  # third order locally: second order globally
 
 
-@given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
-@settings(max_examples=5, deadline=None)
-def test_equilibrium_is_the_lasso_minimiser(seed, d, m, lam):
-    assert_lasso_minimiser("rkc", seed, d, m, lam)
-
-
 def test_long_steps_reach_an_ill_conditioned_equilibrium_that_dopri5_does_not():
     # K with condition number 100: dopri5's step is held at its stability limit (about 1.2 units of time) and its
     # time is set by the slow end of the spectrum (9,994 evaluations here); rkc's steps grow with their stages (3,360)
@@ -138,15 +130,6 @@ def test_adaptive_horizon_follows_the_flow_and_records_each_unit_of_time():
     loose = vo.solve(P, X, 0.1, "rkc", tol=0.0, t_end=3.0)  # the default tolerance of a horizon, 1e-3
     assert (loose.code - ref.code).abs().max().item() < 1e-2
     assert int(loose.stats.iterations.max()) < int(got.stats.iterations.max())
-
-
-def test_implicit_gradient_at_the_equilibrium_matches_fista():
-    assert_implicit_gradient_is_fistas("rkc")
-
-
-def test_unrolled_gradient_of_a_horizon_is_exact():
-    # equal steps: the step sizes are constants of the computation
-    assert_horizon_gradcheck("rkc", step_size=0.7)
 
 
 def test_layer_runs_it_for_every_dictionary():

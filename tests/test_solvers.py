@@ -606,3 +606,42 @@ def test_float32_solves_report_convergence_where_the_solvers_stopped(solver):
         short = vo.solve(P, x, 0.1, solver, tol=1e-5, max_iter=3)
         assert not bool(short.stats.converged.any())
         assert bool((short.stats.status == vo.Status.MAX_ITER).all())
+
+
+#: the ODE solvers with step loops of their own (not the torchdiffeq methods' driver), and an equal step of a horizon
+OWN_LOOPS = {"implicit_euler": 0.25, "rkc": 0.7}
+
+
+@pytest.mark.parametrize("solver", sorted(OWN_LOOPS))
+@given(st.integers(0, 10**6), st.integers(10, 30), st.integers(4, 16), st.floats(0.02, 0.5))
+@settings(max_examples=8, deadline=None)
+def test_own_loop_equilibrium_is_the_lasso_minimiser(solver, seed, d, m, lam):
+    P, X = make_problem(seed, d, m, batch=(6,))
+    sol = vo.solve(P, X, lam, solver, tol=1e-10)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
+
+
+@pytest.mark.parametrize("solver", sorted(OWN_LOOPS))
+def test_own_loop_implicit_gradient_at_the_equilibrium_is_fistas(solver):
+    P, X = make_problem(8, 18, 10, batch=(5,))
+    R = torch.randn(5, 18, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = {}
+    for s in ("fista", solver):
+        Pr, Xr = P.clone().requires_grad_(True), X.clone().requires_grad_(True)
+        out = vo.solve(Pr, Xr, 0.1, s, tol=1e-11, max_iter=100_000, grad="implicit").output
+        grads[s] = torch.autograd.grad((out * R).sum(), (Pr, Xr))
+    for a, b in zip(grads["fista"], grads[solver]):
+        assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("solver", sorted(OWN_LOOPS))
+def test_own_loop_unrolled_gradient_of_a_horizon_is_exact(solver):
+    # equal steps (the step sizes are constants of the computation); L given: the default is computed from P without
+    # a gradient (it sets the time scale of the horizon)
+    P, X = make_problem(9, 10, 6, batch=(3,))
+    P.requires_grad_(True)
+    X.requires_grad_(True)
+    f = lambda P, X: vo.solve(P, X, 0.1, solver, tol=0.0, t_end=2.0, L=3.0,  # noqa: E731
+                              step_size=OWN_LOOPS[solver]).output
+    assert torch.autograd.gradcheck(f, (P, X), eps=1e-6, atol=1e-6)
