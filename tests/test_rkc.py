@@ -167,3 +167,33 @@ def test_bad_options_are_named(kwargs, match):
     P, X = make_problem(1, 8, 4, batch=(2,))
     with pytest.raises(ValueError, match=match):
         vo.solve(P, X, 0.1, "rkc", tol=1e-6, **kwargs)
+
+
+def test_a_compiled_layer_runs_rkc_eagerly_as_one_graph_break():
+    # rkc reads its stage counts and step decisions from the data; traced, every read is a guard, and a VARS-D
+    # layer's horizon recompiled at each until the recompile limit. Under torch.compile it runs eagerly: the graphs
+    # around it are captured once, and the output and gradients are the eager layer's
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = vo.VARSLayer(16, 2, dictionary="d", solver="rkc").double()
+    x = torch.randn(2, 17, 16, dtype=torch.float64)
+
+    def run(f):
+        layer.zero_grad()
+        y = f(x)
+        y.sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    eager = run(layer)
+    compiled_layer = torch.compile(layer, backend="aot_eager")
+    compiled = run(compiled_layer)
+    graphs = counters["stats"]["unique_graphs"]
+    again = run(compiled_layer)  # a second call reuses the graphs
+    assert counters["stats"]["unique_graphs"] == graphs <= 6, dict(counters["stats"])  # traced: 25, then 26
+    assert len(eager) == len(compiled) > 3
+    for a, b, c in zip(eager, compiled, again):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10 * float(a.abs().max()))
+        torch.testing.assert_close(c, a, rtol=0, atol=1e-10 * float(a.abs().max()))
