@@ -129,10 +129,11 @@ def default_rtol(tol: float) -> float:
     return min(1e-2, max(100 * tol, 1e-12)) if tol > 0 else 1e-3
 
 
-def rkc_step(f, y: tuple, F0: tuple, h: tuple, s: int):
+def rkc_step(f, y: tuple, F0: tuple, h: tuple, s: int, estimate: bool = True):
     """One ``s``-stage step of the field ``f`` from the state ``y`` (``F0 = f(y)``), of length ``h`` (one tensor per
     entry of the state, broadcastable to it: a length per problem): ``(y_new, f(y_new), est)``, ``est`` the local
-    error estimate of each entry, ``(12 (y - y_new) + 6 h (F0 + f(y_new))) / 15`` (detached)."""
+    error estimate of each entry, ``(12 (y - y_new) + 6 h (F0 + f(y_new))) / 15`` (detached; None with
+    ``estimate=False``, for equal steps)."""
     mt1, stages, _ = coefficients(s)
     hF0 = tuple(f_ * h_ for f_, h_ in zip(F0, h))
     prev2, prev = y, tuple(torch.add(a, d, alpha=mt1) for a, d in zip(y, hF0))
@@ -143,6 +144,8 @@ def rkc_step(f, y: tuple, F0: tuple, h: tuple, s: int):
             .add_(d0, alpha=gt)
             for y0, p1, p2, fj, h_, d0 in zip(y, prev, prev2, F, h, hF0))
     F1 = f(0.0, prev)
+    if not estimate:
+        return prev, F1, None
     with torch.no_grad():
         est = tuple((12 * (a - b) + 6 * (d + f_ * h_)) / 15 for a, b, d, f_, h_ in zip(y, prev, hF0, F1, h))
     return prev, F1, est
@@ -200,9 +203,12 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
     def expand(t):
         return tuple(op.expand(j % n, t) for j in range(2 * n))
 
-    def step(y, F0, h, s):
-        """``(y_new, F(y_new), err)`` of an ``s``-stage step of per-problem length ``h``; ``err`` per problem."""
-        y1, F1, est = rkc_step(f, y, F0, expand(h), s)
+    def step(y, F0, h, s, estimate=True):
+        """``(y_new, F(y_new), err)`` of an ``s``-stage step of per-problem length ``h``; ``err`` per problem (None
+        without ``estimate``: equal steps)."""
+        y1, F1, est = rkc_step(f, y, F0, expand(h), s, estimate=estimate)
+        if est is None:
+            return y1, F1, None
         with torch.no_grad():
             err = op.norm(tuple(e / (at + rtol * torch.maximum(a.abs(), b.abs()))
                                 for e, at, a, b in zip(est, atol, y, y1)))
@@ -232,7 +238,7 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
             s = stages_for(rho * T / max(k, 1), max_stages)
             hk = op.problems_like(B, T / max(k, 1))
             for i in range(1, k + 1):
-                y, F0, _ = step(y, F0, hk, s)
+                y, F0, _ = step(y, F0, hk, s, estimate=False)
                 if i in marks:
                     rec(y)
             return codes(y), evals + k * s
