@@ -1,7 +1,7 @@
 """Work, time and host reads for every solver to reach a KKT residual (CPU, float64).
 
     python benchmarks/solvers_cpu.py [--d 64 --m 48 --lam 0.1 --tols 1e-4,1e-6 --problems 1 --atoms gaussian]
-                                     [--max-iter 1000000]
+                                     [--max-iter 1000000] [--threads N]
 
 ISTA / FISTA / active_set count iterations (one product with K each); ODE solvers count
 evaluations of the coupled field (Eq. 8-9, one product with K each), so the columns compare.
@@ -43,7 +43,13 @@ def main(argv=None):
     ap.add_argument("--max-iter", type=int, default=1_000_000,
                     help="each solver's budget (iterations, evaluations, steps, sweeps); a row whose KKT residual "
                          "is above tol ran out of it")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's own, the cores)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)
     if args.atoms == "gaussian":
         P = torch.randn(args.d, args.m, generator=g, dtype=torch.float64) / args.d**0.5

@@ -162,8 +162,12 @@ def test_lasso_and_solver_benchmarks_run(capsys):
     load("lasso_cpu").main(["--problems", "3", "--d", "20", "--m", "12", "--repeats", "1", "--per-problem",
                             "--lipschitz", "power"])
     load("solvers_cpu").main(["--d", "16", "--m", "8", "--tols", "1e-4", "--solvers",
-                              "ista,fista,dopri5,dopri5@native,rkc", "--problems", "3", "--max-iter", "50000"])
+                              "ista,fista,dopri5,dopri5@native,rkc", "--problems", "3", "--max-iter", "50000",
+                              "--threads", "2"])
     out = capsys.readouterr().out
+    assert "float64, 2 threads" in out  # (the workers run on one; the fixture puts it back)
+    with pytest.raises(SystemExit, match="--threads must be a positive integer, got 0"):
+        load("solvers_cpu").main(["--threads", "0"])
     assert out.count("| vars_ode") == 16 and "default check_every" in out and "| vars_ode cd (tol 1e-09) |" in out
     assert "per problem, lam 0.1, float64, L by power" in out and "| vars_ode admm" in out
     assert "| 0.0001 | dopri5 |" in out and "| 0.0001 | dopri5@native |" in out and "| 0.0001 | rkc |" in out
