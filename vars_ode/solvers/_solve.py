@@ -65,7 +65,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
             ``step_size`` (of a horizon), ``t_end`` for ``"implicit_euler"``
-            (:mod:`vars_ode.solvers.implicit_euler`); ``rtol`` (default ``100 tol`` up to 1e-2), ``atol``,
+            (:mod:`vars_ode.solvers.implicit_euler`); ``rtol`` (default ``100 tol`` up to 1e-2; 3e-3 over a horizon with
+            ``tol=0``, as in a layer's ``steps``: :data:`vars_ode.solvers.rkc.HORIZON_RTOL`), ``atol``,
             ``first_step``, ``max_stages``, ``step_size`` (of a horizon), ``t_end`` for ``"rkc"``
             (:mod:`vars_ode.solvers.rkc`); ``trace=[]`` collects the residual history; with ``t_end``
             and a budget of attempts (``options={"fixed_attempts": n}``, the adaptive pairs), ``forced=[]`` receives
