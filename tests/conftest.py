@@ -48,6 +48,15 @@ def make_problem(seed: int, d: int, m: int, dtype=torch.float64, batch=()):
     return P.to(dtype), x.to(dtype)
 
 
+def output_and_grads(layer, f, x) -> list:
+    """``f(x)`` (the layer, or the layer compiled) and, after the backward pass of its sum, the gradients of the
+    layer's parameters that have one: ``[output, *gradients]``, detached copies (the gradients are zeroed first)."""
+    layer.zero_grad()
+    y = f(x)
+    y.sum().backward()
+    return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+
 def conditioned_problem(seed: int, d: int, m: int, decades: float, n: int):
     """``P`` (``d x m``, ``m <= d``) with singular values geometric from 1 down to ``10^-decades`` (``K``'s condition
     number ``10^(2 decades)``), and ``n`` signals."""

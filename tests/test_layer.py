@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import vars_ode
+from conftest import output_and_grads
 from vars_ode.layer import VARSLayer, attention_maps, replace_attention
 
 D64 = torch.float64
@@ -607,17 +608,12 @@ def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
                       solver_options={"rtol": 1e-6, "atol": 1e-8}).double()
     x = torch.randn(2, 17, 16, dtype=torch.float64)
 
-    def run(f):
-        layer.zero_grad()
-        y = f(x)
-        y.sum().backward()
-        return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
-
     # Inductor for VARS-D; the convolutional VARS-SD's graphs around the break through aot_eager (the same capture
     # and graph break without a minute of code generation on two cores; Inductor's code for the templates is
     # checked by test_torch_compile_fullgraph_generic_path_with_statistics)
     backend = "inductor" if dictionary == "d" else "aot_eager"
-    eager, compiled = run(layer), run(torch.compile(layer, backend=backend))
+    eager = output_and_grads(layer, layer, x)
+    compiled = output_and_grads(layer, torch.compile(layer, backend=backend), x)
     assert len(eager) == len(compiled) > 3
     for i, (a, b) in enumerate(zip(eager, compiled)):
         torch.testing.assert_close(b, a, rtol=0, atol=(1e-7 if i == 0 else 1e-4) * float(a.abs().max()))

@@ -11,7 +11,7 @@ from sklearn.linear_model import Lasso
 from torchdiffeq import odeint
 
 import vars_ode as vo
-from conftest import make_problem
+from conftest import make_problem, output_and_grads
 from vars_ode.dynamics import GramVARSDynamics
 from vars_ode.dynamics import VARSField
 from vars_ode.lasso import GramOperator
@@ -712,13 +712,8 @@ def test_a_budget_of_attempts_compiles_into_one_graph():
                          solver_options={"options": {"fixed_attempts": 2}})
     x = torch.randn(2, 5, 8)
 
-    def run(f):
-        layer.zero_grad()
-        y = f(x)
-        y.sum().backward()
-        return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
-
-    eager, compiled = run(layer), run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    eager = output_and_grads(layer, layer, x)
+    compiled = output_and_grads(layer, torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
     assert len(eager) == len(compiled) > 3
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * max(1.0, float(a.abs().max())))

@@ -10,7 +10,7 @@ import torch
 from numpy.polynomial import chebyshev as C
 
 import vars_ode as vo
-from conftest import conditioned_problem, horizon_errors, make_problem, sklearn_lasso
+from conftest import conditioned_problem, horizon_errors, make_problem, output_and_grads, sklearn_lasso
 from vars_ode.solvers import rkc
 
 
@@ -181,17 +181,11 @@ def test_a_compiled_layer_runs_rkc_eagerly_as_one_graph_break():
     layer = vo.VARSLayer(16, 2, dictionary="d", solver="rkc").double()
     x = torch.randn(2, 17, 16, dtype=torch.float64)
 
-    def run(f):
-        layer.zero_grad()
-        y = f(x)
-        y.sum().backward()
-        return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
-
-    eager = run(layer)
+    eager = output_and_grads(layer, layer, x)
     compiled_layer = torch.compile(layer, backend="aot_eager")
-    compiled = run(compiled_layer)
+    compiled = output_and_grads(layer, compiled_layer, x)
     graphs = counters["stats"]["unique_graphs"]
-    again = run(compiled_layer)  # a second call reuses the graphs
+    again = output_and_grads(layer, compiled_layer, x)  # a second call reuses the graphs
     assert counters["stats"]["unique_graphs"] == graphs <= 6, dict(counters["stats"])  # traced: 25, then 26
     assert len(eager) == len(compiled) > 3
     for a, b, c in zip(eager, compiled, again):
