@@ -121,11 +121,12 @@ def spectral_radius(alpha: float, beta: float, gamma: float) -> float:
 
 
 #: the steps' relative tolerance over a horizon with ``tol = 0`` (a layer's ``steps``): the loosest of 1e-3, 3e-3,
-#: 1e-2 and 3e-2 that follows the flow as closely as dopri5 at the layer's default (:data:`vars_ode.solvers.ode.LAYER_RTOL`).
-#: Over a horizon of 3 (benchmarks/RESULTS.md, thirty-ninth session), against rk4 in steps of 0.005: at initialisation
-#: (``VARSLayer(192, 3)``, 2 images of 197 tokens, float64) 37-44 evaluations and 1.2e-4 to 1.4e-4 of the output's
-#: scale (1e-3: 53-55 and 5e-5; dopri5 25 and 0.9e-4 to 1.1e-4), in notebook 07's trained models 107-120 evaluations
-#: a layer and 1.7e-3 to 2.2e-3 of the logits' (1e-3: 165-187 and 1.0e-3 to 1.2e-3; dopri5 31-43 and 1.9e-3 to 2.4e-3)
+#: 1e-2 and 3e-2 that follows the flow about as closely as dopri5 at the layer's default
+#: (:data:`vars_ode.solvers.ode.LAYER_RTOL`). Over a horizon of 3 (benchmarks/RESULTS.md, thirty-ninth session),
+#: against rk4 in steps of 0.005: at initialisation (``VARSLayer(192, 3)``, 2 images of 197 tokens, float64) 37-44
+#: evaluations and 1.2e-4 to 1.4e-4 of the output's scale (1e-3: 53-55 and 5e-5; dopri5 25 and 0.9e-4 to 1.1e-4); in
+#: notebook 07's trained models 107-120 evaluations a layer and 1.7e-3 to 2.2e-3 of the logits' scale (1e-3: 165-187
+#: and 1.0e-3 to 1.2e-3; dopri5 31-43 and 1.9e-3 to 2.4e-3)
 HORIZON_RTOL = 3e-3
 
 
