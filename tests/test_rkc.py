@@ -211,3 +211,27 @@ def test_a_layers_horizon_follows_the_flow_as_closely_as_dopri5_at_the_layers_de
                 evals[name] = int(layer.last_stats.iterations.max())
         assert err["rkc"] <= 1.5 * err["dopri5"] < err["loose"], (kw, err)
         assert evals["rkc"] < evals["tight"], (kw, evals)
+
+
+def test_one_host_read_a_step(monkeypatch):
+    # each step decides its stage count on the host (the stability interval it needs); nothing else is read: to a
+    # steady state the live problems' step lengths and whether any is live, over a horizon the longest step still to
+    # take and whether the budget is spent, are one number (a read waits for the device on a GPU)
+    from vars_ode.sync import count_host_syncs
+
+    steps = []
+    original = rkc.rkc_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rkc, "rkc_step", counted)
+    P, X = make_problem(0, 24, 16, batch=(12,))
+    for kw in (dict(tol=1e-6), dict(tol=0.0, t_end=2.5)):
+        steps.clear()
+        with count_host_syncs() as reads:
+            vo.solve(P, X, 0.1, "rkc", **kw)
+        marks = math.ceil(kw.get("t_end", 0.0))  # a horizon's loop ends once at each unit of time
+        # (a few more around the loop: the checks of the input, the status)
+        assert len(steps) > 10 and reads.count <= len(steps) + marks + 6, (kw, reads.count, len(steps))

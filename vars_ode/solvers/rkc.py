@@ -259,11 +259,15 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
                 with torch.no_grad():
                     left = mark - t
                     going = left > 1e-12 * max(1.0, mark)
-                if not bool(going.any()) or int(evals.max()) >= max_iter:
+                    hs = torch.minimum(h, left)
+                    # one host read a step: the longest step still to take, -1 where none is (every problem at the
+                    # mark) or the budget is spent
+                    longest = torch.where(going, hs, -1.0).amax()
+                    longest = float(torch.where(evals.max() >= max_iter, -1.0, longest))
+                if longest < 0:
                     break
                 with torch.no_grad():
-                    hs = torch.minimum(h, left)
-                    s = stages_for(float(torch.where(going, hs, torch.zeros_like(hs)).amax()) * rho, max_stages)
+                    s = stages_for(longest * rho, max_stages)
                     hs = hs.clamp(max=coefficients(s)[2] / rho)
                 y1, F1, err = step(y, F0, torch.where(going, hs, torch.zeros_like(hs)), s)
                 with torch.no_grad():
@@ -286,13 +290,17 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
             live = live & (r > tol) & torch.isfinite(r)
         if trace is not None:
             trace.append((f.nfe, float(torch.where(live, r, torch.zeros_like(r)).amax())))
-        if not bool(live.any()) or f.nfe >= max_iter:
+        if f.nfe >= max_iter:
             break
         with torch.no_grad():
-            hl = h[live]
+            # one host read a step: the schedule's quantile of the live problems' steps, NaN where none is live
             q = STAGE_SCHEDULE[nstep % len(STAGE_SCHEDULE)]
+            wanted = float(torch.where(live, h, math.nan).flatten().nanquantile(q))
+        if math.isnan(wanted):
+            break
+        with torch.no_grad():
             nstep += 1
-            s = stages_for(float(hl.quantile(q) if hl.numel() > 1 else hl.amax()) * rho, max_stages)
+            s = stages_for(wanted * rho, max_stages)
             h = h.clamp(max=coefficients(s)[2] / rho)
         y1, F1, err = step(y, F0, h, s)
         with torch.no_grad():
