@@ -156,8 +156,9 @@ def test_layer_runs_it_for_every_dictionary():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(grad="adjoint", t_end=1.0), "no adjoint"),
-    (dict(first_step=0.0), "first_step must be a positive finite float"),
-    (dict(rtol=-1e-3), "rtol must be a positive finite float"),
+    (dict(first_step=0.0), "first_step must be a positive finite number"),
+    (dict(rtol=-1e-3), "rtol must be a positive finite number"),
+    (dict(step_size=math.inf, t_end=1.0), "step_size must be a positive finite number"),
     (dict(max_stages=1), "max_stages must be at least 2"),
     (dict(max_stages=2.5), "max_stages must be a positive integer"),
     (dict(step_size=0.5), "step_size gives equal steps over a horizon"),

@@ -56,11 +56,11 @@ def as_lam(lam, *, like: torch.Tensor, name: str = "lam") -> torch.Tensor:
 def check_positive(name: str, value, *, allow_none: bool = False, integer: bool = False):
     if value is None and allow_none:
         return value
-    kind = "integer" if integer else "number"
+    kind = "integer" if integer else "finite number"
     if integer:
         ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise ValueError(f"{name} must be a positive {kind}" + (" or None" if allow_none else "") + f", got {value!r}")
     return value

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from .._validation import check_choice
+from .._validation import check_choice, check_positive
 from ..dynamics import VARSField
 from ..lasso import GramOperator, kkt_residual_operator, tmap
 from ..ops import _soft
@@ -161,12 +161,6 @@ def rkc_step(f, y: tuple, F0: tuple, h: tuple, s: int, estimate: bool = True):
     return prev, F1, est
 
 
-def _positive(name, v, integer=False):
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if not ok or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'finite float'}, got {v!r}")
-
-
 @torch.compiler.disable
 def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=None, max_stages=MAX_STAGES,
         step_size=None, t_end=None, alpha=1.0, beta=2.0, gamma=2.0, trace=None, record=None, grad="unroll", **unused):
@@ -180,9 +174,8 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
         raise ValueError("solver 'rkc' has no adjoint; use grad='unroll' or grad='implicit'")
     check_choice("grad", grad, ("unroll", "implicit"))
     for name, v in (("rtol", rtol), ("atol", atol), ("first_step", first_step), ("step_size", step_size)):
-        if v is not None:
-            _positive(name, v)
-    _positive("max_stages", max_stages, integer=True)
+        check_positive(name, v, allow_none=True)
+    check_positive("max_stages", max_stages, integer=True)
     if max_stages < 2:
         raise ValueError(f"max_stages must be at least 2, got {max_stages!r}")
     if step_size is not None and t_end is None:
