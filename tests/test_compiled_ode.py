@@ -75,18 +75,19 @@ def test_compiled_integration_equals_the_eager_one(dictionary, solver, grad, opt
 
 
 def test_compiled_with_inductor_in_float32_is_as_close_to_float64_as_eager():
-    # the default backend (True: Inductor, C++ on the CPU; one compilation of about a minute here) on the issue's
-    # method, dopri5 with a budget. Inductor reorders and fuses sums: in float32 the compiled integration differs
-    # from the eager one by rounding, and stays as close to the float64 answer (at a DeiT-Ti layer's size closer)
-    assert compiled_ode.backend("dopri5", True, {"fixed_attempts": 5}) == "inductor"
+    # the default backend (True: Inductor, C++ on the CPU) on the method, dopri5 with a budget. Inductor
+    # reorders and fuses sums: in float32 the compiled integration differs from the eager one by rounding, and stays
+    # as close to the float64 answer (at a DeiT-Ti layer's size closer). The budget is unrolled into the graph, and
+    # Inductor's code generation grows with it: two attempts compile in about 35 s here, five took 70 s
+    assert compiled_ode.backend("dopri5", True, {"fixed_attempts": 2}) == "inductor"
     inductor = CountingBackend("inductor")
     x = torch.randn(2, 10, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    ref, _ = _run(_layer("d", "dopri5", 3, {"options": {"fixed_attempts": 5}}), x)
+    ref, _ = _run(_layer("d", "dopri5", 3, {"options": {"fixed_attempts": 2}}), x)
     outs = {}
     for name, extra in (("eager", {}), ("compiled", {"compile": inductor})):
-        layer = _layer("d", "dopri5", 3, {"options": {"fixed_attempts": 5, **extra}}).float()
+        layer = _layer("d", "dopri5", 3, {"options": {"fixed_attempts": 2, **extra}}).float()
         outs[name], evals = _run(layer, x.float())
-        assert evals == 31
+        assert evals == 13
     assert inductor.graphs >= 2
     for i, r in enumerate(ref):
         scale = float(r.abs().max())
