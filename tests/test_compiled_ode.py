@@ -211,10 +211,12 @@ def test_a_compiled_steady_state_reaches_the_lasso_solution():
         eager = vo.solve(P, X, 0.1, method, tol=1e-7)
         assert abs(int(sol.stats.iterations.max()) - int(eager.stats.iterations.max())) <= 0.1 * int(
             eager.stats.iterations.max())
-    # a dictionary per problem (K of shape (5, 16, 16))
+    # a dictionary per problem (K of shape (5, 16, 16)): the same capture through aot_eager (Inductor's code for it
+    # took another 8.5 s here; its batched products are ATen's, as eagerly)
     Pp = P + 0.1 * torch.randn(5, 24, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    sol = vo.solve(Pp, X, 0.1, "dopri5", tol=1e-7, options={"compile": True})
-    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    per_problem = CountingBackend()
+    sol = vo.solve(Pp, X, 0.1, "dopri5", tol=1e-7, options={"compile": per_problem})
+    assert per_problem.graphs >= 1 and bool(sol.stats.converged.all()), sol.stats.summary()
     ref = torch.stack([sklearn_lasso(Pp[i], X[i], 0.1) for i in range(5)])
     assert (sol.code - ref).abs().max().item() < 1e-5
     # the option reaches the attempts (a graph was made), and aot_eager's attempts are the eager ones
