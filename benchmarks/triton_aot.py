@@ -18,9 +18,7 @@ import itertools
 import os
 import pathlib
 import re
-import subprocess
 import sys
-import tempfile
 
 #: shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100 / H200) 227 KiB
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -79,20 +77,25 @@ def _signature(kernel, constexprs, pointers):
 
 
 def compile_one(kernel, constexprs, pointers, warps, arch):
-    """dict(registers, spill_stores, spill_loads, shared) of one kernel compiled for sm_<arch>."""
+    """dict(registers, spill_stores, spill_loads, shared) of one kernel compiled for sm_<arch>: the registers and
+    spills from the report of the ptxas run that builds Triton's cubin (its own options; no second ptxas run)."""
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, pointers), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = pathlib.Path(tmp) / "k.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        suffix = "a" if arch >= 90 else ""
-        report = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(ptx), "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
+    printed = io.StringIO()
+    # always_compile: a kernel from Triton's cache would come with no report
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(printed):
+        triton.knobs.nvidia.dump_ptxas_log = True
+        triton.knobs.compilation.always_compile = True
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    report = printed.getvalue()
+    if "Used " not in report:
+        raise RuntimeError(f"no ptxas report for {kernel.fn.__name__}: {report[-2000:]!r}")
 
     def num(pattern):
         found = re.search(pattern, report)
