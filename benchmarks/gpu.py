@@ -179,7 +179,7 @@ def rounds_ms(steps, device, iters, rounds=3):
     variant, one number or name -> number."""
     from layer_cpu import turn_order
 
-    if iters == 1:  # the code path only (the tests): one warm-up call and one timed call per variant
+    if iters == 1:  # the code path only (the tests): one call per variant, no warm-up; its time is not a measurement
         rounds = 1
     if not isinstance(iters, dict):
         iters = dict.fromkeys(steps, iters)
@@ -188,8 +188,8 @@ def rounds_ms(steps, device, iters, rounds=3):
     for r in range(rounds):
         for name in turn_order(steps, r):
             try:
-                times[name] += timings(steps[name], device, per[name],
-                                       warmup=(3 if iters[name] > rounds else 1) if r == 0 else 1)
+                warmup = 0 if iters[name] == 1 else (3 if iters[name] > rounds else 1) if r == 0 else 1
+                times[name] += timings(steps[name], device, per[name], warmup=warmup)
             except torch.OutOfMemoryError:
                 times[name].append(float("nan"))
     return {name: statistics.median(t) for name, t in times.items()}
@@ -747,10 +747,11 @@ def training_table(device, quick, iters, variants):
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         try:
             run = build(name)
-            run(), run()  # the optimiser's state exists from the first step on
-            if device.type != "cuda":
+            run()
+            if device.type != "cuda":  # one step finds a variant that fails; there is no memory to read
                 mem[name] = float("nan")
                 continue
+            run()  # the optimiser's state exists from the first step on
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             run()
@@ -863,7 +864,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="toy sizes (the CPU test path)")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=20,
+                    help="timed calls per variant (1: the code path only, as the tests run it: one call, no warm-up)")
     ap.add_argument("--blocks", default=",".join(DEFAULT_BLOCKS),
                     help=f"block variants, from {list(VARIANTS)}; 'solvers' adds the solver table's {list(SOLVER_BLOCKS)}")
     ap.add_argument("--train", default=",".join(DEFAULT_TRAIN), help=f"training variants, from {list(TRAIN_VARIANTS)}")
