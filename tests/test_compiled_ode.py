@@ -74,6 +74,7 @@ def test_compiled_integration_equals_the_eager_one(dictionary, solver, grad, opt
             assert int(eager.forced.sum()) > 0  # the budget binds
 
 
+@pytest.mark.long
 def test_compiled_with_inductor_in_float32_is_as_close_to_float64_as_eager():
     # the default backend (True: Inductor, C++ on the CPU) on the method, dopri5 with a budget. Inductor
     # reorders and fuses sums: in float32 the compiled integration differs from the eager one by rounding, and stays
@@ -201,6 +202,7 @@ def test_a_steady_states_compiled_attempts_are_the_eager_ones():
     assert bool((yc[1][:, 2] == 0).all()) and bool((yc[1][:, 0] != 0).any())
 
 
+@pytest.mark.long
 def test_a_compiled_steady_state_reaches_the_lasso_solution():
 
     P, X = make_problem(3, 24, 16, batch=(5,))

@@ -330,6 +330,7 @@ def _c_compiler():
     return any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang"))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("kw, autocast", [
     (dict(dictionary="d"), False),
     (dict(dictionary="sd", static="dense", image_size=4, recompute=True), True),  # the CUDA configuration

@@ -110,8 +110,8 @@ def test_readme_figures_are_the_stored_notebook_figures():
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# the longest first, so that xdist does not start one of them last
-@pytest.mark.parametrize("name", sorted(NAMES, key=lambda n: (n not in LONGEST, n)))
+# the longest first (tests/conftest.py), so that xdist does not start one of them last
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in LONGEST else n for n in NAMES])
 def test_notebook_executes_and_its_stored_outputs_are_current(name, tmp_path):
     proc, path, _ = execute(name, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -173,6 +173,7 @@ def torchrun(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return r
 
 
+@pytest.mark.long
 def test_torchrun_two_processes_resume_and_evaluate(data, tmp_path):
     # VARS-SD with convolutional templates under DistributedDataParallel: training, a checkpoint with both
     # ranks' random states, a resumed run that repeats the uninterrupted one bit for bit, and the evaluation at
@@ -491,6 +492,7 @@ def test_robustness_study_reports_what_is_missing(tmp_path):
     assert "vars_no_such_host" in r.stderr and "dataset-fashion-mnist" in r.stderr
 
 
+@pytest.mark.long
 def test_robustness_study_toy_end_to_end_and_resumes(fake_fmnist, tmp_path):
     """The whole study at a toy size: two rows, one seed, two optimiser steps; a second call trains nothing."""
     _require_imagecorruptions()

@@ -241,6 +241,7 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
     assert "TRITON_INTERPRET=1" in out.stdout, out.stderr[-2000:]
 
 
+@pytest.mark.long
 def test_kernels_compile_for_hopper_without_a_gpu():
     # Triton's compiler and ptxas build the six kernels (and the four that differ for static atoms) for sm_90
     # (H100 / H200) on any machine: the dtype and constexpr rules of the compiler, which the interpreter
