@@ -57,6 +57,23 @@ def output_and_grads(layer, f, x) -> list:
     return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
 
 
+def eager_and_compiled_twice(layer, x):
+    """``(eager, compiled, again, first, stats)``: :func:`output_and_grads` of ``layer`` eagerly, then through
+    ``torch.compile(backend="aot_eager")`` twice (from a reset of torch._dynamo and its counters); ``first``: the
+    graphs captured by the first compiled call, ``stats``: torch._dynamo's counters after the second (a second call
+    that captures more graphs recompiled)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = output_and_grads(layer, layer, x)
+    compiled_layer = torch.compile(layer, backend="aot_eager")
+    compiled = output_and_grads(layer, compiled_layer, x)
+    first = counters["stats"]["unique_graphs"]
+    again = output_and_grads(layer, compiled_layer, x)
+    return eager, compiled, again, first, dict(counters["stats"])
+
+
 def conditioned_problem(seed: int, d: int, m: int, decades: float, n: int):
     """``P`` (``d x m``, ``m <= d``) with singular values geometric from 1 down to ``10^-decades`` (``K``'s condition
     number ``10^(2 decades)``), and ``n`` signals."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import vars_ode
-from conftest import output_and_grads
+from conftest import eager_and_compiled_twice
 from vars_ode.layer import VARSLayer, attention_maps, replace_attention
 
 D64 = torch.float64
@@ -605,24 +605,16 @@ def test_torch_compile_with_an_adaptive_ode_solver(dictionary):
     # entry apart at rtol 1e-6; in float32, rounding flipped accepted steps and took that to 7e-4). aot_eager: the
     # same capture and graph breaks as Inductor without its code generation (Inductor's code for the layers is
     # checked by test_torch_compile_fullgraph_generic_path_with_statistics and tests/test_fused.py)
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     layer = VARSLayer(16, 2, dictionary=dictionary, solver="dopri5",
                       solver_options={"rtol": 1e-6, "atol": 1e-8}).double()
     x = torch.randn(2, 17, 16, dtype=torch.float64)
 
-    eager = output_and_grads(layer, layer, x)
-    compiled_layer = torch.compile(layer, backend="aot_eager")
-    compiled = output_and_grads(layer, compiled_layer, x)
-    graphs = counters["stats"]["unique_graphs"]
-    again = output_and_grads(layer, compiled_layer, x)  # a second call reuses the graphs
-    # the graphs around the break, captured once (traced, the integration's steps made 24 / 23 graphs of 3,964 /
-    # 13,142 operations, and took 30 / 77 s here)
-    assert counters["stats"]["unique_graphs"] == graphs <= 16, dict(counters["stats"])
-    assert counters["stats"]["calls_captured"] <= 400, dict(counters["stats"])
+    eager, compiled, again, graphs, stats = eager_and_compiled_twice(layer, x)
+    # the graphs around the break, captured once, a second call reusing them (traced, the integration's steps made
+    # 24 / 23 graphs of 3,964 / 13,142 operations, and took 30 / 77 s here)
+    assert stats["unique_graphs"] == graphs <= 16, stats
+    assert stats["calls_captured"] <= 400, stats
     assert len(eager) == len(compiled) > 3
     for i, (a, b, c) in enumerate(zip(eager, compiled, again)):
         for got in (b, c):

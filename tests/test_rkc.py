@@ -10,7 +10,7 @@ import torch
 from numpy.polynomial import chebyshev as C
 
 import vars_ode as vo
-from conftest import conditioned_problem, horizon_errors, make_problem, output_and_grads, sklearn_lasso
+from conftest import conditioned_problem, eager_and_compiled_twice, horizon_errors, make_problem, sklearn_lasso
 from vars_ode.solvers import rkc
 
 
@@ -174,20 +174,12 @@ def test_a_compiled_layer_runs_rkc_eagerly_as_one_graph_break():
     # rkc reads its stage counts and step decisions from the data; traced, every read is a guard, and a VARS-D
     # layer's horizon recompiled at each until the recompile limit. Under torch.compile it runs eagerly: the graphs
     # around it are captured once, and the output and gradients are the eager layer's
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     layer = vo.VARSLayer(16, 2, dictionary="d", solver="rkc").double()
     x = torch.randn(2, 17, 16, dtype=torch.float64)
 
-    eager = output_and_grads(layer, layer, x)
-    compiled_layer = torch.compile(layer, backend="aot_eager")
-    compiled = output_and_grads(layer, compiled_layer, x)
-    graphs = counters["stats"]["unique_graphs"]
-    again = output_and_grads(layer, compiled_layer, x)  # a second call reuses the graphs
-    assert counters["stats"]["unique_graphs"] == graphs <= 6, dict(counters["stats"])  # traced: 25, then 26
+    eager, compiled, again, graphs, stats = eager_and_compiled_twice(layer, x)
+    assert stats["unique_graphs"] == graphs <= 6, stats  # a second call reuses the graphs (traced: 25, then 26)
     assert len(eager) == len(compiled) > 3
     for a, b, c in zip(eager, compiled, again):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-10 * float(a.abs().max()))
