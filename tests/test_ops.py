@@ -159,6 +159,58 @@ def test_support_solve_matches_a_dense_solve_column_by_column(seed, layout, dens
             np.testing.assert_allclose(V[i][:, j].numpy(), np.linalg.solve(M, Rb[i][:, j].numpy()), rtol=1e-9, atol=1e-9)
 
 
+@given(st.integers(0, 10_000), st.sampled_from(["shared", "per_problem"]), st.floats(0.2, 1.0), st.booleans(),
+       st.sampled_from([None, "equal", "empty"]), st.booleans())
+def test_support_solve_gradients_against_a_dense_solve(seed, layout, density, compact, dependent, shifted):
+    # the gradients of the solved columns (those marked ok, as every caller keeps them) for P (K = P^T P), R and the
+    # shift, against autograd through dense solves of each column's full m x m system by LU (torch.linalg.solve),
+    # float64. With two equal atoms, or an empty one, on a support that column is singular: its factorisation fails
+    # (an empty atom's pivot is exactly zero) and the gradients of every input stay finite; they were NaN, from the
+    # failed factor's pivots in the backward pass, though the column itself is not used
+    from vars_ode.ops import support_solve
+    g = torch.Generator().manual_seed(seed)
+    m, k, d = 6, 4, 9
+    kb = (3,) if layout == "per_problem" else ()
+    P = torch.randn(*kb, d, m, generator=g, dtype=torch.float64)
+    if dependent:
+        P[..., 1] = P[..., 0] if dependent == "equal" else 0
+    D = (torch.rand(3, m, k, generator=g, dtype=torch.float64) < density).double()
+    if dependent:
+        D[0, :2, 0] = 1  # one column whose support holds both equal atoms
+    R = torch.randn(3, m, k, generator=g, dtype=torch.float64)
+    W = torch.randn(3, m, k, generator=g, dtype=torch.float64)  # the loss's weights
+    shift = 0.1 + torch.rand(3, k, generator=g, dtype=torch.float64) if shifted else None
+
+    def inputs():
+        return [t.clone().requires_grad_() for t in (P, R)] + ([shift.clone().requires_grad_()] if shifted else [])
+
+    got_in = inputs()
+    K = got_in[0].mT @ got_in[0]
+    V, ok = support_solve(K, D, got_in[1], compact=compact, shift=got_in[2] if shifted else None)
+    loss = (torch.where(ok.unsqueeze(-2), V, 0) * W).sum()
+    got = torch.autograd.grad(loss, got_in)
+    assert all(torch.isfinite(t).all() for t in got)
+    if dependent and not shifted:
+        assert not ok[0, 0]
+
+    ref_in = inputs()
+    Kr = (ref_in[0].mT @ ref_in[0]).expand(3, m, m)
+    ref_loss = 0
+    for i in range(3):
+        for j in range(k):
+            if not ok[i, j]:
+                continue
+            dj = D[i, :, j]
+            M = torch.diag(dj) @ Kr[i] @ torch.diag(dj) + torch.diag(1 - dj)
+            if shifted:
+                M = M + torch.diag(dj * ref_in[2][i, j])
+            ref_loss = ref_loss + torch.linalg.solve(M, ref_in[1][i, :, j]) @ W[i, :, j]
+    ref = torch.autograd.grad(ref_loss, ref_in, allow_unused=True) if torch.is_tensor(ref_loss) else [None] * len(ref_in)
+    for a, b in zip(got, ref):
+        b = torch.zeros_like(a) if b is None else b
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * max(1.0, float(b.abs().max())))
+
+
 @pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
 def test_support_solve_does_not_depend_on_the_scale_of_K(scale):
     # float32, K scaled by 1e-8 and 1e8 (a dictionary scaled by 1e-4 and 1e4): every well-conditioned support is

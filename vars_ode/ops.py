@@ -218,6 +218,44 @@ def support_system(K: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return M
 
 
+class _CholeskySolve(torch.autograd.Function):
+    """``(v, C, info) = _CholeskySolve.apply(M, r)``: ``v = M^-1 r`` for a batch of symmetric positive definite systems
+    ``M`` (``(..., s, s)``, ``r`` ``(..., s, 1)``) by ``torch.linalg.cholesky_ex``, with its factor ``C`` and ``info``
+    (not differentiable).
+
+    The backward pass reuses the factor: ``y = M^-1 g``, the gradient ``y`` for ``r`` and ``-(y v^T + v y^T) / 2`` for
+    ``M`` (the symmetric part, as autograd's own for a Cholesky factorisation), and zero for a system whose
+    factorisation failed (``info != 0``). Through ``cholesky_ex`` and the triangular solves autograd turned the zero
+    or NaN pivots of a failed factor into NaN gradients, even for the columns that a caller replaces by another value
+    (``torch.where`` differentiates the branch it does not take): a singular support block, with more atoms on the
+    support than the signal has dimensions (a VARS-D layer's ``active_set`` on fewer tokens than features), gave a
+    NaN input gradient. It is also two triangular solves a system where autograd's backward through the factorisation
+    took cubic work."""
+
+    @staticmethod
+    def forward(ctx, M, r):
+        C, info = torch.linalg.cholesky_ex(M)
+        v = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, r, upper=False), upper=True)
+        ctx.mark_non_differentiable(C, info)
+        ctx.save_for_backward(C, info, v)
+        return v, C, info
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _gC, _ginfo):
+        C, info, v = ctx.saved_tensors
+        if g is None:
+            return None, None
+        good = (info == 0)[..., None, None]
+        eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+        C = torch.where(good, C, eye)
+        y = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, g, upper=False), upper=True)
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        y, v = torch.where(good, y, zero), torch.where(good, v, zero)
+        yv = y @ v.mT
+        return -0.5 * (yv + yv.mT), y
+
+
 def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compact: bool = True, shift=None):
     """Solve ``(D_j K D_j + I - D_j) v_j = r_j`` for every column ``j`` (the system of :func:`support_system`) by a
     batched Cholesky factorisation of each column's support block ``K_SS`` alone; off the support ``v_j = r_j``.
@@ -258,9 +296,8 @@ def support_solve(K: torch.Tensor, mask: torch.Tensor, R: torch.Tensor, *, compa
     M.diagonal(dim1=-2, dim2=-1).add_(1 - act)
     if shift is not None:
         M.diagonal(dim1=-2, dim2=-1).add_(act * torch.as_tensor(shift, dtype=M.dtype, device=M.device).unsqueeze(-1))
-    C, info = torch.linalg.cholesky_ex(M)
     rc = torch.gather(Rt, -1, idx).unsqueeze(-1)
-    v = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, rc, upper=False), upper=True)
+    v, C, info = _CholeskySolve.apply(M, rc)
     V = Rt.scatter(-1, idx, v.squeeze(-1))
     piv = C.diagonal(dim1=-2, dim2=-1).pow(2)
     # the pivots of the support alone: the identity slots' pivots (1) say nothing of K_SS, and beside a K of another
