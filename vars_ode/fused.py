@@ -92,14 +92,23 @@ def _power_rows(G, s, iters):
     # v = s * (G w) is normalised as in lipschitz_constant only every ``every`` steps and at the end: K has
     # a unit diagonal (zero for empty atoms), so |K v| <= trace(K) |v| <= m |v|, and ``every`` steps stay
     # within the cube root of the dtype's range. The eigenvalue is v^T K v with the last, unit v.
+    # An atom whose squared norm d is below the dtype's tiny has d / tiny on that diagonal (s is d clamped to
+    # tiny, to the power -1/2, as in the forward pass). Where every atom of a problem is such or empty, K's top
+    # eigenvalue is below one and the iterate shrinks at every step, and G w, of the size of K v / s with s up to
+    # tiny^-1/2, left float32's normal range: with float32 atoms of norm 3e-20 and 0 the estimate was 0.2% off
+    # after 21 steps, 1e25 after 25 and zero from 30. Those problems iterate on K / k, k the largest entry of K's
+    # diagonal (G / k: the factor cannot go into s, whose square is up to 2^126 in float32), and take back k at
+    # the end; every other problem's factor is exactly one (the same numbers).
     tiny = torch.finfo(s.dtype).tiny
     m = G.shape[-1]
     Gf, sf = G.reshape(-1, m, m), s.reshape(-1, 1, m)
+    top = (torch.diagonal(Gf, dim1=-2, dim2=-1) * sf.squeeze(-2).square()).amax(-1)[:, None, None]
+    factor = torch.where((top > 0) & (top < 0.5), top, torch.ones_like(top))
     group = max(1, POWER_GROUP_BYTES // (m * m * G.element_size()))
     every = max(1, int(math.log(torch.finfo(s.dtype).max) / (3 * math.log(max(m, 2)))))
     lam = torch.empty(Gf.shape[0], 1, 1, dtype=G.dtype, device=G.device)
     for i in range(0, Gf.shape[0], group):
-        Gi, si = Gf[i:i + group], sf[i:i + group]
+        Gi, si = Gf[i:i + group] / factor[i:i + group], sf[i:i + group]  # (G itself where the factor is one)
         s2 = si * si
         w = si * (m ** -0.5)  # s * v0, v0 the normalised ones vector
         t = torch.empty_like(w)
@@ -113,7 +122,7 @@ def _power_rows(G, s, iters):
                 torch.mul(t, s2, out=w)
         torch.bmm(w, Gi, out=t)  # lambda = v^T K v = w^T G w
         torch.sum(t.mul_(w), dim=-1, keepdim=True, out=lam[i:i + group])
-    return lam.view(*G.shape[:-2], 1, 1)
+    return lam.mul_(factor).view(*G.shape[:-2], 1, 1)
 
 
 def _power(G, s, iters, squaring):
