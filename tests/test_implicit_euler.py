@@ -120,3 +120,25 @@ def test_bad_options_are_named(kwargs, match):
     P, X = make_problem(1, 8, 4, batch=(2,))
     with pytest.raises(ValueError, match=match):
         vo.solve(P, X, 0.1, "implicit_euler", tol=1e-6, **kwargs)
+
+
+def test_torch_compile_keeps_the_unrolled_gradient():
+    # implicit_euler traced by torch.compile (aot_eager: AOTAutograd's graphs, run eagerly), K and b both requiring a
+    # gradient, over a horizon: output and gradients equal to the eager ones. The support solves' update of the
+    # system's diagonal in place, after their host read (a graph break), gave K's diagonal a gradient 0.28 off
+    P, x = make_problem(3, 20, 12, batch=(5,))
+    K0, b0 = P.T @ P, (x @ P).T.contiguous()
+    L = float(torch.linalg.eigvalsh(K0)[-1])
+
+    def run(fn):
+        K, b = K0.clone().requires_grad_(), b0.clone().requires_grad_()
+        code = fn(K, b)
+        return [code.detach(), *torch.autograd.grad(code.square().sum(), (K, b))]
+
+    def solve(K, b):
+        return vo.solve_gram(K, b, lam=0.1, solver="implicit_euler", t_end=2.0, L=L).code
+
+    torch._dynamo.reset()
+    eager, compiled = run(solve), run(torch.compile(solve, backend="aot_eager"))
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c, rtol=1e-12, atol=1e-12), (e - c).abs().max()
