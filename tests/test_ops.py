@@ -176,7 +176,7 @@ def test_support_solve_gradients_against_a_dense_solve(seed, layout, density, co
         P[..., 1] = P[..., 0] if dependent == "equal" else 0
     D = (torch.rand(3, m, k, generator=g, dtype=torch.float64) < density).double()
     if dependent:
-        D[0, :2, 0] = 1  # one column whose support holds both equal atoms
+        D[0, :2, 0] = 1  # one column whose support holds atoms 0 and 1 (equal, or 1 empty)
     R = torch.randn(3, m, k, generator=g, dtype=torch.float64)
     W = torch.randn(3, m, k, generator=g, dtype=torch.float64)  # the loss's weights
     shift = 0.1 + torch.rand(3, k, generator=g, dtype=torch.float64) if shifted else None
