@@ -151,7 +151,9 @@ def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, t
         xnorm2: optional ``||x||^2`` per problem, broadcastable to ``(..., 1, k)``, so that
             ``stats.objective`` is the LASSO objective itself.
         L: optional Lipschitz constant(s), broadcastable to ``(..., 1, 1)``; computed with
-            ``lipschitz`` when omitted.
+            ``lipschitz`` when omitted. A given ``L`` is trusted: below ``K``'s largest eigenvalue the steps of
+            ISTA and FISTA can grow without bound (ISTA's below half of it), and those problems end with status
+            ``nonfinite``.
         Other arguments as in :func:`solve`; ``init`` may be a ``(..., m, k)`` tensor.
 
     Returns:
