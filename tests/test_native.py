@@ -5,7 +5,7 @@ import math
 import numpy
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 from sklearn.linear_model import Lasso
@@ -105,9 +105,13 @@ def test_adaptive_native_solves_the_lasso(method, seed, lam):
 
 
 @given(st.integers(0, 10**6))
+@example(2285)
 def test_each_column_keeps_its_own_step_size(seed):
-    # per-problem step control: a problem's steps do not depend on the other problems of the batch
-    # (up to an accept / reject decision flipped by rounding in the batched product)
+    # per-problem step control: a problem's steps do not depend on the other problems of the batch. With the same
+    # batch shape the products round alike, so replacing the other problems leaves a problem's integration the same
+    # bit for bit. Alone (a batch of one) the products round differently, and the step sequence of a problem whose
+    # path crosses the soft threshold's kinks can follow rounding: seed 2285's large problem took 386 evaluations
+    # alone and 452-554 with its signal scaled by 1 +- 1e-15, 518 in the batch; there only the state is compared.
     P, X = make_problem(seed, 16, 8, batch=(9,))
     X[0] *= 30.0  # one problem far larger than the rest
     K = P.T @ P
@@ -118,10 +122,15 @@ def test_each_column_keeps_its_own_step_size(seed):
         return native.integrate_adaptive(f, f.initial_state(), 0.0, 5.0, "dopri5", 1e-6, 1e-8)
 
     (W, U), rk = run(X)
+    g = torch.Generator().manual_seed(seed)
     for i in (0, 4, 8):
+        others = torch.randn(X.shape, generator=g, dtype=X.dtype) * 3 * torch.rand(9, 1, generator=g, dtype=X.dtype)
+        others[i] = X[i]
+        (W2, U2), rk2 = run(others)
+        assert int(rk2.evaluations[i]) == int(rk.evaluations[i])
+        assert torch.equal(U2[:, i], U[:, i]) and torch.equal(W2[:, i], W[:, i])
         (Wi, Ui), rki = run(X[i:i + 1])
         torch.testing.assert_close(U[:, i:i + 1], Ui, rtol=0, atol=1e-5 * max(1.0, Ui.abs().max().item()))
-        assert abs(int(rk.evaluations[i]) - int(rki.evaluations[0])) <= 0.25 * int(rki.evaluations[0])
     # the problems end with different numbers of steps: none is held to another's step size
     assert int(rk.evaluations.min()) < int(rk.evaluations.max())
 
