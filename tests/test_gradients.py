@@ -1,10 +1,12 @@
 """Gradients through solve(): unrolled, implicit at the fixed point, and the ODE adjoint."""
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
 import vars_ode as vo
-from conftest import make_problem
+from conftest import make_problem, sklearn_lasso
 
 
 def inputs(seed=0, d=10, m=6, batch=()):
@@ -180,3 +182,37 @@ def test_operator_cg_with_an_operator_that_returns_its_input():
     op = Identity(torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
     (X,) = _operator_cg(op, (D,), (D * R,), 50, 1e-12)
     assert torch.allclose(X, D * R, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["fista", "active_set", "admm", "cd", "implicit_euler", "rkc", "dopri5"])
+@given(seed=st.integers(0, 10**6), d=st.integers(8, 20), m=st.integers(3, 10), lam=st.floats(0.02, 0.3))
+@settings(max_examples=6, deadline=None)
+def test_implicit_gradient_is_that_of_the_lasso_minimiser_on_its_support(solver, seed, d, m, lam):
+    # The reference: scikit-learn's minimiser gives the support S and the signs s; on it u_S = (P_S^T P_S)^-1
+    # (P_S^T x - lam s), a smooth function of (P, x, lam) while the support and the signs hold (strict
+    # complementarity, checked by a margin). Its gradients, by autograd in float64, are independent of the library.
+    P, x = make_problem(seed, d, m, batch=(3,))
+    w = torch.randn(3, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref = sklearn_lasso(P, x, lam)
+    on = ref.abs() > 1e-9
+    corr = (x - ref @ P.T) @ P  # P^T (x - P u): lam s on the support, inside (-lam, lam) off it
+    assume(bool((ref[on].abs() > 1e-3).all()) and bool((corr[~on].abs() < 0.95 * lam).all()))
+
+    Pr, xr, lr = (t.clone().requires_grad_() for t in (P, x, torch.tensor(lam, dtype=torch.float64)))
+    loss = 0.0
+    for i in range(3):
+        S = on[i].nonzero().squeeze(-1)
+        if S.numel() == 0:
+            continue
+        PS = Pr[:, S]
+        uS = torch.linalg.solve(PS.T @ PS, PS.T @ xr[i] - lr * torch.sign(ref[i, S]))
+        loss = loss + (w[i, S] * uS).sum()
+    assume(torch.is_tensor(loss))
+    loss.backward()
+
+    Pl, xl, ll = (t.clone().requires_grad_() for t in (P, x, torch.tensor(lam, dtype=torch.float64)))
+    sol = vo.solve(Pl, xl, ll, solver, tol=1e-9, max_iter=400_000, grad="implicit")
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    (w * sol.code).sum().backward()
+    for mine, theirs in ((Pl.grad, Pr.grad), (xl.grad, xr.grad), (ll.grad, lr.grad)):
+        assert (mine - theirs).abs().max().item() <= 1e-6 * max(1.0, theirs.abs().max().item())
