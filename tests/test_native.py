@@ -779,6 +779,8 @@ def _matmul_flops(fn):
 @settings(max_examples=6, deadline=None)
 @given(st.integers(0, 10**6), st.booleans(), st.floats(2.0, 5.0))
 @example(11197, False, 2.0)
+@example(105, False, 2.0)
+@example(917, False, 2.0)
 def test_the_tail_of_the_loop_runs_on_the_groups_still_short_of_the_end(method, seed, per_problem, T):
     # once at most TAIL_FRACTION of the groups have a column short of T, the loop integrates those groups alone:
     # the same steps, values, decisions and counts as the whole batch, for fewer products
@@ -792,12 +794,15 @@ def test_the_tail_of_the_loop_runs_on_the_groups_still_short_of_the_end(method, 
         (ref, rk0), flops0 = _matmul_flops(lambda: native.integrate_adaptive(f2, y0, 0.0, T, method, 1e-9, atol, opts))
     finally:
         native.TAIL_FRACTION = old
-    # (a group's product alone may round differently from the batch's, and the step rule's power amplifies that in
-    # the step sizes, which change the local errors: in dopri8's seed 11197 the steps differed by 2e-7 relative, the
-    # states by 1.9e-12, about that share of the slow group's local error (atol 1e-6) times the method's order 8)
+    # (rounding: the tail's tensors are smaller, and element-wise powers on them can round otherwise than on the
+    # batch's (vectorised and scalar paths). In dopri8's seed 917 the tail's first step size came out one ulp from
+    # the batch's, with the same states and slopes, and the difference grew along the steps to 4.3e-11 in the
+    # states (a 1e-5 share of the slow group's local error, atol 1e-6) and 7.7e-6 relative in the step sizes (over
+    # 60 draws of each pair; the other pairs within 1.1e-16 and 3.4e-11). A 1% change of the tail's atol moves the
+    # step sizes by 2e-3 to 7e-2 and the states by 2e-10 to 2e-5.)
     for a, b in zip(out + rk.k1, ref + rk0.k1):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
-    torch.testing.assert_close(rk.dt, rk0.dt, rtol=1e-6, atol=0)  # (the step rule's power amplifies rounding)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(rk.dt, rk0.dt, rtol=1e-4, atol=0)
     assert torch.equal(rk.evaluations, rk0.evaluations) and rk.attempts == rk0.attempts and f.nfe == f2.nfe
     # the slow group needs more attempts than the others, which the tail does not repeat for them
     assert int(rk0.evaluations[1].min()) > int(rk0.evaluations[[0, 2, 3, 4, 5]].max())
