@@ -17,7 +17,8 @@ from vars_ode.models import CheckpointError, load_official_checkpoint
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMED = (ValueError, TypeError)
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
-SOLVER_NAMES = ["ista", "fista", "active_set", "admm", "euler", "rk4", "dopri5", "bosh3", "no_such_solver", ""]
+SOLVER_NAMES = ["ista", "fista", "active_set", "admm", "cd", "euler", "rk4", "dopri5", "bosh3", "implicit_euler", "rkc",
+                "no_such_solver", ""]
 
 
 def _tensor(shape, dtype, scale, seed):
@@ -103,7 +104,7 @@ def test_solve_gram_either_answers_or_names_the_problem(m, cols, b_rows, dtype, 
 
 LAYER_OPTIONS = {  # valid values first; the last one or two of each list are not
     "dictionary": (["d", "s", "sd"], ["x"]),
-    "solver": (["ista", "fista", "rk4", "dopri5", "active_set", "admm"], ["nope"]),
+    "solver": (["ista", "fista", "rk4", "dopri5", "bosh3", "active_set", "admm", "implicit_euler", "rkc", "cd"], ["nope"]),
     "steps": ([1, 3, None, 2.5], [0, -1]),
     "lam": ([0.0, 0.3], [-1.0, float("inf")]),
     "grad": (["unroll", "implicit", "adjoint"], ["nope"]),
