@@ -109,9 +109,9 @@ def test_adaptive_native_solves_the_lasso(method, seed, lam):
 def test_each_column_keeps_its_own_step_size(seed):
     # per-problem step control: a problem's steps do not depend on the other problems of the batch. With the same
     # batch shape the products round alike, so replacing the other problems leaves a problem's integration the same
-    # bit for bit. Alone (a batch of one) the products round differently, and the step sequence of a problem whose
-    # path crosses the soft threshold's kinks can follow rounding: seed 2285's large problem took 386 evaluations
-    # alone and 452-554 with its signal scaled by 1 +- 1e-15, 518 in the batch; there only the state is compared.
+    # bit for bit. Alone (a batch of one) the products round differently, and a problem's step sequence can follow
+    # rounding: seed 2285's large problem took 386 evaluations alone and 452-554 with its signal scaled by
+    # 1 +- 1e-15, 518 in the batch; there only the state is compared.
     P, X = make_problem(seed, 16, 8, batch=(9,))
     X[0] *= 30.0  # one problem far larger than the rest
     K = P.T @ P
