@@ -50,8 +50,8 @@ def _accumulate_outer(Q: torch.Tensor, g: torch.Tensor, a: torch.Tensor) -> None
     """``Q += g a^T`` in place (batched), as one operation that Inductor keeps: it lowers ``Q.baddbmm_`` on a
     buffer of the compiled reverse pass as a ``baddbmm`` into a new buffer after a copy of the sum so far (a copy of
     ``Q`` per stage: 3.5 MB each on dense VARS-SD at DeiT-Ti's width). A custom operation that mutates ``Q`` runs
-    in place there. Bit for bit the same values; dense VARS-SD's compiled dopri5 1.05-1.06x faster, its compiled
-    adjoint 1.11x (benchmarks/RESULTS.md, forty-second session). The namespace is the package's name, so that a
+    in place there. Bit for bit the same values; dense VARS-SD's compiled dopri5 about 1.05x faster, its compiled
+    adjoint about 1.04x (benchmarks/RESULTS.md, forty-second session). The namespace is the package's name, so that a
     second copy of the library in one process (``benchmarks/ab_layer.py``) registers its own."""
     Q.baddbmm_(g, a.transpose(-1, -2))
 
