@@ -218,6 +218,11 @@ def support_system(K: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return M
 
 
+def _factor_solve(C: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # M^-1 r from M's lower Cholesky factor C: two triangular solves (see support_solve on cholesky_solve)
+    return torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, r, upper=False), upper=True)
+
+
 class _CholeskySolve(torch.autograd.Function):
     """``(v, C, info) = _CholeskySolve.apply(M, r)``: ``v = M^-1 r`` for a batch of symmetric positive definite systems
     ``M`` (``(..., s, s)``, ``r`` ``(..., s, 1)``) by ``torch.linalg.cholesky_ex``, with its factor ``C`` and ``info``
@@ -235,7 +240,7 @@ class _CholeskySolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, M, r):
         C, info = torch.linalg.cholesky_ex(M)
-        v = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, r, upper=False), upper=True)
+        v = _factor_solve(C, r)
         ctx.mark_non_differentiable(C, info)
         ctx.save_for_backward(C, info, v)
         return v, C, info
@@ -247,7 +252,7 @@ class _CholeskySolve(torch.autograd.Function):
         good = (info == 0)[..., None, None]
         eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
         C = torch.where(good, C, eye)
-        y = torch.linalg.solve_triangular(C.mT, torch.linalg.solve_triangular(C, g, upper=False), upper=True)
+        y = _factor_solve(C, g)
         zero = torch.zeros((), dtype=y.dtype, device=y.device)
         y, v = torch.where(good, y, zero), torch.where(good, v, zero)
         yv = y @ v.mT
