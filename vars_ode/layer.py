@@ -107,8 +107,8 @@ class LayerStats:
         sparsity: fraction of code entries exactly zero (0-dim).
         forced: for an adaptive pair on the native integrator with a budget of attempts
             (``solver_options={"options": {"fixed_attempts": n}}``), per problem ``(B, h, dh)``, how many times the
-            budget's last attempt ended an integration on a step that the tolerance rejected (0 or 1 for the horizon's
-            one integration; up to one per unit of time with ``record_maps``): a budget too small for that problem,
+            budget's last attempt ended an integration on a step that the tolerance rejected (0 or 1: the horizon is
+            one integration, with ``record_maps`` too): a budget too small for that problem,
             whose integration is then less accurate than ``rtol`` asks; ``None`` without a budget (nothing is forced
             then).
     """
@@ -874,7 +874,9 @@ def calibrate_budget(model: nn.Module, *inputs, spare: int = 1) -> dict:
 def attention_maps(model: nn.Module, images: torch.Tensor) -> dict:
     """Per block and per solver iteration, the attention map of every :class:`VARSLayer` in ``model``.
 
-    Runs ``model(images)`` once with recording switched on (and restores the flags). The map of an
+    Runs ``model(images)`` once with recording switched on (and restores the flags). An ODE solver's horizon then
+    integrates twice: once for the layer's output, as without recording, and once stopping at each unit of time for
+    the maps (:func:`vars_ode.solvers.ode.ode_solve`). The map of an
     iterate ``u_t`` is ``mean over heads and channels of |P u_t|`` at each token, i.e. how strongly
     the current sparse reconstruction uses each token (paper Figs. 3, 5, 7).
 

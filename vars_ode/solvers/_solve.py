@@ -70,8 +70,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             ``first_step``, ``max_stages``, ``step_size`` (of a horizon), ``t_end`` for ``"rkc"``
             (:mod:`vars_ode.solvers.rkc`); ``trace=[]`` collects the residual history; with ``t_end``
             and a budget of attempts (``options={"fixed_attempts": n}``, the adaptive pairs), ``forced=[]`` receives
-            per problem how many times the budget's last attempt ended on a step the tolerance rejected (0 or 1;
-            with ``record``, up to one per unit of time).
+            per problem how many times the budget's last attempt ended on a step the tolerance rejected (0 or 1,
+            with ``record`` too: the codes it receives at the units of time come from a second integration).
 
     Returns:
         :class:`Solution` with ``code (..., m)``, ``reconstruction (..., d)``, ``output (..., d)`` and

@@ -31,7 +31,7 @@ Two modes, as for the other ODE solvers (:mod:`vars_ode.solvers.ode`):
   residual is at or below ``tol`` are frozen. The work counted is steps (one factorisation each), rejected ones
   included; ``record`` receives the code after every step.
 * fixed horizon (``t_end=T``): ``ceil(T / step_size)`` equal steps (first order in ``h``); ``record`` receives the
-  code at the first step at or after each unit of time and at ``T``, as for the other ODE solvers.
+  code at each unit of time (between two steps, their cubic Hermite interpolant there) and at ``T``.
 
 Gradients: ``grad="unroll"`` (through the factorisations) or ``"implicit"`` (:func:`vars_ode.solve_problem`);
 ``"adjoint"`` is refused. Needs an operator with a Gram matrix.
@@ -45,6 +45,7 @@ import torch
 from ..dynamics import VARSField
 from ..lasso import kkt_residual_operator
 from ..ops import _soft, support_solve
+from .native import equal_step_marks, hermite
 
 OPTIONS = ("first_step", "growth", "max_step", "reject", "step_size", "t_end", "alpha", "beta", "gamma",
            "trace", "record", "grad")
@@ -129,11 +130,18 @@ def implicit_euler(op, B, w, L, init, *, tol, max_iter, first_step=1.0, growth=1
         n = max(math.ceil(T / float(step_size) - 1e-9), math.ceil(T / h_cap)) if T > 0 else 0
         h = op.problems_like(B, T / max(n, 1))
         live = op.problems_like(B, True, torch.bool)
-        marks = {min(n, math.ceil(j * n / T - 1e-9)) for j in range(1, math.ceil(T))} | {n}  # as ode_solve records
+        # a unit of time that a step passes over: the step's cubic Hermite interpolant there, from the field at both
+        # ends (each step evaluates it at its start anyway; at T only where a unit falls inside the last step)
+        marks = equal_step_marks(T, n) if record is not None else {}
+        F = f(0.0, state) if n else None
         for i in range(1, n + 1):
-            state, _moved = step(state, f(0.0, state), h, live)
-            if i in marks:
-                rec(state)
+            new, _moved = step(state, F, h, live)
+            inner = [t for t in marks.get(i, ()) if t < 1.0]
+            F_new = f(0.0, new) if i < n or inner else None
+            with torch.no_grad():
+                for theta in marks.get(i, ()):
+                    rec(hermite(state, F, new, F_new, T / n, theta) if theta < 1.0 else new)
+            state, F = new, F_new
         return code_of(state), op.problems_like(B, n, torch.long)
 
 

@@ -224,6 +224,34 @@ def fixed_grid(t0: float, t1: float, step_size: float) -> list[float]:
     return grid
 
 
+def equal_step_marks(T: float, n: int) -> dict:
+    """Where ``n`` equal steps over ``[0, T]`` pass each unit of time ``j < T`` and ``T``: ``{step: [theta, ...]}``,
+    step ``i`` (from 1) covering ``[(i - 1) T / n, i T / n]`` and ``theta`` in ``(0, 1]`` the fraction of it at which
+    the unit falls (1 for ``T``, and for a unit on the grid)."""
+    marks: dict = {}
+    if n <= 0:
+        return marks
+    h = T / n
+    for j in range(1, math.ceil(T)):
+        i = min(n, max(1, math.ceil(j / h - 1e-9)))
+        theta = min(1.0, (j - (i - 1) * h) / h)
+        marks.setdefault(i, []).append(1.0 if theta > 1 - 1e-9 else theta)
+    marks.setdefault(n, []).append(1.0)
+    return marks
+
+
+def hermite(y0: tuple, F0: tuple, y1: tuple, F1: tuple, h: float, theta: float) -> tuple:
+    """The cubic Hermite interpolant at ``t0 + theta h`` of a step of length ``h`` from ``y0`` (slope ``F0``) to
+    ``y1`` (slope ``F1``), entry by entry of the state: fourth order in ``h`` locally, for the code at a unit of time
+    that an equal-step integration steps over. ``theta = 1`` gives ``y1`` itself."""
+    if theta == 1.0:
+        return tuple(y1)
+    t2, t3 = theta * theta, theta * theta * theta
+    a0, a1 = 2 * t3 - 3 * t2 + 1, -2 * t3 + 3 * t2
+    d0, d1 = (t3 - 2 * t2 + theta) * h, (t3 - t2) * h
+    return tuple(a0 * p + d0 * fp + a1 * q + d1 * fq for p, fp, q, fq in zip(y0, F0, y1, F1))
+
+
 def fixed_step_size(method: str, options: dict) -> float:
     """The step of a fixed-step ``method`` from torchdiffeq-style ``options`` (only ``step_size`` is valid)."""
     unknown = sorted(set(options) - {"step_size"})

@@ -270,7 +270,9 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
               integrator="auto", record=None, forced=None, **unused):
     """Integrate Eq. 8-9 on the problem ``(op, B, w)`` rescaled by ``L``; returns ``(code, evaluations)``,
     ``evaluations`` per problem. ``init`` is a code tuple or ``None`` (zeros). ``record`` (a list) receives
-    the code at every unit of time of a fixed horizon, or after every window of the steady-state mode. ``forced``
+    the code at every unit of time of a fixed horizon and at its end (the units' from a second integration without a
+    graph that stops at each, so that the output does not depend on the record; recording costs about twice the
+    integration), or after every window of the steady-state mode. ``forced``
     (a list) receives, for a native adaptive integration with a budget (``options["fixed_attempts"]``), how many
     times each problem's integration ended on a step its tolerance rejected
     (:attr:`vars_ode.solvers.native.AdaptiveRK.forced`, per problem)."""
@@ -368,8 +370,11 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                 rk_options = {"beta": STEADY_BETA, **options}
             elif t_end is None and method in UNROLLED_MAX_STEP:
                 rk_options = {"max_step": UNROLLED_MAX_STEP[method], **options}
-            rk = native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device, rk_options,
-                                   layout=op)
+
+            def new_rk():
+                return native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
+                                         rk_options, layout=op)
+            rk = new_rk()
             if steady_backend is not None:
                 if not compiled_ode.steady_eligible(rk):
                     raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the steady-state attempts of "
@@ -444,15 +449,25 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
 
         if t_end is not None:
             T = float(t_end)
-            marks = [float(j) for j in range(1, math.ceil(T))] if record is not None else []
-            t0 = 0.0
-            for t1 in marks + [T]:
-                state = integrate(state, t0, t1)
-                rec(codes(state))
-                t0 = t1
+            end = integrate(state, 0.0, T)
             if forced is not None and rk is not None and rk.fixed_attempts is not None:
                 forced.append(rk.forced)
-            return codes(state), op.problems_like(B_, f.nfe, torch.long)
+            evaluations = op.problems_like(B_, f.nfe, torch.long)
+            if record is not None:
+                # a record observes and does not steer: the output is the integration over [0, T] whether recorded
+                # or not (stopping at each unit of time would change a fixed grid and an adaptive step sequence).
+                # The codes at the units come from a second integration, without a graph, that stops at each one;
+                # the last entry is the output's code
+                node = False
+                rk = new_rk() if rk is not None else None
+                with torch.no_grad():
+                    t0 = 0.0
+                    for t1 in [float(j) for j in range(1, math.ceil(T))]:
+                        state = integrate(state, t0, t1)
+                        rec(codes(state))
+                        t0 = t1
+                rec(codes(end))
+            return codes(end), evaluations
 
         active = op.problems_like(B_, True, torch.bool)
         evals = op.problems_like(B_, 0, torch.long)

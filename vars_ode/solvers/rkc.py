@@ -28,7 +28,7 @@ Two modes, as for the other ODE solvers (:mod:`vars_ode.solvers.ode`):
   residual before it.
 * fixed horizon (``t_end=T``): each problem integrates to each unit of time and to ``T`` at its own steps (the last
   step of each unit shortened to land on it), or, with ``step_size``, in equal steps; ``record`` receives the code
-  at each unit of time and at ``T``.
+  at each unit of time and at ``T`` (between equal steps, their cubic Hermite interpolant there).
 
 The work counted is evaluations of the field, per problem. Gradients: ``grad="unroll"`` (autograd through the
 stages; the step sizes are treated as constants) or ``"implicit"`` (:func:`vars_ode.solve_problem`);
@@ -45,6 +45,7 @@ from .._validation import check_choice, check_positive
 from ..dynamics import VARSField
 from ..lasso import GramOperator, kkt_residual_operator, tmap
 from ..ops import _soft
+from .native import equal_step_marks, hermite
 from .ode import steady_atol
 
 OPTIONS = ("rtol", "atol", "first_step", "max_stages", "step_size", "t_end", "alpha", "beta", "gamma", "trace",
@@ -237,13 +238,15 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
         evals = op.problems_like(B, 1, torch.long)
         if step_size is not None:
             k = max(1, math.ceil(T / float(step_size) - 1e-9)) if T > 0 else 0
-            marks = {min(k, math.ceil(j * k / T - 1e-9)) for j in range(1, math.ceil(T))} | {k} if k else set()
+            marks = equal_step_marks(T, k)  # a unit that a step passes over: the step's Hermite interpolant there
             s = stages_for(rho * T / max(k, 1), max_stages)
             hk = op.problems_like(B, T / max(k, 1))
             for i in range(1, k + 1):
+                y0, F00 = y, F0
                 y, F0, _ = step(y, F0, hk, s, estimate=False)
-                if i in marks:
-                    rec(y)
+                for theta in marks.get(i, ()) if record is not None else ():
+                    with torch.no_grad():
+                        rec(hermite(y0, F00, y, F0, T / k, theta))
             return codes(y), evals + k * s
         h = op.problems_like(B, h0)
         t = op.problems_like(B, 0.0)
