@@ -271,7 +271,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     """Integrate Eq. 8-9 on the problem ``(op, B, w)`` rescaled by ``L``; returns ``(code, evaluations)``,
     ``evaluations`` per problem. ``init`` is a code tuple or ``None`` (zeros). ``record`` (a list) receives
     the code at every unit of time of a fixed horizon and at its end (the units' from a second integration without a
-    graph that stops at each, so that the output does not depend on the record; recording costs about twice the
+    graph that stops at each, so that the output does not depend on the record; recording costs that second
     integration), or after every window of the steady-state mode. ``forced``
     (a list) receives, for a native adaptive integration with a budget (``options["fixed_attempts"]``), how many
     times each problem's integration ended on a step its tolerance rejected

@@ -242,11 +242,11 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
             s = stages_for(rho * T / max(k, 1), max_stages)
             hk = op.problems_like(B, T / max(k, 1))
             for i in range(1, k + 1):
-                y0, F00 = y, F0
+                y_prev, F_prev = y, F0
                 y, F0, _ = step(y, F0, hk, s, estimate=False)
                 for theta in marks.get(i, ()) if record is not None else ():
                     with torch.no_grad():
-                        rec(hermite(y0, F00, y, F0, T / k, theta))
+                        rec(hermite(y_prev, F_prev, y, F0, T / k, theta))
             return codes(y), evals + k * s
         h = op.problems_like(B, h0)
         t = op.problems_like(B, 0.0)
