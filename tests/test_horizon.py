@@ -132,3 +132,18 @@ def test_a_record_observes_and_does_not_steer(solver, seed, T):
     assert torch.equal(plain.code, recorded.code) and torch.equal(g_plain, g_recorded)
     assert torch.equal(plain.stats.iterations, recorded.stats.iterations)
     assert len(record) == int(np.ceil(T)) and torch.equal(record[-1][0].mT, recorded.code.detach())
+
+
+def test_a_budgets_forced_steps_are_the_outputs_with_a_record_too():
+    # a budget of attempts too small for the horizon forces its last steps; with a record the count is the output's
+    # integration's (0 or 1 per problem), not the second integration's that stops at each unit
+    P, X = make_problem(2, 16, 10, batch=(5,))
+    counts = []
+    for record in (None, []):
+        forced = []
+        sol = vo.solve(P, X, 0.1, "dopri5", tol=0.0, t_end=3.5, options={"fixed_attempts": 2}, forced=forced,
+                       record=record)
+        counts.append((sol.code, forced))
+    (plain, f_plain), (recorded, f_recorded) = counts
+    assert len(f_plain) == len(f_recorded) == 1 and bool((f_plain[0] == 1).any())
+    assert torch.equal(plain, recorded) and torch.equal(f_plain[0], f_recorded[0])
