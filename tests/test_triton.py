@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from vars_ode import VARSLayer, triton_gram
@@ -55,6 +55,25 @@ def core_run(kernels, qv, W, go, dtype, static=None, **kw):
     return res
 
 
+def kink_margin(res, weight, steps, init):
+    """How far ISTA's values before each shrinkage stay from the threshold, relative to their scale: ``steps`` steps
+    replayed in float64 from a node's step matrix and ``b / L`` (its threshold is one in the scaled units). Inputs
+    closer than a float32 rounding to it have a gradient that depends on which side the rounding falls."""
+    if weight == 0:
+        return float("inf")
+    A, L = res["A"].double(), res["L"].double()
+    tau = weight / L
+    bs = res["b"].double() / tau
+    y = bs * L if init == "encode" else None
+    worst, scale = float("inf"), 1.0
+    for _ in range(steps):
+        p = bs if y is None else A @ y + bs
+        worst = min(worst, float((p.abs() - 1).abs().min()))
+        scale = max(scale, float(p.abs().max()))
+        y = torch.nn.functional.softshrink(p, 1.0)
+    return worst / scale
+
+
 def problem(seed, B, N, h, dh, m, ms=0):
     # queries and values, W, the output's gradient and (ms > 0) static atoms: Gaussian, as the layer
     # initialises them, zero on the first token, as on a class token
@@ -81,6 +100,11 @@ def test_triton_node_matches_torch_node(seed, B, N, h, dh, m, ms, steps, weight,
     qv, W, go, S = problem(seed, B, N, h, dh, m, ms)
     kw = dict(steps=steps, weight=weight, init=init, residual=residual, power_iters=power_iters, static=S)
     ref = core_run("torch", qv, W, go, D64, **kw)
+    # a draw with a value before the threshold within 1e-5 of it is not one whose gradient float32 can match:
+    # seed 179 (B 3, N 36, h 2, dh 16, m 32, one step from the encoding, weight 0.02) had one 1.8e-8 from it; a
+    # relative perturbation of 1e-7 of the inputs moved the float64 gradient by 2.1e-2, to within 6.7e-7 of the
+    # kernels' (about 7% of the test's draws come within 1e-5, none of 150 within 1e-6)
+    assume(kink_margin(ref, weight, steps, init) > 1e-5)
     with configured(block_n=block_n, programs=programs):
         tri = core_run("triton", qv, W, go, torch.float32, **kw)
     assert tri["out"].dtype == torch.float32 and tri["out"].shape == (B, N, h, dh)
