@@ -136,11 +136,10 @@ def implicit_euler(op, B, w, L, init, *, tol, max_iter, first_step=1.0, growth=1
         F = f(0.0, state) if n else None
         for i in range(1, n + 1):
             new, _moved = step(state, F, h, live)
-            inner = [t for t in marks.get(i, ()) if t < 1.0]
-            F_new = f(0.0, new) if i < n or inner else None
+            F_new = f(0.0, new) if i < n or any(theta < 1.0 for theta in marks.get(i, ())) else None
             with torch.no_grad():
-                for theta in marks.get(i, ()):
-                    rec(hermite(state, F, new, F_new, T / n, theta) if theta < 1.0 else new)
+                for theta in marks.get(i, ()):  # (theta = 1: the step's end itself, which needs no F_new)
+                    rec(hermite(state, F, new, F_new, T / n, theta))
             state, F = new, F_new
         return code_of(state), op.problems_like(B, n, torch.long)
 

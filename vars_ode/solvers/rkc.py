@@ -238,14 +238,15 @@ def rkc(op, B, w, L, init, *, tol, max_iter, rtol=None, atol=None, first_step=No
         evals = op.problems_like(B, 1, torch.long)
         if step_size is not None:
             k = max(1, math.ceil(T / float(step_size) - 1e-9)) if T > 0 else 0
-            marks = equal_step_marks(T, k)  # a unit that a step passes over: the step's Hermite interpolant there
+            # a unit that a step passes over: the step's cubic Hermite interpolant there
+            marks = equal_step_marks(T, k) if record is not None else {}
             s = stages_for(rho * T / max(k, 1), max_stages)
             hk = op.problems_like(B, T / max(k, 1))
             for i in range(1, k + 1):
                 y_prev, F_prev = y, F0
                 y, F0, _ = step(y, F0, hk, s, estimate=False)
-                for theta in marks.get(i, ()) if record is not None else ():
-                    with torch.no_grad():
+                with torch.no_grad():
+                    for theta in marks.get(i, ()):
                         rec(hermite(y_prev, F_prev, y, F0, T / k, theta))
             return codes(y), evals + k * s
         h = op.problems_like(B, h0)
