@@ -480,3 +480,14 @@ def test_compiled_steady_benchmark_runs(capsys):
     assert set(rows) == {"fista", "bosh3", "bosh3+compile"}
     # aot_eager runs the traced operations as they are: the compiled row is the eager one
     assert rows["bosh3+compile"][4] == rows["bosh3"][4] and float(rows["bosh3+compile"][6]) < 1e-12
+
+
+def test_steady_stalls_benchmark_runs(capsys):
+    # a named draw that stalls without the remedy (tests/test_native.py) shows as one unconverged signal without it
+    # and none with it
+    bench = load("steady_stalls_cpu")
+    assert bench.main(["--draws", "1", "--methods", "bosh3", "--also", "1294:0.0625", "--max-iter", "6000"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split("|") for line in out.splitlines() if line.startswith("| bosh3 |"))
+    assert [c.strip() for c in row[2:5]] == ["14", "1", "0"]
+    assert "- seed 1294, lam 0.0625, bosh3: without: 1 unconverged" in out

@@ -131,15 +131,15 @@ def steady_eligible(rk) -> bool:
             and type(rk.layout) is GramOperator and rk.tape is None)
 
 
-def _steady_attempt(K, b, thr, active, W, U, t, dt, previous, k1W, k1U, atol, end, method, rtol, alpha, beta, gamma,
-                    settings):
+def _steady_attempt(K, b, thr, active, W, U, t, dt, previous, tighten, k1W, k1U, atol, end, method, rtol, alpha, beta,
+                    gamma, settings):
     field = VARSField(GramOperator(K), (b,), (thr,), alpha, beta, gamma, active=active)
     safety, ifactor, dfactor, control, stretch, max_step = settings
     rk = native.AdaptiveRK(field, method, rtol, atol, dt.shape, dt.dtype, dt.device,
                            {"safety": safety, "ifactor": ifactor, "dfactor": dfactor, "beta": control,
                             "stretch": stretch})
     rk.max_step = max_step
-    rk.dt, rk.previous, rk.k1 = dt, previous, (k1W, k1U)
+    rk.dt, rk.previous, rk.tighten, rk.k1 = dt, previous, tighten, (k1W, k1U)
     (W, U), t = rk._attempt((W, U), t, 0.0, end)
     return W, U, t, rk.dt, rk.previous, rk.k1[0], rk.k1[1], rk.evaluations
 
@@ -157,7 +157,8 @@ def steady_attempt(backend="inductor"):
         active = f.active[0] if isinstance(f.active, tuple) else f.active
         settings = (rk.safety, rk.ifactor, rk.dfactor, rk.beta, rk.stretch, rk.max_step)
         W, U, t, rk.dt, rk.previous, k1W, k1U, evaluations = _compiled(_steady_attempt, backend)(
-            f.op.K, f.Bs[0], f.thr[0], active, y[0], y[1], t, rk.dt, rk.previous, rk.k1[0], rk.k1[1], rk.atol,
+            f.op.K, f.Bs[0], f.thr[0], active, y[0], y[1], t, rk.dt, rk.previous,
+            torch.ones_like(rk.dt) if rk.tighten is None else rk.tighten, rk.k1[0], rk.k1[1], rk.atol,
             float(end), rk.method, rk.rtol, float(f.alpha), float(f.beta), float(f.gamma), settings)
         rk.k1 = (k1W, k1U)
         rk.evaluations += evaluations

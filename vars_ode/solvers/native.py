@@ -346,6 +346,9 @@ class AdaptiveRK:
             raise ValueError(f"options['beta'] must be a number in [0, {4.0 / (3.0 * self.order):.3g}) for {method} "
                              f"(4 / (3 order)), got {options.get('beta')!r}")
         self.previous = None  # the error ratio of every column's last accepted step (beta > 0), from 1e-4
+        #: None, or per column a factor (at least 1) by which its tolerances are tightened: its error ratio is
+        #: multiplied by it (a steady state's remedy for a problem that stalls, :data:`vars_ode.solvers.ode.STALL_TIGHTEN`)
+        self.tighten = None
         #: each column's own time in :meth:`advance` (the steady state's windows); None before its first call
         self.time = None
         cap = options.get("max_step")
@@ -553,6 +556,8 @@ class AdaptiveRK:
             # the local error h sum_j e_j k_j relative to atol + rtol max(|y|, |y_new|), per column: the sum and
             # the quotient accumulated in place, and h (>= 0, one per column) applied to the norm, not to the state
             ratio = h * self._norm(tuple(self._error_over_scale(i, ks, y, y_new) for i in range(len(y))))
+            if self.tighten is not None:
+                ratio = ratio * self.tighten
             # a non-finite error (a diverging column) ends that column: its state becomes non-finite
             # and is reported so by the caller's residual, instead of shrinking the step for ever
             broken = ~torch.isfinite(ratio)
