@@ -9,6 +9,7 @@ Prints, per method, the signals that did not converge either way and the evaluat
 the two differ.
 
     python benchmarks/steady_stalls_cpu.py [--draws 1000] [--seed 11] [--methods bosh3,dopri5] [--also 1294:0.0625]
+        [--dtype float32 --tol 1e-5]
 
 1,000 draws of bosh3 and dopri5 took about 14 minutes on two cores.
 """
@@ -23,11 +24,11 @@ import vars_ode as vo
 from vars_ode.solvers import ode
 
 
-def problem(seed: int, d: int, m: int, signals: int):
-    """The test's problem: ``(P, X)`` in float64 from a generator seeded by ``seed``."""
+def problem(seed: int, d: int, m: int, signals: int, dtype=torch.float64):
+    """The test's problem: ``(P, X)`` drawn in float64 from a generator seeded by ``seed``, in ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     P = torch.randn(d, m, generator=g, dtype=torch.float64) / d ** 0.5
-    return P, torch.randn(signals, d, generator=g, dtype=torch.float64)
+    return P.to(dtype), torch.randn(signals, d, generator=g, dtype=torch.float64).to(dtype)
 
 
 def solve(P, X, lam, method, tol, max_iter, remedy: bool):
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--signals", type=int, default=7)
     ap.add_argument("--tol", type=float, default=1e-7)
     ap.add_argument("--max-iter", type=int, default=20000)
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
     g = torch.Generator().manual_seed(args.seed)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     totals = {(m, r): [0, 0] for m in methods for r in (False, True)}
     differ = []
     for seed, lam in draws:
-        P, X = problem(seed, args.d, args.m, args.signals)
+        P, X = problem(seed, args.d, args.m, args.signals, getattr(torch, args.dtype))
         for method in methods:
             runs = {}
             for remedy in (False, True):
@@ -77,8 +79,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
 
     n = len(draws) * args.signals
-    print(f"{len(draws)} draws of P {args.d} x {args.m}, {args.signals} signals each, tol {args.tol:g}, max_iter "
-          f"{args.max_iter}, {torch.get_num_threads()} threads, {seconds:.0f} s\n")
+    print(f"{len(draws)} draws of P {args.d} x {args.m} ({args.dtype}), {args.signals} signals each, tol {args.tol:g}, "
+          f"max_iter {args.max_iter}, {torch.get_num_threads()} threads, {seconds:.0f} s\n")
     print("| method | signals | unconverged without the remedy | with it | evaluations without | with | ratio |")
     print("|---|---|---|---|---|---|---|")
     for method in methods:

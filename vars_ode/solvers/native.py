@@ -347,7 +347,8 @@ class AdaptiveRK:
                              f"(4 / (3 order)), got {options.get('beta')!r}")
         self.previous = None  # the error ratio of every column's last accepted step (beta > 0), from 1e-4
         #: None, or per column a factor (at least 1) by which its tolerances are tightened: its error ratio is
-        #: multiplied by it (a steady state's remedy for a problem that stalls, :data:`vars_ode.solvers.ode.STALL_TIGHTEN`)
+        #: multiplied by it (a steady state's remedy for a problem that stalls,
+        #: :data:`vars_ode.solvers.ode.STALL_TIGHTEN`)
         self.tighten = None
         #: each column's own time in :meth:`advance` (the steady state's windows); None before its first call
         self.time = None
