@@ -809,6 +809,56 @@ def test_the_tail_of_the_loop_runs_on_the_groups_still_short_of_the_end(method, 
     assert flops < flops0
 
 
+@pytest.mark.parametrize("method", PAIRS)
+def test_the_tail_keeps_each_columns_tightened_tolerances(method, monkeypatch):
+    # a stalled problem's tolerances are tightened (AdaptiveRK.tighten, ode.STALL_TIGHTEN): the tail takes its
+    # groups' factors, and takes the whole batch's steps
+    tighten = torch.ones(6, 3, dtype=torch.float64)
+    tighten[1, 0], tighten[1, 2], tighten[4, 1] = 10.0, 100.0, 10.0
+
+    def run(fraction, factors):
+        f, y0 = grouped_field(5)
+        rk = native.AdaptiveRK(f, method, 1e-9, _one_slow_group(6, 3), (6, 3), torch.float64, "cpu",
+                               {"first_step": 0.2})
+        rk.tighten = factors
+        monkeypatch.setattr(native, "TAIL_FRACTION", fraction)
+        tails = []
+        monkeypatch.setattr(rk, "_tail", lambda *a: tails.append(1) or native.AdaptiveRK._tail(rk, *a))
+        return rk.integrate(y0, 0.0, 3.0), rk, len(tails)
+
+    out, rk, tails = run(0.25, tighten)
+    ref, rk0, none = run(0.0, tighten)
+    assert tails > 0 and none == 0
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(rk.dt, rk0.dt, rtol=1e-4, atol=0)
+    assert torch.equal(rk.evaluations, rk0.evaluations) and rk.attempts == rk0.attempts
+    # (the factors matter: the slow group takes more attempts with them)
+    assert rk0.attempts > run(0.0, None)[1].attempts
+
+
+def test_an_unrolled_steady_state_of_grouped_problems_runs_its_tail_with_the_remedy(monkeypatch):
+    # a dictionary per problem, a gradient through the steps to a tol: the loop's tail runs after the steady state's
+    # first window, where every problem has a tightening factor (ode.STALL_TIGHTEN); the same codes and gradient
+    # as without a tail (this raised a shape error when the tail took the whole batch's factors)
+    torch.manual_seed(0)
+    P = torch.randn(8, 40, 20, dtype=torch.float64) / 40 ** 0.5
+    P[0] *= 3.0  # one slower problem
+    X = torch.randn(8, 40, dtype=torch.float64)
+    results = []
+    for fraction in (native.TAIL_FRACTION, 0.0):
+        monkeypatch.setattr(native, "TAIL_FRACTION", fraction)
+        Pg = P.clone().requires_grad_(True)
+        sol = vo.solve(Pg, X, 0.1, "dopri5", tol=1e-6, grad="unroll")
+        (g,) = torch.autograd.grad((sol.code * torch.linspace(-1, 1, 20, dtype=P.dtype)).sum(), Pg)
+        assert bool(sol.stats.converged.all())
+        results.append((sol.code.detach(), g, sol.stats.iterations))
+    (c, g, n), (c0, g0, n0) = results
+    torch.testing.assert_close(c, c0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(g, g0, rtol=0, atol=1e-7 * float(g0.abs().max()))
+    assert torch.equal(n, n0)
+
+
 def test_the_tail_keeps_the_unrolled_gradient():
     # without a tape autograd records through the steps, the groups' selection and their return included
     def grads(frac):
@@ -976,8 +1026,8 @@ def test_stabilised_step_control_takes_fewer_evaluations_to_a_steady_state(metho
 def test_a_problem_that_stalls_at_its_tolerance_has_it_tightened(seed, lam, i, monkeypatch):
     # two problems that explore runs of test_adaptive_native_solves_the_lasso found: bosh3's stabilised control settles
     # at a constant step at the stability limit, where the state alternates between two points whose KKT residual is
-    # 1.04e-7 (1.09e-7), above tol 1e-7, for ever. After two full windows without progress the problem's tolerances
-    # are tightened tenfold (ode.STALL_TIGHTEN), and it converges to the minimiser at about the cost of torchdiffeq's
+    # 1.04e-7 (1.09e-7), above tol 1e-7, for ever. After 64 units of time without progress within ten times tol
+    # (ode.STALL_TIME, STALL_NEAR) the problem's tolerances are tightened tenfold (ode.STALL_TIGHTEN), and it converges to the minimiser at about the cost of torchdiffeq's
     # step rule (options={"beta": 0.0}), which does not settle there
     P, X = make_problem(seed, 24, 10, batch=(7,))
     x = X[i:i + 1]

@@ -518,6 +518,7 @@ class AdaptiveRK:
         sub.atol = take_groups(self.atol, lead, live)
         sub.dt, sub.k1 = take(self.dt), tuple(take(k) for k in self.k1)
         sub.previous = None if self.previous is None else take(self.previous)
+        sub.tighten = None if self.tighten is None else take(self.tighten)
         sub.evaluations, sub.forced = torch.zeros_like(take(self.evaluations)), torch.zeros_like(take(self.forced))
         sub.attempts = 0
         sub.tape = None if self.tape is None else self.tape.tail(live, lead)
