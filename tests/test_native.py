@@ -1024,7 +1024,8 @@ def test_stabilised_step_control_takes_fewer_evaluations_to_a_steady_state(metho
 
 @pytest.mark.parametrize("seed, lam, i, dtype, tol, slack", [
     (1294, 0.0625, 3, torch.float64, 1e-7, 1.2), (670306, 0.0292, 5, torch.float64, 1e-7, 1.2),
-    (236307, 0.043269371986389166, 4, torch.float32, 1e-4, 1.7), (80944, 0.020754554271698, 4, torch.float32, 1e-4, 1.7)])
+    (236307, 0.043269371986389166, 4, torch.float32, 1e-4, 1.7),
+    (80944, 0.020754554271698, 4, torch.float32, 1e-4, 1.7)])
 def test_a_problem_that_stalls_at_its_tolerance_has_it_tightened(seed, lam, i, dtype, tol, slack, monkeypatch):
     # problems that explore runs of test_adaptive_native_solves_the_lasso found (float64), and benchmarks/
     # steady_stalls_cpu.py in float32: bosh3's stabilised control settles at a constant step at the stability limit,
