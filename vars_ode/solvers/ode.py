@@ -491,8 +491,11 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         t, span = 0.0, float(window)
         code = codes(state)
         # (STALL_TIME) each problem's lowest residual, and the time at which it last fell below 0.99 of that
+        # the largest factor a problem's tolerances may be tightened by: STALL_TIGHTEN, and rtol over it at least twice
+        # the dtype's resolution
+        most = min(STALL_TIGHTEN, rtol / (2 * torch.finfo(ref.dtype).eps))
         lowest, fell_at = None, None
-        remedy = rk is not None and rtol / 10 >= 2 * torch.finfo(ref.dtype).eps
+        remedy = rk is not None and most >= 10
         while True:
             r = kkt_residual_operator(op_, code, B_, w_)
             active = active & (r > tol) & torch.isfinite(r)
@@ -511,9 +514,7 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                         stalled = active & (t - fell_at >= STALL_TIME) & (rd <= STALL_NEAR * tol)
                         if rk.tighten is None:
                             rk.tighten = torch.ones_like(rd)
-                        more = stalled & (rk.tighten * 10 <= STALL_TIGHTEN) & (
-                            rtol / (rk.tighten * 10) >= 2 * torch.finfo(ref.dtype).eps)
-                        rk.tighten = torch.where(more, rk.tighten * 10, rk.tighten)
+                        rk.tighten = torch.where(stalled & (rk.tighten * 10 <= most), rk.tighten * 10, rk.tighten)
                         fell_at = torch.where(stalled, t, fell_at)
             act = active.to(ref.dtype)
             f.active = tuple(op.expand(i, act) for i in range(n))
