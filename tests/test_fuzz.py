@@ -61,10 +61,13 @@ def _check_solution(sol, inputs_finite: bool, atom_dim: int = -1):
        batch=st.sampled_from([(), (0,), (1,), (3,), (2, 2)]), x_extra=mostly(st.just(0), st.sampled_from([1, -1])),
        dtype=dtypes, x_dtype=mostly(st.none(), GOOD_DTYPES, 10), lam=lam_values, solver=solvers,
        tol=mostly(st.sampled_from([1e-6, 0.0, 1e-3]), st.sampled_from([-1.0, float("nan")])),
-       scale=st.sampled_from([1.0, 1e-20, 1e20, 1e30, -1.0, 0.0]), seed=st.integers(0, 1000))
+       scale=st.sampled_from([1.0, 1e-20, 1e20, 1e30, -1.0, 0.0]), p_scale=mostly(st.just(1.0), st.just(0.0), 4),
+       seed=st.integers(0, 1000))
+@example(d=3, m=2, batch=(2,), x_extra=0, dtype=torch.float64, x_dtype=None, lam=0.1, solver="admm", tol=1e-6,
+         scale=1.0, p_scale=0.0, seed=0)  # a zero dictionary: ADMM's inverse was infinite there
 def test_solve_either_answers_or_names_the_problem(d, m, batch, x_extra, dtype, x_dtype, lam, solver, tol, scale,
-                                                   seed):
-    P = _tensor((d, m), dtype, 1.0, seed)
+                                                   p_scale, seed):
+    P = _tensor((d, m), dtype, p_scale, seed)
     x = _tensor((*batch, max(0, d + x_extra)), x_dtype or dtype, scale, seed + 1)
     try:
         sol = vo.solve(P, x, lam, solver, tol=tol, max_iter=200)

@@ -339,11 +339,16 @@ def test_timm_create_model_with_every_solver(solver):
             with pytest.raises(ValueError, match=solver):
                 VARSLayer(16, 2, dictionary=dictionary, solver=solver, steps=2)(torch.randn(1, 5, 16))
             continue
-        kw = dict(steps=2)
-        if not __import__("vars_ode").SOLVERS[solver].unrolls:  # a compiled loop: the equilibrium's gradient
+        kw, inference = dict(steps=2), False
+        spec = __import__("vars_ode").SOLVERS[solver]
+        if not spec.unrolls:  # a compiled loop, or scipy's integrator: no graph through the iterations
             with pytest.raises(ValueError, match="grad='implicit'"):
                 VARSLayer(16, 2, dictionary=dictionary, solver=solver, steps=2)
-            kw = dict(steps=None, tol=1e-4, grad="implicit")
+            # cd: the equilibrium's gradient. scipy_solver: a horizon without a gradient (its equilibrium to 1e-4 is
+            # out of reach here: at random initialisation 202 of VARS-D's 384 problems are still above it after
+            # 10,000 evaluations, 153 with dopri5, whose horizon this test runs)
+            kw = dict(steps=2, grad="implicit") if spec.ode else dict(steps=None, tol=1e-4, grad="implicit")
+            inference = spec.ode
         attn = VARSLayer.configure(dictionary=dictionary, solver=solver, kernel_size=3, **kw)
         model = timm.create_model("deit_tiny_patch16_224", attn_layer=attn, pretrained=False, img_size=32,
                                   depth=1, num_classes=3)
@@ -352,7 +357,8 @@ def test_timm_create_model_with_every_solver(solver):
             # nor says that a problem stopped short of tol when only float32's rounding put it there (cd stops at
             # tol in float64: one of 384 codes read 1.00017e-4 at tol 1e-4 once cast)
             warnings.simplefilter("error", RuntimeWarning)
-            logits = model(torch.randn(2, 3, 32, 32))
+            with torch.set_grad_enabled(not inference):
+                logits = model(torch.randn(2, 3, 32, 32))
         assert logits.shape == (2, 3) and torch.isfinite(logits).all(), (solver, dictionary)
 
 

@@ -79,6 +79,31 @@ def test_registry_refuses_bad_entries(registered):
         vo.VARSLayer(8, 2, dictionary="sd", solver="active_set")
 
 
+def test_a_solver_that_autograd_cannot_follow_is_named_not_given_zero_gradients():
+    # a solver that works outside autograd (here: on detached tensors) returns a code without a graph; registered as
+    # if it unrolled, a call whose inputs require gradients is refused with its name (not a backward pass that fails
+    # deep inside torch, or gradients that are silently missing); registered with unrolls=False, the refusal says
+    # to use grad='implicit', which then gives the equilibrium's gradient
+    def outside(op, B, w, L, init, **kw):
+        with torch.no_grad():
+            return damped_ista(op, tuple(b.detach() for b in B), w, L, init, **kw)
+
+    P = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    vo.register_solver("outside", outside)
+    try:
+        with pytest.raises(ValueError, match="'outside' returned a code without a graph.*unrolls=False"):
+            vo.solve(P, x, 0.1, "outside", tol=1e-9)
+        vo.register_solver("outside", outside, unrolls=False, replace=True)
+        with pytest.raises(ValueError, match="'outside' has no unrolled gradient.*grad='implicit'"):
+            vo.solve(P, x, 0.1, "outside", tol=1e-9)
+        g1, = torch.autograd.grad(vo.solve(P, x, 0.1, "outside", tol=1e-11, grad="implicit").output.sum(), P)
+        g2, = torch.autograd.grad(vo.solve(P, x, 0.1, "active_set", tol=1e-12, grad="implicit").output.sum(), P)
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-6)
+    finally:
+        vo.unregister_solver("outside")
+
+
 def test_torchdiffeq_methods_match_torchdiffeq():
     from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_TABLE  # the private table, read in this test only
 

@@ -645,3 +645,47 @@ def test_own_loop_unrolled_gradient_of_a_horizon_is_exact(solver):
     f = lambda P, X: vo.solve(P, X, 0.1, solver, tol=0.0, t_end=2.0, L=3.0,  # noqa: E731
                               step_size=OWN_LOOPS[solver]).output
     assert torch.autograd.gradcheck(f, (P, X), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", sorted(vo.SOLVERS))
+def test_every_solver_answers_a_problem_whose_minimiser_is_zero(solver):
+    # a zero dictionary (and one scaled by 1e-160, whose Gram matrix is below float64's normal range), and a lam above
+    # |P^T x|: the minimiser is zero and stays zero nearby, so its gradient is zero. Each solver converges there, its
+    # gradient is finite (ADMM's was NaN: an infinite inverse at L = 0, and the square root of its residual balancing
+    # differentiated at zero), and a backward pass through a code that never moved from zero works (it had no graph)
+    spec = vo.SOLVERS[solver]
+    P, x = make_problem(3, 12, 8, batch=(4,))
+    stack = torch.stack([P, torch.zeros_like(P), P * 1e-160])[:, None]  # (3, 1, 12, 8): one dictionary a problem
+    X = x.expand(3, 4, 12)
+    lam = torch.tensor([[10.0 * float((P.T @ x.T).abs().max())], [0.1], [0.1]], dtype=torch.float64)
+    grads = ["implicit"] + (["unroll"] if spec.unrolls else [])
+    for grad in grads:
+        Pg = stack.clone().requires_grad_(True)
+        sol = vo.solve(Pg, X, lam, solver, tol=1e-7, grad=grad)
+        assert sol.stats.converged.all(), (grad, sol.stats.status_names())
+        assert torch.equal(sol.code, torch.zeros_like(sol.code)), grad
+        (g,) = torch.autograd.grad(sol.code.square().sum() + sol.code.sum(), Pg)
+        assert torch.equal(g, torch.zeros_like(g)), (grad, g.abs().max())
+    if not spec.unrolls:
+        with pytest.raises(ValueError, match="no unrolled gradient.*grad='implicit'"):
+            vo.solve(stack.clone().requires_grad_(True), X, lam, solver, tol=1e-7)
+        # without a graph to build, the default grad='unroll' is no obstacle
+        assert vo.solve(stack, X, lam, solver, tol=1e-7).stats.converged.all()
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5])
+def test_admm_unrolled_gradient_leaves_rho_undifferentiated(seed):
+    # residual balancing moves rho with the iterates; rho is a choice of the algorithm (the fixed point does not depend
+    # on it), so the unrolled gradient treats it as a constant, as the ODE solvers treat their step sizes. Converged to
+    # 1e-9 the unrolled gradient is then within 5e-7 of the equilibrium's (the implicit one); differentiated through rho
+    # it was 3e-6 to 1.3e-5 from it on these problems
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(32, 24, generator=g, dtype=torch.float64) / 5
+    x = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    grads = {}
+    for grad in ("unroll", "implicit"):
+        Pg = P.clone().requires_grad_(True)
+        sol = vo.solve(Pg, x, 0.1, "admm", tol=1e-9, grad=grad)
+        assert sol.stats.converged.all()
+        grads[grad] = torch.autograd.grad(sol.code.sin().sum(), Pg)[0]
+    assert (grads["unroll"] - grads["implicit"]).abs().max().item() < 5e-7

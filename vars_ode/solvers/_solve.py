@@ -234,7 +234,28 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
             if tol > 0:
                 _warn_short_of_equilibrium(op, code, B, w, tol)
         return _implicit(op, B, w, code, implicit_solve, tol), iters
-    return spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter, **options)
+    graph = [t for t in (*op.roots(), *B, w, *(init or ())) if isinstance(t, torch.Tensor) and t.requires_grad]
+    graph = graph if torch.is_grad_enabled() else []
+    if graph and not spec.unrolls:
+        # autograd would see no path through its iterations: the code would come back without a graph, and the
+        # gradients of P, x and lam through it would be silently missing
+        raise ValueError(f"solver {solver!r} has no unrolled gradient (grad='unroll' with inputs that require "
+                         "gradients); use grad='implicit' (the equilibrium's gradient), or detach the inputs")
+    code, work = spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter,
+                         **options)
+    if graph and not any(c.requires_grad for c in code):
+        start = tuple(torch.zeros_like(b) for b in B) if init is None else tuple(init)
+        if not all(torch.equal(c, s.detach().expand_as(c)) for c, s in zip(code, start)):
+            raise ValueError(f"solver {solver!r} returned a code without a graph from inputs that require gradients "
+                             "(grad='unroll'); a solver that autograd cannot differentiate is registered with "
+                             "unrolls=False")
+        # every problem stopped where it started, before an iteration (a zero code that satisfies the KKT conditions,
+        # such as lam above |P^T x|): the unrolled gradient of no iterations is zero, as it is for such a problem
+        # among others that iterate. A (zero) path to the inputs lets a backward pass through it work as through any
+        # other solution
+        link = sum(t.reshape(-1)[:0].sum() for t in graph)
+        code = tuple(c + link.to(c.dtype) for c in code)
+    return code, work
 
 
 def _implicit(op, B, w, code, implicit_solve, tol):

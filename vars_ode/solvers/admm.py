@@ -30,7 +30,10 @@ the library; with ``tol > 0`` it is adapted by residual balancing (Boyd et al., 
 normalised as in OSQP, Stellato et al. 2020): every ``adapt`` iterations, per matrix, ``rho`` is multiplied by
 ``sqrt(primal / dual)`` (clipped to [0.1, 10], applied when it is above 2 or below 1/2), where the primal
 residual is ``||u - z||`` relative to ``max(||u||, ||z||)`` and the dual one ``||z - z_prev||`` relative to
-``||y||``, and the inverse is formed again: started from ``rho = L`` (100 times the default) the layer problems
+``||y||``, and the inverse is formed again. The unrolled gradient (``grad="unroll"``) treats each ``rho`` as a
+constant, as the ODE solvers treat their step sizes: converged to 1e-9, it is then within 5e-7 of the implicit
+gradient, where differentiated through the balancing it was 3e-6 to 1.3e-5 from it (and NaN where a residual was
+zero). Started from ``rho = L`` (100 times the default) the layer problems
 of the sweeps in ``benchmarks/RESULTS.md`` took 1.7-2.5x the default's iterations. Measured
 there: a DeiT-Ti-width VARS-D layer's problems to a KKT residual of 1e-4, 36-44 iterations against FISTA's 384;
 the study's smaller model (50 tokens for 64 features, a singular ``K``) 100-270 against FISTA's 250-930.
@@ -172,6 +175,12 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
     eye = torch.eye(m, dtype=K.dtype, device=K.device)
     batch = K.shape[:-2] + (1, 1)  # one rho per matrix K, shared by the problems (columns) that use it
     scale = _per_matrix(torch.as_tensor(op.expand(0, L), dtype=b.dtype, device=b.device).detach(), batch)
+    # a zero dictionary has L = 0, which the callers raise to the dtype's smallest normal number: there 1 / rho
+    # overflows, (K + rho I)^{-1} is infinite, and so is an unrolled gradient. Any rho solves such a problem (K below
+    # rho's rounding): it takes the scale of a unit L. Every L above tiny / eps (1e-292 in float64, 1e-31 in
+    # float32, where 1 / rho stays finite at RHO_RANGE[0]) is left as it is
+    floor = torch.finfo(b.dtype).tiny / torch.finfo(b.dtype).eps
+    scale = torch.where(scale > floor, scale, torch.ones_like(scale))
     r = rho * scale
     wk = op.expand(0, w)
     # the iteration runs on Z = rho z and the unscaled dual Lam = rho y, so that the threshold is w itself (a
@@ -246,12 +255,16 @@ def admm(op, B, w, L, init, *, tol, max_iter, rho=0.01, relax=1.8, adapt=8, chec
         if balance:
             # residual balancing, per matrix: the relative primal residual ||u - z|| / max(||u||, ||z||) against
             # the relative dual one ||z - z_prev|| / ||y|| (both the same in the scaled variables)
-            U = Z_prev - D
-            primal = _norm(U - Z, batch) / torch.maximum(_norm(U, batch), _norm(Z, batch)).clamp_min(tiny)
-            dual = _norm(Z - Z_prev, batch) / _norm(Lam, batch).clamp_min(tiny)
-            factor = (primal / dual.clamp_min(tiny)).sqrt().clamp(0.1, 10.0)
-            factor = torch.where((factor > 2) | (factor < 0.5), factor, torch.ones_like(factor))
-            new = torch.minimum(torch.maximum(r * factor, lo), hi)
+            # rho is a choice of the algorithm, as an ODE's step size is: without a graph (the fixed point does not
+            # depend on it, and the square root's derivative at a zero residual, such as every code at zero, is
+            # infinite: unrolled gradients of such a problem were NaN)
+            with torch.no_grad():
+                U = Z_prev - D
+                primal = _norm(U - Z, batch) / torch.maximum(_norm(U, batch), _norm(Z, batch)).clamp_min(tiny)
+                dual = _norm(Z - Z_prev, batch) / _norm(Lam, batch).clamp_min(tiny)
+                factor = (primal / dual.clamp_min(tiny)).sqrt().clamp(0.1, 10.0)
+                factor = torch.where((factor > 2) | (factor < 0.5), factor, torch.ones_like(factor))
+                new = torch.minimum(torch.maximum(r * factor, lo), hi)
             changed = new != r
             n_changed = int(changed.sum())
             if n_changed:

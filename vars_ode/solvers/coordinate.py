@@ -106,10 +106,7 @@ def coordinate_descent(op, B, w, L, init, *, tol, max_iter, **unused):
     if b.device.type != "cpu":
         raise ValueError(f"solver='cd' runs on CPU tensors, got a {b.device.type} tensor; on other devices use "
                          "'active_set', 'fista' or 'admm'")
-    K = op.gram()
-    tensors = [K, b, *(init or ()), *((w,) if isinstance(w, torch.Tensor) else ())]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise ValueError("solver='cd' has no unrolled gradient; use grad='implicit' (the equilibrium's gradient)")
+    K = op.gram()  # (no graph through it: registered with unrolls=False, which solve_problem enforces)
     kernel, numba = _kernel()
     dtype = torch.float64  # float32 problems too: the kept gradient's updates accumulate no float32 rounding
     lead, m, k = b.shape[:-2], b.shape[-2], b.shape[-1]

@@ -36,7 +36,8 @@ class SolverSpec:
         max_iter: its default budget when solving to a tolerance.
         uses_lipschitz: whether it reads ``L`` (otherwise the callers skip computing it and pass 1).
         unrolls: whether autograd can differentiate through its iterations (``grad="unroll"``); a compiled solver
-            cannot, and a layer then asks for ``grad="implicit"``.
+            (``"cd"``) or one that leaves torch (``"scipy_solver"``) cannot, and a layer then asks for
+            ``grad="implicit"``, as :func:`vars_ode.solve` does where its inputs require gradients.
         uses_metric: whether, solving to a tolerance with ``metric="auto"``, it steps in the operator's metric where
             one is offered (:meth:`vars_ode.lasso.Operator.metric`) and reads ``L`` only where none is; the Gram
             entries then ask for the metric first and take ``L`` from it instead of computing it.
@@ -103,8 +104,9 @@ register_solver("admm", admm.admm, needs_gram=True)
 register_solver("cd", coordinate.coordinate_descent, unit="sweeps", needs_gram=True, uses_lipschitz=False,
                 unrolls=False)
 for _m in ode.ODE_METHODS:
+    # scipy's solve_ivp integrates numpy arrays, outside autograd
     register_solver(_m, partial(ode.ode_solve, method=_m), unit="function evaluations", ode=True,
-                    max_iter=DEFAULT_MAX_EVALS)
+                    max_iter=DEFAULT_MAX_EVALS, unrolls=_m != "scipy_solver")
 register_solver("implicit_euler", implicit_euler.implicit_euler, unit="steps", ode=True, needs_gram=True,
                 max_iter=DEFAULT_MAX_STEPS)
 register_solver("rkc", rkc.rkc, unit="function evaluations", ode=True, max_iter=DEFAULT_MAX_EVALS)
