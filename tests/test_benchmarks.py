@@ -491,3 +491,13 @@ def test_steady_stalls_benchmark_runs(capsys):
     row = next(line.split("|") for line in out.splitlines() if line.startswith("| bosh3 |"))
     assert [c.strip() for c in row[2:5]] == ["14", "1", "0"]
     assert "- seed 1294, lam 0.0625, bosh3: without: 1 unconverged" in out
+
+
+def test_continuous_adjoint_benchmark_runs(capsys):
+    # the refusal's measure and the gradient's distance, for a horizon it allows and one it refuses
+    bench = load("continuous_adjoint_cpu")
+    assert bench.main(["--methods", "dopri5", "--horizons", "3,8"]) == 0
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:6]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| dopri5 |")}
+    assert rows["3"][1] == "no" and float(rows["3"][0]) < 1 and float(rows["3"][2]) < 0.05
+    assert rows["8"][1] == "yes" and float(rows["8"][0]) > 5 and float(rows["8"][2]) > 1

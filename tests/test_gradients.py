@@ -71,6 +71,43 @@ def test_adjoint_and_unrolled_ode_gradients_with_thresholds():
     assert fd.abs().max() > 0.05  # a real dependence, not a vacuous comparison
 
 
+@pytest.mark.parametrize("method, integrator, short, long", [("dopri5", "torchdiffeq", 3.0, 8.0),
+                                                              ("explicit_adams", "auto", 4.0, 12.0)])
+def test_the_continuous_adjoint_is_refused_where_its_backward_pass_loses_the_trajectory(method, integrator, short,
+                                                                                      long):
+    # torchdiffeq's continuous adjoint integrates the state back through a flow that expands backwards. Over a long
+    # horizon its gradient is noise (premise: far from the unrolled one, the gradient of the same forward trajectory),
+    # and it is refused with the miss named; over a short one it is allowed, within a few percent of the unrolled
+    # one, and its check does not count in the evaluations
+    from vars_ode.solvers import ode
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(16, 10, generator=g, dtype=torch.float64) / 4
+    X = torch.randn(3, 16, generator=g, dtype=torch.float64)
+
+    def run(T, grad):
+        Pg = P.clone().requires_grad_(True)
+        sol = vo.solve(Pg, X, 0.1, method, grad=grad, tol=0.0, t_end=T, integrator=integrator)
+        loss = (sol.code.sin() * torch.arange(10, dtype=P.dtype)).sum()
+        return torch.autograd.grad(loss, Pg)[0], sol.stats.iterations
+
+    with pytest.raises(ValueError, match=r"continuous adjoint .*misses the start by [0-9.e+]+ times.*discrete adjoint"):
+        run(long, "adjoint")
+    saved = ode.ADJOINT_MISS
+    ode.ADJOINT_MISS = float("inf")
+    try:
+        noise, _ = run(long, "adjoint")
+    finally:
+        ode.ADJOINT_MISS = saved
+    exact, _ = run(long, "unroll")
+    assert (noise - exact).abs().max() > 1.0 * exact.abs().max()
+    (adjoint, work), (unrolled, unrolled_work) = run(short, "adjoint"), run(short, "unroll")
+    assert (adjoint - unrolled).abs().max() < 0.05 * unrolled.abs().max()
+    assert torch.equal(work, unrolled_work)
+    # without a gradient to take there is nothing to refuse
+    with torch.no_grad():
+        assert vo.solve(P, X, 0.1, method, grad="adjoint", tol=0.0, t_end=long, integrator=integrator).stats.converged.numel() == 3
+
+
 def test_implicit_and_unrolled_gradients_agree_at_convergence():
     P, x, lam = inputs(6, d=16, m=8, batch=(3,))
     w = torch.randn(3, 16, dtype=torch.float64)

@@ -126,6 +126,28 @@ def node_capable(op) -> bool:
     return (op.has_gram and op.num_blocks == 1) or type(op).with_roots is not Operator.with_roots
 
 
+def _check_reconstruction(odeint, f, start: tuple, end: tuple, ts, kw):
+    # torchdiffeq's continuous adjoint integrates the state back from ts[-1] to ts[0] in its backward pass: done here
+    # once, without a graph (and without counting the evaluations), and refused where it misses the start by more than
+    # ADJOINT_MISS times the state's largest entry (see there)
+    nfe = f.nfe
+    with torch.no_grad():
+        back = odeint(f, tuple(e.detach() for e in end), ts.flip(0), **kw)
+    f.nfe = nfe
+    scale = max(float(t.detach().abs().amax()) for t in (*start, *end) if t.numel())
+    miss = max(float((b[-1] - a.detach()).abs().amax()) for a, b in zip(start, back) if a.numel()) / max(scale, 1e-300)
+    if not miss <= ADJOINT_MISS:
+        T = float(ts[-1] - ts[0])
+        raise ValueError(
+            f"grad='adjoint' here is torchdiffeq's continuous adjoint (method {kw['method']!r}), whose backward pass "
+            f"integrates the state back from t_end = {T:g} to 0, through a flow that contracts forwards and expands "
+            f"backwards: that integration misses the start by {miss:.3g} times the state's largest entry (more than "
+            f"vars_ode.solvers.ode.ADJOINT_MISS = {ADJOINT_MISS:g}), so the gradient it gives is unreliable (measured: "
+            "17% to 6e5 times off beyond it). Use a native method "
+            f"({', '.join(native.NATIVE_METHODS)}) with integrator 'auto' for the discrete adjoint (the exact gradient "
+            "of the computed trajectory), grad='unroll', a shorter horizon, or a tighter adjoint_rtol / smaller step")
+
+
 @torch.compiler.disable
 def _eager(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` outside torch.compile's graphs. torchdiffeq's step loops decide on the host
@@ -265,6 +287,18 @@ UNROLLED_MAX_STEP = {"dopri5": 1.0}
 STALL_TIME = 64.0
 STALL_NEAR = 10.0
 STALL_TIGHTEN = 100.0
+
+#: torchdiffeq's continuous adjoint (``grad="adjoint"`` over a horizon, for the methods without a native integration
+#: and with ``integrator="torchdiffeq"``) integrates the state back from ``t_end`` to 0 in its backward pass, through a
+#: flow that contracts forwards and so expands backwards: its error grows about exponentially with the horizon. The
+#: forward pass integrates the end state back once the same way (without a graph) and refuses the gradient where that
+#: misses the start by more than this many times the state's largest entry: the reconstructed trajectory is then
+#: noise. Measured (``python benchmarks/continuous_adjoint_cpu.py``; benchmarks/RESULTS.md, forty-fifth session): on
+#: ``P`` 16 x 10 with 3 signals, misses of 0.002-0.16 went with gradients 0.2-7% from the unrolled one, 0.4-3.2 with
+#: 10-25%, and 5.6 or more with 17% to 6e5 times (dopri5, bosh3 and rk4 at its default step from a horizon of 5,
+#: explicit_adams from 8, implicit_adams from 6; to a tolerance, refused before any of this, it was 4e27 times). In
+#: layers at a horizon of 3 (dim 64, 2 heads; rk4 and dopri5 through torchdiffeq) misses of 0.26-2.0 went with 0.5-6%
+ADJOINT_MISS = 5.0
 
 
 def steady_atol(op, L: torch.Tensor, rtol: float, per_problem: bool):
@@ -438,8 +472,11 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                 if grad == "adjoint":
                     params = tuple(p for p in (*op_.roots(), *B_, w_)
                                    if isinstance(p, torch.Tensor) and p.requires_grad)
+                    back_kw = dict(kw, rtol=adjoint_rtol or rtol, atol=adjoint_atol or atol)
                     sol = _eager(odeint_adjoint, f, st, ts, adjoint_params=params,
-                                 adjoint_rtol=adjoint_rtol or rtol, adjoint_atol=adjoint_atol or atol, **kw)
+                                 adjoint_rtol=back_kw["rtol"], adjoint_atol=back_kw["atol"], **kw)
+                    if params and torch.is_grad_enabled():
+                        _eager(_check_reconstruction, odeint, f, st, tuple(x[-1] for x in sol), ts, back_kw)
                 else:
                     if method in IMPLICIT_ADAMS and t_end is None:
                         with warnings.catch_warnings():
