@@ -619,7 +619,15 @@ def test_own_loop_equilibrium_is_the_lasso_minimiser(solver, seed, d, m, lam):
     P, X = make_problem(seed, d, m, batch=(6,))
     sol = vo.solve(P, X, lam, solver, tol=1e-10)
     assert bool(sol.stats.converged.all()), sol.stats.summary()
-    assert (sol.code - sklearn_lasso(P, X, lam)).abs().max().item() < 1e-7
+    ref = sklearn_lasso(P, X, lam)
+    # a KKT residual r leaves the code up to about r / lambda_min(K_AA) from the minimiser (A: its support): on an
+    # ill-conditioned support (P 12 x 12, seed 1, lam 1/32: lambda_min 3.8e-4) 1e-10 allows 1.4e-7
+    K = P.T @ P
+    for j in range(X.shape[0]):
+        A = ref[j] != 0
+        low = torch.linalg.eigvalsh(K[A][:, A])[0].item() if A.any() else 1.0
+        scale = max(1.0, (P.T @ X[j]).abs().max().item())
+        assert (sol.code[j] - ref[j]).abs().max().item() < 1e-7 + 4 * 1e-10 * scale / max(low, 1e-6), j
 
 
 @pytest.mark.parametrize("solver", sorted(OWN_LOOPS))
