@@ -236,9 +236,9 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
         return _implicit(op, B, w, code, implicit_solve, tol), iters
     graph = [t for t in (*op.roots(), *B, w, *(init or ())) if isinstance(t, torch.Tensor) and t.requires_grad]
     graph = graph if torch.is_grad_enabled() else []
-    if graph and not spec.unrolls:
+    if graph and not spec.unrolls and grad == "unroll":
         # autograd would see no path through its iterations: the code would come back without a graph, and the
-        # gradients of P, x and lam through it would be silently missing
+        # gradients of P, x and lam through it would be silently missing (an adjoint needs no such path)
         raise ValueError(f"solver {solver!r} has no unrolled gradient (grad='unroll' with inputs that require "
                          "gradients); use grad='implicit' (the equilibrium's gradient), or detach the inputs")
     code, work = spec.fn(op, tuple(B), w, L, None if init is None else tuple(init), tol=tol, max_iter=max_iter,
