@@ -105,7 +105,8 @@ def test_the_continuous_adjoint_is_refused_where_its_backward_pass_loses_the_tra
     assert torch.equal(work, unrolled_work)
     # without a gradient to take there is nothing to refuse
     with torch.no_grad():
-        assert vo.solve(P, X, 0.1, method, grad="adjoint", tol=0.0, t_end=long, integrator=integrator).stats.converged.numel() == 3
+        sol = vo.solve(P, X, 0.1, method, grad="adjoint", tol=0.0, t_end=long, integrator=integrator)
+    assert torch.isfinite(sol.code).all() and sol.code.shape == (3, 10)
 
 
 def test_scipy_solver_has_an_adjoint_over_a_horizon_and_no_unrolled_gradient():
