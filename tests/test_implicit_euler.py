@@ -22,17 +22,18 @@ def test_ill_conditioned_problem_in_few_steps():
     assert not bool(rk4.stats.converged.all())  # 4,000 evaluations are far from enough for the explicit method
 
 
-@pytest.mark.parametrize("seed, d, dtype, tol, stuck", [(1, 10, torch.float64, 1e-10, [4]),
-                                                      (0, 10, torch.float32, 1e-4, [0, 3]),
-                                                      (4, 32, torch.float32, 1e-4, [1, 2])])
-def test_a_drift_along_a_singular_support_is_not_taken_for_growth(seed, d, dtype, tol, stuck, monkeypatch):
+@pytest.mark.parametrize("seed, d, m, problems, dtype, tol, stuck", [(1, 10, 12, 6, torch.float64, 1e-10, [4]),
+                                                                   (0, 10, 12, 4, torch.float32, 1e-4, [0, 3]),
+                                                                   (4, 32, 96, 4, torch.float32, 1e-4, [1, 2])])
+def test_a_drift_along_a_singular_support_is_not_taken_for_growth(seed, d, m, problems, dtype, tol, stuck,
+                                                                  monkeypatch):
     # where K_AA is singular (more atoms on the way than the signal's dimension) the flow drifts along the null space
     # at a constant speed, and the field's norm changes by 1e-11 (float64) or its rounding (float32) per step. Taken
     # for growth (the premise, GROWTH_SLACK 0), every step was undone and the floor halved: these problems ran out of
     # their 1,000 steps. Within the slack they converge, to the minimum (the objective; with 96 atoms for 32
     # dimensions codes at a residual of 1e-4 can lie 0.3 apart)
     from vars_ode.solvers import implicit_euler as ie
-    P, X = make_problem(seed, d, 12 if d == 10 else 96, batch=(6,) if seed == 1 else (4,))
+    P, X = make_problem(seed, d, m, batch=(problems,))
     P, X = P.to(dtype), X.to(dtype)
     lam = 0.03125
     sol = vo.solve(P, X, lam, "implicit_euler", tol=tol, max_iter=1000)
