@@ -89,6 +89,26 @@ def test_kkt_residual_is_zero_at_the_scikit_learn_solution():
     (lambda P, x: vo.soft_threshold(torch.arange(3), 0.1), "x"),
     (lambda P, x: vo.lipschitz_constant(P.T @ P, "svd"), "method"),
     (lambda P, x: vo.penalty_weight(0.1, "eq11"), "convention"),
+    # shapes that torch would have met with its own error, or (a negative threshold tensor) none
+    (lambda P, x: vo.kkt_residual(P, x, torch.zeros(12, dtype=torch.float64), 0.1), r"code must have P.shape\[-1\] = 12"),
+    (lambda P, x: vo.kkt_residual(P, torch.zeros(4, 12, dtype=torch.float64), x.expand(3, 20), 0.1),
+     r"must broadcast: P \(\), code \(4,\), x \(3,\)"),
+    (lambda P, x: vo.kkt_residual(P, torch.zeros(3, 12, dtype=torch.float64), x.expand(3, 20),
+                                   torch.full((2,), 0.1)), r"lam \(2,\)"),
+    (lambda P, x: vo.lasso_objective(P, torch.zeros(4, 12, dtype=torch.float64), x.expand(3, 20), 0.1), "broadcast"),
+    (lambda P, x: vo.gram(P, x[:5]), r"x must have P.shape\[-2\] = 20"),
+    (lambda P, x: vo.kkt_residual_gram(P.T @ P, torch.zeros(5, 2, dtype=torch.float64),
+                                       torch.zeros(12, 2, dtype=torch.float64), 0.1), r"B must have K.shape\[-1\] = 12 rows"),
+    (lambda P, x: vo.kkt_residual_gram((P.T @ P)[:5], torch.zeros(12, 2, dtype=torch.float64),
+                                       torch.zeros(12, 2, dtype=torch.float64), 0.1), "K must be square"),
+    (lambda P, x: vo.kkt_residual_gram(P.T @ P, torch.zeros(12, 2, dtype=torch.float64),
+                                       torch.zeros(12, 3, dtype=torch.float64), 0.1), r"columns.*B \(2,\), code \(3,\)"),
+    (lambda P, x: vo.soft_threshold(x, torch.ones(3, dtype=torch.float64)), r"x \(20,\), threshold \(3,\)"),
+    (lambda P, x: vo.soft_threshold(x, torch.tensor(-0.5)), "threshold must be non-negative"),
+    (lambda P, x: vo.lipschitz_constant(P.T @ P, "power", v0=torch.ones(5, dtype=torch.float64)),
+     r"v0 must have K.shape\[-1\] = 12"),
+    (lambda P, x: vo.lipschitz_constant(P.T @ P, "power", v0=torch.ones(3, 12, dtype=torch.float64)),
+     r"v0 must broadcast to K's leading dimensions \(\)"),
 ])
 def test_bad_input_names_the_argument(problem, bad, match):
     P, x = problem

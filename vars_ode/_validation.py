@@ -30,6 +30,24 @@ def check_tensor(name: str, value, *, min_dim: int = 0) -> torch.Tensor:
     return value
 
 
+def check_broadcast(what: str = "leading dimensions", **shapes) -> torch.Size:
+    """The broadcast of the named shapes (by default the arguments' leading dimensions, ``what``); a ``ValueError``
+    naming each where they do not broadcast."""
+    try:
+        return torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        listed = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
+        raise ValueError(f"{what} must broadcast: {listed}") from None
+
+
+def check_last(name: str, value: torch.Tensor, size: int, what: str, *, rows: bool = False) -> None:
+    """``value``'s last dimension (its rows, dimension -2, with ``rows``) has ``size`` entries, else a ``ValueError``
+    naming ``name`` and what sets the size (``what``, e.g. ``"P.shape[-2]"``)."""
+    if value.shape[-2 if rows else -1] != size:
+        where = "rows" if rows else "entries in its last dimension"
+        raise ValueError(f"{name} must have {what} = {size} {where}, got shape {tuple(value.shape)}")
+
+
 def check_choice(name: str, value, choices: Iterable[str]) -> str:
     choices = list(choices)
     if value not in choices:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import as_lam, check_tensor
+from ._validation import as_lam, check_last, check_tensor
 from ._workspace import scratch_like
 from .lasso import GramOperator, take_groups
 from .ops import _soft, penalty_weight
@@ -39,8 +39,7 @@ class _Dynamics(nn.Module):
         check_tensor("x", x, min_dim=1)
         if x.dtype != P.dtype:
             raise ValueError(f"x must have P's dtype {P.dtype}, got {x.dtype}")
-        if P.shape[-2] != x.shape[-1]:
-            raise ValueError(f"x must have P.shape[-2] = {P.shape[-2]} entries in its last dimension, got shape {tuple(x.shape)}")
+        check_last("x", x, P.shape[-2], "P.shape[-2]")
         for name, v in (("alpha", alpha), ("beta", beta)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"{name} must be a positive float, got {v!r}")

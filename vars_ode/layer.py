@@ -885,6 +885,8 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> dict:
         iterations, or unit time steps of an ODE solve; for ``compat="official"`` the code after each
         of its steps) and ``N`` all tokens, prefix tokens first (drop them and reshape to the grid to plot).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, VARSLayer)}
     if not layers:
         raise ValueError("model contains no VARSLayer")

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._validation import as_lam, check_choice, check_tensor
+from ._validation import as_lam, check_broadcast, check_choice, check_last, check_tensor
 
 CONVENTIONS = ("eq10", "eq22")
 LIPSCHITZ_METHODS = ("eigvalsh", "power", "official")
@@ -39,8 +39,11 @@ def soft_threshold(x: torch.Tensor, threshold) -> torch.Tensor:
     check_tensor("x", x)
     if isinstance(threshold, torch.Tensor):
         check_tensor("threshold", threshold)
-    thr = as_lam(threshold, like=x, name="threshold") if not isinstance(threshold, torch.Tensor) else threshold
-    return _soft(x, thr)
+        check_broadcast("shapes", x=x.shape, threshold=threshold.shape)
+        if bool((threshold < 0).any()):
+            raise ValueError(f"threshold must be non-negative, got a minimum of {threshold.min().item():g}")
+        return _soft(x, threshold)
+    return _soft(x, as_lam(threshold, like=x, name="threshold"))
 
 
 def _soft(x: torch.Tensor, thr, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,14 +69,7 @@ def lasso_objective(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *
     Returns:
         ``(...)`` objective values (Eq. 10, or Eq. 22 with ``convention="eq22"``).
     """
-    check_tensor("P", P, min_dim=2)
-    check_tensor("code", code, min_dim=1)
-    check_tensor("x", x, min_dim=1)
-    if P.shape[-1] != code.shape[-1]:
-        raise ValueError(f"code must have P.shape[-1] = {P.shape[-1]} entries in its last dimension, got {code.shape[-1]}")
-    if P.shape[-2] != x.shape[-1]:
-        raise ValueError(f"x must have P.shape[-2] = {P.shape[-2]} entries in its last dimension, got {x.shape[-1]}")
-    w = penalty_weight(as_lam(lam, like=code), convention)
+    w = penalty_weight(_check_problem(P, code, x, lam), convention)
     resid = (P @ code.unsqueeze(-1)).squeeze(-1) - x
     return 0.5 * resid.pow(2).sum(-1) + w * code.abs().sum(-1)
 
@@ -81,10 +77,13 @@ def lasso_objective(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *
 def gram(P: torch.Tensor, x: torch.Tensor | None = None):
     """``K = P^T P`` and, when ``x`` is given, ``b = P^T x``: all a solver needs."""
     check_tensor("P", P, min_dim=2)
+    if x is not None:
+        check_tensor("x", x, min_dim=1)
+        check_last("x", x, P.shape[-2], "P.shape[-2]")
+        check_broadcast(P=P.shape[:-2], x=x.shape[:-1])
     K = P.transpose(-1, -2) @ P
     if x is None:
         return K
-    check_tensor("x", x, min_dim=1)
     b = (P.transpose(-1, -2) @ x.unsqueeze(-1)).squeeze(-1)
     return K, b
 
@@ -96,6 +95,14 @@ def kkt_residual_gram(K: torch.Tensor, B: torch.Tensor, code: torch.Tensor, weig
     ``(..., 1, k)``. Returns ``(..., k)``: the infinity norm of the minimum-norm subgradient of
     ``0.5 u^T K u - u^T b + weight ||u||_1``, zero exactly at a minimiser.
     """
+    for name, t in (("K", K), ("B", B), ("code", code)):
+        check_tensor(name, t, min_dim=2)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"K must be square in its last two dimensions, got shape {tuple(K.shape)}")
+    check_last("B", B, K.shape[-1], "K.shape[-1]", rows=True)
+    check_last("code", code, K.shape[-1], "K.shape[-1]", rows=True)
+    check_broadcast(K=K.shape[:-2], B=B.shape[:-2], code=code.shape[:-2])
+    check_broadcast("the problems (columns)", B=B.shape[-1:], code=code.shape[-1:])
     return kkt_violation(K @ code - B, code, weight).amax(dim=-2)
 
 
@@ -139,14 +146,23 @@ def kkt_residual(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, c
     It is the largest violation of the optimality conditions ``-(P^T(P u - x))_i = w sign(u_i)`` where
     ``u_i != 0`` and ``|(P^T(P u - x))_i| <= w`` where ``u_i = 0``.
     """
-    check_tensor("P", P, min_dim=2)
-    check_tensor("code", code, min_dim=1)
-    check_tensor("x", x, min_dim=1)
-    w = penalty_weight(as_lam(lam, like=code), convention)
+    w = penalty_weight(_check_problem(P, code, x, lam), convention)
     K, b = gram(P, x)
     if isinstance(w, torch.Tensor):
         w = w.unsqueeze(-1).unsqueeze(-1)
     return kkt_residual_gram(K, b.unsqueeze(-1), code.unsqueeze(-1), w).squeeze(-1)
+
+
+def _check_problem(P, code, x, lam) -> torch.Tensor:
+    # the arguments of lasso_objective and kkt_residual, checked; returns lam as a tensor
+    check_tensor("P", P, min_dim=2)
+    check_tensor("code", code, min_dim=1)
+    check_tensor("x", x, min_dim=1)
+    check_last("code", code, P.shape[-1], "P.shape[-1]")
+    check_last("x", x, P.shape[-2], "P.shape[-2]")
+    lam_t = as_lam(lam, like=code)
+    check_broadcast(P=P.shape[:-2], code=code.shape[:-1], x=x.shape[:-1], lam=lam_t.shape)
+    return lam_t
 
 
 def by_rows(M: torch.Tensor, X: torch.Tensor) -> bool:
@@ -199,6 +215,11 @@ def lipschitz_constant(K: torch.Tensor, method: str = "eigvalsh", *, iters: int 
     if v0 is None:
         v = torch.ones(K.shape[:-2] + (1, m), dtype=K.dtype, device=K.device) / m**0.5
     else:
+        check_tensor("v0", v0, min_dim=1)
+        check_last("v0", v0, m, "K.shape[-1]")
+        if tuple(check_broadcast(K=K.shape[:-2], v0=v0.shape[:-1])) != tuple(K.shape[:-2]):
+            raise ValueError(f"v0 must broadcast to K's leading dimensions {tuple(K.shape[:-2])}, got shape "
+                             f"{tuple(v0.shape)}")
         v = v0.unsqueeze(-2).expand(K.shape[:-2] + (1, m)).clone()
     for _ in range(iters):
         v = v @ K

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .._validation import SOLVE_DTYPES, as_lam, check_choice, check_tensor
+from .._validation import SOLVE_DTYPES, as_lam, check_broadcast, check_choice, check_last, check_tensor
 from ..gradients import GRAD_MODES, IMPLICIT_SOLVES, default_cg_rtol, implicit_code
 from ..lasso import GramOperator, Operator, kkt_residual_operator, tol_scale
 from ..ops import CONVENTIONS, LIPSCHITZ_METHODS, kkt_violation, lipschitz_constant, penalty_weight
@@ -42,8 +42,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             problem) stops problems whose residual, computed again at the end, reads just above it, and they
             come back with ``converged`` False.
         max_iter: iterations for ista / fista / active_set (default 10,000); function evaluations for
-            ODE solvers (default 20,000, a few seconds for a small problem; checked between integration windows, so a
-            solve may pass it by one window). The coupled ODE
+            ODE solvers (default 20,000, a few seconds for a small problem; an adaptive method stops within one step
+            of it, a fixed-step method at the end of its window, up to 32 units of time). The coupled ODE
             needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md);
             steps for ``"implicit_euler"`` (default 1,000); sweeps over the coordinates for ``"cd"`` (default 10,000).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.
@@ -88,14 +88,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
     d, m = P.shape[-2:]
     if d == 0 or m == 0:
         raise ValueError(f"P must have at least one row and one atom, got shape {tuple(P.shape)}")
-    if x.shape[-1] != d:
-        raise ValueError(f"x must have P.shape[-2] = {d} entries in its last dimension, got shape {tuple(x.shape)}")
+    check_last("x", x, d, "P.shape[-2]")
     lam_t = as_lam(lam, like=x)
-    try:
-        lead = torch.broadcast_shapes(P.shape[:-2], x.shape[:-1], lam_t.shape)
-    except RuntimeError:
-        raise ValueError(f"leading dimensions must broadcast: P {tuple(P.shape[:-2])}, x {tuple(x.shape[:-1])}, "
-                         f"lam {tuple(lam_t.shape)}") from None
+    lead = check_broadcast(P=P.shape[:-2], x=x.shape[:-1], lam=lam_t.shape)
     check_choice("init", init if isinstance(init, str) else "tensor", INITS + ("tensor",))
     w = penalty_weight(lam_t, convention)
     xs = x.expand(*lead, d)
@@ -120,12 +115,16 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
         from_stat = lambda t: t.reshape(lead)  # noqa: E731
     if isinstance(init, torch.Tensor):
         check_tensor("init", init, min_dim=1)
-        if init.shape[-1] != m:
-            raise ValueError(f"init must have P.shape[-1] = {m} entries in its last dimension, got shape {tuple(init.shape)}")
+        check_last("init", init, m, "P.shape[-1]")
+        if not _broadcasts_to(init.shape[:-1], lead):
+            raise ValueError(f"init must broadcast to the problems' shape {(*lead, m)}, got shape {tuple(init.shape)}")
         init_cols = to_cols(init.to(x.dtype))
     else:
         init_cols = init
     L = options.pop("L", None)
+    if isinstance(L, torch.Tensor) and L.numel() != 1 and not _broadcasts_to(L.shape, P.shape[:-2]):
+        raise ValueError(f"L must have one value per dictionary, broadcastable to P's leading dimensions "
+                         f"{tuple(P.shape[:-2])}, got shape {tuple(L.shape)}")
     if L is not None and P.dim() > 2 and isinstance(L, torch.Tensor) and L.dim() > 0:
         L = L.unsqueeze(-1).unsqueeze(-1)
     sol = _solve_gram(K, B, W, solver=solver, tol=tol, max_iter=max_iter, grad=grad, lipschitz=lipschitz,
@@ -166,8 +165,7 @@ def solve_gram(K: torch.Tensor, B: torch.Tensor, lam, solver: str = "ista", *, t
         raise ValueError(f"K must have at least one atom (a non-empty last dimension), got shape {tuple(K.shape)}")
     if K.shape[-1] != K.shape[-2]:
         raise ValueError(f"K must be square in its last two dimensions, got shape {tuple(K.shape)}")
-    if B.shape[-2] != K.shape[-1]:
-        raise ValueError(f"B must have K.shape[-1] = {K.shape[-1]} rows, got shape {tuple(B.shape)}")
+    check_last("B", B, K.shape[-1], "K.shape[-1]", rows=True)
     lam_t = as_lam(lam, like=B)
     W = penalty_weight(lam_t, convention)
     if W.dim() > 0 and (W.dim() < 2 or W.shape[-2] != 1):

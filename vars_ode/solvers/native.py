@@ -372,6 +372,11 @@ class AdaptiveRK:
         #: None, or ``fn(rk, y, t, end) -> (y, t)`` that :meth:`advance` calls in place of an eager attempt (the same
         #: attempt compiled: :func:`vars_ode.solvers.compiled_ode.steady_attempt`)
         self.attempt = None
+        #: None, or the field's evaluation count (``f.nfe``) at which :meth:`advance` and :meth:`integrate` stop early,
+        #: at their next look at the device (at most one burst of ``check_every`` attempts later): a steady state's
+        #: ``max_iter``, so that one long window cannot spend it several times over. The state returned is then short
+        #: of the interval's end, which only a steady state, where the time does not matter, may ask for
+        self.budget = None
 
     def _first_step(self, y, f0):
         # Hairer, Norsett and Wanner's estimate, per column: a step that changes y by about 1% of its scale.
@@ -446,7 +451,7 @@ class AdaptiveRK:
                 done = torch.where(on, t - start, nan).nanmedian()
                 need = ((duration - done) / torch.where(on, self.dt, nan).nanmedian()).nan_to_num(0.0)
                 need = float(torch.ceil(need - 1e-9).clamp(0, self.max_num_steps))
-            if need == 0:
+            if need == 0 or self._spent():
                 break
             self._burst = min(2 * self._burst, self.check_every)
             for _ in range(min(self._burst, int(need), self.max_num_steps - n)):
@@ -477,7 +482,7 @@ class AdaptiveRK:
                     need = float(todo)
                 else:
                     need, busy = float(need.amax()), None
-            if need == 0:
+            if need == 0 or self._spent():
                 return y, t
             if busy is not None and busy < groups and busy <= TAIL_FRACTION * groups:
                 return self._tail(y, t, t0, span, n, groups)
@@ -489,6 +494,9 @@ class AdaptiveRK:
             for _ in range(min(self._burst, max(1, math.ceil(need - 1e-9)), self.max_num_steps - n)):
                 y, t = self._attempt(y, t, t0, span)
                 n += 1
+
+    def _spent(self) -> bool:
+        return self.budget is not None and self.f.nfe >= self.budget
 
     def _groups(self, y) -> int:
         # how many groups of problems (the product of the state's leading dimensions) the loop may split its tail
@@ -521,6 +529,7 @@ class AdaptiveRK:
         sub.tighten = None if self.tighten is None else take(self.tighten)
         sub.evaluations, sub.forced = torch.zeros_like(take(self.evaluations)), torch.zeros_like(take(self.forced))
         sub.attempts = 0
+        sub.budget = None if self.budget is None else self.budget - self.f.nfe  # (the sub-field counts from zero)
         sub.tape = None if self.tape is None else self.tape.tail(live, lead)
         ys, ts = sub._loop(tuple(take(x) for x in y), take(t), t0, span, n)
         self.f.nfe += sub.f.nfe

@@ -10,7 +10,10 @@ Two modes:
 * steady state (default): integrate window after window (lengths ``window``, doubling up to
   ``max_window``, default 32); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
   field is multiplied by zero, so adaptive step control ignores them). Stops when all are frozen,
-  when ``max_iter`` function evaluations have been spent, or at time ``t_max``. Where no gradient flows through
+  when ``max_iter`` function evaluations have been spent, or at time ``t_max``. ``max_iter`` also ends a window: the
+  native adaptive loop stops within one attempt of it (:attr:`vars_ode.solvers.native.AdaptiveRK.budget`), and on
+  torchdiffeq the field is zero once it is spent; only a native fixed-step window runs to its end (``max_window``
+  units, 171 evaluations of rk4 with its default step). Where no gradient flows through
   the steps (``grad="implicit"``, or no input that requires one), the native adaptive methods take a window without
   a common end (:meth:`vars_ode.solvers.native.AdaptiveRK.advance`: each problem at its own step size until the
   median problem has advanced by the window's length) and, by default, Hairer's stabilised step control
@@ -426,6 +429,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                 return native.AdaptiveRK(f, method, rtol, atol, op.problems_like(B_).shape, ref.dtype, ref.device,
                                          rk_options, layout=op)
             rk = new_rk()
+            if t_end is None:  # a steady state: max_iter bounds the evaluations within a window too
+                rk.budget = max_iter
             if steady_backend is not None:
                 if not compiled_ode.steady_eligible(rk):
                     raise ValueError(f"options[{compiled_ode.OPTION!r}] compiles the steady-state attempts of "
@@ -466,8 +471,18 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
         else:
             from torchdiffeq import odeint, odeint_adjoint  # here: its import (with scipy.integrate's) costs 0.5 s
 
+            def spent_field(t, y):
+                # a steady state's field once max_iter evaluations are spent: zero, evaluating nothing. torchdiffeq
+                # cannot stop inside a window, whose length (up to max_window) may cost several budgets at a tolerance
+                # out of reach (dopri5 at tol 1e-12: 7,904 evaluations of 1,200); on a zero field its step sizes grow tenfold
+                # an attempt to the window's end, and the state stays where the budget ended
+                if f.nfe >= max_iter:
+                    return tuple(torch.zeros_like(v) for v in y)
+                return f(t, y)
+
             def integrate(st, t0, t1):
                 ts = torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device)
+                g = f if t_end is not None else spent_field
                 kw = dict(rtol=rtol, atol=atol, method=method, options=options)
                 if grad == "adjoint":
                     params = tuple(p for p in (*op_.roots(), *B_, w_)
@@ -486,16 +501,16 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
                             # trajectory, decides convergence there and the status reports it. Over a horizon the
                             # warning stays: there the trajectory is the answer
                             warnings.filterwarnings("ignore", message="Functional iteration did not converge")
-                            sol = _eager(odeint, f, st, ts, **kw)
+                            sol = _eager(odeint, g, st, ts, **kw)
                     elif method != "scipy_solver":
-                        sol = _eager(odeint, f, st, ts, **kw)
+                        sol = _eager(odeint, g, st, ts, **kw)
                     else:
                         with warnings.catch_warnings():
                             # torchdiffeq hands solve_ivp its own min_step=0 whatever the method, and scipy warns on
                             # every call that the default RK45 ignores it
                             warnings.filterwarnings("ignore", message="The following arguments have no effect for a "
                                                     "chosen solver: `min_step`")
-                            sol = _eager(odeint, f, st, ts, **kw)
+                            sol = _eager(odeint, g, st, ts, **kw)
                 return tuple(x[-1] for x in sol)
 
         def codes(st):
