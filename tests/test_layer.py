@@ -557,6 +557,13 @@ def test_bad_forward_arguments():
     assert layer.tol == 1e-2  # kept within the equilibrium
     layer.set_solver("ista", steps=3)
     assert (layer.steps, layer.tol) == (3, 0.0)  # and not carried to a horizon
+    layer.set_solver("fista", steps=None, grad="implicit")
+    layer.set_solver(solver="admm")
+    assert layer.grad == "implicit"  # the equilibrium's gradient kept within the equilibrium
+    layer.set_solver("ista", steps=3)
+    assert layer.grad == "unroll"  # and not carried to a horizon (its gradient would be an unreached equilibrium's)
+    layer.set_solver("fista", steps=None, grad="implicit").set_solver("ista", steps=3, grad="implicit")
+    assert layer.grad == "implicit"  # unless asked for
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed dtypes stay allowed
         assert layer(x.bfloat16()).shape == x.shape
 
@@ -704,6 +711,33 @@ def test_layer_refuses_no_tokens_and_passes_an_empty_batch(dictionary, kwargs):
     y = layer(x)
     y.sum().backward()
     assert y.shape == (0, 5, 16) and x.grad.shape == (0, 5, 16)
+
+
+@pytest.mark.parametrize("dictionary, kw", [("d", {}), ("sd", dict(static="dense", image_size=4)),
+                                            ("sd", dict(image_size=4)), ("s", dict(image_size=4))])
+def test_a_swap_from_the_equilibrium_to_a_horizon_trains_as_a_layer_built_for_the_horizon(dictionary, kw):
+    # set_solver("ista", steps=3) on a layer trained at its equilibrium (grad="implicit") kept the implicit gradient:
+    # the same outputs as a layer built for 3 steps, and gradients 0.5-70 apart (a warning at every call)
+    x = torch.randn(2, 17, 12, dtype=D64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    built = VARSLayer(12, 2, dictionary=dictionary, solver="ista", steps=3, kernel_size=3, atoms_per_channel=2,
+                      dtype=D64, **kw)
+    swapped = VARSLayer(12, 2, dictionary=dictionary, solver="fista", steps=None, tol=1e-6, grad="implicit",
+                        kernel_size=3, atoms_per_channel=2, dtype=D64, **kw)
+    swapped.load_state_dict(built.state_dict())
+    swapped.set_solver("ista", steps=3)
+    grads = []
+    for layer in (built, swapped):
+        leaf = x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no implicit gradient of a horizon)
+            y = layer(leaf)
+            y.sin().sum().backward()
+        grads.append([y.detach(), leaf.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_set_solver_keeps_options_for_the_same_solver_only():

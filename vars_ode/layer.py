@@ -405,19 +405,24 @@ class VARSLayer(nn.Module):
         """Swap the solver of a built (e.g. trained) layer, with the constructor's checks; returns ``self``.
 
         Only the arguments given change, except ``solver_options``: they belong to a solver, so a new solver
-        without ``solver_options`` starts from none (FISTA's ``restart`` is no option of dopri5); and ``tol``: a swap
-        between a horizon and the equilibrium without ``tol`` takes the new kind's default (0 and 1e-4). A layer trained
+        without ``solver_options`` starts from none (FISTA's ``restart`` is no option of dopri5); ``tol``: a swap
+        between a horizon and the equilibrium without ``tol`` takes the new kind's default (0 and 1e-4); and
+        ``grad="implicit"``, the equilibrium's gradient: a swap from the equilibrium to a horizon without ``grad`` takes
+        the horizon's default, ``"unroll"`` (the implicit gradient of a horizon is that of an equilibrium it did not
+        reach, and warns at every call). A layer trained
         with ``"ista"`` can be evaluated with ``"dopri5"`` over the same horizon (or to its equilibrium with
         ``steps=None``).
         """
         solver = self.solver if solver is None else solver
-        grad = self.grad if grad is None else grad
         steps = self.steps if steps == _DEFAULT else steps
+        to_equilibrium = steps is None or (isinstance(steps, str) and steps == EQUILIBRIUM)
         if tol == _DEFAULT:
             # a tolerance belongs to a kind of solve: kept within a horizon or within the equilibrium, the new kind's
             # default when a swap goes from one to the other (a horizon's 0 would run an equilibrium to max_iter)
-            to_equilibrium = steps is None or (isinstance(steps, str) and steps == EQUILIBRIUM)
             tol = self.tol if to_equilibrium == (self.steps is None) else None
+        if grad is None:
+            # so does the equilibrium's gradient: onto a horizon, the constructor's default
+            grad = "unroll" if self.grad == "implicit" and self.steps is None and not to_equilibrium else self.grad
         steps, tol = self._check_solver(solver, steps, tol, grad)
         if solver_options is None:
             solver_options = self.solver_options if solver == self.solver else {}
