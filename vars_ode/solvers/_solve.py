@@ -42,8 +42,9 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             problem) stops problems whose residual, computed again at the end, reads just above it, and they
             come back with ``converged`` False.
         max_iter: iterations for ista / fista / active_set (default 10,000); function evaluations for
-            ODE solvers (default 20,000, a few seconds for a small problem; an adaptive method stops within one step
-            of it, a fixed-step method at the end of its window, up to 32 units of time). The coupled ODE
+            ODE solvers (default 20,000, a few seconds for a small problem; an adaptive method stops within a step
+            of it on a CPU (16 steps on a GPU), a fixed-step method at the end of its window, up to 32 units of
+            time). The coupled ODE
             needs about 5-20 evaluations per ISTA-equivalent iteration (see benchmarks/RESULTS.md);
             steps for ``"implicit_euler"`` (default 1,000); sweeps over the coordinates for ``"cd"`` (default 10,000).
         grad: ``"unroll"``, ``"implicit"`` or ``"adjoint"`` (ODE solvers only); see :mod:`vars_ode.gradients`.

@@ -11,7 +11,8 @@ Two modes:
   ``max_window``, default 32); after each, problems whose KKT residual is at or below ``tol`` are frozen (their
   field is multiplied by zero, so adaptive step control ignores them). Stops when all are frozen,
   when ``max_iter`` function evaluations have been spent, or at time ``t_max``. ``max_iter`` also ends a window: the
-  native adaptive loop stops within one attempt of it (:attr:`vars_ode.solvers.native.AdaptiveRK.budget`), and on
+  native adaptive loop stops at its next look at the device after it (one attempt later on a CPU, at most
+  ``check_every`` = 16 on a GPU; :attr:`vars_ode.solvers.native.AdaptiveRK.budget`), and on
   torchdiffeq the field is zero once it is spent; only a native fixed-step window runs to its end (``max_window``
   units, 171 evaluations of rk4 with its default step). Where no gradient flows through
   the steps (``grad="implicit"``, or no input that requires one), the native adaptive methods take a window without
@@ -473,9 +474,9 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
 
             def spent_field(t, y):
                 # a steady state's field once max_iter evaluations are spent: zero, evaluating nothing. torchdiffeq
-                # cannot stop inside a window, whose length (up to max_window) may cost several budgets at a tolerance
-                # out of reach (dopri5 at tol 1e-12: 7,904 evaluations of 1,200); on a zero field its step sizes grow tenfold
-                # an attempt to the window's end, and the state stays where the budget ended
+                # cannot stop inside a window, whose length (up to max_window) may cost several budgets at a
+                # tolerance out of reach (dopri5 at tol 1e-12: 7,904 evaluations of 1,200); on a zero field its step
+                # sizes grow tenfold an attempt to the window's end, and the state stays where the budget ended
                 if f.nfe >= max_iter:
                     return tuple(torch.zeros_like(v) for v in y)
                 return f(t, y)
