@@ -432,10 +432,13 @@ def _solve_gram(K, B, W, *, solver, tol, max_iter, grad, lipschitz, init, xnorm2
     L = L.clamp_min(torch.finfo(B.dtype).tiny) if L.dim() else L
     L = torch.where(torch.isfinite(L), L, torch.ones((), dtype=L.dtype, device=L.device))
 
+    # the start keeps its graph: an unrolled gradient of a budget or a horizon depends on it (init="encode" is P^T x;
+    # detached, vo.solve(P, x, lam, "ista", tol=0, max_iter=3, init="encode") missed 87% of its gradient in P).
+    # solve_problem detaches it for the implicit gradient, whose equilibrium does not depend on it
     if isinstance(init, str):
-        u0 = None if init == "zeros" else (Bf.detach().clone(),)
+        u0 = None if init == "zeros" else (Bf.clone(),)
     else:
-        u0 = (torch.where(finite, init.expand(Bf.shape), torch.zeros((), dtype=B.dtype, device=B.device)).detach(),)
+        u0 = (torch.where(finite, init.expand(Bf.shape), torch.zeros((), dtype=B.dtype, device=B.device)),)
 
     # per-problem tensors in the problems' shape (..., k); L broadcasts over the columns
     w = Wf.squeeze(-2)
