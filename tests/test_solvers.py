@@ -327,12 +327,12 @@ def test_the_unrolled_gradient_of_a_budget_follows_its_start(solver, budget):
         return (vo.solve(P, X, 0.1, solver, tol=0, init=init, L=L, **budget).code * W).sum()
 
     Pg, Ug = P.clone().requires_grad_(), U0.clone().requires_grad_()
-    for init in ("encode", Ug):
+    h = 1e-6
+    for init, start in (("encode", "encode"), (Ug, U0)):
         gP, gU = torch.autograd.grad(loss(Pg, init), (Pg, Ug), allow_unused=True)
-        h = 1e-6
-        fd = (loss(P + h * E, init if isinstance(init, str) else U0) - loss(P - h * E, init if isinstance(init, str) else U0)) / (2 * h)
+        fd = (loss(P + h * E, start) - loss(P - h * E, start)) / (2 * h)
         assert float((gP * E).sum()) == pytest.approx(float(fd), rel=1e-6, abs=1e-8)
-        if not isinstance(init, str):
+        if init is Ug:
             fdu = (loss(P, U0 + h * W) - loss(P, U0 - h * W)) / (2 * h)
             assert float((gU * W).sum()) == pytest.approx(float(fdu), rel=1e-6, abs=1e-8)
 

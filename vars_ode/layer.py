@@ -67,7 +67,7 @@ from ._validation import check_choice, check_positive
 from .dictionaries import DenseStaticDictionary, DynamicDictionary, StaticDictionary, UnionDictionary, rebuild
 from .fused import FUSED_ODE_METHODS, FUSED_SOLVERS, KERNELS, ODESpec, fused_attention_core
 from .lasso import kkt_residual_operator, reduce_over
-from .ops import CONVENTIONS, kkt_residual_gram, penalty_weight
+from .ops import CONVENTIONS, _kkt_residual_gram, penalty_weight
 from .solvers import SOLVERS, check_solver, signal_ista, solve_problem
 from .solvers.native import ADAPTIVE_TABLEAUX
 from .solvers.ode import check_tolerances, choose_integrator, layer_settings
@@ -605,7 +605,7 @@ class VARSLayer(nn.Module):
         def residual():  # KKT residual of the problem solved: K = (I - A) L, b = (b / L) L, code u' tau
             u, (A, bs, L, tau) = replay()
             K = (torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - A) * L
-            return kkt_residual_gram(K, bs * (tau * L), u * tau, weight)
+            return _kkt_residual_gram(K, bs * (tau * L), u * tau, weight)
 
         # the code and the problem are replayed from what the backward pass keeps when first asked for
         # (stats="lazy"), not held by the layer until its next call; u' has the zeros of the code u' tau

@@ -31,7 +31,7 @@ from torch import nn
 
 from .dictionaries import positive_random_features
 from .layer import COMPAT_CLASSES, LayerStats, VARSLayer
-from .ops import kkt_residual_gram
+from .ops import _kkt_residual_gram
 
 
 def _gelu_threshold(t, thr):
@@ -112,7 +112,7 @@ class OfficialVARSAttention(VARSLayer):
                 record.append(u.detach())
         Kd, Bd, ud, lamd = Kw.detach(), Bm.detach(), u.detach(), lam.detach()
         self.last_stats = LayerStats("ista", "iterations", torch.tensor(self.steps), (ud,),
-                                     lambda: kkt_residual_gram(Kd, Bd, ud, lamd), lambda i, t, op="sum": t.sum(-2))
+                                     lambda: _kkt_residual_gram(Kd, Bd, ud, lamd), lambda i, t, op="sum": t.sum(-2))
         u = self.attn_drop(u)
         if record is not None:
             with torch.no_grad():

@@ -103,6 +103,12 @@ def kkt_residual_gram(K: torch.Tensor, B: torch.Tensor, code: torch.Tensor, weig
     check_last("code", code, K.shape[-1], "K.shape[-1]", rows=True)
     check_broadcast(K=K.shape[:-2], B=B.shape[:-2], code=code.shape[:-2])
     check_broadcast("the problems (columns)", B=B.shape[-1:], code=code.shape[-1:])
+    return _kkt_residual_gram(K, B, code, weight)
+
+
+def _kkt_residual_gram(K, B, code, weight):
+    # kkt_residual_gram without its checks: for callers whose arguments are checked already (kkt_residual, a layer's
+    # statistics)
     return kkt_violation(K @ code - B, code, weight).amax(dim=-2)
 
 
@@ -147,10 +153,10 @@ def kkt_residual(P: torch.Tensor, code: torch.Tensor, x: torch.Tensor, lam, *, c
     ``u_i != 0`` and ``|(P^T(P u - x))_i| <= w`` where ``u_i = 0``.
     """
     w = penalty_weight(_check_problem(P, code, x, lam), convention)
-    K, b = gram(P, x)
+    Pt = P.transpose(-1, -2)
     if isinstance(w, torch.Tensor):
         w = w.unsqueeze(-1).unsqueeze(-1)
-    return kkt_residual_gram(K, b.unsqueeze(-1), code.unsqueeze(-1), w).squeeze(-1)
+    return _kkt_residual_gram(Pt @ P, Pt @ x.unsqueeze(-1), code.unsqueeze(-1), w).squeeze(-1)
 
 
 def _check_problem(P, code, x, lam) -> torch.Tensor:
