@@ -1136,6 +1136,49 @@ def test_an_unrolled_gradient_to_a_steady_state_is_the_equilibriums():
     assert err < 5e-3
 
 
+
+@pytest.mark.parametrize("method", ["bosh3", "adaptive_heun"])
+def test_an_unrolled_float32_gradient_to_a_steady_state_stays_bounded(method):
+    # in float32 the roundoff of the state keeps bosh3's and adaptive_heun's step control at the stability limit, where
+    # the derivative of the steps grew: input gradients 6.1e11 and 18 (bosh3), 3.9e9 (adaptive_heun) times the
+    # equilibrium's away from it on these six problems without a cap (ode.UNROLLED_MAX_STEP); 2.6e-2 at most with one
+    torch.manual_seed(0)
+    P = torch.randn(24, 32, dtype=torch.float64) / 24 ** 0.5
+    X = torch.randn(6, 24, dtype=torch.float64)
+    w = torch.randn(6, 32, dtype=torch.float64)
+
+    def input_grad(dtype, solver, grad):
+        Xg = X.to(dtype).requires_grad_(True)
+        sol = vo.solve(P.to(dtype), Xg, 0.1, solver, tol=1e-5, grad=grad)
+        assert bool(sol.stats.converged.all())
+        return torch.autograd.grad((sol.code * w.to(dtype)).sum(), Xg)[0].double()
+
+    ref = input_grad(torch.float64, "fista", "implicit")
+    g = input_grad(torch.float32, method, "unroll")
+    rel = (g - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert bool((rel < 0.1).all()), rel
+
+
+def test_the_step_caps_are_within_the_stability_limits():
+    # every cap of a native adaptive method (ode.STABLE_MAX_STEP, ode.UNROLLED_MAX_STEP) keeps the propagated
+    # solution's stability function within one on the rescaled field's spectrum [-(3 + sqrt 5) / 2, 0)
+    from vars_ode.solvers.ode import UNROLLED_MAX_STEP
+
+    def stability(method, z):
+        _, A, b, _, _ = native.ADAPTIVE_TABLEAUX[method]
+        stages = []
+        for row in A:
+            stages.append(1 + z * sum(a * y for a, y in zip(row, stages)))
+        return 1 + z * sum(weight * y for weight, y in zip(b, stages))
+
+    caps = [*STABLE_MAX_STEP.items(), *UNROLLED_MAX_STEP.items()]
+    assert {"dopri5", "bosh3", "adaptive_heun", "fehlberg2"} <= {m for m, _ in caps}
+    edge = -(3 + 5 ** 0.5) / 2
+    for method, cap in caps:
+        assert all(abs(stability(method, edge * cap * s)) <= 1.0 for s in torch.linspace(0, 1, 201).tolist()), method
+        # and not far inside it: a cap below 70% of the limit costs evaluations for nothing
+        assert abs(stability(method, edge * cap / 0.7)) > 1.0, method
+
 def _pendulum(t, y):
     # a damped pendulum with a cubic term, one column of two rows: smooth and nonlinear
     q, p = y[0][0], y[0][1]

@@ -265,16 +265,20 @@ STEADY_BETA = 0.04
 
 #: the longest step of a native adaptive integration to a steady state whose steps a gradient goes back through
 #: (``grad="unroll"`` or ``"adjoint"`` to a ``tol``), per method, in units of the problem rescaled by ``L``: about 80%
-#: of dopri5's stability limit on the rescaled field's spectrum (3.31 / 2.62 = 1.26). At its own step size the step sits
-#: at that limit, where the forward error stays within the tolerance but the derivative of the steps need not: on a
-#: convolutional VARS-SD layer (16 channels, 17 tokens, float64, ``steps=None, tol=1e-4, grad="unroll"``, stopped
-#: unconverged) the input gradient was 1.25 after 5,000 evaluations and 2.7e47 after 10,000; with this cap 1.24 after
-#: 10,000 and after 20,000 (bosh3 without one: 1.24 after 10,000). On the Quick start's problem (100 signals, ``P``
-#: requiring a gradient, tol 1e-6) the unrolled gradient is 6.6e-4 from the equilibrium's (``grad="implicit"``) instead
-#: of 2.0e-2, in 10,561 evaluations instead of 10,591 (benchmarks/RESULTS.md, thirty-fifth session).
-#: ``options={"max_step": ...}`` replaces it. To a steady state without such a gradient the stabilised control
-#: (:data:`STEADY_BETA`) runs uncapped: a cap of 1.0 there cost 1.24x the evaluations
-UNROLLED_MAX_STEP = {"dopri5": 1.0}
+#: of each method's stability limit on the rescaled field's spectrum ``[-2.62, 0)`` (the negative axis down to 3.31 for
+#: dopri5, 2.51 for bosh3, 2.0 for adaptive_heun; fehlberg2 is capped everywhere, :data:`STABLE_MAX_STEP`). At its own
+#: step size the step sits at that limit, where the forward error stays within the tolerance but the derivative of the
+#: steps need not: on a convolutional VARS-SD layer (16 channels, 17 tokens, float64, ``steps=None, tol=1e-4,
+#: grad="unroll"``, stopped unconverged) dopri5's input gradient was 1.25 after 5,000 evaluations and 2.7e47 after
+#: 10,000; with this cap 1.24 after 10,000 and after 20,000. On the Quick start's problem (100 signals, ``P`` requiring
+#: a gradient, tol 1e-6) the unrolled gradient is 6.6e-4 from the equilibrium's (``grad="implicit"``) instead of 2.0e-2,
+#: in 10,561 evaluations instead of 10,591 (benchmarks/RESULTS.md, thirty-fifth session). bosh3 and adaptive_heun held
+#: in float64 without a cap but not in float32 (the steps at the limit in both): of 64 problems (``P`` 24 x 32, tol
+#: 1e-5) 8 and 11 had input gradients more than 10 times the equilibrium's norm away from it (up to 4.6e17, some NaN);
+#: with their caps none, as in float64, in 0.99-1.02x and 1.04-1.05x the evaluations (benchmarks/RESULTS.md,
+#: forty-seventh session). ``options={"max_step": ...}`` replaces it. To a steady state without such a gradient the
+#: stabilised control (:data:`STEADY_BETA`) runs uncapped: a cap of 1.0 there cost dopri5 1.24x the evaluations
+UNROLLED_MAX_STEP = {"dopri5": 1.0, "bosh3": 0.75, "adaptive_heun": 0.6}
 
 
 #: a steady state's remedy for a problem that stalls near its tolerance (the native adaptive methods): when its KKT
