@@ -17,7 +17,7 @@ from vars_ode.dynamics import GramVARSDynamics
 from vars_ode.dynamics import VARSField
 from vars_ode.lasso import GramOperator
 from vars_ode.solvers import gram_ode, native, ode
-from vars_ode.solvers.ode import DEFAULT_STEP_SIZES, STABLE_MAX_STEP
+from vars_ode.solvers.ode import DEFAULT_STEP_SIZES, STABLE_MAX_STEP, UNROLLED_MAX_STEP
 from vars_ode.sync import count_host_syncs
 
 
@@ -1136,12 +1136,11 @@ def test_an_unrolled_gradient_to_a_steady_state_is_the_equilibriums():
     assert err < 5e-3
 
 
-
 @pytest.mark.parametrize("method", ["bosh3", "adaptive_heun"])
 def test_an_unrolled_float32_gradient_to_a_steady_state_stays_bounded(method):
-    # in float32 the roundoff of the state keeps bosh3's and adaptive_heun's step control at the stability limit, where
-    # the derivative of the steps grew: input gradients 6.1e11 and 18 (bosh3), 3.9e9 (adaptive_heun) times the
-    # equilibrium's away from it on these six problems without a cap (ode.UNROLLED_MAX_STEP); 2.6e-2 at most with one
+    # at their stability limit, bosh3's and adaptive_heun's steps kept the unrolled gradient in float64 but not in
+    # float32: input gradients 6.1e11 and 18 (bosh3), 3.9e9 (adaptive_heun) times the equilibrium's norm away from it
+    # on these six problems without a cap (ode.UNROLLED_MAX_STEP); 2.6e-2 at most with one
     torch.manual_seed(0)
     P = torch.randn(24, 32, dtype=torch.float64) / 24 ** 0.5
     X = torch.randn(6, 24, dtype=torch.float64)
@@ -1162,8 +1161,6 @@ def test_an_unrolled_float32_gradient_to_a_steady_state_stays_bounded(method):
 def test_the_step_caps_are_within_the_stability_limits():
     # every cap of a native adaptive method (ode.STABLE_MAX_STEP, ode.UNROLLED_MAX_STEP) keeps the propagated
     # solution's stability function within one on the rescaled field's spectrum [-(3 + sqrt 5) / 2, 0)
-    from vars_ode.solvers.ode import UNROLLED_MAX_STEP
-
     def stability(method, z):
         _, A, b, _, _ = native.ADAPTIVE_TABLEAUX[method]
         stages = []
@@ -1178,6 +1175,7 @@ def test_the_step_caps_are_within_the_stability_limits():
         assert all(abs(stability(method, edge * cap * s)) <= 1.0 for s in torch.linspace(0, 1, 201).tolist()), method
         # and not far inside it: a cap below 70% of the limit costs evaluations for nothing
         assert abs(stability(method, edge * cap / 0.7)) > 1.0, method
+
 
 def _pendulum(t, y):
     # a damped pendulum with a cubic term, one column of two rows: smooth and nonlinear
