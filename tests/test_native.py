@@ -12,7 +12,7 @@ from sklearn.linear_model import Lasso
 from torchdiffeq import odeint
 
 import vars_ode as vo
-from conftest import make_problem, output_and_grads
+from conftest import make_problem, output_and_grads, sklearn_lasso
 from vars_ode.dynamics import GramVARSDynamics
 from vars_ode.dynamics import VARSField
 from vars_ode.lasso import GramOperator
@@ -1175,6 +1175,19 @@ def test_the_step_caps_are_within_the_stability_limits():
         assert all(abs(stability(method, edge * cap * s)) <= 1.0 for s in torch.linspace(0, 1, 201).tolist()), method
         # and not far inside it: a cap below 70% of the limit costs evaluations for nothing
         assert abs(stability(method, edge * cap / 0.7)) > 1.0, method
+
+
+def test_float32_dopri8_reaches_a_tight_steady_state():
+    # dopri8's error estimate carries float32's rounding at about 1e-5 of the state: at rtol tol / 10 (1e-7) none of
+    # these four problems reached tol 1e-6 in 20,000 evaluations; at ode.FLOAT32_RTOL_FLOOR's 1e-5 all did, in at
+    # most 4,857 (float64 keeps tol / 10)
+    torch.manual_seed(0)
+    P = torch.randn(16, 12, dtype=torch.float64) / 4
+    X = torch.randn(4, 16, dtype=torch.float64)
+    sol = vo.solve(P.float(), X.float(), 0.1, "dopri8", tol=1e-6)
+    assert bool(sol.stats.converged.all()), sol.stats.summary()
+    assert (sol.code.double() - sklearn_lasso(P, X, 0.1)).abs().max().item() < 1e-4
+    assert ode.default_rtol("dopri8", 1e-6, dtype=torch.float64) == 1e-7
 
 
 def _pendulum(t, y):

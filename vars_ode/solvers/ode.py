@@ -78,6 +78,14 @@ DEFAULT_STEP_SIZES = {"euler": 0.5, "midpoint": 0.5, "heun2": 0.5, "heun3": 0.75
                       "explicit_adams": 0.1, "implicit_adams": 0.25, "fixed_adams": 0.25}
 #: ``rtol / tol`` of the methods that torchdiffeq integrates to a steady state, where not 0.1 (:func:`default_rtol`)
 RTOL_FACTOR = {"fehlberg2": 1e-2}
+#: the least default ``rtol`` of a method to a steady state in float32 (and coarser dtypes). dopri8's error estimate,
+#: a sum over 13 stages, carries float32's rounding at about this size: below it the steps shrink until the budget runs
+#: out. On 18 dictionaries (six kinds, 12 signals each, 20,000 evaluations; ``python benchmarks/float32_rtol_cpu.py``,
+#: benchmarks/RESULTS.md, forty-eighth session) float32 dopri8 brought 3 of 216 problems to tol 1e-6 at ``rtol``
+#: tol / 10 and 152 at 1e-5 (float64 at tol / 10: 178, where the positive atoms' 36 need more evaluations), 135 -> 159
+#: at tol 1e-5, with 1.8x fewer evaluations where all converged. dopri5 and bosh3 wander at their stability limit with
+#: a looser ``rtol`` (to 1e-6 at 1e-5: 93 and 55 of 216, against 162 and 170 at tol / 10) and have no floor
+FLOAT32_RTOL_FLOOR = {"dopri8": 1e-5}
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
 #: the Adams methods whose corrector iterates to rtol / atol (torchdiffeq's AdamsBashforthMoulton, implicit)
 IMPLICIT_ADAMS = ("implicit_adams", "fixed_adams")
@@ -163,14 +171,20 @@ def _eager(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def default_rtol(method: str, tol: float, native_engine: bool = True) -> float:
+def default_rtol(method: str, tol: float, native_engine: bool = True, dtype=None) -> float:
     """The relative tolerance of the adaptive methods for a KKT tolerance ``tol``; ``tol = 0`` (a fixed horizon)
     gives 1e-3 (a layer asks for :data:`LAYER_RTOL` instead). Near a steady state an explicit adaptive method runs
     at its stability limit and its iterates wander by about the tolerance, so the tolerance follows ``tol``
     (measured: rtol = tol stalls just above tol, rtol = tol / 10 converges, much tighter only costs evaluations;
-    torchdiffeq's fehlberg2, without the native step cap :data:`STABLE_MAX_STEP`, needs tol / 100)."""
+    torchdiffeq's fehlberg2, without the native step cap :data:`STABLE_MAX_STEP`, needs tol / 100). ``dtype``: the
+    state's; in float32 and coarser, no lower than :data:`FLOAT32_RTOL_FLOOR`."""
+    if tol <= 0:
+        return 1e-3
     factor = 0.1 if native_engine else RTOL_FACTOR.get(method, 0.1)
-    return min(1e-3, max(tol * factor, 1e-12)) if tol > 0 else 1e-3
+    floor = 1e-12
+    if method in FLOAT32_RTOL_FLOOR and dtype is not None and torch.finfo(dtype).eps >= torch.finfo(torch.float32).eps:
+        floor = FLOAT32_RTOL_FLOOR[method]
+    return min(1e-3, max(tol * factor, floor))
 
 
 #: The relative tolerance of adaptive methods in an attention layer's fixed horizon (``VARSLayer(steps=T)``): over a
@@ -233,11 +247,12 @@ def check_tolerances(rtol, atol, method: str | None = None) -> None:
 STABLE_MAX_STEP = {"fehlberg2": 0.7}
 
 
-def settings(method: str, tol: float, rtol=None, atol=None, options=None, native_engine: bool = True):
+def settings(method: str, tol: float, rtol=None, atol=None, options=None, native_engine: bool = True, dtype=None):
     """``(rtol, atol, options)`` of ``method`` with this module's defaults filled in (a fixed horizon: ``tol = 0``);
-    ``native_engine``: whether the native integrator runs it (:data:`STABLE_MAX_STEP` is its option)."""
+    ``native_engine``: whether the native integrator runs it (:data:`STABLE_MAX_STEP` is its option); ``dtype``: the
+    state's (:func:`default_rtol`)."""
     if rtol is None:
-        rtol = default_rtol(method, tol, native_engine)
+        rtol = default_rtol(method, tol, native_engine, dtype)
     if atol is None:
         _check_tolerance("rtol", rtol)
         atol = rtol * 1e-2
@@ -354,7 +369,8 @@ def ode_solve(op, B, w, L, init, *, method, tol, max_iter, grad="unroll", rtol=N
     capable = node_capable(op)
     engine = choose_integrator(integrator, method, grad, capable, horizon=t_end is not None)
     auto_atol = atol is None
-    rtol, atol, options = settings(method, tol, rtol, atol, options, native_engine=engine == "native")
+    rtol, atol, options = settings(method, tol, rtol, atol, options, native_engine=engine == "native",
+                                   dtype=B[0].dtype)
     for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if value is not None:
             _check_tolerance(name, value)
