@@ -501,3 +501,17 @@ def test_continuous_adjoint_benchmark_runs(capsys):
             for line in capsys.readouterr().out.splitlines() if line.startswith("| dopri5 |")}
     assert rows["3"][1] == "no" and float(rows["3"][0]) < 1 and float(rows["3"][2]) < 0.05
     assert rows["8"][1] == "yes" and float(rows["8"][0]) > 5 and float(rows["8"][2]) > 1
+
+
+def test_float32_rtol_benchmark_runs(capsys):
+    # in float32 dopri8's default rtol to tol 1e-6 is its floor, 1e-5 (ode.FLOAT32_RTOL_FLOOR): the two rows agree
+    bench = load("float32_rtol_cpu")
+    assert bench.main(["--methods", "dopri8", "--tols", "1e-6", "--rtols", "default,1e-5,1e-7", "--dictionaries",
+                       "gaussian", "--seeds", "1", "--signals", "2", "--max-iter", "6000"]) == 0
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[4:7]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| dopri8 |")}
+    assert list(rows) == ["default", "1e-5", "1e-7"]
+    assert rows["default"] == rows["1e-5"] and rows["default"][0] == "2 of 2"
+    assert rows["1e-7"][0] != "2 of 2"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        bench.main(["--dictionaries", "gausian"])
