@@ -82,7 +82,7 @@ RTOL_FACTOR = {"fehlberg2": 1e-2}
 #: a sum over 13 stages, carries float32's rounding at about this size: below it the steps shrink until the budget runs
 #: out. On 18 dictionaries (six kinds, 12 signals each, 20,000 evaluations; ``python benchmarks/float32_rtol_cpu.py``,
 #: benchmarks/RESULTS.md, forty-eighth session) float32 dopri8 brought 3 of 216 problems to tol 1e-6 at ``rtol``
-#: tol / 10 and 152 at 1e-5 (float64 at tol / 10: 178, where the positive atoms' 36 need more evaluations), 135 -> 159
+#: tol / 10 and 152 at 1e-5 (float64 at tol / 10: 155; the positive atoms need more evaluations either way), 135 -> 159
 #: at tol 1e-5, with 1.8x fewer evaluations where all converged. dopri5 and bosh3 wander at their stability limit with
 #: a looser ``rtol`` (to 1e-6 at 1e-5: 93 and 55 of 216, against 162 and 170 at tol / 10) and have no floor
 FLOAT32_RTOL_FLOOR = {"dopri8": 1e-5}
