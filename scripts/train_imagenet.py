@@ -73,7 +73,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vars_ode import VARSLayer, calibrate_budget  # noqa: E402
+from vars_ode import GRAD_MODES, VARSLayer, calibrate_budget  # noqa: E402
 from vars_ode.models._factory import EVAL_CROP_PCT  # noqa: E402  (the hosts' pretrained_cfg crop_pct)
 from vars_ode.models.checkpoint import (CheckpointError, check_state_dict, load_checkpoint_file,  # noqa: E402
                                        official_state_dict)
@@ -147,6 +147,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rand_feat_dim_ratio", "--rand-feat-dim-ratio", type=float, default=None,
                    help="random features per head dimension (model default: 2)")
     p.add_argument("--solver", default=None, help="VARS solver name (ista, fista, an ODE method, ...)")
+    p.add_argument("--grad", default=None, choices=sorted(GRAD_MODES),
+                   help="VARS gradient mode (layer default: unroll; the solvers that do not unroll, e.g. "
+                        "scipy_solver, need implicit)")
     p.add_argument("--calibrate-budget", type=non_negative_int, nargs="?", const=1, default=None, metavar="SPARE",
                    help="dopri5 / bosh3 over a horizon: at each epoch's first step, give every such layer a budget "
                         "of attempts of what its adaptive loop takes on that batch plus SPARE (default 1), the "
@@ -652,7 +655,8 @@ def eval_fingerprint(args, amp_dtype) -> dict:
             "checkpoint_bytes": stat.st_size if stat else None,
             "checkpoint_mtime_ns": stat.st_mtime_ns if stat else None,
             "model": args.model, "attention": args.attention, "model_kwargs": sorted(args.model_kwargs_dict.items(), key=str),
-            "layer": [args.lam, args.num_step, args.rand_feat_dim_ratio, args.solver], "input_size": args.input_size,
+            "layer": [args.lam, args.num_step, args.rand_feat_dim_ratio, args.solver] + ([args.grad] if args.grad else []),
+            "input_size": args.input_size,
             "eval_subset": args.eval_subset, "eval_ema": args.eval_ema, "seed": args.seed,
             "amp": str(amp_dtype), "data_set": args.data_set, "corruptions": args.corruptions}
 
@@ -877,7 +881,7 @@ def main(argv=None) -> int:
 
     # ---- model --------------------------------------------------------------------------------
     layer_kwargs = dict(lam=args.lam, num_step=args.num_step, rand_feat_dim_ratio=args.rand_feat_dim_ratio,
-                        solver=args.solver)
+                        solver=args.solver, grad=args.grad)
     if args.pretrained and args.model.startswith("vars_"):
         raise ValueError(f"--pretrained: {args.model} has no released weights to download; start from a weight "
                          f"file with --finetune FILE (or evaluate one with --eval --resume FILE)")

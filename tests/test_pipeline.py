@@ -310,6 +310,22 @@ def test_registered_vars_model_trains(data, tmp_path):
     assert "solver work 2" in r.stdout and "budget forced" not in r.stdout
 
 
+@pytest.mark.filterwarnings("ignore:grad=.implicit. with a fixed budget:RuntimeWarning")
+def test_grad_reaches_the_layers(data, tmp_path):
+    # scipy_solver cannot be differentiated through its iterations: without --grad the run ends with the layer's error
+    # (exit status 2), with --grad implicit it trains
+    common = ["--model", "vars_deit_tiny", "--attention", "vars_d", "--solver", "scipy_solver", "--num_step", "2",
+              "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1", "num_heads=2", "--input-size", "16",
+              "--device", "cpu", "--num_workers", "0", "--no-progress", "--batch-size", "4", "--data-path",
+              data / "imagenet", "--epochs", "1", "--max-steps-per-epoch", "1", "--eval-every", "0"]
+    r = run("train_imagenet.py", *common, "--output_dir", tmp_path / "unroll", check=False)
+    assert r.returncode == 2 and "grad='implicit'" in r.stderr and "Traceback" not in r.stderr
+    r = run("train_imagenet.py", *common, "--grad", "implicit", "--output_dir", tmp_path / "implicit")
+    assert load_ckpt(tmp_path / "implicit" / "checkpoint.pth")["args"]["grad"] == "implicit"
+    r = run("train_imagenet.py", *common, "--grad", "implicitly", "--output_dir", tmp_path / "bad", check=False)
+    assert r.returncode == 2 and "--grad" in r.stderr
+
+
 @pytest.mark.parametrize("attempts,rtol", [(1, 1e-9), (12, 1e-2)])
 def test_a_budget_of_attempts_is_reported_in_the_log(data, tmp_path, attempts, rtol):
     # dopri5 with options={"fixed_attempts": n} over a horizon of 2: log.csv and the epoch line say which fraction of a

@@ -80,7 +80,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
         name: a timm-registered model (VARS hosts register on ``import vars_ode``).
         attention: 'self', 'performer', 'vars_s', 'vars_d', 'vars_sd' ('gfnet' for GFNet); omitted
             when None.
-        layer_kwargs: VARS layer options (lam, num_step, rand_feat_dim_ratio, solver); None values are
+        layer_kwargs: VARS layer options (lam, num_step, rand_feat_dim_ratio, solver, grad); None values are
             dropped; ``num_step`` is retried as ``steps`` / ``num_steps`` if the model rejects it.
         pretrained: timm's ``pretrained`` (the VARS hosts need a weight file:
             ``pretrained_cfg_overlay=dict(file=...)``).
@@ -139,7 +139,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
             opt = "attention" if bad == "attention" else bad
             raise ValueError(
                 f"model {name!r} does not accept {opt}={kwargs.get(bad)!r} (timm said: {e}). Options such "
-                f"as --attention/--lam/--num_step/--rand_feat_dim_ratio/--solver need a VARS host model "
+                f"as --attention/--lam/--num_step/--rand_feat_dim_ratio/--solver/--grad need a VARS host model "
                 f"({', '.join(VARS_MODELS)}); drop them for plain timm models.") from e
         except (AssertionError, ZeroDivisionError, RuntimeError) as e:
             if not model_kwargs:
