@@ -12,9 +12,11 @@ compared first.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import inspect
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,7 +44,9 @@ def load_other(rev: str | None, file: str | None):
     else:
         source = pathlib.Path(file).read_text()
     source = source.replace("from .", "from vars_ode.")
-    path = pathlib.Path(tempfile.mkdtemp()) / "fused_other.py"
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="ab_fused_"))
+    atexit.register(shutil.rmtree, folder, True)  # (at exit, not before: tracebacks read the module from it)
+    path = folder / "fused_other.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("fused_other", path)
     mod = importlib.util.module_from_spec(spec)

@@ -17,10 +17,12 @@ timm entrypoints over the installed ones).
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.machinery
 import importlib.util
 import io
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +49,7 @@ def load_other(rev: str):
         del sys.modules[name]
     archive = subprocess.run(["git", "archive", rev, "vars_ode"], cwd=ROOT, check=True, capture_output=True).stdout
     folder = pathlib.Path(tempfile.mkdtemp(prefix="ab_layer_"))
+    atexit.register(shutil.rmtree, folder, True)  # (at exit: the other package imports lazily from it)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(OTHER, None, is_package=True))

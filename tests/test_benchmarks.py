@@ -515,3 +515,15 @@ def test_float32_rtol_benchmark_runs(capsys):
     assert rows["1e-7"][0] != "2 of 2"
     with pytest.raises(ValueError, match="kind must be one of"):
         bench.main(["--dictionaries", "gausian"])
+
+
+def test_the_ab_scripts_remove_the_other_version_at_exit(tmp_path):
+    # each load of another revision unpacks it into a temporary folder; the process removes it when it exits
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import ab_fused, ab_layer; "
+            "print(ab_layer.load_other('HEAD').__file__); print(ab_fused.load_other('HEAD', None).__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    files = [pathlib.Path(line) for line in r.stdout.split()]
+    assert len(files) == 2 and all(f.name in ("layer.py", "fused_other.py") for f in files)
+    assert not any(f.exists() or f.parent.exists() for f in files)
