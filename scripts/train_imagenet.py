@@ -655,7 +655,9 @@ def eval_fingerprint(args, amp_dtype) -> dict:
             "checkpoint_bytes": stat.st_size if stat else None,
             "checkpoint_mtime_ns": stat.st_mtime_ns if stat else None,
             "model": args.model, "attention": args.attention, "model_kwargs": sorted(args.model_kwargs_dict.items(), key=str),
-            "layer": [args.lam, args.num_step, args.rand_feat_dim_ratio, args.solver] + ([args.grad] if args.grad else []),
+            # (--grad only where given: the fingerprints of earlier runs stay valid)
+            "layer": [args.lam, args.num_step, args.rand_feat_dim_ratio, args.solver,
+                      *([args.grad] if args.grad else [])],
             "input_size": args.input_size,
             "eval_subset": args.eval_subset, "eval_ema": args.eval_ema, "seed": args.seed,
             "amp": str(amp_dtype), "data_set": args.data_set, "corruptions": args.corruptions}

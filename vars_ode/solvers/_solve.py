@@ -60,8 +60,8 @@ def solve(P: torch.Tensor, x: torch.Tensor, lam, solver: str = "ista", *, tol: f
             direction, :meth:`vars_ode.lasso.GramOperator.metric`, in place of ``1 / L``; ``"none"``); ``rtol``
             (default ``tol / 10``, dopri8's in float32 at least 1e-5, :func:`vars_ode.solvers.ode.default_rtol`),
             ``atol`` (default ``rtol / max(L, 1)`` per problem to a tolerance, :func:`vars_ode.solvers.ode.steady_atol`;
-            ``rtol / 100`` over a horizon), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``; the native integrator's, among them
-            ``{"compile": True}``: a steady state's attempts compiled (the adaptive pairs),
+            ``rtol / 100`` over a horizon), ``options`` (torchdiffeq's, e.g. ``{"step_size": 0.1}``; the native
+            integrator's, among them ``{"compile": True}``: a steady state's attempts compiled (the adaptive pairs),
             :func:`vars_ode.solvers.compiled_ode.steady_attempt`), ``window``, ``t_max``, ``t_end``
             (fixed horizon), ``integrator`` (``"auto"``, ``"native"`` or ``"torchdiffeq"``; see
             :mod:`vars_ode.solvers.ode`) for ODE solvers; ``first_step``, ``growth``, ``max_step``, ``reject``,
