@@ -740,6 +740,40 @@ def test_a_swap_from_the_equilibrium_to_a_horizon_trains_as_a_layer_built_for_th
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["cd", "scipy_solver"])
+def test_a_trained_layer_is_evaluated_with_a_solver_that_has_no_unrolled_gradient(solver):
+    # set_solver("cd") on a layer trained with ISTA (grad="unroll") was refused ("use grad='implicit'") even for an
+    # evaluation under no_grad: notebook 07's test-time swap needed a gradient mode for a pass that takes none
+    x = torch.randn(2, 17, 12, dtype=D64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    layer = VARSLayer(12, 2, dictionary="d", solver="ista", steps=3, dtype=D64)
+    reference = VARSLayer(12, 2, dictionary="d", solver="fista", steps=None, tol=1e-10, dtype=D64)
+    reference.load_state_dict(layer.state_dict())
+    layer.set_solver(solver, steps=None, tol=1e-7)  # (outputs within 1.2e-7 of the reference's)
+    assert layer.grad == "implicit"  # the one gradient it has
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
+    leaf = x.clone().requires_grad_()
+    layer(leaf).sin().sum().backward()  # and it trains, with the equilibrium's gradient
+    reference.set_solver(grad="implicit")
+    ref_leaf = x.clone().requires_grad_()
+    reference(ref_leaf).sin().sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
+    # back to a horizon of a solver that unrolls: the horizon's own gradient, as from any equilibrium
+    assert layer.set_solver("ista", steps=3).grad == "unroll"
+    # from its horizon too, where the implicit gradient was the solver's, not asked for
+    layer.set_solver(solver, steps=3 if solver == "cd" else 3.0)
+    assert layer.grad == "implicit"
+    assert layer.set_solver("fista", steps=3).grad == "unroll"
+    layer.set_solver("fista", steps=3, grad="implicit")
+    assert layer.set_solver(steps=5).grad == "implicit"  # (asked for: kept)
+    with pytest.raises(ValueError, match="cannot be differentiated through its iterations"):
+        layer.set_solver(solver, grad="unroll")  # asked for and impossible: refused, as by the constructor
+    with pytest.raises(ValueError, match="cannot be differentiated through its iterations"):
+        VARSLayer(12, 2, dictionary="d", solver=solver, steps=None)
+
+
 def test_set_solver_keeps_options_for_the_same_solver_only():
     # solver_options belong to a solver: FISTA's restart survives a new tolerance, not a switch to dopri5
     # (which refused it by name: "unknown option(s) ['restart']")

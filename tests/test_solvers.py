@@ -298,6 +298,26 @@ def test_implicit_gradient_warns_for_problems_short_of_the_equilibrium(dtype):
     assert torch.isfinite(g).all() and g.abs().max() > 0
 
 
+def test_the_implicit_modes_warnings_come_only_where_a_gradient_can_be_taken():
+    # both warnings are about the gradient (the equilibrium's, taken where the solve stopped short of it, or at a
+    # fixed budget's last iterate): an evaluation under no_grad, or of inputs that require none, takes no gradient,
+    # and a trained model evaluated with grad="implicit" warned at every batch
+    P, x, _, _ = _gram_probe_problem()
+    cases = [("short of the equilibrium", r"5 of 5 problems stopped above tol", dict(tol=1e-8, max_iter=3)),
+             ("a fixed budget", r"with a fixed budget", dict(tol=0, max_iter=3))]
+    for what, message, kw in cases:
+        with pytest.warns(RuntimeWarning, match=message):  # a gradient can be taken: the warning stays
+            vo.solve(P.clone().requires_grad_(), x, 0.1, "fista", grad="implicit", **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            free = vo.solve(P, x, 0.1, "fista", grad="implicit", **kw)  # nothing requires a gradient
+            with torch.no_grad():
+                none = vo.solve(P.clone().requires_grad_(), x, 0.1, "fista", grad="implicit", **kw)
+        # (the same solve: the code and the statistics say where it stopped)
+        torch.testing.assert_close(free.code, none.code, rtol=0, atol=0)
+        assert free.stats.status_names() == ["max_iter"] * 5, what
+
+
 def test_ode_solves_out_of_reach_end_within_the_default_budget():
     # tol = 0 ("run the budget") and a tolerance below float64's resolution ended only after 1,000,000
     # evaluations before (minutes); they now end at the default budget with status max_iter
@@ -353,7 +373,7 @@ def test_an_adaptive_steady_state_keeps_to_max_iter_within_a_window(solver, inte
     # the budget; torchdiffeq's windows are sized by the evaluations per unit of time of the last one
     gen = torch.Generator().manual_seed(0)
     P = torch.randn(24, 32, dtype=torch.float64, generator=gen)
-    P = (P / P.norm(dim=0)).requires_grad_(grad == "unroll")
+    P = (P / P.norm(dim=0)).requires_grad_()  # (a gradient can be taken: the implicit mode's warning is about it)
     X = torch.randn(3, 24, dtype=torch.float64, generator=gen)
     budget = 1200
     with (pytest.warns(RuntimeWarning, match="3 of 3 problems stopped above tol") if grad == "implicit"

@@ -167,7 +167,7 @@ class VARSLayer(nn.Module):
             ``None``, for ``timm.create_model``, which drops every keyword argument whose value is ``None``.
         lam: L1 weight (non-negative; ``convention`` as in :mod:`vars_ode.ops`).
         grad: ``"unroll"``, ``"implicit"`` (every dictionary; conjugate gradients where ``K`` is not formed; the
-            equilibrium's gradient, meant for ``steps=None``: with a fixed ``steps`` it warns when it runs) or
+            equilibrium's gradient, meant for ``steps=None``: with a fixed ``steps`` it warns where one is taken) or
             ``"adjoint"`` (ODE solvers; with ``steps=None`` the native methods only, whose discrete adjoint is the
             unrolled gradient: torchdiffeq's continuous adjoint is refused there).
         compat: ``"paper"`` or ``"official"`` (see the module docstring).
@@ -409,9 +409,11 @@ class VARSLayer(nn.Module):
         between a horizon and the equilibrium without ``tol`` takes the new kind's default (0 and 1e-4); and
         ``grad="implicit"``, the equilibrium's gradient: a swap from the equilibrium to a horizon without ``grad`` takes
         the horizon's default, ``"unroll"`` (the implicit gradient of a horizon is that of an equilibrium it did not
-        reach, and warns at every call). A layer trained
-        with ``"ista"`` can be evaluated with ``"dopri5"`` over the same horizon (or to its equilibrium with
-        ``steps=None``).
+        reach, and warns at every call when a gradient is taken). A solver with no unrolled gradient (``"cd"``,
+        ``"scipy_solver"``) without ``grad`` takes ``"implicit"``, so that a trained model evaluates with it as with any
+        other; a later swap from it to a horizon of one that unrolls, without ``grad``, goes back to ``"unroll"``. A
+        layer trained with ``"ista"`` can be evaluated with ``"dopri5"`` over the same horizon (or to its equilibrium
+        with ``steps=None``).
         """
         solver = self.solver if solver is None else solver
         steps = self.steps if steps == _DEFAULT else steps
@@ -421,8 +423,15 @@ class VARSLayer(nn.Module):
             # default when a swap goes from one to the other (a horizon's 0 would run an equilibrium to max_iter)
             tol = self.tol if to_equilibrium == (self.steps is None) else None
         if grad is None:
-            # so does the equilibrium's gradient: onto a horizon, the constructor's default
-            grad = "unroll" if self.grad == "implicit" and self.steps is None and not to_equilibrium else self.grad
+            # so does the equilibrium's gradient: onto a horizon, the constructor's default; a solver with no unrolled
+            # gradient (cd, scipy_solver) takes the one it has, and leaves it behind where it goes to one that unrolls
+            if solver in SOLVERS and not SOLVERS[solver].unrolls:
+                grad = "implicit"
+            elif self.grad == "implicit" and not to_equilibrium and (
+                    self.steps is None or not SOLVERS[self.solver].unrolls):
+                grad = "unroll"
+            else:
+                grad = self.grad
         steps, tol = self._check_solver(solver, steps, tol, grad)
         if solver_options is None:
             solver_options = self.solver_options if solver == self.solver else {}

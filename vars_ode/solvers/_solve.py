@@ -223,18 +223,19 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
     L = torch.as_tensor(L).detach()
     if spec.ode:
         options["grad"] = "unroll" if grad == "implicit" else grad
+    graph = [t for t in (*op.roots(), *B, w, *(init or ())) if isinstance(t, torch.Tensor) and t.requires_grad]
+    graph = graph if torch.is_grad_enabled() else []
     if grad == "implicit":
-        if tol == 0 and torch.is_grad_enabled():
+        # (the warnings are about the gradient: none where no gradient can be taken, an evaluation under no_grad)
+        if tol == 0 and graph:
             _warn_fixed_budget()
         with torch.no_grad():
             code, iters = spec.fn(op, tuple(b.detach() for b in B), _detach(w), L,
                                   None if init is None else tuple(c.detach() for c in init),
                                   tol=tol, max_iter=max_iter, **options)
-            if tol > 0:
+            if tol > 0 and graph:
                 _warn_short_of_equilibrium(op, code, B, w, tol)
         return _implicit(op, B, w, code, implicit_solve, tol), iters
-    graph = [t for t in (*op.roots(), *B, w, *(init or ())) if isinstance(t, torch.Tensor) and t.requires_grad]
-    graph = graph if torch.is_grad_enabled() else []
     if graph and not spec.unrolls and grad == "unroll":
         # autograd would see no path through its iterations: the code would come back without a graph, and the
         # gradients of P, x and lam through it would be silently missing (an adjoint needs no such path)
