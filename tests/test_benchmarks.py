@@ -527,3 +527,25 @@ def test_the_ab_scripts_remove_the_other_version_at_exit(tmp_path):
     files = [pathlib.Path(line) for line in r.stdout.split()]
     assert len(files) == 2 and all(f.name in ("layer.py", "fused_other.py") for f in files)
     assert not any(f.exists() or f.parent.exists() for f in files)
+
+
+def test_swap_solvers_benchmark_runs(capsys, tmp_path):
+    # notebook 07's trained VARS-D with cd swapped in (no unrolled gradient: set_solver takes grad="implicit") beside
+    # FISTA: the two equilibria give the same predictions; a rerun reads its rows back from --out
+    import json
+
+    bench = load("swap_solvers_cpu")
+    out = tmp_path / "rows.jsonl"
+    args = ["--solvers", "fista,cd", "--kinds", "VARS-D", "--images", "8", "--tols", "1e-3", "--out", str(out)]
+    assert bench.main(args) == 0
+    first = capsys.readouterr().out
+    rows = {(r["solver"], r["steps"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {("fista", 3), ("fista", None), ("cd", 3), ("cd", None)}
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    assert rows[("cd", None)]["clean_pred"] == rows[("fista", None)]["clean_pred"]
+    # (within float32's rounding of tol: cd solves in float64 and hands back a float32 code)
+    assert rows[("cd", None)]["residual"] < 1.01e-3 and rows[("cd", None)]["work"] > 3
+    assert bench.main(args) == 0
+    assert capsys.readouterr().out == first and len(out.read_text().splitlines()) == 4  # nothing solved again
+    with pytest.raises(ValueError, match=r"--solvers: unknown \['newton'\]"):
+        bench.main(["--solvers", "newton"])
