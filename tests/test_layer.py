@@ -280,6 +280,22 @@ def test_equilibrium_recompute_gives_the_same_output_and_gradients(dictionary, s
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_an_equilibrium_short_of_tol_warns_in_training_not_in_evaluation(recompute):
+    # the implicit gradient's warning (problems above tol) is about the gradient: in training it stays, with the
+    # dictionary recomputed in the backward pass too (whose solve runs without a graph); under no_grad it is silent
+    x = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(13)
+    layer = VARSLayer(8, 2, dictionary="d", solver="fista", steps=None, tol=1e-6, max_iter=2, grad="implicit",
+                      recompute=recompute)
+    with pytest.warns(RuntimeWarning, match="problems stopped above tol"):
+        layer(x).sum().backward()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+    assert float(layer.last_stats.residual.max()) > 1e-6  # (short of tol: the statistics say so)
+
+
 def test_record_mode_matches_and_maps_are_reconstructions():
     torch.manual_seed(8)
     for dictionary in DICTS:

@@ -697,12 +697,14 @@ class VARSLayer(nn.Module):
         # checkpointing from (q, v, code): the backward pass builds the dictionary again and attaches the implicit
         # gradient to the same code (solve_problem's solution=) instead of solving again. What the layer keeps for
         # its backward pass is then q, v and the code, not the features, K and their products
+        # (a gradient will be taken where anything requires one: the solve's warnings about it stay)
+        gradient = any(t is not None and t.requires_grad for t in (q, v, *self.parameters()))
         with torch.no_grad():
             atoms = self._bind(q, v, N)
             Bc = atoms.encode(v)
             code, iters = solve_problem(atoms, Bc, weight, self.solver, grad="implicit", tol=self.tol,
                                         max_iter=self.max_iter, init=tuple(Bc) if self.init == "encode" else None,
-                                        **self.solver_options)
+                                        gradient=gradient, **self.solver_options)
         self.last_stats = self._operator_stats(atoms, code, lambda op: Bc, weight,
                                                iters.amax() if iters.numel() else iters.new_zeros(()))
 

@@ -189,7 +189,8 @@ def check_solver(solver: str, grad: str):
 
 
 def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_iter: int, grad: str = "unroll",
-                  L=None, init=None, implicit_solve: str = "cg", solution=None, **options):
+                  L=None, init=None, implicit_solve: str = "cg", solution=None, gradient: bool | None = None,
+                  **options):
     """Solve ``min_u 0.5 u^T K u - u^T b + w ||u||_1`` for every problem of ``op`` (no validation: the entries
     validate). Every path of the library ends here.
 
@@ -204,6 +205,9 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
         solution: with ``grad="implicit"``, a code tuple that this call's solve gave before on the same problem
             (the layer's recomputed backward pass): it is not solved again, only given its implicit gradient; the
             work returned is then ``None``.
+        gradient: with ``grad="implicit"``, whether a gradient will be taken of this solve, for its warnings (a
+            solve short of ``tol``, a fixed budget); default: where one can be, gradients on and an input that
+            requires one. The layer's recomputed equilibrium solves without a graph and attaches the gradient after.
 
     Returns ``(code tuple, work per problem)``.
     """
@@ -227,13 +231,14 @@ def solve_problem(op: Operator, B: tuple, w, solver: str, *, tol: float, max_ite
     graph = graph if torch.is_grad_enabled() else []
     if grad == "implicit":
         # (the warnings are about the gradient: none where no gradient can be taken, an evaluation under no_grad)
-        if tol == 0 and graph:
+        gradient = bool(graph) if gradient is None else gradient
+        if tol == 0 and gradient:
             _warn_fixed_budget()
         with torch.no_grad():
             code, iters = spec.fn(op, tuple(b.detach() for b in B), _detach(w), L,
                                   None if init is None else tuple(c.detach() for c in init),
                                   tol=tol, max_iter=max_iter, **options)
-            if tol > 0 and graph:
+            if tol > 0 and gradient:
                 _warn_short_of_equilibrium(op, code, B, w, tol)
         return _implicit(op, B, w, code, implicit_solve, tol), iters
     if graph and not spec.unrolls and grad == "unroll":
