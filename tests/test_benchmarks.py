@@ -536,7 +536,8 @@ def test_swap_solvers_benchmark_runs(capsys, tmp_path):
 
     bench = load("swap_solvers_cpu")
     out = tmp_path / "rows.jsonl"
-    args = ["--solvers", "fista,cd", "--kinds", "VARS-D", "--images", "8", "--tols", "1e-3", "--out", str(out)]
+    args = ["--solvers", "fista,cd", "--kinds", "VARS-D", "--images", "8", "--tols", "1e-3", "--reference-tol", "1e-3",
+            "--out", str(out)]
     assert bench.main(args) == 0
     first = capsys.readouterr().out
     rows = {(r["solver"], r["steps"]): r for r in map(json.loads, out.read_text().splitlines())}
